@@ -1,0 +1,176 @@
+//! RabbitMQ: the connection supervisor and the publishing helpers.
+//!
+//! lapin does not recover connections by itself in a way we can trust (lapin #288 and #450;
+//! Vector lost data that way, #19190), so the supervisor owns the loop: connect, declare the
+//! topology, hand the connection out, and when it dies, back off and do it all again. Consumers and
+//! the outbox relay wait on [`Broker::connection`] and start over with a fresh channel; delivery
+//! tags from a dead channel are void, and the messages behind them are redelivered by the broker.
+
+pub mod topology;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use topology::{Names, Pool, Topology};
+
+use crate::telemetry;
+
+/// Broker hands out the current connection, or waits for the next one.
+#[derive(Clone)]
+pub struct Broker {
+    current: watch::Receiver<Option<Arc<Connection>>>,
+}
+
+impl Broker {
+    /// Broker::start spawns the supervisor and returns at once; nothing waits for the broker to be
+    /// up at start-up.
+    pub fn start(url: String, topology: Topology, min: Duration, max: Duration, shutdown: CancellationToken) -> Broker {
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(supervise(url, topology, min, max, tx, shutdown));
+        Broker { current: rx }
+    }
+
+    /// Broker::connection waits for a live connection; None once shutting down.
+    pub async fn connection(&self) -> Option<Arc<Connection>> {
+        let mut rx = self.current.clone();
+        loop {
+            if let Some(conn) = rx.borrow_and_update().as_ref()
+                && conn.status().connected()
+            {
+                return Some(conn.clone());
+            }
+            if rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Broker::is_connected says whether a connection is up right now, for readiness.
+    pub fn is_connected(&self) -> bool {
+        self.current.borrow().as_ref().is_some_and(|c| c.status().connected())
+    }
+}
+
+async fn supervise(
+    url: String,
+    topology: Topology,
+    min: Duration,
+    max: Duration,
+    tx: watch::Sender<Option<Arc<Connection>>>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = min;
+    let mut first = true;
+    while !shutdown.is_cancelled() {
+        match connect_and_declare(&url, &topology).await {
+            Ok(conn) => {
+                if !first {
+                    telemetry::reconnected("amqp");
+                }
+                first = false;
+                tracing::info!(url = %crate::config::redact_url(&url), "connected to RabbitMQ");
+                backoff = min;
+                let conn = Arc::new(conn);
+                let mut events = conn.events_listener();
+                tx.send_replace(Some(conn.clone()));
+                // The connection is dead on an error event, or when its status says so (checked
+                // every second in case an event is missed).
+                let mut check = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {
+                            tx.send_replace(None);
+                            let _ = conn.close(200, "shutting down".into()).await;
+                            return;
+                        }
+                        event = events.next() => match event {
+                            Some(lapin::Event::Error(e)) => {
+                                tracing::warn!(error = %e, "lost the RabbitMQ connection; reconnecting");
+                                break;
+                            }
+                            None => break,
+                            Some(_) => {}
+                        },
+                        _ = check.tick() => if !conn.status().connected() {
+                            tracing::warn!("the RabbitMQ connection is closed; reconnecting");
+                            break;
+                        },
+                    }
+                }
+                tx.send_replace(None);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot connect to RabbitMQ");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(max);
+    }
+}
+
+async fn connect_and_declare(url: &str, topology: &Topology) -> lapin::Result<Connection> {
+    let props = ConnectionProperties::default().with_connection_name("assetflow".into());
+    let conn = Connection::connect(url, props).await?;
+    let channel = conn.create_channel().await?;
+    topology.declare(&channel).await?;
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(conn)
+}
+
+/// properties builds the AMQP properties every assetflow publish carries: message id,
+/// correlation id, type, content type, timestamp and persistence.
+pub fn properties(message_id: &str, message_type: &str, correlation_id: Option<&str>, headers: FieldTable) -> BasicProperties {
+    let mut props = BasicProperties::default()
+        .with_message_id(message_id.into())
+        .with_type(message_type.into())
+        .with_content_type("application/json".into())
+        .with_timestamp(chrono::Utc::now().timestamp() as u64)
+        .with_app_id("assetflow".into())
+        // 2 = persistent: the message survives a broker restart.
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    if let Some(id) = correlation_id {
+        props = props.with_correlation_id(id.into());
+    }
+    props
+}
+
+/// headers_from_json turns a JSON object of strings and integers into AMQP headers.
+pub fn headers_from_json(value: &serde_json::Value) -> FieldTable {
+    let mut table = FieldTable::default();
+    if let Some(object) = value.as_object() {
+        for (k, v) in object {
+            let v = match v {
+                serde_json::Value::String(s) => AMQPValue::LongString(s.as_str().into()),
+                serde_json::Value::Number(n) if n.is_i64() => AMQPValue::LongLongInt(n.as_i64().unwrap_or_default()),
+                other => AMQPValue::LongString(other.to_string().as_str().into()),
+            };
+            table.insert(ShortString::from(k.as_str()), v);
+        }
+    }
+    table
+}
+
+/// header_u32 reads an integer header such as the quorum queue's `x-delivery-count`.
+pub fn header_u32(props: &BasicProperties, key: &str) -> Option<u32> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get(key)? {
+        AMQPValue::LongLongInt(v) => u32::try_from(*v).ok(),
+        AMQPValue::LongInt(v) => u32::try_from(*v).ok(),
+        AMQPValue::ShortInt(v) => u32::try_from(*v).ok(),
+        AMQPValue::LongUInt(v) => Some(*v),
+        AMQPValue::ShortUInt(v) => Some(u32::from(*v)),
+        AMQPValue::ShortShortInt(v) => u32::try_from(*v).ok(),
+        AMQPValue::ShortShortUInt(v) => Some(u32::from(*v)),
+        _ => None,
+    }
+}

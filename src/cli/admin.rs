@@ -1,0 +1,267 @@
+//! Operator commands for keys, terminals and products.
+
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use clap::Subcommand;
+use diesel::prelude::*;
+
+use crate::catalogue::{Product, upsert_product};
+use crate::config::Config;
+use crate::crypto::{self, KeyRing};
+use crate::db::schema::{products, terminals};
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Write development keys: the service provider's and one per issuer, under keys.dir.
+    Generate {
+        /// An issuer to make a key for (repeatable).
+        #[arg(long = "issuer")]
+        issuers: Vec<String>,
+        /// Replace keys that already exist.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TerminalsCommand {
+    /// Register a terminal with its public key (or a new key pair).
+    Register {
+        #[arg(long)]
+        id: String,
+        /// mobile, stationary, pos or gate.
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        gateway: String,
+        /// The payment partner that settles what this terminal pays for.
+        #[arg(long)]
+        partner: Option<String>,
+        /// The terminal's PEM public key.
+        #[arg(long, conflicts_with = "generate_key")]
+        public_key: Option<PathBuf>,
+        /// Make a new key pair and write the private key here (development and simulation).
+        #[arg(long)]
+        generate_key: Option<PathBuf>,
+    },
+    /// List the registered terminals.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProductsCommand {
+    /// Add or replace a product.
+    Add(ProductArgs),
+    /// List the products.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ProductArgs {
+    #[arg(long)]
+    pub id: String,
+    /// prepaid_card, ticket, ppv_ticket or coupon.
+    #[arg(long)]
+    pub kind: String,
+    #[arg(long)]
+    pub title: String,
+    #[arg(long)]
+    pub issuer: String,
+    /// The price in minor units (for example 1500 for JPY 1,500 or 1500 cents).
+    #[arg(long)]
+    pub price_minor: i64,
+    #[arg(long)]
+    pub currency: String,
+    /// Stored value of a prepaid card, in minor units.
+    #[arg(long)]
+    pub value_minor: Option<i64>,
+    /// Uses of a ticket or coupon.
+    #[arg(long)]
+    pub uses: Option<i32>,
+    /// The asset's validity from issue, such as 90d.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub asset_validity: Option<std::time::Duration>,
+    /// A fixed end of the asset's term (RFC 3339), such as a concert's end.
+    #[arg(long)]
+    pub asset_expires_at: Option<DateTime<Utc>>,
+    /// The exchange certificate's validity from issue, such as 30d.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub certificate_validity: Option<std::time::Duration>,
+    /// A fixed certificate expiry (RFC 3339).
+    #[arg(long)]
+    pub certificate_expires_at: Option<DateTime<Utc>>,
+    /// Stage-1 reminder, before the certificate expires.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2d")]
+    pub reminder_stage1: std::time::Duration,
+    /// Stage-2 reminder (download request or forced transmission), before the certificate expires.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1d")]
+    pub reminder_stage2: std::time::Duration,
+    /// download_request or forced_transmission.
+    #[arg(long, default_value = "download_request")]
+    pub stage2_policy: String,
+    #[arg(long)]
+    pub transferable: bool,
+    /// Add it, but not on sale.
+    #[arg(long)]
+    pub off_sale: bool,
+    /// Tagged information as a JSON object: title, date, place, seat class, conditions.
+    #[arg(long, default_value = "{}")]
+    pub tags: String,
+}
+
+impl ProductArgs {
+    /// ProductArgs::into_product checks the arguments and builds the product.
+    pub fn into_product(self) -> anyhow::Result<Product> {
+        anyhow::ensure!(
+            ["prepaid_card", "ticket", "ppv_ticket", "coupon"].contains(&self.kind.as_str()),
+            "--kind must be prepaid_card, ticket, ppv_ticket or coupon"
+        );
+        anyhow::ensure!(self.price_minor >= 0, "--price-minor must not be negative");
+        anyhow::ensure!(self.asset_validity.is_some() || self.asset_expires_at.is_some(), "give --asset-validity or --asset-expires-at");
+        anyhow::ensure!(
+            self.certificate_validity.is_some() || self.certificate_expires_at.is_some(),
+            "give --certificate-validity or --certificate-expires-at"
+        );
+        let tags: serde_json::Value = serde_json::from_str(&self.tags).map_err(|e| anyhow::anyhow!("--tags is not JSON: {e}"))?;
+        anyhow::ensure!(tags.is_object(), "--tags must be a JSON object");
+        Ok(Product {
+            id: self.id,
+            kind: self.kind,
+            title: self.title,
+            issuer_id: self.issuer,
+            price_minor: self.price_minor,
+            currency: self.currency,
+            value_minor: self.value_minor,
+            uses: self.uses,
+            asset_expires_at: self.asset_expires_at,
+            asset_validity_secs: self.asset_validity.map(|d| d.as_secs() as i64),
+            certificate_expires_at: self.certificate_expires_at,
+            certificate_validity_secs: self.certificate_validity.map(|d| d.as_secs() as i64),
+            reminder_stage1_secs: self.reminder_stage1.as_secs() as i64,
+            reminder_stage2_secs: self.reminder_stage2.as_secs() as i64,
+            stage2_policy: self.stage2_policy,
+            transferable: self.transferable,
+            on_sale: !self.off_sale,
+            tags,
+        })
+    }
+}
+
+pub fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Generate { issuers, force } => {
+            let written = KeyRing::generate(&config.keys.dir, &issuers, force)?;
+            if written.is_empty() {
+                println!("the keys already exist in {} (use --force to replace them)", config.keys.dir.display());
+            }
+            for path in written {
+                println!("wrote {}", path.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn with_db<T: Send + 'static>(config: &Config, f: impl FnOnce(&mut PgConnection) -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+    let url = config.database.url.clone();
+    let partners: Vec<String> = config.partners.keys().cloned().collect();
+    let gateways: Vec<String> = config.gateways.keys().cloned().collect();
+    tokio::task::spawn_blocking(move || {
+        crate::db::prepare(&url)?;
+        let mut conn = PgConnection::establish(&url)?;
+        crate::catalogue::sync_parties(&mut conn, &partners, &gateways)?;
+        f(&mut conn)
+    })
+    .await?
+}
+
+/// register_terminal records a terminal; used by the CLI and the simulators.
+pub fn register_terminal(conn: &mut PgConnection, id: &str, kind: &str, gateway: &str, partner: Option<&str>, public_key_pem: &str) -> anyhow::Result<()> {
+    crypto::parse_public_key(public_key_pem)?;
+    diesel::insert_into(terminals::table)
+        .values((
+            terminals::id.eq(id),
+            terminals::kind.eq(kind),
+            terminals::gateway_id.eq(gateway),
+            terminals::partner_id.eq(partner),
+            terminals::public_key_pem.eq(public_key_pem),
+        ))
+        .on_conflict(terminals::id)
+        .do_update()
+        .set((
+            terminals::kind.eq(kind),
+            terminals::gateway_id.eq(gateway),
+            terminals::partner_id.eq(partner),
+            terminals::public_key_pem.eq(public_key_pem),
+        ))
+        .execute(conn)
+        .map_err(|e| anyhow::anyhow!("cannot register terminal {id}: {e}"))?;
+    Ok(())
+}
+
+pub async fn terminals(config: &Config, command: TerminalsCommand) -> anyhow::Result<()> {
+    match command {
+        TerminalsCommand::Register { id, kind, gateway, partner, public_key, generate_key } => {
+            anyhow::ensure!(crate::config::is_name(&id), "--id must be 1-64 characters of [A-Za-z0-9._-]");
+            anyhow::ensure!(["mobile", "stationary", "pos", "gate"].contains(&kind.as_str()), "--kind must be mobile, stationary, pos or gate");
+            anyhow::ensure!(config.gateways.contains_key(&gateway), "gateway {gateway:?} is not configured (see [gateways] in the configuration)");
+            if let Some(p) = &partner {
+                anyhow::ensure!(config.partners.contains_key(p), "partner {p:?} is not configured (see [partners] in the configuration)");
+            }
+            let pem = match (public_key, generate_key) {
+                (Some(path), None) => std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+                (None, Some(out)) => {
+                    let key = crypto::generate_key_pair()?;
+                    std::fs::write(&out, key.private_key_to_pem_pkcs8()?)?;
+                    println!("wrote the private key to {}", out.display());
+                    crypto::public_key_pem(&key)?
+                }
+                _ => anyhow::bail!("give --public-key FILE or --generate-key FILE"),
+            };
+            let id2 = id.clone();
+            with_db(config, move |conn| register_terminal(conn, &id2, &kind, &gateway, partner.as_deref(), &pem)).await?;
+            println!("registered terminal {id}");
+        }
+        TerminalsCommand::List => {
+            let rows: Vec<(String, String, String, Option<String>)> = with_db(config, |conn| {
+                Ok(terminals::table
+                    .order(terminals::id)
+                    .select((terminals::id, terminals::kind, terminals::gateway_id, terminals::partner_id))
+                    .load(conn)?)
+            })
+            .await?;
+            println!("{:<24} {:<11} {:<16} PARTNER", "ID", "KIND", "GATEWAY");
+            for (id, kind, gateway, partner) in rows {
+                println!("{id:<24} {kind:<11} {gateway:<16} {}", partner.unwrap_or_else(|| "-".into()));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn products(config: &Config, command: ProductsCommand) -> anyhow::Result<()> {
+    match command {
+        ProductsCommand::Add(args) => {
+            let product = args.into_product()?;
+            let id = product.id.clone();
+            with_db(config, move |conn| Ok(upsert_product(conn, &product)?)).await?;
+            println!("product {id} saved");
+        }
+        ProductsCommand::List { json } => {
+            let rows: Vec<Product> = with_db(config, |conn| Ok(products::table.order(products::id).select(Product::as_select()).load(conn)?)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{:<20} {:<12} {:>12} {:<4} {:<8} TITLE", "ID", "KIND", "PRICE", "CUR", "ON SALE");
+                for p in rows {
+                    println!("{:<20} {:<12} {:>12} {:<4} {:<8} {}", p.id, p.kind, p.price_minor, p.currency, if p.on_sale { "yes" } else { "no" }, p.title);
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! The command line: one binary, `assetflow`, with a subcommand per operator task.
+
+pub mod admin;
+mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{self, App, RunOptions};
+use crate::broker::{Pool, Topology};
+use crate::config::Config;
+use crate::crypto::KeyRing;
+
+#[derive(Debug, Parser)]
+#[command(name = "assetflow", version, about = "Sells, settles, issues, delivers and looks after electronic assets")]
+pub struct Cli {
+    /// A configuration file layered over the built-in defaults (also ASSETFLOW_CONFIG).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Log format: text on a terminal, json for machines.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "ASSETFLOW_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// More detail in the logs (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the pools, the outbox relay, the scheduler and the HTTP listener until SIGTERM.
+    Run {
+        /// Run only these pools (repeatable); the default is all of them.
+        #[arg(long = "pool", value_parser = parse_pool)]
+        pools: Vec<Pool>,
+        /// Do not run the scheduled jobs in this process.
+        #[arg(long)]
+        no_scheduler: bool,
+    },
+    /// Create the database if needed and run the migrations.
+    Migrate,
+    /// Print the effective configuration, passwords redacted.
+    Config {
+        /// Print the built-in defaults, with their comments, instead.
+        #[arg(long)]
+        defaults: bool,
+    },
+    /// Print the AMQP topology: exchanges, queues, arguments and bindings.
+    Topology,
+    /// Show an asset, order or request: its state and its whole history.
+    Status {
+        /// An asset id, an order id or a request id.
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Signing keys.
+    Keys {
+        #[command(subcommand)]
+        command: admin::KeysCommand,
+    },
+    /// Terminals.
+    Terminals {
+        #[command(subcommand)]
+        command: admin::TerminalsCommand,
+    },
+    /// The product catalogue.
+    Products {
+        #[command(subcommand)]
+        command: admin::ProductsCommand,
+    },
+    /// The built-in simulators of terminals, partners and gateways.
+    Simulate {
+        #[command(subcommand)]
+        command: crate::simulate::SimulateCommand,
+    },
+}
+
+fn parse_pool(s: &str) -> Result<Pool, String> {
+    Pool::parse(s).ok_or_else(|| format!("unknown pool {s:?}: settlement, issuance or delivery"))
+}
+
+/// init_logging sets up tracing: human-readable or JSON, to standard error.
+pub fn init_logging(format: LogFormat, verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "info,lapin=warn,tokio_cron_scheduler=warn",
+        1 => "debug,lapin=info,tokio_cron_scheduler=warn",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// load_config loads and validates the configuration.
+pub fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    let config = Config::load(path)?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// execute runs a parsed command line.
+pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = load_config(cli.config.as_deref())?;
+    match cli.command {
+        Command::Run { pools, no_scheduler } => {
+            let keys = KeyRing::load(&config.keys.dir)?;
+            let definitions = config.pools()?;
+            let app = Arc::new(App::new(config, definitions, keys));
+            let shutdown = CancellationToken::new();
+            tokio::spawn(signal_shutdown(shutdown.clone()));
+            crate::health::metrics_handle();
+            app::run(app, RunOptions { pools, scheduler: !no_scheduler, ..RunOptions::default() }, shutdown).await?;
+        }
+        Command::Migrate => {
+            let url = config.database.url.clone();
+            let applied = tokio::task::spawn_blocking(move || crate::db::prepare(&url)).await??;
+            if applied.is_empty() {
+                println!("the database is up to date");
+            }
+            for version in applied {
+                println!("applied {version}");
+            }
+        }
+        Command::Config { defaults } => {
+            if defaults {
+                print!("{}", crate::config::DEFAULTS);
+            } else {
+                print!("{}", config.redacted());
+            }
+        }
+        Command::Topology => print!("{}", Topology::new(&config).render()),
+        Command::Status { id, json } => return status::run(&config, &id, json).await,
+        Command::Keys { command } => admin::keys(&config, command)?,
+        Command::Terminals { command } => admin::terminals(&config, command).await?,
+        Command::Products { command } => admin::products(&config, command).await?,
+        Command::Simulate { command } => crate::simulate::run(config, command).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// signal_shutdown cancels `token` on SIGTERM or Ctrl-C.
+async fn signal_shutdown(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("signal received");
+    token.cancel();
+}

@@ -1,0 +1,301 @@
+//! `assetflow status`: an asset, an order or a request, with its whole history.
+
+use std::process::ExitCode;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::db::schema::{asset_status_history, assets, deliveries, exchange_certificates, orders, settlements, terminal_requests};
+
+#[derive(Debug, Serialize, Queryable)]
+pub struct HistoryEntry {
+    pub at: DateTime<Utc>,
+    pub from: Option<String>,
+    pub to: String,
+    pub cause: String,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Serialize, Queryable)]
+pub struct DeliveryView {
+    pub id: Uuid,
+    pub kind: String,
+    pub terminal_id: String,
+    pub status: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AssetView {
+    pub asset_id: Uuid,
+    pub order_id: Uuid,
+    pub kind: String,
+    pub product_id: String,
+    pub holder_terminal_id: String,
+    pub status: String,
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub has_exchange_certificate: bool,
+    pub certificate_expires_at: Option<DateTime<Utc>>,
+    pub certificate_exchanged_at: Option<DateTime<Utc>>,
+    pub history: Vec<HistoryEntry>,
+    pub deliveries: Vec<DeliveryView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OrderView {
+    pub order_id: Uuid,
+    pub request_id: String,
+    pub orderer_terminal_id: String,
+    pub payer_terminal_id: String,
+    pub recipient_terminal_ids: Vec<String>,
+    pub product_id: String,
+    pub quantity: i32,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub delivery_mode: String,
+    pub status: String,
+    pub status_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub settlement: Option<SettlementView>,
+    pub assets: Vec<AssetView>,
+    pub notices: Vec<DeliveryView>,
+}
+
+#[derive(Debug, Serialize, Queryable)]
+pub struct SettlementView {
+    pub partner_id: String,
+    pub status: String,
+    pub attempts: i32,
+    pub partner_reference: Option<String>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "subject", rename_all = "snake_case")]
+pub enum View {
+    Asset(AssetView),
+    Order(OrderView),
+    Request { request_id: String, terminal_id: String, message_type: String, outcome: String, reason: Option<String>, received_at: DateTime<Utc> },
+}
+
+/// lookup finds what `id` names: an asset, an order, or a request id.
+pub fn lookup(conn: &mut PgConnection, id: &str) -> QueryResult<Option<View>> {
+    if let Ok(uuid) = Uuid::parse_str(id) {
+        if let Some(asset) = asset_view(conn, uuid)? {
+            return Ok(Some(View::Asset(asset)));
+        }
+        if let Some(order) = order_view(conn, uuid)? {
+            return Ok(Some(View::Order(order)));
+        }
+    }
+    if let Some(order_id) = orders::table.filter(orders::request_id.eq(id)).select(orders::id).first::<Uuid>(conn).optional()? {
+        return Ok(order_view(conn, order_id)?.map(View::Order));
+    }
+    let request = terminal_requests::table
+        .find(id)
+        .select((terminal_requests::terminal_id, terminal_requests::message_type, terminal_requests::outcome, terminal_requests::reason, terminal_requests::received_at, terminal_requests::subject_id))
+        .first::<(String, String, String, Option<String>, DateTime<Utc>, Option<Uuid>)>(conn)
+        .optional()?;
+    Ok(match request {
+        Some((_, _, _, _, _, Some(subject))) if asset_view(conn, subject)?.is_some() => asset_view(conn, subject)?.map(View::Asset),
+        Some((terminal_id, message_type, outcome, reason, received_at, _)) => {
+            Some(View::Request { request_id: id.to_string(), terminal_id, message_type, outcome, reason, received_at })
+        }
+        None => None,
+    })
+}
+
+fn deliveries_where(conn: &mut PgConnection, asset: Option<Uuid>, order: Option<Uuid>) -> QueryResult<Vec<DeliveryView>> {
+    let mut query = deliveries::table.into_boxed();
+    if let Some(a) = asset {
+        query = query.filter(deliveries::asset_id.eq(a));
+    }
+    if let Some(o) = order {
+        query = query.filter(deliveries::order_id.eq(o)).filter(deliveries::asset_id.is_null());
+    }
+    query
+        .order(deliveries::created_at)
+        .select((deliveries::id, deliveries::kind, deliveries::terminal_id, deliveries::status, deliveries::attempts, deliveries::last_error, deliveries::delivered_at))
+        .load(conn)
+}
+
+fn asset_view(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<AssetView>> {
+    type Row = (Uuid, Uuid, String, String, String, String, DateTime<Utc>, DateTime<Utc>, bool, Option<DateTime<Utc>>);
+    let Some(row) = assets::table
+        .find(id)
+        .select((assets::id, assets::order_id, assets::kind, assets::product_id, assets::holder_terminal_id, assets::status, assets::issued_at, assets::expires_at, assets::has_exchange_certificate, assets::certificate_expires_at))
+        .first::<Row>(conn)
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let history = asset_status_history::table
+        .filter(asset_status_history::asset_id.eq(id))
+        .order(asset_status_history::id)
+        .select((asset_status_history::at, asset_status_history::from_status, asset_status_history::to_status, asset_status_history::cause, asset_status_history::detail))
+        .load(conn)?;
+    let exchanged = exchange_certificates::table
+        .filter(exchange_certificates::asset_id.eq(id))
+        .select(exchange_certificates::exchanged_at)
+        .first::<Option<DateTime<Utc>>>(conn)
+        .optional()?
+        .flatten();
+    Ok(Some(AssetView {
+        asset_id: row.0,
+        order_id: row.1,
+        kind: row.2,
+        product_id: row.3,
+        holder_terminal_id: row.4,
+        status: row.5,
+        issued_at: row.6,
+        expires_at: row.7,
+        has_exchange_certificate: row.8,
+        certificate_expires_at: row.9,
+        certificate_exchanged_at: exchanged,
+        history,
+        deliveries: deliveries_where(conn, Some(id), None)?,
+    }))
+}
+
+fn order_view(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<OrderView>> {
+    type Row = (Uuid, String, String, String, Vec<String>, String, i32, i64, String, String, String, Option<String>, DateTime<Utc>);
+    let Some(o) = orders::table
+        .find(id)
+        .select((orders::id, orders::request_id, orders::orderer_terminal_id, orders::payer_terminal_id, orders::recipient_terminal_ids, orders::product_id, orders::quantity, orders::amount_minor, orders::currency, orders::delivery_mode, orders::status, orders::status_reason, orders::created_at))
+        .first::<Row>(conn)
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let settlement = settlements::table
+        .filter(settlements::order_id.eq(id))
+        .filter(settlements::kind.eq("purchase"))
+        .select((settlements::partner_id, settlements::status, settlements::attempts, settlements::partner_reference, settlements::reason))
+        .first::<SettlementView>(conn)
+        .optional()?;
+    let asset_ids: Vec<Uuid> = assets::table.filter(assets::order_id.eq(id)).order(assets::id).select(assets::id).load(conn)?;
+    let mut assets = Vec::new();
+    for asset_id in asset_ids {
+        assets.extend(asset_view(conn, asset_id)?);
+    }
+    Ok(Some(OrderView {
+        order_id: o.0,
+        request_id: o.1,
+        orderer_terminal_id: o.2,
+        payer_terminal_id: o.3,
+        recipient_terminal_ids: o.4,
+        product_id: o.5,
+        quantity: o.6,
+        amount_minor: o.7,
+        currency: o.8,
+        delivery_mode: o.9,
+        status: o.10,
+        status_reason: o.11,
+        created_at: o.12,
+        settlement,
+        assets,
+        notices: deliveries_where(conn, None, Some(id))?,
+    }))
+}
+
+pub async fn run(config: &Config, id: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let (url, id2) = (config.database.url.clone(), id.to_string());
+    let view = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<View>> {
+        let mut conn = PgConnection::establish(&url)?;
+        Ok(lookup(&mut conn, &id2)?)
+    })
+    .await??;
+    let Some(view) = view else {
+        eprintln!("nothing is known by the id {id:?}");
+        return Ok(ExitCode::from(2));
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print!("{}", render(&view));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn time(t: &DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S%.3fZ").to_string()
+}
+
+/// render is the human-readable form.
+pub fn render(view: &View) -> String {
+    let mut out = String::new();
+    match view {
+        View::Asset(a) => render_asset(&mut out, a, ""),
+        View::Order(o) => {
+            out += &format!("order {}  ({})\n", o.order_id, o.status);
+            if let Some(reason) = &o.status_reason {
+                out += &format!("  reason      {reason}\n");
+            }
+            out += &format!("  request     {}\n", o.request_id);
+            out += &format!("  product     {} x {} for {}\n", o.product_id, o.quantity, o.recipient_terminal_ids.join(", "));
+            out += &format!("  ordered by  {}, paid by {}\n", o.orderer_terminal_id, o.payer_terminal_id);
+            out += &format!("  amount      {} {} (minor units)\n", o.amount_minor, o.currency);
+            out += &format!("  delivery    {}\n", o.delivery_mode);
+            out += &format!("  placed      {}\n", time(&o.created_at));
+            if let Some(s) = &o.settlement {
+                out += &format!(
+                    "  settlement  {} via {} after {} instruction(s){}{}\n",
+                    s.status,
+                    s.partner_id,
+                    s.attempts,
+                    s.partner_reference.as_ref().map(|r| format!(", ref {r}")).unwrap_or_default(),
+                    s.reason.as_ref().map(|r| format!(", {r}")).unwrap_or_default()
+                );
+            }
+            for n in &o.notices {
+                out += &format!("  notice      {} to {}: {}\n", n.kind, n.terminal_id, n.status);
+            }
+            for a in &o.assets {
+                out += "\n";
+                render_asset(&mut out, a, "  ");
+            }
+        }
+        View::Request { request_id, terminal_id, message_type, outcome, reason, received_at } => {
+            out += &format!("request {request_id}  {message_type} from {terminal_id}\n");
+            out += &format!("  received  {}\n  outcome   {outcome}{}\n", time(received_at), reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default());
+        }
+    }
+    out
+}
+
+fn render_asset(out: &mut String, a: &AssetView, indent: &str) {
+    *out += &format!("{indent}asset {}  {} {} held by {}\n", a.asset_id, a.kind, a.product_id, a.holder_terminal_id);
+    *out += &format!("{indent}  status       {}\n", a.status);
+    *out += &format!("{indent}  issued       {}   expires {}\n", time(&a.issued_at), time(&a.expires_at));
+    if let Some(c) = &a.certificate_expires_at {
+        *out += &format!(
+            "{indent}  certificate  expires {}{}\n",
+            time(c),
+            a.certificate_exchanged_at.map(|t| format!(", exchanged {}", time(&t))).unwrap_or_else(|| ", not exchanged".into())
+        );
+    }
+    *out += &format!("{indent}  history\n");
+    for h in &a.history {
+        let from = h.from.clone().unwrap_or_else(|| "(new)".into());
+        *out += &format!("{indent}    {}  {from:>30} → {:<30} {}{}\n", time(&h.at), h.to, h.cause, h.detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default());
+    }
+    if !a.deliveries.is_empty() {
+        *out += &format!("{indent}  deliveries\n");
+        for d in &a.deliveries {
+            *out += &format!(
+                "{indent}    {:<12} to {:<16} {:<10} {} attempt(s){}\n",
+                d.kind,
+                d.terminal_id,
+                d.status,
+                d.attempts,
+                d.last_error.as_ref().map(|e| format!(", last error: {e}")).unwrap_or_default()
+            );
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Configuration: embedded defaults, then an optional file, then the environment.
+//!
+//! Every section denies unknown keys, so that a misspelt setting stops the start-up with a message
+//! that names it instead of being silently ignored.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::pool::definition::PoolDefinitions;
+
+/// The embedded defaults, also printed by `assetflow config --defaults`.
+pub const DEFAULTS: &str = include_str!("config.default.toml");
+
+/// Config is assetflow's effective configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub service_provider_id: String,
+    pub database: DatabaseConfig,
+    pub amqp: AmqpConfig,
+    pub keys: KeysConfig,
+    pub auth: AuthConfig,
+    pub outbox: OutboxConfig,
+    pub workers: WorkersConfig,
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub partners: BTreeMap<String, PartnerConfig>,
+    #[serde(default)]
+    pub gateways: BTreeMap<String, GatewayConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub pool_size: u32,
+    #[serde(with = "humantime_serde")]
+    pub connection_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Quorum,
+    Classic,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpConfig {
+    pub url: String,
+    pub prefix: String,
+    pub queue_type: QueueType,
+    pub delivery_limit: u32,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(with = "humantime_serde")]
+    pub freshness_window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    pub batch_size: u32,
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: String,
+}
+
+/// PartnerConfig is one payment partner. Its instruction timeout and attempts come from the
+/// settlement pool's definition unless set here.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartnerConfig {
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub answer_timeout: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {}
+
+impl Config {
+    /// Config::load layers the defaults, the file (if any) and the environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        Self::figment(file).extract().map_err(|e| anyhow::anyhow!("configuration: {e}"))
+    }
+
+    /// Config::with_overrides loads the defaults and applies `overrides` on top, ignoring the
+    /// environment. Tests and the simulators build their configuration this way.
+    pub fn with_overrides(overrides: impl Serialize) -> anyhow::Result<Config> {
+        Figment::from(Toml::string(DEFAULTS))
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .map_err(|e| anyhow::anyhow!("configuration: {e}"))
+    }
+
+    fn figment(file: Option<&Path>) -> Figment {
+        let mut figment = Figment::from(Toml::string(DEFAULTS));
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("ASSETFLOW_CONFIG").map(PathBuf::from));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment
+            .merge(Env::prefixed("ASSETFLOW_").ignore(&["CONFIG", "LOG"]).split("__"))
+            .merge(Env::raw().only(&["DATABASE_URL"]).map(|_| "database.url".into()))
+            .merge(Env::raw().only(&["AMQP_URL"]).map(|_| "amqp.url".into()))
+    }
+
+    /// Config::validate checks what the types cannot: ids that become queue names, and limits.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for id in self.partners.keys().chain(self.gateways.keys()) {
+            anyhow::ensure!(
+                is_name(id),
+                "configuration: partner or gateway id {id:?} must be 1-64 characters of [A-Za-z0-9._-]"
+            );
+        }
+        anyhow::ensure!(is_name(&self.amqp.prefix), "configuration: amqp.prefix {:?} is not a valid name", self.amqp.prefix);
+        anyhow::ensure!(self.amqp.delivery_limit >= 2, "configuration: amqp.delivery_limit must be at least 2");
+        anyhow::ensure!(self.database.pool_size >= 2, "configuration: database.pool_size must be at least 2");
+        anyhow::ensure!(self.outbox.batch_size >= 1, "configuration: outbox.batch_size must be at least 1");
+        Ok(())
+    }
+
+    /// Config::pools loads the pool and scheduler definitions from `workers.dir`.
+    pub fn pools(&self) -> anyhow::Result<PoolDefinitions> {
+        PoolDefinitions::load(&self.workers.dir)
+    }
+
+    /// Config::redacted renders the configuration as TOML with every password replaced.
+    pub fn redacted(&self) -> String {
+        let mut shown = self.clone();
+        shown.database.url = redact_url(&shown.database.url);
+        shown.amqp.url = redact_url(&shown.amqp.url);
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+/// is_name accepts ids that are safe as AMQP names, routing keys and log fields.
+pub fn is_name(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// redact_url hides the password of a URL such as `amqp://user:secret@host/`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let (authority, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_validate() {
+        let config = Config::with_overrides(serde_json::json!({})).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(config.database.url, "postgres://postgres@127.0.0.1:5432/assetflow");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_the_key() {
+        let err = Config::with_overrides(serde_json::json!({"amqp": {"prefx": "x"}})).unwrap_err();
+        assert!(err.to_string().contains("prefx"), "{err}");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert_eq!(redact_url("postgres://postgres@127.0.0.1/x"), "postgres://postgres@127.0.0.1/x");
+        assert_eq!(redact_url("postgres://u:p%40ss@h:1/db?sslmode=require"), "postgres://u:***@h:1/db?sslmode=require");
+        let config = Config::with_overrides(serde_json::json!({"database": {"url": "postgres://a:secret@h/db"}})).unwrap();
+        assert!(!config.redacted().contains("secret"));
+    }
+}

@@ -1,0 +1,97 @@
+//! The key ring: the service provider's key and one key per issuer, as PEM files in `keys.dir`.
+//!
+//! Layout: `provider.pem` (service provider, signs assets and certificates) and
+//! `issuers/<issuer_id>.pem` (signs the asset information of that issuer's products). Rotating a
+//! key keeps the old public key in `retired/` so that old signatures stay verifiable.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use openssl::ec::{EcGroup, EcKey};
+use openssl::nid::Nid;
+use openssl::pkey::{PKey, PKeyRef, Private};
+
+/// generate_key_pair makes a new ECDSA P-256 key.
+pub fn generate_key_pair() -> Result<PKey<Private>, openssl::error::ErrorStack> {
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1)?;
+    PKey::from_ec_key(EcKey::generate(&group)?)
+}
+
+/// public_key_pem is the PEM (SubjectPublicKeyInfo) of a key's public half.
+pub fn public_key_pem(key: &PKeyRef<Private>) -> Result<String, openssl::error::ErrorStack> {
+    Ok(String::from_utf8(key.public_key_to_pem()?).expect("PEM is ASCII"))
+}
+
+/// load_private_key reads a PKCS#8 or traditional PEM private key.
+pub fn load_private_key(path: &Path) -> anyhow::Result<PKey<Private>> {
+    let pem = fs::read(path).map_err(|e| anyhow::anyhow!("cannot read key {}: {e}", path.display()))?;
+    PKey::private_key_from_pem(&pem).map_err(|e| anyhow::anyhow!("{} is not a PEM private key: {e}", path.display()))
+}
+
+/// KeyRing holds the signing keys assetflow uses, loaded once at start-up.
+pub struct KeyRing {
+    pub provider: PKey<Private>,
+    issuers: HashMap<String, PKey<Private>>,
+}
+
+impl KeyRing {
+    /// KeyRing::load reads `provider.pem` and every `issuers/*.pem` under `dir`.
+    pub fn load(dir: &Path) -> anyhow::Result<KeyRing> {
+        let provider = load_private_key(&dir.join("provider.pem")).map_err(|e| {
+            anyhow::anyhow!("{e}\nhint: run `assetflow keys generate` to create development keys")
+        })?;
+        let mut issuers = HashMap::new();
+        let issuer_dir = dir.join("issuers");
+        if issuer_dir.is_dir() {
+            for entry in fs::read_dir(&issuer_dir)? {
+                let path = entry?.path();
+                if path.extension().is_some_and(|e| e == "pem") {
+                    let id = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+                    issuers.insert(id, load_private_key(&path)?);
+                }
+            }
+        }
+        Ok(KeyRing { provider, issuers })
+    }
+
+    /// KeyRing::issuer is the signing key of an issuer, if assetflow holds it.
+    pub fn issuer(&self, issuer_id: &str) -> Option<&PKeyRef<Private>> {
+        self.issuers.get(issuer_id).map(|k| k.as_ref())
+    }
+
+    /// KeyRing::generate writes development keys: the provider key and one key per named issuer.
+    /// Existing files are kept unless `overwrite` is set. It returns the files it wrote.
+    pub fn generate(dir: &Path, issuers: &[String], overwrite: bool) -> anyhow::Result<Vec<PathBuf>> {
+        fs::create_dir_all(dir.join("issuers"))?;
+        let mut targets = vec![dir.join("provider.pem")];
+        targets.extend(issuers.iter().map(|id| dir.join("issuers").join(format!("{id}.pem"))));
+        let mut written = Vec::new();
+        for path in targets {
+            if path.exists() && !overwrite {
+                continue;
+            }
+            let pem = generate_key_pair()?.private_key_to_pem_pkcs8()?;
+            write_private(&path, &pem)?;
+            written.push(path);
+        }
+        Ok(written)
+    }
+
+    /// KeyRing::for_tests is a ring of fresh keys that never touches the disk.
+    pub fn ephemeral(issuers: &[&str]) -> KeyRing {
+        KeyRing {
+            provider: generate_key_pair().expect("key generation"),
+            issuers: issuers.iter().map(|id| (id.to_string(), generate_key_pair().expect("key generation"))).collect(),
+        }
+    }
+}
+
+fn write_private(path: &Path, pem: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Private keys are readable by their owner only.
+    let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    file.write_all(pem)?;
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! PostgreSQL: the connection pool, migrations, and the one place diesel errors are classified.
+//!
+//! diesel is synchronous, so every query runs on tokio's blocking pool through [`Db::run`]: the
+//! async runtime that drives AMQP acknowledgements and heartbeats is never blocked by a query.
+
+pub mod schema;
+
+use std::time::Duration;
+
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+/// The migrations in `migrations/`, compiled into the binary.
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// An arbitrary but fixed key for the advisory lock that serialises migrations across processes.
+const MIGRATION_LOCK: i64 = 0x6173_7365_7466_6c6f; // "assetflo"
+
+pub type PgPool = Pool<ConnectionManager<PgConnection>>;
+pub type Conn = PooledConnection<ConnectionManager<PgConnection>>;
+
+/// DbError is a database failure as the rest of assetflow sees it.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// No connection could be had: the database is down or the pool is exhausted.
+    #[error("no database connection: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Query(#[from] DieselError),
+}
+
+impl DbError {
+    /// DbError::is_transient says whether trying again later can succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Unavailable(_) => true,
+            DbError::Query(e) => is_transient(e),
+        }
+    }
+}
+
+/// is_transient classifies a diesel error: a dropped connection, a serialization failure or a
+/// deadlock heals by itself; anything else is a bug or bad data and will fail again.
+pub fn is_transient(error: &DieselError) -> bool {
+    match error {
+        DieselError::DatabaseError(kind, info) => match kind {
+            DatabaseErrorKind::SerializationFailure
+            | DatabaseErrorKind::ClosedConnection
+            | DatabaseErrorKind::UnableToSendCommand => true,
+            // 40P01 deadlock_detected, 57P01 admin_shutdown, 57P03 cannot_connect_now and the
+            // class 08 connection exceptions reach diesel as Unknown with the server's message.
+            DatabaseErrorKind::Unknown => {
+                let message = info.message();
+                message.contains("deadlock")
+                    || message.contains("terminating connection")
+                    || message.contains("server closed the connection")
+                    || message.contains("connection")
+                    || message.contains("the database system is")
+            }
+            _ => false,
+        },
+        DieselError::BrokenTransactionManager => true,
+        _ => false,
+    }
+}
+
+/// is_unique_violation says whether an error is a unique-key conflict on `constraint`.
+pub fn is_unique_violation(error: &DieselError, constraint: &str) -> bool {
+    matches!(error, DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info)
+        if info.constraint_name() == Some(constraint))
+}
+
+/// Db is the shared connection pool.
+#[derive(Clone)]
+pub struct Db {
+    pool: PgPool,
+}
+
+impl Db {
+    /// Db::new builds the pool without connecting: a database that is down at start-up is
+    /// waited for by the callers' retries, not a reason to exit.
+    pub fn new(url: &str, size: u32, connection_timeout: Duration) -> Db {
+        let pool = Pool::builder()
+            .max_size(size)
+            .min_idle(Some(1))
+            .connection_timeout(connection_timeout)
+            .test_on_check_out(false)
+            .build_unchecked(ConnectionManager::new(url));
+        Db { pool }
+    }
+
+    /// Db::get takes a connection on the current (blocking) thread.
+    pub fn get(&self) -> Result<Conn, DbError> {
+        self.pool.get().map_err(|e| DbError::Unavailable(e.to_string()))
+    }
+
+    /// Db::run runs `f` with a connection on the blocking pool.
+    pub async fn run<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<DbError> + Send + 'static,
+        F: FnOnce(&mut PgConnection) -> Result<T, E> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = pool.get().map_err(|e| E::from(DbError::Unavailable(e.to_string())))?;
+            f(&mut conn)
+        })
+        .await
+        .expect("a database task panicked")
+    }
+
+    /// Db::state reports the pool's open and idle connections, for metrics and readiness.
+    pub fn state(&self) -> (u32, u32) {
+        let state = self.pool.state();
+        (state.connections, state.idle_connections)
+    }
+}
+
+/// ensure_database creates the database named in `url` if it does not exist yet.
+pub fn ensure_database(url: &str) -> anyhow::Result<()> {
+    let (server_url, name) = split_database_url(url)?;
+    if PgConnection::establish(url).is_ok() {
+        return Ok(());
+    }
+    let mut admin = PgConnection::establish(&server_url)
+        .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL at {}: {e}", crate::config::redact_url(&server_url)))?;
+    let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+    match diesel::sql_query(sql).execute(&mut admin) {
+        Ok(_) => {
+            tracing::info!(database = %name, "created the database");
+            Ok(())
+        }
+        // Another process created it at the same moment.
+        Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) => Ok(()),
+        Err(e) if e.to_string().contains("already exists") => Ok(()),
+        Err(e) => Err(anyhow::anyhow!("cannot create database {name}: {e}")),
+    }
+}
+
+/// split_database_url returns the URL of the server's `postgres` database and the database name.
+fn split_database_url(url: &str) -> anyhow::Result<(String, String)> {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let (server, name) = base
+        .rsplit_once('/')
+        .filter(|(server, name)| server.contains("://") && !server.ends_with('/') && !name.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("database.url must name a database: {}", crate::config::redact_url(url)))?;
+    let admin = match query {
+        Some(q) => format!("{server}/postgres?{q}"),
+        None => format!("{server}/postgres"),
+    };
+    Ok((admin, name.to_string()))
+}
+
+/// migrate brings the schema up to date. Concurrent start-ups wait for each other on an advisory
+/// lock instead of racing on the same DDL.
+pub fn migrate(conn: &mut PgConnection) -> anyhow::Result<Vec<String>> {
+    diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK})")).execute(conn)?;
+    let applied = conn
+        .run_pending_migrations(MIGRATIONS)
+        .map(|versions| versions.iter().map(|v| v.to_string()).collect())
+        .map_err(|e| anyhow::anyhow!("migration failed: {e}"));
+    diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})")).execute(conn)?;
+    applied
+}
+
+/// prepare creates the database if needed and migrates it: what `assetflow migrate` does.
+pub fn prepare(url: &str) -> anyhow::Result<Vec<String>> {
+    ensure_database(url)?;
+    let mut conn = PgConnection::establish(url)
+        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", crate::config::redact_url(url)))?;
+    migrate(&mut conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_urls_split_into_server_and_name() {
+        assert_eq!(
+            split_database_url("postgres://postgres@127.0.0.1:5432/assetflow").unwrap(),
+            ("postgres://postgres@127.0.0.1:5432/postgres".into(), "assetflow".into())
+        );
+        assert_eq!(
+            split_database_url("postgres://u:p@h/db?sslmode=require").unwrap(),
+            ("postgres://u:p@h/postgres?sslmode=require".into(), "db".into())
+        );
+        assert!(split_database_url("postgres://h:5432").is_err());
+    }
+}

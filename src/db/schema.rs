@@ -1,0 +1,274 @@
+//! The diesel table definitions. They mirror `migrations/` exactly; `tests/it/schema_drift.rs`
+//! checks every column against the migrated database.
+
+diesel::table! {
+    partners (id) {
+        id -> Text,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    gateways (id) {
+        id -> Text,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    terminals (id) {
+        id -> Text,
+        kind -> Text,
+        gateway_id -> Text,
+        partner_id -> Nullable<Text>,
+        public_key_pem -> Text,
+        registered_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    products (id) {
+        id -> Text,
+        kind -> Text,
+        title -> Text,
+        issuer_id -> Text,
+        price_minor -> Int8,
+        currency -> Text,
+        value_minor -> Nullable<Int8>,
+        uses -> Nullable<Int4>,
+        asset_expires_at -> Nullable<Timestamptz>,
+        asset_validity_secs -> Nullable<Int8>,
+        certificate_expires_at -> Nullable<Timestamptz>,
+        certificate_validity_secs -> Nullable<Int8>,
+        reminder_stage1_secs -> Int8,
+        reminder_stage2_secs -> Int8,
+        stage2_policy -> Text,
+        transferable -> Bool,
+        on_sale -> Bool,
+        tags -> Jsonb,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    terminal_requests (request_id) {
+        request_id -> Text,
+        terminal_id -> Text,
+        message_type -> Text,
+        content_sha256 -> Text,
+        sent_at -> Timestamptz,
+        received_at -> Timestamptz,
+        outcome -> Text,
+        reason -> Nullable<Text>,
+        subject_id -> Nullable<Uuid>,
+    }
+}
+
+diesel::table! {
+    orders (id) {
+        id -> Uuid,
+        request_id -> Text,
+        orderer_terminal_id -> Text,
+        payer_terminal_id -> Text,
+        recipient_terminal_ids -> Array<Text>,
+        product_id -> Text,
+        quantity -> Int4,
+        amount_minor -> Int8,
+        currency -> Text,
+        delivery_mode -> Text,
+        designated_at -> Nullable<Timestamptz>,
+        status -> Text,
+        status_reason -> Nullable<Text>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    settlements (id) {
+        id -> Uuid,
+        order_id -> Uuid,
+        kind -> Text,
+        partner_id -> Text,
+        payer_terminal_id -> Text,
+        amount_minor -> Int8,
+        currency -> Text,
+        status -> Text,
+        attempts -> Int4,
+        answer_due_at -> Nullable<Timestamptz>,
+        partner_reference -> Nullable<Text>,
+        reason -> Nullable<Text>,
+        instructed_at -> Timestamptz,
+        answered_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    assets (id) {
+        id -> Uuid,
+        order_id -> Uuid,
+        recipient_terminal_id -> Text,
+        ordinal -> Int4,
+        product_id -> Text,
+        kind -> Text,
+        issuer_id -> Text,
+        holder_terminal_id -> Text,
+        issued_at -> Timestamptz,
+        expires_at -> Timestamptz,
+        has_exchange_certificate -> Bool,
+        certificate_expires_at -> Nullable<Timestamptz>,
+        status -> Text,
+        transferable -> Bool,
+        designated_at -> Nullable<Timestamptz>,
+        value_minor -> Nullable<Int8>,
+        remaining_minor -> Nullable<Int8>,
+        remaining_uses -> Nullable<Int4>,
+        currency -> Text,
+        document -> Text,
+        issuer_signature -> Text,
+        provider_signature -> Text,
+        status_changed_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    exchange_certificates (id) {
+        id -> Uuid,
+        asset_id -> Uuid,
+        holder_terminal_id -> Text,
+        issued_at -> Timestamptz,
+        expires_at -> Timestamptz,
+        document -> Text,
+        signature -> Text,
+        exchanged_at -> Nullable<Timestamptz>,
+        exchange_request_id -> Nullable<Text>,
+        revoked_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    asset_status_history (id) {
+        id -> Int8,
+        asset_id -> Uuid,
+        from_status -> Nullable<Text>,
+        to_status -> Text,
+        cause -> Text,
+        detail -> Nullable<Text>,
+        at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    deliveries (id) {
+        id -> Uuid,
+        dedupe_key -> Text,
+        kind -> Text,
+        terminal_id -> Text,
+        gateway_id -> Text,
+        order_id -> Nullable<Uuid>,
+        asset_id -> Nullable<Uuid>,
+        forced -> Bool,
+        content -> Jsonb,
+        status -> Text,
+        attempts -> Int4,
+        due_at -> Timestamptz,
+        last_error -> Nullable<Text>,
+        created_at -> Timestamptz,
+        delivered_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    delivery_attempts (delivery_id, attempt) {
+        delivery_id -> Uuid,
+        attempt -> Int4,
+        message_id -> Uuid,
+        payload_sha256 -> Text,
+        sent_at -> Timestamptz,
+        outcome -> Text,
+        error -> Nullable<Text>,
+        finished_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    outbox (id) {
+        id -> Int8,
+        message_id -> Uuid,
+        exchange -> Text,
+        routing_key -> Text,
+        message_type -> Text,
+        correlation_id -> Nullable<Text>,
+        headers -> Jsonb,
+        payload -> Bytea,
+        created_at -> Timestamptz,
+        available_at -> Timestamptz,
+        attempts -> Int4,
+        last_error -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    inbox (pool, message_id) {
+        pool -> Text,
+        message_id -> Text,
+        message_type -> Text,
+        processed_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    refusals (id) {
+        id -> Uuid,
+        request_id -> Nullable<Text>,
+        terminal_id -> Nullable<Text>,
+        message_type -> Text,
+        reason -> Text,
+        detail -> Text,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    dead_letters (id) {
+        id -> Uuid,
+        pool -> Text,
+        source -> Text,
+        message_type -> Text,
+        message_id -> Nullable<Text>,
+        exchange -> Nullable<Text>,
+        routing_key -> Nullable<Text>,
+        payload -> Bytea,
+        headers -> Jsonb,
+        reason -> Text,
+        detail -> Text,
+        attempts -> Jsonb,
+        subject_id -> Nullable<Uuid>,
+        created_at -> Timestamptz,
+        replayed_at -> Nullable<Timestamptz>,
+        replay_count -> Int4,
+    }
+}
+
+diesel::table! {
+    job_runs (id) {
+        id -> Int8,
+        job -> Text,
+        as_of -> Timestamptz,
+        started_at -> Timestamptz,
+        finished_at -> Nullable<Timestamptz>,
+        dry_run -> Bool,
+        trigger -> Text,
+        rows_scanned -> Int8,
+        enqueued -> Int8,
+        errors -> Int8,
+        outcome -> Text,
+        error -> Nullable<Text>,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(
+    partners, gateways, terminals, products, terminal_requests, orders, settlements, assets,
+    exchange_certificates, asset_status_history, deliveries, delivery_attempts, outbox, inbox,
+    refusals, dead_letters, job_runs,
+);

@@ -1,0 +1,89 @@
+//! Health: `/healthz` (the process is alive), `/readyz` (connected, consuming, and the outbox
+//! relay making progress) and `/metrics`, on one listener.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::broker::{Broker, Pool};
+
+/// Progress is what the running parts report, so that readiness means "making progress".
+#[derive(Default)]
+pub struct Progress {
+    relay_tick_ms: AtomicI64,
+    consumers: AtomicU32,
+}
+
+impl Progress {
+    /// Progress::relay_tick notes that the outbox relay completed a round.
+    pub fn relay_tick(&self) {
+        self.relay_tick_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+    }
+
+    /// Progress::consumer_started notes that a pool consumer (re)subscribed.
+    pub fn consumer_started(&self, _pool: Pool) {
+        self.consumers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn relay_age(&self) -> Duration {
+        let last = self.relay_tick_ms.load(Ordering::Relaxed);
+        Duration::from_millis((chrono::Utc::now().timestamp_millis() - last).max(0) as u64)
+    }
+}
+
+#[derive(Clone)]
+struct Http {
+    progress: Arc<Progress>,
+    broker: Broker,
+    metrics: PrometheusHandle,
+    relay_stall: Duration,
+}
+
+/// metrics_handle installs the Prometheus recorder once per process.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets(&[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
+                .expect("static buckets")
+                .install_recorder()
+                .expect("the metrics recorder is installed once")
+        })
+        .clone()
+}
+
+/// serve runs the listener until shutdown.
+pub async fn serve(listen: &str, progress: Arc<Progress>, broker: Broker, relay_stall: Duration, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    let state = Http { progress, broker, metrics: metrics_handle(), relay_stall };
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(|State(s): State<Http>| async move { s.metrics.render() }))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    tracing::info!(%listen, "serving /metrics, /healthz and /readyz");
+    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
+    Ok(())
+}
+
+async fn ready(State(s): State<Http>) -> (StatusCode, String) {
+    let mut problems = Vec::new();
+    if !s.broker.is_connected() {
+        problems.push("not connected to RabbitMQ".to_string());
+    }
+    if s.progress.consumers.load(Ordering::Relaxed) == 0 {
+        problems.push("no pool is consuming yet".to_string());
+    }
+    let age = s.progress.relay_age();
+    if age > s.relay_stall {
+        problems.push(format!("the outbox relay has made no progress for {}s", age.as_secs()));
+    }
+    if problems.is_empty() { (StatusCode::OK, "ready\n".into()) } else { (StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n") }
+}

@@ -1,0 +1,277 @@
+//! The message contracts: every message assetflow consumes or publishes, as a type.
+//!
+//! Each has a JSON Schema in `schemas/` (see [`schema`]); incoming messages are validated against
+//! it before they are deserialized, so that a refusal can say which field was wrong. Messages
+//! name what to act on by id, and the handlers re-read the state: a stale or duplicated message
+//! cannot overwrite newer state.
+
+pub mod schema;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// The `type` of every message, which is also its routing key and its AMQP `type` property.
+pub mod kinds {
+    pub const ORDER_PURCHASE: &str = "order.purchase";
+    pub const CERTIFICATE_EXCHANGE: &str = "certificate.exchange";
+    pub const SETTLEMENT_INSTRUCTION: &str = "settlement.instruction";
+    pub const SETTLEMENT_RESULT: &str = "settlement.result";
+    pub const ISSUANCE_REQUESTED: &str = "issuance.requested";
+    pub const DELIVERY_REQUESTED: &str = "delivery.requested";
+    pub const DELIVERY: &str = "delivery";
+    pub const DELIVERY_RECEIPT: &str = "delivery.receipt";
+    pub const DEAD_LETTER: &str = "dead_letter";
+}
+
+/// DeliveryMode is how an order's assets reach their recipients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryModeKind {
+    /// An exchange certificate now, the asset when the holder exchanges it.
+    Certificate,
+    /// The asset at a given time.
+    Designated,
+    /// The asset now: `designated` at the time of issue.
+    Immediate,
+}
+
+impl DeliveryModeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Certificate => "certificate",
+            Self::Designated => "designated",
+            Self::Immediate => "immediate",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryMode {
+    pub mode: DeliveryModeKind,
+    /// Required for `designated`, absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
+}
+
+/// PurchaseRequest is `order.purchase`, published by a gateway for a terminal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurchaseRequest {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    /// The idempotency key: a repeated request id gets the original outcome.
+    pub request_id: String,
+    /// The orderer: the terminal that signed the request.
+    pub terminal_id: String,
+    pub sent_at: DateTime<Utc>,
+    pub product_id: String,
+    /// Assets for each recipient.
+    pub quantity: u32,
+    /// Who is billed. Defaults to the orderer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payer_terminal_id: Option<String>,
+    /// Who receives the assets (a gift goes to another terminal). Defaults to the orderer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipient_terminal_ids: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<DeliveryMode>,
+    pub signature: String,
+}
+
+/// ExchangeRequest is `certificate.exchange`: the holder presents its exchange certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExchangeRequest {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub request_id: String,
+    pub terminal_id: String,
+    pub sent_at: DateTime<Utc>,
+    /// The signed certificate document exactly as it was delivered.
+    pub certificate: Value,
+    pub signature: String,
+}
+
+/// SettlementInstruction is published to the payer's partner queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettlementInstruction {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub settlement_id: Uuid,
+    pub order_id: Uuid,
+    pub kind: String,
+    pub partner_id: String,
+    pub payer_terminal_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    /// 1 for the first instruction; a partner that sees a higher attempt for a settlement it has
+    /// already answered answers again with the same result.
+    pub attempt: u32,
+    /// The partner's answer is expected by this time.
+    pub answer_by: DateTime<Utc>,
+}
+
+/// SettlementOutcome is a partner's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SettlementOutcome {
+    Settled,
+    Declined,
+}
+
+impl SettlementOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Settled => "settled",
+            Self::Declined => "declined",
+        }
+    }
+}
+
+/// SettlementResult is `settlement.result`, published by a partner on the requests exchange.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettlementResult {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub settlement_id: Uuid,
+    pub partner_id: String,
+    pub outcome: SettlementOutcome,
+    pub partner_reference: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// IssuanceRequested is internal: a settled order is ready to be issued.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuanceRequested {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub order_id: Uuid,
+}
+
+/// DeliveryRequested is internal: a delivery row is ready for its next attempt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryRequested {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub delivery_id: Uuid,
+}
+
+/// DeliveryKind is what a delivery carries to a terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryKind {
+    Certificate,
+    Asset,
+    Message,
+    DownloadRequest,
+    RevocationRequest,
+    Refusal,
+}
+
+impl DeliveryKind {
+    pub const ALL: [DeliveryKind; 6] = [
+        Self::Certificate,
+        Self::Asset,
+        Self::Message,
+        Self::DownloadRequest,
+        Self::RevocationRequest,
+        Self::Refusal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Certificate => "certificate",
+            Self::Asset => "asset",
+            Self::Message => "message",
+            Self::DownloadRequest => "download_request",
+            Self::RevocationRequest => "revocation_request",
+            Self::Refusal => "refusal",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DeliveryKind> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// GatewayDelivery is `delivery`, published to the recipient's gateway queue. Its receipt must
+/// carry the SHA-256 of these exact bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayDelivery {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub delivery_id: Uuid,
+    pub attempt: u32,
+    pub kind: DeliveryKind,
+    pub terminal_id: String,
+    pub gateway_id: String,
+    pub sent_at: DateTime<Utc>,
+    pub content: Value,
+}
+
+/// DeliveryReceipt is `delivery.receipt`, a gateway's acknowledgement for its terminal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryReceipt {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub delivery_id: Uuid,
+    pub attempt: u32,
+    pub gateway_id: String,
+    pub terminal_id: String,
+    /// Lowercase hex SHA-256 of the delivery message body as received.
+    pub sha256: String,
+    pub received_at: DateTime<Utc>,
+}
+
+/// Refusal is the content of a `refusal` delivery: why a terminal's request was not carried out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refusal {
+    pub request_id: String,
+    pub request_type: String,
+    pub reason: crate::refusal::Reason,
+    pub detail: String,
+}
+
+/// Notice is the content of a `message` delivery: something the terminal's user should read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Notice {
+    pub code: String,
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asset_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// DeadLetterMessage is what is published to a pool's dead-letter queue when assetflow gives up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterMessage {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub dead_letter_id: Uuid,
+    pub pool: String,
+    pub source: String,
+    pub original_type: String,
+    pub reason: String,
+    pub detail: String,
+    pub created_at: DateTime<Utc>,
+    /// The original message body, when it was valid UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original: Option<String>,
+}

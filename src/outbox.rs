@@ -1,0 +1,303 @@
+//! The transactional outbox: messages caused by a state change are rows written in the same
+//! transaction, and the relay publishes them with publisher confirms.
+//!
+//! The relay claims a batch by pushing the rows' `available_at` forward (a lease) under
+//! `FOR UPDATE SKIP LOCKED`, so several processes share the work without publishing the same row
+//! at once. A row is deleted only after the broker confirmed it; a negative confirm, a returned
+//! (unroutable) message or a lost channel leaves it to be published again when its lease ends.
+//! Consumers deduplicate on the message id, so a publish repeated after a crash has no second effect.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Interval, Int8};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::Confirmation;
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::broker::{self, Broker};
+use crate::db::{Db, DbError, schema::outbox};
+use crate::telemetry;
+
+/// How long a claimed row is held by one relay before another may publish it.
+const LEASE: Duration = Duration::from_secs(30);
+
+/// Outgoing is a message to publish once the transaction that wrote it commits.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub message_id: Uuid,
+    pub exchange: String,
+    pub routing_key: String,
+    pub message_type: String,
+    pub correlation_id: Option<String>,
+    pub headers: serde_json::Value,
+    pub payload: Vec<u8>,
+    pub available_at: Option<DateTime<Utc>>,
+}
+
+impl Outgoing {
+    /// Outgoing::json serializes `message` as the payload. In debug builds (every test) the
+    /// payload is checked against its JSON Schema: the code's messages must honour the contracts.
+    pub fn json(exchange: String, routing_key: impl Into<String>, message_type: &str, message: &impl Serialize) -> Outgoing {
+        let value = serde_json::to_value(message).expect("messages always serialize");
+        #[cfg(debug_assertions)]
+        if let Err(e) = crate::messages::schema::validate(message_type, &value) {
+            panic!("assetflow published a {message_type} that breaks its schema: {e}\n{value}");
+        }
+        Outgoing {
+            message_id: Uuid::now_v7(),
+            exchange,
+            routing_key: routing_key.into(),
+            message_type: message_type.to_string(),
+            correlation_id: None,
+            headers: serde_json::json!({}),
+            payload: serde_json::to_vec(&value).expect("a JSON value always serializes"),
+            available_at: None,
+        }
+    }
+
+    pub fn correlated(mut self, correlation_id: impl Into<String>) -> Outgoing {
+        self.correlation_id = Some(correlation_id.into());
+        self
+    }
+
+    pub fn with_message_id(mut self, id: Uuid) -> Outgoing {
+        self.message_id = id;
+        self
+    }
+}
+
+/// enqueue writes a message to the outbox inside the caller's transaction.
+pub fn enqueue(conn: &mut PgConnection, message: &Outgoing) -> QueryResult<()> {
+    let now = Utc::now();
+    diesel::insert_into(outbox::table)
+        .values((
+            outbox::message_id.eq(message.message_id),
+            outbox::exchange.eq(&message.exchange),
+            outbox::routing_key.eq(&message.routing_key),
+            outbox::message_type.eq(&message.message_type),
+            outbox::correlation_id.eq(&message.correlation_id),
+            outbox::headers.eq(&message.headers),
+            outbox::payload.eq(&message.payload),
+            outbox::available_at.eq(message.available_at.unwrap_or(now)),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+#[derive(Queryable, Debug)]
+struct Row {
+    id: i64,
+    message_id: Uuid,
+    exchange: String,
+    routing_key: String,
+    message_type: String,
+    correlation_id: Option<String>,
+    headers: serde_json::Value,
+    payload: Vec<u8>,
+}
+
+/// Relay publishes the outbox.
+pub struct Relay {
+    db: Db,
+    broker: Broker,
+    wake: Arc<Notify>,
+    batch_size: i64,
+    poll_interval: Duration,
+    progress: Arc<crate::health::Progress>,
+}
+
+impl Relay {
+    pub fn new(db: Db, broker: Broker, wake: Arc<Notify>, batch_size: u32, poll_interval: Duration, progress: Arc<crate::health::Progress>) -> Relay {
+        Relay { db, broker, wake, batch_size: i64::from(batch_size), poll_interval, progress }
+    }
+
+    /// Relay::run publishes until shutdown, then flushes what is already due and returns.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut channel: Option<lapin::Channel> = None;
+        loop {
+            let stopping = shutdown.is_cancelled();
+            match self.round(&mut channel).await {
+                Ok(n) if n as i64 >= self.batch_size => continue,
+                Ok(0) if stopping => return,
+                Ok(_) if stopping => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    channel = None;
+                    tracing::warn!(error = %e, "outbox relay round failed");
+                    if stopping {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(self.poll_interval) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+    }
+
+    /// One round: claim a batch, publish it with pipelined confirms, delete what was confirmed.
+    async fn round(&self, channel: &mut Option<lapin::Channel>) -> anyhow::Result<usize> {
+        let batch = self.batch_size;
+        let rows: Vec<Row> = self.db.run(move |conn| claim(conn, batch).map_err(DbError::from)).await?;
+        self.progress.relay_tick();
+        if rows.is_empty() {
+            self.report_backlog().await;
+            return Ok(0);
+        }
+        let ch = match channel {
+            Some(ch) if ch.status().connected() => ch.clone(),
+            _ => {
+                let conn = self.broker.connection().await.ok_or_else(|| anyhow::anyhow!("shutting down"))?;
+                let ch = conn.create_channel().await?;
+                ch.confirm_select(ConfirmSelectOptions::default()).await?;
+                *channel = Some(ch.clone());
+                ch
+            }
+        };
+
+        // Publish the whole batch, then wait for the confirms: one round trip, not one per message.
+        let mut pending = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let props = broker::properties(
+                &row.message_id.to_string(),
+                &row.message_type,
+                row.correlation_id.as_deref(),
+                broker::headers_from_json(&row.headers),
+            );
+            // mandatory: a message no queue would take comes back instead of vanishing.
+            let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+            match ch.basic_publish(row.exchange.as_str().into(), row.routing_key.as_str().into(), options, &row.payload, props).await {
+                Ok(confirm) => pending.push((row.id, Some(confirm))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "publish failed");
+                    pending.push((row.id, None));
+                }
+            }
+        }
+        let mut confirmed = Vec::new();
+        let mut failed = Vec::new();
+        for (id, confirm) in pending {
+            let ok = match confirm {
+                Some(confirm) => match confirm.await {
+                    Ok(Confirmation::Ack(None)) => true,
+                    Ok(Confirmation::Ack(Some(returned))) => {
+                        tracing::error!(reply = %returned.reply_text, "the broker returned an outbox message as unroutable");
+                        false
+                    }
+                    Ok(Confirmation::Nack(_)) => false,
+                    Ok(Confirmation::NotRequested) => false,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "publisher confirm lost");
+                        false
+                    }
+                },
+                None => false,
+            };
+            if ok { confirmed.push(id) } else { failed.push(id) }
+        }
+        telemetry::outbox_published(confirmed.len() as u64, failed.len() as u64);
+        let n = rows.len();
+        let (c, f) = (confirmed.clone(), failed.clone());
+        self.db.run(move |conn| settle(conn, &c, &f).map_err(DbError::from)).await?;
+        if !failed.is_empty() {
+            *channel = None;
+        }
+        Ok(n)
+    }
+
+    async fn report_backlog(&self) {
+        if let Ok((rows, age)) = self.db.run(|conn| backlog(conn).map_err(DbError::from)).await {
+            telemetry::outbox_backlog(rows, age);
+        }
+    }
+}
+
+fn claim(conn: &mut PgConnection, batch: i64) -> QueryResult<Vec<Row>> {
+    diesel::sql_query(
+        "UPDATE outbox SET available_at = now() + $2, attempts = attempts + 1
+         WHERE id IN (SELECT id FROM outbox WHERE available_at <= now()
+                      ORDER BY available_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)
+         RETURNING id, message_id, exchange, routing_key, message_type, correlation_id, headers, payload",
+    )
+    .bind::<BigInt, _>(batch)
+    .bind::<Interval, _>(diesel::pg::data_types::PgInterval::from_microseconds(LEASE.as_micros() as i64))
+    .load::<RawRow>(conn)
+    .map(|rows| rows.into_iter().map(Row::from).collect())
+}
+
+fn settle(conn: &mut PgConnection, confirmed: &[i64], failed: &[i64]) -> QueryResult<()> {
+    if !confirmed.is_empty() {
+        diesel::sql_query("DELETE FROM outbox WHERE id = ANY($1)").bind::<Array<Int8>, _>(confirmed).execute(conn)?;
+    }
+    if !failed.is_empty() {
+        // Try again soon rather than at the end of the lease.
+        diesel::sql_query("UPDATE outbox SET available_at = now() + interval '1 second', last_error = 'not confirmed by the broker' WHERE id = ANY($1)")
+            .bind::<Array<Int8>, _>(failed)
+            .execute(conn)?;
+    }
+    Ok(())
+}
+
+/// backlog is the number of unsent rows and the age of the oldest one.
+pub fn backlog(conn: &mut PgConnection) -> QueryResult<(i64, Duration)> {
+    #[derive(QueryableByName)]
+    struct Backlog {
+        #[diesel(sql_type = BigInt)]
+        rows: i64,
+        #[diesel(sql_type = diesel::sql_types::Double)]
+        age: f64,
+    }
+    let b: Backlog = diesel::sql_query(
+        "SELECT count(*) AS rows, COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 AS age FROM outbox",
+    )
+    .get_result(conn)?;
+    Ok((b.rows, Duration::from_secs_f64(b.age.max(0.0))))
+}
+
+#[derive(QueryableByName)]
+struct RawRow {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    message_id: Uuid,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    exchange: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    routing_key: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    message_type: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    correlation_id: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Jsonb)]
+    headers: serde_json::Value,
+    #[diesel(sql_type = diesel::sql_types::Bytea)]
+    payload: Vec<u8>,
+}
+
+impl From<RawRow> for Row {
+    fn from(r: RawRow) -> Row {
+        Row {
+            id: r.id,
+            message_id: r.message_id,
+            exchange: r.exchange,
+            routing_key: r.routing_key,
+            message_type: r.message_type,
+            correlation_id: r.correlation_id,
+            headers: r.headers,
+            payload: r.payload,
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Pool and scheduler definitions, loaded from `workers/` at start-up.
+//!
+//! The files are also compiled in, so a binary run outside the repository still has them; a file
+//! present in `workers.dir` wins over its built-in copy.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+const BUILT_IN: &[(&str, &str)] = &[
+    ("settlement.toml", include_str!("../../workers/settlement.toml")),
+    ("issuance.toml", include_str!("../../workers/issuance.toml")),
+    ("delivery.toml", include_str!("../../workers/delivery.toml")),
+    ("scheduler.toml", include_str!("../../workers/scheduler.toml")),
+];
+
+/// PoolSettings is what every pool definition has.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSettings {
+    pub queues: Vec<String>,
+    pub concurrency: usize,
+    pub prefetch: u16,
+    #[serde(default, deserialize_with = "durations")]
+    #[serde(serialize_with = "serialize_durations")]
+    pub handler_retries: Vec<Duration>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettlementPool {
+    pub pool: PoolSettings,
+    pub instruction: InstructionPolicy,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstructionPolicy {
+    #[serde(with = "humantime_serde")]
+    pub answer_timeout: Duration,
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuancePool {
+    pub pool: PoolSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryPool {
+    pub pool: PoolSettings,
+    pub transmission: TransmissionPolicy,
+}
+
+/// TransmissionPolicy is the retry policy of deliveries to terminals.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransmissionPolicy {
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    #[serde(deserialize_with = "durations", serialize_with = "serialize_durations")]
+    pub schedule: Vec<Duration>,
+    pub jitter: f64,
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerDefinition {
+    pub jobs: BTreeMap<String, JobDefinition>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobDefinition {
+    pub schedule: String,
+}
+
+/// PoolDefinitions is the content of `workers/`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolDefinitions {
+    pub settlement: SettlementPool,
+    pub issuance: IssuancePool,
+    pub delivery: DeliveryPool,
+    pub scheduler: SchedulerDefinition,
+}
+
+impl PoolDefinitions {
+    /// PoolDefinitions::load reads each definition from `dir`, or its built-in copy.
+    pub fn load(dir: &Path) -> anyhow::Result<PoolDefinitions> {
+        let read = |name: &str| -> anyhow::Result<(String, String)> {
+            let path = dir.join(name);
+            if path.is_file() {
+                Ok((std::fs::read_to_string(&path)?, path.display().to_string()))
+            } else {
+                let text = BUILT_IN.iter().find(|(n, _)| *n == name).map(|(_, t)| t.to_string()).expect("built in");
+                Ok((text, format!("built-in {name}")))
+            }
+        };
+        fn parse<T: serde::de::DeserializeOwned>((text, origin): (String, String)) -> anyhow::Result<T> {
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))
+        }
+        let defs = PoolDefinitions {
+            settlement: parse(read("settlement.toml")?)?,
+            issuance: parse(read("issuance.toml")?)?,
+            delivery: parse(read("delivery.toml")?)?,
+            scheduler: parse(read("scheduler.toml")?)?,
+        };
+        defs.validate()?;
+        Ok(defs)
+    }
+
+    /// PoolDefinitions::built_in is the compiled-in definitions.
+    pub fn built_in() -> PoolDefinitions {
+        Self::load(Path::new("/nonexistent")).expect("the built-in definitions are valid")
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        for (name, pool) in [("settlement", &self.settlement.pool), ("issuance", &self.issuance.pool), ("delivery", &self.delivery.pool)] {
+            anyhow::ensure!(pool.concurrency >= 1, "workers/{name}.toml: concurrency must be at least 1");
+            anyhow::ensure!(pool.prefetch >= 1, "workers/{name}.toml: prefetch must be at least 1");
+            anyhow::ensure!(!pool.queues.is_empty(), "workers/{name}.toml: queues must name at least one queue");
+        }
+        let t = &self.delivery.transmission;
+        anyhow::ensure!(!t.schedule.is_empty(), "workers/delivery.toml: transmission.schedule must not be empty");
+        anyhow::ensure!((0.0..1.0).contains(&t.jitter), "workers/delivery.toml: transmission.jitter must be in [0, 1)");
+        anyhow::ensure!(t.max_attempts >= 1, "workers/delivery.toml: transmission.max_attempts must be at least 1");
+        anyhow::ensure!(self.settlement.instruction.max_attempts >= 1, "workers/settlement.toml: instruction.max_attempts must be at least 1");
+        Ok(())
+    }
+}
+
+fn durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    let texts: Vec<String> = Vec::deserialize(d)?;
+    texts
+        .iter()
+        .map(|t| humantime::parse_duration(t).map_err(|e| serde::de::Error::custom(format!("{t:?}: {e}"))))
+        .collect()
+}
+
+fn serialize_durations<S: serde::Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|d| humantime::format_duration(*d).to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_built_in_definitions_load() {
+        let defs = PoolDefinitions::built_in();
+        assert_eq!(defs.delivery.transmission.schedule[0], Duration::from_secs(60));
+        assert_eq!(defs.delivery.transmission.schedule.len(), 7);
+        assert!(defs.scheduler.jobs.contains_key("retransmission"));
+    }
+}

@@ -1,0 +1,482 @@
+//! The pool runtime: one handler trait, one registry, one consumer loop, and one function that
+//! turns a handler's outcome into a broker action and a database state ([`settle`]).
+//!
+//! A message is acknowledged only after its effect committed. Its effect, the inbox row that marks
+//! it processed and the messages it causes (outbox) commit in one transaction, so a redelivery
+//! finds the inbox row and has no second effect.
+
+pub mod definition;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::app::App;
+use crate::broker::{self, Broker, Pool};
+use crate::db::{DbError, schema::inbox};
+use crate::dead_letter::{self, NewDeadLetter, Reason};
+use crate::outbox::{self, Outgoing};
+use crate::telemetry;
+
+/// The largest message body a pool accepts; anything larger is dead-lettered as malformed.
+pub const MAX_BODY: usize = 256 * 1024;
+
+/// Incoming is a consumed message, as the handlers see it.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub queue: String,
+    /// The AMQP message id, or the SHA-256 of the body when the publisher set none.
+    pub message_id: String,
+    pub message_type: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub correlation_id: Option<String>,
+    pub body: Vec<u8>,
+    pub json: Value,
+    /// Deliveries of this message before this one (the quorum queue's `x-delivery-count`).
+    pub delivery_count: u32,
+    pub received_at: DateTime<Utc>,
+}
+
+impl Incoming {
+    /// Incoming::parse decodes a message body into JSON, or says why it is malformed.
+    fn parse(queue: &str, delivery: &Delivery) -> (Incoming, Result<(), (Reason, String)>) {
+        let props = &delivery.properties;
+        let body = delivery.data.clone();
+        let message_id = props
+            .message_id()
+            .as_ref()
+            .map(|id| id.to_string())
+            .filter(|id| !id.is_empty() && id.len() <= 128)
+            .unwrap_or_else(|| crate::crypto::sha256_hex(&body));
+        let mut incoming = Incoming {
+            queue: queue.to_string(),
+            message_id,
+            message_type: props.kind().as_ref().map(|k| k.to_string()).unwrap_or_default(),
+            exchange: delivery.exchange.to_string(),
+            routing_key: delivery.routing_key.to_string(),
+            correlation_id: props.correlation_id().as_ref().map(|c| c.to_string()),
+            body,
+            json: Value::Null,
+            delivery_count: broker::header_u32(props, "x-delivery-count").unwrap_or(0),
+            received_at: Utc::now(),
+        };
+        let verdict = (|| {
+            if incoming.body.len() > MAX_BODY {
+                return Err((Reason::Malformed, format!("body of {} bytes exceeds the {MAX_BODY}-byte limit", incoming.body.len())));
+            }
+            let text = std::str::from_utf8(&incoming.body).map_err(|e| (Reason::Malformed, format!("body is not UTF-8: {e}")))?;
+            let json: Value = serde_json::from_str(text).map_err(|e| (Reason::Malformed, format!("body is not JSON: {e}")))?;
+            let message_type = json
+                .get("type")
+                .and_then(Value::as_str)
+                .ok_or_else(|| (Reason::Malformed, "body is not a JSON object with a string \"type\"".to_string()))?
+                .to_string();
+            incoming.message_type = message_type;
+            incoming.json = json;
+            Ok(())
+        })();
+        (incoming, verdict)
+    }
+}
+
+/// Failure is how a handler says it did not complete, classified at the boundary.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Failure {
+    /// Trying again later can succeed (a dropped connection, a serialization failure).
+    #[error("transient: {0}")]
+    Transient(String),
+    /// It will never succeed: dead-letter it with the reason.
+    #[error("permanent ({}): {detail}", reason.as_str())]
+    Permanent { reason: Reason, detail: String },
+    /// Not yet: publish it again at `until`, without spending an attempt.
+    #[error("deferred until {until}: {why}")]
+    Defer { until: DateTime<Utc>, why: String },
+}
+
+impl Failure {
+    pub fn permanent(reason: Reason, detail: impl Into<String>) -> Failure {
+        Failure::Permanent { reason, detail: detail.into() }
+    }
+}
+
+impl From<diesel::result::Error> for Failure {
+    fn from(e: diesel::result::Error) -> Failure {
+        // A unique violation means a concurrent copy of this work committed first: trying again
+        // re-reads the state and finds it done. One that never heals ends at the delivery limit.
+        let unique = matches!(e, diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _));
+        if unique || crate::db::is_transient(&e) {
+            Failure::Transient(e.to_string())
+        } else {
+            Failure::permanent(Reason::Unprocessable, format!("database: {e}"))
+        }
+    }
+}
+
+impl From<DbError> for Failure {
+    fn from(e: DbError) -> Failure {
+        match e {
+            DbError::Unavailable(m) => Failure::Transient(m),
+            DbError::Query(e) => e.into(),
+        }
+    }
+}
+
+/// Cx is what a handler works with: a connection inside the message's transaction, the
+/// application, and the time the message was received.
+pub struct Cx<'a> {
+    pub conn: &'a mut PgConnection,
+    pub app: &'a App,
+    pub now: DateTime<Utc>,
+}
+
+impl Cx<'_> {
+    /// Cx::publish writes a message to the outbox, to be published once this transaction commits.
+    pub fn publish(&mut self, message: Outgoing) -> Result<(), Failure> {
+        outbox::enqueue(self.conn, &message)?;
+        Ok(())
+    }
+}
+
+/// Handler handles one message type. It runs inside a transaction on the blocking pool, and
+/// everything it writes commits with the record that the message was processed.
+pub trait Handler: Send + Sync + 'static {
+    /// Handler::message_type is the `type` this handler takes.
+    fn message_type(&self) -> &'static str;
+
+    /// Handler::handle carries out the message. A refusal is an Ok: the request was answered.
+    fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure>;
+}
+
+/// Registry maps each queue's message types to their handlers.
+#[derive(Default)]
+pub struct Registry {
+    handlers: HashMap<String, HashMap<&'static str, Arc<dyn Handler>>>,
+}
+
+impl Registry {
+    /// Registry::register adds a handler for a queue; a second handler for the same type is a
+    /// programming error that stops the start-up.
+    pub fn register(&mut self, queue: &str, handler: Arc<dyn Handler>) -> anyhow::Result<()> {
+        let by_type = self.handlers.entry(queue.to_string()).or_default();
+        let message_type = handler.message_type();
+        anyhow::ensure!(by_type.insert(message_type, handler).is_none(), "two handlers for {message_type} on {queue}");
+        Ok(())
+    }
+
+    /// Registry::queue declares a queue whose every message is dead-lettered (the unrouted queue).
+    pub fn queue(&mut self, queue: &str) {
+        self.handlers.entry(queue.to_string()).or_default();
+    }
+
+    fn lookup(&self, queue: &str, message_type: &str) -> Option<Arc<dyn Handler>> {
+        self.handlers.get(queue)?.get(message_type).cloned()
+    }
+
+    pub fn handles(&self, queue: &str) -> bool {
+        self.handlers.contains_key(queue)
+    }
+}
+
+/// Action is what happens to a message on the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Ack(&'static str),
+    Requeue,
+}
+
+/// PoolRunner consumes a pool's queues.
+pub struct PoolRunner {
+    pub pool: Pool,
+    pub queues: Vec<String>,
+    pub concurrency: usize,
+    pub prefetch: u16,
+    pub retries: Vec<Duration>,
+    pub app: Arc<App>,
+    pub registry: Arc<Registry>,
+    pub broker: Broker,
+}
+
+impl PoolRunner {
+    /// PoolRunner::run consumes until shutdown, then finishes the messages in hand.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let this = Arc::new(self);
+        let tracker = TaskTracker::new();
+        for queue in this.queues.clone() {
+            let this = this.clone();
+            let shutdown = shutdown.clone();
+            tracker.spawn(async move { this.consume(queue, shutdown).await });
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    async fn consume(self: Arc<Self>, queue: String, shutdown: CancellationToken) {
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        while !shutdown.is_cancelled() {
+            let Some(conn) = self.broker.connection().await else { return };
+            let in_flight = TaskTracker::new();
+            match self.consume_on(&conn, &queue, &permits, &in_flight, &shutdown).await {
+                Ok(()) => {}
+                Err(e) => tracing::warn!(pool = %self.pool, queue = %queue, error = %e, "consumer stopped; starting again"),
+            }
+            // Finish what is in hand before a new channel takes over: its acks go to the old one.
+            in_flight.close();
+            in_flight.wait().await;
+            if !shutdown.is_cancelled() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        }
+    }
+
+    async fn consume_on(
+        self: &Arc<Self>,
+        conn: &lapin::Connection,
+        queue: &str,
+        permits: &Arc<Semaphore>,
+        in_flight: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> lapin::Result<()> {
+        let channel = conn.create_channel().await?;
+        channel.basic_qos(self.prefetch, BasicQosOptions::default()).await?;
+        let tag = format!("assetflow-{}-{}", self.pool, uuid::Uuid::new_v4().simple());
+        let mut consumer = channel
+            .basic_consume(queue.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await?;
+        self.app.progress.consumer_started(self.pool);
+        tracing::info!(pool = %self.pool, queue, "consuming");
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    // Stop taking new messages; the ones already prefetched return to the queue
+                    // when the channel closes.
+                    let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                    return Ok(());
+                }
+                next = consumer.next() => next,
+            };
+            let delivery = match next {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            };
+            let permit = permits.clone().acquire_owned().await.expect("the semaphore is never closed");
+            let this = self.clone();
+            let queue = queue.to_string();
+            in_flight.spawn(async move {
+                this.process(&queue, delivery).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn process(&self, queue: &str, delivery: Delivery) {
+        let started = Instant::now();
+        let (incoming, verdict) = Incoming::parse(queue, &delivery);
+        telemetry::message_received(self.pool.as_str(), &incoming.message_type);
+        let action = self.execute(incoming.clone(), verdict).await;
+        let result = match action {
+            Action::Ack(_) => delivery.acker.ack(BasicAckOptions::default()).await,
+            Action::Requeue => delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
+        };
+        if let Err(e) = result {
+            // The channel died: the broker redelivers the message, and the inbox makes that harmless.
+            tracing::warn!(pool = %self.pool, error = %e, "could not settle the message with the broker");
+        }
+        let outcome = match action {
+            Action::Ack(outcome) => outcome,
+            Action::Requeue => "requeued",
+        };
+        telemetry::message_handled(self.pool.as_str(), &incoming.message_type, outcome, started.elapsed());
+    }
+
+    /// execute runs the handler with in-process retries and decides the message's fate.
+    async fn execute(&self, incoming: Incoming, verdict: Result<(), (Reason, String)>) -> Action {
+        if let Err((reason, detail)) = verdict {
+            return self.settle(&incoming, Err(Failure::Permanent { reason, detail }), &[]).await;
+        }
+        let handler = match self.registry.lookup(&incoming.queue, &incoming.message_type) {
+            Some(h) => h,
+            None => {
+                let (reason, detail) = if incoming.queue.ends_with(".unrouted") {
+                    (Reason::Unroutable, format!("no queue takes routing key {:?} (type {:?})", incoming.routing_key, incoming.message_type))
+                } else {
+                    (Reason::UnknownMessageType, format!("{} does not take messages of type {:?}", incoming.queue, incoming.message_type))
+                };
+                return self.settle(&incoming, Err(Failure::Permanent { reason, detail }), &[]).await;
+            }
+        };
+        if let Err(detail) = crate::messages::schema::validate(&incoming.message_type, &incoming.json) {
+            return self.settle(&incoming, Err(Failure::permanent(Reason::SchemaViolation, detail)), &[]).await;
+        }
+
+        let mut errors = Vec::new();
+        let mut delays = self.retries.iter();
+        loop {
+            let result = self.run_handler(handler.clone(), incoming.clone()).await;
+            match result {
+                Err(Failure::Transient(e)) => {
+                    errors.push(json!({"at": Utc::now(), "error": e}));
+                    match delays.next() {
+                        Some(delay) => tokio::time::sleep(*delay).await,
+                        None => return self.settle(&incoming, Err(Failure::Transient(e)), &errors).await,
+                    }
+                }
+                other => return self.settle(&incoming, other, &errors).await,
+            }
+        }
+    }
+
+    async fn run_handler(&self, handler: Arc<dyn Handler>, incoming: Incoming) -> Result<bool, Failure> {
+        let app = self.app.clone();
+        let pool = self.pool;
+        let result = self
+            .app
+            .db
+            .run(move |conn| {
+                conn.transaction::<bool, Failure, _>(|conn| {
+                    if !claim_inbox(conn, pool, &incoming)? {
+                        return Ok(false);
+                    }
+                    let mut cx = Cx { conn, app: &app, now: incoming.received_at };
+                    handler.handle(&mut cx, &incoming)?;
+                    Ok(true)
+                })
+            })
+            .await;
+        if result.is_ok() {
+            self.app.outbox_wake.notify_one();
+        }
+        result
+    }
+
+    /// settle is the one place an outcome becomes a broker action and a database state.
+    async fn settle(&self, incoming: &Incoming, result: Result<bool, Failure>, errors: &[Value]) -> Action {
+        match result {
+            Ok(true) => Action::Ack("acked"),
+            Ok(false) => Action::Ack("duplicate"),
+            Err(Failure::Permanent { reason, detail }) => self.dead_letter(incoming, reason, detail, errors).await,
+            Err(Failure::Transient(error)) => {
+                // One delivery before the broker's own limit, give up here, where the evidence is.
+                if incoming.delivery_count + 2 >= self.app.config.amqp.delivery_limit {
+                    let detail = format!("still failing after {} deliveries: {error}", incoming.delivery_count + 1);
+                    self.dead_letter(incoming, Reason::HandlerFailed, detail, errors).await
+                } else {
+                    tracing::warn!(pool = %self.pool, message_id = %incoming.message_id, error = %error, "transient failure; returning the message to the queue");
+                    Action::Requeue
+                }
+            }
+            Err(Failure::Defer { until, why }) => {
+                let (pool, incoming2) = (self.pool, incoming.clone());
+                let deferred = self
+                    .app
+                    .db
+                    .run(move |conn| {
+                        conn.transaction::<_, DbError, _>(|conn| {
+                            if !claim_inbox(conn, pool, &incoming2)? {
+                                return Ok(());
+                            }
+                            let mut again = Outgoing {
+                                message_id: uuid::Uuid::now_v7(),
+                                exchange: incoming2.exchange.clone(),
+                                routing_key: incoming2.routing_key.clone(),
+                                message_type: incoming2.message_type.clone(),
+                                correlation_id: incoming2.correlation_id.clone(),
+                                headers: json!({}),
+                                payload: incoming2.body.clone(),
+                                available_at: Some(until),
+                            };
+                            again.correlation_id.get_or_insert_with(|| incoming2.message_id.clone());
+                            outbox::enqueue(conn, &again)?;
+                            Ok(())
+                        })
+                    })
+                    .await;
+                match deferred {
+                    Ok(()) => {
+                        tracing::info!(pool = %self.pool, message_id = %incoming.message_id, %until, why, "deferred");
+                        Action::Ack("deferred")
+                    }
+                    Err(_) => Action::Requeue,
+                }
+            }
+        }
+    }
+
+    async fn dead_letter(&self, incoming: &Incoming, reason: Reason, detail: String, errors: &[Value]) -> Action {
+        let (pool, incoming2, app) = (self.pool, incoming.clone(), self.app.clone());
+        let mut attempts = errors.to_vec();
+        if attempts.is_empty() {
+            attempts.push(json!({"at": Utc::now(), "error": detail}));
+        }
+        let recorded = self
+            .app
+            .db
+            .run(move |conn| {
+                conn.transaction::<_, DbError, _>(|conn| {
+                    if !claim_inbox(conn, pool, &incoming2)? {
+                        return Ok(());
+                    }
+                    dead_letter::record(
+                        conn,
+                        &app.names,
+                        NewDeadLetter {
+                            pool,
+                            source: "message",
+                            message_type: incoming2.message_type.clone(),
+                            message_id: Some(incoming2.message_id.clone()),
+                            exchange: Some(incoming2.exchange.clone()),
+                            routing_key: Some(incoming2.routing_key.clone()),
+                            payload: incoming2.body.clone(),
+                            headers: json!({"delivery_count": incoming2.delivery_count, "queue": incoming2.queue}),
+                            reason,
+                            detail,
+                            attempts: Value::Array(attempts),
+                            subject_id: None,
+                        },
+                    )?;
+                    Ok(())
+                })
+            })
+            .await;
+        match recorded {
+            Ok(()) => {
+                self.app.outbox_wake.notify_one();
+                Action::Ack("dead_lettered")
+            }
+            // The database is down: the broker keeps the message, and its delivery limit is the
+            // last resort (it dead-letters to the same dead-letter queue).
+            Err(e) => {
+                tracing::error!(pool = %self.pool, error = %e, "cannot record a dead letter; returning the message to the queue");
+                Action::Requeue
+            }
+        }
+    }
+}
+
+/// claim_inbox records that this pool processed the message; false if it already had.
+fn claim_inbox(conn: &mut PgConnection, pool: Pool, incoming: &Incoming) -> QueryResult<bool> {
+    let inserted = diesel::insert_into(inbox::table)
+        .values((
+            inbox::pool.eq(pool.as_str()),
+            inbox::message_id.eq(&incoming.message_id),
+            inbox::message_type.eq(&incoming.message_type),
+        ))
+        .on_conflict_do_nothing()
+        .execute(conn)?;
+    Ok(inserted == 1)
+}

@@ -1,0 +1,192 @@
+//! Terminal requests: who sent them, whether they are fresh, whether they were seen before, and
+//! how they are refused (SPEC.md "Authenticity").
+//!
+//! The order of the checks matters. An unknown terminal or a bad signature is refused before the
+//! request id is looked at, so that a forger cannot burn someone else's request id. A stale request
+//! is refused before it is matched as a duplicate, so that an old signed request replayed after
+//! its idempotency record was pruned still has no effect.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::crypto;
+use crate::db::schema::{refusals, terminal_requests, terminals};
+use crate::delivery::{self, NewDelivery};
+use crate::messages::{DeliveryKind, Notice, Refusal};
+use crate::pool::{Cx, Failure, Incoming};
+use crate::refusal::{Reason, Refused};
+use crate::telemetry;
+
+/// Terminal is a registered terminal.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = terminals)]
+pub struct Terminal {
+    pub id: String,
+    pub kind: String,
+    pub gateway_id: String,
+    pub partner_id: Option<String>,
+    pub public_key_pem: String,
+}
+
+/// load_terminal reads a terminal by id.
+pub fn load_terminal(conn: &mut PgConnection, id: &str) -> QueryResult<Option<Terminal>> {
+    terminals::table.find(id).select(Terminal::as_select()).first(conn).optional()
+}
+
+/// Original is the outcome of the first request with a request id.
+#[derive(Debug, Clone, Queryable)]
+pub struct Original {
+    pub terminal_id: String,
+    pub content_sha256: String,
+    pub outcome: String,
+    pub reason: Option<String>,
+    pub subject_id: Option<Uuid>,
+}
+
+/// Header is what every terminal request carries besides its body.
+#[derive(Debug, Clone)]
+pub struct Header<'a> {
+    pub message_type: &'a str,
+    pub request_id: &'a str,
+    pub terminal_id: &'a str,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// Verified is an authentic, fresh request.
+#[derive(Debug)]
+pub enum Verified {
+    /// Seen for the first time: carry it out, then call [`accept`] or [`refuse`].
+    Fresh { terminal: Terminal, content_sha256: String },
+    /// The request id was seen before: answered by [`answer_duplicate`], with no second effect.
+    Duplicate { terminal: Terminal, original: Original, content_sha256: String },
+}
+
+/// verify authenticates a request. Err carries the refusal, and the terminal when it is known
+/// and so can be told.
+pub fn verify(cx: &mut Cx<'_>, header: &Header<'_>, json: &Value) -> Result<Result<Verified, (Option<Terminal>, Refused)>, Failure> {
+    let Some(terminal) = load_terminal(cx.conn, header.terminal_id)? else {
+        return Ok(Err((None, Refused::new(Reason::UnknownTerminal, format!("terminal {:?} is not registered", header.terminal_id)))));
+    };
+    let checked = crypto::parse_public_key(&terminal.public_key_pem).and_then(|key| crypto::verify_document(&key, json));
+    if let Err(e) = checked {
+        telemetry::signature_failure("terminal_request");
+        return Ok(Err((Some(terminal), Refused::new(Reason::BadSignature, format!("the request's signature is not the terminal's: {e}")))));
+    }
+    let auth = &cx.app.config.auth;
+    let age = cx.now.signed_duration_since(header.sent_at);
+    if age > chrono::Duration::from_std(auth.freshness_window).expect("a sane window") {
+        return Ok(Err((Some(terminal), Refused::new(Reason::StaleRequest, format!("sent_at {} is older than the {:?} freshness window", header.sent_at, auth.freshness_window)))));
+    }
+    if -age > chrono::Duration::from_std(auth.max_clock_skew).expect("a sane skew") {
+        return Ok(Err((Some(terminal), Refused::new(Reason::StaleRequest, format!("sent_at {} is in the future", header.sent_at)))));
+    }
+    let content_sha256 = crypto::sha256_hex(&crypto::signed_bytes(json).map_err(|e| Failure::Transient(e.to_string()))?);
+    let original = terminal_requests::table
+        .find(header.request_id)
+        .select((
+            terminal_requests::terminal_id,
+            terminal_requests::content_sha256,
+            terminal_requests::outcome,
+            terminal_requests::reason,
+            terminal_requests::subject_id,
+        ))
+        .first::<Original>(cx.conn)
+        .optional()?;
+    Ok(Ok(match original {
+        Some(original) => Verified::Duplicate { terminal, original, content_sha256 },
+        None => Verified::Fresh { terminal, content_sha256 },
+    }))
+}
+
+/// accept records a fresh request's success and what it acted on.
+pub fn accept(cx: &mut Cx<'_>, header: &Header<'_>, content_sha256: &str, subject: Uuid) -> Result<(), Failure> {
+    record(cx, header, content_sha256, "accepted", None, Some(subject))
+}
+
+fn record(cx: &mut Cx<'_>, header: &Header<'_>, sha: &str, outcome: &str, reason: Option<Reason>, subject: Option<Uuid>) -> Result<(), Failure> {
+    // A concurrent copy of the same request loses on the primary key and is retried, then seen as a
+    // duplicate: see `Failure::from` for unique violations.
+    diesel::insert_into(terminal_requests::table)
+        .values((
+            terminal_requests::request_id.eq(header.request_id),
+            terminal_requests::terminal_id.eq(header.terminal_id),
+            terminal_requests::message_type.eq(header.message_type),
+            terminal_requests::content_sha256.eq(sha),
+            terminal_requests::sent_at.eq(header.sent_at),
+            terminal_requests::received_at.eq(cx.now),
+            terminal_requests::outcome.eq(outcome),
+            terminal_requests::reason.eq(reason.map(Reason::as_str)),
+            terminal_requests::subject_id.eq(subject),
+        ))
+        .execute(cx.conn)?;
+    Ok(())
+}
+
+/// refuse answers a request with a refusal: a `refusals` row, the request's idempotency record
+/// when the request was authentic and fresh, and a `refusal` delivery when the terminal is known.
+pub fn refuse(
+    cx: &mut Cx<'_>,
+    message: &Incoming,
+    header: &Header<'_>,
+    terminal: Option<&Terminal>,
+    fresh_sha256: Option<&str>,
+    refused: Refused,
+) -> Result<(), Failure> {
+    tracing::info!(request_id = header.request_id, terminal_id = header.terminal_id, reason = %refused.reason, detail = %refused.detail, "refused");
+    telemetry::refused(refused.reason);
+    diesel::insert_into(refusals::table)
+        .values((
+            refusals::id.eq(Uuid::now_v7()),
+            refusals::request_id.eq(Some(header.request_id)),
+            refusals::terminal_id.eq(Some(header.terminal_id)),
+            refusals::message_type.eq(header.message_type),
+            refusals::reason.eq(refused.reason.as_str()),
+            refusals::detail.eq(&refused.detail),
+            refusals::created_at.eq(cx.now),
+        ))
+        .execute(cx.conn)?;
+    if let Some(sha) = fresh_sha256 {
+        record(cx, header, sha, "refused", Some(refused.reason), None)?;
+    }
+    if let Some(terminal) = terminal {
+        let content = Refusal {
+            request_id: header.request_id.to_string(),
+            request_type: header.message_type.to_string(),
+            reason: refused.reason,
+            detail: refused.detail,
+        };
+        delivery::enqueue(
+            cx,
+            NewDelivery::now(DeliveryKind::Refusal, format!("refusal:{}", message.message_id), terminal, serde_json::to_value(content).expect("serializes")),
+        )?;
+    }
+    Ok(())
+}
+
+/// answer_duplicate tells the terminal the original outcome of a repeated request id, or refuses
+/// it when the id was used for other content.
+pub fn answer_duplicate(cx: &mut Cx<'_>, message: &Incoming, header: &Header<'_>, terminal: &Terminal, original: &Original, content_sha256: &str) -> Result<(), Failure> {
+    if original.terminal_id != terminal.id || original.content_sha256 != content_sha256 {
+        let refused = Refused::new(Reason::RequestIdReused, format!("request id {:?} was already used for another request", header.request_id));
+        return refuse(cx, message, header, Some(terminal), None, refused);
+    }
+    let outcome = match (&original.reason, original.subject_id) {
+        (Some(reason), _) => format!("refused ({reason})"),
+        (None, Some(subject)) => format!("accepted ({subject})"),
+        (None, None) => original.outcome.clone(),
+    };
+    let notice = Notice {
+        code: "duplicate_request".into(),
+        text: format!("request {} was already received: {outcome}; it has no second effect", header.request_id),
+        order_id: None,
+        asset_id: None,
+        request_id: Some(header.request_id.to_string()),
+    };
+    delivery::enqueue(
+        cx,
+        NewDelivery::now(DeliveryKind::Message, format!("duplicate:{}", message.message_id), terminal, serde_json::to_value(notice).expect("serializes")),
+    )?;
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! The scheduled jobs. Each claims its due rows in batches with `FOR UPDATE SKIP LOCKED` and
+//! acts through the same functions the pools use, so a scan and a message never disagree.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use uuid::Uuid;
+
+use crate::app::App;
+use crate::db::schema::deliveries;
+use crate::delivery::{self, Row};
+use crate::pool::Failure;
+use crate::settlement::{self, Swept};
+use crate::telemetry;
+
+/// Job is a named scan.
+pub struct Job {
+    pub name: &'static str,
+    pub about: &'static str,
+    /// Runs one batch of at most `batch` rows at `as_of`, in its own transaction.
+    pub run: fn(&mut PgConnection, &App, DateTime<Utc>, i64) -> QueryResult<Swept>,
+}
+
+impl Job {
+    /// Job::lock_key is the advisory lock key: a stable hash of the job's name.
+    pub fn lock_key(&self) -> i64 {
+        let digest = openssl::sha::sha256(format!("assetflow.job.{}", self.name).as_bytes());
+        i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+    }
+
+    /// Job::find looks a job up by name.
+    pub fn find(name: &str) -> Option<&'static Job> {
+        JOBS.iter().find(|j| j.name == name)
+    }
+}
+
+/// JOBS is every scheduled job.
+pub static JOBS: &[Job] = &[
+    Job {
+        name: "settlement_timeout",
+        about: "settlement instructions past their answer time: sent again, or abandoned and dead-lettered",
+        run: settlement::sweep_timeouts,
+    },
+    Job {
+        name: "designated_delivery",
+        about: "deliveries whose designated time has come (seed 000 FIG. 6 S107-S115)",
+        run: designated_delivery,
+    },
+    Job {
+        name: "retransmission",
+        about: "unacknowledged transmissions fail; failed ones are sent again on the backoff schedule (FIG. 8)",
+        run: retransmission,
+    },
+];
+
+fn designated_delivery(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
+    send_due(conn, app, "designated_delivery", "pending", as_of, batch)
+}
+
+fn retransmission(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
+    let timed_out = conn.transaction(|conn| {
+        let rows: Vec<Row> = deliveries::table
+            .filter(deliveries::status.eq("sent"))
+            .filter(deliveries::due_at.le(as_of))
+            .order(deliveries::due_at)
+            .limit(batch)
+            .for_update()
+            .skip_locked()
+            .select(Row::as_select())
+            .load(conn)?;
+        for row in &rows {
+            delivery::fail_attempt(conn, app, row, row.attempts, "timed_out", "no delivery receipt within the acknowledgement timeout", as_of)
+                .map_err(into_query_error)?;
+        }
+        Ok::<_, diesel::result::Error>(rows.len() as u64)
+    })?;
+    let mut swept = send_due(conn, app, "retransmission", "failed", as_of, batch)?;
+    swept.scanned += timed_out;
+    Ok(swept)
+}
+
+/// send_due sends the next attempt of every delivery in `status` that is due at `as_of`.
+fn send_due(conn: &mut PgConnection, app: &App, job: &str, status: &str, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
+    conn.transaction(|conn| {
+        let due: Vec<(Uuid, DateTime<Utc>)> = deliveries::table
+            .filter(deliveries::status.eq(status))
+            .filter(deliveries::due_at.le(as_of))
+            .order(deliveries::due_at)
+            .limit(batch)
+            .for_update()
+            .skip_locked()
+            .select((deliveries::id, deliveries::due_at))
+            .load(conn)?;
+        let mut swept = Swept { scanned: due.len() as u64, enqueued: 0 };
+        for (id, due_at) in due {
+            telemetry::due_pickup_lag(job, (Utc::now() - due_at).to_std().unwrap_or_default());
+            if let delivery::Sent::Attempt(_) = delivery::send_attempt(conn, app, id, as_of).map_err(into_query_error)? {
+                swept.enqueued += 1;
+            }
+        }
+        Ok(swept)
+    })
+}
+
+/// A scan has no message to dead-letter: a handler-level failure aborts the batch, to be retried
+/// by the next run.
+fn into_query_error(f: Failure) -> diesel::result::Error {
+    diesel::result::Error::QueryBuilderError(f.to_string().into())
+}

@@ -1,0 +1,188 @@
+//! The scheduler: scans that find due work in PostgreSQL and act on it.
+//!
+//! Future work (a partner's answer due, a designated delivery, a retransmission) lives in rows
+//! with a due time; the broker is not a scheduler. Each job takes a PostgreSQL advisory lock for
+//! the length of its run, so that any number of assetflow processes can run the scheduler and a
+//! job still runs once at a time. Each run computes its effects from its intended time (`as_of`)
+//! and is recorded in `job_runs`. At start-up every job runs once, which catches up whatever
+//! came due while nothing was running.
+
+mod jobs;
+
+pub use jobs::{JOBS, Job};
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Bool};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::db::schema::job_runs;
+use crate::db::{Db, DbError};
+use crate::settlement::Swept;
+use crate::telemetry;
+
+/// Trigger is why a job ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Schedule,
+    CatchUp,
+    Manual,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Schedule => "schedule",
+            Trigger::CatchUp => "catch_up",
+            Trigger::Manual => "manual",
+        }
+    }
+}
+
+/// RunReport is what one run of a job did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunReport {
+    pub job: String,
+    pub as_of: DateTime<Utc>,
+    pub dry_run: bool,
+    /// False when another process held the job's lock, and this run did nothing.
+    pub ran: bool,
+    pub rows_scanned: u64,
+    pub enqueued: u64,
+    pub error: Option<String>,
+}
+
+/// run_job runs one job now, for `as_of`, under its advisory lock. A dry run does the work in a
+/// transaction that is rolled back, and reports what it would have done.
+pub fn run_job(conn: &mut PgConnection, app: &App, job: &Job, as_of: DateTime<Utc>, trigger: Trigger, dry_run: bool) -> Result<RunReport, DbError> {
+    #[derive(QueryableByName)]
+    struct Locked {
+        #[diesel(sql_type = Bool)]
+        locked: bool,
+    }
+    let key = job.lock_key();
+    let locked: Locked = diesel::sql_query("SELECT pg_try_advisory_lock($1) AS locked").bind::<BigInt, _>(key).get_result(conn)?;
+    let mut report = RunReport { job: job.name.to_string(), as_of, dry_run, ran: false, rows_scanned: 0, enqueued: 0, error: None };
+    if !locked.locked {
+        tracing::debug!(job = job.name, "another process is running this job");
+        return Ok(report);
+    }
+    let result = run_locked(conn, app, job, as_of, trigger, dry_run, &mut report);
+    let unlocked = diesel::sql_query("SELECT pg_advisory_unlock($1)").bind::<BigInt, _>(key).execute(conn);
+    result?;
+    unlocked?;
+    Ok(report)
+}
+
+fn run_locked(conn: &mut PgConnection, app: &App, job: &Job, as_of: DateTime<Utc>, trigger: Trigger, dry_run: bool, report: &mut RunReport) -> Result<(), DbError> {
+    let started = Instant::now();
+    let run_id: i64 = diesel::insert_into(job_runs::table)
+        .values((
+            job_runs::job.eq(job.name),
+            job_runs::as_of.eq(as_of),
+            job_runs::started_at.eq(Utc::now()),
+            job_runs::dry_run.eq(dry_run),
+            job_runs::trigger.eq(trigger.as_str()),
+            job_runs::outcome.eq("running"),
+        ))
+        .returning(job_runs::id)
+        .get_result(conn)?;
+    report.ran = true;
+    let outcome = if dry_run {
+        // Everything in one transaction that is rolled back: the counts say what would happen.
+        let mut swept = Swept::default();
+        match conn.transaction::<(), diesel::result::Error, _>(|conn| {
+            swept = (job.run)(conn, app, as_of, i64::from(i32::MAX))?;
+            Err(diesel::result::Error::RollbackTransaction)
+        }) {
+            Err(diesel::result::Error::RollbackTransaction) | Ok(()) => {
+                report.rows_scanned = swept.scanned;
+                report.enqueued = swept.enqueued;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    } else {
+        // Batches of their own transactions, until a batch comes back short.
+        let batch = app.scan_batch;
+        loop {
+            match (job.run)(conn, app, as_of, batch) {
+                Ok(swept) => {
+                    report.rows_scanned += swept.scanned;
+                    report.enqueued += swept.enqueued;
+                    if (swept.scanned as i64) < batch {
+                        break Ok(());
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        }
+    };
+    if let Err(e) = &outcome {
+        report.error = Some(e.to_string());
+    }
+    let outcome_label = if outcome.is_ok() { "succeeded" } else { "failed" };
+    diesel::update(job_runs::table.find(run_id))
+        .set((
+            job_runs::finished_at.eq(Utc::now()),
+            job_runs::rows_scanned.eq(report.rows_scanned as i64),
+            job_runs::enqueued.eq(report.enqueued as i64),
+            job_runs::errors.eq(i64::from(outcome.is_err())),
+            job_runs::outcome.eq(outcome_label),
+            job_runs::error.eq(&report.error),
+        ))
+        .execute(conn)?;
+    telemetry::job_finished(job.name, outcome_label, started.elapsed(), report.rows_scanned, report.enqueued);
+    if report.enqueued > 0 {
+        tracing::info!(job = job.name, %as_of, scanned = report.rows_scanned, enqueued = report.enqueued, dry_run, "job ran");
+    }
+    Ok(())
+}
+
+/// run_now runs a job on the blocking pool and wakes the outbox relay.
+pub async fn run_now(app: Arc<App>, job: &'static Job, as_of: DateTime<Utc>, trigger: Trigger, dry_run: bool) -> Result<RunReport, DbError> {
+    let db: Db = app.db.clone();
+    let app2 = app.clone();
+    let report = db.run(move |conn| run_job(conn, &app2, job, as_of, trigger, dry_run)).await?;
+    app.outbox_wake.notify_one();
+    Ok(report)
+}
+
+/// start runs every job once (catch-up), then on its schedule until shutdown.
+pub async fn start(app: Arc<App>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
+    for job in JOBS {
+        if let Err(e) = run_now(app.clone(), job, Utc::now(), Trigger::CatchUp, false).await {
+            tracing::warn!(job = job.name, error = %e, "catch-up run failed; the schedule will try again");
+        }
+    }
+    let mut scheduler = JobScheduler::new().await?;
+    for job in JOBS {
+        let schedule = app
+            .pools
+            .scheduler
+            .jobs
+            .get(job.name)
+            .map(|d| d.schedule.clone())
+            .ok_or_else(|| anyhow::anyhow!("workers/scheduler.toml has no schedule for job {}", job.name))?;
+        let app = app.clone();
+        let cron = CronJob::new_async(schedule.as_str(), move |_id, _lock| {
+            let app = app.clone();
+            Box::pin(async move {
+                if let Err(e) = run_now(app, job, Utc::now(), Trigger::Schedule, false).await {
+                    tracing::warn!(job = job.name, error = %e, "job run failed");
+                }
+            })
+        })
+        .map_err(|e| anyhow::anyhow!("job {}: bad schedule {schedule:?}: {e}", job.name))?;
+        scheduler.add(cron).await?;
+    }
+    scheduler.start().await?;
+    shutdown.cancelled().await;
+    scheduler.shutdown().await?;
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! The settlement pool: orders in, settlement instructions out to the payer's partner, and the
+//! partner's answer decides whether anything is issued (seed 002 claims 55 and 69: instruction,
+//! then payment, then supply).
+
+mod purchase;
+mod result;
+
+pub use purchase::PurchaseHandler;
+pub use result::ResultHandler;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::app::App;
+use crate::broker::Pool;
+use crate::db::schema::{orders, settlements};
+use crate::dead_letter::{self, NewDeadLetter, Reason};
+use crate::delivery::{self, NewDelivery};
+use crate::messages::{DeliveryKind, Notice, SettlementInstruction, kinds};
+use crate::outbox::{self, Outgoing};
+use crate::requests::load_terminal;
+
+/// Settlement is a settlement as stored.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = settlements)]
+pub struct Settlement {
+    pub id: Uuid,
+    pub order_id: Uuid,
+    pub kind: String,
+    pub partner_id: String,
+    pub payer_terminal_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub status: String,
+    pub attempts: i32,
+    pub instructed_at: DateTime<Utc>,
+}
+
+/// answer_timeout is how long `partner` has to answer.
+pub fn answer_timeout(app: &App, partner: &str) -> Duration {
+    app.config
+        .partners
+        .get(partner)
+        .and_then(|p| p.answer_timeout)
+        .unwrap_or(app.pools.settlement.instruction.answer_timeout)
+}
+
+fn max_attempts(app: &App, partner: &str) -> u32 {
+    app.config.partners.get(partner).and_then(|p| p.max_attempts).unwrap_or(app.pools.settlement.instruction.max_attempts)
+}
+
+/// instruct writes the instruction for attempt `attempt` to the partner's queue.
+pub fn instruct(conn: &mut PgConnection, app: &App, s: &Settlement, attempt: u32, now: DateTime<Utc>) -> QueryResult<()> {
+    let answer_by = now + chrono::Duration::from_std(answer_timeout(app, &s.partner_id)).expect("a sane timeout");
+    diesel::update(settlements::table.find(s.id))
+        .set((settlements::attempts.eq(attempt as i32), settlements::answer_due_at.eq(answer_by)))
+        .execute(conn)?;
+    let instruction = SettlementInstruction {
+        message_type: kinds::SETTLEMENT_INSTRUCTION.into(),
+        settlement_id: s.id,
+        order_id: s.order_id,
+        kind: s.kind.clone(),
+        partner_id: s.partner_id.clone(),
+        payer_terminal_id: s.payer_terminal_id.clone(),
+        amount_minor: s.amount_minor,
+        currency: s.currency.clone(),
+        attempt,
+        answer_by,
+    };
+    outbox::enqueue(
+        conn,
+        &Outgoing::json(app.names.partners(), s.partner_id.as_str(), kinds::SETTLEMENT_INSTRUCTION, &instruction).correlated(s.order_id.to_string()),
+    )
+}
+
+/// notify_orderer sends a notice about an order to its orderer, once per `code`.
+pub fn notify_orderer(conn: &mut PgConnection, app: &App, order_id: Uuid, code: &str, text: String, now: DateTime<Utc>) -> QueryResult<()> {
+    let orderer: String = orders::table.find(order_id).select(orders::orderer_terminal_id).first(conn)?;
+    let Some(terminal) = load_terminal(conn, &orderer)? else { return Ok(()) };
+    let notice = Notice { code: code.into(), text, order_id: Some(order_id), asset_id: None, request_id: None };
+    let mut d = NewDelivery::now(DeliveryKind::Message, format!("order:{order_id}:{code}"), &terminal, serde_json::to_value(notice).expect("serializes"));
+    d.order_id = Some(order_id);
+    delivery::enqueue_with(conn, app, d, now)?;
+    Ok(())
+}
+
+/// Swept counts what a scan did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Swept {
+    pub scanned: u64,
+    pub enqueued: u64,
+}
+
+/// sweep_timeouts handles settlement instructions whose answer is overdue at `as_of`: each is sent
+/// again, or, once its attempts are spent, abandoned and dead-lettered, and its order fails.
+pub fn sweep_timeouts(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
+    conn.transaction(|conn| {
+        let due: Vec<Settlement> = settlements::table
+            .filter(settlements::status.eq("instructed"))
+            .filter(settlements::answer_due_at.le(as_of))
+            .order(settlements::answer_due_at)
+            .limit(batch)
+            .for_update()
+            .skip_locked()
+            .select(Settlement::as_select())
+            .load(conn)?;
+        let mut swept = Swept { scanned: due.len() as u64, enqueued: 0 };
+        for s in due {
+            let attempts = s.attempts as u32;
+            if attempts < max_attempts(app, &s.partner_id) {
+                instruct(conn, app, &s, attempts + 1, as_of)?;
+                swept.enqueued += 1;
+                continue;
+            }
+            let detail = format!("partner {} did not answer settlement {} after {attempts} instructions", s.partner_id, s.id);
+            diesel::update(settlements::table.find(s.id))
+                .set((settlements::status.eq("abandoned"), settlements::reason.eq(&detail), settlements::answer_due_at.eq(None::<DateTime<Utc>>)))
+                .execute(conn)?;
+            diesel::update(orders::table.find(s.order_id))
+                .set((orders::status.eq("failed"), orders::status_reason.eq("settlement_timeout"), orders::updated_at.eq(as_of)))
+                .execute(conn)?;
+            dead_letter::record(
+                conn,
+                &app.names,
+                NewDeadLetter {
+                    pool: Pool::Settlement,
+                    source: "settlement",
+                    message_type: kinds::SETTLEMENT_INSTRUCTION.into(),
+                    message_id: Some(format!("settlement:{}", s.id)),
+                    exchange: Some(app.names.partners()),
+                    routing_key: Some(s.partner_id.clone()),
+                    payload: serde_json::to_vec(&json!({"settlement_id": s.id, "order_id": s.order_id, "partner_id": s.partner_id, "amount_minor": s.amount_minor, "currency": s.currency})).expect("serializes"),
+                    headers: json!({}),
+                    reason: Reason::SettlementTimeout,
+                    detail: detail.clone(),
+                    attempts: json!([{"at": as_of, "error": detail}]),
+                    subject_id: Some(s.order_id),
+                },
+            )?;
+            notify_orderer(conn, app, s.order_id, "order_failed", "your order could not be settled with your payment partner; nothing was charged by assetflow".into(), as_of)?;
+            swept.enqueued += 1;
+        }
+        Ok(swept)
+    })
+}

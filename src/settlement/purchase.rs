@@ -1,0 +1,174 @@
+//! `order.purchase`: validate the order and instruct the payer's partner.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use uuid::Uuid;
+
+use super::{Settlement, instruct};
+use crate::catalogue::{Product, load_product};
+use crate::db::schema::{orders, settlements};
+use crate::dead_letter::Reason as DeadReason;
+use crate::messages::{DeliveryModeKind, PurchaseRequest, kinds};
+use crate::pool::{Cx, Failure, Handler, Incoming};
+use crate::refusal::{Reason, Refused};
+use crate::requests::{self, Header, Terminal, Verified, load_terminal};
+
+/// PurchaseHandler takes `order.purchase`.
+pub struct PurchaseHandler;
+
+impl Handler for PurchaseHandler {
+    fn message_type(&self) -> &'static str {
+        kinds::ORDER_PURCHASE
+    }
+
+    fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure> {
+        let request: PurchaseRequest = serde_json::from_value(message.json.clone())
+            .map_err(|e| Failure::permanent(DeadReason::SchemaViolation, e.to_string()))?;
+        let header = Header {
+            message_type: kinds::ORDER_PURCHASE,
+            request_id: &request.request_id,
+            terminal_id: &request.terminal_id,
+            sent_at: request.sent_at,
+        };
+        let (terminal, sha) = match requests::verify(cx, &header, &message.json)? {
+            Err((terminal, refused)) => return requests::refuse(cx, message, &header, terminal.as_ref(), None, refused),
+            Ok(Verified::Duplicate { terminal, original, content_sha256 }) => {
+                return requests::answer_duplicate(cx, message, &header, &terminal, &original, &content_sha256);
+            }
+            Ok(Verified::Fresh { terminal, content_sha256 }) => (terminal, content_sha256),
+        };
+        match plan(cx, &request, &terminal)? {
+            Err(refused) => requests::refuse(cx, message, &header, Some(&terminal), Some(&sha), refused),
+            Ok(plan) => {
+                let order_id = Uuid::now_v7();
+                requests::accept(cx, &header, &sha, order_id)?;
+                place(cx, &request, &plan, order_id)?;
+                tracing::info!(order_id = %order_id, request_id = %request.request_id, amount_minor = plan.amount_minor, "order placed");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Plan is a validated order, ready to be placed.
+struct Plan {
+    product: Product,
+    payer: Terminal,
+    partner_id: String,
+    recipients: Vec<String>,
+    amount_minor: i64,
+    mode: DeliveryModeKind,
+    designated_at: Option<DateTime<Utc>>,
+}
+
+fn plan(cx: &mut Cx<'_>, request: &PurchaseRequest, orderer: &Terminal) -> Result<Result<Plan, Refused>, Failure> {
+    macro_rules! refuse {
+        ($reason:expr, $($detail:tt)*) => { return Ok(Err(Refused::new($reason, format!($($detail)*)))) };
+    }
+    let Some(product) = load_product(cx.conn, &request.product_id)? else {
+        refuse!(Reason::UnknownProduct, "product {:?} does not exist", request.product_id)
+    };
+    if !product.on_sale {
+        refuse!(Reason::NotOnSale, "product {:?} is not on sale", product.id)
+    }
+    let payer_id = request.payer_terminal_id.clone().unwrap_or_else(|| orderer.id.clone());
+    let Some(payer) = load_terminal(cx.conn, &payer_id)? else {
+        refuse!(Reason::UnknownParty, "payer terminal {payer_id:?} is not registered")
+    };
+    let Some(partner_id) = payer.partner_id.clone() else {
+        refuse!(Reason::NoPaymentMethod, "payer terminal {payer_id:?} has no payment method")
+    };
+    if !cx.app.config.partners.contains_key(&partner_id) {
+        refuse!(Reason::NoPaymentMethod, "payer terminal {payer_id:?} pays through partner {partner_id:?}, which is not configured")
+    }
+    let recipients = request.recipient_terminal_ids.clone().unwrap_or_else(|| vec![orderer.id.clone()]);
+    for recipient in &recipients {
+        if load_terminal(cx.conn, recipient)?.is_none() {
+            refuse!(Reason::UnknownParty, "recipient terminal {recipient:?} is not registered")
+        }
+    }
+    let Some(amount_minor) = product
+        .price_minor
+        .checked_mul(i64::from(request.quantity))
+        .and_then(|a| a.checked_mul(recipients.len() as i64))
+    else {
+        refuse!(Reason::InvalidAmount, "{} x {} x {} recipients overflows", product.price_minor, request.quantity, recipients.len())
+    };
+    if request.quantity == 0 {
+        refuse!(Reason::InvalidAmount, "quantity must be at least 1")
+    }
+    let now = cx.now;
+    let mode = request.delivery.as_ref().map(|d| d.mode).unwrap_or(DeliveryModeKind::Certificate);
+    let asset_expiry = product.asset_expiry(now);
+    let designated_at = match mode {
+        DeliveryModeKind::Certificate => {
+            if product.certificate_expiry(now) <= now {
+                refuse!(Reason::NotOnSale, "product {:?} can no longer be exchanged: its certificates have expired", product.id)
+            }
+            None
+        }
+        DeliveryModeKind::Immediate => Some(now),
+        DeliveryModeKind::Designated => {
+            let Some(at) = request.delivery.as_ref().and_then(|d| d.at) else {
+                refuse!(Reason::InvalidDeliveryTime, "a designated delivery needs a time")
+            };
+            if at < now - chrono::Duration::from_std(cx.app.config.auth.max_clock_skew).expect("sane") {
+                refuse!(Reason::InvalidDeliveryTime, "the designated time {at} is in the past")
+            }
+            Some(at.max(now))
+        }
+    };
+    if asset_expiry <= designated_at.unwrap_or(now) {
+        refuse!(Reason::InvalidDeliveryTime, "the asset would expire at {asset_expiry}, before its delivery")
+    }
+    Ok(Ok(Plan { product, payer, partner_id, recipients, amount_minor, mode, designated_at }))
+}
+
+fn place(cx: &mut Cx<'_>, request: &PurchaseRequest, plan: &Plan, order_id: Uuid) -> Result<(), Failure> {
+    let now = cx.now;
+    diesel::insert_into(orders::table)
+        .values((
+            orders::id.eq(order_id),
+            orders::request_id.eq(&request.request_id),
+            orders::orderer_terminal_id.eq(&request.terminal_id),
+            orders::payer_terminal_id.eq(&plan.payer.id),
+            orders::recipient_terminal_ids.eq(&plan.recipients),
+            orders::product_id.eq(&plan.product.id),
+            orders::quantity.eq(request.quantity as i32),
+            orders::amount_minor.eq(plan.amount_minor),
+            orders::currency.eq(&plan.product.currency),
+            orders::delivery_mode.eq(plan.mode.as_str()),
+            orders::designated_at.eq(plan.designated_at),
+            orders::status.eq("settling"),
+            orders::created_at.eq(now),
+            orders::updated_at.eq(now),
+        ))
+        .execute(cx.conn)?;
+    let settlement = Settlement {
+        id: Uuid::now_v7(),
+        order_id,
+        kind: "purchase".into(),
+        partner_id: plan.partner_id.clone(),
+        payer_terminal_id: plan.payer.id.clone(),
+        amount_minor: plan.amount_minor,
+        currency: plan.product.currency.clone(),
+        status: "instructed".into(),
+        attempts: 1,
+        instructed_at: now,
+    };
+    diesel::insert_into(settlements::table)
+        .values((
+            settlements::id.eq(settlement.id),
+            settlements::order_id.eq(order_id),
+            settlements::kind.eq(&settlement.kind),
+            settlements::partner_id.eq(&settlement.partner_id),
+            settlements::payer_terminal_id.eq(&settlement.payer_terminal_id),
+            settlements::amount_minor.eq(settlement.amount_minor),
+            settlements::currency.eq(&settlement.currency),
+            settlements::status.eq("instructed"),
+            settlements::instructed_at.eq(now),
+        ))
+        .execute(cx.conn)?;
+    instruct(cx.conn, cx.app, &settlement, 1, now)?;
+    Ok(())
+}

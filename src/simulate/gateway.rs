@@ -1,0 +1,174 @@
+//! The gateway simulator: receives deliveries for its terminals, returns receipts with the SHA-256
+//! of the bytes received, and has some holders exchange their certificates.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::Utc;
+use openssl::pkey::{PKey, Private};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::Stats;
+use super::partner::fraction;
+use super::publisher::{Publisher, consume};
+use crate::broker::{Broker, Names};
+use crate::config::Config;
+use crate::crypto;
+use crate::messages::{DeliveryKind, DeliveryReceipt, GatewayDelivery, kinds};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayOptions {
+    /// Gateways to act as (repeatable); the default is every configured gateway.
+    #[arg(long = "gateway")]
+    pub gateways: Vec<String>,
+    /// Share of deliveries answered with a wrong hash (a corrupted transmission).
+    #[arg(long, default_value_t = 0.0)]
+    pub failure_rate: f64,
+    /// Share of deliveries never answered (the acknowledgement timeout then fails them).
+    #[arg(long, default_value_t = 0.0)]
+    pub silence_rate: f64,
+    /// Share of receipts sent twice.
+    #[arg(long, default_value_t = 0.0)]
+    pub duplicate_rate: f64,
+    /// Share of certificates their holders exchange, when their keys are in --keys.
+    #[arg(long, default_value_t = 0.5)]
+    pub exchange_rate: f64,
+    /// Where the simulated terminals' private keys are.
+    #[arg(long, default_value_os_t = super::default_keys_dir())]
+    pub keys: PathBuf,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        GatewayOptions {
+            gateways: Vec::new(),
+            failure_rate: 0.0,
+            silence_rate: 0.0,
+            duplicate_rate: 0.0,
+            exchange_rate: 0.5,
+            keys: super::default_keys_dir(),
+        }
+    }
+}
+
+/// TerminalKeys loads simulated terminals' private keys on demand.
+#[derive(Clone)]
+pub struct TerminalKeys {
+    dir: PathBuf,
+    cache: Arc<Mutex<HashMap<String, Option<PKey<Private>>>>>,
+}
+
+impl TerminalKeys {
+    pub fn new(dir: PathBuf) -> TerminalKeys {
+        TerminalKeys { dir, cache: Arc::default() }
+    }
+
+    pub async fn get(&self, terminal: &str) -> Option<PKey<Private>> {
+        let mut cache = self.cache.lock().await;
+        if let Some(Some(key)) = cache.get(terminal) {
+            return Some(key.clone());
+        }
+        let key = crypto::load_private_key(&self.dir.join(format!("{terminal}.pem"))).ok();
+        cache.insert(terminal.to_string(), key.clone());
+        key
+    }
+}
+
+pub async fn run_owned(config: Config, broker: Broker, options: GatewayOptions, stats: Arc<Stats>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run(&config, broker, options, stats, shutdown).await
+}
+
+pub async fn run(config: &Config, broker: Broker, options: GatewayOptions, stats: Arc<Stats>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let names = Names { prefix: config.amqp.prefix.clone() };
+    let gateways = if options.gateways.is_empty() { config.gateways.keys().cloned().collect() } else { options.gateways.clone() };
+    anyhow::ensure!(!gateways.is_empty(), "no gateways configured: add [gateways.<id>] to the configuration");
+    let publisher = Arc::new(Publisher::new(broker.clone()));
+    let keys = TerminalKeys::new(options.keys.clone());
+    let mut tasks = Vec::new();
+    for gateway in gateways {
+        let queue = names.gateway_queue(&gateway);
+        let (publisher, stats, options, requests, keys) = (publisher.clone(), stats.clone(), options.clone(), names.requests(), keys.clone());
+        tasks.push(tokio::spawn(consume(broker.clone(), queue, 128, shutdown.clone(), move |delivery| {
+            let (publisher, stats, options, requests, keys) = (publisher.clone(), stats.clone(), options.clone(), requests.clone(), keys.clone());
+            async move {
+                let bytes = delivery.data.clone();
+                let Ok(message) = serde_json::from_slice::<GatewayDelivery>(&bytes) else {
+                    tracing::warn!("gateway simulator: not a delivery");
+                    return;
+                };
+                let counter = match message.kind {
+                    DeliveryKind::Certificate => &stats.certificates,
+                    DeliveryKind::Asset => &stats.assets,
+                    DeliveryKind::Refusal => &stats.refusals,
+                    _ => &stats.notices,
+                };
+                if message.attempt == 1 {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                if rand::random::<f64>() < options.silence_rate {
+                    return;
+                }
+                let mut sha256 = crypto::sha256_hex(&bytes);
+                if rand::random::<f64>() < options.failure_rate {
+                    sha256 = crypto::sha256_hex(b"corrupted in transit");
+                }
+                let receipt = DeliveryReceipt {
+                    message_type: kinds::DELIVERY_RECEIPT.into(),
+                    delivery_id: message.delivery_id,
+                    attempt: message.attempt,
+                    gateway_id: message.gateway_id.clone(),
+                    terminal_id: message.terminal_id.clone(),
+                    sha256,
+                    received_at: Utc::now(),
+                };
+                let body = serde_json::to_vec(&receipt).expect("serializes");
+                let copies = if rand::random::<f64>() < options.duplicate_rate { 2 } else { 1 };
+                for _ in 0..copies {
+                    if let Err(e) = publisher.publish(&requests, kinds::DELIVERY_RECEIPT, kinds::DELIVERY_RECEIPT, &body).await {
+                        tracing::warn!(error = %e, "gateway simulator could not send a receipt");
+                        return;
+                    }
+                }
+                stats.receipts.fetch_add(1, Ordering::Relaxed);
+                if message.kind == DeliveryKind::Certificate
+                    && let Some(certificate) = message.content.get("certificate")
+                    && fraction(&message.delivery_id.to_string(), "exchange") < options.exchange_rate
+                    && let Some(key) = keys.get(&message.terminal_id).await
+                {
+                    let request = exchange_request(&message.terminal_id, certificate.clone(), &key);
+                    let (publisher, stats) = (publisher.clone(), stats.clone());
+                    // The holder exchanges a little later, as a person would.
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        let body = serde_json::to_vec(&request).expect("serializes");
+                        if publisher.publish(&requests, kinds::CERTIFICATE_EXCHANGE, kinds::CERTIFICATE_EXCHANGE, &body).await.is_ok() {
+                            stats.exchanges.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                }
+            }
+        })));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    Ok(())
+}
+
+/// exchange_request builds a signed `certificate.exchange`.
+pub fn exchange_request(terminal_id: &str, certificate: serde_json::Value, key: &PKey<Private>) -> serde_json::Value {
+    let mut request = serde_json::json!({
+        "type": kinds::CERTIFICATE_EXCHANGE,
+        "request_id": format!("x-{}", Uuid::now_v7()),
+        "terminal_id": terminal_id,
+        "sent_at": Utc::now(),
+        "certificate": certificate,
+    });
+    crypto::sign_document(key, &mut request).expect("signing works");
+    request
+}

@@ -1,0 +1,134 @@
+//! The built-in simulators: terminals that sign and place orders, partners that settle them, and
+//! gateways that acknowledge deliveries and exchange some certificates. They talk to assetflow only
+//! through RabbitMQ, exactly as the real parties do; the tests and the benchmark use them too.
+
+pub mod gateway;
+pub mod partner;
+pub mod publisher;
+pub mod terminals;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use clap::Subcommand;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, Topology};
+use crate::config::Config;
+
+#[derive(Debug, Subcommand)]
+pub enum SimulateCommand {
+    /// Payment partners: settle instructions from their queues.
+    Partner(partner::PartnerOptions),
+    /// Gateways: acknowledge deliveries, and exchange some certificates for their terminals.
+    Gateway(gateway::GatewayOptions),
+    /// Terminals: register, then sign and publish orders at a rate.
+    Terminals(terminals::TerminalOptions),
+    /// Everything above in one process, with a demo catalogue: what `ops/run` starts.
+    All {
+        #[command(flatten)]
+        terminals: terminals::TerminalOptions,
+        /// Share of settlement instructions the partner declines.
+        #[arg(long, default_value_t = 0.1)]
+        decline_rate: f64,
+        /// Share of certificates their holders exchange.
+        #[arg(long, default_value_t = 0.5)]
+        exchange_rate: f64,
+    },
+}
+
+/// Stats counts what the simulators saw, for the summary line.
+#[derive(Default)]
+pub struct Stats {
+    pub orders: AtomicU64,
+    pub settled: AtomicU64,
+    pub declined: AtomicU64,
+    pub certificates: AtomicU64,
+    pub exchanges: AtomicU64,
+    pub assets: AtomicU64,
+    pub notices: AtomicU64,
+    pub refusals: AtomicU64,
+    pub receipts: AtomicU64,
+}
+
+impl Stats {
+    pub fn line(&self) -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "orders {} · settled {} · declined {} · certificates {} · exchanges {} · assets {} · notices {} · refusals {}",
+            g(&self.orders),
+            g(&self.settled),
+            g(&self.declined),
+            g(&self.certificates),
+            g(&self.exchanges),
+            g(&self.assets),
+            g(&self.notices),
+            g(&self.refusals)
+        )
+    }
+}
+
+/// default_keys_dir is where simulated terminals keep their private keys.
+pub fn default_keys_dir() -> PathBuf {
+    PathBuf::from(".assetflow/sim/terminals")
+}
+
+pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown1 = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            shutdown1.cancel();
+        });
+        let shutdown2 = shutdown.clone();
+        tokio::spawn(async move {
+            if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                term.recv().await;
+                shutdown2.cancel();
+            }
+        });
+    }
+    let broker = Broker::start(config.amqp.url.clone(), Topology::new(&config), config.amqp.reconnect_min, config.amqp.reconnect_max, shutdown.clone());
+    let stats = Arc::new(Stats::default());
+    let reporter = {
+        let (stats, shutdown) = (stats.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => println!("{}", stats.line()),
+                }
+            }
+            println!("{}", stats.line());
+        })
+    };
+    match command {
+        SimulateCommand::Partner(options) => partner::run(&config, broker, options, stats, shutdown.clone()).await?,
+        SimulateCommand::Gateway(options) => gateway::run(&config, broker, options, stats, shutdown.clone()).await?,
+        SimulateCommand::Terminals(options) => terminals::run(&config, broker, options, stats, shutdown.clone()).await?,
+        SimulateCommand::All { terminals: options, decline_rate, exchange_rate } => {
+            terminals::ensure_demo_catalogue(&config).await?;
+            let partner_options = partner::PartnerOptions { decline_rate, ..partner::PartnerOptions::default() };
+            let gateway_options = gateway::GatewayOptions { exchange_rate, keys: options.keys.clone(), ..gateway::GatewayOptions::default() };
+            let p = tokio::spawn(partner::run_owned(config.clone(), broker.clone(), partner_options, stats.clone(), shutdown.clone()));
+            let g = tokio::spawn(gateway::run_owned(config.clone(), broker.clone(), gateway_options, stats.clone(), shutdown.clone()));
+            let t = terminals::run(&config, broker.clone(), options, stats.clone(), shutdown.clone()).await;
+            // The terminals stop after --orders; the partner and gateway keep answering until a signal.
+            if t.is_ok() {
+                shutdown.cancelled().await;
+            }
+            shutdown.cancel();
+            p.await??;
+            g.await??;
+            t?;
+        }
+    }
+    shutdown.cancel();
+    let _ = reporter.await;
+    Ok(())
+}
