@@ -1,7 +1,7 @@
 //! The command line: one binary, `assetflow`, with a subcommand per operator task.
 
 pub mod admin;
-mod status;
+pub mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
