@@ -23,7 +23,8 @@ pub struct Progress {
 impl Progress {
     /// Progress::relay_tick notes that the outbox relay completed a round.
     pub fn relay_tick(&self) {
-        self.relay_tick_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+        self.relay_tick_ms
+            .store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
     }
 
     /// Progress::consumer_started notes that a pool consumer (re)subscribed.
@@ -51,7 +52,10 @@ pub fn metrics_handle() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             metrics_exporter_prometheus::PrometheusBuilder::new()
-                .set_buckets(&[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
+                .set_buckets(&[
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0,
+                ])
                 .expect("static buckets")
                 .install_recorder()
                 .expect("the metrics recorder is installed once")
@@ -60,16 +64,34 @@ pub fn metrics_handle() -> PrometheusHandle {
 }
 
 /// serve runs the listener until shutdown.
-pub async fn serve(listen: &str, progress: Arc<Progress>, broker: Broker, relay_stall: Duration, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
-    let state = Http { progress, broker, metrics: metrics_handle(), relay_stall };
+pub async fn serve(
+    listen: &str,
+    progress: Arc<Progress>,
+    broker: Broker,
+    relay_stall: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let state = Http {
+        progress,
+        broker,
+        metrics: metrics_handle(),
+        relay_stall,
+    };
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .route("/metrics", get(|State(s): State<Http>| async move { s.metrics.render() }))
+        .route(
+            "/metrics",
+            get(|State(s): State<Http>| async move { s.metrics.render() }),
+        )
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     tracing::info!(%listen, "serving /metrics, /healthz and /readyz");
-    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
     Ok(())
 }
 
@@ -83,7 +105,14 @@ async fn ready(State(s): State<Http>) -> (StatusCode, String) {
     }
     let age = s.progress.relay_age();
     if age > s.relay_stall {
-        problems.push(format!("the outbox relay has made no progress for {}s", age.as_secs()));
+        problems.push(format!(
+            "the outbox relay has made no progress for {}s",
+            age.as_secs()
+        ));
     }
-    if problems.is_empty() { (StatusCode::OK, "ready\n".into()) } else { (StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n") }
+    if problems.is_empty() {
+        (StatusCode::OK, "ready\n".into())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n")
+    }
 }

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Interval, Int8};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use diesel::sql_types::{Array, BigInt, Int8, Interval};
 use lapin::Confirmation;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -24,8 +24,9 @@ use crate::broker::{self, Broker};
 use crate::db::{Db, DbError, schema::outbox};
 use crate::telemetry;
 
-/// How long a claimed row is held by one relay before another may publish it.
-const LEASE: Duration = Duration::from_secs(30);
+/// How long a claimed row is held by one relay before another may publish it: long enough for a
+/// batch's confirms, short enough that a killed process's rows go out again within seconds.
+const LEASE: Duration = Duration::from_secs(10);
 
 /// Outgoing is a message to publish once the transaction that wrote it commits.
 #[derive(Debug, Clone)]
@@ -43,7 +44,12 @@ pub struct Outgoing {
 impl Outgoing {
     /// Outgoing::json serializes `message` as the payload. In debug builds (every test) the
     /// payload is checked against its JSON Schema: the code's messages must honour the contracts.
-    pub fn json(exchange: String, routing_key: impl Into<String>, message_type: &str, message: &impl Serialize) -> Outgoing {
+    pub fn json(
+        exchange: String,
+        routing_key: impl Into<String>,
+        message_type: &str,
+        message: &impl Serialize,
+    ) -> Outgoing {
         let value = serde_json::to_value(message).expect("messages always serialize");
         #[cfg(debug_assertions)]
         if let Err(e) = crate::messages::schema::validate(message_type, &value) {
@@ -113,8 +119,22 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(db: Db, broker: Broker, wake: Arc<Notify>, batch_size: u32, poll_interval: Duration, progress: Arc<crate::health::Progress>) -> Relay {
-        Relay { db, broker, wake, batch_size: i64::from(batch_size), poll_interval, progress }
+    pub fn new(
+        db: Db,
+        broker: Broker,
+        wake: Arc<Notify>,
+        batch_size: u32,
+        poll_interval: Duration,
+        progress: Arc<crate::health::Progress>,
+    ) -> Relay {
+        Relay {
+            db,
+            broker,
+            wake,
+            batch_size: i64::from(batch_size),
+            poll_interval,
+            progress,
+        }
     }
 
     /// Relay::run publishes until shutdown, then flushes what is already due and returns.
@@ -151,7 +171,10 @@ impl Relay {
     /// One round: claim a batch, publish it with pipelined confirms, delete what was confirmed.
     async fn round(&self, channel: &mut Option<lapin::Channel>) -> anyhow::Result<usize> {
         let batch = self.batch_size;
-        let rows: Vec<Row> = self.db.run(move |conn| claim(conn, batch).map_err(DbError::from)).await?;
+        let rows: Vec<Row> = self
+            .db
+            .run(move |conn| claim(conn, batch).map_err(DbError::from))
+            .await?;
         self.progress.relay_tick();
         if rows.is_empty() {
             self.report_backlog().await;
@@ -160,7 +183,11 @@ impl Relay {
         let ch = match channel {
             Some(ch) if ch.status().connected() => ch.clone(),
             _ => {
-                let conn = self.broker.connection().await.ok_or_else(|| anyhow::anyhow!("shutting down"))?;
+                let conn = self
+                    .broker
+                    .connection()
+                    .await
+                    .ok_or_else(|| anyhow::anyhow!("shutting down"))?;
                 let ch = conn.create_channel().await?;
                 ch.confirm_select(ConfirmSelectOptions::default()).await?;
                 *channel = Some(ch.clone());
@@ -178,8 +205,20 @@ impl Relay {
                 broker::headers_from_json(&row.headers),
             );
             // mandatory: a message no queue would take comes back instead of vanishing.
-            let options = BasicPublishOptions { mandatory: true, ..Default::default() };
-            match ch.basic_publish(row.exchange.as_str().into(), row.routing_key.as_str().into(), options, &row.payload, props).await {
+            let options = BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            };
+            match ch
+                .basic_publish(
+                    row.exchange.as_str().into(),
+                    row.routing_key.as_str().into(),
+                    options,
+                    &row.payload,
+                    props,
+                )
+                .await
+            {
                 Ok(confirm) => pending.push((row.id, Some(confirm))),
                 Err(e) => {
                     tracing::warn!(error = %e, "publish failed");
@@ -206,12 +245,18 @@ impl Relay {
                 },
                 None => false,
             };
-            if ok { confirmed.push(id) } else { failed.push(id) }
+            if ok {
+                confirmed.push(id)
+            } else {
+                failed.push(id)
+            }
         }
         telemetry::outbox_published(confirmed.len() as u64, failed.len() as u64);
         let n = rows.len();
         let (c, f) = (confirmed.clone(), failed.clone());
-        self.db.run(move |conn| settle(conn, &c, &f).map_err(DbError::from)).await?;
+        self.db
+            .run(move |conn| settle(conn, &c, &f).map_err(DbError::from))
+            .await?;
         if !failed.is_empty() {
             *channel = None;
         }
@@ -219,7 +264,11 @@ impl Relay {
     }
 
     async fn report_backlog(&self) {
-        if let Ok((rows, age)) = self.db.run(|conn| backlog(conn).map_err(DbError::from)).await {
+        if let Ok((rows, age)) = self
+            .db
+            .run(|conn| backlog(conn).map_err(DbError::from))
+            .await
+        {
             telemetry::outbox_backlog(rows, age);
         }
     }
@@ -240,7 +289,9 @@ fn claim(conn: &mut PgConnection, batch: i64) -> QueryResult<Vec<Row>> {
 
 fn settle(conn: &mut PgConnection, confirmed: &[i64], failed: &[i64]) -> QueryResult<()> {
     if !confirmed.is_empty() {
-        diesel::sql_query("DELETE FROM outbox WHERE id = ANY($1)").bind::<Array<Int8>, _>(confirmed).execute(conn)?;
+        diesel::sql_query("DELETE FROM outbox WHERE id = ANY($1)")
+            .bind::<Array<Int8>, _>(confirmed)
+            .execute(conn)?;
     }
     if !failed.is_empty() {
         // Try again soon rather than at the end of the lease.

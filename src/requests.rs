@@ -32,7 +32,11 @@ pub struct Terminal {
 
 /// load_terminal reads a terminal by id.
 pub fn load_terminal(conn: &mut PgConnection, id: &str) -> QueryResult<Option<Terminal>> {
-    terminals::table.find(id).select(Terminal::as_select()).first(conn).optional()
+    terminals::table
+        .find(id)
+        .select(Terminal::as_select())
+        .first(conn)
+        .optional()
 }
 
 /// Original is the outcome of the first request with a request id.
@@ -58,31 +62,72 @@ pub struct Header<'a> {
 #[derive(Debug)]
 pub enum Verified {
     /// Seen for the first time: carry it out, then call [`accept`] or [`refuse`].
-    Fresh { terminal: Terminal, content_sha256: String },
+    Fresh {
+        terminal: Terminal,
+        content_sha256: String,
+    },
     /// The request id was seen before: answered by [`answer_duplicate`], with no second effect.
-    Duplicate { terminal: Terminal, original: Original, content_sha256: String },
+    Duplicate {
+        terminal: Terminal,
+        original: Original,
+        content_sha256: String,
+    },
 }
 
 /// verify authenticates a request. Err carries the refusal, and the terminal when it is known
 /// and so can be told.
-pub fn verify(cx: &mut Cx<'_>, header: &Header<'_>, json: &Value) -> Result<Result<Verified, (Option<Terminal>, Refused)>, Failure> {
+pub fn verify(
+    cx: &mut Cx<'_>,
+    header: &Header<'_>,
+    json: &Value,
+) -> Result<Result<Verified, (Option<Terminal>, Refused)>, Failure> {
     let Some(terminal) = load_terminal(cx.conn, header.terminal_id)? else {
-        return Ok(Err((None, Refused::new(Reason::UnknownTerminal, format!("terminal {:?} is not registered", header.terminal_id)))));
+        return Ok(Err((
+            None,
+            Refused::new(
+                Reason::UnknownTerminal,
+                format!("terminal {:?} is not registered", header.terminal_id),
+            ),
+        )));
     };
-    let checked = crypto::parse_public_key(&terminal.public_key_pem).and_then(|key| crypto::verify_document(&key, json));
+    let checked = crypto::parse_public_key(&terminal.public_key_pem)
+        .and_then(|key| crypto::verify_document(&key, json));
     if let Err(e) = checked {
         telemetry::signature_failure("terminal_request");
-        return Ok(Err((Some(terminal), Refused::new(Reason::BadSignature, format!("the request's signature is not the terminal's: {e}")))));
+        return Ok(Err((
+            Some(terminal),
+            Refused::new(
+                Reason::BadSignature,
+                format!("the request's signature is not the terminal's: {e}"),
+            ),
+        )));
     }
     let auth = &cx.app.config.auth;
     let age = cx.now.signed_duration_since(header.sent_at);
     if age > chrono::Duration::from_std(auth.freshness_window).expect("a sane window") {
-        return Ok(Err((Some(terminal), Refused::new(Reason::StaleRequest, format!("sent_at {} is older than the {:?} freshness window", header.sent_at, auth.freshness_window)))));
+        return Ok(Err((
+            Some(terminal),
+            Refused::new(
+                Reason::StaleRequest,
+                format!(
+                    "sent_at {} is older than the {:?} freshness window",
+                    header.sent_at, auth.freshness_window
+                ),
+            ),
+        )));
     }
     if -age > chrono::Duration::from_std(auth.max_clock_skew).expect("a sane skew") {
-        return Ok(Err((Some(terminal), Refused::new(Reason::StaleRequest, format!("sent_at {} is in the future", header.sent_at)))));
+        return Ok(Err((
+            Some(terminal),
+            Refused::new(
+                Reason::StaleRequest,
+                format!("sent_at {} is in the future", header.sent_at),
+            ),
+        )));
     }
-    let content_sha256 = crypto::sha256_hex(&crypto::signed_bytes(json).map_err(|e| Failure::Transient(e.to_string()))?);
+    let content_sha256 = crypto::sha256_hex(
+        &crypto::signed_bytes(json).map_err(|e| Failure::Transient(e.to_string()))?,
+    );
     let original = terminal_requests::table
         .find(header.request_id)
         .select((
@@ -95,17 +140,36 @@ pub fn verify(cx: &mut Cx<'_>, header: &Header<'_>, json: &Value) -> Result<Resu
         .first::<Original>(cx.conn)
         .optional()?;
     Ok(Ok(match original {
-        Some(original) => Verified::Duplicate { terminal, original, content_sha256 },
-        None => Verified::Fresh { terminal, content_sha256 },
+        Some(original) => Verified::Duplicate {
+            terminal,
+            original,
+            content_sha256,
+        },
+        None => Verified::Fresh {
+            terminal,
+            content_sha256,
+        },
     }))
 }
 
 /// accept records a fresh request's success and what it acted on.
-pub fn accept(cx: &mut Cx<'_>, header: &Header<'_>, content_sha256: &str, subject: Uuid) -> Result<(), Failure> {
+pub fn accept(
+    cx: &mut Cx<'_>,
+    header: &Header<'_>,
+    content_sha256: &str,
+    subject: Uuid,
+) -> Result<(), Failure> {
     record(cx, header, content_sha256, "accepted", None, Some(subject))
 }
 
-fn record(cx: &mut Cx<'_>, header: &Header<'_>, sha: &str, outcome: &str, reason: Option<Reason>, subject: Option<Uuid>) -> Result<(), Failure> {
+fn record(
+    cx: &mut Cx<'_>,
+    header: &Header<'_>,
+    sha: &str,
+    outcome: &str,
+    reason: Option<Reason>,
+    subject: Option<Uuid>,
+) -> Result<(), Failure> {
     // A concurrent copy of the same request loses on the primary key and is retried, then seen as a
     // duplicate: see `Failure::from` for unique violations.
     diesel::insert_into(terminal_requests::table)
@@ -159,7 +223,12 @@ pub fn refuse(
         };
         delivery::enqueue(
             cx,
-            NewDelivery::now(DeliveryKind::Refusal, format!("refusal:{}", message.message_id), terminal, serde_json::to_value(content).expect("serializes")),
+            NewDelivery::now(
+                DeliveryKind::Refusal,
+                format!("refusal:{}", message.message_id),
+                terminal,
+                serde_json::to_value(content).expect("serializes"),
+            ),
         )?;
     }
     Ok(())
@@ -167,9 +236,22 @@ pub fn refuse(
 
 /// answer_duplicate tells the terminal the original outcome of a repeated request id, or refuses
 /// it when the id was used for other content.
-pub fn answer_duplicate(cx: &mut Cx<'_>, message: &Incoming, header: &Header<'_>, terminal: &Terminal, original: &Original, content_sha256: &str) -> Result<(), Failure> {
+pub fn answer_duplicate(
+    cx: &mut Cx<'_>,
+    message: &Incoming,
+    header: &Header<'_>,
+    terminal: &Terminal,
+    original: &Original,
+    content_sha256: &str,
+) -> Result<(), Failure> {
     if original.terminal_id != terminal.id || original.content_sha256 != content_sha256 {
-        let refused = Refused::new(Reason::RequestIdReused, format!("request id {:?} was already used for another request", header.request_id));
+        let refused = Refused::new(
+            Reason::RequestIdReused,
+            format!(
+                "request id {:?} was already used for another request",
+                header.request_id
+            ),
+        );
         return refuse(cx, message, header, Some(terminal), None, refused);
     }
     let outcome = match (&original.reason, original.subject_id) {
@@ -179,14 +261,22 @@ pub fn answer_duplicate(cx: &mut Cx<'_>, message: &Incoming, header: &Header<'_>
     };
     let notice = Notice {
         code: "duplicate_request".into(),
-        text: format!("request {} was already received: {outcome}; it has no second effect", header.request_id),
+        text: format!(
+            "request {} was already received: {outcome}; it has no second effect",
+            header.request_id
+        ),
         order_id: None,
         asset_id: None,
         request_id: Some(header.request_id.to_string()),
     };
     delivery::enqueue(
         cx,
-        NewDelivery::now(DeliveryKind::Message, format!("duplicate:{}", message.message_id), terminal, serde_json::to_value(notice).expect("serializes")),
+        NewDelivery::now(
+            DeliveryKind::Message,
+            format!("duplicate:{}", message.message_id),
+            terminal,
+            serde_json::to_value(notice).expect("serializes"),
+        ),
     )?;
     Ok(())
 }

@@ -30,7 +30,13 @@ pub struct Broker {
 impl Broker {
     /// Broker::start spawns the supervisor and returns at once; nothing waits for the broker to be
     /// up at start-up.
-    pub fn start(url: String, topology: Topology, min: Duration, max: Duration, shutdown: CancellationToken) -> Broker {
+    pub fn start(
+        url: String,
+        topology: Topology,
+        min: Duration,
+        max: Duration,
+        shutdown: CancellationToken,
+    ) -> Broker {
         let (tx, rx) = watch::channel(None);
         tokio::spawn(supervise(url, topology, min, max, tx, shutdown));
         Broker { current: rx }
@@ -53,7 +59,10 @@ impl Broker {
 
     /// Broker::is_connected says whether a connection is up right now, for readiness.
     pub fn is_connected(&self) -> bool {
-        self.current.borrow().as_ref().is_some_and(|c| c.status().connected())
+        self.current
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| c.status().connected())
     }
 }
 
@@ -128,7 +137,12 @@ async fn connect_and_declare(url: &str, topology: &Topology) -> lapin::Result<Co
 
 /// properties builds the AMQP properties every assetflow publish carries: message id,
 /// correlation id, type, content type, timestamp and persistence.
-pub fn properties(message_id: &str, message_type: &str, correlation_id: Option<&str>, headers: FieldTable) -> BasicProperties {
+pub fn properties(
+    message_id: &str,
+    message_type: &str,
+    correlation_id: Option<&str>,
+    headers: FieldTable,
+) -> BasicProperties {
     let mut props = BasicProperties::default()
         .with_message_id(message_id.into())
         .with_type(message_type.into())
@@ -151,7 +165,9 @@ pub fn headers_from_json(value: &serde_json::Value) -> FieldTable {
         for (k, v) in object {
             let v = match v {
                 serde_json::Value::String(s) => AMQPValue::LongString(s.as_str().into()),
-                serde_json::Value::Number(n) if n.is_i64() => AMQPValue::LongLongInt(n.as_i64().unwrap_or_default()),
+                serde_json::Value::Number(n) if n.is_i64() => {
+                    AMQPValue::LongLongInt(n.as_i64().unwrap_or_default())
+                }
                 other => AMQPValue::LongString(other.to_string().as_str().into()),
             };
             table.insert(ShortString::from(k.as_str()), v);

@@ -121,12 +121,16 @@ impl ProductArgs {
             "--kind must be prepaid_card, ticket, ppv_ticket or coupon"
         );
         anyhow::ensure!(self.price_minor >= 0, "--price-minor must not be negative");
-        anyhow::ensure!(self.asset_validity.is_some() || self.asset_expires_at.is_some(), "give --asset-validity or --asset-expires-at");
+        anyhow::ensure!(
+            self.asset_validity.is_some() || self.asset_expires_at.is_some(),
+            "give --asset-validity or --asset-expires-at"
+        );
         anyhow::ensure!(
             self.certificate_validity.is_some() || self.certificate_expires_at.is_some(),
             "give --certificate-validity or --certificate-expires-at"
         );
-        let tags: serde_json::Value = serde_json::from_str(&self.tags).map_err(|e| anyhow::anyhow!("--tags is not JSON: {e}"))?;
+        let tags: serde_json::Value = serde_json::from_str(&self.tags)
+            .map_err(|e| anyhow::anyhow!("--tags is not JSON: {e}"))?;
         anyhow::ensure!(tags.is_object(), "--tags must be a JSON object");
         Ok(Product {
             id: self.id,
@@ -156,7 +160,10 @@ pub fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
         KeysCommand::Generate { issuers, force } => {
             let written = KeyRing::generate(&config.keys.dir, &issuers, force)?;
             if written.is_empty() {
-                println!("the keys already exist in {} (use --force to replace them)", config.keys.dir.display());
+                println!(
+                    "the keys already exist in {} (use --force to replace them)",
+                    config.keys.dir.display()
+                );
             }
             for path in written {
                 println!("wrote {}", path.display());
@@ -166,7 +173,10 @@ pub fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn with_db<T: Send + 'static>(config: &Config, f: impl FnOnce(&mut PgConnection) -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+async fn with_db<T: Send + 'static>(
+    config: &Config,
+    f: impl FnOnce(&mut PgConnection) -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
     let url = config.database.url.clone();
     let partners: Vec<String> = config.partners.keys().cloned().collect();
     let gateways: Vec<String> = config.gateways.keys().cloned().collect();
@@ -180,7 +190,14 @@ async fn with_db<T: Send + 'static>(config: &Config, f: impl FnOnce(&mut PgConne
 }
 
 /// register_terminal records a terminal; used by the CLI and the simulators.
-pub fn register_terminal(conn: &mut PgConnection, id: &str, kind: &str, gateway: &str, partner: Option<&str>, public_key_pem: &str) -> anyhow::Result<()> {
+pub fn register_terminal(
+    conn: &mut PgConnection,
+    id: &str,
+    kind: &str,
+    gateway: &str,
+    partner: Option<&str>,
+    public_key_pem: &str,
+) -> anyhow::Result<()> {
     crypto::parse_public_key(public_key_pem)?;
     diesel::insert_into(terminals::table)
         .values((
@@ -205,15 +222,35 @@ pub fn register_terminal(conn: &mut PgConnection, id: &str, kind: &str, gateway:
 
 pub async fn terminals(config: &Config, command: TerminalsCommand) -> anyhow::Result<()> {
     match command {
-        TerminalsCommand::Register { id, kind, gateway, partner, public_key, generate_key } => {
-            anyhow::ensure!(crate::config::is_name(&id), "--id must be 1-64 characters of [A-Za-z0-9._-]");
-            anyhow::ensure!(["mobile", "stationary", "pos", "gate"].contains(&kind.as_str()), "--kind must be mobile, stationary, pos or gate");
-            anyhow::ensure!(config.gateways.contains_key(&gateway), "gateway {gateway:?} is not configured (see [gateways] in the configuration)");
+        TerminalsCommand::Register {
+            id,
+            kind,
+            gateway,
+            partner,
+            public_key,
+            generate_key,
+        } => {
+            anyhow::ensure!(
+                crate::config::is_name(&id),
+                "--id must be 1-64 characters of [A-Za-z0-9._-]"
+            );
+            anyhow::ensure!(
+                ["mobile", "stationary", "pos", "gate"].contains(&kind.as_str()),
+                "--kind must be mobile, stationary, pos or gate"
+            );
+            anyhow::ensure!(
+                config.gateways.contains_key(&gateway),
+                "gateway {gateway:?} is not configured (see [gateways] in the configuration)"
+            );
             if let Some(p) = &partner {
-                anyhow::ensure!(config.partners.contains_key(p), "partner {p:?} is not configured (see [partners] in the configuration)");
+                anyhow::ensure!(
+                    config.partners.contains_key(p),
+                    "partner {p:?} is not configured (see [partners] in the configuration)"
+                );
             }
             let pem = match (public_key, generate_key) {
-                (Some(path), None) => std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+                (Some(path), None) => std::fs::read_to_string(&path)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
                 (None, Some(out)) => {
                     let key = crypto::generate_key_pair()?;
                     std::fs::write(&out, key.private_key_to_pem_pkcs8()?)?;
@@ -223,20 +260,31 @@ pub async fn terminals(config: &Config, command: TerminalsCommand) -> anyhow::Re
                 _ => anyhow::bail!("give --public-key FILE or --generate-key FILE"),
             };
             let id2 = id.clone();
-            with_db(config, move |conn| register_terminal(conn, &id2, &kind, &gateway, partner.as_deref(), &pem)).await?;
+            with_db(config, move |conn| {
+                register_terminal(conn, &id2, &kind, &gateway, partner.as_deref(), &pem)
+            })
+            .await?;
             println!("registered terminal {id}");
         }
         TerminalsCommand::List => {
             let rows: Vec<(String, String, String, Option<String>)> = with_db(config, |conn| {
                 Ok(terminals::table
                     .order(terminals::id)
-                    .select((terminals::id, terminals::kind, terminals::gateway_id, terminals::partner_id))
+                    .select((
+                        terminals::id,
+                        terminals::kind,
+                        terminals::gateway_id,
+                        terminals::partner_id,
+                    ))
                     .load(conn)?)
             })
             .await?;
             println!("{:<24} {:<11} {:<16} PARTNER", "ID", "KIND", "GATEWAY");
             for (id, kind, gateway, partner) in rows {
-                println!("{id:<24} {kind:<11} {gateway:<16} {}", partner.unwrap_or_else(|| "-".into()));
+                println!(
+                    "{id:<24} {kind:<11} {gateway:<16} {}",
+                    partner.unwrap_or_else(|| "-".into())
+                );
             }
         }
     }
@@ -252,13 +300,30 @@ pub async fn products(config: &Config, command: ProductsCommand) -> anyhow::Resu
             println!("product {id} saved");
         }
         ProductsCommand::List { json } => {
-            let rows: Vec<Product> = with_db(config, |conn| Ok(products::table.order(products::id).select(Product::as_select()).load(conn)?)).await?;
+            let rows: Vec<Product> = with_db(config, |conn| {
+                Ok(products::table
+                    .order(products::id)
+                    .select(Product::as_select())
+                    .load(conn)?)
+            })
+            .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("{:<20} {:<12} {:>12} {:<4} {:<8} TITLE", "ID", "KIND", "PRICE", "CUR", "ON SALE");
+                println!(
+                    "{:<20} {:<12} {:>12} {:<4} {:<8} TITLE",
+                    "ID", "KIND", "PRICE", "CUR", "ON SALE"
+                );
                 for p in rows {
-                    println!("{:<20} {:<12} {:>12} {:<4} {:<8} {}", p.id, p.kind, p.price_minor, p.currency, if p.on_sale { "yes" } else { "no" }, p.title);
+                    println!(
+                        "{:<20} {:<12} {:>12} {:<4} {:<8} {}",
+                        p.id,
+                        p.kind,
+                        p.price_minor,
+                        p.currency,
+                        if p.on_sale { "yes" } else { "no" },
+                        p.title
+                    );
                 }
             }
         }

@@ -8,7 +8,10 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::db::schema::{asset_status_history, assets, deliveries, exchange_certificates, orders, settlements, terminal_requests};
+use crate::db::schema::{
+    asset_status_history, assets, deliveries, exchange_certificates, orders, settlements,
+    terminal_requests,
+};
 
 #[derive(Debug, Serialize, Queryable)]
 pub struct HistoryEntry {
@@ -81,7 +84,14 @@ pub struct SettlementView {
 pub enum View {
     Asset(AssetView),
     Order(OrderView),
-    Request { request_id: String, terminal_id: String, message_type: String, outcome: String, reason: Option<String>, received_at: DateTime<Utc> },
+    Request {
+        request_id: String,
+        terminal_id: String,
+        message_type: String,
+        outcome: String,
+        reason: Option<String>,
+        received_at: DateTime<Utc>,
+    },
 }
 
 /// lookup finds what `id` names: an asset, an order, or a request id.
@@ -94,42 +104,104 @@ pub fn lookup(conn: &mut PgConnection, id: &str) -> QueryResult<Option<View>> {
             return Ok(Some(View::Order(order)));
         }
     }
-    if let Some(order_id) = orders::table.filter(orders::request_id.eq(id)).select(orders::id).first::<Uuid>(conn).optional()? {
+    if let Some(order_id) = orders::table
+        .filter(orders::request_id.eq(id))
+        .select(orders::id)
+        .first::<Uuid>(conn)
+        .optional()?
+    {
         return Ok(order_view(conn, order_id)?.map(View::Order));
     }
     let request = terminal_requests::table
         .find(id)
-        .select((terminal_requests::terminal_id, terminal_requests::message_type, terminal_requests::outcome, terminal_requests::reason, terminal_requests::received_at, terminal_requests::subject_id))
-        .first::<(String, String, String, Option<String>, DateTime<Utc>, Option<Uuid>)>(conn)
+        .select((
+            terminal_requests::terminal_id,
+            terminal_requests::message_type,
+            terminal_requests::outcome,
+            terminal_requests::reason,
+            terminal_requests::received_at,
+            terminal_requests::subject_id,
+        ))
+        .first::<(
+            String,
+            String,
+            String,
+            Option<String>,
+            DateTime<Utc>,
+            Option<Uuid>,
+        )>(conn)
         .optional()?;
     Ok(match request {
-        Some((_, _, _, _, _, Some(subject))) if asset_view(conn, subject)?.is_some() => asset_view(conn, subject)?.map(View::Asset),
-        Some((terminal_id, message_type, outcome, reason, received_at, _)) => {
-            Some(View::Request { request_id: id.to_string(), terminal_id, message_type, outcome, reason, received_at })
+        Some((_, _, _, _, _, Some(subject))) if asset_view(conn, subject)?.is_some() => {
+            asset_view(conn, subject)?.map(View::Asset)
         }
+        Some((terminal_id, message_type, outcome, reason, received_at, _)) => Some(View::Request {
+            request_id: id.to_string(),
+            terminal_id,
+            message_type,
+            outcome,
+            reason,
+            received_at,
+        }),
         None => None,
     })
 }
 
-fn deliveries_where(conn: &mut PgConnection, asset: Option<Uuid>, order: Option<Uuid>) -> QueryResult<Vec<DeliveryView>> {
+fn deliveries_where(
+    conn: &mut PgConnection,
+    asset: Option<Uuid>,
+    order: Option<Uuid>,
+) -> QueryResult<Vec<DeliveryView>> {
     let mut query = deliveries::table.into_boxed();
     if let Some(a) = asset {
         query = query.filter(deliveries::asset_id.eq(a));
     }
     if let Some(o) = order {
-        query = query.filter(deliveries::order_id.eq(o)).filter(deliveries::asset_id.is_null());
+        query = query
+            .filter(deliveries::order_id.eq(o))
+            .filter(deliveries::asset_id.is_null());
     }
     query
         .order(deliveries::created_at)
-        .select((deliveries::id, deliveries::kind, deliveries::terminal_id, deliveries::status, deliveries::attempts, deliveries::last_error, deliveries::delivered_at))
+        .select((
+            deliveries::id,
+            deliveries::kind,
+            deliveries::terminal_id,
+            deliveries::status,
+            deliveries::attempts,
+            deliveries::last_error,
+            deliveries::delivered_at,
+        ))
         .load(conn)
 }
 
 fn asset_view(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<AssetView>> {
-    type Row = (Uuid, Uuid, String, String, String, String, DateTime<Utc>, DateTime<Utc>, bool, Option<DateTime<Utc>>);
+    type Row = (
+        Uuid,
+        Uuid,
+        String,
+        String,
+        String,
+        String,
+        DateTime<Utc>,
+        DateTime<Utc>,
+        bool,
+        Option<DateTime<Utc>>,
+    );
     let Some(row) = assets::table
         .find(id)
-        .select((assets::id, assets::order_id, assets::kind, assets::product_id, assets::holder_terminal_id, assets::status, assets::issued_at, assets::expires_at, assets::has_exchange_certificate, assets::certificate_expires_at))
+        .select((
+            assets::id,
+            assets::order_id,
+            assets::kind,
+            assets::product_id,
+            assets::holder_terminal_id,
+            assets::status,
+            assets::issued_at,
+            assets::expires_at,
+            assets::has_exchange_certificate,
+            assets::certificate_expires_at,
+        ))
         .first::<Row>(conn)
         .optional()?
     else {
@@ -138,7 +210,13 @@ fn asset_view(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<AssetView
     let history = asset_status_history::table
         .filter(asset_status_history::asset_id.eq(id))
         .order(asset_status_history::id)
-        .select((asset_status_history::at, asset_status_history::from_status, asset_status_history::to_status, asset_status_history::cause, asset_status_history::detail))
+        .select((
+            asset_status_history::at,
+            asset_status_history::from_status,
+            asset_status_history::to_status,
+            asset_status_history::cause,
+            asset_status_history::detail,
+        ))
         .load(conn)?;
     let exchanged = exchange_certificates::table
         .filter(exchange_certificates::asset_id.eq(id))
@@ -164,10 +242,38 @@ fn asset_view(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<AssetView
 }
 
 fn order_view(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<OrderView>> {
-    type Row = (Uuid, String, String, String, Vec<String>, String, i32, i64, String, String, String, Option<String>, DateTime<Utc>);
+    type Row = (
+        Uuid,
+        String,
+        String,
+        String,
+        Vec<String>,
+        String,
+        i32,
+        i64,
+        String,
+        String,
+        String,
+        Option<String>,
+        DateTime<Utc>,
+    );
     let Some(o) = orders::table
         .find(id)
-        .select((orders::id, orders::request_id, orders::orderer_terminal_id, orders::payer_terminal_id, orders::recipient_terminal_ids, orders::product_id, orders::quantity, orders::amount_minor, orders::currency, orders::delivery_mode, orders::status, orders::status_reason, orders::created_at))
+        .select((
+            orders::id,
+            orders::request_id,
+            orders::orderer_terminal_id,
+            orders::payer_terminal_id,
+            orders::recipient_terminal_ids,
+            orders::product_id,
+            orders::quantity,
+            orders::amount_minor,
+            orders::currency,
+            orders::delivery_mode,
+            orders::status,
+            orders::status_reason,
+            orders::created_at,
+        ))
         .first::<Row>(conn)
         .optional()?
     else {
@@ -176,10 +282,20 @@ fn order_view(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<OrderView
     let settlement = settlements::table
         .filter(settlements::order_id.eq(id))
         .filter(settlements::kind.eq("purchase"))
-        .select((settlements::partner_id, settlements::status, settlements::attempts, settlements::partner_reference, settlements::reason))
+        .select((
+            settlements::partner_id,
+            settlements::status,
+            settlements::attempts,
+            settlements::partner_reference,
+            settlements::reason,
+        ))
         .first::<SettlementView>(conn)
         .optional()?;
-    let asset_ids: Vec<Uuid> = assets::table.filter(assets::order_id.eq(id)).order(assets::id).select(assets::id).load(conn)?;
+    let asset_ids: Vec<Uuid> = assets::table
+        .filter(assets::order_id.eq(id))
+        .order(assets::id)
+        .select(assets::id)
+        .load(conn)?;
     let mut assets = Vec::new();
     for asset_id in asset_ids {
         assets.extend(asset_view(conn, asset_id)?);
@@ -238,9 +354,20 @@ pub fn render(view: &View) -> String {
                 out += &format!("  reason      {reason}\n");
             }
             out += &format!("  request     {}\n", o.request_id);
-            out += &format!("  product     {} x {} for {}\n", o.product_id, o.quantity, o.recipient_terminal_ids.join(", "));
-            out += &format!("  ordered by  {}, paid by {}\n", o.orderer_terminal_id, o.payer_terminal_id);
-            out += &format!("  amount      {} {} (minor units)\n", o.amount_minor, o.currency);
+            out += &format!(
+                "  product     {} x {} for {}\n",
+                o.product_id,
+                o.quantity,
+                o.recipient_terminal_ids.join(", ")
+            );
+            out += &format!(
+                "  ordered by  {}, paid by {}\n",
+                o.orderer_terminal_id, o.payer_terminal_id
+            );
+            out += &format!(
+                "  amount      {} {} (minor units)\n",
+                o.amount_minor, o.currency
+            );
             out += &format!("  delivery    {}\n", o.delivery_mode);
             out += &format!("  placed      {}\n", time(&o.created_at));
             if let Some(s) = &o.settlement {
@@ -249,41 +376,82 @@ pub fn render(view: &View) -> String {
                     s.status,
                     s.partner_id,
                     s.attempts,
-                    s.partner_reference.as_ref().map(|r| format!(", ref {r}")).unwrap_or_default(),
-                    s.reason.as_ref().map(|r| format!(", {r}")).unwrap_or_default()
+                    s.partner_reference
+                        .as_ref()
+                        .map(|r| format!(", ref {r}"))
+                        .unwrap_or_default(),
+                    s.reason
+                        .as_ref()
+                        .map(|r| format!(", {r}"))
+                        .unwrap_or_default()
                 );
             }
             for n in &o.notices {
-                out += &format!("  notice      {} to {}: {}\n", n.kind, n.terminal_id, n.status);
+                out += &format!(
+                    "  notice      {} to {}: {}\n",
+                    n.kind, n.terminal_id, n.status
+                );
             }
             for a in &o.assets {
                 out += "\n";
                 render_asset(&mut out, a, "  ");
             }
         }
-        View::Request { request_id, terminal_id, message_type, outcome, reason, received_at } => {
+        View::Request {
+            request_id,
+            terminal_id,
+            message_type,
+            outcome,
+            reason,
+            received_at,
+        } => {
             out += &format!("request {request_id}  {message_type} from {terminal_id}\n");
-            out += &format!("  received  {}\n  outcome   {outcome}{}\n", time(received_at), reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default());
+            out += &format!(
+                "  received  {}\n  outcome   {outcome}{}\n",
+                time(received_at),
+                reason
+                    .as_ref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            );
         }
     }
     out
 }
 
 fn render_asset(out: &mut String, a: &AssetView, indent: &str) {
-    *out += &format!("{indent}asset {}  {} {} held by {}\n", a.asset_id, a.kind, a.product_id, a.holder_terminal_id);
+    *out += &format!(
+        "{indent}asset {}  {} {} held by {}\n",
+        a.asset_id, a.kind, a.product_id, a.holder_terminal_id
+    );
     *out += &format!("{indent}  status       {}\n", a.status);
-    *out += &format!("{indent}  issued       {}   expires {}\n", time(&a.issued_at), time(&a.expires_at));
+    *out += &format!(
+        "{indent}  issued       {}   expires {}\n",
+        time(&a.issued_at),
+        time(&a.expires_at)
+    );
     if let Some(c) = &a.certificate_expires_at {
         *out += &format!(
             "{indent}  certificate  expires {}{}\n",
             time(c),
-            a.certificate_exchanged_at.map(|t| format!(", exchanged {}", time(&t))).unwrap_or_else(|| ", not exchanged".into())
+            a.certificate_exchanged_at
+                .map(|t| format!(", exchanged {}", time(&t)))
+                .unwrap_or_else(|| ", not exchanged".into())
         );
     }
     *out += &format!("{indent}  history\n");
     for h in &a.history {
         let from = h.from.clone().unwrap_or_else(|| "(new)".into());
-        *out += &format!("{indent}    {}  {from:>30} → {:<30} {}{}\n", time(&h.at), h.to, h.cause, h.detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default());
+        *out += &format!(
+            "{indent}    {}  {from:>30} → {:<30} {}{}\n",
+            time(&h.at),
+            h.to,
+            h.cause,
+            h.detail
+                .as_ref()
+                .map(|d| format!(": {d}"))
+                .unwrap_or_default()
+        );
     }
     if !a.deliveries.is_empty() {
         *out += &format!("{indent}  deliveries\n");
@@ -294,7 +462,10 @@ fn render_asset(out: &mut String, a: &AssetView, indent: &str) {
                 d.terminal_id,
                 d.status,
                 d.attempts,
-                d.last_error.as_ref().map(|e| format!(", last error: {e}")).unwrap_or_default()
+                d.last_error
+                    .as_ref()
+                    .map(|e| format!(", last error: {e}"))
+                    .unwrap_or_default()
             );
         }
     }

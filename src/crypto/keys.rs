@@ -25,8 +25,10 @@ pub fn public_key_pem(key: &PKeyRef<Private>) -> Result<String, openssl::error::
 
 /// load_private_key reads a PKCS#8 or traditional PEM private key.
 pub fn load_private_key(path: &Path) -> anyhow::Result<PKey<Private>> {
-    let pem = fs::read(path).map_err(|e| anyhow::anyhow!("cannot read key {}: {e}", path.display()))?;
-    PKey::private_key_from_pem(&pem).map_err(|e| anyhow::anyhow!("{} is not a PEM private key: {e}", path.display()))
+    let pem =
+        fs::read(path).map_err(|e| anyhow::anyhow!("cannot read key {}: {e}", path.display()))?;
+    PKey::private_key_from_pem(&pem)
+        .map_err(|e| anyhow::anyhow!("{} is not a PEM private key: {e}", path.display()))
 }
 
 /// KeyRing holds the signing keys assetflow uses, loaded once at start-up.
@@ -47,7 +49,11 @@ impl KeyRing {
             for entry in fs::read_dir(&issuer_dir)? {
                 let path = entry?.path();
                 if path.extension().is_some_and(|e| e == "pem") {
-                    let id = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+                    let id = path
+                        .file_stem()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned();
                     issuers.insert(id, load_private_key(&path)?);
                 }
             }
@@ -62,10 +68,18 @@ impl KeyRing {
 
     /// KeyRing::generate writes development keys: the provider key and one key per named issuer.
     /// Existing files are kept unless `overwrite` is set. It returns the files it wrote.
-    pub fn generate(dir: &Path, issuers: &[String], overwrite: bool) -> anyhow::Result<Vec<PathBuf>> {
+    pub fn generate(
+        dir: &Path,
+        issuers: &[String],
+        overwrite: bool,
+    ) -> anyhow::Result<Vec<PathBuf>> {
         fs::create_dir_all(dir.join("issuers"))?;
         let mut targets = vec![dir.join("provider.pem")];
-        targets.extend(issuers.iter().map(|id| dir.join("issuers").join(format!("{id}.pem"))));
+        targets.extend(
+            issuers
+                .iter()
+                .map(|id| dir.join("issuers").join(format!("{id}.pem"))),
+        );
         let mut written = Vec::new();
         for path in targets {
             if path.exists() && !overwrite {
@@ -82,7 +96,10 @@ impl KeyRing {
     pub fn ephemeral(issuers: &[&str]) -> KeyRing {
         KeyRing {
             provider: generate_key_pair().expect("key generation"),
-            issuers: issuers.iter().map(|id| (id.to_string(), generate_key_pair().expect("key generation"))).collect(),
+            issuers: issuers
+                .iter()
+                .map(|id| (id.to_string(), generate_key_pair().expect("key generation")))
+                .collect(),
         }
     }
 }
@@ -91,7 +108,12 @@ fn write_private(path: &Path, pem: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     // Private keys are readable by their owner only.
-    let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     file.write_all(pem)?;
     Ok(())
 }

@@ -268,7 +268,21 @@ diesel::table! {
 }
 
 diesel::allow_tables_to_appear_in_same_query!(
-    partners, gateways, terminals, products, terminal_requests, orders, settlements, assets,
-    exchange_certificates, asset_status_history, deliveries, delivery_attempts, outbox, inbox,
-    refusals, dead_letters, job_runs,
+    partners,
+    gateways,
+    terminals,
+    products,
+    terminal_requests,
+    orders,
+    settlements,
+    assets,
+    exchange_certificates,
+    asset_status_history,
+    deliveries,
+    delivery_attempts,
+    outbox,
+    inbox,
+    refusals,
+    dead_letters,
+    job_runs,
 );

@@ -44,7 +44,12 @@ pub struct NewDelivery {
 
 impl NewDelivery {
     /// NewDelivery::now is a delivery to send at once.
-    pub fn now(kind: DeliveryKind, dedupe_key: String, terminal: &Terminal, content: Value) -> NewDelivery {
+    pub fn now(
+        kind: DeliveryKind,
+        dedupe_key: String,
+        terminal: &Terminal,
+        content: Value,
+    ) -> NewDelivery {
         NewDelivery {
             kind,
             dedupe_key,
@@ -66,7 +71,12 @@ pub fn enqueue(cx: &mut Cx<'_>, delivery: NewDelivery) -> Result<Option<Uuid>, F
 }
 
 /// enqueue_with is [`enqueue`] for callers outside a handler (the scheduled scans).
-pub fn enqueue_with(conn: &mut PgConnection, app: &App, delivery: NewDelivery, now: DateTime<Utc>) -> QueryResult<Option<Uuid>> {
+pub fn enqueue_with(
+    conn: &mut PgConnection,
+    app: &App,
+    delivery: NewDelivery,
+    now: DateTime<Utc>,
+) -> QueryResult<Option<Uuid>> {
     let id = Uuid::now_v7();
     let due_at = delivery.due_at.unwrap_or(now);
     let inserted = diesel::insert_into(deliveries::table)
@@ -98,10 +108,19 @@ pub fn enqueue_with(conn: &mut PgConnection, app: &App, delivery: NewDelivery, n
 
 /// request_send hands a delivery to the delivery pool.
 pub fn request_send(conn: &mut PgConnection, app: &App, delivery_id: Uuid) -> QueryResult<()> {
-    let message = DeliveryRequested { message_type: kinds::DELIVERY_REQUESTED.into(), delivery_id };
+    let message = DeliveryRequested {
+        message_type: kinds::DELIVERY_REQUESTED.into(),
+        delivery_id,
+    };
     outbox::enqueue(
         conn,
-        &Outgoing::json(app.names.internal(), kinds::DELIVERY_REQUESTED, kinds::DELIVERY_REQUESTED, &message).correlated(delivery_id.to_string()),
+        &Outgoing::json(
+            app.names.internal(),
+            kinds::DELIVERY_REQUESTED,
+            kinds::DELIVERY_REQUESTED,
+            &message,
+        )
+        .correlated(delivery_id.to_string()),
     )
 }
 
@@ -135,21 +154,40 @@ pub enum Sent {
 
 /// send_attempt makes the next attempt of a pending or failed delivery: it re-checks the asset's
 /// validity, records the attempt with the hash of the bytes, and writes them to the outbox.
-pub fn send_attempt(conn: &mut PgConnection, app: &App, delivery_id: Uuid, now: DateTime<Utc>) -> Result<Sent, Failure> {
-    let Some(row) = deliveries::table.find(delivery_id).select(Row::as_select()).for_update().first(conn).optional()? else {
-        return Err(Failure::permanent(Reason::UnknownDelivery, format!("delivery {delivery_id} does not exist")));
+pub fn send_attempt(
+    conn: &mut PgConnection,
+    app: &App,
+    delivery_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<Sent, Failure> {
+    let Some(row) = deliveries::table
+        .find(delivery_id)
+        .select(Row::as_select())
+        .for_update()
+        .first(conn)
+        .optional()?
+    else {
+        return Err(Failure::permanent(
+            Reason::UnknownDelivery,
+            format!("delivery {delivery_id} does not exist"),
+        ));
     };
     if !matches!(row.status.as_str(), "pending" | "failed") {
         return Ok(Sent::Skipped);
     }
-    let kind = DeliveryKind::parse(&row.kind).expect("the CHECK constraint admits only known kinds");
+    let kind =
+        DeliveryKind::parse(&row.kind).expect("the CHECK constraint admits only known kinds");
     if kind == DeliveryKind::Asset
         && let Some(asset_id) = row.asset_id
         && !asset_deliverable(conn, asset_id, now)?
     {
         diesel::update(deliveries::table.find(row.id))
-            .set((deliveries::status.eq("cancelled"), deliveries::last_error.eq("the asset is no longer valid")))
+            .set((
+                deliveries::status.eq("cancelled"),
+                deliveries::last_error.eq("the asset is no longer valid"),
+            ))
             .execute(conn)?;
+        expire_if_due(conn, asset_id, now)?;
         telemetry::delivery_attempt(kind.as_str(), "cancelled");
         return Ok(Sent::Cancelled);
     }
@@ -166,9 +204,14 @@ pub fn send_attempt(conn: &mut PgConnection, app: &App, delivery_id: Uuid, now: 
         sent_at: now,
         content: row.content.clone(),
     };
-    let outgoing = Outgoing::json(app.names.gateways(), row.gateway_id.as_str(), kinds::DELIVERY, &message)
-        .with_message_id(message_id)
-        .correlated(row.order_id.unwrap_or(row.id).to_string());
+    let outgoing = Outgoing::json(
+        app.names.gateways(),
+        row.gateway_id.as_str(),
+        kinds::DELIVERY,
+        &message,
+    )
+    .with_message_id(message_id)
+    .correlated(row.order_id.unwrap_or(row.id).to_string());
     diesel::insert_into(delivery_attempts::table)
         .values((
             delivery_attempts::delivery_id.eq(row.id),
@@ -179,50 +222,121 @@ pub fn send_attempt(conn: &mut PgConnection, app: &App, delivery_id: Uuid, now: 
             delivery_attempts::outcome.eq("sent"),
         ))
         .execute(conn)?;
-    let ack_timeout = chrono::Duration::from_std(app.pools.delivery.transmission.ack_timeout).expect("a sane timeout");
+    let ack_timeout = chrono::Duration::from_std(app.pools.delivery.transmission.ack_timeout)
+        .expect("a sane timeout");
     diesel::update(deliveries::table.find(row.id))
-        .set((deliveries::status.eq("sent"), deliveries::attempts.eq(attempt as i32), deliveries::due_at.eq(now + ack_timeout)))
+        .set((
+            deliveries::status.eq("sent"),
+            deliveries::attempts.eq(attempt as i32),
+            deliveries::due_at.eq(now + ack_timeout),
+        ))
         .execute(conn)?;
     outbox::enqueue(conn, &outgoing)?;
     telemetry::delivery_attempt(kind.as_str(), "sent");
     Ok(Sent::Attempt(attempt))
 }
 
+/// expire_if_due moves an asset past its term to `expired`, where the status machine allows it
+/// (FIG. 7 S203, FIG. 8 S303: retrying stops, and the asset is void).
+pub fn expire_if_due(
+    conn: &mut PgConnection,
+    asset_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<bool, Failure> {
+    let expires_at: DateTime<Utc> = assets::table
+        .find(asset_id)
+        .select(assets::expires_at)
+        .first(conn)?;
+    let status = status_machine::current_for_update(conn, asset_id)?;
+    if expires_at > now || !status_machine::allowed(status, Status::Expired) {
+        return Ok(false);
+    }
+    status_machine::transition(
+        conn,
+        asset_id,
+        status,
+        Status::Expired,
+        Cause::AssetExpired,
+        None,
+        now,
+    )?;
+    Ok(true)
+}
+
 /// asset_deliverable re-checks validity before any transmission (FIG. 6 S101, 7 S201, 8 S301).
-fn asset_deliverable(conn: &mut PgConnection, asset_id: Uuid, now: DateTime<Utc>) -> QueryResult<bool> {
-    let (status, expires_at): (String, DateTime<Utc>) =
-        assets::table.find(asset_id).select((assets::status, assets::expires_at)).first(conn)?;
+fn asset_deliverable(
+    conn: &mut PgConnection,
+    asset_id: Uuid,
+    now: DateTime<Utc>,
+) -> QueryResult<bool> {
+    let (status, expires_at): (String, DateTime<Utc>) = assets::table
+        .find(asset_id)
+        .select((assets::status, assets::expires_at))
+        .first(conn)?;
     let status = Status::parse(&status).expect("known status");
     Ok(expires_at > now && status.is_before_delivery())
 }
 
 /// fail_attempt records a failed attempt (no receipt in time, or a wrong hash) and schedules the
 /// retransmission, or dead-letters the delivery when its attempts have run out.
-pub fn fail_attempt(conn: &mut PgConnection, app: &App, row: &Row, attempt: i32, outcome: &'static str, error: &str, now: DateTime<Utc>) -> Result<(), Failure> {
+pub fn fail_attempt(
+    conn: &mut PgConnection,
+    app: &App,
+    row: &Row,
+    attempt: i32,
+    outcome: &'static str,
+    error: &str,
+    now: DateTime<Utc>,
+) -> Result<(), Failure> {
     diesel::update(delivery_attempts::table.find((row.id, attempt)))
-        .set((delivery_attempts::outcome.eq(outcome), delivery_attempts::error.eq(error), delivery_attempts::finished_at.eq(now)))
+        .set((
+            delivery_attempts::outcome.eq(outcome),
+            delivery_attempts::error.eq(error),
+            delivery_attempts::finished_at.eq(now),
+        ))
         .execute(conn)?;
     telemetry::delivery_attempt(&row.kind, outcome);
     let policy = &app.pools.delivery.transmission;
-    if let Some(asset_id) = row.asset_id.filter(|_| row.kind == DeliveryKind::Asset.as_str()) {
+    if let Some(asset_id) = row
+        .asset_id
+        .filter(|_| row.kind == DeliveryKind::Asset.as_str())
+    {
         let status = status_machine::current_for_update(conn, asset_id)?;
         let next = match status {
-            Status::AwaitingExchange | Status::AwaitingDesignatedDelivery => Some(Status::Retransmitting),
+            Status::AwaitingExchange | Status::AwaitingDesignatedDelivery => {
+                Some(Status::Retransmitting)
+            }
             Status::ExpiredCertificateProcessing => Some(Status::ForcedRetransmitting),
             _ => None,
         };
         if let Some(next) = next {
-            status_machine::transition(conn, asset_id, status, next, Cause::DeliveryFailed, Some(error), now)?;
+            status_machine::transition(
+                conn,
+                asset_id,
+                status,
+                next,
+                Cause::DeliveryFailed,
+                Some(error),
+                now,
+            )?;
         }
     }
     if attempt as u32 >= policy.max_attempts {
         diesel::update(deliveries::table.find(row.id))
-            .set((deliveries::status.eq("dead"), deliveries::last_error.eq(error)))
+            .set((
+                deliveries::status.eq("dead"),
+                deliveries::last_error.eq(error),
+            ))
             .execute(conn)?;
         let attempts: Vec<(i32, DateTime<Utc>, String, Option<String>)> = delivery_attempts::table
             .filter(delivery_attempts::delivery_id.eq(row.id))
             .order(delivery_attempts::attempt)
-            .select((delivery_attempts::attempt, delivery_attempts::sent_at, delivery_attempts::outcome, delivery_attempts::error))
+            .select((
+                delivery_attempts::attempt,
+                delivery_attempts::sent_at,
+                delivery_attempts::outcome,
+                delivery_attempts::error,
+            ))
             .load(conn)?;
         let evidence: Vec<Value> = attempts
             .into_iter()
@@ -247,9 +361,18 @@ pub fn fail_attempt(conn: &mut PgConnection, app: &App, row: &Row, attempt: i32,
             },
         )?;
     } else {
-        let wait = retry::delay(&policy.schedule, attempt as u32, policy.jitter, &mut rand::rng());
+        let wait = retry::delay(
+            &policy.schedule,
+            attempt as u32,
+            policy.jitter,
+            &mut rand::rng(),
+        );
         diesel::update(deliveries::table.find(row.id))
-            .set((deliveries::status.eq("failed"), deliveries::due_at.eq(now + wait), deliveries::last_error.eq(error)))
+            .set((
+                deliveries::status.eq("failed"),
+                deliveries::due_at.eq(now + wait),
+                deliveries::last_error.eq(error),
+            ))
             .execute(conn)?;
     }
     Ok(())

@@ -22,23 +22,45 @@ impl Handler for ReceiptHandler {
     fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure> {
         let receipt: DeliveryReceipt = serde_json::from_value(message.json.clone())
             .map_err(|e| Failure::permanent(Reason::SchemaViolation, e.to_string()))?;
-        let Some(row) = deliveries::table.find(receipt.delivery_id).select(Row::as_select()).for_update().first(cx.conn).optional()? else {
-            return Err(Failure::permanent(Reason::UnknownDelivery, format!("no delivery {}", receipt.delivery_id)));
+        let Some(row) = deliveries::table
+            .find(receipt.delivery_id)
+            .select(Row::as_select())
+            .for_update()
+            .first(cx.conn)
+            .optional()?
+        else {
+            return Err(Failure::permanent(
+                Reason::UnknownDelivery,
+                format!("no delivery {}", receipt.delivery_id),
+            ));
         };
         if row.gateway_id != receipt.gateway_id || row.terminal_id != receipt.terminal_id {
             return Err(Failure::permanent(
                 Reason::UnknownDelivery,
-                format!("delivery {} is for {} via {}, not {} via {}", row.id, row.terminal_id, row.gateway_id, receipt.terminal_id, receipt.gateway_id),
+                format!(
+                    "delivery {} is for {} via {}, not {} via {}",
+                    row.id,
+                    row.terminal_id,
+                    row.gateway_id,
+                    receipt.terminal_id,
+                    receipt.gateway_id
+                ),
             ));
         }
         let attempt = i32::try_from(receipt.attempt).unwrap_or(i32::MAX);
         let Some((expected, outcome)) = delivery_attempts::table
             .find((row.id, attempt))
-            .select((delivery_attempts::payload_sha256, delivery_attempts::outcome))
+            .select((
+                delivery_attempts::payload_sha256,
+                delivery_attempts::outcome,
+            ))
             .first::<(String, String)>(cx.conn)
             .optional()?
         else {
-            return Err(Failure::permanent(Reason::UnknownDelivery, format!("delivery {} has no attempt {}", row.id, receipt.attempt)));
+            return Err(Failure::permanent(
+                Reason::UnknownDelivery,
+                format!("delivery {} has no attempt {}", row.id, receipt.attempt),
+            ));
         };
         if row.status == "delivered" {
             return Ok(()); // A second receipt: the delivery is already complete.
@@ -46,8 +68,19 @@ impl Handler for ReceiptHandler {
         if expected != receipt.sha256 {
             // Corrupted or tampered in transit: a failed transmission, retried like a lost one.
             if outcome == "sent" && row.status == "sent" && row.attempts == attempt {
-                let error = format!("receipt hash {} does not match the {} sent", receipt.sha256, expected);
-                fail_attempt(cx.conn, cx.app, &row, attempt, "hash_mismatch", &error, cx.now)?;
+                let error = format!(
+                    "receipt hash {} does not match the {} sent",
+                    receipt.sha256, expected
+                );
+                fail_attempt(
+                    cx.conn,
+                    cx.app,
+                    &row,
+                    attempt,
+                    "hash_mismatch",
+                    &error,
+                    cx.now,
+                )?;
             }
             return Ok(());
         }
@@ -59,10 +92,16 @@ impl Handler for ReceiptHandler {
 fn complete(cx: &mut Cx<'_>, row: &Row, attempt: i32) -> Result<(), Failure> {
     let now = cx.now;
     diesel::update(delivery_attempts::table.find((row.id, attempt)))
-        .set((delivery_attempts::outcome.eq("acknowledged"), delivery_attempts::finished_at.eq(now)))
+        .set((
+            delivery_attempts::outcome.eq("acknowledged"),
+            delivery_attempts::finished_at.eq(now),
+        ))
         .execute(cx.conn)?;
     diesel::update(deliveries::table.find(row.id))
-        .set((deliveries::status.eq("delivered"), deliveries::delivered_at.eq(now)))
+        .set((
+            deliveries::status.eq("delivered"),
+            deliveries::delivered_at.eq(now),
+        ))
         .execute(cx.conn)?;
     telemetry::delivery_attempt(&row.kind, "acknowledged");
     let kind = DeliveryKind::parse(&row.kind).expect("known kind");
@@ -72,16 +111,29 @@ fn complete(cx: &mut Cx<'_>, row: &Row, attempt: i32) -> Result<(), Failure> {
             let next = match status {
                 Status::AwaitingExchange | Status::AwaitingDesignatedDelivery => Status::Delivered,
                 // Past-due processing and retransmissions complete as forced downloads (FIG. 7, 8).
-                Status::ExpiredCertificateProcessing | Status::Retransmitting | Status::ForcedRetransmitting => Status::ForceDelivered,
+                Status::ExpiredCertificateProcessing
+                | Status::Retransmitting
+                | Status::ForcedRetransmitting => Status::ForceDelivered,
                 // Refunded or expired meanwhile: the receipt is recorded, the status stands.
                 _ => return Ok(()),
             };
-            status_machine::transition(cx.conn, asset_id, status, next, Cause::DeliveryAcknowledged, None, now)?;
+            status_machine::transition(
+                cx.conn,
+                asset_id,
+                status,
+                next,
+                Cause::DeliveryAcknowledged,
+                None,
+                now,
+            )?;
             telemetry::end_to_end("exchange_to_asset", elapsed(row.created_at, now));
         }
         (DeliveryKind::Certificate, _) => {
             if let Some(order_id) = row.order_id {
-                let placed: DateTime<Utc> = orders::table.find(order_id).select(orders::created_at).first(cx.conn)?;
+                let placed: DateTime<Utc> = orders::table
+                    .find(order_id)
+                    .select(orders::created_at)
+                    .first(cx.conn)?;
                 telemetry::end_to_end("order_to_certificate", elapsed(placed, now));
             }
         }

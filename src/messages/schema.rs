@@ -9,15 +9,42 @@ use super::kinds;
 
 /// SCHEMAS maps each message type to its schema document.
 pub const SCHEMAS: &[(&str, &str)] = &[
-    (kinds::ORDER_PURCHASE, include_str!("../../schemas/order.purchase.schema.json")),
-    (kinds::CERTIFICATE_EXCHANGE, include_str!("../../schemas/certificate.exchange.schema.json")),
-    (kinds::SETTLEMENT_INSTRUCTION, include_str!("../../schemas/settlement.instruction.schema.json")),
-    (kinds::SETTLEMENT_RESULT, include_str!("../../schemas/settlement.result.schema.json")),
-    (kinds::ISSUANCE_REQUESTED, include_str!("../../schemas/issuance.requested.schema.json")),
-    (kinds::DELIVERY_REQUESTED, include_str!("../../schemas/delivery.requested.schema.json")),
-    (kinds::DELIVERY, include_str!("../../schemas/delivery.schema.json")),
-    (kinds::DELIVERY_RECEIPT, include_str!("../../schemas/delivery.receipt.schema.json")),
-    (kinds::DEAD_LETTER, include_str!("../../schemas/dead_letter.schema.json")),
+    (
+        kinds::ORDER_PURCHASE,
+        include_str!("../../schemas/order.purchase.schema.json"),
+    ),
+    (
+        kinds::CERTIFICATE_EXCHANGE,
+        include_str!("../../schemas/certificate.exchange.schema.json"),
+    ),
+    (
+        kinds::SETTLEMENT_INSTRUCTION,
+        include_str!("../../schemas/settlement.instruction.schema.json"),
+    ),
+    (
+        kinds::SETTLEMENT_RESULT,
+        include_str!("../../schemas/settlement.result.schema.json"),
+    ),
+    (
+        kinds::ISSUANCE_REQUESTED,
+        include_str!("../../schemas/issuance.requested.schema.json"),
+    ),
+    (
+        kinds::DELIVERY_REQUESTED,
+        include_str!("../../schemas/delivery.requested.schema.json"),
+    ),
+    (
+        kinds::DELIVERY,
+        include_str!("../../schemas/delivery.schema.json"),
+    ),
+    (
+        kinds::DELIVERY_RECEIPT,
+        include_str!("../../schemas/delivery.receipt.schema.json"),
+    ),
+    (
+        kinds::DEAD_LETTER,
+        include_str!("../../schemas/dead_letter.schema.json"),
+    ),
 ];
 
 fn validators() -> &'static HashMap<&'static str, jsonschema::Validator> {
@@ -28,8 +55,9 @@ fn validators() -> &'static HashMap<&'static str, jsonschema::Validator> {
             .map(|(kind, text)| {
                 let schema: Value = serde_json::from_str(text)
                     .unwrap_or_else(|e| panic!("schemas/{kind}.schema.json is not JSON: {e}"));
-                let validator = jsonschema::validator_for(&schema)
-                    .unwrap_or_else(|e| panic!("schemas/{kind}.schema.json is not a valid schema: {e}"));
+                let validator = jsonschema::validator_for(&schema).unwrap_or_else(|e| {
+                    panic!("schemas/{kind}.schema.json is not a valid schema: {e}")
+                });
                 (*kind, validator)
             })
             .collect()
@@ -55,5 +83,9 @@ pub fn validate(message_type: &str, message: &Value) -> Result<(), String> {
             format!("{}: {}", if path.is_empty() { "/" } else { &path }, e)
         })
         .collect();
-    if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
 }

@@ -10,10 +10,16 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 const BUILT_IN: &[(&str, &str)] = &[
-    ("settlement.toml", include_str!("../../workers/settlement.toml")),
+    (
+        "settlement.toml",
+        include_str!("../../workers/settlement.toml"),
+    ),
     ("issuance.toml", include_str!("../../workers/issuance.toml")),
     ("delivery.toml", include_str!("../../workers/delivery.toml")),
-    ("scheduler.toml", include_str!("../../workers/scheduler.toml")),
+    (
+        "scheduler.toml",
+        include_str!("../../workers/scheduler.toml"),
+    ),
 ];
 
 /// PoolSettings is what every pool definition has.
@@ -97,11 +103,17 @@ impl PoolDefinitions {
             if path.is_file() {
                 Ok((std::fs::read_to_string(&path)?, path.display().to_string()))
             } else {
-                let text = BUILT_IN.iter().find(|(n, _)| *n == name).map(|(_, t)| t.to_string()).expect("built in");
+                let text = BUILT_IN
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, t)| t.to_string())
+                    .expect("built in");
                 Ok((text, format!("built-in {name}")))
             }
         };
-        fn parse<T: serde::de::DeserializeOwned>((text, origin): (String, String)) -> anyhow::Result<T> {
+        fn parse<T: serde::de::DeserializeOwned>(
+            (text, origin): (String, String),
+        ) -> anyhow::Result<T> {
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))
         }
         let defs = PoolDefinitions {
@@ -120,16 +132,41 @@ impl PoolDefinitions {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        for (name, pool) in [("settlement", &self.settlement.pool), ("issuance", &self.issuance.pool), ("delivery", &self.delivery.pool)] {
-            anyhow::ensure!(pool.concurrency >= 1, "workers/{name}.toml: concurrency must be at least 1");
-            anyhow::ensure!(pool.prefetch >= 1, "workers/{name}.toml: prefetch must be at least 1");
-            anyhow::ensure!(!pool.queues.is_empty(), "workers/{name}.toml: queues must name at least one queue");
+        for (name, pool) in [
+            ("settlement", &self.settlement.pool),
+            ("issuance", &self.issuance.pool),
+            ("delivery", &self.delivery.pool),
+        ] {
+            anyhow::ensure!(
+                pool.concurrency >= 1,
+                "workers/{name}.toml: concurrency must be at least 1"
+            );
+            anyhow::ensure!(
+                pool.prefetch >= 1,
+                "workers/{name}.toml: prefetch must be at least 1"
+            );
+            anyhow::ensure!(
+                !pool.queues.is_empty(),
+                "workers/{name}.toml: queues must name at least one queue"
+            );
         }
         let t = &self.delivery.transmission;
-        anyhow::ensure!(!t.schedule.is_empty(), "workers/delivery.toml: transmission.schedule must not be empty");
-        anyhow::ensure!((0.0..1.0).contains(&t.jitter), "workers/delivery.toml: transmission.jitter must be in [0, 1)");
-        anyhow::ensure!(t.max_attempts >= 1, "workers/delivery.toml: transmission.max_attempts must be at least 1");
-        anyhow::ensure!(self.settlement.instruction.max_attempts >= 1, "workers/settlement.toml: instruction.max_attempts must be at least 1");
+        anyhow::ensure!(
+            !t.schedule.is_empty(),
+            "workers/delivery.toml: transmission.schedule must not be empty"
+        );
+        anyhow::ensure!(
+            (0.0..1.0).contains(&t.jitter),
+            "workers/delivery.toml: transmission.jitter must be in [0, 1)"
+        );
+        anyhow::ensure!(
+            t.max_attempts >= 1,
+            "workers/delivery.toml: transmission.max_attempts must be at least 1"
+        );
+        anyhow::ensure!(
+            self.settlement.instruction.max_attempts >= 1,
+            "workers/settlement.toml: instruction.max_attempts must be at least 1"
+        );
         Ok(())
     }
 }
@@ -138,7 +175,10 @@ fn durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D:
     let texts: Vec<String> = Vec::deserialize(d)?;
     texts
         .iter()
-        .map(|t| humantime::parse_duration(t).map_err(|e| serde::de::Error::custom(format!("{t:?}: {e}"))))
+        .map(|t| {
+            humantime::parse_duration(t)
+                .map_err(|e| serde::de::Error::custom(format!("{t:?}: {e}")))
+        })
         .collect()
 }
 
@@ -153,7 +193,10 @@ mod tests {
     #[test]
     fn the_built_in_definitions_load() {
         let defs = PoolDefinitions::built_in();
-        assert_eq!(defs.delivery.transmission.schedule[0], Duration::from_secs(60));
+        assert_eq!(
+            defs.delivery.transmission.schedule[0],
+            Duration::from_secs(60)
+        );
         assert_eq!(defs.delivery.transmission.schedule.len(), 7);
         assert!(defs.scheduler.jobs.contains_key("retransmission"));
     }

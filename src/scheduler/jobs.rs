@@ -52,11 +52,21 @@ pub static JOBS: &[Job] = &[
     },
 ];
 
-fn designated_delivery(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
+fn designated_delivery(
+    conn: &mut PgConnection,
+    app: &App,
+    as_of: DateTime<Utc>,
+    batch: i64,
+) -> QueryResult<Swept> {
     send_due(conn, app, "designated_delivery", "pending", as_of, batch)
 }
 
-fn retransmission(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
+fn retransmission(
+    conn: &mut PgConnection,
+    app: &App,
+    as_of: DateTime<Utc>,
+    batch: i64,
+) -> QueryResult<Swept> {
     let timed_out = conn.transaction(|conn| {
         let rows: Vec<Row> = deliveries::table
             .filter(deliveries::status.eq("sent"))
@@ -68,8 +78,16 @@ fn retransmission(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batc
             .select(Row::as_select())
             .load(conn)?;
         for row in &rows {
-            delivery::fail_attempt(conn, app, row, row.attempts, "timed_out", "no delivery receipt within the acknowledgement timeout", as_of)
-                .map_err(into_query_error)?;
+            delivery::fail_attempt(
+                conn,
+                app,
+                row,
+                row.attempts,
+                "timed_out",
+                "no delivery receipt within the acknowledgement timeout",
+                as_of,
+            )
+            .map_err(into_query_error)?;
         }
         Ok::<_, diesel::result::Error>(rows.len() as u64)
     })?;
@@ -79,7 +97,14 @@ fn retransmission(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batc
 }
 
 /// send_due sends the next attempt of every delivery in `status` that is due at `as_of`.
-fn send_due(conn: &mut PgConnection, app: &App, job: &str, status: &str, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
+fn send_due(
+    conn: &mut PgConnection,
+    app: &App,
+    job: &str,
+    status: &str,
+    as_of: DateTime<Utc>,
+    batch: i64,
+) -> QueryResult<Swept> {
     conn.transaction(|conn| {
         let due: Vec<(Uuid, DateTime<Utc>)> = deliveries::table
             .filter(deliveries::status.eq(status))
@@ -90,10 +115,15 @@ fn send_due(conn: &mut PgConnection, app: &App, job: &str, status: &str, as_of: 
             .skip_locked()
             .select((deliveries::id, deliveries::due_at))
             .load(conn)?;
-        let mut swept = Swept { scanned: due.len() as u64, enqueued: 0 };
+        let mut swept = Swept {
+            scanned: due.len() as u64,
+            enqueued: 0,
+        };
         for (id, due_at) in due {
             telemetry::due_pickup_lag(job, (Utc::now() - due_at).to_std().unwrap_or_default());
-            if let delivery::Sent::Attempt(_) = delivery::send_attempt(conn, app, id, as_of).map_err(into_query_error)? {
+            if let delivery::Sent::Attempt(_) =
+                delivery::send_attempt(conn, app, id, as_of).map_err(into_query_error)?
+            {
                 swept.enqueued += 1;
             }
         }

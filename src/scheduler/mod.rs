@@ -58,27 +58,54 @@ pub struct RunReport {
 
 /// run_job runs one job now, for `as_of`, under its advisory lock. A dry run does the work in a
 /// transaction that is rolled back, and reports what it would have done.
-pub fn run_job(conn: &mut PgConnection, app: &App, job: &Job, as_of: DateTime<Utc>, trigger: Trigger, dry_run: bool) -> Result<RunReport, DbError> {
+pub fn run_job(
+    conn: &mut PgConnection,
+    app: &App,
+    job: &Job,
+    as_of: DateTime<Utc>,
+    trigger: Trigger,
+    dry_run: bool,
+) -> Result<RunReport, DbError> {
     #[derive(QueryableByName)]
     struct Locked {
         #[diesel(sql_type = Bool)]
         locked: bool,
     }
     let key = job.lock_key();
-    let locked: Locked = diesel::sql_query("SELECT pg_try_advisory_lock($1) AS locked").bind::<BigInt, _>(key).get_result(conn)?;
-    let mut report = RunReport { job: job.name.to_string(), as_of, dry_run, ran: false, rows_scanned: 0, enqueued: 0, error: None };
+    let locked: Locked = diesel::sql_query("SELECT pg_try_advisory_lock($1) AS locked")
+        .bind::<BigInt, _>(key)
+        .get_result(conn)?;
+    let mut report = RunReport {
+        job: job.name.to_string(),
+        as_of,
+        dry_run,
+        ran: false,
+        rows_scanned: 0,
+        enqueued: 0,
+        error: None,
+    };
     if !locked.locked {
         tracing::debug!(job = job.name, "another process is running this job");
         return Ok(report);
     }
     let result = run_locked(conn, app, job, as_of, trigger, dry_run, &mut report);
-    let unlocked = diesel::sql_query("SELECT pg_advisory_unlock($1)").bind::<BigInt, _>(key).execute(conn);
+    let unlocked = diesel::sql_query("SELECT pg_advisory_unlock($1)")
+        .bind::<BigInt, _>(key)
+        .execute(conn);
     result?;
     unlocked?;
     Ok(report)
 }
 
-fn run_locked(conn: &mut PgConnection, app: &App, job: &Job, as_of: DateTime<Utc>, trigger: Trigger, dry_run: bool, report: &mut RunReport) -> Result<(), DbError> {
+fn run_locked(
+    conn: &mut PgConnection,
+    app: &App,
+    job: &Job,
+    as_of: DateTime<Utc>,
+    trigger: Trigger,
+    dry_run: bool,
+    report: &mut RunReport,
+) -> Result<(), DbError> {
     let started = Instant::now();
     let run_id: i64 = diesel::insert_into(job_runs::table)
         .values((
@@ -125,7 +152,11 @@ fn run_locked(conn: &mut PgConnection, app: &App, job: &Job, as_of: DateTime<Utc
     if let Err(e) = &outcome {
         report.error = Some(e.to_string());
     }
-    let outcome_label = if outcome.is_ok() { "succeeded" } else { "failed" };
+    let outcome_label = if outcome.is_ok() {
+        "succeeded"
+    } else {
+        "failed"
+    };
     diesel::update(job_runs::table.find(run_id))
         .set((
             job_runs::finished_at.eq(Utc::now()),
@@ -136,7 +167,13 @@ fn run_locked(conn: &mut PgConnection, app: &App, job: &Job, as_of: DateTime<Utc
             job_runs::error.eq(&report.error),
         ))
         .execute(conn)?;
-    telemetry::job_finished(job.name, outcome_label, started.elapsed(), report.rows_scanned, report.enqueued);
+    telemetry::job_finished(
+        job.name,
+        outcome_label,
+        started.elapsed(),
+        report.rows_scanned,
+        report.enqueued,
+    );
     if report.enqueued > 0 {
         tracing::info!(job = job.name, %as_of, scanned = report.rows_scanned, enqueued = report.enqueued, dry_run, "job ran");
     }
@@ -144,10 +181,18 @@ fn run_locked(conn: &mut PgConnection, app: &App, job: &Job, as_of: DateTime<Utc
 }
 
 /// run_now runs a job on the blocking pool and wakes the outbox relay.
-pub async fn run_now(app: Arc<App>, job: &'static Job, as_of: DateTime<Utc>, trigger: Trigger, dry_run: bool) -> Result<RunReport, DbError> {
+pub async fn run_now(
+    app: Arc<App>,
+    job: &'static Job,
+    as_of: DateTime<Utc>,
+    trigger: Trigger,
+    dry_run: bool,
+) -> Result<RunReport, DbError> {
     let db: Db = app.db.clone();
     let app2 = app.clone();
-    let report = db.run(move |conn| run_job(conn, &app2, job, as_of, trigger, dry_run)).await?;
+    let report = db
+        .run(move |conn| run_job(conn, &app2, job, as_of, trigger, dry_run))
+        .await?;
     app.outbox_wake.notify_one();
     Ok(report)
 }
@@ -168,7 +213,12 @@ pub async fn start(app: Arc<App>, shutdown: CancellationToken) -> anyhow::Result
             .jobs
             .get(job.name)
             .map(|d| d.schedule.clone())
-            .ok_or_else(|| anyhow::anyhow!("workers/scheduler.toml has no schedule for job {}", job.name))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "workers/scheduler.toml has no schedule for job {}",
+                    job.name
+                )
+            })?;
         let app = app.clone();
         let cron = CronJob::new_async(schedule.as_str(), move |_id, _lock| {
             let app = app.clone();

@@ -50,14 +50,28 @@ pub fn answer_timeout(app: &App, partner: &str) -> Duration {
 }
 
 fn max_attempts(app: &App, partner: &str) -> u32 {
-    app.config.partners.get(partner).and_then(|p| p.max_attempts).unwrap_or(app.pools.settlement.instruction.max_attempts)
+    app.config
+        .partners
+        .get(partner)
+        .and_then(|p| p.max_attempts)
+        .unwrap_or(app.pools.settlement.instruction.max_attempts)
 }
 
 /// instruct writes the instruction for attempt `attempt` to the partner's queue.
-pub fn instruct(conn: &mut PgConnection, app: &App, s: &Settlement, attempt: u32, now: DateTime<Utc>) -> QueryResult<()> {
-    let answer_by = now + chrono::Duration::from_std(answer_timeout(app, &s.partner_id)).expect("a sane timeout");
+pub fn instruct(
+    conn: &mut PgConnection,
+    app: &App,
+    s: &Settlement,
+    attempt: u32,
+    now: DateTime<Utc>,
+) -> QueryResult<()> {
+    let answer_by = now
+        + chrono::Duration::from_std(answer_timeout(app, &s.partner_id)).expect("a sane timeout");
     diesel::update(settlements::table.find(s.id))
-        .set((settlements::attempts.eq(attempt as i32), settlements::answer_due_at.eq(answer_by)))
+        .set((
+            settlements::attempts.eq(attempt as i32),
+            settlements::answer_due_at.eq(answer_by),
+        ))
         .execute(conn)?;
     let instruction = SettlementInstruction {
         message_type: kinds::SETTLEMENT_INSTRUCTION.into(),
@@ -73,16 +87,45 @@ pub fn instruct(conn: &mut PgConnection, app: &App, s: &Settlement, attempt: u32
     };
     outbox::enqueue(
         conn,
-        &Outgoing::json(app.names.partners(), s.partner_id.as_str(), kinds::SETTLEMENT_INSTRUCTION, &instruction).correlated(s.order_id.to_string()),
+        &Outgoing::json(
+            app.names.partners(),
+            s.partner_id.as_str(),
+            kinds::SETTLEMENT_INSTRUCTION,
+            &instruction,
+        )
+        .correlated(s.order_id.to_string()),
     )
 }
 
 /// notify_orderer sends a notice about an order to its orderer, once per `code`.
-pub fn notify_orderer(conn: &mut PgConnection, app: &App, order_id: Uuid, code: &str, text: String, now: DateTime<Utc>) -> QueryResult<()> {
-    let orderer: String = orders::table.find(order_id).select(orders::orderer_terminal_id).first(conn)?;
-    let Some(terminal) = load_terminal(conn, &orderer)? else { return Ok(()) };
-    let notice = Notice { code: code.into(), text, order_id: Some(order_id), asset_id: None, request_id: None };
-    let mut d = NewDelivery::now(DeliveryKind::Message, format!("order:{order_id}:{code}"), &terminal, serde_json::to_value(notice).expect("serializes"));
+pub fn notify_orderer(
+    conn: &mut PgConnection,
+    app: &App,
+    order_id: Uuid,
+    code: &str,
+    text: String,
+    now: DateTime<Utc>,
+) -> QueryResult<()> {
+    let orderer: String = orders::table
+        .find(order_id)
+        .select(orders::orderer_terminal_id)
+        .first(conn)?;
+    let Some(terminal) = load_terminal(conn, &orderer)? else {
+        return Ok(());
+    };
+    let notice = Notice {
+        code: code.into(),
+        text,
+        order_id: Some(order_id),
+        asset_id: None,
+        request_id: None,
+    };
+    let mut d = NewDelivery::now(
+        DeliveryKind::Message,
+        format!("order:{order_id}:{code}"),
+        &terminal,
+        serde_json::to_value(notice).expect("serializes"),
+    );
     d.order_id = Some(order_id);
     delivery::enqueue_with(conn, app, d, now)?;
     Ok(())
@@ -97,7 +140,12 @@ pub struct Swept {
 
 /// sweep_timeouts handles settlement instructions whose answer is overdue at `as_of`: each is sent
 /// again, or, once its attempts are spent, abandoned and dead-lettered, and its order fails.
-pub fn sweep_timeouts(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
+pub fn sweep_timeouts(
+    conn: &mut PgConnection,
+    app: &App,
+    as_of: DateTime<Utc>,
+    batch: i64,
+) -> QueryResult<Swept> {
     conn.transaction(|conn| {
         let due: Vec<Settlement> = settlements::table
             .filter(settlements::status.eq("instructed"))

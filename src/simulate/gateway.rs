@@ -65,7 +65,10 @@ pub struct TerminalKeys {
 
 impl TerminalKeys {
     pub fn new(dir: PathBuf) -> TerminalKeys {
-        TerminalKeys { dir, cache: Arc::default() }
+        TerminalKeys {
+            dir,
+            cache: Arc::default(),
+        }
     }
 
     pub async fn get(&self, terminal: &str) -> Option<PKey<Private>> {
@@ -79,20 +82,47 @@ impl TerminalKeys {
     }
 }
 
-pub async fn run_owned(config: Config, broker: Broker, options: GatewayOptions, stats: Arc<Stats>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run_owned(
+    config: Config,
+    broker: Broker,
+    options: GatewayOptions,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     run(&config, broker, options, stats, shutdown).await
 }
 
-pub async fn run(config: &Config, broker: Broker, options: GatewayOptions, stats: Arc<Stats>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let names = Names { prefix: config.amqp.prefix.clone() };
-    let gateways = if options.gateways.is_empty() { config.gateways.keys().cloned().collect() } else { options.gateways.clone() };
-    anyhow::ensure!(!gateways.is_empty(), "no gateways configured: add [gateways.<id>] to the configuration");
+pub async fn run(
+    config: &Config,
+    broker: Broker,
+    options: GatewayOptions,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let names = Names {
+        prefix: config.amqp.prefix.clone(),
+    };
+    let gateways = if options.gateways.is_empty() {
+        config.gateways.keys().cloned().collect()
+    } else {
+        options.gateways.clone()
+    };
+    anyhow::ensure!(
+        !gateways.is_empty(),
+        "no gateways configured: add [gateways.<id>] to the configuration"
+    );
     let publisher = Arc::new(Publisher::new(broker.clone()));
     let keys = TerminalKeys::new(options.keys.clone());
     let mut tasks = Vec::new();
     for gateway in gateways {
         let queue = names.gateway_queue(&gateway);
-        let (publisher, stats, options, requests, keys) = (publisher.clone(), stats.clone(), options.clone(), names.requests(), keys.clone());
+        let (publisher, stats, options, requests, keys) = (
+            publisher.clone(),
+            stats.clone(),
+            options.clone(),
+            names.requests(),
+            keys.clone(),
+        );
         tasks.push(tokio::spawn(consume(broker.clone(), queue, 128, shutdown.clone(), move |delivery| {
             let (publisher, stats, options, requests, keys) = (publisher.clone(), stats.clone(), options.clone(), requests.clone(), keys.clone());
             async move {
@@ -161,7 +191,11 @@ pub async fn run(config: &Config, broker: Broker, options: GatewayOptions, stats
 }
 
 /// exchange_request builds a signed `certificate.exchange`.
-pub fn exchange_request(terminal_id: &str, certificate: serde_json::Value, key: &PKey<Private>) -> serde_json::Value {
+pub fn exchange_request(
+    terminal_id: &str,
+    certificate: serde_json::Value,
+    key: &PKey<Private>,
+) -> serde_json::Value {
     let mut request = serde_json::json!({
         "type": kinds::CERTIFICATE_EXCHANGE,
         "request_id": format!("x-{}", Uuid::now_v7()),

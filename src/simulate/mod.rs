@@ -36,6 +36,10 @@ pub enum SimulateCommand {
         /// Share of certificates their holders exchange.
         #[arg(long, default_value_t = 0.5)]
         exchange_rate: f64,
+        /// With --orders: keep answering this long after the last order, then show the history
+        /// of an exchanged asset and stop. Without it, run until interrupted.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        linger: Option<Duration>,
     },
 }
 
@@ -70,6 +74,34 @@ impl Stats {
     }
 }
 
+/// show_an_exchanged_asset prints the history of the most recently exchanged asset.
+async fn show_an_exchanged_asset(config: &Config) -> anyhow::Result<()> {
+    use diesel::prelude::*;
+    let url = config.database.url.clone();
+    let view = tokio::task::spawn_blocking(
+        move || -> anyhow::Result<Option<crate::cli::status::View>> {
+            use crate::db::schema::exchange_certificates as x;
+            let mut conn = PgConnection::establish(&url)?;
+            let asset: Option<uuid::Uuid> = x::table
+                .filter(x::exchanged_at.is_not_null())
+                .order(x::exchanged_at.desc())
+                .select(x::asset_id)
+                .first(&mut conn)
+                .optional()?;
+            Ok(match asset {
+                Some(id) => crate::cli::status::lookup(&mut conn, &id.to_string())?,
+                None => None,
+            })
+        },
+    )
+    .await??;
+    if let Some(view) = view {
+        println!("\nThe most recently exchanged asset (assetflow status <id> shows any):\n");
+        print!("{}", crate::cli::status::render(&view));
+    }
+    Ok(())
+}
+
 /// default_keys_dir is where simulated terminals keep their private keys.
 pub fn default_keys_dir() -> PathBuf {
     PathBuf::from(".assetflow/sim/terminals")
@@ -85,13 +117,21 @@ pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()>
         });
         let shutdown2 = shutdown.clone();
         tokio::spawn(async move {
-            if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            if let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
                 term.recv().await;
                 shutdown2.cancel();
             }
         });
     }
-    let broker = Broker::start(config.amqp.url.clone(), Topology::new(&config), config.amqp.reconnect_min, config.amqp.reconnect_max, shutdown.clone());
+    let broker = Broker::start(
+        config.amqp.url.clone(),
+        Topology::new(&config),
+        config.amqp.reconnect_min,
+        config.amqp.reconnect_max,
+        shutdown.clone(),
+    );
     let stats = Arc::new(Stats::default());
     let reporter = {
         let (stats, shutdown) = (stats.clone(), shutdown.clone());
@@ -108,24 +148,70 @@ pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()>
         })
     };
     match command {
-        SimulateCommand::Partner(options) => partner::run(&config, broker, options, stats, shutdown.clone()).await?,
-        SimulateCommand::Gateway(options) => gateway::run(&config, broker, options, stats, shutdown.clone()).await?,
-        SimulateCommand::Terminals(options) => terminals::run(&config, broker, options, stats, shutdown.clone()).await?,
-        SimulateCommand::All { terminals: options, decline_rate, exchange_rate } => {
+        SimulateCommand::Partner(options) => {
+            partner::run(&config, broker, options, stats, shutdown.clone()).await?
+        }
+        SimulateCommand::Gateway(options) => {
+            gateway::run(&config, broker, options, stats, shutdown.clone()).await?
+        }
+        SimulateCommand::Terminals(options) => {
+            terminals::run(&config, broker, options, stats, shutdown.clone()).await?
+        }
+        SimulateCommand::All {
+            terminals: options,
+            decline_rate,
+            exchange_rate,
+            linger,
+        } => {
             terminals::ensure_demo_catalogue(&config).await?;
-            let partner_options = partner::PartnerOptions { decline_rate, ..partner::PartnerOptions::default() };
-            let gateway_options = gateway::GatewayOptions { exchange_rate, keys: options.keys.clone(), ..gateway::GatewayOptions::default() };
-            let p = tokio::spawn(partner::run_owned(config.clone(), broker.clone(), partner_options, stats.clone(), shutdown.clone()));
-            let g = tokio::spawn(gateway::run_owned(config.clone(), broker.clone(), gateway_options, stats.clone(), shutdown.clone()));
-            let t = terminals::run(&config, broker.clone(), options, stats.clone(), shutdown.clone()).await;
-            // The terminals stop after --orders; the partner and gateway keep answering until a signal.
+            let partner_options = partner::PartnerOptions {
+                decline_rate,
+                ..partner::PartnerOptions::default()
+            };
+            let gateway_options = gateway::GatewayOptions {
+                exchange_rate,
+                keys: options.keys.clone(),
+                ..gateway::GatewayOptions::default()
+            };
+            let p = tokio::spawn(partner::run_owned(
+                config.clone(),
+                broker.clone(),
+                partner_options,
+                stats.clone(),
+                shutdown.clone(),
+            ));
+            let g = tokio::spawn(gateway::run_owned(
+                config.clone(),
+                broker.clone(),
+                gateway_options,
+                stats.clone(),
+                shutdown.clone(),
+            ));
+            let t = terminals::run(
+                &config,
+                broker.clone(),
+                options,
+                stats.clone(),
+                shutdown.clone(),
+            )
+            .await;
+            // The terminals stop after --orders; the partner and gateway keep answering.
             if t.is_ok() {
-                shutdown.cancelled().await;
+                match linger {
+                    Some(linger) => tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(linger) => {}
+                    },
+                    None => shutdown.cancelled().await,
+                }
             }
             shutdown.cancel();
             p.await??;
             g.await??;
             t?;
+            if linger.is_some() {
+                show_an_exchanged_asset(&config).await?;
+            }
         }
     }
     shutdown.cancel();

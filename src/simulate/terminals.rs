@@ -58,10 +58,17 @@ pub struct SimTerminal {
 
 /// register makes `count` terminals, spread over the configured gateways and partners, and writes
 /// their private keys to `keys`.
-pub async fn register(config: &Config, count: usize, keys: &std::path::Path) -> anyhow::Result<Vec<SimTerminal>> {
+pub async fn register(
+    config: &Config,
+    count: usize,
+    keys: &std::path::Path,
+) -> anyhow::Result<Vec<SimTerminal>> {
     let gateways: Vec<String> = config.gateways.keys().cloned().collect();
     let partners: Vec<String> = config.partners.keys().cloned().collect();
-    anyhow::ensure!(!gateways.is_empty() && !partners.is_empty(), "configure at least one gateway and one partner");
+    anyhow::ensure!(
+        !gateways.is_empty() && !partners.is_empty(),
+        "configure at least one gateway and one partner"
+    );
     std::fs::create_dir_all(keys)?;
     let mut terminals = Vec::new();
     let mut rows = Vec::new();
@@ -77,7 +84,13 @@ pub async fn register(config: &Config, count: usize, keys: &std::path::Path) -> 
                 key
             }
         };
-        rows.push((id.clone(), kind, gateways[i % gateways.len()].clone(), partners[i % partners.len()].clone(), crypto::public_key_pem(&key)?));
+        rows.push((
+            id.clone(),
+            kind,
+            gateways[i % gateways.len()].clone(),
+            partners[i % partners.len()].clone(),
+            crypto::public_key_pem(&key)?,
+        ));
         terminals.push(SimTerminal { id, key });
     }
     let url = config.database.url.clone();
@@ -93,7 +106,12 @@ pub async fn register(config: &Config, count: usize, keys: &std::path::Path) -> 
 }
 
 /// purchase builds a signed `order.purchase`.
-pub fn purchase(terminal: &SimTerminal, product: &str, quantity: u32, extra: serde_json::Value) -> serde_json::Value {
+pub fn purchase(
+    terminal: &SimTerminal,
+    product: &str,
+    quantity: u32,
+    extra: serde_json::Value,
+) -> serde_json::Value {
     let mut request = json!({
         "type": kinds::ORDER_PURCHASE,
         "request_id": format!("o-{}", Uuid::now_v7()),
@@ -109,22 +127,43 @@ pub fn purchase(terminal: &SimTerminal, product: &str, quantity: u32, extra: ser
     request
 }
 
-pub async fn run(config: &Config, broker: Broker, options: TerminalOptions, stats: Arc<Stats>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: &Config,
+    broker: Broker,
+    options: TerminalOptions,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let terminals = register(config, options.count, &options.keys).await?;
     let url = config.database.url.clone();
-    let catalogue: Vec<String> = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
-        let mut conn = PgConnection::establish(&url)?;
-        Ok(products::table.filter(products::on_sale.eq(true)).order(products::id).select(products::id).load(&mut conn)?)
-    })
-    .await??;
-    anyhow::ensure!(!catalogue.is_empty(), "no product is on sale: add one with `assetflow products add`");
-    let names = Names { prefix: config.amqp.prefix.clone() };
+    let catalogue: Vec<String> =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
+            let mut conn = PgConnection::establish(&url)?;
+            Ok(products::table
+                .filter(products::on_sale.eq(true))
+                .order(products::id)
+                .select(products::id)
+                .load(&mut conn)?)
+        })
+        .await??;
+    anyhow::ensure!(
+        !catalogue.is_empty(),
+        "no product is on sale: add one with `assetflow products add`"
+    );
+    let names = Names {
+        prefix: config.amqp.prefix.clone(),
+    };
     let publisher = Publisher::new(broker);
     let period = Duration::from_secs_f64(1.0 / options.rate.max(0.001));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sent = 0u64;
-    println!("{} terminals registered; ordering {} a second from {}", terminals.len(), options.rate, catalogue.join(", "));
+    println!(
+        "{} terminals registered; ordering {} a second from {}",
+        terminals.len(),
+        options.rate,
+        catalogue.join(", ")
+    );
     while options.orders == 0 || sent < options.orders {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -136,8 +175,12 @@ pub async fn run(config: &Config, broker: Broker, options: TerminalOptions, stat
             let product = catalogue.choose(&mut rng).expect("at least one product");
             let mut extra = json!({});
             if rng.random::<f64>() < options.gift_rate && terminals.len() > 1 {
-                let other = terminals.iter().filter(|t| t.id != terminal.id).collect::<Vec<_>>();
-                extra["recipient_terminal_ids"] = json!([other.choose(&mut rng).expect("another").id]);
+                let other = terminals
+                    .iter()
+                    .filter(|t| t.id != terminal.id)
+                    .collect::<Vec<_>>();
+                extra["recipient_terminal_ids"] =
+                    json!([other.choose(&mut rng).expect("another").id]);
             }
             let roll = rng.random::<f64>();
             if roll < options.immediate_rate {
@@ -148,7 +191,14 @@ pub async fn run(config: &Config, broker: Broker, options: TerminalOptions, stat
             purchase(terminal, product, 1, extra)
         };
         let body = serde_json::to_vec(&request)?;
-        publisher.publish(&names.requests(), kinds::ORDER_PURCHASE, kinds::ORDER_PURCHASE, &body).await?;
+        publisher
+            .publish(
+                &names.requests(),
+                kinds::ORDER_PURCHASE,
+                kinds::ORDER_PURCHASE,
+                &body,
+            )
+            .await?;
         stats.orders.fetch_add(1, Ordering::Relaxed);
         sent += 1;
     }
@@ -160,7 +210,10 @@ pub async fn ensure_demo_catalogue(config: &Config) -> anyhow::Result<()> {
     let url = config.database.url.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let mut conn = PgConnection::establish(&url)?;
-        let on_sale: i64 = products::table.filter(products::on_sale.eq(true)).count().get_result(&mut conn)?;
+        let on_sale: i64 = products::table
+            .filter(products::on_sale.eq(true))
+            .count()
+            .get_result(&mut conn)?;
         if on_sale > 0 {
             return Ok(());
         }
@@ -203,13 +256,25 @@ pub fn demo_catalogue() -> Vec<Product> {
             transferable: true,
             uses: Some(1),
             tags: json!({"title": "Christmas concert", "date": "12-25", "place": "Tokyo Hall", "seat_class": "S"}),
-            ..base("concert-ticket", "ticket", "Christmas concert, S seat", "tokyo-hall", 8_500)
+            ..base(
+                "concert-ticket",
+                "ticket",
+                "Christmas concert, S seat",
+                "tokyo-hall",
+                8_500,
+            )
         },
         Product {
             value_minor: Some(5_000),
             asset_validity_secs: Some(365 * day),
             certificate_validity_secs: Some(30 * day),
-            ..base("prepaid-card-5000", "prepaid_card", "Prepaid card 5,000 yen", "assetflow-pay", 5_000)
+            ..base(
+                "prepaid-card-5000",
+                "prepaid_card",
+                "Prepaid card 5,000 yen",
+                "assetflow-pay",
+                5_000,
+            )
         },
         Product {
             uses: Some(1),
@@ -218,8 +283,23 @@ pub fn demo_catalogue() -> Vec<Product> {
             reminder_stage1_secs: day,
             reminder_stage2_secs: day / 2,
             stage2_policy: "forced_transmission".into(),
-            ..base("ppv-movie", "ppv_ticket", "Pay-per-view: the late show", "cinema-net", 400)
+            ..base(
+                "ppv-movie",
+                "ppv_ticket",
+                "Pay-per-view: the late show",
+                "cinema-net",
+                400,
+            )
         },
-        Product { uses: Some(1), ..base("coffee-coupon", "coupon", "One coffee", "assetflow-pay", 300) },
+        Product {
+            uses: Some(1),
+            ..base(
+                "coffee-coupon",
+                "coupon",
+                "One coffee",
+                "assetflow-pay",
+                300,
+            )
+        },
     ]
 }

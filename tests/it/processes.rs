@@ -1,0 +1,291 @@
+//! Real `assetflow run` processes sharing one database and one vhost: competing consumers, the
+//! scheduler's advisory locks, a SIGKILL in the middle of a load, and a SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use assetflow::crypto::KeyRing;
+use assetflow::simulate::gateway::GatewayOptions;
+use assetflow::simulate::partner::PartnerOptions;
+use assetflow::simulate::terminals::{SimTerminal, purchase, register};
+use assetflow::status_machine::{Status, is_legal_path};
+use diesel::prelude::*;
+use serde_json::json;
+
+use crate::harness::{Env, ISSUER, count};
+
+/// Node is one `assetflow run` process.
+struct Node {
+    child: Child,
+}
+
+impl Node {
+    fn start(dir: &Path, name: &str) -> Node {
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_assetflow"))
+            .args([
+                "--config",
+                dir.join("assetflow.toml").to_str().unwrap(),
+                "run",
+            ])
+            .env("RUST_LOG", "info,lapin=off")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("assetflow starts");
+        Node { child }
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// cluster writes a configuration file and signing keys the processes share with `env`.
+fn cluster(env: &Env) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("assetflow-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    KeyRing::generate(&dir.join("keys"), &[ISSUER.to_string()], true).unwrap();
+    let config = format!(
+        r#"
+[database]
+url = "{db}"
+pool_size = 6
+[amqp]
+url = "{amqp}"
+reconnect_min = "50ms"
+reconnect_max = "1s"
+[keys]
+dir = "{keys}"
+[outbox]
+poll_interval = "50ms"
+[http]
+listen = ""
+[partners.card-co]
+[partners.bank-a]
+[gateways.gw-1]
+[gateways.gw-2]
+"#,
+        db = env.config.database.url,
+        amqp = env.config.amqp.url,
+        keys = dir.join("keys").display(),
+    );
+    std::fs::write(dir.join("assetflow.toml"), config).unwrap();
+    dir
+}
+
+fn orders(terminals: &[SimTerminal], range: std::ops::Range<usize>) -> Vec<serde_json::Value> {
+    range
+        .map(|i| {
+            let t = &terminals[i % terminals.len()];
+            let extra = match i % 5 {
+                0 => json!({"delivery": {"mode": "immediate"}}),
+                1 => json!({"recipient_terminal_ids": [terminals[(i + 1) % terminals.len()].id]}),
+                _ => json!({}),
+            };
+            purchase(t, "ticket", 1 + (i % 2) as u32, extra)
+        })
+        .collect()
+}
+
+/// Every order and every transmission has reached a final state, and the outbox is empty.
+fn all_final(c: &mut PgConnection, orders: i64, exchanges: i64) -> Option<()> {
+    (count(c, "SELECT count(*) FROM orders WHERE status IN ('issued', 'declined', 'failed')") == orders
+        && count(c, "SELECT count(*) FROM deliveries WHERE status NOT IN ('delivered', 'dead', 'cancelled')") == 0
+        && count(c, "SELECT count(*) FROM terminal_requests WHERE message_type = 'certificate.exchange'") == exchanges
+        && count(c, "SELECT count(*) FROM outbox") == 0)
+        .then_some(())
+}
+
+/// No settlement, issue, asset delivery or acknowledgement happened twice, and every status history
+/// is a legal path through the status machine.
+fn assert_nothing_twice(c: &mut PgConnection, orders: i64) {
+    assert_eq!(
+        count(c, "SELECT count(*) FROM settlements"),
+        orders,
+        "one settlement per order"
+    );
+    assert_eq!(
+        count(
+            c,
+            "SELECT count(*) FROM orders o WHERE o.status = 'issued' AND (SELECT count(*) FROM assets a WHERE a.order_id = o.id) <> o.quantity * cardinality(o.recipient_terminal_ids)"
+        ),
+        0,
+        "every issued order has exactly its assets"
+    );
+    assert_eq!(
+        count(
+            c,
+            "SELECT count(*) FROM (SELECT asset_id FROM deliveries WHERE kind = 'asset' GROUP BY asset_id HAVING count(*) > 1) x"
+        ),
+        0,
+        "no asset delivered twice"
+    );
+    assert_eq!(
+        count(
+            c,
+            "SELECT count(*) FROM (SELECT asset_id FROM deliveries WHERE kind = 'certificate' GROUP BY asset_id HAVING count(*) > 1) x"
+        ),
+        0,
+        "no certificate sent twice"
+    );
+    assert_eq!(
+        count(
+            c,
+            "SELECT count(*) FROM (SELECT delivery_id FROM delivery_attempts WHERE outcome = 'acknowledged' GROUP BY delivery_id HAVING count(*) > 1) x"
+        ),
+        0,
+        "no delivery acknowledged twice"
+    );
+    assert_eq!(
+        count(c, "SELECT count(*) FROM dead_letters"),
+        0,
+        "nothing given up on"
+    );
+    let history: Vec<(uuid::Uuid, Option<String>, String)> = {
+        use assetflow::db::schema::asset_status_history as h;
+        h::table
+            .order((h::asset_id, h::id))
+            .select((h::asset_id, h::from_status, h::to_status))
+            .load(c)
+            .unwrap()
+    };
+    let mut paths: std::collections::BTreeMap<uuid::Uuid, Vec<(Option<Status>, Status)>> =
+        Default::default();
+    for (asset, from, to) in history {
+        paths.entry(asset).or_default().push((
+            from.map(|s| Status::parse(&s).unwrap()),
+            Status::parse(&to).unwrap(),
+        ));
+    }
+    for (asset, path) in paths {
+        assert!(
+            is_legal_path(&path),
+            "asset {asset} took an illegal path: {path:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_with_one_killed_mid_load_lose_nothing_and_do_nothing_twice() {
+    let env = Env::new().await;
+    env.product("ticket", |_| {}).await;
+    let dir = cluster(&env);
+    let terminals = register(&env.config, 6, &dir.join("terminals"))
+        .await
+        .unwrap();
+    let mut a = Node::start(&dir, "a");
+    let _b = Node::start(&dir, "b");
+    env.partner(PartnerOptions {
+        decline_rate: 0.1,
+        latency: Duration::from_millis(5),
+        ..PartnerOptions::default()
+    });
+    // This gateway holds the terminals' keys, so half of the holders exchange their certificates.
+    tokio::spawn(assetflow::simulate::gateway::run_owned(
+        env.config.clone(),
+        env.broker.clone(),
+        GatewayOptions {
+            keys: dir.join("terminals"),
+            exchange_rate: 0.5,
+            ..GatewayOptions::default()
+        },
+        env.stats.clone(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
+
+    let first = orders(&terminals, 0..40);
+    for order in &first {
+        env.send(order).await;
+    }
+    // Kill one process while the first orders are in flight, and bring it back.
+    env.wait_until("some orders are issued", |c| {
+        (count(c, "SELECT count(*) FROM orders WHERE status = 'issued'") >= 5).then_some(())
+    })
+    .await;
+    a.kill9();
+    let second = orders(&terminals, 40..80);
+    for order in &second[..20] {
+        env.send(order).await;
+    }
+    let _a = Node::start(&dir, "a-again");
+    for order in &second[20..] {
+        env.send(order).await;
+    }
+
+    let stats = env.stats.clone();
+    env.wait_until("every order and transmission is final", move |c| {
+        all_final(
+            c,
+            80,
+            stats.exchanges.load(std::sync::atomic::Ordering::Relaxed) as i64,
+        )
+    })
+    .await;
+    env.db(|c| {
+        assert_nothing_twice(c, 80);
+        assert!(
+            count(c, "SELECT count(*) FROM assets WHERE status = 'delivered'") > 0,
+            "some certificates were exchanged"
+        );
+    })
+    .await;
+    drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_work_in_hand_and_exits_zero() {
+    let env = Env::new().await;
+    env.product("ticket", |_| {}).await;
+    let dir = cluster(&env);
+    let terminals = register(&env.config, 3, &dir.join("terminals"))
+        .await
+        .unwrap();
+    let mut node = Node::start(&dir, "node");
+    env.partner(PartnerOptions {
+        decline_rate: 0.0,
+        latency: Duration::ZERO,
+        ..PartnerOptions::default()
+    });
+    env.gateway(GatewayOptions::default());
+    for order in orders(&terminals, 0..10) {
+        env.send(&order).await;
+    }
+    env.wait_until("the first order is settled", |c| {
+        (count(
+            c,
+            "SELECT count(*) FROM settlements WHERE status = 'settled'",
+        ) >= 1)
+            .then_some(())
+    })
+    .await;
+    let status = tokio::task::spawn_blocking(move || node.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "assetflow exited with {status}");
+
+    // What was left in the queues is taken up by the next process, and all of it completes.
+    let _next = Node::start(&dir, "next");
+    env.wait_until("every order and transmission is final", |c| {
+        all_final(c, 10, 0)
+    })
+    .await;
+    env.db(|c| assert_nothing_twice(c, 10)).await;
+}
