@@ -34,14 +34,8 @@ pub struct App {
 impl App {
     /// App::new builds the application; it connects to nothing yet.
     pub fn new(config: Config, pools: PoolDefinitions, keys: KeyRing) -> App {
-        let db = Db::new(
-            &config.database.url,
-            config.database.pool_size,
-            config.database.connection_timeout,
-        );
-        let names = Names {
-            prefix: config.amqp.prefix.clone(),
-        };
+        let db = Db::new(&config.database.url, config.database.pool_size, config.database.connection_timeout);
+        let names = Names { prefix: config.amqp.prefix.clone() };
         App {
             config,
             pools,
@@ -89,12 +83,7 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions {
-            pools: Vec::new(),
-            scheduler: true,
-            relay: true,
-            http: true,
-        }
+        RunOptions { pools: Vec::new(), scheduler: true, relay: true, http: true }
     }
 }
 
@@ -127,11 +116,7 @@ pub async fn prepare(app: &App) -> anyhow::Result<()> {
 
 /// run runs assetflow until `shutdown`: stop consuming, finish what is in hand, flush the
 /// outbox, stop.
-pub async fn run(
-    app: Arc<App>,
-    options: RunOptions,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+pub async fn run(app: Arc<App>, options: RunOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     prepare(&app).await?;
     let topology = Topology::new(&app.config);
     let broker_stop = CancellationToken::new();
@@ -145,27 +130,16 @@ pub async fn run(
     let registry = Arc::new(registry(&app.names)?);
 
     let consumers = TaskTracker::new();
-    let pools = if options.pools.is_empty() {
-        Pool::ALL.to_vec()
-    } else {
-        options.pools.clone()
-    };
+    let pools = if options.pools.is_empty() { Pool::ALL.to_vec() } else { options.pools.clone() };
     for pool in pools {
         let settings = match pool {
             Pool::Settlement => &app.pools.settlement.pool,
             Pool::Issuance => &app.pools.issuance.pool,
             Pool::Delivery => &app.pools.delivery.pool,
         };
-        let queues: Vec<String> = settings
-            .queues
-            .iter()
-            .map(|q| format!("{}.{q}", app.names.prefix))
-            .collect();
+        let queues: Vec<String> = settings.queues.iter().map(|q| format!("{}.{q}", app.names.prefix)).collect();
         for queue in &queues {
-            anyhow::ensure!(
-                registry.handles(queue),
-                "workers/{pool}.toml names queue {queue}, which no handler takes"
-            );
+            anyhow::ensure!(registry.handles(queue), "workers/{pool}.toml names queue {queue}, which no handler takes");
         }
         let runner = PoolRunner {
             pool,
@@ -207,12 +181,8 @@ pub async fn run(
     }
     let http_stop = CancellationToken::new();
     if options.http && !app.config.http.listen.is_empty() {
-        let (listen, progress, broker, stop) = (
-            app.config.http.listen.clone(),
-            app.progress.clone(),
-            broker.clone(),
-            http_stop.clone(),
-        );
+        let (listen, progress, broker, stop) =
+            (app.config.http.listen.clone(), app.progress.clone(), broker.clone(), http_stop.clone());
         let stall = app.config.outbox.poll_interval * 40 + std::time::Duration::from_secs(10);
         background.spawn(async move {
             if let Err(e) = crate::health::serve(&listen, progress, broker, stall, stop).await {

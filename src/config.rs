@@ -103,11 +103,7 @@ pub struct HttpConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PartnerConfig {
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub answer_timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
@@ -120,9 +116,7 @@ pub struct GatewayConfig {}
 impl Config {
     /// Config::load layers the defaults, the file (if any) and the environment.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
-        Self::figment(file)
-            .extract()
-            .map_err(|e| anyhow::anyhow!("configuration: {e}"))
+        Self::figment(file).extract().map_err(|e| anyhow::anyhow!("configuration: {e}"))
     }
 
     /// Config::with_overrides loads the defaults and applies `overrides` on top, ignoring the
@@ -136,23 +130,13 @@ impl Config {
 
     fn figment(file: Option<&Path>) -> Figment {
         let mut figment = Figment::from(Toml::string(DEFAULTS));
-        let file = file
-            .map(Path::to_path_buf)
-            .or_else(|| std::env::var_os("ASSETFLOW_CONFIG").map(PathBuf::from));
+        let file = file.map(Path::to_path_buf).or_else(|| std::env::var_os("ASSETFLOW_CONFIG").map(PathBuf::from));
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
         figment
-            .merge(
-                Env::prefixed("ASSETFLOW_")
-                    .ignore(&["CONFIG", "LOG"])
-                    .split("__"),
-            )
-            .merge(
-                Env::raw()
-                    .only(&["DATABASE_URL"])
-                    .map(|_| "database.url".into()),
-            )
+            .merge(Env::prefixed("ASSETFLOW_").ignore(&["CONFIG", "LOG", "LOG_FORMAT"]).split("__"))
+            .merge(Env::raw().only(&["DATABASE_URL"]).map(|_| "database.url".into()))
             .merge(Env::raw().only(&["AMQP_URL"]).map(|_| "amqp.url".into()))
     }
 
@@ -169,18 +153,9 @@ impl Config {
             "configuration: amqp.prefix {:?} is not a valid name",
             self.amqp.prefix
         );
-        anyhow::ensure!(
-            self.amqp.delivery_limit >= 2,
-            "configuration: amqp.delivery_limit must be at least 2"
-        );
-        anyhow::ensure!(
-            self.database.pool_size >= 2,
-            "configuration: database.pool_size must be at least 2"
-        );
-        anyhow::ensure!(
-            self.outbox.batch_size >= 1,
-            "configuration: outbox.batch_size must be at least 1"
-        );
+        anyhow::ensure!(self.amqp.delivery_limit >= 2, "configuration: amqp.delivery_limit must be at least 2");
+        anyhow::ensure!(self.database.pool_size >= 2, "configuration: database.pool_size must be at least 2");
+        anyhow::ensure!(self.outbox.batch_size >= 1, "configuration: outbox.batch_size must be at least 1");
         Ok(())
     }
 
@@ -200,9 +175,7 @@ impl Config {
 
 /// is_name accepts ids that are safe as AMQP names, routing keys and log fields.
 pub fn is_name(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 /// redact_url hides the password of a URL such as `amqp://user:secret@host/`.
@@ -232,10 +205,7 @@ mod tests {
         let config = Config::with_overrides(serde_json::json!({})).unwrap();
         config.validate().unwrap();
         assert_eq!(config.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
-        assert_eq!(
-            config.database.url,
-            "postgres://postgres@127.0.0.1:5432/assetflow"
-        );
+        assert_eq!(config.database.url, "postgres://postgres@127.0.0.1:5432/assetflow");
     }
 
     #[test]
@@ -246,22 +216,11 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(
-            redact_url("postgres://postgres@127.0.0.1/x"),
-            "postgres://postgres@127.0.0.1/x"
-        );
-        assert_eq!(
-            redact_url("postgres://u:p%40ss@h:1/db?sslmode=require"),
-            "postgres://u:***@h:1/db?sslmode=require"
-        );
-        let config = Config::with_overrides(
-            serde_json::json!({"database": {"url": "postgres://a:secret@h/db"}}),
-        )
-        .unwrap();
+        assert_eq!(redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert_eq!(redact_url("postgres://postgres@127.0.0.1/x"), "postgres://postgres@127.0.0.1/x");
+        assert_eq!(redact_url("postgres://u:p%40ss@h:1/db?sslmode=require"), "postgres://u:***@h:1/db?sslmode=require");
+        let config =
+            Config::with_overrides(serde_json::json!({"database": {"url": "postgres://a:secret@h/db"}})).unwrap();
         assert!(!config.redacted().contains("secret"));
     }
 }

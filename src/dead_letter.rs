@@ -79,11 +79,7 @@ pub struct NewDeadLetter {
 /// record writes the dead letter and, through the outbox, publishes it to the pool's dead-letter
 /// queue, inside the caller's transaction. A message dead-lettered twice (a redelivery racing
 /// the first) is recorded once. It returns the id, or None when it was already recorded.
-pub fn record(
-    conn: &mut PgConnection,
-    names: &Names,
-    letter: NewDeadLetter,
-) -> QueryResult<Option<Uuid>> {
+pub fn record(conn: &mut PgConnection, names: &Names, letter: NewDeadLetter) -> QueryResult<Option<Uuid>> {
     let id = Uuid::now_v7();
     let now = Utc::now();
     let inserted = diesel::insert_into(dead_letters::table)
@@ -121,13 +117,7 @@ pub fn record(
     };
     outbox::enqueue(
         conn,
-        &Outgoing::json(
-            names.dlx(),
-            letter.pool.as_str(),
-            kinds::DEAD_LETTER,
-            &message,
-        )
-        .correlated(id.to_string()),
+        &Outgoing::json(names.dlx(), letter.pool.as_str(), kinds::DEAD_LETTER, &message).correlated(id.to_string()),
     )?;
     tracing::warn!(dead_letter_id = %id, pool = %letter.pool, reason = letter.reason.as_str(), detail = %letter.detail, "dead-lettered");
     telemetry::dead_lettered(letter.pool.as_str(), letter.reason.as_str());

@@ -23,13 +23,17 @@ pub struct Progress {
 impl Progress {
     /// Progress::relay_tick notes that the outbox relay completed a round.
     pub fn relay_tick(&self) {
-        self.relay_tick_ms
-            .store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+        self.relay_tick_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
     }
 
-    /// Progress::consumer_started notes that a pool consumer (re)subscribed.
+    /// Progress::consumer_started notes that a pool consumer subscribed.
     pub fn consumer_started(&self, _pool: Pool) {
         self.consumers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Progress::consumer_stopped notes that a subscription ended, for whatever reason.
+    pub fn consumer_stopped(&self, _pool: Pool) {
+        let _ = self.consumers.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     fn relay_age(&self) -> Duration {
@@ -52,10 +56,7 @@ pub fn metrics_handle() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             metrics_exporter_prometheus::PrometheusBuilder::new()
-                .set_buckets(&[
-                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                    60.0,
-                ])
+                .set_buckets(&[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
                 .expect("static buckets")
                 .install_recorder()
                 .expect("the metrics recorder is installed once")
@@ -71,27 +72,16 @@ pub async fn serve(
     relay_stall: Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let state = Http {
-        progress,
-        broker,
-        metrics: metrics_handle(),
-        relay_stall,
-    };
+    let state = Http { progress, broker, metrics: metrics_handle(), relay_stall };
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .route(
-            "/metrics",
-            get(|State(s): State<Http>| async move { s.metrics.render() }),
-        )
+        .route("/metrics", get(|State(s): State<Http>| async move { s.metrics.render() }))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     tracing::info!(%listen, "serving /metrics, /healthz and /readyz");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
     Ok(())
 }
 
@@ -101,14 +91,11 @@ async fn ready(State(s): State<Http>) -> (StatusCode, String) {
         problems.push("not connected to RabbitMQ".to_string());
     }
     if s.progress.consumers.load(Ordering::Relaxed) == 0 {
-        problems.push("no pool is consuming yet".to_string());
+        problems.push("no pool is consuming".to_string());
     }
     let age = s.progress.relay_age();
     if age > s.relay_stall {
-        problems.push(format!(
-            "the outbox relay has made no progress for {}s",
-            age.as_secs()
-        ));
+        problems.push(format!("the outbox relay has made no progress for {}s", age.as_secs()));
     }
     if problems.is_empty() {
         (StatusCode::OK, "ready\n".into())

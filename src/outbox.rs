@@ -24,6 +24,12 @@ use crate::broker::{self, Broker};
 use crate::db::{Db, DbError, schema::outbox};
 use crate::telemetry;
 
+/// How long a stopping relay keeps trying to publish what is due.
+const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How often the backlog gauges are refreshed.
+const BACKLOG_INTERVAL: Duration = Duration::from_secs(5);
+
 /// How long a claimed row is held by one relay before another may publish it: long enough for a
 /// batch's confirms, short enough that a killed process's rows go out again within seconds.
 const LEASE: Duration = Duration::from_secs(10);
@@ -127,32 +133,43 @@ impl Relay {
         poll_interval: Duration,
         progress: Arc<crate::health::Progress>,
     ) -> Relay {
-        Relay {
-            db,
-            broker,
-            wake,
-            batch_size: i64::from(batch_size),
-            poll_interval,
-            progress,
-        }
+        Relay { db, broker, wake, batch_size: i64::from(batch_size), poll_interval, progress }
     }
 
-    /// Relay::run publishes until shutdown, then flushes what is already due and returns.
+    /// Relay::run publishes until shutdown, then flushes what is already due and returns. The
+    /// flush gives up after [`FLUSH_DEADLINE`] (a broker that is down): the rows stay in the
+    /// outbox, and the next process to start publishes them.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut channel: Option<lapin::Channel> = None;
+        let mut flush_deadline: Option<tokio::time::Instant> = None;
+        let mut backlog_reported: Option<tokio::time::Instant> = None;
         loop {
             let stopping = shutdown.is_cancelled();
-            match self.round(&mut channel).await {
+            if stopping && flush_deadline.is_none() {
+                flush_deadline = Some(tokio::time::Instant::now() + FLUSH_DEADLINE);
+            }
+            if backlog_reported.is_none_or(|at| at.elapsed() >= BACKLOG_INTERVAL) {
+                self.report_backlog().await;
+                backlog_reported = Some(tokio::time::Instant::now());
+            }
+            let round = match flush_deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, self.round(&mut channel))
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the flush deadline passed"))),
+                None => self.round(&mut channel).await,
+            };
+            match round {
                 Ok(n) if n as i64 >= self.batch_size => continue,
                 Ok(0) if stopping => return,
                 Ok(_) if stopping => continue,
                 Ok(_) => {}
                 Err(e) => {
                     channel = None;
-                    tracing::warn!(error = %e, "outbox relay round failed");
                     if stopping {
+                        tracing::warn!(error = %e, "could not flush the outbox before stopping; the next process publishes it");
                         return;
                     }
+                    tracing::warn!(error = %e, "outbox relay round failed");
                     tokio::select! {
                         _ = shutdown.cancelled() => {}
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -171,23 +188,15 @@ impl Relay {
     /// One round: claim a batch, publish it with pipelined confirms, delete what was confirmed.
     async fn round(&self, channel: &mut Option<lapin::Channel>) -> anyhow::Result<usize> {
         let batch = self.batch_size;
-        let rows: Vec<Row> = self
-            .db
-            .run(move |conn| claim(conn, batch).map_err(DbError::from))
-            .await?;
+        let rows: Vec<Row> = self.db.run(move |conn| claim(conn, batch).map_err(DbError::from)).await?;
         self.progress.relay_tick();
         if rows.is_empty() {
-            self.report_backlog().await;
             return Ok(0);
         }
         let ch = match channel {
             Some(ch) if ch.status().connected() => ch.clone(),
             _ => {
-                let conn = self
-                    .broker
-                    .connection()
-                    .await
-                    .ok_or_else(|| anyhow::anyhow!("shutting down"))?;
+                let conn = self.broker.connection().await.ok_or_else(|| anyhow::anyhow!("shutting down"))?;
                 let ch = conn.create_channel().await?;
                 ch.confirm_select(ConfirmSelectOptions::default()).await?;
                 *channel = Some(ch.clone());
@@ -205,10 +214,7 @@ impl Relay {
                 broker::headers_from_json(&row.headers),
             );
             // mandatory: a message no queue would take comes back instead of vanishing.
-            let options = BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            };
+            let options = BasicPublishOptions { mandatory: true, ..Default::default() };
             match ch
                 .basic_publish(
                     row.exchange.as_str().into(),
@@ -245,18 +251,12 @@ impl Relay {
                 },
                 None => false,
             };
-            if ok {
-                confirmed.push(id)
-            } else {
-                failed.push(id)
-            }
+            if ok { confirmed.push(id) } else { failed.push(id) }
         }
         telemetry::outbox_published(confirmed.len() as u64, failed.len() as u64);
         let n = rows.len();
         let (c, f) = (confirmed.clone(), failed.clone());
-        self.db
-            .run(move |conn| settle(conn, &c, &f).map_err(DbError::from))
-            .await?;
+        self.db.run(move |conn| settle(conn, &c, &f).map_err(DbError::from)).await?;
         if !failed.is_empty() {
             *channel = None;
         }
@@ -264,11 +264,7 @@ impl Relay {
     }
 
     async fn report_backlog(&self) {
-        if let Ok((rows, age)) = self
-            .db
-            .run(|conn| backlog(conn).map_err(DbError::from))
-            .await
-        {
+        if let Ok((rows, age)) = self.db.run(|conn| backlog(conn).map_err(DbError::from)).await {
             telemetry::outbox_backlog(rows, age);
         }
     }
@@ -289,9 +285,7 @@ fn claim(conn: &mut PgConnection, batch: i64) -> QueryResult<Vec<Row>> {
 
 fn settle(conn: &mut PgConnection, confirmed: &[i64], failed: &[i64]) -> QueryResult<()> {
     if !confirmed.is_empty() {
-        diesel::sql_query("DELETE FROM outbox WHERE id = ANY($1)")
-            .bind::<Array<Int8>, _>(confirmed)
-            .execute(conn)?;
+        diesel::sql_query("DELETE FROM outbox WHERE id = ANY($1)").bind::<Array<Int8>, _>(confirmed).execute(conn)?;
     }
     if !failed.is_empty() {
         // Try again soon rather than at the end of the lease.

@@ -99,10 +99,7 @@ pub struct Refused {
 
 impl Refused {
     pub fn new(reason: Reason, detail: impl Into<String>) -> Refused {
-        Refused {
-            reason,
-            detail: detail.into(),
-        }
+        Refused { reason, detail: detail.into() }
     }
 }
 

@@ -32,11 +32,7 @@ pub struct Terminal {
 
 /// load_terminal reads a terminal by id.
 pub fn load_terminal(conn: &mut PgConnection, id: &str) -> QueryResult<Option<Terminal>> {
-    terminals::table
-        .find(id)
-        .select(Terminal::as_select())
-        .first(conn)
-        .optional()
+    terminals::table.find(id).select(Terminal::as_select()).first(conn).optional()
 }
 
 /// Original is the outcome of the first request with a request id.
@@ -62,16 +58,9 @@ pub struct Header<'a> {
 #[derive(Debug)]
 pub enum Verified {
     /// Seen for the first time: carry it out, then call [`accept`] or [`refuse`].
-    Fresh {
-        terminal: Terminal,
-        content_sha256: String,
-    },
+    Fresh { terminal: Terminal, content_sha256: String },
     /// The request id was seen before: answered by [`answer_duplicate`], with no second effect.
-    Duplicate {
-        terminal: Terminal,
-        original: Original,
-        content_sha256: String,
-    },
+    Duplicate { terminal: Terminal, original: Original, content_sha256: String },
 }
 
 /// verify authenticates a request. Err carries the refusal, and the terminal when it is known
@@ -84,22 +73,16 @@ pub fn verify(
     let Some(terminal) = load_terminal(cx.conn, header.terminal_id)? else {
         return Ok(Err((
             None,
-            Refused::new(
-                Reason::UnknownTerminal,
-                format!("terminal {:?} is not registered", header.terminal_id),
-            ),
+            Refused::new(Reason::UnknownTerminal, format!("terminal {:?} is not registered", header.terminal_id)),
         )));
     };
-    let checked = crypto::parse_public_key(&terminal.public_key_pem)
-        .and_then(|key| crypto::verify_document(&key, json));
+    let checked =
+        crypto::parse_public_key(&terminal.public_key_pem).and_then(|key| crypto::verify_document(&key, json));
     if let Err(e) = checked {
         telemetry::signature_failure("terminal_request");
         return Ok(Err((
             Some(terminal),
-            Refused::new(
-                Reason::BadSignature,
-                format!("the request's signature is not the terminal's: {e}"),
-            ),
+            Refused::new(Reason::BadSignature, format!("the request's signature is not the terminal's: {e}")),
         )));
     }
     let auth = &cx.app.config.auth;
@@ -109,25 +92,18 @@ pub fn verify(
             Some(terminal),
             Refused::new(
                 Reason::StaleRequest,
-                format!(
-                    "sent_at {} is older than the {:?} freshness window",
-                    header.sent_at, auth.freshness_window
-                ),
+                format!("sent_at {} is older than the {:?} freshness window", header.sent_at, auth.freshness_window),
             ),
         )));
     }
     if -age > chrono::Duration::from_std(auth.max_clock_skew).expect("a sane skew") {
         return Ok(Err((
             Some(terminal),
-            Refused::new(
-                Reason::StaleRequest,
-                format!("sent_at {} is in the future", header.sent_at),
-            ),
+            Refused::new(Reason::StaleRequest, format!("sent_at {} is in the future", header.sent_at)),
         )));
     }
-    let content_sha256 = crypto::sha256_hex(
-        &crypto::signed_bytes(json).map_err(|e| Failure::Transient(e.to_string()))?,
-    );
+    let content_sha256 =
+        crypto::sha256_hex(&crypto::signed_bytes(json).map_err(|e| Failure::Transient(e.to_string()))?);
     let original = terminal_requests::table
         .find(header.request_id)
         .select((
@@ -140,25 +116,13 @@ pub fn verify(
         .first::<Original>(cx.conn)
         .optional()?;
     Ok(Ok(match original {
-        Some(original) => Verified::Duplicate {
-            terminal,
-            original,
-            content_sha256,
-        },
-        None => Verified::Fresh {
-            terminal,
-            content_sha256,
-        },
+        Some(original) => Verified::Duplicate { terminal, original, content_sha256 },
+        None => Verified::Fresh { terminal, content_sha256 },
     }))
 }
 
 /// accept records a fresh request's success and what it acted on.
-pub fn accept(
-    cx: &mut Cx<'_>,
-    header: &Header<'_>,
-    content_sha256: &str,
-    subject: Uuid,
-) -> Result<(), Failure> {
+pub fn accept(cx: &mut Cx<'_>, header: &Header<'_>, content_sha256: &str, subject: Uuid) -> Result<(), Failure> {
     record(cx, header, content_sha256, "accepted", None, Some(subject))
 }
 
@@ -247,10 +211,7 @@ pub fn answer_duplicate(
     if original.terminal_id != terminal.id || original.content_sha256 != content_sha256 {
         let refused = Refused::new(
             Reason::RequestIdReused,
-            format!(
-                "request id {:?} was already used for another request",
-                header.request_id
-            ),
+            format!("request id {:?} was already used for another request", header.request_id),
         );
         return refuse(cx, message, header, Some(terminal), None, refused);
     }
@@ -261,12 +222,10 @@ pub fn answer_duplicate(
     };
     let notice = Notice {
         code: "duplicate_request".into(),
-        text: format!(
-            "request {} was already received: {outcome}; it has no second effect",
-            header.request_id
-        ),
+        text: format!("request {} was already received: {outcome}; it has no second effect", header.request_id),
         order_id: None,
         asset_id: None,
+        certificate_id: None,
         request_id: Some(header.request_id.to_string()),
     };
     delivery::enqueue(

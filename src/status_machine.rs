@@ -60,10 +60,7 @@ impl Status {
 
     /// Status::is_final says whether nothing more can happen to the asset.
     pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            Status::Delivered | Status::ForceDelivered | Status::Expired | Status::Refunded
-        )
+        matches!(self, Status::Delivered | Status::ForceDelivered | Status::Expired | Status::Refunded)
     }
 
     /// Status::is_before_delivery: the asset has not reached its holder yet.
@@ -114,10 +111,9 @@ pub fn allowed(from: Status, to: Status) -> bool {
     use Status::*;
     match (from, to) {
         // FIG. 6: exchange or designated time, then delivery.
-        (
-            AwaitingExchange | AwaitingDesignatedDelivery,
-            Delivered | Retransmitting | ExpiredCertificateProcessing,
-        ) => true,
+        (AwaitingExchange | AwaitingDesignatedDelivery, Delivered | Retransmitting | ExpiredCertificateProcessing) => {
+            true
+        }
         // FIG. 7: the certificate expired unexchanged.
         (ExpiredCertificateProcessing, Expired | ForceDelivered | ForcedRetransmitting) => true,
         // FIG. 8: retransmission, completed as a forced delivery.
@@ -132,11 +128,7 @@ pub fn allowed(from: Status, to: Status) -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum TransitionError {
     #[error("asset {asset}: {from} -> {to} is not a legal transition")]
-    Illegal {
-        asset: Uuid,
-        from: Status,
-        to: Status,
-    },
+    Illegal { asset: Uuid, from: Status, to: Status },
     #[error("asset {asset} is no longer {expected} (another change won)")]
     Stale { asset: Uuid, expected: Status },
     #[error(transparent)]
@@ -149,25 +141,16 @@ impl From<TransitionError> for crate::pool::Failure {
             TransitionError::Db(e) => e.into(),
             // A lost race is worth another try: the handler re-reads the state.
             TransitionError::Stale { .. } => crate::pool::Failure::Transient(e.to_string()),
-            TransitionError::Illegal { .. } => crate::pool::Failure::permanent(
-                crate::dead_letter::Reason::Unprocessable,
-                e.to_string(),
-            ),
+            TransitionError::Illegal { .. } => {
+                crate::pool::Failure::permanent(crate::dead_letter::Reason::Unprocessable, e.to_string())
+            }
         }
     }
 }
 
 /// record_issued writes the first history entry of a newly inserted asset.
-pub fn record_issued(
-    conn: &mut PgConnection,
-    asset: Uuid,
-    status: Status,
-    at: DateTime<Utc>,
-) -> QueryResult<()> {
-    debug_assert!(matches!(
-        status,
-        Status::AwaitingExchange | Status::AwaitingDesignatedDelivery
-    ));
+pub fn record_issued(conn: &mut PgConnection, asset: Uuid, status: Status, at: DateTime<Utc>) -> QueryResult<()> {
+    debug_assert!(matches!(status, Status::AwaitingExchange | Status::AwaitingDesignatedDelivery));
     append(conn, asset, None, status, Cause::Issued, None, at)
 }
 
@@ -185,33 +168,66 @@ pub fn transition(
     if !allowed(from, to) {
         return Err(TransitionError::Illegal { asset, from, to });
     }
-    let changed = diesel::update(
-        assets::table
-            .filter(assets::id.eq(asset))
-            .filter(assets::status.eq(from.as_str())),
-    )
-    .set((
-        assets::status.eq(to.as_str()),
-        assets::status_changed_at.eq(at),
-    ))
-    .execute(conn)?;
+    let changed = diesel::update(assets::table.filter(assets::id.eq(asset)).filter(assets::status.eq(from.as_str())))
+        .set((assets::status.eq(to.as_str()), assets::status_changed_at.eq(at)))
+        .execute(conn)?;
     if changed == 0 {
-        return Err(TransitionError::Stale {
-            asset,
-            expected: from,
-        });
+        return Err(TransitionError::Stale { asset, expected: from });
     }
     append(conn, asset, Some(from), to, cause, detail, at)?;
     Ok(())
 }
 
+/// transition_many moves every asset in `assets` that is still in `from` to `to`, in two
+/// statements whatever their number: the scans' set-based path through the same table. It returns
+/// the assets that moved; one that had already left `from` is left alone.
+pub fn transition_many(
+    conn: &mut PgConnection,
+    assets: &[Uuid],
+    from: Status,
+    to: Status,
+    cause: Cause,
+    at: DateTime<Utc>,
+) -> Result<Vec<Uuid>, TransitionError> {
+    use diesel::sql_types::{Array, Text, Timestamptz, Uuid as SqlUuid};
+    if !allowed(from, to) {
+        return Err(TransitionError::Illegal { asset: assets.first().copied().unwrap_or_default(), from, to });
+    }
+    if assets.is_empty() {
+        return Ok(Vec::new());
+    }
+    #[derive(QueryableByName)]
+    struct Moved {
+        #[diesel(sql_type = SqlUuid)]
+        id: Uuid,
+    }
+    let moved: Vec<Uuid> = diesel::sql_query(
+        "UPDATE assets SET status = $1, status_changed_at = $2 WHERE id = ANY($3) AND status = $4 RETURNING id",
+    )
+    .bind::<Text, _>(to.as_str())
+    .bind::<Timestamptz, _>(at)
+    .bind::<Array<SqlUuid>, _>(assets)
+    .bind::<Text, _>(from.as_str())
+    .load::<Moved>(conn)?
+    .into_iter()
+    .map(|m| m.id)
+    .collect();
+    diesel::sql_query(
+        "INSERT INTO asset_status_history (asset_id, from_status, to_status, cause, at)
+         SELECT id, $2, $3, $4, $5 FROM unnest($1::uuid[]) AS id",
+    )
+    .bind::<Array<SqlUuid>, _>(&moved)
+    .bind::<Text, _>(from.as_str())
+    .bind::<Text, _>(to.as_str())
+    .bind::<Text, _>(cause.as_str())
+    .bind::<Timestamptz, _>(at)
+    .execute(conn)?;
+    Ok(moved)
+}
+
 /// current reads an asset's status, locking the row for the rest of the transaction.
 pub fn current_for_update(conn: &mut PgConnection, asset: Uuid) -> QueryResult<Status> {
-    let s: String = assets::table
-        .filter(assets::id.eq(asset))
-        .select(assets::status)
-        .for_update()
-        .first(conn)?;
+    let s: String = assets::table.filter(assets::id.eq(asset)).select(assets::status).for_update().first(conn)?;
     Ok(Status::parse(&s).expect("the CHECK constraint admits only known statuses"))
 }
 
@@ -242,10 +258,7 @@ pub fn is_legal_path(path: &[(Option<Status>, Status)]) -> bool {
     let Some(((None, first), rest)) = path.split_first().map(|(f, r)| (*f, r)) else {
         return false;
     };
-    if !matches!(
-        first,
-        Status::AwaitingExchange | Status::AwaitingDesignatedDelivery
-    ) {
+    if !matches!(first, Status::AwaitingExchange | Status::AwaitingDesignatedDelivery) {
         return false;
     }
     let mut current = first;
@@ -288,11 +301,7 @@ mod tests {
         ];
         for from in Status::ALL {
             for to in Status::ALL {
-                assert_eq!(
-                    allowed(from, to),
-                    legal.contains(&(from, to)),
-                    "{from} -> {to}"
-                );
+                assert_eq!(allowed(from, to), legal.contains(&(from, to)), "{from} -> {to}");
             }
         }
     }
@@ -300,33 +309,21 @@ mod tests {
     #[test]
     fn final_statuses_go_nowhere() {
         for from in [Delivered, ForceDelivered, Expired, Refunded] {
-            assert!(
-                Status::ALL.iter().all(|to| !allowed(from, *to)),
-                "{from} has a way out"
-            );
+            assert!(Status::ALL.iter().all(|to| !allowed(from, *to)), "{from} has a way out");
         }
     }
 
     #[test]
     fn paths_are_checked_step_by_step() {
-        assert!(is_legal_path(&[
-            (None, AwaitingExchange),
-            (Some(AwaitingExchange), Delivered)
-        ]));
+        assert!(is_legal_path(&[(None, AwaitingExchange), (Some(AwaitingExchange), Delivered)]));
         assert!(is_legal_path(&[
             (None, AwaitingDesignatedDelivery),
             (Some(AwaitingDesignatedDelivery), Retransmitting),
             (Some(Retransmitting), ForceDelivered),
         ]));
         assert!(!is_legal_path(&[(None, Delivered)]));
-        assert!(!is_legal_path(&[
-            (None, AwaitingExchange),
-            (Some(AwaitingExchange), Expired)
-        ]));
-        assert!(!is_legal_path(&[
-            (None, AwaitingExchange),
-            (Some(Retransmitting), ForceDelivered)
-        ]));
+        assert!(!is_legal_path(&[(None, AwaitingExchange), (Some(AwaitingExchange), Expired)]));
+        assert!(!is_legal_path(&[(None, AwaitingExchange), (Some(Retransmitting), ForceDelivered)]));
         assert!(!is_legal_path(&[]));
     }
 

@@ -9,7 +9,8 @@ use metrics::{counter, gauge, histogram};
 
 /// messages_received counts a message taken from a pool queue.
 pub fn message_received(pool: &str, message_type: &str) {
-    counter!("assetflow_messages_received_total", "pool" => pool.to_string(), "type" => bounded_type(message_type)).increment(1);
+    counter!("assetflow_messages_received_total", "pool" => pool.to_string(), "type" => bounded_type(message_type))
+        .increment(1);
 }
 
 /// message_handled records how a message ended (acked, retried, deferred, dead_lettered, duplicate)
@@ -17,7 +18,8 @@ pub fn message_received(pool: &str, message_type: &str) {
 pub fn message_handled(pool: &str, message_type: &str, outcome: &'static str, elapsed: Duration) {
     let message_type = bounded_type(message_type);
     counter!("assetflow_messages_total", "pool" => pool.to_string(), "type" => message_type.clone(), "outcome" => outcome).increment(1);
-    histogram!("assetflow_handler_duration_seconds", "pool" => pool.to_string(), "type" => message_type).record(elapsed.as_secs_f64());
+    histogram!("assetflow_handler_duration_seconds", "pool" => pool.to_string(), "type" => message_type)
+        .record(elapsed.as_secs_f64());
 }
 
 /// dead_lettered counts a dead letter by pool and reason.
@@ -32,16 +34,13 @@ pub fn refused(reason: crate::refusal::Reason) {
 
 /// settlement_answered counts a partner's answer and the time it took.
 pub fn settlement_answered(partner: &str, outcome: &'static str, elapsed: Duration) {
-    counter!("assetflow_settlements_total", "partner" => partner.to_string(), "outcome" => outcome)
-        .increment(1);
-    histogram!("assetflow_settlement_duration_seconds", "partner" => partner.to_string())
-        .record(elapsed.as_secs_f64());
+    counter!("assetflow_settlements_total", "partner" => partner.to_string(), "outcome" => outcome).increment(1);
+    histogram!("assetflow_settlement_duration_seconds", "partner" => partner.to_string()).record(elapsed.as_secs_f64());
 }
 
 /// delivery_attempted counts a delivery attempt's outcome by delivery kind.
 pub fn delivery_attempt(kind: &str, outcome: &'static str) {
-    counter!("assetflow_delivery_attempts_total", "kind" => kind.to_string(), "outcome" => outcome)
-        .increment(1);
+    counter!("assetflow_delivery_attempts_total", "kind" => kind.to_string(), "outcome" => outcome).increment(1);
 }
 
 /// order_to_certificate records the end-to-end latency from a purchase to its acknowledged delivery.
@@ -69,29 +68,20 @@ pub fn reconnected(target: &'static str) {
 }
 
 /// job_finished records a scheduled job's run.
-pub fn job_finished(
-    job: &str,
-    outcome: &'static str,
-    elapsed: Duration,
-    scanned: u64,
-    enqueued: u64,
-) {
+pub fn job_finished(job: &str, outcome: &'static str, elapsed: Duration, scanned: u64, enqueued: u64) {
     let job = job.to_string();
     counter!("assetflow_job_runs_total", "job" => job.clone(), "outcome" => outcome).increment(1);
-    histogram!("assetflow_job_duration_seconds", "job" => job.clone())
-        .record(elapsed.as_secs_f64());
+    histogram!("assetflow_job_duration_seconds", "job" => job.clone()).record(elapsed.as_secs_f64());
     counter!("assetflow_job_rows_scanned_total", "job" => job.clone()).increment(scanned);
     counter!("assetflow_job_enqueued_total", "job" => job.clone()).increment(enqueued);
     if outcome == "succeeded" {
-        gauge!("assetflow_job_last_success_timestamp_seconds", "job" => job)
-            .set(chrono::Utc::now().timestamp() as f64);
+        gauge!("assetflow_job_last_success_timestamp_seconds", "job" => job).set(chrono::Utc::now().timestamp() as f64);
     }
 }
 
 /// due_pickup_lag records how late due work was picked up (due time to enqueue).
 pub fn due_pickup_lag(job: &str, lag: Duration) {
-    histogram!("assetflow_due_pickup_lag_seconds", "job" => job.to_string())
-        .record(lag.as_secs_f64());
+    histogram!("assetflow_due_pickup_lag_seconds", "job" => job.to_string()).record(lag.as_secs_f64());
 }
 
 /// signature_failure counts a signature that did not verify, by what was being verified.
@@ -102,9 +92,5 @@ pub fn signature_failure(subject: &'static str) {
 /// Message types come from outside: anything assetflow does not know is folded into "unknown" so
 /// that a hostile publisher cannot blow up the label set.
 fn bounded_type(message_type: &str) -> String {
-    if crate::messages::schema::is_known(message_type) {
-        message_type.to_string()
-    } else {
-        "unknown".to_string()
-    }
+    if crate::messages::schema::is_known(message_type) { message_type.to_string() } else { "unknown".to_string() }
 }

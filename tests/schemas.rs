@@ -11,9 +11,8 @@ use std::collections::BTreeSet;
 
 use assetflow::messages::schema::{SCHEMAS, validate};
 use assetflow::messages::{
-    DeadLetterMessage, DeliveryKind, DeliveryReceipt, DeliveryRequested, ExchangeRequest,
-    GatewayDelivery, IssuanceRequested, Notice, PurchaseRequest, Refusal, SettlementInstruction,
-    SettlementResult, kinds,
+    DeadLetterMessage, DeliveryKind, DeliveryReceipt, DeliveryRequested, ExchangeRequest, GatewayDelivery,
+    IssuanceRequested, Notice, PurchaseRequest, Refusal, SettlementInstruction, SettlementResult, kinds,
 };
 use assetflow::refusal::Reason;
 use serde_json::{Value, json};
@@ -23,23 +22,16 @@ const ASYNCAPI: &str = include_str!("../schemas/asyncapi.yaml");
 
 /// schema parses the schema document of a message type.
 fn schema(kind: &str) -> Value {
-    let (_, text) = SCHEMAS
-        .iter()
-        .find(|(k, _)| *k == kind)
-        .unwrap_or_else(|| panic!("no schema for message type {kind:?}"));
-    serde_json::from_str(text)
-        .unwrap_or_else(|e| panic!("schemas/{kind}.schema.json is not JSON: {e}"))
+    let (_, text) =
+        SCHEMAS.iter().find(|(k, _)| *k == kind).unwrap_or_else(|| panic!("no schema for message type {kind:?}"));
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("schemas/{kind}.schema.json is not JSON: {e}"))
 }
 
 /// examples returns the `examples` of a schema document, which must be a non-empty array.
 fn examples(kind: &str, schema: &Value) -> Vec<Value> {
-    let examples = schema["examples"]
-        .as_array()
-        .unwrap_or_else(|| panic!("schemas/{kind}.schema.json has no examples array"));
-    assert!(
-        !examples.is_empty(),
-        "schemas/{kind}.schema.json has no examples"
-    );
+    let examples =
+        schema["examples"].as_array().unwrap_or_else(|| panic!("schemas/{kind}.schema.json has no examples array"));
+    assert!(!examples.is_empty(), "schemas/{kind}.schema.json has no examples");
     examples.clone()
 }
 
@@ -50,9 +42,7 @@ fn deserialize(kind: &str, message: &Value) -> Result<(), serde_json::Error> {
     match kind {
         kinds::ORDER_PURCHASE => serde_json::from_value::<PurchaseRequest>(message).map(drop),
         kinds::CERTIFICATE_EXCHANGE => serde_json::from_value::<ExchangeRequest>(message).map(drop),
-        kinds::SETTLEMENT_INSTRUCTION => {
-            serde_json::from_value::<SettlementInstruction>(message).map(drop)
-        }
+        kinds::SETTLEMENT_INSTRUCTION => serde_json::from_value::<SettlementInstruction>(message).map(drop),
         kinds::SETTLEMENT_RESULT => serde_json::from_value::<SettlementResult>(message).map(drop),
         kinds::ISSUANCE_REQUESTED => serde_json::from_value::<IssuanceRequested>(message).map(drop),
         kinds::DELIVERY_REQUESTED => serde_json::from_value::<DeliveryRequested>(message).map(drop),
@@ -68,11 +58,7 @@ fn deserialize(kind: &str, message: &Value) -> Result<(), serde_json::Error> {
 fn every_example_is_valid_and_deserializes() {
     for (kind, _) in SCHEMAS {
         let schema = schema(kind);
-        assert_eq!(
-            schema["properties"]["type"]["const"],
-            json!(kind),
-            "schemas/{kind}.schema.json: type const"
-        );
+        assert_eq!(schema["properties"]["type"]["const"], json!(kind), "schemas/{kind}.schema.json: type const");
         for (i, example) in examples(kind, &schema).iter().enumerate() {
             if let Err(e) = validate(kind, example) {
                 panic!("schemas/{kind}.schema.json example {i} is rejected by its own schema: {e}");
@@ -92,9 +78,7 @@ fn an_unknown_field_is_rejected() {
         for (i, mut example) in examples(kind, &schema).into_iter().enumerate() {
             example
                 .as_object_mut()
-                .unwrap_or_else(|| {
-                    panic!("schemas/{kind}.schema.json example {i} is not an object")
-                })
+                .unwrap_or_else(|| panic!("schemas/{kind}.schema.json example {i} is not an object"))
                 .insert("unexpected".into(), json!(1));
             assert!(
                 validate(kind, &example).is_err(),
@@ -112,17 +96,11 @@ fn purchase_rules_are_enforced() {
 
     let mut negative = example.clone();
     negative["quantity"] = json!(-1);
-    assert!(
-        validate(kinds::ORDER_PURCHASE, &negative).is_err(),
-        "a negative quantity is accepted"
-    );
+    assert!(validate(kinds::ORDER_PURCHASE, &negative).is_err(), "a negative quantity is accepted");
 
     let mut untimed = example.clone();
     untimed["delivery"] = json!({"mode": "designated"});
-    assert!(
-        validate(kinds::ORDER_PURCHASE, &untimed).is_err(),
-        "designated without `at` is accepted"
-    );
+    assert!(validate(kinds::ORDER_PURCHASE, &untimed).is_err(), "designated without `at` is accepted");
 
     let mut timed = example;
     timed["delivery"] = json!({"mode": "designated", "at": "2026-12-24T00:00:00Z"});
@@ -136,22 +114,15 @@ fn delivery_examples_cover_every_kind() {
     let schema = schema(kinds::DELIVERY);
     let mut seen = BTreeSet::new();
     for example in examples(kinds::DELIVERY, &schema) {
-        let kind = example["kind"]
-            .as_str()
-            .expect("a delivery example has a kind");
-        let kind =
-            DeliveryKind::parse(kind).unwrap_or_else(|| panic!("unknown delivery kind {kind:?}"));
+        let kind = example["kind"].as_str().expect("a delivery example has a kind");
+        let kind = DeliveryKind::parse(kind).unwrap_or_else(|| panic!("unknown delivery kind {kind:?}"));
         let content = example["content"].clone();
         match kind {
             DeliveryKind::Refusal => {
-                let _: Refusal =
-                    serde_json::from_value(content).expect("a refusal's content is a Refusal");
+                let _: Refusal = serde_json::from_value(content).expect("a refusal's content is a Refusal");
             }
-            DeliveryKind::Message
-            | DeliveryKind::DownloadRequest
-            | DeliveryKind::RevocationRequest => {
-                let _: Notice =
-                    serde_json::from_value(content).expect("a notice's content is a Notice");
+            DeliveryKind::Message | DeliveryKind::DownloadRequest | DeliveryKind::RevocationRequest => {
+                let _: Notice = serde_json::from_value(content).expect("a notice's content is a Notice");
             }
             // The certificate and asset documents have no Rust type: the schema is their contract.
             DeliveryKind::Certificate | DeliveryKind::Asset => {}
@@ -159,10 +130,7 @@ fn delivery_examples_cover_every_kind() {
         seen.insert(kind.as_str());
     }
     let all: BTreeSet<&str> = DeliveryKind::ALL.map(|k| k.as_str()).into_iter().collect();
-    assert_eq!(
-        seen, all,
-        "delivery.schema.json has no example of some delivery kinds"
-    );
+    assert_eq!(seen, all, "delivery.schema.json has no example of some delivery kinds");
 }
 
 /// The AsyncAPI document names every schema file.
@@ -170,10 +138,7 @@ fn delivery_examples_cover_every_kind() {
 fn asyncapi_references_every_schema() {
     for (kind, _) in SCHEMAS {
         let file = format!("{kind}.schema.json");
-        assert!(
-            ASYNCAPI.contains(&file),
-            "schemas/asyncapi.yaml does not mention {file}"
-        );
+        assert!(ASYNCAPI.contains(&file), "schemas/asyncapi.yaml does not mention {file}");
     }
 }
 
@@ -189,31 +154,17 @@ fn refusal_reasons_match_the_rust_enum() {
         .map(|code| code.as_str().expect("a refusal reason is a string"))
         .collect();
     let listed_set: BTreeSet<&str> = listed.iter().copied().collect();
-    assert_eq!(
-        listed.len(),
-        listed_set.len(),
-        "$defs/refusal_reason lists a code twice"
-    );
+    assert_eq!(listed.len(), listed_set.len(), "$defs/refusal_reason lists a code twice");
 
     let codes: BTreeSet<&str> = Reason::ALL.map(|r| r.as_str()).into_iter().collect();
-    assert_eq!(
-        listed_set, codes,
-        "$defs/refusal_reason and assetflow::refusal::Reason differ"
-    );
+    assert_eq!(listed_set, codes, "$defs/refusal_reason and assetflow::refusal::Reason differ");
 
     // Each code also has its own description, in the same order as the enum.
     let described: Vec<&str> = reason["oneOf"]
         .as_array()
         .expect("$defs/refusal_reason describes each code")
         .iter()
-        .map(|option| {
-            option["const"]
-                .as_str()
-                .expect("a described code is a string")
-        })
+        .map(|option| option["const"].as_str().expect("a described code is a string"))
         .collect();
-    assert_eq!(
-        described, listed,
-        "$defs/refusal_reason: oneOf and enum differ"
-    );
+    assert_eq!(described, listed, "$defs/refusal_reason: oneOf and enum differ");
 }

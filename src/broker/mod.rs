@@ -30,13 +30,7 @@ pub struct Broker {
 impl Broker {
     /// Broker::start spawns the supervisor and returns at once; nothing waits for the broker to be
     /// up at start-up.
-    pub fn start(
-        url: String,
-        topology: Topology,
-        min: Duration,
-        max: Duration,
-        shutdown: CancellationToken,
-    ) -> Broker {
+    pub fn start(url: String, topology: Topology, min: Duration, max: Duration, shutdown: CancellationToken) -> Broker {
         let (tx, rx) = watch::channel(None);
         tokio::spawn(supervise(url, topology, min, max, tx, shutdown));
         Broker { current: rx }
@@ -59,10 +53,7 @@ impl Broker {
 
     /// Broker::is_connected says whether a connection is up right now, for readiness.
     pub fn is_connected(&self) -> bool {
-        self.current
-            .borrow()
-            .as_ref()
-            .is_some_and(|c| c.status().connected())
+        self.current.borrow().as_ref().is_some_and(|c| c.status().connected())
     }
 }
 
@@ -165,9 +156,7 @@ pub fn headers_from_json(value: &serde_json::Value) -> FieldTable {
         for (k, v) in object {
             let v = match v {
                 serde_json::Value::String(s) => AMQPValue::LongString(s.as_str().into()),
-                serde_json::Value::Number(n) if n.is_i64() => {
-                    AMQPValue::LongLongInt(n.as_i64().unwrap_or_default())
-                }
+                serde_json::Value::Number(n) if n.is_i64() => AMQPValue::LongLongInt(n.as_i64().unwrap_or_default()),
                 other => AMQPValue::LongString(other.to_string().as_str().into()),
             };
             table.insert(ShortString::from(k.as_str()), v);

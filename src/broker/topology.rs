@@ -137,27 +137,19 @@ pub struct Topology {
 impl Topology {
     /// Topology::new derives the topology from the configuration.
     pub fn new(config: &Config) -> Topology {
-        let names = Names {
-            prefix: config.amqp.prefix.clone(),
-        };
+        let names = Names { prefix: config.amqp.prefix.clone() };
         let n = &names;
         let queue_args = |dead_letter_key: &str| -> Vec<(&'static str, Arg)> {
             let mut args = vec![
                 // Every queue dead-letters to the pool's dead-letter queue instead of dropping.
                 ("x-dead-letter-exchange", Arg::Str(n.dlx())),
-                (
-                    "x-dead-letter-routing-key",
-                    Arg::Str(dead_letter_key.to_string()),
-                ),
+                ("x-dead-letter-routing-key", Arg::Str(dead_letter_key.to_string())),
             ];
             if config.amqp.queue_type == QueueType::Quorum {
                 // Replicated, and durable through a broker restart.
                 args.push(("x-queue-type", Arg::Str("quorum".into())));
                 // A poison message is dead-lettered after this many deliveries, never retried forever.
-                args.push((
-                    "x-delivery-limit",
-                    Arg::Int(i64::from(config.amqp.delivery_limit)),
-                ));
+                args.push(("x-delivery-limit", Arg::Int(i64::from(config.amqp.delivery_limit))));
                 // At-least-once dead-lettering: a dead letter is not lost if the DLQ is unavailable.
                 args.push(("x-dead-letter-strategy", Arg::Str("at-least-once".into())));
                 // Required by at-least-once dead-lettering: refuse publishes rather than drop the head.
@@ -215,11 +207,7 @@ impl Topology {
         let mut queues = Vec::new();
         let mut bindings = Vec::new();
         let mut bind = |exchange: String, routing_key: &str, queue: String| {
-            bindings.push(Binding {
-                exchange,
-                routing_key: routing_key.to_string(),
-                queue,
-            });
+            bindings.push(Binding { exchange, routing_key: routing_key.to_string(), queue });
         };
         for pool in Pool::ALL {
             queues.push(Queue {
@@ -241,44 +229,18 @@ impl Topology {
         });
         bind(n.unrouted(), "", n.unrouted());
 
-        bind(
-            n.requests(),
-            kinds::ORDER_PURCHASE,
-            n.pool_queue(Pool::Settlement),
-        );
-        bind(
-            n.requests(),
-            kinds::SETTLEMENT_RESULT,
-            n.pool_queue(Pool::Settlement),
-        );
-        bind(
-            n.requests(),
-            kinds::CERTIFICATE_EXCHANGE,
-            n.pool_queue(Pool::Issuance),
-        );
-        bind(
-            n.internal(),
-            kinds::ISSUANCE_REQUESTED,
-            n.pool_queue(Pool::Issuance),
-        );
-        bind(
-            n.requests(),
-            kinds::DELIVERY_RECEIPT,
-            n.pool_queue(Pool::Delivery),
-        );
-        bind(
-            n.internal(),
-            kinds::DELIVERY_REQUESTED,
-            n.pool_queue(Pool::Delivery),
-        );
+        bind(n.requests(), kinds::ORDER_PURCHASE, n.pool_queue(Pool::Settlement));
+        bind(n.requests(), kinds::SETTLEMENT_RESULT, n.pool_queue(Pool::Settlement));
+        bind(n.requests(), kinds::CERTIFICATE_EXCHANGE, n.pool_queue(Pool::Issuance));
+        bind(n.internal(), kinds::ISSUANCE_REQUESTED, n.pool_queue(Pool::Issuance));
+        bind(n.requests(), kinds::DELIVERY_RECEIPT, n.pool_queue(Pool::Delivery));
+        bind(n.internal(), kinds::DELIVERY_REQUESTED, n.pool_queue(Pool::Delivery));
 
         for partner in config.partners.keys() {
             queues.push(Queue {
                 name: n.partner_queue(partner),
                 arguments: queue_args(Pool::Settlement.as_str()),
-                why: format!(
-                    "settlement instructions for partner {partner}; the partner consumes them"
-                ),
+                why: format!("settlement instructions for partner {partner}; the partner consumes them"),
             });
             bind(n.partners(), partner, n.partner_queue(partner));
         }
@@ -287,19 +249,12 @@ impl Topology {
                 name: n.gateway_queue(gateway),
                 arguments: queue_args(Pool::Delivery.as_str()),
                 // A stationary terminal may be offline for days: deliveries wait here, durable.
-                why: format!(
-                    "deliveries for gateway {gateway}'s terminals; the gateway consumes them"
-                ),
+                why: format!("deliveries for gateway {gateway}'s terminals; the gateway consumes them"),
             });
             bind(n.gateways(), gateway, n.gateway_queue(gateway));
         }
 
-        Topology {
-            names,
-            exchanges,
-            queues,
-            bindings,
-        }
+        Topology { names, exchanges, queues, bindings }
     }
 
     /// Topology::declare declares everything. Declaring what exists with the same arguments is a
@@ -310,10 +265,7 @@ impl Topology {
                 .exchange_declare(
                     exchange.name.as_str().into(),
                     exchange.kind.clone(),
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
+                    ExchangeDeclareOptions { durable: true, ..Default::default() },
                     field_table(&exchange.arguments),
                 )
                 .await?;
@@ -322,10 +274,7 @@ impl Topology {
             channel
                 .queue_declare(
                     queue.name.as_str().into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
+                    QueueDeclareOptions { durable: true, ..Default::default() },
                     field_table(&queue.arguments),
                 )
                 .await?;
@@ -350,14 +299,7 @@ impl Topology {
         let mut out = String::new();
         writeln!(out, "EXCHANGES").ok();
         for e in &self.exchanges {
-            writeln!(
-                out,
-                "  {:<32} {:<7} {}",
-                e.name,
-                format!("{:?}", e.kind).to_lowercase(),
-                e.why
-            )
-            .ok();
+            writeln!(out, "  {:<32} {:<7} {}", e.name, format!("{:?}", e.kind).to_lowercase(), e.why).ok();
             for (k, v) in &e.arguments {
                 writeln!(out, "  {:<32} {k}={v}", "").ok();
             }
@@ -365,22 +307,14 @@ impl Topology {
         writeln!(out, "\nQUEUES").ok();
         for q in &self.queues {
             writeln!(out, "  {:<32} {}", q.name, q.why).ok();
-            let args: Vec<String> = q
-                .arguments
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
+            let args: Vec<String> = q.arguments.iter().map(|(k, v)| format!("{k}={v}")).collect();
             if !args.is_empty() {
                 writeln!(out, "  {:<32} {}", "", args.join(" ")).ok();
             }
         }
         writeln!(out, "\nBINDINGS").ok();
         for b in &self.bindings {
-            let key = if b.routing_key.is_empty() {
-                "(any)"
-            } else {
-                &b.routing_key
-            };
+            let key = if b.routing_key.is_empty() { "(any)" } else { &b.routing_key };
             writeln!(out, "  {:<24} --{key}--> {}", b.exchange, b.queue).ok();
         }
         out
@@ -412,38 +346,18 @@ mod tests {
         let topology = Topology::new(&config);
         for queue in &topology.queues {
             let is_dlq = queue.name.ends_with(".dlq");
-            let has_route = queue
-                .arguments
-                .iter()
-                .any(|(k, _)| *k == "x-dead-letter-exchange");
-            assert!(
-                is_dlq || has_route,
-                "{} has no dead-letter route",
-                queue.name
-            );
+            let has_route = queue.arguments.iter().any(|(k, _)| *k == "x-dead-letter-exchange");
+            assert!(is_dlq || has_route, "{} has no dead-letter route", queue.name);
             if !is_dlq {
                 assert!(
-                    queue
-                        .arguments
-                        .iter()
-                        .any(|(k, _)| *k == "x-delivery-limit"),
+                    queue.arguments.iter().any(|(k, _)| *k == "x-delivery-limit"),
                     "{} has no delivery limit",
                     queue.name
                 );
             }
         }
-        assert!(
-            topology
-                .queues
-                .iter()
-                .any(|q| q.name == "assetflow.partner.card-co")
-        );
-        assert!(
-            topology
-                .queues
-                .iter()
-                .any(|q| q.name == "assetflow.gateway.gw-1")
-        );
+        assert!(topology.queues.iter().any(|q| q.name == "assetflow.partner.card-co"));
+        assert!(topology.queues.iter().any(|q| q.name == "assetflow.gateway.gw-1"));
         assert!(topology.render().contains("assetflow.requests"));
     }
 }

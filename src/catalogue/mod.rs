@@ -53,11 +53,7 @@ impl Product {
 
 /// load_product reads a product by id.
 pub fn load_product(conn: &mut PgConnection, id: &str) -> QueryResult<Option<Product>> {
-    products::table
-        .find(id)
-        .select(Product::as_select())
-        .first(conn)
-        .optional()
+    products::table.find(id).select(Product::as_select()).first(conn).optional()
 }
 
 /// upsert_product adds or replaces a product.
@@ -73,22 +69,12 @@ pub fn upsert_product(conn: &mut PgConnection, product: &Product) -> QueryResult
 
 /// sync_parties makes the partners and gateways tables hold at least the configured ones, so that
 /// terminals and settlements can reference them.
-pub fn sync_parties(
-    conn: &mut PgConnection,
-    partner_ids: &[String],
-    gateway_ids: &[String],
-) -> QueryResult<()> {
+pub fn sync_parties(conn: &mut PgConnection, partner_ids: &[String], gateway_ids: &[String]) -> QueryResult<()> {
     for id in partner_ids {
-        diesel::insert_into(partners::table)
-            .values(partners::id.eq(id))
-            .on_conflict_do_nothing()
-            .execute(conn)?;
+        diesel::insert_into(partners::table).values(partners::id.eq(id)).on_conflict_do_nothing().execute(conn)?;
     }
     for id in gateway_ids {
-        diesel::insert_into(gateways::table)
-            .values(gateways::id.eq(id))
-            .on_conflict_do_nothing()
-            .execute(conn)?;
+        diesel::insert_into(gateways::table).values(gateways::id.eq(id)).on_conflict_do_nothing().execute(conn)?;
     }
     Ok(())
 }

@@ -22,6 +22,9 @@ pub enum KeysCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Replace the service provider key. Its public half is kept in retired/, so certificates it
+    /// signed still verify. Restart assetflow to use the new key.
+    Rotate,
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,8 +132,8 @@ impl ProductArgs {
             self.certificate_validity.is_some() || self.certificate_expires_at.is_some(),
             "give --certificate-validity or --certificate-expires-at"
         );
-        let tags: serde_json::Value = serde_json::from_str(&self.tags)
-            .map_err(|e| anyhow::anyhow!("--tags is not JSON: {e}"))?;
+        let tags: serde_json::Value =
+            serde_json::from_str(&self.tags).map_err(|e| anyhow::anyhow!("--tags is not JSON: {e}"))?;
         anyhow::ensure!(tags.is_object(), "--tags must be a JSON object");
         Ok(Product {
             id: self.id,
@@ -160,14 +163,18 @@ pub fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
         KeysCommand::Generate { issuers, force } => {
             let written = KeyRing::generate(&config.keys.dir, &issuers, force)?;
             if written.is_empty() {
-                println!(
-                    "the keys already exist in {} (use --force to replace them)",
-                    config.keys.dir.display()
-                );
+                println!("the keys already exist in {} (use --force to replace them)", config.keys.dir.display());
             }
             for path in written {
                 println!("wrote {}", path.display());
             }
+        }
+        KeysCommand::Rotate => {
+            let retired = KeyRing::rotate_provider(&config.keys.dir)?;
+            println!(
+                "retired the provider key to {}; wrote a new provider.pem; restart assetflow to sign with it",
+                retired.display()
+            );
         }
     }
     Ok(())
@@ -222,18 +229,8 @@ pub fn register_terminal(
 
 pub async fn terminals(config: &Config, command: TerminalsCommand) -> anyhow::Result<()> {
     match command {
-        TerminalsCommand::Register {
-            id,
-            kind,
-            gateway,
-            partner,
-            public_key,
-            generate_key,
-        } => {
-            anyhow::ensure!(
-                crate::config::is_name(&id),
-                "--id must be 1-64 characters of [A-Za-z0-9._-]"
-            );
+        TerminalsCommand::Register { id, kind, gateway, partner, public_key, generate_key } => {
+            anyhow::ensure!(crate::config::is_name(&id), "--id must be 1-64 characters of [A-Za-z0-9._-]");
             anyhow::ensure!(
                 ["mobile", "stationary", "pos", "gate"].contains(&kind.as_str()),
                 "--kind must be mobile, stationary, pos or gate"
@@ -249,42 +246,33 @@ pub async fn terminals(config: &Config, command: TerminalsCommand) -> anyhow::Re
                 );
             }
             let pem = match (public_key, generate_key) {
-                (Some(path), None) => std::fs::read_to_string(&path)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+                (Some(path), None) => {
+                    std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                }
                 (None, Some(out)) => {
                     let key = crypto::generate_key_pair()?;
-                    std::fs::write(&out, key.private_key_to_pem_pkcs8()?)?;
+                    crypto::write_private_key(&out, &key.private_key_to_pem_pkcs8()?)?;
                     println!("wrote the private key to {}", out.display());
                     crypto::public_key_pem(&key)?
                 }
                 _ => anyhow::bail!("give --public-key FILE or --generate-key FILE"),
             };
             let id2 = id.clone();
-            with_db(config, move |conn| {
-                register_terminal(conn, &id2, &kind, &gateway, partner.as_deref(), &pem)
-            })
-            .await?;
+            with_db(config, move |conn| register_terminal(conn, &id2, &kind, &gateway, partner.as_deref(), &pem))
+                .await?;
             println!("registered terminal {id}");
         }
         TerminalsCommand::List => {
             let rows: Vec<(String, String, String, Option<String>)> = with_db(config, |conn| {
                 Ok(terminals::table
                     .order(terminals::id)
-                    .select((
-                        terminals::id,
-                        terminals::kind,
-                        terminals::gateway_id,
-                        terminals::partner_id,
-                    ))
+                    .select((terminals::id, terminals::kind, terminals::gateway_id, terminals::partner_id))
                     .load(conn)?)
             })
             .await?;
             println!("{:<24} {:<11} {:<16} PARTNER", "ID", "KIND", "GATEWAY");
             for (id, kind, gateway, partner) in rows {
-                println!(
-                    "{id:<24} {kind:<11} {gateway:<16} {}",
-                    partner.unwrap_or_else(|| "-".into())
-                );
+                println!("{id:<24} {kind:<11} {gateway:<16} {}", partner.unwrap_or_else(|| "-".into()));
             }
         }
     }
@@ -301,19 +289,13 @@ pub async fn products(config: &Config, command: ProductsCommand) -> anyhow::Resu
         }
         ProductsCommand::List { json } => {
             let rows: Vec<Product> = with_db(config, |conn| {
-                Ok(products::table
-                    .order(products::id)
-                    .select(Product::as_select())
-                    .load(conn)?)
+                Ok(products::table.order(products::id).select(Product::as_select()).load(conn)?)
             })
             .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!(
-                    "{:<20} {:<12} {:>12} {:<4} {:<8} TITLE",
-                    "ID", "KIND", "PRICE", "CUR", "ON SALE"
-                );
+                println!("{:<20} {:<12} {:>12} {:<4} {:<8} TITLE", "ID", "KIND", "PRICE", "CUR", "ON SALE");
                 for p in rows {
                     println!(
                         "{:<20} {:<12} {:>12} {:<4} {:<8} {}",

@@ -16,11 +16,7 @@ use crate::config::Config;
 use crate::crypto::KeyRing;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "assetflow",
-    version,
-    about = "Sells, settles, issues, delivers and looks after electronic assets"
-)]
+#[command(name = "assetflow", version, about = "Sells, settles, issues, delivers and looks after electronic assets")]
 pub struct Cli {
     /// A configuration file layered over the built-in defaults (also ASSETFLOW_CONFIG).
     #[arg(long, global = true)]
@@ -106,9 +102,7 @@ pub fn init_logging(format: LogFormat, verbose: u8) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -126,26 +120,14 @@ pub fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
 pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = load_config(cli.config.as_deref())?;
     match cli.command {
-        Command::Run {
-            pools,
-            no_scheduler,
-        } => {
+        Command::Run { pools, no_scheduler } => {
             let keys = KeyRing::load(&config.keys.dir)?;
             let definitions = config.pools()?;
             let app = Arc::new(App::new(config, definitions, keys));
             let shutdown = CancellationToken::new();
             tokio::spawn(signal_shutdown(shutdown.clone()));
             crate::health::metrics_handle();
-            app::run(
-                app,
-                RunOptions {
-                    pools,
-                    scheduler: !no_scheduler,
-                    ..RunOptions::default()
-                },
-                shutdown,
-            )
-            .await?;
+            app::run(app, RunOptions { pools, scheduler: !no_scheduler, ..RunOptions::default() }, shutdown).await?;
         }
         Command::Migrate => {
             let url = config.database.url.clone();

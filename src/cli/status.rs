@@ -9,8 +9,7 @@ use uuid::Uuid;
 
 use crate::config::Config;
 use crate::db::schema::{
-    asset_status_history, assets, deliveries, exchange_certificates, orders, settlements,
-    terminal_requests,
+    asset_status_history, assets, deliveries, exchange_certificates, orders, settlements, terminal_requests,
 };
 
 #[derive(Debug, Serialize, Queryable)]
@@ -104,11 +103,8 @@ pub fn lookup(conn: &mut PgConnection, id: &str) -> QueryResult<Option<View>> {
             return Ok(Some(View::Order(order)));
         }
     }
-    if let Some(order_id) = orders::table
-        .filter(orders::request_id.eq(id))
-        .select(orders::id)
-        .first::<Uuid>(conn)
-        .optional()?
+    if let Some(order_id) =
+        orders::table.filter(orders::request_id.eq(id)).select(orders::id).first::<Uuid>(conn).optional()?
     {
         return Ok(order_view(conn, order_id)?.map(View::Order));
     }
@@ -122,27 +118,15 @@ pub fn lookup(conn: &mut PgConnection, id: &str) -> QueryResult<Option<View>> {
             terminal_requests::received_at,
             terminal_requests::subject_id,
         ))
-        .first::<(
-            String,
-            String,
-            String,
-            Option<String>,
-            DateTime<Utc>,
-            Option<Uuid>,
-        )>(conn)
+        .first::<(String, String, String, Option<String>, DateTime<Utc>, Option<Uuid>)>(conn)
         .optional()?;
     Ok(match request {
         Some((_, _, _, _, _, Some(subject))) if asset_view(conn, subject)?.is_some() => {
             asset_view(conn, subject)?.map(View::Asset)
         }
-        Some((terminal_id, message_type, outcome, reason, received_at, _)) => Some(View::Request {
-            request_id: id.to_string(),
-            terminal_id,
-            message_type,
-            outcome,
-            reason,
-            received_at,
-        }),
+        Some((terminal_id, message_type, outcome, reason, received_at, _)) => {
+            Some(View::Request { request_id: id.to_string(), terminal_id, message_type, outcome, reason, received_at })
+        }
         None => None,
     })
 }
@@ -157,9 +141,7 @@ fn deliveries_where(
         query = query.filter(deliveries::asset_id.eq(a));
     }
     if let Some(o) = order {
-        query = query
-            .filter(deliveries::order_id.eq(o))
-            .filter(deliveries::asset_id.is_null());
+        query = query.filter(deliveries::order_id.eq(o)).filter(deliveries::asset_id.is_null());
     }
     query
         .order(deliveries::created_at)
@@ -176,18 +158,7 @@ fn deliveries_where(
 }
 
 fn asset_view(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<AssetView>> {
-    type Row = (
-        Uuid,
-        Uuid,
-        String,
-        String,
-        String,
-        String,
-        DateTime<Utc>,
-        DateTime<Utc>,
-        bool,
-        Option<DateTime<Utc>>,
-    );
+    type Row = (Uuid, Uuid, String, String, String, String, DateTime<Utc>, DateTime<Utc>, bool, Option<DateTime<Utc>>);
     let Some(row) = assets::table
         .find(id)
         .select((
@@ -291,11 +262,8 @@ fn order_view(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<OrderView
         ))
         .first::<SettlementView>(conn)
         .optional()?;
-    let asset_ids: Vec<Uuid> = assets::table
-        .filter(assets::order_id.eq(id))
-        .order(assets::id)
-        .select(assets::id)
-        .load(conn)?;
+    let asset_ids: Vec<Uuid> =
+        assets::table.filter(assets::order_id.eq(id)).order(assets::id).select(assets::id).load(conn)?;
     let mut assets = Vec::new();
     for asset_id in asset_ids {
         assets.extend(asset_view(conn, asset_id)?);
@@ -360,14 +328,8 @@ pub fn render(view: &View) -> String {
                 o.quantity,
                 o.recipient_terminal_ids.join(", ")
             );
-            out += &format!(
-                "  ordered by  {}, paid by {}\n",
-                o.orderer_terminal_id, o.payer_terminal_id
-            );
-            out += &format!(
-                "  amount      {} {} (minor units)\n",
-                o.amount_minor, o.currency
-            );
+            out += &format!("  ordered by  {}, paid by {}\n", o.orderer_terminal_id, o.payer_terminal_id);
+            out += &format!("  amount      {} {} (minor units)\n", o.amount_minor, o.currency);
             out += &format!("  delivery    {}\n", o.delivery_mode);
             out += &format!("  placed      {}\n", time(&o.created_at));
             if let Some(s) = &o.settlement {
@@ -376,43 +338,24 @@ pub fn render(view: &View) -> String {
                     s.status,
                     s.partner_id,
                     s.attempts,
-                    s.partner_reference
-                        .as_ref()
-                        .map(|r| format!(", ref {r}"))
-                        .unwrap_or_default(),
-                    s.reason
-                        .as_ref()
-                        .map(|r| format!(", {r}"))
-                        .unwrap_or_default()
+                    s.partner_reference.as_ref().map(|r| format!(", ref {r}")).unwrap_or_default(),
+                    s.reason.as_ref().map(|r| format!(", {r}")).unwrap_or_default()
                 );
             }
             for n in &o.notices {
-                out += &format!(
-                    "  notice      {} to {}: {}\n",
-                    n.kind, n.terminal_id, n.status
-                );
+                out += &format!("  notice      {} to {}: {}\n", n.kind, n.terminal_id, n.status);
             }
             for a in &o.assets {
                 out += "\n";
                 render_asset(&mut out, a, "  ");
             }
         }
-        View::Request {
-            request_id,
-            terminal_id,
-            message_type,
-            outcome,
-            reason,
-            received_at,
-        } => {
+        View::Request { request_id, terminal_id, message_type, outcome, reason, received_at } => {
             out += &format!("request {request_id}  {message_type} from {terminal_id}\n");
             out += &format!(
                 "  received  {}\n  outcome   {outcome}{}\n",
                 time(received_at),
-                reason
-                    .as_ref()
-                    .map(|r| format!(" ({r})"))
-                    .unwrap_or_default()
+                reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
             );
         }
     }
@@ -420,16 +363,9 @@ pub fn render(view: &View) -> String {
 }
 
 fn render_asset(out: &mut String, a: &AssetView, indent: &str) {
-    *out += &format!(
-        "{indent}asset {}  {} {} held by {}\n",
-        a.asset_id, a.kind, a.product_id, a.holder_terminal_id
-    );
+    *out += &format!("{indent}asset {}  {} {} held by {}\n", a.asset_id, a.kind, a.product_id, a.holder_terminal_id);
     *out += &format!("{indent}  status       {}\n", a.status);
-    *out += &format!(
-        "{indent}  issued       {}   expires {}\n",
-        time(&a.issued_at),
-        time(&a.expires_at)
-    );
+    *out += &format!("{indent}  issued       {}   expires {}\n", time(&a.issued_at), time(&a.expires_at));
     if let Some(c) = &a.certificate_expires_at {
         *out += &format!(
             "{indent}  certificate  expires {}{}\n",
@@ -447,10 +383,7 @@ fn render_asset(out: &mut String, a: &AssetView, indent: &str) {
             time(&h.at),
             h.to,
             h.cause,
-            h.detail
-                .as_ref()
-                .map(|d| format!(": {d}"))
-                .unwrap_or_default()
+            h.detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default()
         );
     }
     if !a.deliveries.is_empty() {
@@ -462,10 +395,7 @@ fn render_asset(out: &mut String, a: &AssetView, indent: &str) {
                 d.terminal_id,
                 d.status,
                 d.attempts,
-                d.last_error
-                    .as_ref()
-                    .map(|e| format!(", last error: {e}"))
-                    .unwrap_or_default()
+                d.last_error.as_ref().map(|e| format!(", last error: {e}")).unwrap_or_default()
             );
         }
     }

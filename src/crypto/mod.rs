@@ -6,7 +6,7 @@
 
 mod keys;
 
-pub use keys::{KeyRing, generate_key_pair, load_private_key, public_key_pem};
+pub use keys::{KeyRing, generate_key_pair, load_private_key, public_key_pem, write_private_key};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -43,10 +43,7 @@ pub fn canonical_json(value: &Value) -> String {
 /// signed_bytes is what a signature over `document` covers: its canonical JSON without the
 /// signature field.
 pub fn signed_bytes(document: &Value) -> Result<Vec<u8>, CryptoError> {
-    let mut object = document
-        .as_object()
-        .ok_or(CryptoError::NotAnObject)?
-        .clone();
+    let mut object = document.as_object().ok_or(CryptoError::NotAnObject)?.clone();
     object.remove(SIGNATURE_FIELD);
     Ok(canonical_json(&Value::Object(object)).into_bytes())
 }
@@ -59,14 +56,8 @@ pub fn sign(key: &PKeyRef<Private>, bytes: &[u8]) -> Result<String, CryptoError>
 }
 
 /// verify checks a base64 signature of `bytes` against a public key.
-pub fn verify<T: HasPublic>(
-    key: &PKeyRef<T>,
-    bytes: &[u8],
-    signature: &str,
-) -> Result<(), CryptoError> {
-    let der = BASE64
-        .decode(signature)
-        .map_err(|_| CryptoError::MalformedSignature)?;
+pub fn verify<T: HasPublic>(key: &PKeyRef<T>, bytes: &[u8], signature: &str) -> Result<(), CryptoError> {
+    let der = BASE64.decode(signature).map_err(|_| CryptoError::MalformedSignature)?;
     let mut verifier = Verifier::new(MessageDigest::sha256(), key)?;
     verifier.update(bytes)?;
     // openssl reports a DER signature it cannot parse as an error, not as `false`: both are forgeries.
@@ -79,22 +70,13 @@ pub fn verify<T: HasPublic>(
 /// sign_document adds a `signature` field over the document's canonical JSON.
 pub fn sign_document(key: &PKeyRef<Private>, document: &mut Value) -> Result<(), CryptoError> {
     let signature = sign(key, &signed_bytes(document)?)?;
-    document
-        .as_object_mut()
-        .ok_or(CryptoError::NotAnObject)?
-        .insert(SIGNATURE_FIELD.into(), Value::String(signature));
+    document.as_object_mut().ok_or(CryptoError::NotAnObject)?.insert(SIGNATURE_FIELD.into(), Value::String(signature));
     Ok(())
 }
 
 /// verify_document checks a document's own `signature` field.
-pub fn verify_document<T: HasPublic>(
-    key: &PKeyRef<T>,
-    document: &Value,
-) -> Result<(), CryptoError> {
-    let signature = document
-        .get(SIGNATURE_FIELD)
-        .and_then(Value::as_str)
-        .ok_or(CryptoError::MissingSignature)?;
+pub fn verify_document<T: HasPublic>(key: &PKeyRef<T>, document: &Value) -> Result<(), CryptoError> {
+    let signature = document.get(SIGNATURE_FIELD).and_then(Value::as_str).ok_or(CryptoError::MissingSignature)?;
     verify(key, &signed_bytes(document)?, signature)
 }
 
@@ -115,17 +97,13 @@ mod tests {
 
     #[test]
     fn canonical_json_sorts_keys_and_drops_white_space() {
-        let value: Value =
-            serde_json::from_str(r#"{ "b": 1, "a": {"d": [1, 2], "c": "x"} }"#).unwrap();
+        let value: Value = serde_json::from_str(r#"{ "b": 1, "a": {"d": [1, 2], "c": "x"} }"#).unwrap();
         assert_eq!(canonical_json(&value), r#"{"a":{"c":"x","d":[1,2]},"b":1}"#);
     }
 
     #[test]
     fn canonical_json_escapes_as_rfc_8785() {
-        assert_eq!(
-            canonical_json(&json!({"k": "é\u{1}\""})),
-            "{\"k\":\"é\\u0001\\\"\"}"
-        );
+        assert_eq!(canonical_json(&json!({"k": "é\u{1}\""})), "{\"k\":\"é\\u0001\\\"\"}");
     }
 
     #[test]
@@ -150,33 +128,18 @@ mod tests {
 
         let mut altered = doc.clone();
         altered["amount_minor"] = json!(1001);
-        assert!(matches!(
-            verify_document(&key, &altered),
-            Err(CryptoError::BadSignature)
-        ));
-        assert!(matches!(
-            verify_document(&other, &doc),
-            Err(CryptoError::BadSignature)
-        ));
+        assert!(matches!(verify_document(&key, &altered), Err(CryptoError::BadSignature)));
+        assert!(matches!(verify_document(&other, &doc), Err(CryptoError::BadSignature)));
 
         let mut garbled = doc.clone();
         garbled["signature"] = json!("not base64!");
-        assert!(matches!(
-            verify_document(&key, &garbled),
-            Err(CryptoError::MalformedSignature)
-        ));
+        assert!(matches!(verify_document(&key, &garbled), Err(CryptoError::MalformedSignature)));
         garbled["signature"] = json!("AAAA");
-        assert!(matches!(
-            verify_document(&key, &garbled),
-            Err(CryptoError::BadSignature)
-        ));
+        assert!(matches!(verify_document(&key, &garbled), Err(CryptoError::BadSignature)));
 
         let mut unsigned = doc.clone();
         unsigned.as_object_mut().unwrap().remove("signature");
-        assert!(matches!(
-            verify_document(&key, &unsigned),
-            Err(CryptoError::MissingSignature)
-        ));
+        assert!(matches!(verify_document(&key, &unsigned), Err(CryptoError::MissingSignature)));
     }
 
     #[test]
@@ -186,16 +149,11 @@ mod tests {
         let public = parse_public_key(&pem).unwrap();
         let signature = sign(&key, b"bytes").unwrap();
         verify(&public, b"bytes", &signature).unwrap();
-        assert!(
-            parse_public_key("-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----").is_err()
-        );
+        assert!(parse_public_key("-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----").is_err());
     }
 
     #[test]
     fn sha256_matches_the_known_vector() {
-        assert_eq!(
-            sha256_hex(b"abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }

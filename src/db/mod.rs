@@ -87,16 +87,16 @@ impl Db {
             .max_size(size)
             .min_idle(Some(1))
             .connection_timeout(connection_timeout)
-            .test_on_check_out(false)
+            // A connection that died with a database restart is replaced at check-out instead of
+            // failing a handler first.
+            .test_on_check_out(true)
             .build_unchecked(ConnectionManager::new(url));
         Db { pool }
     }
 
     /// Db::get takes a connection on the current (blocking) thread.
     pub fn get(&self) -> Result<Conn, DbError> {
-        self.pool
-            .get()
-            .map_err(|e| DbError::Unavailable(e.to_string()))
+        self.pool.get().map_err(|e| DbError::Unavailable(e.to_string()))
     }
 
     /// Db::run runs `f` with a connection on the blocking pool.
@@ -108,9 +108,7 @@ impl Db {
     {
         let pool = self.pool.clone();
         tokio::task::spawn_blocking(move || {
-            let mut conn = pool
-                .get()
-                .map_err(|e| E::from(DbError::Unavailable(e.to_string())))?;
+            let mut conn = pool.get().map_err(|e| E::from(DbError::Unavailable(e.to_string())))?;
             f(&mut conn)
         })
         .await
@@ -131,10 +129,7 @@ pub fn ensure_database(url: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut admin = PgConnection::establish(&server_url).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot connect to PostgreSQL at {}: {e}",
-            crate::config::redact_url(&server_url)
-        )
+        anyhow::anyhow!("cannot connect to PostgreSQL at {}: {e}", crate::config::redact_url(&server_url))
     })?;
     let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
     match diesel::sql_query(sql).execute(&mut admin) {
@@ -157,15 +152,8 @@ fn split_database_url(url: &str) -> anyhow::Result<(String, String)> {
     };
     let (server, name) = base
         .rsplit_once('/')
-        .filter(|(server, name)| {
-            server.contains("://") && !server.ends_with('/') && !name.is_empty()
-        })
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "database.url must name a database: {}",
-                crate::config::redact_url(url)
-            )
-        })?;
+        .filter(|(server, name)| server.contains("://") && !server.ends_with('/') && !name.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("database.url must name a database: {}", crate::config::redact_url(url)))?;
     let admin = match query {
         Some(q) => format!("{server}/postgres?{q}"),
         None => format!("{server}/postgres"),
@@ -188,9 +176,8 @@ pub fn migrate(conn: &mut PgConnection) -> anyhow::Result<Vec<String>> {
 /// prepare creates the database if needed and migrates it: what `assetflow migrate` does.
 pub fn prepare(url: &str) -> anyhow::Result<Vec<String>> {
     ensure_database(url)?;
-    let mut conn = PgConnection::establish(url).map_err(|e| {
-        anyhow::anyhow!("cannot connect to {}: {e}", crate::config::redact_url(url))
-    })?;
+    let mut conn = PgConnection::establish(url)
+        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", crate::config::redact_url(url)))?;
     migrate(&mut conn)
 }
 
@@ -202,17 +189,11 @@ mod tests {
     fn database_urls_split_into_server_and_name() {
         assert_eq!(
             split_database_url("postgres://postgres@127.0.0.1:5432/assetflow").unwrap(),
-            (
-                "postgres://postgres@127.0.0.1:5432/postgres".into(),
-                "assetflow".into()
-            )
+            ("postgres://postgres@127.0.0.1:5432/postgres".into(), "assetflow".into())
         );
         assert_eq!(
             split_database_url("postgres://u:p@h/db?sslmode=require").unwrap(),
-            (
-                "postgres://u:p@h/postgres?sslmode=require".into(),
-                "db".into()
-            )
+            ("postgres://u:p@h/postgres?sslmode=require".into(), "db".into())
         );
         assert!(split_database_url("postgres://h:5432").is_err());
     }

@@ -1,5 +1,5 @@
 //! The diesel table definitions. They mirror `migrations/` exactly; `tests/it/schema_drift.rs`
-//! checks every column against the migrated database.
+//! checks every table and column against the migrated database.
 
 diesel::table! {
     partners (id) {
@@ -100,6 +100,7 @@ diesel::table! {
         reason -> Nullable<Text>,
         instructed_at -> Timestamptz,
         answered_at -> Nullable<Timestamptz>,
+        attempt_limit -> Nullable<Int4>,
     }
 }
 
@@ -175,6 +176,7 @@ diesel::table! {
         last_error -> Nullable<Text>,
         created_at -> Timestamptz,
         delivered_at -> Nullable<Timestamptz>,
+        attempt_limit -> Nullable<Int4>,
     }
 }
 
@@ -264,6 +266,28 @@ diesel::table! {
         errors -> Int8,
         outcome -> Text,
         error -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    certificate_reminders (certificate_id, stage) {
+        certificate_id -> Uuid,
+        stage -> Int2,
+        action -> Text,
+        as_of -> Timestamptz,
+        delivery_id -> Nullable<Uuid>,
+    }
+}
+
+diesel::table! {
+    dead_letter_audit (id) {
+        id -> Int8,
+        dead_letter_id -> Uuid,
+        action -> Text,
+        operator -> Text,
+        note -> Nullable<Text>,
+        at -> Timestamptz,
+        summary -> Jsonb,
     }
 }
 

@@ -44,12 +44,7 @@ pub struct NewDelivery {
 
 impl NewDelivery {
     /// NewDelivery::now is a delivery to send at once.
-    pub fn now(
-        kind: DeliveryKind,
-        dedupe_key: String,
-        terminal: &Terminal,
-        content: Value,
-    ) -> NewDelivery {
+    pub fn now(kind: DeliveryKind, dedupe_key: String, terminal: &Terminal, content: Value) -> NewDelivery {
         NewDelivery {
             kind,
             dedupe_key,
@@ -106,21 +101,63 @@ pub fn enqueue_with(
     Ok(Some(id))
 }
 
+/// enqueue_many records many deliveries in one statement, and asks the delivery pool to send
+/// the ones due now in another: the scans' set-based path. It returns how many were new.
+pub fn enqueue_many(conn: &mut PgConnection, app: &App, batch: &[NewDelivery], now: DateTime<Utc>) -> QueryResult<u64> {
+    use diesel::sql_types::{Array, Bool, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+    if batch.is_empty() {
+        return Ok(0);
+    }
+    #[derive(QueryableByName)]
+    struct Inserted {
+        #[diesel(sql_type = SqlUuid)]
+        id: Uuid,
+        #[diesel(sql_type = Timestamptz)]
+        due_at: DateTime<Utc>,
+    }
+    let ids: Vec<Uuid> = batch.iter().map(|_| Uuid::now_v7()).collect();
+    let column = |f: fn(&NewDelivery) -> String| batch.iter().map(f).collect::<Vec<String>>();
+    let inserted: Vec<Inserted> = diesel::sql_query(
+        "INSERT INTO deliveries (id, dedupe_key, kind, terminal_id, gateway_id, order_id, asset_id, forced, content, status, due_at, created_at)
+         SELECT id, dedupe_key, kind, terminal_id, gateway_id, order_id, asset_id, forced, content, 'pending', due_at, $11
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[], $7::uuid[], $8::bool[], $9::jsonb[], $10::timestamptz[])
+              AS t(id, dedupe_key, kind, terminal_id, gateway_id, order_id, asset_id, forced, content, due_at)
+         ON CONFLICT (dedupe_key) DO NOTHING
+         RETURNING id, due_at",
+    )
+    .bind::<Array<SqlUuid>, _>(&ids)
+    .bind::<Array<Text>, _>(column(|d| d.dedupe_key.clone()))
+    .bind::<Array<Text>, _>(column(|d| d.kind.as_str().to_string()))
+    .bind::<Array<Text>, _>(column(|d| d.terminal_id.clone()))
+    .bind::<Array<Text>, _>(column(|d| d.gateway_id.clone()))
+    .bind::<Array<Nullable<SqlUuid>>, _>(batch.iter().map(|d| d.order_id).collect::<Vec<_>>())
+    .bind::<Array<Nullable<SqlUuid>>, _>(batch.iter().map(|d| d.asset_id).collect::<Vec<_>>())
+    .bind::<Array<Bool>, _>(batch.iter().map(|d| d.forced).collect::<Vec<_>>())
+    .bind::<Array<Jsonb>, _>(batch.iter().map(|d| d.content.clone()).collect::<Vec<_>>())
+    .bind::<Array<Timestamptz>, _>(batch.iter().map(|d| d.due_at.unwrap_or(now)).collect::<Vec<_>>())
+    .bind::<Timestamptz, _>(now)
+    .load(conn)?;
+    let due: Vec<Uuid> = inserted.iter().filter(|i| i.due_at <= now).map(|i| i.id).collect();
+    diesel::sql_query(
+        "INSERT INTO outbox (message_id, exchange, routing_key, message_type, correlation_id, payload)
+         SELECT gen_random_uuid(), $2, $3, $3, id::text,
+                convert_to(jsonb_build_object('type', $3, 'delivery_id', id)::text, 'UTF8')
+         FROM unnest($1::uuid[]) AS id",
+    )
+    .bind::<Array<SqlUuid>, _>(&due)
+    .bind::<Text, _>(app.names.internal())
+    .bind::<Text, _>(kinds::DELIVERY_REQUESTED)
+    .execute(conn)?;
+    Ok(inserted.len() as u64)
+}
+
 /// request_send hands a delivery to the delivery pool.
 pub fn request_send(conn: &mut PgConnection, app: &App, delivery_id: Uuid) -> QueryResult<()> {
-    let message = DeliveryRequested {
-        message_type: kinds::DELIVERY_REQUESTED.into(),
-        delivery_id,
-    };
+    let message = DeliveryRequested { message_type: kinds::DELIVERY_REQUESTED.into(), delivery_id };
     outbox::enqueue(
         conn,
-        &Outgoing::json(
-            app.names.internal(),
-            kinds::DELIVERY_REQUESTED,
-            kinds::DELIVERY_REQUESTED,
-            &message,
-        )
-        .correlated(delivery_id.to_string()),
+        &Outgoing::json(app.names.internal(), kinds::DELIVERY_REQUESTED, kinds::DELIVERY_REQUESTED, &message)
+            .correlated(delivery_id.to_string()),
     )
 }
 
@@ -140,6 +177,7 @@ pub struct Row {
     pub attempts: i32,
     pub due_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
+    pub attempt_limit: Option<i32>,
 }
 
 /// Sent is what [`send_attempt`] did.
@@ -160,32 +198,20 @@ pub fn send_attempt(
     delivery_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<Sent, Failure> {
-    let Some(row) = deliveries::table
-        .find(delivery_id)
-        .select(Row::as_select())
-        .for_update()
-        .first(conn)
-        .optional()?
+    let Some(row) = deliveries::table.find(delivery_id).select(Row::as_select()).for_update().first(conn).optional()?
     else {
-        return Err(Failure::permanent(
-            Reason::UnknownDelivery,
-            format!("delivery {delivery_id} does not exist"),
-        ));
+        return Err(Failure::permanent(Reason::UnknownDelivery, format!("delivery {delivery_id} does not exist")));
     };
     if !matches!(row.status.as_str(), "pending" | "failed") {
         return Ok(Sent::Skipped);
     }
-    let kind =
-        DeliveryKind::parse(&row.kind).expect("the CHECK constraint admits only known kinds");
+    let kind = DeliveryKind::parse(&row.kind).expect("the CHECK constraint admits only known kinds");
     if kind == DeliveryKind::Asset
         && let Some(asset_id) = row.asset_id
         && !asset_deliverable(conn, asset_id, now)?
     {
         diesel::update(deliveries::table.find(row.id))
-            .set((
-                deliveries::status.eq("cancelled"),
-                deliveries::last_error.eq("the asset is no longer valid"),
-            ))
+            .set((deliveries::status.eq("cancelled"), deliveries::last_error.eq("the asset is no longer valid")))
             .execute(conn)?;
         expire_if_due(conn, asset_id, now)?;
         telemetry::delivery_attempt(kind.as_str(), "cancelled");
@@ -204,14 +230,9 @@ pub fn send_attempt(
         sent_at: now,
         content: row.content.clone(),
     };
-    let outgoing = Outgoing::json(
-        app.names.gateways(),
-        row.gateway_id.as_str(),
-        kinds::DELIVERY,
-        &message,
-    )
-    .with_message_id(message_id)
-    .correlated(row.order_id.unwrap_or(row.id).to_string());
+    let outgoing = Outgoing::json(app.names.gateways(), row.gateway_id.as_str(), kinds::DELIVERY, &message)
+        .with_message_id(message_id)
+        .correlated(row.order_id.unwrap_or(row.id).to_string());
     diesel::insert_into(delivery_attempts::table)
         .values((
             delivery_attempts::delivery_id.eq(row.id),
@@ -222,8 +243,7 @@ pub fn send_attempt(
             delivery_attempts::outcome.eq("sent"),
         ))
         .execute(conn)?;
-    let ack_timeout = chrono::Duration::from_std(app.pools.delivery.transmission.ack_timeout)
-        .expect("a sane timeout");
+    let ack_timeout = chrono::Duration::from_std(app.pools.delivery.transmission.ack_timeout).expect("a sane timeout");
     diesel::update(deliveries::table.find(row.id))
         .set((
             deliveries::status.eq("sent"),
@@ -236,43 +256,38 @@ pub fn send_attempt(
     Ok(Sent::Attempt(attempt))
 }
 
-/// expire_if_due moves an asset past its term to `expired`, where the status machine allows it
-/// (FIG. 7 S203, FIG. 8 S303: retrying stops, and the asset is void).
-pub fn expire_if_due(
-    conn: &mut PgConnection,
-    asset_id: Uuid,
-    now: DateTime<Utc>,
-) -> Result<bool, Failure> {
-    let expires_at: DateTime<Utc> = assets::table
-        .find(asset_id)
-        .select(assets::expires_at)
-        .first(conn)?;
-    let status = status_machine::current_for_update(conn, asset_id)?;
-    if expires_at > now || !status_machine::allowed(status, Status::Expired) {
+/// expire_if_due moves an asset past its term to `expired`. An asset still awaiting its
+/// delivery is first handed to past-due processing, as FIG. 6 S101/S103 does with an invalid one;
+/// retrying stops there (FIG. 8 S301).
+pub fn expire_if_due(conn: &mut PgConnection, asset_id: Uuid, now: DateTime<Utc>) -> Result<bool, Failure> {
+    let expires_at: DateTime<Utc> = assets::table.find(asset_id).select(assets::expires_at).first(conn)?;
+    let mut status = status_machine::current_for_update(conn, asset_id)?;
+    if expires_at > now {
         return Ok(false);
     }
-    status_machine::transition(
-        conn,
-        asset_id,
-        status,
-        Status::Expired,
-        Cause::AssetExpired,
-        None,
-        now,
-    )?;
+    if matches!(status, Status::AwaitingExchange | Status::AwaitingDesignatedDelivery) {
+        status_machine::transition(
+            conn,
+            asset_id,
+            status,
+            Status::ExpiredCertificateProcessing,
+            Cause::AssetExpired,
+            None,
+            now,
+        )?;
+        status = Status::ExpiredCertificateProcessing;
+    }
+    if !status_machine::allowed(status, Status::Expired) {
+        return Ok(false);
+    }
+    status_machine::transition(conn, asset_id, status, Status::Expired, Cause::AssetExpired, None, now)?;
     Ok(true)
 }
 
 /// asset_deliverable re-checks validity before any transmission (FIG. 6 S101, 7 S201, 8 S301).
-fn asset_deliverable(
-    conn: &mut PgConnection,
-    asset_id: Uuid,
-    now: DateTime<Utc>,
-) -> QueryResult<bool> {
-    let (status, expires_at): (String, DateTime<Utc>) = assets::table
-        .find(asset_id)
-        .select((assets::status, assets::expires_at))
-        .first(conn)?;
+fn asset_deliverable(conn: &mut PgConnection, asset_id: Uuid, now: DateTime<Utc>) -> QueryResult<bool> {
+    let (status, expires_at): (String, DateTime<Utc>) =
+        assets::table.find(asset_id).select((assets::status, assets::expires_at)).first(conn)?;
     let status = Status::parse(&status).expect("known status");
     Ok(expires_at > now && status.is_before_delivery())
 }
@@ -297,36 +312,21 @@ pub fn fail_attempt(
         .execute(conn)?;
     telemetry::delivery_attempt(&row.kind, outcome);
     let policy = &app.pools.delivery.transmission;
-    if let Some(asset_id) = row
-        .asset_id
-        .filter(|_| row.kind == DeliveryKind::Asset.as_str())
-    {
+    if let Some(asset_id) = row.asset_id.filter(|_| row.kind == DeliveryKind::Asset.as_str()) {
         let status = status_machine::current_for_update(conn, asset_id)?;
         let next = match status {
-            Status::AwaitingExchange | Status::AwaitingDesignatedDelivery => {
-                Some(Status::Retransmitting)
-            }
+            Status::AwaitingExchange | Status::AwaitingDesignatedDelivery => Some(Status::Retransmitting),
             Status::ExpiredCertificateProcessing => Some(Status::ForcedRetransmitting),
             _ => None,
         };
         if let Some(next) = next {
-            status_machine::transition(
-                conn,
-                asset_id,
-                status,
-                next,
-                Cause::DeliveryFailed,
-                Some(error),
-                now,
-            )?;
+            status_machine::transition(conn, asset_id, status, next, Cause::DeliveryFailed, Some(error), now)?;
         }
     }
-    if attempt as u32 >= policy.max_attempts {
+    let limit = row.attempt_limit.map(|l| l as u32).unwrap_or_else(|| policy.max_attempts_for(&row.kind));
+    if attempt as u32 >= limit {
         diesel::update(deliveries::table.find(row.id))
-            .set((
-                deliveries::status.eq("dead"),
-                deliveries::last_error.eq(error),
-            ))
+            .set((deliveries::status.eq("dead"), deliveries::last_error.eq(error)))
             .execute(conn)?;
         let attempts: Vec<(i32, DateTime<Utc>, String, Option<String>)> = delivery_attempts::table
             .filter(delivery_attempts::delivery_id.eq(row.id))
@@ -361,18 +361,9 @@ pub fn fail_attempt(
             },
         )?;
     } else {
-        let wait = retry::delay(
-            &policy.schedule,
-            attempt as u32,
-            policy.jitter,
-            &mut rand::rng(),
-        );
+        let wait = retry::delay(&policy.schedule, attempt as u32, policy.jitter, &mut rand::rng());
         diesel::update(deliveries::table.find(row.id))
-            .set((
-                deliveries::status.eq("failed"),
-                deliveries::due_at.eq(now + wait),
-                deliveries::last_error.eq(error),
-            ))
+            .set((deliveries::status.eq("failed"), deliveries::due_at.eq(now + wait), deliveries::last_error.eq(error)))
             .execute(conn)?;
     }
     Ok(())

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 
 use super::{Row, fail_attempt};
-use crate::db::schema::{deliveries, delivery_attempts, orders};
+use crate::db::schema::{deliveries, delivery_attempts, exchange_certificates, orders};
 use crate::dead_letter::Reason;
 use crate::messages::{DeliveryKind, DeliveryReceipt, kinds};
 use crate::pool::{Cx, Failure, Handler, Incoming};
@@ -29,31 +29,21 @@ impl Handler for ReceiptHandler {
             .first(cx.conn)
             .optional()?
         else {
-            return Err(Failure::permanent(
-                Reason::UnknownDelivery,
-                format!("no delivery {}", receipt.delivery_id),
-            ));
+            return Err(Failure::permanent(Reason::UnknownDelivery, format!("no delivery {}", receipt.delivery_id)));
         };
         if row.gateway_id != receipt.gateway_id || row.terminal_id != receipt.terminal_id {
             return Err(Failure::permanent(
                 Reason::UnknownDelivery,
                 format!(
                     "delivery {} is for {} via {}, not {} via {}",
-                    row.id,
-                    row.terminal_id,
-                    row.gateway_id,
-                    receipt.terminal_id,
-                    receipt.gateway_id
+                    row.id, row.terminal_id, row.gateway_id, receipt.terminal_id, receipt.gateway_id
                 ),
             ));
         }
         let attempt = i32::try_from(receipt.attempt).unwrap_or(i32::MAX);
         let Some((expected, outcome)) = delivery_attempts::table
             .find((row.id, attempt))
-            .select((
-                delivery_attempts::payload_sha256,
-                delivery_attempts::outcome,
-            ))
+            .select((delivery_attempts::payload_sha256, delivery_attempts::outcome))
             .first::<(String, String)>(cx.conn)
             .optional()?
         else {
@@ -62,25 +52,22 @@ impl Handler for ReceiptHandler {
                 format!("delivery {} has no attempt {}", row.id, receipt.attempt),
             ));
         };
-        if row.status == "delivered" {
-            return Ok(()); // A second receipt: the delivery is already complete.
+        match row.status.as_str() {
+            // A second receipt: the delivery is already complete.
+            "delivered" => return Ok(()),
+            // Given up on (its dead letter is the operator's) or void (the asset expired): a late
+            // receipt is evidence, not a reason to change what was decided.
+            "dead" | "cancelled" => {
+                tracing::info!(delivery_id = %row.id, attempt, status = %row.status, "late receipt for a closed delivery; ignored");
+                return Ok(());
+            }
+            _ => {}
         }
         if expected != receipt.sha256 {
             // Corrupted or tampered in transit: a failed transmission, retried like a lost one.
             if outcome == "sent" && row.status == "sent" && row.attempts == attempt {
-                let error = format!(
-                    "receipt hash {} does not match the {} sent",
-                    receipt.sha256, expected
-                );
-                fail_attempt(
-                    cx.conn,
-                    cx.app,
-                    &row,
-                    attempt,
-                    "hash_mismatch",
-                    &error,
-                    cx.now,
-                )?;
+                let error = format!("receipt hash {} does not match the {} sent", receipt.sha256, expected);
+                fail_attempt(cx.conn, cx.app, &row, attempt, "hash_mismatch", &error, cx.now)?;
             }
             return Ok(());
         }
@@ -92,16 +79,24 @@ impl Handler for ReceiptHandler {
 fn complete(cx: &mut Cx<'_>, row: &Row, attempt: i32) -> Result<(), Failure> {
     let now = cx.now;
     diesel::update(delivery_attempts::table.find((row.id, attempt)))
-        .set((
-            delivery_attempts::outcome.eq("acknowledged"),
-            delivery_attempts::finished_at.eq(now),
-        ))
+        .set((delivery_attempts::outcome.eq("acknowledged"), delivery_attempts::finished_at.eq(now)))
         .execute(cx.conn)?;
+    // A late receipt for an earlier attempt completes the delivery: a newer attempt still in
+    // flight is closed, so that nothing waits on a receipt that no longer matters.
+    diesel::update(
+        delivery_attempts::table
+            .filter(delivery_attempts::delivery_id.eq(row.id))
+            .filter(delivery_attempts::attempt.ne(attempt))
+            .filter(delivery_attempts::outcome.eq("sent")),
+    )
+    .set((
+        delivery_attempts::outcome.eq("timed_out"),
+        delivery_attempts::error.eq(format!("superseded: attempt {attempt} was acknowledged")),
+        delivery_attempts::finished_at.eq(now),
+    ))
+    .execute(cx.conn)?;
     diesel::update(deliveries::table.find(row.id))
-        .set((
-            deliveries::status.eq("delivered"),
-            deliveries::delivered_at.eq(now),
-        ))
+        .set((deliveries::status.eq("delivered"), deliveries::delivered_at.eq(now)))
         .execute(cx.conn)?;
     telemetry::delivery_attempt(&row.kind, "acknowledged");
     let kind = DeliveryKind::parse(&row.kind).expect("known kind");
@@ -111,29 +106,27 @@ fn complete(cx: &mut Cx<'_>, row: &Row, attempt: i32) -> Result<(), Failure> {
             let next = match status {
                 Status::AwaitingExchange | Status::AwaitingDesignatedDelivery => Status::Delivered,
                 // Past-due processing and retransmissions complete as forced downloads (FIG. 7, 8).
-                Status::ExpiredCertificateProcessing
-                | Status::Retransmitting
-                | Status::ForcedRetransmitting => Status::ForceDelivered,
+                Status::ExpiredCertificateProcessing | Status::Retransmitting | Status::ForcedRetransmitting => {
+                    Status::ForceDelivered
+                }
                 // Refunded or expired meanwhile: the receipt is recorded, the status stands.
                 _ => return Ok(()),
             };
-            status_machine::transition(
-                cx.conn,
-                asset_id,
-                status,
-                next,
-                Cause::DeliveryAcknowledged,
-                None,
-                now,
-            )?;
-            telemetry::end_to_end("exchange_to_asset", elapsed(row.created_at, now));
+            status_machine::transition(cx.conn, asset_id, status, next, Cause::DeliveryAcknowledged, None, now)?;
+            // From the holder's exchange to the asset in hand; direct deliveries have no exchange.
+            let exchanged: Option<DateTime<Utc>> = exchange_certificates::table
+                .filter(exchange_certificates::asset_id.eq(asset_id))
+                .select(exchange_certificates::exchanged_at)
+                .first::<Option<DateTime<Utc>>>(cx.conn)
+                .optional()?
+                .flatten();
+            if let Some(exchanged) = exchanged {
+                telemetry::end_to_end("exchange_to_asset", elapsed(exchanged, now));
+            }
         }
         (DeliveryKind::Certificate, _) => {
             if let Some(order_id) = row.order_id {
-                let placed: DateTime<Utc> = orders::table
-                    .find(order_id)
-                    .select(orders::created_at)
-                    .first(cx.conn)?;
+                let placed: DateTime<Utc> = orders::table.find(order_id).select(orders::created_at).first(cx.conn)?;
                 telemetry::end_to_end("order_to_certificate", elapsed(placed, now));
             }
         }

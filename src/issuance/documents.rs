@@ -37,8 +37,7 @@ pub fn asset_document(
     if let Some(uses) = product.uses {
         information["uses"] = json!(uses);
     }
-    let issuer_signature =
-        crypto::sign(issuer_key, crypto::canonical_json(&information).as_bytes())?;
+    let issuer_signature = crypto::sign(issuer_key, crypto::canonical_json(&information).as_bytes())?;
     let mut document = json!({
         "asset_id": asset_id,
         "holder_terminal_id": holder,

@@ -49,60 +49,33 @@ impl Handler for ExchangeHandler {
             Err((terminal, refused)) => {
                 return requests::refuse(cx, message, &header, terminal.as_ref(), None, refused);
             }
-            Ok(Verified::Duplicate {
-                terminal,
-                original,
-                content_sha256,
-            }) => {
-                return requests::answer_duplicate(
-                    cx,
-                    message,
-                    &header,
-                    &terminal,
-                    &original,
-                    &content_sha256,
-                );
+            Ok(Verified::Duplicate { terminal, original, content_sha256 }) => {
+                return requests::answer_duplicate(cx, message, &header, &terminal, &original, &content_sha256);
             }
-            Ok(Verified::Fresh {
-                terminal,
-                content_sha256,
-            }) => (terminal, content_sha256),
+            Ok(Verified::Fresh { terminal, content_sha256 }) => (terminal, content_sha256),
         };
         match exchange(cx, &request, &terminal)? {
             Ok(asset_id) => {
                 requests::accept(cx, &header, &sha, asset_id)?;
                 Ok(())
             }
-            Err(refused) => {
-                requests::refuse(cx, message, &header, Some(&terminal), Some(&sha), refused)
-            }
+            Err(refused) => requests::refuse(cx, message, &header, Some(&terminal), Some(&sha), refused),
         }
     }
 }
 
-fn exchange(
-    cx: &mut Cx<'_>,
-    request: &ExchangeRequest,
-    terminal: &Terminal,
-) -> Result<Result<Uuid, Refused>, Failure> {
+fn exchange(cx: &mut Cx<'_>, request: &ExchangeRequest, terminal: &Terminal) -> Result<Result<Uuid, Refused>, Failure> {
     let presented = &request.certificate;
     // Genuine: signed by the service provider, and exactly the document assetflow issued.
-    if let Err(e) = crypto::verify_document(&cx.app.keys.provider, presented) {
+    if let Err(e) = cx.app.keys.verify_provider(presented) {
         telemetry::signature_failure("certificate");
         return Ok(Err(Refused::new(
             Reason::CertificateForged,
             format!("the certificate's signature does not verify: {e}"),
         )));
     }
-    let Some(id) = presented
-        .get("certificate_id")
-        .and_then(Value::as_str)
-        .and_then(|s| Uuid::parse_str(s).ok())
-    else {
-        return Ok(Err(Refused::new(
-            Reason::CertificateForged,
-            "the certificate has no valid certificate_id",
-        )));
+    let Some(id) = presented.get("certificate_id").and_then(Value::as_str).and_then(|s| Uuid::parse_str(s).ok()) else {
+        return Ok(Err(Refused::new(Reason::CertificateForged, "the certificate has no valid certificate_id")));
     };
     let Some(certificate) = exchange_certificates::table
         .find(id)
@@ -119,17 +92,11 @@ fn exchange(
         .first::<Certificate>(cx.conn)
         .optional()?
     else {
-        return Ok(Err(Refused::new(
-            Reason::CertificateUnknown,
-            format!("no certificate {id} was issued"),
-        )));
+        return Ok(Err(Refused::new(Reason::CertificateUnknown, format!("no certificate {id} was issued"))));
     };
     if crypto::canonical_json(presented) != certificate.document {
         telemetry::signature_failure("certificate");
-        return Ok(Err(Refused::new(
-            Reason::CertificateForged,
-            "the certificate differs from the one issued",
-        )));
+        return Ok(Err(Refused::new(Reason::CertificateForged, "the certificate differs from the one issued")));
     }
     if certificate.holder_terminal_id != terminal.id {
         return Ok(Err(Refused::new(
@@ -144,10 +111,7 @@ fn exchange(
         )));
     }
     if certificate.revoked_at.is_some() {
-        return Ok(Err(Refused::new(
-            Reason::CertificateRevoked,
-            format!("certificate {id} was revoked"),
-        )));
+        return Ok(Err(Refused::new(Reason::CertificateRevoked, format!("certificate {id} was revoked"))));
     }
     if certificate.expires_at <= cx.now {
         return Ok(Err(Refused::new(
@@ -155,24 +119,15 @@ fn exchange(
             format!("certificate {id} expired at {}", certificate.expires_at),
         )));
     }
-    let (status, expires_at, document, order_id): (String, DateTime<Utc>, String, Uuid) =
-        assets::table
-            .find(certificate.asset_id)
-            .select((
-                assets::status,
-                assets::expires_at,
-                assets::document,
-                assets::order_id,
-            ))
-            .for_update()
-            .first(cx.conn)?;
+    let (status, expires_at, document, order_id): (String, DateTime<Utc>, String, Uuid) = assets::table
+        .find(certificate.asset_id)
+        .select((assets::status, assets::expires_at, assets::document, assets::order_id))
+        .for_update()
+        .first(cx.conn)?;
     if Status::parse(&status) != Some(Status::AwaitingExchange) || expires_at <= cx.now {
         return Ok(Err(Refused::new(
             Reason::AssetNotDeliverable,
-            format!(
-                "asset {} is {status} and cannot be delivered",
-                certificate.asset_id
-            ),
+            format!("asset {} is {status} and cannot be delivered", certificate.asset_id),
         )));
     }
     diesel::update(exchange_certificates::table.find(id))
@@ -181,8 +136,8 @@ fn exchange(
             exchange_certificates::exchange_request_id.eq(&request.request_id),
         ))
         .execute(cx.conn)?;
-    let asset: Value = serde_json::from_str(&document)
-        .map_err(|e| Failure::permanent(DeadReason::Unprocessable, e.to_string()))?;
+    let asset: Value =
+        serde_json::from_str(&document).map_err(|e| Failure::permanent(DeadReason::Unprocessable, e.to_string()))?;
     let mut d = NewDelivery::now(
         DeliveryKind::Asset,
         format!("asset:{}", certificate.asset_id),

@@ -45,17 +45,10 @@ impl Handler for IssueHandler {
     fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure> {
         let request: IssuanceRequested = serde_json::from_value(message.json.clone())
             .map_err(|e| Failure::permanent(Reason::SchemaViolation, e.to_string()))?;
-        let Some(order) = orders::table
-            .find(request.order_id)
-            .select(Order::as_select())
-            .for_update()
-            .first(cx.conn)
-            .optional()?
+        let Some(order) =
+            orders::table.find(request.order_id).select(Order::as_select()).for_update().first(cx.conn).optional()?
         else {
-            return Err(Failure::permanent(
-                Reason::Unprocessable,
-                format!("no order {}", request.order_id),
-            ));
+            return Err(Failure::permanent(Reason::Unprocessable, format!("no order {}", request.order_id)));
         };
         if order.status != "issuing" {
             return Ok(()); // Issued already, or never settled: nothing to do.
@@ -66,31 +59,20 @@ impl Handler for IssueHandler {
 
 fn issue(cx: &mut Cx<'_>, order: &Order) -> Result<(), Failure> {
     let now = cx.now;
-    let product = load_product(cx.conn, &order.product_id)?.ok_or_else(|| {
-        Failure::permanent(
-            Reason::Unprocessable,
-            format!("product {} vanished", order.product_id),
-        )
-    })?;
+    let product = load_product(cx.conn, &order.product_id)?
+        .ok_or_else(|| Failure::permanent(Reason::Unprocessable, format!("product {} vanished", order.product_id)))?;
     let issuer_key = cx.app.keys.issuer(&product.issuer_id).ok_or_else(|| {
         Failure::permanent(
             Reason::Unprocessable,
-            format!(
-                "assetflow holds no signing key for issuer {:?}",
-                product.issuer_id
-            ),
+            format!("assetflow holds no signing key for issuer {:?}", product.issuer_id),
         )
     })?;
     let provider = &cx.app.config.service_provider_id;
     let with_certificate = order.delivery_mode == "certificate";
     let mut issued = 0;
     for recipient_id in &order.recipient_terminal_ids {
-        let recipient = load_terminal(cx.conn, recipient_id)?.ok_or_else(|| {
-            Failure::permanent(
-                Reason::Unprocessable,
-                format!("recipient {recipient_id} vanished"),
-            )
-        })?;
+        let recipient = load_terminal(cx.conn, recipient_id)?
+            .ok_or_else(|| Failure::permanent(Reason::Unprocessable, format!("recipient {recipient_id} vanished")))?;
         for ordinal in 0..order.quantity {
             let asset_id = Uuid::now_v7();
             let expires_at = product.asset_expiry(now);
@@ -105,14 +87,8 @@ fn issue(cx: &mut Cx<'_>, order: &Order) -> Result<(), Failure> {
                 issuer_key,
                 &cx.app.keys.provider,
             )
-            .map_err(|e| {
-                Failure::permanent(Reason::Unprocessable, format!("signing asset: {e}"))
-            })?;
-            let status = if with_certificate {
-                Status::AwaitingExchange
-            } else {
-                Status::AwaitingDesignatedDelivery
-            };
+            .map_err(|e| Failure::permanent(Reason::Unprocessable, format!("signing asset: {e}")))?;
+            let status = if with_certificate { Status::AwaitingExchange } else { Status::AwaitingDesignatedDelivery };
             diesel::insert_into(assets::table)
                 .values((
                     assets::id.eq(asset_id),
@@ -135,10 +111,8 @@ fn issue(cx: &mut Cx<'_>, order: &Order) -> Result<(), Failure> {
                     assets::remaining_uses.eq(product.uses),
                     assets::currency.eq(&product.currency),
                     assets::document.eq(crate::crypto::canonical_json(&document)),
-                    assets::issuer_signature
-                        .eq(document["issuer_signature"].as_str().unwrap_or_default()),
-                    assets::provider_signature
-                        .eq(document["signature"].as_str().unwrap_or_default()),
+                    assets::issuer_signature.eq(document["issuer_signature"].as_str().unwrap_or_default()),
+                    assets::provider_signature.eq(document["signature"].as_str().unwrap_or_default()),
                     assets::status_changed_at.eq(now),
                 ))
                 .execute(cx.conn)?;
@@ -156,9 +130,7 @@ fn issue(cx: &mut Cx<'_>, order: &Order) -> Result<(), Failure> {
                     provider,
                     &cx.app.keys.provider,
                 )
-                .map_err(|e| {
-                    Failure::permanent(Reason::Unprocessable, format!("signing certificate: {e}"))
-                })?;
+                .map_err(|e| Failure::permanent(Reason::Unprocessable, format!("signing certificate: {e}")))?;
                 diesel::insert_into(exchange_certificates::table)
                     .values((
                         exchange_certificates::id.eq(certificate_id),
@@ -166,10 +138,8 @@ fn issue(cx: &mut Cx<'_>, order: &Order) -> Result<(), Failure> {
                         exchange_certificates::holder_terminal_id.eq(&recipient.id),
                         exchange_certificates::issued_at.eq(now),
                         exchange_certificates::expires_at.eq(cert_expiry),
-                        exchange_certificates::document
-                            .eq(crate::crypto::canonical_json(&certificate)),
-                        exchange_certificates::signature
-                            .eq(certificate["signature"].as_str().unwrap_or_default()),
+                        exchange_certificates::document.eq(crate::crypto::canonical_json(&certificate)),
+                        exchange_certificates::signature.eq(certificate["signature"].as_str().unwrap_or_default()),
                     ))
                     .execute(cx.conn)?;
                 let mut d = NewDelivery::now(

@@ -1,7 +1,7 @@
 //! The message contracts: every message assetflow consumes or publishes, as a type.
 //!
 //! Each has a JSON Schema in `schemas/` (see [`schema`]); incoming messages are validated against
-//! it before they are deserialized, so that a refusal can say which field was wrong. Messages
+//! it before they are deserialized, so that a dead letter says which field was wrong. Messages
 //! name what to act on by id, and the handlers re-read the state: a stale or duplicated message
 //! cannot overwrite newer state.
 
@@ -178,14 +178,8 @@ pub enum DeliveryKind {
 }
 
 impl DeliveryKind {
-    pub const ALL: [DeliveryKind; 6] = [
-        Self::Certificate,
-        Self::Asset,
-        Self::Message,
-        Self::DownloadRequest,
-        Self::RevocationRequest,
-        Self::Refusal,
-    ];
+    pub const ALL: [DeliveryKind; 6] =
+        [Self::Certificate, Self::Asset, Self::Message, Self::DownloadRequest, Self::RevocationRequest, Self::Refusal];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -254,6 +248,8 @@ pub struct Notice {
     pub order_id: Option<Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asset_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_id: Option<Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
 }

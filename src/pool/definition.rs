@@ -10,16 +10,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 const BUILT_IN: &[(&str, &str)] = &[
-    (
-        "settlement.toml",
-        include_str!("../../workers/settlement.toml"),
-    ),
+    ("settlement.toml", include_str!("../../workers/settlement.toml")),
     ("issuance.toml", include_str!("../../workers/issuance.toml")),
     ("delivery.toml", include_str!("../../workers/delivery.toml")),
-    (
-        "scheduler.toml",
-        include_str!("../../workers/scheduler.toml"),
-    ),
+    ("scheduler.toml", include_str!("../../workers/scheduler.toml")),
 ];
 
 /// PoolSettings is what every pool definition has.
@@ -72,6 +66,32 @@ pub struct TransmissionPolicy {
     pub schedule: Vec<Duration>,
     pub jitter: f64,
     pub max_attempts: u32,
+    /// Overrides by delivery kind (certificate, asset, message, download_request,
+    /// revocation_request, refusal).
+    #[serde(default)]
+    pub kinds: BTreeMap<String, KindPolicy>,
+}
+
+/// KindPolicy overrides the transmission policy for one kind of delivery.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KindPolicy {
+    #[serde(default, deserialize_with = "optional_durations", serialize_with = "serialize_optional_durations")]
+    pub schedule: Option<Vec<Duration>>,
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+}
+
+impl TransmissionPolicy {
+    /// TransmissionPolicy::schedule_for is the retry schedule of a delivery kind.
+    pub fn schedule_for(&self, kind: &str) -> &[Duration] {
+        self.kinds.get(kind).and_then(|k| k.schedule.as_deref()).unwrap_or(&self.schedule)
+    }
+
+    /// TransmissionPolicy::max_attempts_for is the attempts allowed for a delivery kind.
+    pub fn max_attempts_for(&self, kind: &str) -> u32 {
+        self.kinds.get(kind).and_then(|k| k.max_attempts).unwrap_or(self.max_attempts)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,17 +123,11 @@ impl PoolDefinitions {
             if path.is_file() {
                 Ok((std::fs::read_to_string(&path)?, path.display().to_string()))
             } else {
-                let text = BUILT_IN
-                    .iter()
-                    .find(|(n, _)| *n == name)
-                    .map(|(_, t)| t.to_string())
-                    .expect("built in");
+                let text = BUILT_IN.iter().find(|(n, _)| *n == name).map(|(_, t)| t.to_string()).expect("built in");
                 Ok((text, format!("built-in {name}")))
             }
         };
-        fn parse<T: serde::de::DeserializeOwned>(
-            (text, origin): (String, String),
-        ) -> anyhow::Result<T> {
+        fn parse<T: serde::de::DeserializeOwned>((text, origin): (String, String)) -> anyhow::Result<T> {
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))
         }
         let defs = PoolDefinitions {
@@ -137,32 +151,14 @@ impl PoolDefinitions {
             ("issuance", &self.issuance.pool),
             ("delivery", &self.delivery.pool),
         ] {
-            anyhow::ensure!(
-                pool.concurrency >= 1,
-                "workers/{name}.toml: concurrency must be at least 1"
-            );
-            anyhow::ensure!(
-                pool.prefetch >= 1,
-                "workers/{name}.toml: prefetch must be at least 1"
-            );
-            anyhow::ensure!(
-                !pool.queues.is_empty(),
-                "workers/{name}.toml: queues must name at least one queue"
-            );
+            anyhow::ensure!(pool.concurrency >= 1, "workers/{name}.toml: concurrency must be at least 1");
+            anyhow::ensure!(pool.prefetch >= 1, "workers/{name}.toml: prefetch must be at least 1");
+            anyhow::ensure!(!pool.queues.is_empty(), "workers/{name}.toml: queues must name at least one queue");
         }
         let t = &self.delivery.transmission;
-        anyhow::ensure!(
-            !t.schedule.is_empty(),
-            "workers/delivery.toml: transmission.schedule must not be empty"
-        );
-        anyhow::ensure!(
-            (0.0..1.0).contains(&t.jitter),
-            "workers/delivery.toml: transmission.jitter must be in [0, 1)"
-        );
-        anyhow::ensure!(
-            t.max_attempts >= 1,
-            "workers/delivery.toml: transmission.max_attempts must be at least 1"
-        );
+        anyhow::ensure!(!t.schedule.is_empty(), "workers/delivery.toml: transmission.schedule must not be empty");
+        anyhow::ensure!((0.0..1.0).contains(&t.jitter), "workers/delivery.toml: transmission.jitter must be in [0, 1)");
+        anyhow::ensure!(t.max_attempts >= 1, "workers/delivery.toml: transmission.max_attempts must be at least 1");
         anyhow::ensure!(
             self.settlement.instruction.max_attempts >= 1,
             "workers/settlement.toml: instruction.max_attempts must be at least 1"
@@ -175,11 +171,19 @@ fn durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D:
     let texts: Vec<String> = Vec::deserialize(d)?;
     texts
         .iter()
-        .map(|t| {
-            humantime::parse_duration(t)
-                .map_err(|e| serde::de::Error::custom(format!("{t:?}: {e}")))
-        })
+        .map(|t| humantime::parse_duration(t).map_err(|e| serde::de::Error::custom(format!("{t:?}: {e}"))))
         .collect()
+}
+
+fn optional_durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<Duration>>, D::Error> {
+    durations(d).map(Some)
+}
+
+fn serialize_optional_durations<S: serde::Serializer>(v: &Option<Vec<Duration>>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => serialize_durations(v, s),
+        None => s.serialize_none(),
+    }
 }
 
 fn serialize_durations<S: serde::Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
@@ -193,11 +197,21 @@ mod tests {
     #[test]
     fn the_built_in_definitions_load() {
         let defs = PoolDefinitions::built_in();
-        assert_eq!(
-            defs.delivery.transmission.schedule[0],
-            Duration::from_secs(60)
-        );
+        assert_eq!(defs.delivery.transmission.schedule[0], Duration::from_secs(60));
         assert_eq!(defs.delivery.transmission.schedule.len(), 7);
         assert!(defs.scheduler.jobs.contains_key("retransmission"));
+    }
+
+    #[test]
+    fn kinds_override_the_transmission_policy() {
+        let mut policy = PoolDefinitions::built_in().delivery.transmission;
+        policy.kinds.insert(
+            "refusal".into(),
+            KindPolicy { schedule: Some(vec![Duration::from_secs(5)]), max_attempts: Some(2) },
+        );
+        assert_eq!(policy.schedule_for("refusal"), &[Duration::from_secs(5)]);
+        assert_eq!(policy.max_attempts_for("refusal"), 2);
+        assert_eq!(policy.schedule_for("asset").len(), 7);
+        assert_eq!(policy.max_attempts_for("asset"), 10);
     }
 }

@@ -15,9 +15,7 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
@@ -65,11 +63,7 @@ impl Incoming {
         let mut incoming = Incoming {
             queue: queue.to_string(),
             message_id,
-            message_type: props
-                .kind()
-                .as_ref()
-                .map(|k| k.to_string())
-                .unwrap_or_default(),
+            message_type: props.kind().as_ref().map(|k| k.to_string()).unwrap_or_default(),
             exchange: delivery.exchange.to_string(),
             routing_key: delivery.routing_key.to_string(),
             correlation_id: props.correlation_id().as_ref().map(|c| c.to_string()),
@@ -82,25 +76,17 @@ impl Incoming {
             if incoming.body.len() > MAX_BODY {
                 return Err((
                     Reason::Malformed,
-                    format!(
-                        "body of {} bytes exceeds the {MAX_BODY}-byte limit",
-                        incoming.body.len()
-                    ),
+                    format!("body of {} bytes exceeds the {MAX_BODY}-byte limit", incoming.body.len()),
                 ));
             }
             let text = std::str::from_utf8(&incoming.body)
                 .map_err(|e| (Reason::Malformed, format!("body is not UTF-8: {e}")))?;
-            let json: Value = serde_json::from_str(text)
-                .map_err(|e| (Reason::Malformed, format!("body is not JSON: {e}")))?;
+            let json: Value =
+                serde_json::from_str(text).map_err(|e| (Reason::Malformed, format!("body is not JSON: {e}")))?;
             let message_type = json
                 .get("type")
                 .and_then(Value::as_str)
-                .ok_or_else(|| {
-                    (
-                        Reason::Malformed,
-                        "body is not a JSON object with a string \"type\"".to_string(),
-                    )
-                })?
+                .ok_or_else(|| (Reason::Malformed, "body is not a JSON object with a string \"type\"".to_string()))?
                 .to_string();
             incoming.message_type = message_type;
             incoming.json = json;
@@ -126,10 +112,7 @@ pub enum Failure {
 
 impl Failure {
     pub fn permanent(reason: Reason, detail: impl Into<String>) -> Failure {
-        Failure::Permanent {
-            reason,
-            detail: detail.into(),
-        }
+        Failure::Permanent { reason, detail: detail.into() }
     }
 }
 
@@ -137,13 +120,8 @@ impl From<diesel::result::Error> for Failure {
     fn from(e: diesel::result::Error) -> Failure {
         // A unique violation means a concurrent copy of this work committed first: trying again
         // re-reads the state and finds it done. One that never heals ends at the delivery limit.
-        let unique = matches!(
-            e,
-            diesel::result::Error::DatabaseError(
-                diesel::result::DatabaseErrorKind::UniqueViolation,
-                _
-            )
-        );
+        let unique =
+            matches!(e, diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _));
         if unique || crate::db::is_transient(&e) {
             Failure::Transient(e.to_string())
         } else {
@@ -199,10 +177,7 @@ impl Registry {
     pub fn register(&mut self, queue: &str, handler: Arc<dyn Handler>) -> anyhow::Result<()> {
         let by_type = self.handlers.entry(queue.to_string()).or_default();
         let message_type = handler.message_type();
-        anyhow::ensure!(
-            by_type.insert(message_type, handler).is_none(),
-            "two handlers for {message_type} on {queue}"
-        );
+        anyhow::ensure!(by_type.insert(message_type, handler).is_none(), "two handlers for {message_type} on {queue}");
         Ok(())
     }
 
@@ -244,30 +219,29 @@ impl PoolRunner {
     pub async fn run(self, shutdown: CancellationToken) {
         let this = Arc::new(self);
         let tracker = TaskTracker::new();
+        // One limit for the whole pool, whatever the number of queues it reads.
+        let permits = Arc::new(Semaphore::new(this.concurrency));
         for queue in this.queues.clone() {
-            let this = this.clone();
-            let shutdown = shutdown.clone();
-            tracker.spawn(async move { this.consume(queue, shutdown).await });
+            let (this, shutdown, permits) = (this.clone(), shutdown.clone(), permits.clone());
+            tracker.spawn(async move { this.consume(queue, permits, shutdown).await });
         }
         tracker.close();
         tracker.wait().await;
     }
 
-    async fn consume(self: Arc<Self>, queue: String, shutdown: CancellationToken) {
-        let permits = Arc::new(Semaphore::new(self.concurrency));
+    async fn consume(self: Arc<Self>, queue: String, permits: Arc<Semaphore>, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
             let Some(conn) = self.broker.connection().await else {
                 return;
             };
             let in_flight = TaskTracker::new();
-            match self
-                .consume_on(&conn, &queue, &permits, &in_flight, &shutdown)
-                .await
-            {
-                Ok(()) => {}
-                Err(e) => {
-                    tracing::warn!(pool = %self.pool, queue = %queue, error = %e, "consumer stopped; starting again")
-                }
+            let mut subscribed = false;
+            let result = self.consume_on(&conn, &queue, &permits, &in_flight, &shutdown, &mut subscribed).await;
+            if subscribed {
+                self.app.progress.consumer_stopped(self.pool);
+            }
+            if let Err(e) = result {
+                tracing::warn!(pool = %self.pool, queue = %queue, error = %e, "consumer stopped; starting again");
             }
             // Finish what is in hand before a new channel takes over: its acks go to the old one.
             in_flight.close();
@@ -288,21 +262,16 @@ impl PoolRunner {
         permits: &Arc<Semaphore>,
         in_flight: &TaskTracker,
         shutdown: &CancellationToken,
+        subscribed: &mut bool,
     ) -> lapin::Result<()> {
         let channel = conn.create_channel().await?;
-        channel
-            .basic_qos(self.prefetch, BasicQosOptions::default())
-            .await?;
+        channel.basic_qos(self.prefetch, BasicQosOptions::default()).await?;
         let tag = format!("assetflow-{}-{}", self.pool, uuid::Uuid::new_v4().simple());
         let mut consumer = channel
-            .basic_consume(
-                queue.into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+            .basic_consume(queue.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
             .await?;
         self.app.progress.consumer_started(self.pool);
+        *subscribed = true;
         tracing::info!(pool = %self.pool, queue, "consuming");
         loop {
             let next = tokio::select! {
@@ -319,11 +288,7 @@ impl PoolRunner {
                 Some(Err(e)) => return Err(e),
                 None => return Ok(()),
             };
-            let permit = permits
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("the semaphore is never closed");
+            let permit = permits.clone().acquire_owned().await.expect("the semaphore is never closed");
             let this = self.clone();
             let queue = queue.to_string();
             in_flight.spawn(async move {
@@ -340,15 +305,7 @@ impl PoolRunner {
         let action = self.execute(incoming.clone(), verdict).await;
         let result = match action {
             Action::Ack(_) => delivery.acker.ack(BasicAckOptions::default()).await,
-            Action::Requeue => {
-                delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await
-            }
+            Action::Requeue => delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
         };
         if let Err(e) = result {
             // The channel died: the broker redelivers the message, and the inbox makes that harmless.
@@ -358,25 +315,15 @@ impl PoolRunner {
             Action::Ack(outcome) => outcome,
             Action::Requeue => "requeued",
         };
-        telemetry::message_handled(
-            self.pool.as_str(),
-            &incoming.message_type,
-            outcome,
-            started.elapsed(),
-        );
+        telemetry::message_handled(self.pool.as_str(), &incoming.message_type, outcome, started.elapsed());
     }
 
     /// execute runs the handler with in-process retries and decides the message's fate.
     async fn execute(&self, incoming: Incoming, verdict: Result<(), (Reason, String)>) -> Action {
         if let Err((reason, detail)) = verdict {
-            return self
-                .settle(&incoming, Err(Failure::Permanent { reason, detail }), &[])
-                .await;
+            return self.settle(&incoming, Err(Failure::Permanent { reason, detail }), &[]).await;
         }
-        let handler = match self
-            .registry
-            .lookup(&incoming.queue, &incoming.message_type)
-        {
+        let handler = match self.registry.lookup(&incoming.queue, &incoming.message_type) {
             Some(h) => h,
             None => {
                 let (reason, detail) = if incoming.queue.ends_with(".unrouted") {
@@ -390,27 +337,14 @@ impl PoolRunner {
                 } else {
                     (
                         Reason::UnknownMessageType,
-                        format!(
-                            "{} does not take messages of type {:?}",
-                            incoming.queue, incoming.message_type
-                        ),
+                        format!("{} does not take messages of type {:?}", incoming.queue, incoming.message_type),
                     )
                 };
-                return self
-                    .settle(&incoming, Err(Failure::Permanent { reason, detail }), &[])
-                    .await;
+                return self.settle(&incoming, Err(Failure::Permanent { reason, detail }), &[]).await;
             }
         };
-        if let Err(detail) =
-            crate::messages::schema::validate(&incoming.message_type, &incoming.json)
-        {
-            return self
-                .settle(
-                    &incoming,
-                    Err(Failure::permanent(Reason::SchemaViolation, detail)),
-                    &[],
-                )
-                .await;
+        if let Err(detail) = crate::messages::schema::validate(&incoming.message_type, &incoming.json) {
+            return self.settle(&incoming, Err(Failure::permanent(Reason::SchemaViolation, detail)), &[]).await;
         }
 
         let mut errors = Vec::new();
@@ -423,9 +357,7 @@ impl PoolRunner {
                     match delays.next() {
                         Some(delay) => tokio::time::sleep(*delay).await,
                         None => {
-                            return self
-                                .settle(&incoming, Err(Failure::Transient(e)), &errors)
-                                .await;
+                            return self.settle(&incoming, Err(Failure::Transient(e)), &errors).await;
                         }
                     }
                 }
@@ -434,11 +366,7 @@ impl PoolRunner {
         }
     }
 
-    async fn run_handler(
-        &self,
-        handler: Arc<dyn Handler>,
-        incoming: Incoming,
-    ) -> Result<bool, Failure> {
+    async fn run_handler(&self, handler: Arc<dyn Handler>, incoming: Incoming) -> Result<bool, Failure> {
         let app = self.app.clone();
         let pool = self.pool;
         let result = self
@@ -449,11 +377,7 @@ impl PoolRunner {
                     if !claim_inbox(conn, pool, &incoming)? {
                         return Ok(false);
                     }
-                    let mut cx = Cx {
-                        conn,
-                        app: &app,
-                        now: incoming.received_at,
-                    };
+                    let mut cx = Cx { conn, app: &app, now: incoming.received_at };
                     handler.handle(&mut cx, &incoming)?;
                     Ok(true)
                 })
@@ -466,27 +390,16 @@ impl PoolRunner {
     }
 
     /// settle is the one place an outcome becomes a broker action and a database state.
-    async fn settle(
-        &self,
-        incoming: &Incoming,
-        result: Result<bool, Failure>,
-        errors: &[Value],
-    ) -> Action {
+    async fn settle(&self, incoming: &Incoming, result: Result<bool, Failure>, errors: &[Value]) -> Action {
         match result {
             Ok(true) => Action::Ack("acked"),
             Ok(false) => Action::Ack("duplicate"),
-            Err(Failure::Permanent { reason, detail }) => {
-                self.dead_letter(incoming, reason, detail, errors).await
-            }
+            Err(Failure::Permanent { reason, detail }) => self.dead_letter(incoming, reason, detail, errors).await,
             Err(Failure::Transient(error)) => {
                 // One delivery before the broker's own limit, give up here, where the evidence is.
                 if incoming.delivery_count + 2 >= self.app.config.amqp.delivery_limit {
-                    let detail = format!(
-                        "still failing after {} deliveries: {error}",
-                        incoming.delivery_count + 1
-                    );
-                    self.dead_letter(incoming, Reason::HandlerFailed, detail, errors)
-                        .await
+                    let detail = format!("still failing after {} deliveries: {error}", incoming.delivery_count + 1);
+                    self.dead_letter(incoming, Reason::HandlerFailed, detail, errors).await
                 } else {
                     tracing::warn!(pool = %self.pool, message_id = %incoming.message_id, error = %error, "transient failure; returning the message to the queue");
                     Action::Requeue
@@ -512,9 +425,7 @@ impl PoolRunner {
                                 payload: incoming2.body.clone(),
                                 available_at: Some(until),
                             };
-                            again
-                                .correlation_id
-                                .get_or_insert_with(|| incoming2.message_id.clone());
+                            again.correlation_id.get_or_insert_with(|| incoming2.message_id.clone());
                             outbox::enqueue(conn, &again)?;
                             Ok(())
                         })
@@ -531,13 +442,7 @@ impl PoolRunner {
         }
     }
 
-    async fn dead_letter(
-        &self,
-        incoming: &Incoming,
-        reason: Reason,
-        detail: String,
-        errors: &[Value],
-    ) -> Action {
+    async fn dead_letter(&self, incoming: &Incoming, reason: Reason, detail: String, errors: &[Value]) -> Action {
         let (pool, incoming2, app) = (self.pool, incoming.clone(), self.app.clone());
         let mut attempts = errors.to_vec();
         if attempts.is_empty() {

@@ -46,27 +46,32 @@ pub static JOBS: &[Job] = &[
         run: designated_delivery,
     },
     Job {
+        name: "near_expiry",
+        about: "reminders before a certificate expires: stage 1 message, stage 2 download request or forced transmission (seed 000 3.6)",
+        run: super::certificates::near_expiry,
+    },
+    Job {
+        name: "past_due",
+        about: "certificates that expired unexchanged: past-due message, forced transmission, revocation request; or the asset expires (FIG. 7)",
+        run: super::certificates::past_due,
+    },
+    Job {
+        name: "asset_expiry",
+        about: "retained assets past their own term become expired, and their pending transmissions are cancelled",
+        run: super::certificates::asset_expiry,
+    },
+    Job {
         name: "retransmission",
         about: "unacknowledged transmissions fail; failed ones are sent again on the backoff schedule (FIG. 8)",
         run: retransmission,
     },
 ];
 
-fn designated_delivery(
-    conn: &mut PgConnection,
-    app: &App,
-    as_of: DateTime<Utc>,
-    batch: i64,
-) -> QueryResult<Swept> {
+fn designated_delivery(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
     send_due(conn, app, "designated_delivery", "pending", as_of, batch)
 }
 
-fn retransmission(
-    conn: &mut PgConnection,
-    app: &App,
-    as_of: DateTime<Utc>,
-    batch: i64,
-) -> QueryResult<Swept> {
+fn retransmission(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
     let timed_out = conn.transaction(|conn| {
         let rows: Vec<Row> = deliveries::table
             .filter(deliveries::status.eq("sent"))
@@ -115,10 +120,7 @@ fn send_due(
             .skip_locked()
             .select((deliveries::id, deliveries::due_at))
             .load(conn)?;
-        let mut swept = Swept {
-            scanned: due.len() as u64,
-            enqueued: 0,
-        };
+        let mut swept = Swept { scanned: due.len() as u64, enqueued: 0 };
         for (id, due_at) in due {
             telemetry::due_pickup_lag(job, (Utc::now() - due_at).to_std().unwrap_or_default());
             if let delivery::Sent::Attempt(_) =

@@ -7,6 +7,7 @@
 //! and is recorded in `job_runs`. At start-up every job runs once, which catches up whatever
 //! came due while nothing was running.
 
+mod certificates;
 mod jobs;
 
 pub use jobs::{JOBS, Job};
@@ -72,26 +73,16 @@ pub fn run_job(
         locked: bool,
     }
     let key = job.lock_key();
-    let locked: Locked = diesel::sql_query("SELECT pg_try_advisory_lock($1) AS locked")
-        .bind::<BigInt, _>(key)
-        .get_result(conn)?;
-    let mut report = RunReport {
-        job: job.name.to_string(),
-        as_of,
-        dry_run,
-        ran: false,
-        rows_scanned: 0,
-        enqueued: 0,
-        error: None,
-    };
+    let locked: Locked =
+        diesel::sql_query("SELECT pg_try_advisory_lock($1) AS locked").bind::<BigInt, _>(key).get_result(conn)?;
+    let mut report =
+        RunReport { job: job.name.to_string(), as_of, dry_run, ran: false, rows_scanned: 0, enqueued: 0, error: None };
     if !locked.locked {
         tracing::debug!(job = job.name, "another process is running this job");
         return Ok(report);
     }
     let result = run_locked(conn, app, job, as_of, trigger, dry_run, &mut report);
-    let unlocked = diesel::sql_query("SELECT pg_advisory_unlock($1)")
-        .bind::<BigInt, _>(key)
-        .execute(conn);
+    let unlocked = diesel::sql_query("SELECT pg_advisory_unlock($1)").bind::<BigInt, _>(key).execute(conn);
     result?;
     unlocked?;
     Ok(report)
@@ -152,11 +143,7 @@ fn run_locked(
     if let Err(e) = &outcome {
         report.error = Some(e.to_string());
     }
-    let outcome_label = if outcome.is_ok() {
-        "succeeded"
-    } else {
-        "failed"
-    };
+    let outcome_label = if outcome.is_ok() { "succeeded" } else { "failed" };
     diesel::update(job_runs::table.find(run_id))
         .set((
             job_runs::finished_at.eq(Utc::now()),
@@ -167,13 +154,7 @@ fn run_locked(
             job_runs::error.eq(&report.error),
         ))
         .execute(conn)?;
-    telemetry::job_finished(
-        job.name,
-        outcome_label,
-        started.elapsed(),
-        report.rows_scanned,
-        report.enqueued,
-    );
+    telemetry::job_finished(job.name, outcome_label, started.elapsed(), report.rows_scanned, report.enqueued);
     if report.enqueued > 0 {
         tracing::info!(job = job.name, %as_of, scanned = report.rows_scanned, enqueued = report.enqueued, dry_run, "job ran");
     }
@@ -190,9 +171,7 @@ pub async fn run_now(
 ) -> Result<RunReport, DbError> {
     let db: Db = app.db.clone();
     let app2 = app.clone();
-    let report = db
-        .run(move |conn| run_job(conn, &app2, job, as_of, trigger, dry_run))
-        .await?;
+    let report = db.run(move |conn| run_job(conn, &app2, job, as_of, trigger, dry_run)).await?;
     app.outbox_wake.notify_one();
     Ok(report)
 }
@@ -213,12 +192,7 @@ pub async fn start(app: Arc<App>, shutdown: CancellationToken) -> anyhow::Result
             .jobs
             .get(job.name)
             .map(|d| d.schedule.clone())
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "workers/scheduler.toml has no schedule for job {}",
-                    job.name
-                )
-            })?;
+            .ok_or_else(|| anyhow::anyhow!("workers/scheduler.toml has no schedule for job {}", job.name))?;
         let app = app.clone();
         let cron = CronJob::new_async(schedule.as_str(), move |_id, _lock| {
             let app = app.clone();

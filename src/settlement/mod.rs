@@ -38,6 +38,7 @@ pub struct Settlement {
     pub status: String,
     pub attempts: i32,
     pub instructed_at: DateTime<Utc>,
+    pub attempt_limit: Option<i32>,
 }
 
 /// answer_timeout is how long `partner` has to answer.
@@ -65,13 +66,9 @@ pub fn instruct(
     attempt: u32,
     now: DateTime<Utc>,
 ) -> QueryResult<()> {
-    let answer_by = now
-        + chrono::Duration::from_std(answer_timeout(app, &s.partner_id)).expect("a sane timeout");
+    let answer_by = now + chrono::Duration::from_std(answer_timeout(app, &s.partner_id)).expect("a sane timeout");
     diesel::update(settlements::table.find(s.id))
-        .set((
-            settlements::attempts.eq(attempt as i32),
-            settlements::answer_due_at.eq(answer_by),
-        ))
+        .set((settlements::attempts.eq(attempt as i32), settlements::answer_due_at.eq(answer_by)))
         .execute(conn)?;
     let instruction = SettlementInstruction {
         message_type: kinds::SETTLEMENT_INSTRUCTION.into(),
@@ -87,13 +84,8 @@ pub fn instruct(
     };
     outbox::enqueue(
         conn,
-        &Outgoing::json(
-            app.names.partners(),
-            s.partner_id.as_str(),
-            kinds::SETTLEMENT_INSTRUCTION,
-            &instruction,
-        )
-        .correlated(s.order_id.to_string()),
+        &Outgoing::json(app.names.partners(), s.partner_id.as_str(), kinds::SETTLEMENT_INSTRUCTION, &instruction)
+            .correlated(s.order_id.to_string()),
     )
 }
 
@@ -106,10 +98,7 @@ pub fn notify_orderer(
     text: String,
     now: DateTime<Utc>,
 ) -> QueryResult<()> {
-    let orderer: String = orders::table
-        .find(order_id)
-        .select(orders::orderer_terminal_id)
-        .first(conn)?;
+    let orderer: String = orders::table.find(order_id).select(orders::orderer_terminal_id).first(conn)?;
     let Some(terminal) = load_terminal(conn, &orderer)? else {
         return Ok(());
     };
@@ -118,6 +107,7 @@ pub fn notify_orderer(
         text,
         order_id: Some(order_id),
         asset_id: None,
+        certificate_id: None,
         request_id: None,
     };
     let mut d = NewDelivery::now(
@@ -140,12 +130,7 @@ pub struct Swept {
 
 /// sweep_timeouts handles settlement instructions whose answer is overdue at `as_of`: each is sent
 /// again, or, once its attempts are spent, abandoned and dead-lettered, and its order fails.
-pub fn sweep_timeouts(
-    conn: &mut PgConnection,
-    app: &App,
-    as_of: DateTime<Utc>,
-    batch: i64,
-) -> QueryResult<Swept> {
+pub fn sweep_timeouts(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
     conn.transaction(|conn| {
         let due: Vec<Settlement> = settlements::table
             .filter(settlements::status.eq("instructed"))
@@ -159,7 +144,8 @@ pub fn sweep_timeouts(
         let mut swept = Swept { scanned: due.len() as u64, enqueued: 0 };
         for s in due {
             let attempts = s.attempts as u32;
-            if attempts < max_attempts(app, &s.partner_id) {
+            let limit = s.attempt_limit.map(|l| l as u32).unwrap_or_else(|| max_attempts(app, &s.partner_id));
+            if attempts < limit {
                 instruct(conn, app, &s, attempts + 1, as_of)?;
                 swept.enqueued += 1;
                 continue;
@@ -189,7 +175,7 @@ pub fn sweep_timeouts(
                     subject_id: Some(s.order_id),
                 },
             )?;
-            notify_orderer(conn, app, s.order_id, "order_failed", "your order could not be settled with your payment partner; nothing was charged by assetflow".into(), as_of)?;
+            notify_orderer(conn, app, s.order_id, "order_failed", "your payment partner did not answer, so your order is on hold; if the partner confirms the payment later, the order is completed then".into(), as_of)?;
             swept.enqueued += 1;
         }
         Ok(swept)

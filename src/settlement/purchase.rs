@@ -34,29 +34,13 @@ impl Handler for PurchaseHandler {
             Err((terminal, refused)) => {
                 return requests::refuse(cx, message, &header, terminal.as_ref(), None, refused);
             }
-            Ok(Verified::Duplicate {
-                terminal,
-                original,
-                content_sha256,
-            }) => {
-                return requests::answer_duplicate(
-                    cx,
-                    message,
-                    &header,
-                    &terminal,
-                    &original,
-                    &content_sha256,
-                );
+            Ok(Verified::Duplicate { terminal, original, content_sha256 }) => {
+                return requests::answer_duplicate(cx, message, &header, &terminal, &original, &content_sha256);
             }
-            Ok(Verified::Fresh {
-                terminal,
-                content_sha256,
-            }) => (terminal, content_sha256),
+            Ok(Verified::Fresh { terminal, content_sha256 }) => (terminal, content_sha256),
         };
         match plan(cx, &request, &terminal)? {
-            Err(refused) => {
-                requests::refuse(cx, message, &header, Some(&terminal), Some(&sha), refused)
-            }
+            Err(refused) => requests::refuse(cx, message, &header, Some(&terminal), Some(&sha), refused),
             Ok(plan) => {
                 let order_id = Uuid::now_v7();
                 requests::accept(cx, &header, &sha, order_id)?;
@@ -79,39 +63,22 @@ struct Plan {
     designated_at: Option<DateTime<Utc>>,
 }
 
-fn plan(
-    cx: &mut Cx<'_>,
-    request: &PurchaseRequest,
-    orderer: &Terminal,
-) -> Result<Result<Plan, Refused>, Failure> {
+fn plan(cx: &mut Cx<'_>, request: &PurchaseRequest, orderer: &Terminal) -> Result<Result<Plan, Refused>, Failure> {
     macro_rules! refuse {
         ($reason:expr, $($detail:tt)*) => { return Ok(Err(Refused::new($reason, format!($($detail)*)))) };
     }
     let Some(product) = load_product(cx.conn, &request.product_id)? else {
-        refuse!(
-            Reason::UnknownProduct,
-            "product {:?} does not exist",
-            request.product_id
-        )
+        refuse!(Reason::UnknownProduct, "product {:?} does not exist", request.product_id)
     };
     if !product.on_sale {
         refuse!(Reason::NotOnSale, "product {:?} is not on sale", product.id)
     }
-    let payer_id = request
-        .payer_terminal_id
-        .clone()
-        .unwrap_or_else(|| orderer.id.clone());
+    let payer_id = request.payer_terminal_id.clone().unwrap_or_else(|| orderer.id.clone());
     let Some(payer) = load_terminal(cx.conn, &payer_id)? else {
-        refuse!(
-            Reason::UnknownParty,
-            "payer terminal {payer_id:?} is not registered"
-        )
+        refuse!(Reason::UnknownParty, "payer terminal {payer_id:?} is not registered")
     };
     let Some(partner_id) = payer.partner_id.clone() else {
-        refuse!(
-            Reason::NoPaymentMethod,
-            "payer terminal {payer_id:?} has no payment method"
-        )
+        refuse!(Reason::NoPaymentMethod, "payer terminal {payer_id:?} has no payment method")
     };
     if !cx.app.config.partners.contains_key(&partner_id) {
         refuse!(
@@ -119,16 +86,10 @@ fn plan(
             "payer terminal {payer_id:?} pays through partner {partner_id:?}, which is not configured"
         )
     }
-    let recipients = request
-        .recipient_terminal_ids
-        .clone()
-        .unwrap_or_else(|| vec![orderer.id.clone()]);
+    let recipients = request.recipient_terminal_ids.clone().unwrap_or_else(|| vec![orderer.id.clone()]);
     for recipient in &recipients {
         if load_terminal(cx.conn, recipient)?.is_none() {
-            refuse!(
-                Reason::UnknownParty,
-                "recipient terminal {recipient:?} is not registered"
-            )
+            refuse!(Reason::UnknownParty, "recipient terminal {recipient:?} is not registered")
         }
     }
     let Some(amount_minor) = product
@@ -148,11 +109,7 @@ fn plan(
         refuse!(Reason::InvalidAmount, "quantity must be at least 1")
     }
     let now = cx.now;
-    let mode = request
-        .delivery
-        .as_ref()
-        .map(|d| d.mode)
-        .unwrap_or(DeliveryModeKind::Certificate);
+    let mode = request.delivery.as_ref().map(|d| d.mode).unwrap_or(DeliveryModeKind::Certificate);
     let asset_expiry = product.asset_expiry(now);
     let designated_at = match mode {
         DeliveryModeKind::Certificate => {
@@ -168,45 +125,21 @@ fn plan(
         DeliveryModeKind::Immediate => Some(now),
         DeliveryModeKind::Designated => {
             let Some(at) = request.delivery.as_ref().and_then(|d| d.at) else {
-                refuse!(
-                    Reason::InvalidDeliveryTime,
-                    "a designated delivery needs a time"
-                )
+                refuse!(Reason::InvalidDeliveryTime, "a designated delivery needs a time")
             };
-            if at
-                < now - chrono::Duration::from_std(cx.app.config.auth.max_clock_skew).expect("sane")
-            {
-                refuse!(
-                    Reason::InvalidDeliveryTime,
-                    "the designated time {at} is in the past"
-                )
+            if at < now - chrono::Duration::from_std(cx.app.config.auth.max_clock_skew).expect("sane") {
+                refuse!(Reason::InvalidDeliveryTime, "the designated time {at} is in the past")
             }
             Some(at.max(now))
         }
     };
     if asset_expiry <= designated_at.unwrap_or(now) {
-        refuse!(
-            Reason::InvalidDeliveryTime,
-            "the asset would expire at {asset_expiry}, before its delivery"
-        )
+        refuse!(Reason::InvalidDeliveryTime, "the asset would expire at {asset_expiry}, before its delivery")
     }
-    Ok(Ok(Plan {
-        product,
-        payer,
-        partner_id,
-        recipients,
-        amount_minor,
-        mode,
-        designated_at,
-    }))
+    Ok(Ok(Plan { product, payer, partner_id, recipients, amount_minor, mode, designated_at }))
 }
 
-fn place(
-    cx: &mut Cx<'_>,
-    request: &PurchaseRequest,
-    plan: &Plan,
-    order_id: Uuid,
-) -> Result<(), Failure> {
+fn place(cx: &mut Cx<'_>, request: &PurchaseRequest, plan: &Plan, order_id: Uuid) -> Result<(), Failure> {
     let now = cx.now;
     diesel::insert_into(orders::table)
         .values((
@@ -237,6 +170,7 @@ fn place(
         status: "instructed".into(),
         attempts: 1,
         instructed_at: now,
+        attempt_limit: None,
     };
     diesel::insert_into(settlements::table)
         .values((

@@ -37,10 +37,7 @@ impl Handler for ResultHandler {
         if s.partner_id != result.partner_id {
             return Err(Failure::permanent(
                 Reason::UnknownSettlement,
-                format!(
-                    "settlement {} belongs to partner {}, not {}",
-                    s.id, s.partner_id, result.partner_id
-                ),
+                format!("settlement {} belongs to partner {}, not {}", s.id, s.partner_id, result.partner_id),
             ));
         }
         match s.status.as_str() {
@@ -50,11 +47,7 @@ impl Handler for ResultHandler {
             done => {
                 return Err(Failure::permanent(
                     Reason::ConflictingResult,
-                    format!(
-                        "settlement {} was already {done}; partner now says {}",
-                        s.id,
-                        result.outcome.as_str()
-                    ),
+                    format!("settlement {} was already {done}; partner now says {}", s.id, result.outcome.as_str()),
                 ));
             }
         }
@@ -69,11 +62,7 @@ impl Handler for ResultHandler {
             ))
             .execute(cx.conn)?;
         let outcome: &'static str = result.outcome.as_str();
-        telemetry::settlement_answered(
-            &s.partner_id,
-            outcome,
-            (now - s.instructed_at).to_std().unwrap_or_default(),
-        );
+        telemetry::settlement_answered(&s.partner_id, outcome, (now - s.instructed_at).to_std().unwrap_or_default());
         match result.outcome {
             SettlementOutcome::Settled => {
                 diesel::update(orders::table.find(s.order_id))
@@ -83,10 +72,7 @@ impl Handler for ResultHandler {
                         orders::updated_at.eq(now),
                     ))
                     .execute(cx.conn)?;
-                let next = IssuanceRequested {
-                    message_type: kinds::ISSUANCE_REQUESTED.into(),
-                    order_id: s.order_id,
-                };
+                let next = IssuanceRequested { message_type: kinds::ISSUANCE_REQUESTED.into(), order_id: s.order_id };
                 cx.publish(
                     Outgoing::json(
                         cx.app.names.internal(),
@@ -98,16 +84,9 @@ impl Handler for ResultHandler {
                 )?;
             }
             SettlementOutcome::Declined => {
-                let reason = result
-                    .reason
-                    .clone()
-                    .unwrap_or_else(|| "declined by the partner".into());
+                let reason = result.reason.clone().unwrap_or_else(|| "declined by the partner".into());
                 diesel::update(orders::table.find(s.order_id))
-                    .set((
-                        orders::status.eq("declined"),
-                        orders::status_reason.eq(&reason),
-                        orders::updated_at.eq(now),
-                    ))
+                    .set((orders::status.eq("declined"), orders::status_reason.eq(&reason), orders::updated_at.eq(now)))
                     .execute(cx.conn)?;
                 notify_orderer(
                     cx.conn,

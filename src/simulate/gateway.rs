@@ -65,10 +65,7 @@ pub struct TerminalKeys {
 
 impl TerminalKeys {
     pub fn new(dir: PathBuf) -> TerminalKeys {
-        TerminalKeys {
-            dir,
-            cache: Arc::default(),
-        }
+        TerminalKeys { dir, cache: Arc::default() }
     }
 
     pub async fn get(&self, terminal: &str) -> Option<PKey<Private>> {
@@ -99,32 +96,20 @@ pub async fn run(
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let names = Names {
-        prefix: config.amqp.prefix.clone(),
-    };
-    let gateways = if options.gateways.is_empty() {
-        config.gateways.keys().cloned().collect()
-    } else {
-        options.gateways.clone()
-    };
-    anyhow::ensure!(
-        !gateways.is_empty(),
-        "no gateways configured: add [gateways.<id>] to the configuration"
-    );
+    let names = Names { prefix: config.amqp.prefix.clone() };
+    let gateways =
+        if options.gateways.is_empty() { config.gateways.keys().cloned().collect() } else { options.gateways.clone() };
+    anyhow::ensure!(!gateways.is_empty(), "no gateways configured: add [gateways.<id>] to the configuration");
     let publisher = Arc::new(Publisher::new(broker.clone()));
     let keys = TerminalKeys::new(options.keys.clone());
     let mut tasks = Vec::new();
     for gateway in gateways {
         let queue = names.gateway_queue(&gateway);
-        let (publisher, stats, options, requests, keys) = (
-            publisher.clone(),
-            stats.clone(),
-            options.clone(),
-            names.requests(),
-            keys.clone(),
-        );
+        let (publisher, stats, options, requests, keys) =
+            (publisher.clone(), stats.clone(), options.clone(), names.requests(), keys.clone());
         tasks.push(tokio::spawn(consume(broker.clone(), queue, 128, shutdown.clone(), move |delivery| {
-            let (publisher, stats, options, requests, keys) = (publisher.clone(), stats.clone(), options.clone(), requests.clone(), keys.clone());
+            let (publisher, stats, options, requests, keys) =
+                (publisher.clone(), stats.clone(), options.clone(), requests.clone(), keys.clone());
             async move {
                 let bytes = delivery.data.clone();
                 let Ok(message) = serde_json::from_slice::<GatewayDelivery>(&bytes) else {
@@ -159,7 +144,9 @@ pub async fn run(
                 let body = serde_json::to_vec(&receipt).expect("serializes");
                 let copies = if rand::random::<f64>() < options.duplicate_rate { 2 } else { 1 };
                 for _ in 0..copies {
-                    if let Err(e) = publisher.publish(&requests, kinds::DELIVERY_RECEIPT, kinds::DELIVERY_RECEIPT, &body).await {
+                    if let Err(e) =
+                        publisher.publish(&requests, kinds::DELIVERY_RECEIPT, kinds::DELIVERY_RECEIPT, &body).await
+                    {
                         tracing::warn!(error = %e, "gateway simulator could not send a receipt");
                         return;
                     }
@@ -176,7 +163,11 @@ pub async fn run(
                     tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         let body = serde_json::to_vec(&request).expect("serializes");
-                        if publisher.publish(&requests, kinds::CERTIFICATE_EXCHANGE, kinds::CERTIFICATE_EXCHANGE, &body).await.is_ok() {
+                        if publisher
+                            .publish(&requests, kinds::CERTIFICATE_EXCHANGE, kinds::CERTIFICATE_EXCHANGE, &body)
+                            .await
+                            .is_ok()
+                        {
                             stats.exchanges.fetch_add(1, Ordering::Relaxed);
                         }
                     });
@@ -191,11 +182,7 @@ pub async fn run(
 }
 
 /// exchange_request builds a signed `certificate.exchange`.
-pub fn exchange_request(
-    terminal_id: &str,
-    certificate: serde_json::Value,
-    key: &PKey<Private>,
-) -> serde_json::Value {
+pub fn exchange_request(terminal_id: &str, certificate: serde_json::Value, key: &PKey<Private>) -> serde_json::Value {
     let mut request = serde_json::json!({
         "type": kinds::CERTIFICATE_EXCHANGE,
         "request_id": format!("x-{}", Uuid::now_v7()),

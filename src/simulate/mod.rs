@@ -78,22 +78,20 @@ impl Stats {
 async fn show_an_exchanged_asset(config: &Config) -> anyhow::Result<()> {
     use diesel::prelude::*;
     let url = config.database.url.clone();
-    let view = tokio::task::spawn_blocking(
-        move || -> anyhow::Result<Option<crate::cli::status::View>> {
-            use crate::db::schema::exchange_certificates as x;
-            let mut conn = PgConnection::establish(&url)?;
-            let asset: Option<uuid::Uuid> = x::table
-                .filter(x::exchanged_at.is_not_null())
-                .order(x::exchanged_at.desc())
-                .select(x::asset_id)
-                .first(&mut conn)
-                .optional()?;
-            Ok(match asset {
-                Some(id) => crate::cli::status::lookup(&mut conn, &id.to_string())?,
-                None => None,
-            })
-        },
-    )
+    let view = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<crate::cli::status::View>> {
+        use crate::db::schema::exchange_certificates as x;
+        let mut conn = PgConnection::establish(&url)?;
+        let asset: Option<uuid::Uuid> = x::table
+            .filter(x::exchanged_at.is_not_null())
+            .order(x::exchanged_at.desc())
+            .select(x::asset_id)
+            .first(&mut conn)
+            .optional()?;
+        Ok(match asset {
+            Some(id) => crate::cli::status::lookup(&mut conn, &id.to_string())?,
+            None => None,
+        })
+    })
     .await??;
     if let Some(view) = view {
         println!("\nThe most recently exchanged asset (assetflow status <id> shows any):\n");
@@ -117,9 +115,7 @@ pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()>
         });
         let shutdown2 = shutdown.clone();
         tokio::spawn(async move {
-            if let Ok(mut term) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            {
+            if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                 term.recv().await;
                 shutdown2.cancel();
             }
@@ -148,26 +144,14 @@ pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()>
         })
     };
     match command {
-        SimulateCommand::Partner(options) => {
-            partner::run(&config, broker, options, stats, shutdown.clone()).await?
-        }
-        SimulateCommand::Gateway(options) => {
-            gateway::run(&config, broker, options, stats, shutdown.clone()).await?
-        }
+        SimulateCommand::Partner(options) => partner::run(&config, broker, options, stats, shutdown.clone()).await?,
+        SimulateCommand::Gateway(options) => gateway::run(&config, broker, options, stats, shutdown.clone()).await?,
         SimulateCommand::Terminals(options) => {
             terminals::run(&config, broker, options, stats, shutdown.clone()).await?
         }
-        SimulateCommand::All {
-            terminals: options,
-            decline_rate,
-            exchange_rate,
-            linger,
-        } => {
+        SimulateCommand::All { terminals: options, decline_rate, exchange_rate, linger } => {
             terminals::ensure_demo_catalogue(&config).await?;
-            let partner_options = partner::PartnerOptions {
-                decline_rate,
-                ..partner::PartnerOptions::default()
-            };
+            let partner_options = partner::PartnerOptions { decline_rate, ..partner::PartnerOptions::default() };
             let gateway_options = gateway::GatewayOptions {
                 exchange_rate,
                 keys: options.keys.clone(),
@@ -187,14 +171,7 @@ pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()>
                 stats.clone(),
                 shutdown.clone(),
             ));
-            let t = terminals::run(
-                &config,
-                broker.clone(),
-                options,
-                stats.clone(),
-                shutdown.clone(),
-            )
-            .await;
+            let t = terminals::run(&config, broker.clone(), options, stats.clone(), shutdown.clone()).await;
             // The terminals stop after --orders; the partner and gateway keep answering.
             if t.is_ok() {
                 match linger {

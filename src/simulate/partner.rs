@@ -70,96 +70,59 @@ pub async fn run(
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let names = Names {
-        prefix: config.amqp.prefix.clone(),
-    };
-    let partners = if options.partners.is_empty() {
-        config.partners.keys().cloned().collect()
-    } else {
-        options.partners.clone()
-    };
-    anyhow::ensure!(
-        !partners.is_empty(),
-        "no partners configured: add [partners.<id>] to the configuration"
-    );
+    let names = Names { prefix: config.amqp.prefix.clone() };
+    let partners =
+        if options.partners.is_empty() { config.partners.keys().cloned().collect() } else { options.partners.clone() };
+    anyhow::ensure!(!partners.is_empty(), "no partners configured: add [partners.<id>] to the configuration");
     let publisher = Arc::new(Publisher::new(broker.clone()));
     let mut tasks = Vec::new();
     for partner in partners {
         let queue = names.partner_queue(&partner);
-        let (publisher, stats, options, requests) = (
-            publisher.clone(),
-            stats.clone(),
-            options.clone(),
-            names.requests(),
-        );
-        tasks.push(tokio::spawn(consume(
-            broker.clone(),
-            queue,
-            64,
-            shutdown.clone(),
-            move |delivery| {
-                let (publisher, stats, options, requests) = (
-                    publisher.clone(),
-                    stats.clone(),
-                    options.clone(),
-                    requests.clone(),
-                );
-                async move {
-                    let Ok(instruction) =
-                        serde_json::from_slice::<SettlementInstruction>(&delivery.data)
-                    else {
-                        tracing::warn!("partner simulator: not a settlement instruction");
-                        return;
-                    };
-                    let id = instruction.settlement_id.to_string();
-                    if rand::random::<f64>() < options.silence_rate {
-                        return;
-                    }
-                    let outcome = if fraction(&id, "decline") < options.decline_rate {
-                        SettlementOutcome::Declined
-                    } else {
-                        SettlementOutcome::Settled
-                    };
-                    let result = SettlementResult {
-                        message_type: kinds::SETTLEMENT_RESULT.into(),
-                        settlement_id: instruction.settlement_id,
-                        partner_id: instruction.partner_id.clone(),
-                        outcome,
-                        partner_reference: format!("SIM-{}", &id[id.len() - 12..]),
-                        reason: (outcome == SettlementOutcome::Declined)
-                            .then(|| "insufficient funds (simulated)".into()),
-                        sent_at: Utc::now(),
-                    };
-                    let body = serde_json::to_vec(&result).expect("serializes");
-                    tokio::time::sleep(options.latency).await;
-                    let copies = if rand::random::<f64>() < options.duplicate_rate {
-                        2
-                    } else {
-                        1
-                    };
-                    for _ in 0..copies {
-                        if let Err(e) = publisher
-                            .publish(
-                                &requests,
-                                kinds::SETTLEMENT_RESULT,
-                                kinds::SETTLEMENT_RESULT,
-                                &body,
-                            )
-                            .await
-                        {
-                            tracing::warn!(error = %e, "partner simulator could not answer");
-                            return;
-                        }
-                    }
-                    match outcome {
-                        SettlementOutcome::Settled => stats.settled.fetch_add(1, Ordering::Relaxed),
-                        SettlementOutcome::Declined => {
-                            stats.declined.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
+        let (publisher, stats, options, requests) =
+            (publisher.clone(), stats.clone(), options.clone(), names.requests());
+        tasks.push(tokio::spawn(consume(broker.clone(), queue, 64, shutdown.clone(), move |delivery| {
+            let (publisher, stats, options, requests) =
+                (publisher.clone(), stats.clone(), options.clone(), requests.clone());
+            async move {
+                let Ok(instruction) = serde_json::from_slice::<SettlementInstruction>(&delivery.data) else {
+                    tracing::warn!("partner simulator: not a settlement instruction");
+                    return;
+                };
+                let id = instruction.settlement_id.to_string();
+                if rand::random::<f64>() < options.silence_rate {
+                    return;
                 }
-            },
-        )));
+                let outcome = if fraction(&id, "decline") < options.decline_rate {
+                    SettlementOutcome::Declined
+                } else {
+                    SettlementOutcome::Settled
+                };
+                let result = SettlementResult {
+                    message_type: kinds::SETTLEMENT_RESULT.into(),
+                    settlement_id: instruction.settlement_id,
+                    partner_id: instruction.partner_id.clone(),
+                    outcome,
+                    partner_reference: format!("SIM-{}", &id[id.len() - 12..]),
+                    reason: (outcome == SettlementOutcome::Declined).then(|| "insufficient funds (simulated)".into()),
+                    sent_at: Utc::now(),
+                };
+                let body = serde_json::to_vec(&result).expect("serializes");
+                tokio::time::sleep(options.latency).await;
+                let copies = if rand::random::<f64>() < options.duplicate_rate { 2 } else { 1 };
+                for _ in 0..copies {
+                    if let Err(e) =
+                        publisher.publish(&requests, kinds::SETTLEMENT_RESULT, kinds::SETTLEMENT_RESULT, &body).await
+                    {
+                        tracing::warn!(error = %e, "partner simulator could not answer");
+                        return;
+                    }
+                }
+                match outcome {
+                    SettlementOutcome::Settled => stats.settled.fetch_add(1, Ordering::Relaxed),
+                    SettlementOutcome::Declined => stats.declined.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })));
     }
     for task in tasks {
         task.await?;

@@ -18,10 +18,7 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(broker: Broker) -> Publisher {
-        Publisher {
-            broker,
-            channel: Mutex::new(None),
-        }
+        Publisher { broker, channel: Mutex::new(None) }
     }
 
     /// Publisher::publish publishes `body` and waits for the broker's confirm, retrying through
@@ -36,10 +33,7 @@ impl Publisher {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         let message_id = Uuid::now_v7().to_string();
         loop {
-            match self
-                .try_publish(exchange, routing_key, message_type, &message_id, body)
-                .await
-            {
+            match self.try_publish(exchange, routing_key, message_type, &message_id, body).await {
                 Ok(()) => return Ok(()),
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::debug!(error = %e, "simulator publish failed; retrying");
@@ -64,11 +58,7 @@ impl Publisher {
             match guard.as_ref() {
                 Some(ch) if ch.status().connected() => ch.clone(),
                 _ => {
-                    let conn = self
-                        .broker
-                        .connection()
-                        .await
-                        .ok_or_else(|| anyhow::anyhow!("shutting down"))?;
+                    let conn = self.broker.connection().await.ok_or_else(|| anyhow::anyhow!("shutting down"))?;
                     let ch = conn.create_channel().await?;
                     ch.confirm_select(ConfirmSelectOptions::default()).await?;
                     *guard = Some(ch.clone());
@@ -78,13 +68,7 @@ impl Publisher {
         };
         let props = broker::properties(message_id, message_type, None, FieldTable::default());
         let confirm = channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
+            .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, props)
             .await?
             .await?;
         match confirm {
@@ -114,16 +98,9 @@ pub async fn consume<F, Fut>(
         };
         let result: anyhow::Result<()> = async {
             let channel = conn.create_channel().await?;
-            channel
-                .basic_qos(prefetch, BasicQosOptions::default())
-                .await?;
+            channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
             let mut consumer = channel
-                .basic_consume(
-                    queue.as_str().into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
+                .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
                 .await?;
             loop {
                 let next = tokio::select! {

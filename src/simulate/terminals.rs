@@ -58,17 +58,10 @@ pub struct SimTerminal {
 
 /// register makes `count` terminals, spread over the configured gateways and partners, and writes
 /// their private keys to `keys`.
-pub async fn register(
-    config: &Config,
-    count: usize,
-    keys: &std::path::Path,
-) -> anyhow::Result<Vec<SimTerminal>> {
+pub async fn register(config: &Config, count: usize, keys: &std::path::Path) -> anyhow::Result<Vec<SimTerminal>> {
     let gateways: Vec<String> = config.gateways.keys().cloned().collect();
     let partners: Vec<String> = config.partners.keys().cloned().collect();
-    anyhow::ensure!(
-        !gateways.is_empty() && !partners.is_empty(),
-        "configure at least one gateway and one partner"
-    );
+    anyhow::ensure!(!gateways.is_empty() && !partners.is_empty(), "configure at least one gateway and one partner");
     std::fs::create_dir_all(keys)?;
     let mut terminals = Vec::new();
     let mut rows = Vec::new();
@@ -80,7 +73,7 @@ pub async fn register(
             Ok(key) => key,
             Err(_) => {
                 let key = crypto::generate_key_pair()?;
-                std::fs::write(&path, key.private_key_to_pem_pkcs8()?)?;
+                crypto::write_private_key(&path, &key.private_key_to_pem_pkcs8()?)?;
                 key
             }
         };
@@ -106,12 +99,7 @@ pub async fn register(
 }
 
 /// purchase builds a signed `order.purchase`.
-pub fn purchase(
-    terminal: &SimTerminal,
-    product: &str,
-    quantity: u32,
-    extra: serde_json::Value,
-) -> serde_json::Value {
+pub fn purchase(terminal: &SimTerminal, product: &str, quantity: u32, extra: serde_json::Value) -> serde_json::Value {
     let mut request = json!({
         "type": kinds::ORDER_PURCHASE,
         "request_id": format!("o-{}", Uuid::now_v7()),
@@ -136,23 +124,17 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let terminals = register(config, options.count, &options.keys).await?;
     let url = config.database.url.clone();
-    let catalogue: Vec<String> =
-        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
-            let mut conn = PgConnection::establish(&url)?;
-            Ok(products::table
-                .filter(products::on_sale.eq(true))
-                .order(products::id)
-                .select(products::id)
-                .load(&mut conn)?)
-        })
-        .await??;
-    anyhow::ensure!(
-        !catalogue.is_empty(),
-        "no product is on sale: add one with `assetflow products add`"
-    );
-    let names = Names {
-        prefix: config.amqp.prefix.clone(),
-    };
+    let catalogue: Vec<String> = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
+        let mut conn = PgConnection::establish(&url)?;
+        Ok(products::table
+            .filter(products::on_sale.eq(true))
+            .order(products::id)
+            .select(products::id)
+            .load(&mut conn)?)
+    })
+    .await??;
+    anyhow::ensure!(!catalogue.is_empty(), "no product is on sale: add one with `assetflow products add`");
+    let names = Names { prefix: config.amqp.prefix.clone() };
     let publisher = Publisher::new(broker);
     let period = Duration::from_secs_f64(1.0 / options.rate.max(0.001));
     let mut tick = tokio::time::interval(period);
@@ -175,12 +157,8 @@ pub async fn run(
             let product = catalogue.choose(&mut rng).expect("at least one product");
             let mut extra = json!({});
             if rng.random::<f64>() < options.gift_rate && terminals.len() > 1 {
-                let other = terminals
-                    .iter()
-                    .filter(|t| t.id != terminal.id)
-                    .collect::<Vec<_>>();
-                extra["recipient_terminal_ids"] =
-                    json!([other.choose(&mut rng).expect("another").id]);
+                let other = terminals.iter().filter(|t| t.id != terminal.id).collect::<Vec<_>>();
+                extra["recipient_terminal_ids"] = json!([other.choose(&mut rng).expect("another").id]);
             }
             let roll = rng.random::<f64>();
             if roll < options.immediate_rate {
@@ -191,14 +169,7 @@ pub async fn run(
             purchase(terminal, product, 1, extra)
         };
         let body = serde_json::to_vec(&request)?;
-        publisher
-            .publish(
-                &names.requests(),
-                kinds::ORDER_PURCHASE,
-                kinds::ORDER_PURCHASE,
-                &body,
-            )
-            .await?;
+        publisher.publish(&names.requests(), kinds::ORDER_PURCHASE, kinds::ORDER_PURCHASE, &body).await?;
         stats.orders.fetch_add(1, Ordering::Relaxed);
         sent += 1;
     }
@@ -210,10 +181,7 @@ pub async fn ensure_demo_catalogue(config: &Config) -> anyhow::Result<()> {
     let url = config.database.url.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let mut conn = PgConnection::establish(&url)?;
-        let on_sale: i64 = products::table
-            .filter(products::on_sale.eq(true))
-            .count()
-            .get_result(&mut conn)?;
+        let on_sale: i64 = products::table.filter(products::on_sale.eq(true)).count().get_result(&mut conn)?;
         if on_sale > 0 {
             return Ok(());
         }
@@ -256,25 +224,13 @@ pub fn demo_catalogue() -> Vec<Product> {
             transferable: true,
             uses: Some(1),
             tags: json!({"title": "Christmas concert", "date": "12-25", "place": "Tokyo Hall", "seat_class": "S"}),
-            ..base(
-                "concert-ticket",
-                "ticket",
-                "Christmas concert, S seat",
-                "tokyo-hall",
-                8_500,
-            )
+            ..base("concert-ticket", "ticket", "Christmas concert, S seat", "tokyo-hall", 8_500)
         },
         Product {
             value_minor: Some(5_000),
             asset_validity_secs: Some(365 * day),
             certificate_validity_secs: Some(30 * day),
-            ..base(
-                "prepaid-card-5000",
-                "prepaid_card",
-                "Prepaid card 5,000 yen",
-                "assetflow-pay",
-                5_000,
-            )
+            ..base("prepaid-card-5000", "prepaid_card", "Prepaid card 5,000 yen", "assetflow-pay", 5_000)
         },
         Product {
             uses: Some(1),
@@ -283,23 +239,8 @@ pub fn demo_catalogue() -> Vec<Product> {
             reminder_stage1_secs: day,
             reminder_stage2_secs: day / 2,
             stage2_policy: "forced_transmission".into(),
-            ..base(
-                "ppv-movie",
-                "ppv_ticket",
-                "Pay-per-view: the late show",
-                "cinema-net",
-                400,
-            )
+            ..base("ppv-movie", "ppv_ticket", "Pay-per-view: the late show", "cinema-net", 400)
         },
-        Product {
-            uses: Some(1),
-            ..base(
-                "coffee-coupon",
-                "coupon",
-                "One coffee",
-                "assetflow-pay",
-                300,
-            )
-        },
+        Product { uses: Some(1), ..base("coffee-coupon", "coupon", "One coffee", "assetflow-pay", 300) },
     ]
 }

@@ -9,11 +9,7 @@ use serde_json::{Value, json};
 use crate::harness::{Env, count, text};
 
 fn settle_all() -> PartnerOptions {
-    PartnerOptions {
-        decline_rate: 0.0,
-        latency: std::time::Duration::ZERO,
-        ..PartnerOptions::default()
-    }
+    PartnerOptions { decline_rate: 0.0, latency: std::time::Duration::ZERO, ..PartnerOptions::default() }
 }
 
 /// The certificate a terminal received, as the gateway delivered it.
@@ -22,9 +18,7 @@ async fn delivered_certificate(env: &Env, request_id: &str) -> Value {
         "SELECT d.content->>'certificate' AS value FROM deliveries d JOIN orders o ON o.id = d.order_id
          WHERE o.request_id = '{request_id}' AND d.kind = 'certificate' AND d.status = 'delivered'"
     );
-    let text = env
-        .wait_until("the certificate is delivered", move |c| text(c, &sql))
-        .await;
+    let text = env.wait_until("the certificate is delivered", move |c| text(c, &sql)).await;
     serde_json::from_str(&text).unwrap()
 }
 
@@ -49,43 +43,37 @@ async fn a_certificate_purchase_is_settled_issued_delivered_and_exchanged_once()
     .await;
     env.db(move |c| {
         assert_eq!(count(c, "SELECT count(*) FROM settlements WHERE status = 'settled'"), 1, "one settlement");
-        assert_eq!(count(c, "SELECT count(*) FROM assets WHERE status = 'awaiting_exchange' AND has_exchange_certificate"), 2);
+        assert_eq!(
+            count(c, "SELECT count(*) FROM assets WHERE status = 'awaiting_exchange' AND has_exchange_certificate"),
+            2
+        );
         assert_eq!(count(c, "SELECT count(*) FROM exchange_certificates"), 2);
         // Signed twice: the issuer's signature and the provider's are both stored.
-        assert_eq!(count(c, "SELECT count(*) FROM assets WHERE issuer_signature <> '' AND provider_signature <> ''"), 2);
+        assert_eq!(
+            count(c, "SELECT count(*) FROM assets WHERE issuer_signature <> '' AND provider_signature <> ''"),
+            2
+        );
         assert_eq!(count(c, "SELECT count(*) FROM orders WHERE status = 'issued'"), 1);
     })
     .await;
     // The certificate verifies with the service provider's key, as a terminal would check it.
-    assetflow::crypto::verify_document(&env.app.keys.provider, &certificate)
-        .expect("a genuine certificate");
+    assetflow::crypto::verify_document(&env.app.keys.provider, &certificate).expect("a genuine certificate");
     assert_eq!(certificate["settlement"], "settled");
     assert_eq!(certificate["transmission"], "not_yet_transmitted");
 
     let asset_id = certificate["asset_id"].as_str().unwrap().to_string();
-    env.send(&exchange_request("alice", certificate.clone(), &alice.key))
-        .await;
+    env.send(&exchange_request("alice", certificate.clone(), &alice.key)).await;
     let aid = asset_id.clone();
     env.wait_until("the asset is delivered", move |c| {
-        (text(
-            c,
-            &format!("SELECT status AS value FROM assets WHERE id = '{aid}'"),
-        )
-        .as_deref()
-            == Some("delivered"))
-        .then_some(())
+        (text(c, &format!("SELECT status AS value FROM assets WHERE id = '{aid}'")).as_deref() == Some("delivered"))
+            .then_some(())
     })
     .await;
 
     // A second exchange of the same certificate is refused, and nothing is delivered twice.
-    env.send(&exchange_request("alice", certificate, &alice.key))
-        .await;
+    env.send(&exchange_request("alice", certificate, &alice.key)).await;
     env.wait_until("the second exchange is refused", |c| {
-        (count(
-            c,
-            "SELECT count(*) FROM refusals WHERE reason = 'certificate_already_exchanged'",
-        ) == 1)
-            .then_some(())
+        (count(c, "SELECT count(*) FROM refusals WHERE reason = 'certificate_already_exchanged'") == 1).then_some(())
     })
     .await;
     let aid = asset_id.clone();
@@ -98,19 +86,10 @@ async fn a_certificate_purchase_is_settled_issued_delivered_and_exchanged_once()
 
     // `assetflow status` shows the whole history with causes.
     let aid = asset_id.clone();
-    let view = env
-        .db(move |c| {
-            assetflow::cli::status::lookup(c, &aid)
-                .unwrap()
-                .expect("the asset is found")
-        })
-        .await;
+    let view = env.db(move |c| assetflow::cli::status::lookup(c, &aid).unwrap().expect("the asset is found")).await;
     let rendered = assetflow::cli::status::render(&view);
     assert!(rendered.contains("(new) → awaiting_exchange"), "{rendered}");
-    assert!(
-        rendered.contains("awaiting_exchange → delivered"),
-        "{rendered}"
-    );
+    assert!(rendered.contains("awaiting_exchange → delivered"), "{rendered}");
     assert!(rendered.contains("delivery_acknowledged"), "{rendered}");
     env.stop().await;
 }
@@ -141,10 +120,7 @@ async fn a_gift_is_billed_to_the_payer_and_delivered_to_the_recipients() {
     );
     env.send(&order).await;
     env.wait_until("both recipients hold their certificates", |c| {
-        (count(
-            c,
-            "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'delivered'",
-        ) == 2)
+        (count(c, "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'delivered'") == 2)
             .then_some(())
     })
     .await;
@@ -171,42 +147,34 @@ async fn immediate_and_designated_orders_deliver_the_asset_at_their_time() {
     env.send(&immediate).await;
     let rid = immediate["request_id"].as_str().unwrap().to_string();
     env.wait_until("the immediate asset is delivered", move |c| {
-        text(c, &format!("SELECT a.status AS value FROM assets a JOIN orders o ON o.id = a.order_id WHERE o.request_id = '{rid}'"))
-            .filter(|s| s == "delivered")
+        text(
+            c,
+            &format!(
+                "SELECT a.status AS value FROM assets a JOIN orders o ON o.id = a.order_id WHERE o.request_id = '{rid}'"
+            ),
+        )
+        .filter(|s| s == "delivered")
     })
     .await;
 
     let at = Utc::now() + chrono::Duration::hours(3);
-    let designated = purchase(
-        &bob,
-        "ppv",
-        1,
-        json!({"delivery": {"mode": "designated", "at": at}}),
-    );
+    let designated = purchase(&bob, "ppv", 1, json!({"delivery": {"mode": "designated", "at": at}}));
     env.send(&designated).await;
     let rid = designated["request_id"].as_str().unwrap().to_string();
     let sql = format!(
         "SELECT a.id::text AS value FROM assets a JOIN orders o ON o.id = a.order_id WHERE o.request_id = '{rid}' AND a.status = 'awaiting_designated_delivery'"
     );
-    let asset = env
-        .wait_until("the designated asset is issued", move |c| text(c, &sql))
-        .await;
+    let asset = env.wait_until("the designated asset is issued", move |c| text(c, &sql)).await;
 
     // Before its time nothing is sent; at its time the scan sends it.
-    let early = env
-        .run_job("designated_delivery", at - chrono::Duration::minutes(1))
-        .await;
+    let early = env.run_job("designated_delivery", at - chrono::Duration::minutes(1)).await;
     assert_eq!(early.enqueued, 0);
     let due = env.run_job("designated_delivery", at).await;
     assert_eq!(due.enqueued, 1);
     let again = env.run_job("designated_delivery", at).await;
     assert_eq!(again.enqueued, 0, "a second run sends nothing twice");
     env.wait_until("the designated asset is delivered", move |c| {
-        text(
-            c,
-            &format!("SELECT status AS value FROM assets WHERE id = '{asset}'"),
-        )
-        .filter(|s| s == "delivered")
+        text(c, &format!("SELECT status AS value FROM assets WHERE id = '{asset}'")).filter(|s| s == "delivered")
     })
     .await;
     env.db(|c| {
@@ -223,10 +191,7 @@ async fn a_declined_settlement_ends_the_order_and_tells_the_orderer() {
     env.product("concert", |_| {}).await;
     let carol = env.terminal("carol", "gw-1", Some("card-co")).await;
     env.start().await;
-    env.partner(PartnerOptions {
-        decline_rate: 1.0,
-        ..settle_all()
-    });
+    env.partner(PartnerOptions { decline_rate: 1.0, ..settle_all() });
     env.gateway(GatewayOptions::default());
 
     let order = purchase(&carol, "concert", 1, json!({}));
@@ -236,15 +201,8 @@ async fn a_declined_settlement_ends_the_order_and_tells_the_orderer() {
     })
     .await;
     env.db(|c| {
-        assert_eq!(
-            count(c, "SELECT count(*) FROM orders WHERE status = 'declined'"),
-            1
-        );
-        assert_eq!(
-            count(c, "SELECT count(*) FROM assets"),
-            0,
-            "nothing is issued without settlement"
-        );
+        assert_eq!(count(c, "SELECT count(*) FROM orders WHERE status = 'declined'"), 1);
+        assert_eq!(count(c, "SELECT count(*) FROM assets"), 0, "nothing is issued without settlement");
     })
     .await;
     env.stop().await;

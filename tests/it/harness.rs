@@ -39,15 +39,8 @@ pub struct Env {
 }
 
 fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs (is RabbitMQ installed?)");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs (is RabbitMQ installed?)");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 impl Env {
@@ -81,11 +74,7 @@ impl Env {
         merge(&mut settings, overrides);
         let config = Config::with_overrides(settings).expect("test configuration");
         config.validate().expect("valid test configuration");
-        let app = Arc::new(App::new(
-            config.clone(),
-            PoolDefinitions::built_in(),
-            KeyRing::ephemeral(&[ISSUER]),
-        ));
+        let app = Arc::new(App::new(config.clone(), PoolDefinitions::built_in(), KeyRing::ephemeral(&[ISSUER])));
         app::prepare(&app).await.expect("database prepared");
         let shutdown = CancellationToken::new();
         let broker = Broker::start(
@@ -114,25 +103,15 @@ impl Env {
     /// themselves, at the `as_of` they choose.
     pub async fn start(&mut self) {
         self.run_stop = CancellationToken::new();
-        let options = RunOptions {
-            scheduler: false,
-            http: false,
-            ..RunOptions::default()
-        };
-        self.run = Some(tokio::spawn(app::run(
-            self.app.clone(),
-            options,
-            self.run_stop.clone(),
-        )));
+        let options = RunOptions { scheduler: false, http: false, ..RunOptions::default() };
+        self.run = Some(tokio::spawn(app::run(self.app.clone(), options, self.run_stop.clone())));
     }
 
     /// Env::stop shuts the app down the way SIGTERM does, and waits for it.
     pub async fn stop(&mut self) {
         self.run_stop.cancel();
         if let Some(run) = self.run.take() {
-            run.await
-                .expect("the app did not panic")
-                .expect("the app stopped cleanly");
+            run.await.expect("the app did not panic").expect("the app stopped cleanly");
         }
     }
 
@@ -149,10 +128,7 @@ impl Env {
 
     /// Env::gateway runs the gateway simulator (it exchanges no certificates: tests do that).
     pub fn gateway(&self, options: gateway::GatewayOptions) {
-        let options = gateway::GatewayOptions {
-            exchange_rate: 0.0,
-            ..options
-        };
+        let options = gateway::GatewayOptions { exchange_rate: 0.0, ..options };
         tokio::spawn(gateway::run_owned(
             self.config.clone(),
             self.broker.clone(),
@@ -166,27 +142,12 @@ impl Env {
     pub async fn terminal(&self, id: &str, gateway: &str, partner: Option<&str>) -> SimTerminal {
         let key = crypto::generate_key_pair().unwrap();
         let pem = crypto::public_key_pem(&key).unwrap();
-        let (id2, gateway, partner) = (
-            id.to_string(),
-            gateway.to_string(),
-            partner.map(str::to_string),
-        );
+        let (id2, gateway, partner) = (id.to_string(), gateway.to_string(), partner.map(str::to_string));
         self.db(move |conn| {
-            assetflow::cli::admin::register_terminal(
-                conn,
-                &id2,
-                "mobile",
-                &gateway,
-                partner.as_deref(),
-                &pem,
-            )
-            .unwrap()
+            assetflow::cli::admin::register_terminal(conn, &id2, "mobile", &gateway, partner.as_deref(), &pem).unwrap()
         })
         .await;
-        SimTerminal {
-            id: id.to_string(),
-            key,
-        }
+        SimTerminal { id: id.to_string(), key }
     }
 
     /// Env::product saves a product: a ticket by `ISSUER` unless `change` says otherwise.
@@ -213,8 +174,7 @@ impl Env {
         };
         change(&mut product);
         let saved = product.clone();
-        self.db(move |conn| upsert_product(conn, &saved).unwrap())
-            .await;
+        self.db(move |conn| upsert_product(conn, &saved).unwrap()).await;
         product
     }
 
@@ -224,24 +184,17 @@ impl Env {
             .ok()
             .and_then(|v| v["type"].as_str().map(str::to_string))
             .unwrap_or_default();
-        self.publisher
-            .publish(&self.app.names.requests(), routing_key, &message_type, body)
-            .await
-            .expect("published");
+        self.publisher.publish(&self.app.names.requests(), routing_key, &message_type, body).await.expect("published");
     }
 
     /// Env::send publishes a JSON request on the requests exchange under its own type.
     pub async fn send(&self, request: &Value) {
         let routing_key = request["type"].as_str().unwrap_or("none").to_string();
-        self.publish(&routing_key, &serde_json::to_vec(request).unwrap())
-            .await;
+        self.publish(&routing_key, &serde_json::to_vec(request).unwrap()).await;
     }
 
     /// Env::db runs a query on the test database.
-    pub async fn db<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut PgConnection) -> T + Send + 'static,
-    ) -> T {
+    pub async fn db<T: Send + 'static>(&self, f: impl FnOnce(&mut PgConnection) -> T + Send + 'static) -> T {
         let url = self.config.database.url.clone();
         tokio::task::spawn_blocking(move || {
             let mut conn = PgConnection::establish(&url).expect("test database");
@@ -272,10 +225,7 @@ impl Env {
             if let Some(found) = found {
                 return found;
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting until {what}"
-            );
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -283,9 +233,7 @@ impl Env {
     /// Env::run_job runs a scheduled job at `as_of`, as the scheduler or `assetflow batch run` would.
     pub async fn run_job(&self, name: &str, as_of: DateTime<Utc>) -> RunReport {
         let job: &'static Job = Job::find(name).unwrap_or_else(|| panic!("no job {name}"));
-        scheduler::run_now(self.app.clone(), job, as_of, Trigger::Manual, false)
-            .await
-            .expect("the job ran")
+        scheduler::run_now(self.app.clone(), job, as_of, Trigger::Manual, false).await.expect("the job ran")
     }
 }
 
@@ -335,10 +283,7 @@ pub fn count(conn: &mut PgConnection, sql: &str) -> i64 {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
         count: i64,
     }
-    diesel::sql_query(sql)
-        .get_result::<Count>(conn)
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .count
+    diesel::sql_query(sql).get_result::<Count>(conn).unwrap_or_else(|e| panic!("{sql}: {e}")).count
 }
 
 /// text runs a query returning one text column `value`, or None when there is no row.

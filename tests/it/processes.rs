@@ -24,11 +24,7 @@ impl Node {
     fn start(dir: &Path, name: &str) -> Node {
         let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_assetflow"))
-            .args([
-                "--config",
-                dir.join("assetflow.toml").to_str().unwrap(),
-                "run",
-            ])
+            .args(["--config", dir.join("assetflow.toml").to_str().unwrap(), "run"])
             .env("RUST_LOG", "info,lapin=off")
             .stdout(Stdio::null())
             .stderr(log)
@@ -43,10 +39,7 @@ impl Node {
     }
 
     fn terminate(&mut self) -> std::process::ExitStatus {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
         self.child.wait().unwrap()
     }
 }
@@ -117,11 +110,7 @@ fn all_final(c: &mut PgConnection, orders: i64, exchanges: i64) -> Option<()> {
 /// No settlement, issue, asset delivery or acknowledgement happened twice, and every status history
 /// is a legal path through the status machine.
 fn assert_nothing_twice(c: &mut PgConnection, orders: i64) {
-    assert_eq!(
-        count(c, "SELECT count(*) FROM settlements"),
-        orders,
-        "one settlement per order"
-    );
+    assert_eq!(count(c, "SELECT count(*) FROM settlements"), orders, "one settlement per order");
     assert_eq!(
         count(
             c,
@@ -154,32 +143,17 @@ fn assert_nothing_twice(c: &mut PgConnection, orders: i64) {
         0,
         "no delivery acknowledged twice"
     );
-    assert_eq!(
-        count(c, "SELECT count(*) FROM dead_letters"),
-        0,
-        "nothing given up on"
-    );
+    assert_eq!(count(c, "SELECT count(*) FROM dead_letters"), 0, "nothing given up on");
     let history: Vec<(uuid::Uuid, Option<String>, String)> = {
         use assetflow::db::schema::asset_status_history as h;
-        h::table
-            .order((h::asset_id, h::id))
-            .select((h::asset_id, h::from_status, h::to_status))
-            .load(c)
-            .unwrap()
+        h::table.order((h::asset_id, h::id)).select((h::asset_id, h::from_status, h::to_status)).load(c).unwrap()
     };
-    let mut paths: std::collections::BTreeMap<uuid::Uuid, Vec<(Option<Status>, Status)>> =
-        Default::default();
+    let mut paths: std::collections::BTreeMap<uuid::Uuid, Vec<(Option<Status>, Status)>> = Default::default();
     for (asset, from, to) in history {
-        paths.entry(asset).or_default().push((
-            from.map(|s| Status::parse(&s).unwrap()),
-            Status::parse(&to).unwrap(),
-        ));
+        paths.entry(asset).or_default().push((from.map(|s| Status::parse(&s).unwrap()), Status::parse(&to).unwrap()));
     }
     for (asset, path) in paths {
-        assert!(
-            is_legal_path(&path),
-            "asset {asset} took an illegal path: {path:?}"
-        );
+        assert!(is_legal_path(&path), "asset {asset} took an illegal path: {path:?}");
     }
 }
 
@@ -188,25 +162,15 @@ async fn two_processes_with_one_killed_mid_load_lose_nothing_and_do_nothing_twic
     let env = Env::new().await;
     env.product("ticket", |_| {}).await;
     let dir = cluster(&env);
-    let terminals = register(&env.config, 6, &dir.join("terminals"))
-        .await
-        .unwrap();
+    let terminals = register(&env.config, 6, &dir.join("terminals")).await.unwrap();
     let mut a = Node::start(&dir, "a");
     let _b = Node::start(&dir, "b");
-    env.partner(PartnerOptions {
-        decline_rate: 0.1,
-        latency: Duration::from_millis(5),
-        ..PartnerOptions::default()
-    });
+    env.partner(PartnerOptions { decline_rate: 0.1, latency: Duration::from_millis(5), ..PartnerOptions::default() });
     // This gateway holds the terminals' keys, so half of the holders exchange their certificates.
     tokio::spawn(assetflow::simulate::gateway::run_owned(
         env.config.clone(),
         env.broker.clone(),
-        GatewayOptions {
-            keys: dir.join("terminals"),
-            exchange_rate: 0.5,
-            ..GatewayOptions::default()
-        },
+        GatewayOptions { keys: dir.join("terminals"), exchange_rate: 0.5, ..GatewayOptions::default() },
         env.stats.clone(),
         tokio_util::sync::CancellationToken::new(),
     ));
@@ -232,11 +196,7 @@ async fn two_processes_with_one_killed_mid_load_lose_nothing_and_do_nothing_twic
 
     let stats = env.stats.clone();
     env.wait_until("every order and transmission is final", move |c| {
-        all_final(
-            c,
-            80,
-            stats.exchanges.load(std::sync::atomic::Ordering::Relaxed) as i64,
-        )
+        all_final(c, 80, stats.exchanges.load(std::sync::atomic::Ordering::Relaxed) as i64)
     })
     .await;
     env.db(|c| {
@@ -255,37 +215,22 @@ async fn sigterm_finishes_the_work_in_hand_and_exits_zero() {
     let env = Env::new().await;
     env.product("ticket", |_| {}).await;
     let dir = cluster(&env);
-    let terminals = register(&env.config, 3, &dir.join("terminals"))
-        .await
-        .unwrap();
+    let terminals = register(&env.config, 3, &dir.join("terminals")).await.unwrap();
     let mut node = Node::start(&dir, "node");
-    env.partner(PartnerOptions {
-        decline_rate: 0.0,
-        latency: Duration::ZERO,
-        ..PartnerOptions::default()
-    });
+    env.partner(PartnerOptions { decline_rate: 0.0, latency: Duration::ZERO, ..PartnerOptions::default() });
     env.gateway(GatewayOptions::default());
     for order in orders(&terminals, 0..10) {
         env.send(&order).await;
     }
     env.wait_until("the first order is settled", |c| {
-        (count(
-            c,
-            "SELECT count(*) FROM settlements WHERE status = 'settled'",
-        ) >= 1)
-            .then_some(())
+        (count(c, "SELECT count(*) FROM settlements WHERE status = 'settled'") >= 1).then_some(())
     })
     .await;
-    let status = tokio::task::spawn_blocking(move || node.terminate())
-        .await
-        .unwrap();
+    let status = tokio::task::spawn_blocking(move || node.terminate()).await.unwrap();
     assert!(status.success(), "assetflow exited with {status}");
 
     // What was left in the queues is taken up by the next process, and all of it completes.
     let _next = Node::start(&dir, "next");
-    env.wait_until("every order and transmission is final", |c| {
-        all_final(c, 10, 0)
-    })
-    .await;
+    env.wait_until("every order and transmission is final", |c| all_final(c, 10, 0)).await;
     env.db(|c| assert_nothing_twice(c, 10)).await;
 }
