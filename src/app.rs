@@ -29,6 +29,8 @@ pub struct App {
     pub progress: Arc<Progress>,
     /// Rows per scheduled-scan transaction.
     pub scan_batch: i64,
+    /// Connections a scan works on at once.
+    pub scan_workers: usize,
 }
 
 impl App {
@@ -45,7 +47,17 @@ impl App {
             outbox_wake: Arc::new(Notify::new()),
             progress: Arc::new(Progress::default()),
             scan_batch: 1000,
+            scan_workers: 2,
         }
+    }
+}
+
+impl App {
+    /// App::for_operations is the application as operator commands use it: they scan and write
+    /// the outbox, but never sign, so no signing key is loaded.
+    pub fn for_operations(config: Config) -> anyhow::Result<App> {
+        let pools = config.pools()?;
+        Ok(App::new(config, pools, KeyRing::ephemeral(&[])))
     }
 }
 
@@ -152,6 +164,8 @@ pub async fn run(app: Arc<App>, options: RunOptions, shutdown: CancellationToken
             broker: broker.clone(),
         };
         consumers.spawn(runner.run(shutdown.clone()));
+        // What the broker dead-letters by itself reaches the dead_letters table too.
+        consumers.spawn(crate::dead_letter::run_recorder(app.clone(), broker.clone(), pool, shutdown.clone()));
     }
     consumers.close();
 

@@ -32,6 +32,9 @@ pub struct Config {
     pub partners: BTreeMap<String, PartnerConfig>,
     #[serde(default)]
     pub gateways: BTreeMap<String, GatewayConfig>,
+    /// Cron schedules by job, overriding workers/scheduler.toml.
+    #[serde(default)]
+    pub schedules: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -156,6 +159,12 @@ impl Config {
         anyhow::ensure!(self.amqp.delivery_limit >= 2, "configuration: amqp.delivery_limit must be at least 2");
         anyhow::ensure!(self.database.pool_size >= 2, "configuration: database.pool_size must be at least 2");
         anyhow::ensure!(self.outbox.batch_size >= 1, "configuration: outbox.batch_size must be at least 1");
+        for job in self.schedules.keys() {
+            anyhow::ensure!(
+                crate::scheduler::Job::find(job).is_some(),
+                "configuration: schedules.{job} names no job (see `assetflow batch list`)"
+            );
+        }
         Ok(())
     }
 

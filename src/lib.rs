@@ -2,6 +2,7 @@
 //! stream processor. See README.md for the architecture and SPEC.md for the product.
 
 pub mod app;
+pub mod bench;
 pub mod broker;
 pub mod catalogue;
 pub mod cli;

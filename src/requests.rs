@@ -86,7 +86,7 @@ pub fn verify(
         )));
     }
     let auth = &cx.app.config.auth;
-    let age = cx.now.signed_duration_since(header.sent_at);
+    let age = cx.first_received_at.signed_duration_since(header.sent_at);
     if age > chrono::Duration::from_std(auth.freshness_window).expect("a sane window") {
         return Ok(Err((
             Some(terminal),

@@ -165,6 +165,15 @@ pub fn headers_from_json(value: &serde_json::Value) -> FieldTable {
     table
 }
 
+/// header_str reads a string header.
+pub fn header_str(props: &BasicProperties, key: &str) -> Option<String> {
+    match props.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
 /// header_u32 reads an integer header such as the quorum queue's `x-delivery-count`.
 pub fn header_u32(props: &BasicProperties, key: &str) -> Option<u32> {
     let headers = props.headers().as_ref()?;
@@ -177,5 +186,55 @@ pub fn header_u32(props: &BasicProperties, key: &str) -> Option<u32> {
         AMQPValue::ShortShortInt(v) => u32::try_from(*v).ok(),
         AMQPValue::ShortShortUInt(v) => Some(u32::from(*v)),
         _ => None,
+    }
+}
+
+/// consume runs `handle` for every message on `queue` until shutdown, re-subscribing after a
+/// lost connection. A message is acknowledged when `handle` returns true, and returned to the
+/// queue when it returns false.
+pub async fn consume<F, Fut>(
+    broker: Broker,
+    queue: String,
+    prefetch: u16,
+    shutdown: tokio_util::sync::CancellationToken,
+    handle: F,
+) where
+    F: Fn(lapin::message::Delivery) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+    while !shutdown.is_cancelled() {
+        let Some(conn) = broker.connection().await else {
+            return;
+        };
+        let result: anyhow::Result<()> = async {
+            let channel = conn.create_channel().await?;
+            channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+            let mut consumer = channel
+                .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+                .await?;
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    next = consumer.next() => next,
+                };
+                let Some(delivery) = next else { return Ok(()) };
+                let delivery = delivery?;
+                let acker = delivery.acker.clone();
+                if handle(delivery).await {
+                    let _ = acker.ack(BasicAckOptions::default()).await;
+                } else {
+                    let _ = acker.nack(lapin::options::BasicNackOptions { requeue: true, ..Default::default() }).await;
+                }
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::debug!(queue = %queue, error = %e, "simulator consumer stopped; starting again");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
     }
 }

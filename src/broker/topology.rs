@@ -70,6 +70,10 @@ impl Names {
     pub fn dlx(&self) -> String {
         format!("{}.dlx", self.prefix)
     }
+    /// The internal routing key of a pool's replayed dead letters.
+    pub fn replay_key(&self, pool: Pool) -> String {
+        format!("replay.{pool}")
+    }
     pub fn pool_queue(&self, pool: Pool) -> String {
         format!("{}.{}", self.prefix, pool)
     }
@@ -235,6 +239,10 @@ impl Topology {
         bind(n.internal(), kinds::ISSUANCE_REQUESTED, n.pool_queue(Pool::Issuance));
         bind(n.requests(), kinds::DELIVERY_RECEIPT, n.pool_queue(Pool::Delivery));
         bind(n.internal(), kinds::DELIVERY_REQUESTED, n.pool_queue(Pool::Delivery));
+        // Replayed dead letters re-enter their pool here, where no gateway may publish.
+        for pool in Pool::ALL {
+            bind(n.internal(), &n.replay_key(pool), n.pool_queue(pool));
+        }
 
         for partner in config.partners.keys() {
             queues.push(Queue {

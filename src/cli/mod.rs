@@ -1,7 +1,10 @@
 //! The command line: one binary, `assetflow`, with a subcommand per operator task.
 
 pub mod admin;
+pub mod batch;
+pub mod dlq;
 pub mod status;
+pub mod time;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -80,6 +83,21 @@ pub enum Command {
         #[command(subcommand)]
         command: admin::ProductsCommand,
     },
+    /// The scheduled jobs: list them, run one now (for any time), see past runs.
+    Batch {
+        #[command(subcommand)]
+        command: batch::BatchCommand,
+    },
+    /// Dead letters: list, show, replay, purge.
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
+    },
+    /// Benchmarks: throughput measured on this machine.
+    Bench {
+        #[command(subcommand)]
+        command: crate::bench::BenchCommand,
+    },
     /// The built-in simulators of terminals, partners and gateways.
     Simulate {
         #[command(subcommand)]
@@ -87,7 +105,7 @@ pub enum Command {
     },
 }
 
-fn parse_pool(s: &str) -> Result<Pool, String> {
+pub(crate) fn parse_pool(s: &str) -> Result<Pool, String> {
     Pool::parse(s).ok_or_else(|| format!("unknown pool {s:?}: settlement, issuance or delivery"))
 }
 
@@ -151,6 +169,9 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys { command } => admin::keys(&config, command)?,
         Command::Terminals { command } => admin::terminals(&config, command).await?,
         Command::Products { command } => admin::products(&config, command).await?,
+        Command::Batch { command } => batch::execute(config, command).await?,
+        Command::Dlq { command } => dlq::execute(config, command).await?,
+        Command::Bench { command } => crate::bench::run(config, command).await?,
         Command::Simulate { command } => crate::simulate::run(config, command).await?,
     }
     Ok(ExitCode::SUCCESS)

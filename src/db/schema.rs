@@ -144,6 +144,8 @@ diesel::table! {
         exchanged_at -> Nullable<Timestamptz>,
         exchange_request_id -> Nullable<Text>,
         revoked_at -> Nullable<Timestamptz>,
+        reminder_stage -> Nullable<Int2>,
+        reminder_due_at -> Nullable<Timestamptz>,
     }
 }
 

@@ -101,6 +101,9 @@ pub fn enqueue_with(
     Ok(Some(id))
 }
 
+/// Deliveries asked for in one `delivery.requested` by the scans.
+const SEND_CHUNK: usize = 100;
+
 /// enqueue_many records many deliveries in one statement, and asks the delivery pool to send
 /// the ones due now in another: the scans' set-based path. It returns how many were new.
 pub fn enqueue_many(conn: &mut PgConnection, app: &App, batch: &[NewDelivery], now: DateTime<Utc>) -> QueryResult<u64> {
@@ -138,22 +141,21 @@ pub fn enqueue_many(conn: &mut PgConnection, app: &App, batch: &[NewDelivery], n
     .bind::<Timestamptz, _>(now)
     .load(conn)?;
     let due: Vec<Uuid> = inserted.iter().filter(|i| i.due_at <= now).map(|i| i.id).collect();
-    diesel::sql_query(
-        "INSERT INTO outbox (message_id, exchange, routing_key, message_type, correlation_id, payload)
-         SELECT gen_random_uuid(), $2, $3, $3, id::text,
-                convert_to(jsonb_build_object('type', $3, 'delivery_id', id)::text, 'UTF8')
-         FROM unnest($1::uuid[]) AS id",
-    )
-    .bind::<Array<SqlUuid>, _>(&due)
-    .bind::<Text, _>(app.names.internal())
-    .bind::<Text, _>(kinds::DELIVERY_REQUESTED)
-    .execute(conn)?;
+    // One message per chunk: few outbox rows, and the chunks still spread over the pool's consumers.
+    for chunk in due.chunks(SEND_CHUNK) {
+        let message =
+            DeliveryRequested { message_type: kinds::DELIVERY_REQUESTED.into(), delivery_ids: chunk.to_vec() };
+        outbox::enqueue(
+            conn,
+            &Outgoing::json(app.names.internal(), kinds::DELIVERY_REQUESTED, kinds::DELIVERY_REQUESTED, &message),
+        )?;
+    }
     Ok(inserted.len() as u64)
 }
 
 /// request_send hands a delivery to the delivery pool.
 pub fn request_send(conn: &mut PgConnection, app: &App, delivery_id: Uuid) -> QueryResult<()> {
-    let message = DeliveryRequested { message_type: kinds::DELIVERY_REQUESTED.into(), delivery_id };
+    let message = DeliveryRequested { message_type: kinds::DELIVERY_REQUESTED.into(), delivery_ids: vec![delivery_id] };
     outbox::enqueue(
         conn,
         &Outgoing::json(app.names.internal(), kinds::DELIVERY_REQUESTED, kinds::DELIVERY_REQUESTED, &message)
@@ -369,7 +371,7 @@ pub fn fail_attempt(
     Ok(())
 }
 
-/// RequestedHandler sends a delivery's next attempt (`delivery.requested`).
+/// RequestedHandler sends the next attempt of each delivery a `delivery.requested` names.
 pub struct RequestedHandler;
 
 impl Handler for RequestedHandler {
@@ -380,8 +382,16 @@ impl Handler for RequestedHandler {
     fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure> {
         let request: DeliveryRequested = serde_json::from_value(message.json.clone())
             .map_err(|e| Failure::permanent(Reason::SchemaViolation, e.to_string()))?;
-        let sent = send_attempt(cx.conn, cx.app, request.delivery_id, cx.now)?;
-        tracing::debug!(delivery_id = %request.delivery_id, ?sent, "delivery requested");
+        for delivery_id in request.delivery_ids {
+            match send_attempt(cx.conn, cx.app, delivery_id, cx.now) {
+                Ok(sent) => tracing::debug!(%delivery_id, ?sent, "delivery requested"),
+                // One unknown id does not hold up the others; the rest of the message stands.
+                Err(Failure::Permanent { reason: Reason::UnknownDelivery, detail }) => {
+                    tracing::warn!(%delivery_id, detail, "skipped")
+                }
+                Err(other) => return Err(other),
+            }
+        }
         Ok(())
     }
 }

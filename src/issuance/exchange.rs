@@ -134,6 +134,8 @@ fn exchange(cx: &mut Cx<'_>, request: &ExchangeRequest, terminal: &Terminal) -> 
         .set((
             exchange_certificates::exchanged_at.eq(cx.now),
             exchange_certificates::exchange_request_id.eq(&request.request_id),
+            exchange_certificates::reminder_stage.eq(None::<i16>),
+            exchange_certificates::reminder_due_at.eq(None::<DateTime<Utc>>),
         ))
         .execute(cx.conn)?;
     let asset: Value =

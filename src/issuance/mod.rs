@@ -140,6 +140,9 @@ fn issue(cx: &mut Cx<'_>, order: &Order) -> Result<(), Failure> {
                         exchange_certificates::expires_at.eq(cert_expiry),
                         exchange_certificates::document.eq(crate::crypto::canonical_json(&certificate)),
                         exchange_certificates::signature.eq(certificate["signature"].as_str().unwrap_or_default()),
+                        exchange_certificates::reminder_stage.eq(Some(1i16)),
+                        exchange_certificates::reminder_due_at
+                            .eq(Some(cert_expiry - chrono::Duration::seconds(product.reminder_stage1_secs))),
                     ))
                     .execute(cx.conn)?;
                 let mut d = NewDelivery::now(

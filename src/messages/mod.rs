@@ -156,13 +156,19 @@ pub struct IssuanceRequested {
     pub order_id: Uuid,
 }
 
-/// DeliveryRequested is internal: a delivery row is ready for its next attempt.
+/// DeliveryRequested is internal: delivery rows are ready for their next attempt. A handler asks
+/// for one; a scan asks for up to [`DeliveryRequested::MAX`] in one message.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryRequested {
     #[serde(rename = "type")]
     pub message_type: String,
-    pub delivery_id: Uuid,
+    pub delivery_ids: Vec<Uuid>,
+}
+
+impl DeliveryRequested {
+    /// The most deliveries one message may name (its schema's `maxItems`).
+    pub const MAX: usize = 1000;
 }
 
 /// DeliveryKind is what a delivery carries to a terminal.

@@ -29,6 +29,9 @@ use crate::dead_letter::{self, NewDeadLetter, Reason};
 use crate::outbox::{self, Outgoing};
 use crate::telemetry;
 
+/// The header that carries a replayed message's original receipt time.
+pub const REPLAY_RECEIVED_AT: &str = "x-assetflow-received-at";
+
 /// The largest message body a pool accepts; anything larger is dead-lettered as malformed.
 pub const MAX_BODY: usize = 256 * 1024;
 
@@ -47,11 +50,14 @@ pub struct Incoming {
     /// Deliveries of this message before this one (the quorum queue's `x-delivery-count`).
     pub delivery_count: u32,
     pub received_at: DateTime<Utc>,
+    /// When the message first reached assetflow: `received_at`, or for a replayed dead letter
+    /// the time the original arrived. Freshness windows are judged against it.
+    pub first_received_at: DateTime<Utc>,
 }
 
 impl Incoming {
     /// Incoming::parse decodes a message body into JSON, or says why it is malformed.
-    fn parse(queue: &str, delivery: &Delivery) -> (Incoming, Result<(), (Reason, String)>) {
+    fn parse(queue: &str, internal_exchange: &str, delivery: &Delivery) -> (Incoming, Result<(), (Reason, String)>) {
         let props = &delivery.properties;
         let body = delivery.data.clone();
         let message_id = props
@@ -71,7 +77,15 @@ impl Incoming {
             json: Value::Null,
             delivery_count: broker::header_u32(props, "x-delivery-count").unwrap_or(0),
             received_at: Utc::now(),
+            first_received_at: Utc::now(),
         };
+        // Only assetflow publishes on the internal exchange, so only there is the header trusted.
+        if incoming.exchange == internal_exchange
+            && let Some(first) = broker::header_str(props, REPLAY_RECEIVED_AT)
+            && let Ok(first) = DateTime::parse_from_rfc3339(&first)
+        {
+            incoming.first_received_at = first.with_timezone(&Utc);
+        }
         let verdict = (|| {
             if incoming.body.len() > MAX_BODY {
                 return Err((
@@ -145,6 +159,8 @@ pub struct Cx<'a> {
     pub conn: &'a mut PgConnection,
     pub app: &'a App,
     pub now: DateTime<Utc>,
+    /// See [`Incoming::first_received_at`].
+    pub first_received_at: DateTime<Utc>,
 }
 
 impl Cx<'_> {
@@ -300,7 +316,7 @@ impl PoolRunner {
 
     async fn process(&self, queue: &str, delivery: Delivery) {
         let started = Instant::now();
-        let (incoming, verdict) = Incoming::parse(queue, &delivery);
+        let (incoming, verdict) = Incoming::parse(queue, &self.app.names.internal(), &delivery);
         telemetry::message_received(self.pool.as_str(), &incoming.message_type);
         let action = self.execute(incoming.clone(), verdict).await;
         let result = match action {
@@ -377,7 +393,12 @@ impl PoolRunner {
                     if !claim_inbox(conn, pool, &incoming)? {
                         return Ok(false);
                     }
-                    let mut cx = Cx { conn, app: &app, now: incoming.received_at };
+                    let mut cx = Cx {
+                        conn,
+                        app: &app,
+                        now: incoming.received_at,
+                        first_received_at: incoming.first_received_at,
+                    };
                     handler.handle(&mut cx, &incoming)?;
                     Ok(true)
                 })
@@ -467,7 +488,11 @@ impl PoolRunner {
                             exchange: Some(incoming2.exchange.clone()),
                             routing_key: Some(incoming2.routing_key.clone()),
                             payload: incoming2.body.clone(),
-                            headers: json!({"delivery_count": incoming2.delivery_count, "queue": incoming2.queue}),
+                            headers: json!({
+                                "delivery_count": incoming2.delivery_count,
+                                "queue": incoming2.queue,
+                                "received_at": incoming2.first_received_at,
+                            }),
                             reason,
                             detail,
                             attempts: Value::Array(attempts),

@@ -7,7 +7,7 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Bool, SmallInt, Text, Timestamptz, Uuid as SqlUuid};
+use diesel::sql_types::{Array, BigInt, Nullable, SmallInt, Text, Timestamptz, Uuid as SqlUuid};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -17,7 +17,7 @@ use crate::messages::{DeliveryKind, Notice};
 use crate::settlement::Swept;
 use crate::status_machine::{self, Cause, Status};
 
-/// Open is a certificate not exchanged and not revoked, with what the scans need to act on it.
+/// Open is a claimed certificate, with what the scans need to act on it.
 #[derive(Debug, QueryableByName)]
 struct Open {
     #[diesel(sql_type = SqlUuid)]
@@ -30,6 +30,8 @@ struct Open {
     holder: String,
     #[diesel(sql_type = Text)]
     gateway_id: String,
+    #[diesel(sql_type = Text)]
+    asset_status: String,
     #[diesel(sql_type = Timestamptz)]
     certificate_expires_at: DateTime<Utc>,
     #[diesel(sql_type = Timestamptz)]
@@ -38,22 +40,36 @@ struct Open {
     title: String,
     #[diesel(sql_type = Text)]
     stage2_policy: String,
+    #[diesel(sql_type = BigInt)]
+    stage2_secs: i64,
+    #[diesel(sql_type = Nullable<SmallInt>)]
+    reminder_stage: Option<i16>,
     #[diesel(sql_type = Text)]
     document: String,
-    /// near_expiry only: whether stage 2 is due, and whether stage 1 was already handled.
-    #[diesel(sql_type = Bool)]
-    stage2_due: bool,
-    #[diesel(sql_type = Bool)]
-    stage1_done: bool,
 }
 
-const OPEN_COLUMNS: &str =
-    "c.id AS certificate_id, c.asset_id, a.order_id, c.holder_terminal_id AS holder, t.gateway_id,
-     c.expires_at AS certificate_expires_at, a.expires_at AS asset_expires_at, p.title, p.stage2_policy, a.document";
-const OPEN_JOINS: &str = "FROM exchange_certificates c
-     JOIN assets a ON a.id = c.asset_id
-     JOIN products p ON p.id = a.product_id
-     JOIN terminals t ON t.id = c.holder_terminal_id";
+/// load reads the claimed certificates by primary key, in the claim's order.
+fn load(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Open>> {
+    diesel::sql_query(
+        "SELECT c.id AS certificate_id, c.asset_id, a.order_id, c.holder_terminal_id AS holder, t.gateway_id,
+                a.status AS asset_status, c.expires_at AS certificate_expires_at, a.expires_at AS asset_expires_at,
+                p.title, p.stage2_policy, p.reminder_stage2_secs AS stage2_secs, c.reminder_stage, a.document
+         FROM unnest($1::uuid[]) WITH ORDINALITY AS claimed(id, n)
+         JOIN exchange_certificates c ON c.id = claimed.id
+         JOIN assets a ON a.id = c.asset_id
+         JOIN products p ON p.id = a.product_id
+         JOIN terminals t ON t.id = c.holder_terminal_id
+         ORDER BY claimed.n",
+    )
+    .bind::<Array<SqlUuid>, _>(ids)
+    .load(conn)
+}
+
+#[derive(QueryableByName)]
+struct Claimed {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+}
 
 fn notice(open: &Open, kind: DeliveryKind, key: String, code: &str, text: String) -> NewDelivery {
     let content = Notice {
@@ -119,38 +135,30 @@ fn record_reminders(
 /// recorded as superseded rather than sent late.
 pub fn near_expiry(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
     conn.transaction(|conn| {
-        // An index-friendly upper bound: no certificate further out than the largest offset is due.
-        #[derive(QueryableByName)]
-        struct Horizon {
-            #[diesel(sql_type = BigInt)]
-            secs: i64,
-        }
-        let horizon: Horizon = diesel::sql_query("SELECT COALESCE(max(reminder_stage1_secs), 0)::int8 AS secs FROM products").get_result(conn)?;
-        let due: Vec<Open> = diesel::sql_query(format!(
-            "SELECT {OPEN_COLUMNS}, d.stage2_due, d.stage1_done
-             {OPEN_JOINS}
-             CROSS JOIN LATERAL (SELECT
-                 c.expires_at <= $1 + p.reminder_stage2_secs * interval '1 second' AS stage2_due,
-                 EXISTS (SELECT 1 FROM certificate_reminders r WHERE r.certificate_id = c.id AND r.stage = 1) AS stage1_done,
-                 EXISTS (SELECT 1 FROM certificate_reminders r WHERE r.certificate_id = c.id AND r.stage = 2) AS stage2_done) d
-             WHERE c.exchanged_at IS NULL AND c.revoked_at IS NULL
-               AND c.expires_at > $1 AND c.expires_at <= $2
-               AND c.expires_at <= $1 + p.reminder_stage1_secs * interval '1 second'
-               AND a.status = 'awaiting_exchange'
-               AND ((d.stage2_due AND NOT d.stage2_done) OR (NOT d.stage2_due AND NOT d.stage1_done))
-             ORDER BY c.expires_at, c.id
-             LIMIT $3
-             FOR UPDATE OF c SKIP LOCKED"
-        ))
+        // The claim is one range of one partial index: its cost is the rows due, not the table.
+        let claimed: Vec<Uuid> = diesel::sql_query(
+            "SELECT id FROM exchange_certificates
+             WHERE reminder_due_at <= $1
+             ORDER BY reminder_due_at, id
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED",
+        )
         .bind::<Timestamptz, _>(as_of)
-        .bind::<Timestamptz, _>(as_of + chrono::Duration::seconds(horizon.secs))
         .bind::<BigInt, _>(batch)
-        .load(conn)?;
+        .load::<Claimed>(conn)?
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+        let due = load(conn, &claimed)?;
 
         let mut deliveries = Vec::with_capacity(due.len());
-        let (mut stage1, mut stage2) = (Vec::new(), Vec::new());
+        let (mut stage1, mut stage2, mut next_stage2, mut done) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for open in &due {
-            if open.stage2_due {
+            let stage2_at = open.certificate_expires_at - chrono::Duration::seconds(open.stage2_secs);
+            if open.certificate_expires_at <= as_of || open.asset_status != Status::AwaitingExchange.as_str() {
+                // Expired (past-due processing takes it from here) or delivered another way.
+                done.push(open.certificate_id);
+            } else if as_of >= stage2_at {
                 if open.stage2_policy == "forced_transmission" {
                     deliveries.push(forced_asset(open));
                 } else {
@@ -167,9 +175,10 @@ pub fn near_expiry(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, bat
                     ));
                 }
                 stage2.push((open.certificate_id, open.stage2_policy.as_str()));
-                if !open.stage1_done {
+                if open.reminder_stage == Some(1) {
                     stage1.push((open.certificate_id, "superseded"));
                 }
+                done.push(open.certificate_id);
             } else {
                 deliveries.push(notice(
                     open,
@@ -183,32 +192,48 @@ pub fn near_expiry(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, bat
                     ),
                 ));
                 stage1.push((open.certificate_id, "message"));
+                next_stage2.push((open.certificate_id, stage2_at));
             }
         }
         let enqueued = delivery::enqueue_many(conn, app, &deliveries, as_of)?;
         record_reminders(conn, 1, &stage1, as_of)?;
         record_reminders(conn, 2, &stage2, as_of)?;
+        diesel::sql_query(
+            "UPDATE exchange_certificates c SET reminder_stage = 2, reminder_due_at = t.due
+             FROM unnest($1::uuid[], $2::timestamptz[]) AS t(id, due) WHERE c.id = t.id",
+        )
+        .bind::<Array<SqlUuid>, _>(next_stage2.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+        .bind::<Array<Timestamptz>, _>(next_stage2.iter().map(|(_, at)| *at).collect::<Vec<_>>())
+        .execute(conn)?;
+        diesel::sql_query("UPDATE exchange_certificates SET reminder_stage = NULL, reminder_due_at = NULL WHERE id = ANY($1)")
+            .bind::<Array<SqlUuid>, _>(&done)
+            .execute(conn)?;
         Ok(Swept { scanned: due.len() as u64, enqueued })
     })
 }
 
 /// past_due handles certificates that expired unexchanged (FIG. 7): the asset goes to past-due
 /// processing; if it is still valid the holder gets a past-due message, a forced transmission of
-/// the asset and a revocation request for the certificate; if not, the asset expires.
+/// the asset and a revocation request for the certificate; if not, the asset expires. A
+/// certificate whose asset already left awaiting_exchange another way (a forced stage-2
+/// transmission, a refund) is void and is closed quietly.
 pub fn past_due(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
     conn.transaction(|conn| {
-        let due: Vec<Open> = diesel::sql_query(format!(
-            "SELECT {OPEN_COLUMNS}, false AS stage2_due, false AS stage1_done
-             {OPEN_JOINS}
-             WHERE c.exchanged_at IS NULL AND c.revoked_at IS NULL AND c.expires_at <= $1
-               AND a.status = 'awaiting_exchange'
-             ORDER BY c.expires_at, c.id
+        let claimed: Vec<Uuid> = diesel::sql_query(
+            "SELECT id FROM exchange_certificates
+             WHERE exchanged_at IS NULL AND revoked_at IS NULL AND expires_at <= $1
+             ORDER BY expires_at, id
              LIMIT $2
-             FOR UPDATE OF c, a SKIP LOCKED"
-        ))
+             FOR UPDATE SKIP LOCKED",
+        )
         .bind::<Timestamptz, _>(as_of)
         .bind::<BigInt, _>(batch)
-        .load(conn)?;
+        .load::<Claimed>(conn)?
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+        let loaded = load(conn, &claimed)?;
+        let due: Vec<&Open> = loaded.iter().filter(|o| o.asset_status == Status::AwaitingExchange.as_str()).collect();
         let all: Vec<Uuid> = due.iter().map(|o| o.asset_id).collect();
         status_machine::transition_many(conn, &all, Status::AwaitingExchange, Status::ExpiredCertificateProcessing, Cause::CertificatePastDue, as_of)
             .map_err(into_query_error)?;
@@ -240,21 +265,13 @@ pub fn past_due(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch:
             ));
         }
         let enqueued = delivery::enqueue_many(conn, app, &deliveries, as_of)?;
-        let certificates: Vec<Uuid> = due.iter().map(|o| o.certificate_id).collect();
-        diesel::sql_query("UPDATE exchange_certificates SET revoked_at = $2 WHERE id = ANY($1)")
-            .bind::<Array<SqlUuid>, _>(&certificates)
-            .bind::<Timestamptz, _>(as_of)
-            .execute(conn)?;
-        // Certificates past due whose asset left awaiting_exchange another way (a forced
-        // stage-2 transmission, a refund) are void: closed quietly so no scan meets them again.
         diesel::sql_query(
-            "UPDATE exchange_certificates c SET revoked_at = $1 FROM assets a
-             WHERE a.id = c.asset_id AND c.exchanged_at IS NULL AND c.revoked_at IS NULL
-               AND c.expires_at <= $1 AND a.status <> 'awaiting_exchange'",
+            "UPDATE exchange_certificates SET revoked_at = $2, reminder_stage = NULL, reminder_due_at = NULL WHERE id = ANY($1)",
         )
+        .bind::<Array<SqlUuid>, _>(&claimed)
         .bind::<Timestamptz, _>(as_of)
         .execute(conn)?;
-        Ok(Swept { scanned: due.len() as u64, enqueued })
+        Ok(Swept { scanned: claimed.len() as u64, enqueued })
     })
 }
 

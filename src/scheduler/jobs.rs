@@ -13,6 +13,7 @@ use crate::settlement::{self, Swept};
 use crate::telemetry;
 
 /// Job is a named scan.
+#[derive(Debug)]
 pub struct Job {
     pub name: &'static str,
     pub about: &'static str,

@@ -57,16 +57,25 @@ pub struct RunReport {
     pub error: Option<String>,
 }
 
+/// Run is one run of a job to make.
+#[derive(Debug, Clone, Copy)]
+pub struct Run<'a> {
+    pub job: &'a Job,
+    pub as_of: DateTime<Utc>,
+    pub trigger: Trigger,
+    pub dry_run: bool,
+}
+
 /// run_job runs one job now, for `as_of`, under its advisory lock. A dry run does the work in a
-/// transaction that is rolled back, and reports what it would have done.
+/// transaction that is rolled back, and reports what it would have done. `progress` sees the
+/// report after every batch.
 pub fn run_job(
     conn: &mut PgConnection,
     app: &App,
-    job: &Job,
-    as_of: DateTime<Utc>,
-    trigger: Trigger,
-    dry_run: bool,
+    run: Run<'_>,
+    progress: &mut (dyn FnMut(&RunReport) + Send),
 ) -> Result<RunReport, DbError> {
+    let Run { job, as_of, dry_run, .. } = run;
     #[derive(QueryableByName)]
     struct Locked {
         #[diesel(sql_type = Bool)]
@@ -81,7 +90,7 @@ pub fn run_job(
         tracing::debug!(job = job.name, "another process is running this job");
         return Ok(report);
     }
-    let result = run_locked(conn, app, job, as_of, trigger, dry_run, &mut report);
+    let result = run_locked(conn, app, run, &mut report, progress);
     let unlocked = diesel::sql_query("SELECT pg_advisory_unlock($1)").bind::<BigInt, _>(key).execute(conn);
     result?;
     unlocked?;
@@ -91,12 +100,11 @@ pub fn run_job(
 fn run_locked(
     conn: &mut PgConnection,
     app: &App,
-    job: &Job,
-    as_of: DateTime<Utc>,
-    trigger: Trigger,
-    dry_run: bool,
+    run: Run<'_>,
     report: &mut RunReport,
+    progress: &mut (dyn FnMut(&RunReport) + Send),
 ) -> Result<(), DbError> {
+    let Run { job, as_of, trigger, dry_run } = run;
     let started = Instant::now();
     let run_id: i64 = diesel::insert_into(job_runs::table)
         .values((
@@ -125,19 +133,45 @@ fn run_locked(
             Err(e) => Err(e),
         }
     } else {
-        // Batches of their own transactions, until a batch comes back short.
-        let batch = app.scan_batch;
-        loop {
-            match (job.run)(conn, app, as_of, batch) {
+        // Batches of their own transactions, until a batch comes back short, on several
+        // connections at once: each claims its rows with SKIP LOCKED, so none waits on another.
+        let shared = std::sync::Mutex::new((report.clone(), progress));
+        let first_error: std::sync::Mutex<Option<diesel::result::Error>> = std::sync::Mutex::new(None);
+        let work = |conn: &mut PgConnection| loop {
+            if first_error.lock().expect("not poisoned").is_some() {
+                return;
+            }
+            match (job.run)(conn, app, as_of, app.scan_batch) {
                 Ok(swept) => {
+                    let mut guard = shared.lock().expect("not poisoned");
+                    let (report, progress) = &mut *guard;
                     report.rows_scanned += swept.scanned;
                     report.enqueued += swept.enqueued;
-                    if (swept.scanned as i64) < batch {
-                        break Ok(());
+                    progress(report);
+                    if (swept.scanned as i64) < app.scan_batch {
+                        return;
                     }
                 }
-                Err(e) => break Err(e),
+                Err(e) => {
+                    first_error.lock().expect("not poisoned").get_or_insert(e);
+                    return;
+                }
             }
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..app.scan_workers.max(1) {
+                scope.spawn(|| match app.db.get() {
+                    Ok(mut conn) => work(&mut conn),
+                    // Fewer helpers, not a failed run: the first connection does the work.
+                    Err(e) => tracing::debug!(error = %e, "no extra connection for a scan worker"),
+                });
+            }
+            work(conn);
+        });
+        *report = shared.into_inner().expect("not poisoned").0;
+        match first_error.into_inner().expect("not poisoned") {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     };
     if let Err(e) = &outcome {
@@ -171,9 +205,20 @@ pub async fn run_now(
 ) -> Result<RunReport, DbError> {
     let db: Db = app.db.clone();
     let app2 = app.clone();
-    let report = db.run(move |conn| run_job(conn, &app2, job, as_of, trigger, dry_run)).await?;
+    let report = db.run(move |conn| run_job(conn, &app2, Run { job, as_of, trigger, dry_run }, &mut |_| {})).await?;
     app.outbox_wake.notify_one();
     Ok(report)
+}
+
+/// schedule_of is a job's effective schedule: the configuration's `[schedules]` entry, or the
+/// one in workers/scheduler.toml.
+pub fn schedule_of(app: &App, job: &str) -> anyhow::Result<String> {
+    app.config
+        .schedules
+        .get(job)
+        .or_else(|| app.pools.scheduler.jobs.get(job).map(|d| &d.schedule))
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("workers/scheduler.toml has no schedule for job {job}"))
 }
 
 /// start runs every job once (catch-up), then on its schedule until shutdown.
@@ -186,13 +231,7 @@ pub async fn start(app: Arc<App>, shutdown: CancellationToken) -> anyhow::Result
     }
     let mut scheduler = JobScheduler::new().await?;
     for job in JOBS {
-        let schedule = app
-            .pools
-            .scheduler
-            .jobs
-            .get(job.name)
-            .map(|d| d.schedule.clone())
-            .ok_or_else(|| anyhow::anyhow!("workers/scheduler.toml has no schedule for job {}", job.name))?;
+        let schedule = schedule_of(&app, job.name)?;
         let app = app.clone();
         let cron = CronJob::new_async(schedule.as_str(), move |_id, _lock| {
             let app = app.clone();

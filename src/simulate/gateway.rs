@@ -114,7 +114,7 @@ pub async fn run(
                 let bytes = delivery.data.clone();
                 let Ok(message) = serde_json::from_slice::<GatewayDelivery>(&bytes) else {
                     tracing::warn!("gateway simulator: not a delivery");
-                    return;
+                    return true;
                 };
                 let counter = match message.kind {
                     DeliveryKind::Certificate => &stats.certificates,
@@ -126,7 +126,7 @@ pub async fn run(
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
                 if rand::random::<f64>() < options.silence_rate {
-                    return;
+                    return true;
                 }
                 let mut sha256 = crypto::sha256_hex(&bytes);
                 if rand::random::<f64>() < options.failure_rate {
@@ -148,7 +148,7 @@ pub async fn run(
                         publisher.publish(&requests, kinds::DELIVERY_RECEIPT, kinds::DELIVERY_RECEIPT, &body).await
                     {
                         tracing::warn!(error = %e, "gateway simulator could not send a receipt");
-                        return;
+                        return true;
                     }
                 }
                 stats.receipts.fetch_add(1, Ordering::Relaxed);
@@ -172,6 +172,7 @@ pub async fn run(
                         }
                     });
                 }
+                true
             }
         })));
     }

@@ -86,11 +86,11 @@ pub async fn run(
             async move {
                 let Ok(instruction) = serde_json::from_slice::<SettlementInstruction>(&delivery.data) else {
                     tracing::warn!("partner simulator: not a settlement instruction");
-                    return;
+                    return true;
                 };
                 let id = instruction.settlement_id.to_string();
                 if rand::random::<f64>() < options.silence_rate {
-                    return;
+                    return true;
                 }
                 let outcome = if fraction(&id, "decline") < options.decline_rate {
                     SettlementOutcome::Declined
@@ -114,13 +114,14 @@ pub async fn run(
                         publisher.publish(&requests, kinds::SETTLEMENT_RESULT, kinds::SETTLEMENT_RESULT, &body).await
                     {
                         tracing::warn!(error = %e, "partner simulator could not answer");
-                        return;
+                        return true;
                     }
                 }
                 match outcome {
                     SettlementOutcome::Settled => stats.settled.fetch_add(1, Ordering::Relaxed),
                     SettlementOutcome::Declined => stats.declined.fetch_add(1, Ordering::Relaxed),
                 };
+                true
             }
         })));
     }

@@ -143,6 +143,29 @@ async fn queued(env: &Env, queue: &str) -> u32 {
     declared.message_count()
 }
 
+/// subscribe_to_dead_letters binds a queue of the test's own to the dead-letter exchange, as an
+/// external subscriber would: the pool's own dead-letter queue is drained into the dead_letters
+/// table by the recorder, so the exchange is where the notices can be watched.
+async fn subscribe_to_dead_letters(env: &Env, pool: assetflow::broker::Pool) -> String {
+    let channel = channel(env).await;
+    let queue = format!("test.dead-letters.{pool}");
+    channel
+        .queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .expect("declared");
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            env.app.names.dlx().as_str().into(),
+            pool.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bound");
+    queue
+}
+
 /// wait_for_messages polls `queue` until it holds at least `at_least` messages, or fails the test
 /// after the deadline.
 async fn wait_for_messages(env: &Env, queue: &str, at_least: u32) -> u32 {
@@ -298,6 +321,7 @@ async fn a_delivery_whose_retries_run_out_is_dead_lettered_with_every_attempt() 
     let carol = env.terminal("carol", "gw-1", Some("card-co")).await;
     env.start().await;
     env.partner(settle_all());
+    let dead_letters = subscribe_to_dead_letters(&env, assetflow::broker::Pool::Delivery).await;
     // No gateway simulator: no attempt is ever acknowledged.
 
     let order = purchase(&carol, "ppv", 1, json!({"delivery": {"mode": "immediate"}}));
@@ -365,8 +389,8 @@ async fn a_delivery_whose_retries_run_out_is_dead_lettered_with_every_attempt() 
     })
     .await;
 
-    // The dead letter is published to the delivery pool's dead-letter queue.
-    let dlq = env.app.names.dead_letter_queue(assetflow::broker::Pool::Delivery);
+    // The dead letter is published to the dead-letter exchange, under the delivery pool's key.
+    let dlq = dead_letters;
     wait_for_messages(&env, &dlq, 1).await;
     let message = channel(&env)
         .await
@@ -440,6 +464,7 @@ async fn a_partner_that_never_answers_fails_the_order_and_a_late_answer_still_is
     env.start().await;
     // No partner simulator: the instructions wait in the partner's queue, unanswered.
     env.gateway(GatewayOptions::default());
+    let dead_letters = subscribe_to_dead_letters(&env, assetflow::broker::Pool::Settlement).await;
 
     let order = purchase(&erin, "concert", 1, json!({}));
     let rid = request_id(&order);
@@ -486,7 +511,7 @@ async fn a_partner_that_never_answers_fails_the_order_and_a_late_answer_still_is
             .then_some(())
     })
     .await;
-    wait_for_messages(&env, &env.app.names.dead_letter_queue(assetflow::broker::Pool::Settlement), 1).await;
+    wait_for_messages(&env, &dead_letters, 1).await;
 
     // The partner answers at last: the payer paid, so the order is issued after all.
     let late = SettlementResult {
@@ -716,7 +741,7 @@ async fn a_message_the_broker_does_not_confirm_stays_in_the_outbox() {
 
     // A message no queue takes: the broker returns it (mandatory) instead of confirming a delivery.
     let message =
-        DeliveryRequested { message_type: kinds::DELIVERY_REQUESTED.into(), delivery_id: uuid::Uuid::now_v7() };
+        DeliveryRequested { message_type: kinds::DELIVERY_REQUESTED.into(), delivery_ids: vec![uuid::Uuid::now_v7()] };
     let outgoing = Outgoing::json(env.app.names.internal(), "nowhere", kinds::DELIVERY_REQUESTED, &message);
     let message_id = outgoing.message_id;
     env.db(move |c| outbox::enqueue(c, &outgoing).expect("written to the outbox")).await;

@@ -2,6 +2,7 @@
 
 mod harness;
 
+mod batch;
 mod failures;
 mod flows;
 mod processes;

@@ -1,0 +1,30 @@
+//! `assetflow bench`: measured throughput, never asserted in tests (README "Performance").
+
+pub mod scan;
+
+use clap::Subcommand;
+
+use crate::config::Config;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Seed certificates with expiries spread over 30 days, then run near_expiry and past_due
+    /// one day ahead, and report how fast due certificates were found and enqueued.
+    Scan(scan::ScanOptions),
+}
+
+pub async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Scan(options) => scan::run(config, options).await,
+    }
+}
+
+/// bench_database_url is the configured database URL with `suffix` added to the database name:
+/// benchmarks work in a database of their own, created fresh and dropped after.
+pub fn bench_database_url(url: &str, suffix: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b.to_string(), format!("?{q}")),
+        None => (url.to_string(), String::new()),
+    };
+    format!("{base}_{suffix}{query}")
+}

@@ -1,0 +1,221 @@
+//! `assetflow bench scan`: the certificate scans over a large table.
+
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Timestamptz};
+use serde::Serialize;
+
+use crate::app::App;
+use crate::config::Config;
+use crate::scheduler::{Job, Run, RunReport, Trigger, run_job};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ScanOptions {
+    /// Certificates to seed, with expiries spread evenly over the next 30 days.
+    #[arg(long, default_value_t = 100_000)]
+    pub certificates: i64,
+    /// Rows per scan transaction.
+    #[arg(long, default_value_t = 5_000)]
+    pub batch: i64,
+    /// Connections each scan works on at once.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Keep the benchmark database afterwards (it is dropped by default).
+    #[arg(long)]
+    pub keep: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// JobFigures is what one scan did and how fast.
+#[derive(Debug, Serialize)]
+pub struct JobFigures {
+    pub job: String,
+    pub due_found: u64,
+    pub deliveries_enqueued: u64,
+    pub seconds: f64,
+    pub due_per_second: f64,
+    pub enqueued_per_second: f64,
+}
+
+/// ScanFigures is the whole benchmark's result.
+#[derive(Debug, Serialize)]
+pub struct ScanFigures {
+    pub certificates: i64,
+    pub seed_seconds: f64,
+    pub batch: i64,
+    pub workers: usize,
+    pub as_of: DateTime<Utc>,
+    pub jobs: Vec<JobFigures>,
+    pub total_due_per_second: f64,
+    pub outbox_rows_written: i64,
+}
+
+pub async fn run(config: Config, options: ScanOptions) -> anyhow::Result<()> {
+    anyhow::ensure!(options.certificates > 0, "--certificates must be positive");
+    let url = super::bench_database_url(&config.database.url, "bench_scan");
+    let mut config = config;
+    config.database.url = url.clone();
+    let (keep, n, batch, workers) = (options.keep, options.certificates, options.batch, options.workers);
+    let figures = tokio::task::spawn_blocking(move || -> anyhow::Result<ScanFigures> {
+        recreate(&url)?;
+        crate::db::prepare(&url)?;
+        let mut app = App::for_operations(config)?;
+        app.scan_batch = batch;
+        app.scan_workers = workers;
+        let mut conn = PgConnection::establish(&url)?;
+        // As on the pooled connections (see db::SessionSettings).
+        conn.batch_execute("SET jit = off")?;
+        let now = Utc::now();
+        eprintln!("seeding {n} certificates…");
+        let started = Instant::now();
+        seed(&mut conn, n, now)?;
+        let seed_seconds = started.elapsed().as_secs_f64();
+        diesel::sql_query("VACUUM ANALYZE").execute(&mut conn)?;
+        let as_of = now + chrono::Duration::days(1);
+        let mut jobs = Vec::new();
+        for name in ["near_expiry", "past_due"] {
+            let job = Job::find(name).expect("a job");
+            eprintln!("running {name} as of {as_of}…");
+            let started = Instant::now();
+            let report: RunReport =
+                run_job(&mut conn, &app, Run { job, as_of, trigger: Trigger::Manual, dry_run: false }, &mut |_| {})?;
+            let seconds = started.elapsed().as_secs_f64();
+            anyhow::ensure!(report.error.is_none(), "{name} failed: {:?}", report.error);
+            jobs.push(JobFigures {
+                job: name.into(),
+                due_found: report.rows_scanned,
+                deliveries_enqueued: report.enqueued,
+                seconds,
+                due_per_second: report.rows_scanned as f64 / seconds,
+                enqueued_per_second: report.enqueued as f64 / seconds,
+            });
+        }
+        #[derive(QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        let outbox: Count = diesel::sql_query("SELECT count(*) AS n FROM outbox").get_result(&mut conn)?;
+        let total_due: u64 = jobs.iter().map(|j| j.due_found).sum();
+        let total_seconds: f64 = jobs.iter().map(|j| j.seconds).sum();
+        drop(conn);
+        if !keep {
+            drop_database(&url)?;
+        }
+        Ok(ScanFigures {
+            certificates: n,
+            seed_seconds,
+            batch: app.scan_batch,
+            workers: app.scan_workers,
+            as_of,
+            jobs,
+            total_due_per_second: total_due as f64 / total_seconds,
+            outbox_rows_written: outbox.n,
+        })
+    })
+    .await??;
+    if options.json {
+        println!("{}", serde_json::to_string_pretty(&figures)?);
+    } else {
+        println!(
+            "{} certificates, expiries over 30 days, seeded in {:.1}s; scans as of now + 1 day, {} rows a batch on {} connections",
+            figures.certificates, figures.seed_seconds, figures.batch, figures.workers
+        );
+        println!(
+            "{:<12} {:>10} {:>10} {:>9} {:>12} {:>14}",
+            "JOB", "DUE", "ENQUEUED", "SECONDS", "DUE/S", "ENQUEUED/S"
+        );
+        for j in &figures.jobs {
+            println!(
+                "{:<12} {:>10} {:>10} {:>9.2} {:>12.0} {:>14.0}",
+                j.job, j.due_found, j.deliveries_enqueued, j.seconds, j.due_per_second, j.enqueued_per_second
+            );
+        }
+        println!(
+            "all due certificates: {:.0}/s, with {} outbox rows written",
+            figures.total_due_per_second, figures.outbox_rows_written
+        );
+    }
+    Ok(())
+}
+
+fn admin(url: &str) -> anyhow::Result<(PgConnection, String)> {
+    let (base, _) = url.split_once('?').unwrap_or((url, ""));
+    let (server, name) = base.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("no database name in the URL"))?;
+    Ok((PgConnection::establish(&format!("{server}/postgres"))?, name.to_string()))
+}
+
+fn recreate(url: &str) -> anyhow::Result<()> {
+    drop_database(url)?;
+    let (mut admin, name) = admin(url)?;
+    diesel::sql_query(format!("CREATE DATABASE \"{name}\"")).execute(&mut admin)?;
+    Ok(())
+}
+
+fn drop_database(url: &str) -> anyhow::Result<()> {
+    let (mut admin, name) = admin(url)?;
+    diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin)?;
+    Ok(())
+}
+
+/// seed writes `n` assets awaiting exchange and their open certificates, set-based, with expiries
+/// spread evenly over the 30 days from `now`; one product in ten forces its stage-2 transmission.
+fn seed(conn: &mut PgConnection, n: i64, now: DateTime<Utc>) -> anyhow::Result<()> {
+    conn.batch_execute(
+        "INSERT INTO partners (id) VALUES ('bench-partner');
+         INSERT INTO gateways (id) VALUES ('bench-gw');
+         INSERT INTO terminals (id, kind, gateway_id, partner_id, public_key_pem)
+           VALUES ('bench-terminal', 'mobile', 'bench-gw', 'bench-partner', 'not used by the scans');
+         INSERT INTO products (id, kind, title, issuer_id, price_minor, currency, asset_validity_secs, certificate_validity_secs, stage2_policy)
+           VALUES ('bench-ticket', 'ticket', 'Benchmark ticket', 'bench-issuer', 1000, 'JPY', 7776000, 2592000, 'download_request'),
+                  ('bench-forced', 'ppv_ticket', 'Benchmark pay-per-view', 'bench-issuer', 400, 'JPY', 7776000, 2592000, 'forced_transmission');
+         INSERT INTO terminal_requests (request_id, terminal_id, message_type, content_sha256, sent_at, outcome)
+           VALUES ('bench-request', 'bench-terminal', 'order.purchase', '', now(), 'accepted');",
+    )?;
+    diesel::sql_query(
+        "INSERT INTO orders (id, request_id, orderer_terminal_id, payer_terminal_id, recipient_terminal_ids, product_id,
+                             quantity, amount_minor, currency, delivery_mode, status)
+         VALUES ('00000000-0000-7000-8000-000000000001', 'bench-request', 'bench-terminal', 'bench-terminal',
+                 ARRAY['bench-terminal'], 'bench-ticket', $1, 0, 'JPY', 'certificate', 'issued')",
+    )
+    .bind::<diesel::sql_types::Integer, _>(i32::try_from(n).unwrap_or(i32::MAX))
+    .execute(conn)?;
+    // Chunks keep each statement's memory bounded at a million rows.
+    let chunk = 200_000;
+    let mut from = 0;
+    while from < n {
+        let to = (from + chunk).min(n);
+        diesel::sql_query(
+            "WITH s AS (
+               SELECT i, gen_random_uuid() AS asset_id, gen_random_uuid() AS certificate_id,
+                      $3 + (i * interval '30 days') / $4 AS cert_expiry
+               FROM generate_series($1, $2 - 1) AS i
+             ), a AS (
+               INSERT INTO assets (id, order_id, recipient_terminal_id, ordinal, product_id, kind, issuer_id,
+                                   holder_terminal_id, issued_at, expires_at, has_exchange_certificate,
+                                   certificate_expires_at, status, transferable, currency, document,
+                                   issuer_signature, provider_signature, status_changed_at)
+               SELECT asset_id, '00000000-0000-7000-8000-000000000001', 'bench-terminal', i::int,
+                      CASE WHEN i % 10 = 0 THEN 'bench-forced' ELSE 'bench-ticket' END, 'ticket', 'bench-issuer',
+                      'bench-terminal', $3, cert_expiry + interval '60 days', true, cert_expiry, 'awaiting_exchange',
+                      false, 'JPY', '{\"asset_id\":\"bench\"}', 'bench', 'bench', $3
+               FROM s
+             )
+             INSERT INTO exchange_certificates (id, asset_id, holder_terminal_id, issued_at, expires_at, document, signature,
+                                                reminder_stage, reminder_due_at)
+             SELECT certificate_id, asset_id, 'bench-terminal', $3, cert_expiry, '{}', 'bench', 1, cert_expiry - interval '2 days'
+             FROM s",
+        )
+        .bind::<BigInt, _>(from)
+        .bind::<BigInt, _>(to)
+        .bind::<Timestamptz, _>(now)
+        .bind::<BigInt, _>(n)
+        .execute(conn)?;
+        from = to;
+    }
+    Ok(())
+}
