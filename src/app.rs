@@ -134,7 +134,7 @@ pub async fn run(app: Arc<App>, options: RunOptions, shutdown: CancellationToken
     let broker_stop = CancellationToken::new();
     let broker = Broker::start(
         app.config.amqp.url.clone(),
-        topology,
+        topology.clone(),
         app.config.amqp.reconnect_min,
         app.config.amqp.reconnect_max,
         broker_stop.clone(),
@@ -195,6 +195,8 @@ pub async fn run(app: Arc<App>, options: RunOptions, shutdown: CancellationToken
     }
     let http_stop = CancellationToken::new();
     if options.http && !app.config.http.listen.is_empty() {
+        let queues = topology.queues.iter().map(|q| q.name.clone()).collect();
+        background.spawn(crate::health::sample(app.clone(), broker.clone(), queues, http_stop.clone()));
         let (listen, progress, broker, stop) =
             (app.config.http.listen.clone(), app.progress.clone(), broker.clone(), http_stop.clone());
         let stall = app.config.outbox.poll_interval * 40 + std::time::Duration::from_secs(10);

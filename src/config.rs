@@ -99,6 +99,8 @@ pub struct WorkersConfig {
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: String,
+    #[serde(with = "humantime_serde")]
+    pub sample_interval: Duration,
 }
 
 /// PartnerConfig is one payment partner. Its instruction timeout and attempts come from the

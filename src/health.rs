@@ -103,3 +103,55 @@ async fn ready(State(s): State<Http>) -> (StatusCode, String) {
         (StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n")
     }
 }
+
+/// sample keeps the sampled gauges current: every queue's depth and consumers (a passive declare
+/// each: the broker counts, nothing scans a table), the dead letters awaiting an operator, and the
+/// subscriptions this process holds.
+pub async fn sample(
+    app: Arc<crate::app::App>,
+    broker: Broker,
+    queues: Vec<String>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::FieldTable;
+    let mut tick = tokio::time::interval(app.config.http.sample_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut channel: Option<lapin::Channel> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        crate::telemetry::pool_consumers(app.progress.consumers.load(Ordering::Relaxed));
+        if broker.is_connected() {
+            if channel.as_ref().is_none_or(|c| !c.status().connected())
+                && let Some(conn) = broker.connection().await
+            {
+                channel = conn.create_channel().await.ok();
+            }
+            if let Some(ch) = &channel {
+                for queue in &queues {
+                    let options = QueueDeclareOptions { passive: true, ..Default::default() };
+                    match ch.queue_declare(queue.as_str().into(), options, FieldTable::default()).await {
+                        Ok(q) => crate::telemetry::queue_depth(queue, q.message_count(), q.consumer_count()),
+                        Err(e) => {
+                            tracing::debug!(queue, error = %e, "cannot sample the queue");
+                            channel = None;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        match app.db.run(|conn| crate::dead_letter::backlog(conn).map_err(crate::db::DbError::from)).await {
+            Ok(rows) => {
+                for pool in Pool::ALL {
+                    let count = rows.iter().find(|(p, _)| p == pool.as_str()).map(|(_, n)| *n).unwrap_or(0);
+                    crate::telemetry::dead_letters_pending(pool.as_str(), count);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot count dead letters"),
+        }
+    }
+}

@@ -13,7 +13,7 @@ pub fn message_received(pool: &str, message_type: &str) {
         .increment(1);
 }
 
-/// message_handled records how a message ended (acked, retried, deferred, dead_lettered, duplicate)
+/// message_handled records how a message ended (acked, requeued, deferred, dead_lettered, duplicate)
 /// and how long its handler took.
 pub fn message_handled(pool: &str, message_type: &str, outcome: &'static str, elapsed: Duration) {
     let message_type = bounded_type(message_type);
@@ -62,7 +62,41 @@ pub fn outbox_backlog(rows: i64, oldest_age: Duration) {
     gauge!("assetflow_outbox_oldest_age_seconds").set(oldest_age.as_secs_f64());
 }
 
-/// reconnected counts a reconnection to "amqp" or "postgres".
+/// settlement_timed_out counts an instruction a partner did not answer in time: sent again
+/// ("retried") or given up on ("abandoned").
+pub fn settlement_timed_out(partner: &str, outcome: &'static str) {
+    counter!("assetflow_settlement_timeouts_total", "partner" => partner.to_string(), "outcome" => outcome)
+        .increment(1);
+}
+
+/// queue_depth sets a sampled queue's ready messages and consumers.
+pub fn queue_depth(queue: &str, messages: u32, consumers: u32) {
+    gauge!("assetflow_queue_messages", "queue" => queue.to_string()).set(f64::from(messages));
+    gauge!("assetflow_queue_consumers", "queue" => queue.to_string()).set(f64::from(consumers));
+}
+
+/// dead_letters_pending sets the dead letters not yet replayed, per pool: what an operator owes.
+pub fn dead_letters_pending(pool: &str, count: i64) {
+    gauge!("assetflow_dead_letters_pending", "pool" => pool.to_string()).set(count as f64);
+}
+
+/// pool_consumers sets the subscriptions this process holds.
+pub fn pool_consumers(count: u32) {
+    gauge!("assetflow_pool_consumers").set(f64::from(count));
+}
+
+/// db_connection_opened counts a new PostgreSQL connection; after start-up, a rise means the
+/// pool replaced broken connections (a database restart).
+pub fn db_connection_opened() {
+    counter!("assetflow_db_connections_opened_total").increment(1);
+}
+
+/// db_checkout_timed_out counts a handler that waited too long for a connection.
+pub fn db_checkout_timed_out() {
+    counter!("assetflow_db_checkout_timeouts_total").increment(1);
+}
+
+/// reconnected counts a reconnection to RabbitMQ (target "amqp").
 pub fn reconnected(target: &'static str) {
     counter!("assetflow_reconnects_total", "target" => target).increment(1);
 }
@@ -93,4 +127,129 @@ pub fn signature_failure(subject: &'static str) {
 /// that a hostile publisher cannot blow up the label set.
 fn bounded_type(message_type: &str) -> String {
     if crate::messages::schema::is_known(message_type) { message_type.to_string() } else { "unknown".to_string() }
+}
+
+/// Metric is one entry of the catalogue.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Metric {
+    pub name: &'static str,
+    /// counter, gauge or histogram.
+    pub kind: &'static str,
+    pub labels: &'static [&'static str],
+    pub help: &'static str,
+}
+
+const fn m(name: &'static str, kind: &'static str, labels: &'static [&'static str], help: &'static str) -> Metric {
+    Metric { name, kind, labels, help }
+}
+
+/// CATALOGUE is every metric assetflow emits. The dashboard, the alert rules and the README are
+/// checked against it, and a test checks a real scrape against it.
+pub const CATALOGUE: &[Metric] = &[
+    m("assetflow_messages_received_total", "counter", &["pool", "type"], "Messages taken from a pool's queues."),
+    m(
+        "assetflow_messages_total",
+        "counter",
+        &["pool", "type", "outcome"],
+        "Messages handled, by outcome: acked, duplicate, requeued, deferred, dead_lettered.",
+    ),
+    m(
+        "assetflow_handler_duration_seconds",
+        "histogram",
+        &["pool", "type"],
+        "Time from taking a message to settling it with the broker.",
+    ),
+    m("assetflow_dead_letters_total", "counter", &["pool", "reason"], "Dead letters recorded."),
+    m("assetflow_dead_letters_pending", "gauge", &["pool"], "Dead letters not replayed yet (sampled)."),
+    m("assetflow_refusals_total", "counter", &["reason"], "Terminal requests refused."),
+    m(
+        "assetflow_signature_failures_total",
+        "counter",
+        &["subject"],
+        "Signatures that did not verify: terminal_request or certificate.",
+    ),
+    m("assetflow_settlements_total", "counter", &["partner", "outcome"], "Partner answers: settled or declined."),
+    m(
+        "assetflow_settlement_duration_seconds",
+        "histogram",
+        &["partner"],
+        "Time from the first instruction to the partner's answer.",
+    ),
+    m(
+        "assetflow_settlement_timeouts_total",
+        "counter",
+        &["partner", "outcome"],
+        "Instructions not answered in time: retried or abandoned.",
+    ),
+    m(
+        "assetflow_delivery_attempts_total",
+        "counter",
+        &["kind", "outcome"],
+        "Delivery attempts: sent, acknowledged, timed_out, hash_mismatch, cancelled.",
+    ),
+    m(
+        "assetflow_end_to_end_seconds",
+        "histogram",
+        &["stage"],
+        "order_to_certificate: order placed to certificate receipt; exchange_to_asset: exchange to asset receipt.",
+    ),
+    m("assetflow_outbox_published_total", "counter", &[], "Outbox messages the broker confirmed."),
+    m(
+        "assetflow_outbox_publish_failures_total",
+        "counter",
+        &[],
+        "Outbox messages not confirmed (nacked, returned, or the channel lost); they are published again.",
+    ),
+    m("assetflow_outbox_backlog_messages", "gauge", &[], "Outbox rows waiting to be published."),
+    m("assetflow_outbox_oldest_age_seconds", "gauge", &[], "Age of the oldest outbox row: the relay's lag."),
+    m(
+        "assetflow_queue_messages",
+        "gauge",
+        &["queue"],
+        "Messages ready in each queue (sampled with a passive declare).",
+    ),
+    m("assetflow_queue_consumers", "gauge", &["queue"], "Consumers on each queue (sampled)."),
+    m("assetflow_pool_consumers", "gauge", &[], "Queue subscriptions this process holds."),
+    m("assetflow_job_runs_total", "counter", &["job", "outcome"], "Scheduled job runs: succeeded or failed."),
+    m("assetflow_job_duration_seconds", "histogram", &["job"], "Duration of a job run."),
+    m("assetflow_job_rows_scanned_total", "counter", &["job"], "Due rows a job found."),
+    m("assetflow_job_enqueued_total", "counter", &["job"], "Messages and transmissions a job enqueued."),
+    m("assetflow_job_last_success_timestamp_seconds", "gauge", &["job"], "Unix time of the job's last successful run."),
+    m("assetflow_due_pickup_lag_seconds", "histogram", &["job"], "Delay from a delivery's due time to its sending."),
+    m("assetflow_reconnects_total", "counter", &["target"], "Reconnections to RabbitMQ (target amqp)."),
+    m(
+        "assetflow_db_connections_opened_total",
+        "counter",
+        &[],
+        "PostgreSQL connections opened; a rise after start-up means broken ones were replaced.",
+    ),
+    m("assetflow_db_checkout_timeouts_total", "counter", &[], "Waits for a database connection that timed out."),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every metric this file emits is in the catalogue, and every catalogued one is emitted.
+    #[test]
+    fn the_catalogue_lists_exactly_the_emitted_metrics() {
+        let source = include_str!("telemetry.rs");
+        let code = &source[..source.find("pub struct Metric").expect("the catalogue")];
+        let mut emitted: Vec<&str> = code
+            .match_indices("!(\"assetflow_")
+            .map(|(i, _)| {
+                let rest = &code[i + 3..];
+                &rest[..rest.find('"').expect("a closing quote")]
+            })
+            .collect();
+        emitted.sort();
+        emitted.dedup();
+        let mut catalogued: Vec<&str> = CATALOGUE.iter().map(|m| m.name).collect();
+        catalogued.sort();
+        assert_eq!(emitted, catalogued);
+        for metric in CATALOGUE {
+            assert!(metric.name.starts_with("assetflow_"));
+            assert_eq!(metric.name.ends_with("_total"), metric.kind == "counter", "{}", metric.name);
+        }
+    }
 }

@@ -91,6 +91,7 @@ impl Db {
             // failing a handler first.
             .test_on_check_out(true)
             .connection_customizer(Box::new(SessionSettings))
+            .event_handler(Box::new(PoolEvents))
             .build_unchecked(ConnectionManager::new(url));
         Db { pool }
     }
@@ -108,7 +109,10 @@ impl Db {
         F: FnOnce(&mut PgConnection) -> Result<T, E> + Send + 'static,
     {
         let pool = self.pool.clone();
+        // The caller's span (a message's ids) follows the work onto the blocking thread.
+        let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
             let mut conn = pool.get().map_err(|e| E::from(DbError::Unavailable(e.to_string())))?;
             f(&mut conn)
         })
@@ -131,6 +135,20 @@ struct SessionSettings;
 impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for SessionSettings {
     fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
         diesel::sql_query("SET jit = off").execute(conn).map(|_| ()).map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+/// PoolEvents turns the pool's events into metrics.
+#[derive(Debug)]
+struct PoolEvents;
+
+impl diesel::r2d2::HandleEvent for PoolEvents {
+    fn handle_acquire(&self, _: diesel::r2d2::event::AcquireEvent) {
+        crate::telemetry::db_connection_opened();
+    }
+
+    fn handle_timeout(&self, _: diesel::r2d2::event::TimeoutEvent) {
+        crate::telemetry::db_checkout_timed_out();
     }
 }
 

@@ -318,7 +318,17 @@ impl PoolRunner {
         let started = Instant::now();
         let (incoming, verdict) = Incoming::parse(queue, &self.app.names.internal(), &delivery);
         telemetry::message_received(self.pool.as_str(), &incoming.message_type);
-        let action = self.execute(incoming.clone(), verdict).await;
+        // Every log line of this message carries its ids; for internal messages the correlation
+        // id is the order's, for terminal requests the request id is in the body.
+        let span = tracing::info_span!(
+            "message",
+            pool = %self.pool,
+            r#type = %incoming.message_type,
+            message_id = %incoming.message_id,
+            correlation_id = incoming.correlation_id.as_deref().unwrap_or(""),
+            request_id = incoming.json.get("request_id").and_then(serde_json::Value::as_str).unwrap_or(""),
+        );
+        let action = tracing::Instrument::instrument(self.execute(incoming.clone(), verdict), span).await;
         let result = match action {
             Action::Ack(_) => delivery.acker.ack(BasicAckOptions::default()).await,
             Action::Requeue => delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,

@@ -23,6 +23,7 @@ use crate::delivery::{self, NewDelivery};
 use crate::messages::{DeliveryKind, Notice, SettlementInstruction, kinds};
 use crate::outbox::{self, Outgoing};
 use crate::requests::load_terminal;
+use crate::telemetry;
 
 /// Settlement is a settlement as stored.
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -146,10 +147,12 @@ pub fn sweep_timeouts(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, 
             let attempts = s.attempts as u32;
             let limit = s.attempt_limit.map(|l| l as u32).unwrap_or_else(|| max_attempts(app, &s.partner_id));
             if attempts < limit {
+                telemetry::settlement_timed_out(&s.partner_id, "retried");
                 instruct(conn, app, &s, attempts + 1, as_of)?;
                 swept.enqueued += 1;
                 continue;
             }
+            telemetry::settlement_timed_out(&s.partner_id, "abandoned");
             let detail = format!("partner {} did not answer settlement {} after {attempts} instructions", s.partner_id, s.id);
             diesel::update(settlements::table.find(s.id))
                 .set((settlements::status.eq("abandoned"), settlements::reason.eq(&detail), settlements::answer_due_at.eq(None::<DateTime<Utc>>)))
