@@ -88,6 +88,8 @@ pub fn registry(names: &Names) -> anyhow::Result<Registry> {
 pub struct RunOptions {
     /// Pools to run; empty runs them all.
     pub pools: Vec<Pool>,
+    /// Whether to consume at all: false runs only the scheduler, the relay and the listener.
+    pub consume: bool,
     pub scheduler: bool,
     pub relay: bool,
     pub http: bool,
@@ -95,7 +97,7 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { pools: Vec::new(), scheduler: true, relay: true, http: true }
+        RunOptions { pools: Vec::new(), consume: true, scheduler: true, relay: true, http: true }
     }
 }
 
@@ -142,7 +144,11 @@ pub async fn run(app: Arc<App>, options: RunOptions, shutdown: CancellationToken
     let registry = Arc::new(registry(&app.names)?);
 
     let consumers = TaskTracker::new();
-    let pools = if options.pools.is_empty() { Pool::ALL.to_vec() } else { options.pools.clone() };
+    let pools = match (options.consume, options.pools.is_empty()) {
+        (false, _) => Vec::new(),
+        (true, true) => Pool::ALL.to_vec(),
+        (true, false) => options.pools.clone(),
+    };
     for pool in pools {
         let settings = match pool {
             Pool::Settlement => &app.pools.settlement.pool,
@@ -200,8 +206,9 @@ pub async fn run(app: Arc<App>, options: RunOptions, shutdown: CancellationToken
         let (listen, progress, broker, stop) =
             (app.config.http.listen.clone(), app.progress.clone(), broker.clone(), http_stop.clone());
         let stall = app.config.outbox.poll_interval * 40 + std::time::Duration::from_secs(10);
+        let expect_consumers = options.consume;
         background.spawn(async move {
-            if let Err(e) = crate::health::serve(&listen, progress, broker, stall, stop).await {
+            if let Err(e) = crate::health::serve(&listen, progress, broker, stall, expect_consumers, stop).await {
                 tracing::error!(error = %e, "the HTTP listener stopped");
             }
         });

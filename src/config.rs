@@ -28,6 +28,7 @@ pub struct Config {
     pub outbox: OutboxConfig,
     pub workers: WorkersConfig,
     pub http: HttpConfig,
+    pub retention: RetentionConfig,
     #[serde(default)]
     pub partners: BTreeMap<String, PartnerConfig>,
     #[serde(default)]
@@ -103,6 +104,18 @@ pub struct HttpConfig {
     pub sample_interval: Duration,
 }
 
+/// RetentionConfig is how long bookkeeping rows are kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    #[serde(with = "humantime_serde")]
+    pub inbox: Duration,
+    #[serde(with = "humantime_serde")]
+    pub terminal_requests: Duration,
+    #[serde(with = "humantime_serde")]
+    pub job_runs: Duration,
+}
+
 /// PartnerConfig is one payment partner. Its instruction timeout and attempts come from the
 /// settlement pool's definition unless set here.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -161,6 +174,10 @@ impl Config {
         anyhow::ensure!(self.amqp.delivery_limit >= 2, "configuration: amqp.delivery_limit must be at least 2");
         anyhow::ensure!(self.database.pool_size >= 2, "configuration: database.pool_size must be at least 2");
         anyhow::ensure!(self.outbox.batch_size >= 1, "configuration: outbox.batch_size must be at least 1");
+        anyhow::ensure!(
+            self.retention.terminal_requests > self.auth.freshness_window,
+            "configuration: retention.terminal_requests must be longer than auth.freshness_window"
+        );
         for job in self.schedules.keys() {
             anyhow::ensure!(
                 crate::scheduler::Job::find(job).is_some(),

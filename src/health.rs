@@ -48,6 +48,8 @@ struct Http {
     broker: Broker,
     metrics: PrometheusHandle,
     relay_stall: Duration,
+    /// False for a scheduler-only process, which consumes nothing.
+    expect_consumers: bool,
 }
 
 /// metrics_handle installs the Prometheus recorder once per process.
@@ -70,9 +72,10 @@ pub async fn serve(
     progress: Arc<Progress>,
     broker: Broker,
     relay_stall: Duration,
+    expect_consumers: bool,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let state = Http { progress, broker, metrics: metrics_handle(), relay_stall };
+    let state = Http { progress, broker, metrics: metrics_handle(), relay_stall, expect_consumers };
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
@@ -90,7 +93,7 @@ async fn ready(State(s): State<Http>) -> (StatusCode, String) {
     if !s.broker.is_connected() {
         problems.push("not connected to RabbitMQ".to_string());
     }
-    if s.progress.consumers.load(Ordering::Relaxed) == 0 {
+    if s.expect_consumers && s.progress.consumers.load(Ordering::Relaxed) == 0 {
         problems.push("no pool is consuming".to_string());
     }
     let age = s.progress.relay_age();

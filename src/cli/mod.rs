@@ -48,8 +48,11 @@ pub enum Command {
         #[arg(long = "pool", value_parser = parse_pool)]
         pools: Vec<Pool>,
         /// Do not run the scheduled jobs in this process.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "scheduler_only")]
         no_scheduler: bool,
+        /// Run only the scheduled jobs (with the outbox relay and the HTTP listener), no pool.
+        #[arg(long, conflicts_with = "pools")]
+        scheduler_only: bool,
     },
     /// Create the database if needed and run the migrations.
     Migrate,
@@ -138,14 +141,16 @@ pub fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
 pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = load_config(cli.config.as_deref())?;
     match cli.command {
-        Command::Run { pools, no_scheduler } => {
+        Command::Run { pools, no_scheduler, scheduler_only } => {
             let keys = KeyRing::load(&config.keys.dir)?;
             let definitions = config.pools()?;
             let app = Arc::new(App::new(config, definitions, keys));
             let shutdown = CancellationToken::new();
             tokio::spawn(signal_shutdown(shutdown.clone()));
             crate::health::metrics_handle();
-            app::run(app, RunOptions { pools, scheduler: !no_scheduler, ..RunOptions::default() }, shutdown).await?;
+            let options =
+                RunOptions { pools, consume: !scheduler_only, scheduler: !no_scheduler, ..RunOptions::default() };
+            app::run(app, options, shutdown).await?;
         }
         Command::Migrate => {
             let url = config.database.url.clone();

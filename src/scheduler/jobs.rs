@@ -62,6 +62,11 @@ pub static JOBS: &[Job] = &[
         run: super::certificates::asset_expiry,
     },
     Job {
+        name: "retention",
+        about: "deletes bookkeeping rows past their retention: processed-message ids, old request ids, old job runs",
+        run: retention,
+    },
+    Job {
         name: "retransmission",
         about: "unacknowledged transmissions fail; failed ones are sent again on the backoff schedule (FIG. 8)",
         run: retransmission,
@@ -138,4 +143,35 @@ fn send_due(
 /// by the next run.
 fn into_query_error(f: Failure) -> diesel::result::Error {
     diesel::result::Error::QueryBuilderError(f.to_string().into())
+}
+
+/// retention deletes, a batch at a time, bookkeeping rows older than their retention at `as_of`.
+/// Orders, assets, histories, deliveries and dead letters are records, not bookkeeping: kept.
+fn retention(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
+    use diesel::sql_types::{BigInt, Timestamptz};
+    let r = &app.config.retention;
+    let horizon = |d: std::time::Duration| as_of - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+    let mut deleted = 0;
+    for (sql, before) in [
+        (
+            "DELETE FROM inbox WHERE ctid = ANY(ARRAY(SELECT ctid FROM inbox WHERE processed_at < $1 LIMIT $2))",
+            horizon(r.inbox),
+        ),
+        (
+            "DELETE FROM terminal_requests t WHERE t.request_id = ANY(ARRAY(
+               SELECT request_id FROM terminal_requests r WHERE r.received_at < $1
+                 AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.request_id = r.request_id)
+                 AND NOT EXISTS (SELECT 1 FROM exchange_certificates c WHERE c.exchange_request_id = r.request_id)
+               LIMIT $2))",
+            horizon(r.terminal_requests),
+        ),
+        (
+            "DELETE FROM job_runs WHERE id = ANY(ARRAY(SELECT id FROM job_runs WHERE started_at < $1 LIMIT $2))",
+            horizon(r.job_runs),
+        ),
+    ] {
+        deleted += diesel::sql_query(sql).bind::<Timestamptz, _>(before).bind::<BigInt, _>(batch).execute(conn)? as u64;
+    }
+    // A batch is "short" when every table had fewer than `batch` rows left.
+    Ok(Swept { scanned: if deleted >= batch as u64 { batch as u64 } else { deleted }, enqueued: 0 })
 }

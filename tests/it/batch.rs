@@ -1018,3 +1018,53 @@ async fn a_message_the_broker_dead_letters_by_itself_is_recorded_from_the_dead_l
     let letters = env.db(|c| count(c, "SELECT count(*) FROM dead_letters")).await;
     assert_eq!(letters, 1);
 }
+
+/// The retention job deletes bookkeeping rows past their horizon and keeps the recent ones and
+/// every request id an order or an exchange still refers to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_only_old_bookkeeping() {
+    let mut env = Env::new().await;
+    env.product("ticket", |_| {}).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    env.start().await;
+    env.partner(PartnerOptions { decline_rate: 0.0, latency: std::time::Duration::ZERO, ..PartnerOptions::default() });
+    env.gateway(GatewayOptions::default());
+    env.send(&purchase(&alice, "ticket", 1, json!({}))).await;
+    env.wait_until("the order is issued", |c| {
+        (count(c, "SELECT count(*) FROM orders WHERE status = 'issued'") == 1).then_some(())
+    })
+    .await;
+    env.db(|c| {
+        for sql in [
+            "INSERT INTO inbox (pool, message_id, message_type, processed_at) VALUES ('settlement', 'old-1', 'order.purchase', now() - interval '30 days')",
+            "INSERT INTO inbox (pool, message_id, message_type, processed_at) VALUES ('settlement', 'old-2', 'order.purchase', now() - interval '15 days')",
+            "INSERT INTO terminal_requests (request_id, terminal_id, message_type, content_sha256, sent_at, received_at, outcome, reason)
+               VALUES ('old-refused', 'alice', 'order.purchase', '', now() - interval '100 days', now() - interval '100 days', 'refused', 'unknown_product')",
+            "INSERT INTO job_runs (job, as_of, started_at, trigger, outcome) VALUES ('near_expiry', now(), now() - interval '91 days', 'schedule', 'succeeded')",
+            "UPDATE terminal_requests SET received_at = now() - interval '100 days' WHERE request_id <> 'old-refused'",
+        ] {
+            diesel::sql_query(sql).execute(c).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+    })
+    .await;
+    let inbox_before = env.db(|c| count(c, "SELECT count(*) FROM inbox")).await;
+    let report = env.run_job("retention", Utc::now()).await;
+    assert!(report.ran && report.error.is_none(), "{report:?}");
+    env.db(move |c| {
+        assert_eq!(
+            count(c, "SELECT count(*) FROM inbox"),
+            inbox_before - 2,
+            "the 30- and 15-day-old ids went, the recent stayed"
+        );
+        assert_eq!(count(c, "SELECT count(*) FROM terminal_requests WHERE request_id = 'old-refused'"), 0);
+        assert_eq!(
+            count(c, "SELECT count(*) FROM terminal_requests"),
+            1,
+            "the order's request id is kept: the order refers to it"
+        );
+        assert_eq!(count(c, "SELECT count(*) FROM job_runs WHERE started_at < now() - interval '90 days'"), 0);
+        assert_eq!(count(c, "SELECT count(*) FROM orders"), 1);
+    })
+    .await;
+    env.stop().await;
+}
