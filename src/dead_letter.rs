@@ -291,18 +291,27 @@ pub fn replay(
                 let payload: Vec<u8> = dead_letters::table.find(id).select(dead_letters::payload).first(conn)?;
                 let received_at = letter.headers.get("received_at").and_then(Value::as_str).map(str::to_string)
                     .unwrap_or_else(|| letter.summary.created_at.to_rfc3339());
+                // An outbound message the broker dead-lettered (an instruction to a partner, a
+                // delivery to a gateway) goes back where it was going; anything else re-enters
+                // its pool on the internal exchange.
+                let outbound = letter.exchange.as_deref().filter(|e| *e == app.names.partners() || *e == app.names.gateways());
+                let (exchange, routing_key) = match (outbound, &letter.routing_key) {
+                    (Some(exchange), Some(key)) => (exchange.to_string(), key.clone()),
+                    _ => (app.names.internal(), app.names.replay_key(pool)),
+                };
                 let message = Outgoing {
                     message_id: Uuid::now_v7(),
-                    exchange: app.names.internal(),
-                    routing_key: app.names.replay_key(pool),
+                    exchange,
+                    routing_key,
                     message_type: letter.summary.message_type.clone(),
                     correlation_id: Some(id.to_string()),
                     headers: json!({crate::pool::REPLAY_RECEIVED_AT: received_at, "x-assetflow-replay-of": id.to_string()}),
                     payload,
                     available_at: None,
                 };
+                let action = format!("re-published to {} / {}", message.exchange, message.routing_key);
                 outbox::enqueue(conn, &message)?;
-                format!("re-published to the {pool} pool")
+                action
             }
             "delivery" => {
                 let delivery = letter.summary.subject_id.ok_or_else(|| anyhow::anyhow!("dead letter {id} names no delivery"))?;

@@ -1,5 +1,7 @@
 //! `assetflow bench`: measured throughput, never asserted in tests (README "Performance").
 
+pub mod lifecycle;
+pub mod limits;
 pub mod scan;
 
 use clap::Subcommand;
@@ -11,11 +13,36 @@ pub enum BenchCommand {
     /// Seed certificates with expiries spread over 30 days, then run near_expiry and past_due
     /// one day ahead, and report how fast due certificates were found and enqueued.
     Scan(scan::ScanOptions),
+    /// Run the whole loop with the simulators against a real `assetflow run` process and report
+    /// throughput, latency percentiles, CPU, memory, and messages and commits per order, with the
+    /// ratio to what the broker and the database allow.
+    Lifecycle(lifecycle::LifecycleOptions),
+    /// Measure what RabbitMQ and PostgreSQL do on this machine, the way assetflow uses them.
+    Limits(limits::LimitsOptions),
 }
 
 pub async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Scan(options) => scan::run(config, options).await,
+        BenchCommand::Lifecycle(options) => {
+            let json = options.json;
+            let figures = lifecycle::run(config, options).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&figures)?);
+            } else {
+                lifecycle::print(&figures);
+            }
+            Ok(())
+        }
+        BenchCommand::Limits(options) => {
+            let limits = limits::measure(&config, &options).await?;
+            if options.json {
+                println!("{}", serde_json::to_string_pretty(&limits)?);
+            } else {
+                limits::print(&limits);
+            }
+            Ok(())
+        }
     }
 }
 

@@ -77,8 +77,11 @@ fn find(job: &str) -> anyhow::Result<&'static Job> {
     })
 }
 
-fn runs(conn: &mut PgConnection, job: Option<&str>, limit: i64) -> QueryResult<Vec<RunRow>> {
+fn runs(conn: &mut PgConnection, job: Option<&str>, limit: i64, include_dry: bool) -> QueryResult<Vec<RunRow>> {
     let mut query = job_runs::table.into_boxed();
+    if !include_dry {
+        query = query.filter(job_runs::dry_run.eq(false));
+    }
     if let Some(job) = job {
         query = query.filter(job_runs::job.eq(job.to_string()));
     }
@@ -123,7 +126,7 @@ pub async fn execute(config: Config, command: BatchCommand) -> anyhow::Result<()
                 .run(move |conn| -> anyhow::Result<Vec<JobView>> {
                     JOBS.iter()
                         .map(|job| {
-                            let last_run = runs(conn, Some(job.name), 1)?.into_iter().next();
+                            let last_run = runs(conn, Some(job.name), 1, false)?.into_iter().next();
                             let last_success: Option<DateTime<Utc>> = job_runs::table
                                 .filter(job_runs::job.eq(job.name))
                                 .filter(job_runs::outcome.eq("succeeded"))
@@ -223,7 +226,8 @@ pub async fn execute(config: Config, command: BatchCommand) -> anyhow::Result<()
             if let Some(job) = &job {
                 find(job)?;
             }
-            let rows = app.db.run(move |conn| runs(conn, job.as_deref(), limit).map_err(anyhow::Error::from)).await?;
+            let rows =
+                app.db.run(move |conn| runs(conn, job.as_deref(), limit, true).map_err(anyhow::Error::from)).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
                 return Ok(());

@@ -135,7 +135,11 @@ pub async fn execute(config: Config, command: DlqCommand) -> anyhow::Result<()> 
             println!("  detail       {}", s.detail);
             println!("  recorded     {}", s.created_at.to_rfc3339());
             if let Some(subject) = s.subject_id {
-                println!("  subject      {subject}   (assetflow status {subject})");
+                match s.source.as_str() {
+                    "settlement" => println!("  order        {subject}   (assetflow status {subject})"),
+                    "delivery" => println!("  delivery     {subject}"),
+                    _ => println!("  subject      {subject}"),
+                }
             }
             if let Some(id) = &letter.message_id {
                 println!("  message id   {id}");

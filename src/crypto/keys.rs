@@ -89,7 +89,11 @@ impl KeyRing {
     pub fn rotate_provider(dir: &Path) -> anyhow::Result<PathBuf> {
         let current = load_private_key(&dir.join("provider.pem"))?;
         fs::create_dir_all(dir.join("retired"))?;
-        let retired = dir.join("retired").join(format!("provider-{}.pem", chrono::Utc::now().format("%Y%m%dT%H%M%SZ")));
+        let retired = dir.join("retired").join(format!(
+            "provider-{}-{}.pem",
+            chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ));
         fs::write(&retired, current.public_key_to_pem()?)?;
         write_private_key(&dir.join("provider.pem"), &generate_key_pair()?.private_key_to_pem_pkcs8()?)?;
         Ok(retired)
@@ -109,6 +113,12 @@ impl KeyRing {
         let mut written = Vec::new();
         for path in targets {
             if path.exists() && !overwrite {
+                continue;
+            }
+            // Replacing the provider key retires the old one: the certificates it signed stay valid.
+            if path.exists() && path == dir.join("provider.pem") {
+                written.push(Self::rotate_provider(dir)?);
+                written.push(path);
                 continue;
             }
             let pem = generate_key_pair()?.private_key_to_pem_pkcs8()?;
@@ -134,6 +144,8 @@ pub fn write_private_key(path: &Path, pem: &[u8]) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     // Private keys are readable by their owner only.
     let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    // `mode` applies to a new file only: an existing one is made private too.
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     file.write_all(pem)?;
     Ok(())
 }

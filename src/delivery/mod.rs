@@ -145,10 +145,10 @@ pub fn enqueue_many(conn: &mut PgConnection, app: &App, batch: &[NewDelivery], n
     for chunk in due.chunks(SEND_CHUNK) {
         let message =
             DeliveryRequested { message_type: kinds::DELIVERY_REQUESTED.into(), delivery_ids: chunk.to_vec() };
-        outbox::enqueue(
-            conn,
-            &Outgoing::json(app.names.internal(), kinds::DELIVERY_REQUESTED, kinds::DELIVERY_REQUESTED, &message),
-        )?;
+        let outgoing =
+            Outgoing::json(app.names.internal(), kinds::DELIVERY_REQUESTED, kinds::DELIVERY_REQUESTED, &message)
+                .correlated(chunk[0].to_string());
+        outbox::enqueue(conn, &outgoing)?;
     }
     Ok(inserted.len() as u64)
 }
@@ -351,7 +351,8 @@ pub fn fail_attempt(
                 pool: crate::broker::Pool::Delivery,
                 source: "delivery",
                 message_type: kinds::DELIVERY.into(),
-                message_id: Some(format!("delivery:{}", row.id)),
+                // Keyed by the attempt too: a replayed delivery that runs out again is a new letter.
+                message_id: Some(format!("delivery:{}:{attempt}", row.id)),
                 exchange: Some(app.names.gateways()),
                 routing_key: Some(row.gateway_id.clone()),
                 payload: serde_json::to_vec(&json!({"delivery_id": row.id, "kind": row.kind, "terminal_id": row.terminal_id, "content": row.content})).expect("serializes"),

@@ -221,6 +221,18 @@ pub fn schedule_of(app: &App, job: &str) -> anyhow::Result<String> {
         .ok_or_else(|| anyhow::anyhow!("workers/scheduler.toml has no schedule for job {job}"))
 }
 
+/// validate checks every job's effective schedule, so that a bad cron expression stops the
+/// start-up instead of silently leaving the jobs unscheduled.
+pub fn validate(app: &App) -> anyhow::Result<()> {
+    for job in JOBS {
+        let schedule = schedule_of(app, job.name)?;
+        tokio_cron_scheduler::Job::new_async(schedule.as_str(), |_, _| Box::pin(async {})).map_err(|e| {
+            anyhow::anyhow!("the schedule of job {} ({schedule:?}) is not a cron expression: {e}", job.name)
+        })?;
+    }
+    Ok(())
+}
+
 /// start runs every job once (catch-up), then on its schedule until shutdown.
 pub async fn start(app: Arc<App>, shutdown: CancellationToken) -> anyhow::Result<()> {
     use tokio_cron_scheduler::{Job as CronJob, JobScheduler};

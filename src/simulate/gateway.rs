@@ -163,12 +163,17 @@ pub async fn run(
                     tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         let body = serde_json::to_vec(&request).expect("serializes");
+                        let sent_at = Utc::now();
                         if publisher
                             .publish(&requests, kinds::CERTIFICATE_EXCHANGE, kinds::CERTIFICATE_EXCHANGE, &body)
                             .await
                             .is_ok()
                         {
                             stats.exchanges.fetch_add(1, Ordering::Relaxed);
+                            if stats.log_exchanges.load(Ordering::Relaxed) {
+                                let request_id = request["request_id"].as_str().unwrap_or_default().to_string();
+                                stats.exchange_log.lock().expect("not poisoned").push((request_id, sent_at));
+                            }
                         }
                     });
                 }

@@ -55,6 +55,10 @@ pub struct Stats {
     pub notices: AtomicU64,
     pub refusals: AtomicU64,
     pub receipts: AtomicU64,
+    /// When on, the gateway simulator logs when it published each exchange (the benchmark's
+    /// clock for exchange-to-asset latency). Off by default: a long demo would only grow it.
+    pub log_exchanges: std::sync::atomic::AtomicBool,
+    pub exchange_log: std::sync::Mutex<Vec<(String, chrono::DateTime<chrono::Utc>)>>,
 }
 
 impl Stats {

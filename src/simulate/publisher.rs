@@ -79,3 +79,37 @@ impl Publisher {
 }
 
 pub use crate::broker::consume;
+
+/// publish_burst publishes every body on one confirmed channel, keeping up to `window` confirms
+/// in flight: a partner's burst of orders, as fast as the broker takes them. It returns when the
+/// broker has confirmed them all.
+pub async fn publish_burst(
+    broker: &Broker,
+    exchange: &str,
+    routing_key: &str,
+    message_type: &str,
+    bodies: Vec<Vec<u8>>,
+    window: usize,
+) -> anyhow::Result<()> {
+    let conn = broker.connection().await.ok_or_else(|| anyhow::anyhow!("shutting down"))?;
+    let channel = conn.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut in_flight = std::collections::VecDeque::with_capacity(window);
+    for body in bodies {
+        if in_flight.len() >= window {
+            let confirm: lapin::PublisherConfirm = in_flight.pop_front().expect("not empty");
+            anyhow::ensure!(matches!(confirm.await?, Confirmation::Ack(_)), "the broker refused a message");
+        }
+        let props = broker::properties(&Uuid::now_v7().to_string(), message_type, None, FieldTable::default());
+        in_flight.push_back(
+            channel
+                .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), &body, props)
+                .await?,
+        );
+    }
+    for confirm in in_flight {
+        anyhow::ensure!(matches!(confirm.await?, Confirmation::Ack(_)), "the broker refused a message");
+    }
+    let _ = channel.close(200, "burst published".into()).await;
+    Ok(())
+}

@@ -30,9 +30,10 @@ use crate::harness::{Env, ISSUER, count, text};
 /// DEADLINE is how long a wait on the broker may take before the test fails.
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// JOB_NAMES are the scheduled jobs, for the configuration that gives each a schedule of its own.
-const JOB_NAMES: [&str; 6] =
-    ["settlement_timeout", "designated_delivery", "near_expiry", "past_due", "asset_expiry", "retransmission"];
+/// job_names are the scheduled jobs, for the configuration that gives each a schedule of its own.
+fn job_names() -> Vec<&'static str> {
+    assetflow::scheduler::JOBS.iter().map(|j| j.name).collect()
+}
 
 fn settle_all() -> PartnerOptions {
     PartnerOptions { decline_rate: 0.0, latency: Duration::ZERO, ..PartnerOptions::default() }
@@ -876,7 +877,7 @@ async fn asset_expiry_ends_a_retransmitting_asset_past_its_term_and_cancels_its_
 async fn a_designated_delivery_that_came_due_while_nothing_ran_is_sent_by_the_catch_up_run_at_start_up() {
     // Schedules that never fire during the test: only the catch-up run can send anything.
     let schedules: serde_json::Map<String, Value> =
-        JOB_NAMES.iter().map(|j| (j.to_string(), json!("0 0 0 1 1 *"))).collect();
+        job_names().into_iter().map(|j| (j.to_string(), json!("0 0 0 1 1 *"))).collect();
     let mut env = Env::with(json!({"schedules": schedules})).await;
     env.product("ppv", |p| p.kind = "ppv_ticket".into()).await;
     let erin = env.terminal("erin", "gw-1", Some("card-co")).await;
@@ -918,7 +919,7 @@ async fn a_designated_delivery_that_came_due_while_nothing_ran_is_sent_by_the_ca
             && count(
                 c,
                 "SELECT count(DISTINCT job) FROM job_runs WHERE trigger = 'catch_up' AND outcome = 'succeeded'",
-            ) == JOB_NAMES.len() as i64)
+            ) == job_names().len() as i64)
             .then_some(())
     })
     .await;
@@ -930,7 +931,7 @@ async fn a_designated_delivery_that_came_due_while_nothing_ran_is_sent_by_the_ca
         );
         assert_eq!(count(c, &caught_up), 1);
         assert_eq!(count(c, "SELECT count(*) FROM job_runs WHERE trigger <> 'catch_up'"), 0, "no schedule fired");
-        assert_eq!(count(c, "SELECT count(*) FROM job_runs WHERE trigger = 'catch_up'"), JOB_NAMES.len() as i64, "once each");
+        assert_eq!(count(c, "SELECT count(*) FROM job_runs WHERE trigger = 'catch_up'"), job_names().len() as i64, "once each");
         assert_eq!(history(c, &asset), "(new)→awaiting_designated_delivery, awaiting_designated_delivery→delivered");
     })
     .await;

@@ -38,7 +38,9 @@ pub struct Env {
     database: String,
 }
 
-fn rabbitmqctl(args: &[&str]) {
+/// rabbitmqctl runs `rabbitmqctl` with `args` and fails the test if it fails. It blocks: call it
+/// from `spawn_blocking` in async code.
+pub fn rabbitmqctl(args: &[&str]) {
     let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs (is RabbitMQ installed?)");
     assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
@@ -102,8 +104,13 @@ impl Env {
     /// Env::start runs the pools and the outbox relay. The scheduled jobs are run by the tests
     /// themselves, at the `as_of` they choose.
     pub async fn start(&mut self) {
+        self.start_with(RunOptions { scheduler: false, http: false, ..RunOptions::default() }).await;
+    }
+
+    /// Env::start_with runs the app with the given options, for tests that need more (or less)
+    /// than Env::start runs: the HTTP listener, a subset of the pools. Env::stop stops it.
+    pub async fn start_with(&mut self, options: RunOptions) {
         self.run_stop = CancellationToken::new();
-        let options = RunOptions { scheduler: false, http: false, ..RunOptions::default() };
         self.run = Some(tokio::spawn(app::run(self.app.clone(), options, self.run_stop.clone())));
     }
 

@@ -5,5 +5,6 @@ mod harness;
 mod batch;
 mod failures;
 mod flows;
+mod monitoring;
 mod processes;
 mod refusals;

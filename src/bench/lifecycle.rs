@@ -1,0 +1,525 @@
+//! `assetflow bench lifecycle`: the whole loop, measured. A real `assetflow run` process is
+//! started (so that its CPU and memory are its own); the built-in simulators place a burst of
+//! signed orders, settle them, acknowledge the deliveries and exchange a share of the
+//! certificates. Latencies are taken from the simulators' publish times to the moment assetflow
+//! recorded the receipt.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text, Timestamptz};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::limits::{Limits, LimitsOptions};
+use crate::broker::{Broker, Topology};
+use crate::catalogue::{Product, upsert_product};
+use crate::config::Config;
+use crate::crypto::KeyRing;
+use crate::messages::kinds;
+use crate::simulate::{Stats, gateway, partner, terminals};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LifecycleOptions {
+    /// Orders to place (a burst, as fast as the broker takes them).
+    #[arg(long, default_value_t = 2_000)]
+    pub orders: usize,
+    /// Instead of a burst: orders a second, offered steadily for --duration.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// With --rate: how long to offer orders.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
+    pub duration: Duration,
+    /// Share of certificates their holders exchange.
+    #[arg(long, default_value_t = 0.3)]
+    pub exchange_rate: f64,
+    /// Terminals placing the orders.
+    #[arg(long, default_value_t = 50)]
+    pub terminals: usize,
+    /// Skip measuring the limits (the ratio is then not shown).
+    #[arg(long)]
+    pub no_limits: bool,
+    /// Give up waiting for completion after this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+    pub timeout: Duration,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Percentiles of a latency, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Percentiles {
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    fn of(mut ms: Vec<f64>) -> Percentiles {
+        if ms.is_empty() {
+            return Percentiles::default();
+        }
+        ms.sort_by(|a, b| a.total_cmp(b));
+        let at = |q: f64| ms[((ms.len() as f64 * q).ceil() as usize).clamp(1, ms.len()) - 1];
+        Percentiles {
+            samples: ms.len(),
+            p50_ms: at(0.50),
+            p95_ms: at(0.95),
+            p99_ms: at(0.99),
+            max_ms: *ms.last().expect("not empty"),
+        }
+    }
+}
+
+/// Figures is the benchmark's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Figures {
+    pub orders: usize,
+    pub completed: i64,
+    pub exchanged: usize,
+    pub seconds: f64,
+    pub orders_per_second: f64,
+    pub order_to_certificate: Percentiles,
+    pub exchange_to_asset: Percentiles,
+    pub cpu_seconds: f64,
+    pub peak_rss_mb: f64,
+    pub messages_per_order: f64,
+    pub commits_per_order: f64,
+    pub limits: Option<Limits>,
+    /// The throughput the limits allow for this many messages and commits per order.
+    pub bound_orders_per_second: Option<f64>,
+    pub ratio_to_bound: Option<f64>,
+}
+
+pub async fn run(config: Config, options: LifecycleOptions) -> anyhow::Result<Figures> {
+    let limits = if options.no_limits {
+        None
+    } else {
+        eprintln!("measuring the limits…");
+        Some(super::limits::measure(&config, &LimitsOptions::default()).await?)
+    };
+    let dir = std::env::temp_dir().join(format!("assetflow-bench-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    let port = free_port()?;
+    let mut config = config;
+    config.database.url = super::bench_database_url(&config.database.url, "bench_lifecycle");
+    config.amqp.prefix = format!("afbench{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    config.keys.dir = dir.join("keys");
+    config.http.listen = format!("127.0.0.1:{port}");
+    config.partners = [("bench-card".to_string(), Default::default())].into();
+    config.gateways =
+        [("bench-gw-1".to_string(), Default::default()), ("bench-gw-2".to_string(), Default::default())].into();
+    KeyRing::generate(&config.keys.dir, &["bench-issuer".to_string()], true)?;
+    std::fs::write(dir.join("assetflow.toml"), toml::to_string(&config)?)?;
+
+    let url = config.database.url.clone();
+    tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || -> anyhow::Result<()> {
+            let (base, _) = url.split_once('?').unwrap_or((&url, ""));
+            let (server, name) = base.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("no database name"))?;
+            let mut admin = PgConnection::establish(&format!("{server}/postgres"))?;
+            diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin)?;
+            crate::db::prepare(&url)?;
+            let mut conn = PgConnection::establish(&url)?;
+            crate::catalogue::sync_parties(
+                &mut conn,
+                &["bench-card".into()],
+                &["bench-gw-1".into(), "bench-gw-2".into()],
+            )?;
+            let mut product = terminals::demo_catalogue().remove(0);
+            product = Product { id: "bench-ticket".into(), issuer_id: "bench-issuer".into(), ..product };
+            upsert_product(&mut conn, &product)?;
+            Ok(())
+        }
+    })
+    .await??;
+    let terminal_keys = dir.join("terminals");
+    let sims = terminals::register(&config, options.terminals, &terminal_keys).await?;
+
+    eprintln!("starting assetflow…");
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["--config", dir.join("assetflow.toml").to_str().expect("UTF-8 path"), "run", "--no-scheduler"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("assetflow.log"))?)
+        .spawn()?;
+    let pid = child.id();
+    let outcome = measure(&config, &options, &sims, &terminal_keys, pid, port).await;
+    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = child.wait();
+    cleanup(&config).await;
+    let mut figures = outcome?;
+    if let Some(limits) = &limits {
+        let bound = (limits.broker_messages_per_second / figures.messages_per_order.max(1.0))
+            .min(limits.db_commits_per_second / figures.commits_per_order.max(1.0));
+        figures.bound_orders_per_second = Some(bound);
+        figures.ratio_to_bound = Some(figures.orders_per_second / bound);
+    }
+    figures.limits = limits;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(figures)
+}
+
+async fn measure(
+    config: &Config,
+    options: &LifecycleOptions,
+    sims: &[terminals::SimTerminal],
+    terminal_keys: &std::path::Path,
+    pid: u32,
+    port: u16,
+) -> anyhow::Result<Figures> {
+    wait_ready(port, Duration::from_secs(60)).await?;
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let broker = Broker::start(
+        config.amqp.url.clone(),
+        Topology::new(config),
+        config.amqp.reconnect_min,
+        config.amqp.reconnect_max,
+        shutdown.clone(),
+    );
+    let stats = Arc::new(Stats::default());
+    stats.log_exchanges.store(true, Ordering::Relaxed);
+    let partner_options = partner::PartnerOptions { decline_rate: 0.0, latency: Duration::ZERO, ..Default::default() };
+    tokio::spawn(partner::run_owned(config.clone(), broker.clone(), partner_options, stats.clone(), shutdown.clone()));
+    let gateway_options = gateway::GatewayOptions {
+        exchange_rate: options.exchange_rate,
+        keys: PathBuf::from(terminal_keys),
+        ..Default::default()
+    };
+    tokio::spawn(gateway::run_owned(config.clone(), broker.clone(), gateway_options, stats.clone(), shutdown.clone()));
+
+    let url = config.database.url.clone();
+    let commits_before = commits(&url).await?;
+    let cpu_before = cpu_seconds(pid)?;
+    let metrics_before = scrape(port).await?;
+    let mut sent: HashMap<String, DateTime<Utc>> = HashMap::new();
+    let requests = crate::broker::Names { prefix: config.amqp.prefix.clone() }.requests();
+    let started = Instant::now();
+    let started_at = Utc::now();
+    let orders = match options.rate {
+        None => {
+            eprintln!("placing {} orders…", options.orders);
+            let mut bodies = Vec::with_capacity(options.orders);
+            for i in 0..options.orders {
+                let order = terminals::purchase(&sims[i % sims.len()], "bench-ticket", 1, serde_json::json!({}));
+                sent.insert(order["request_id"].as_str().expect("an id").to_string(), Utc::now());
+                bodies.push(serde_json::to_vec(&order)?);
+            }
+            crate::simulate::publisher::publish_burst(
+                &broker,
+                &requests,
+                kinds::ORDER_PURCHASE,
+                kinds::ORDER_PURCHASE,
+                bodies,
+                256,
+            )
+            .await?;
+            options.orders
+        }
+        Some(rate) => {
+            eprintln!("offering {rate} orders a second for {:?}…", options.duration);
+            let publisher = crate::simulate::publisher::Publisher::new(broker.clone());
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
+            let mut i = 0;
+            while started.elapsed() < options.duration {
+                tick.tick().await;
+                let order = terminals::purchase(&sims[i % sims.len()], "bench-ticket", 1, serde_json::json!({}));
+                sent.insert(order["request_id"].as_str().expect("an id").to_string(), Utc::now());
+                publisher
+                    .publish(&requests, kinds::ORDER_PURCHASE, kinds::ORDER_PURCHASE, &serde_json::to_vec(&order)?)
+                    .await?;
+                i += 1;
+            }
+            i
+        }
+    };
+
+    eprintln!("waiting for every order to complete…");
+    let deadline = Instant::now() + options.timeout;
+    let completed = loop {
+        let (done, pending) = progress(&url).await?;
+        let exchanged = stats.exchanges.load(Ordering::Relaxed) as i64;
+        if done >= orders as i64 && pending == 0 && exchanged_done(&url).await? >= exchanged {
+            break done;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {done} of {orders} orders completed within {:?}",
+            options.timeout
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let seconds = last_receipt(&url)
+        .await?
+        .map(|t| (t - started_at).num_milliseconds() as f64 / 1000.0)
+        .unwrap_or(started.elapsed().as_secs_f64());
+    let cpu = cpu_seconds(pid)? - cpu_before;
+    let peak_rss_mb = peak_rss_kb(pid)? as f64 / 1024.0;
+    let metrics_after = scrape(port).await?;
+    let commits_after = commits(&url).await?;
+    let messages = |m: &HashMap<String, f64>| {
+        m.iter()
+            .filter(|(k, _)| {
+                k.starts_with("assetflow_messages_received_total") || k.starts_with("assetflow_outbox_published_total")
+            })
+            .map(|(_, v)| v)
+            .sum::<f64>()
+    };
+    let messages = messages(&metrics_after) - messages(&metrics_before);
+
+    let certificate_latencies = {
+        let acked = acknowledged(&url, "certificate").await?;
+        acked
+            .into_iter()
+            .filter_map(|(request, at)| {
+                sent.get(&request).map(|s| (at - *s).num_microseconds().unwrap_or(0) as f64 / 1000.0)
+            })
+            .collect()
+    };
+    let exchange_log: HashMap<String, DateTime<Utc>> =
+        stats.exchange_log.lock().expect("not poisoned").iter().cloned().collect();
+    let asset_latencies: Vec<f64> = {
+        let acked = acknowledged(&url, "asset").await?;
+        acked
+            .into_iter()
+            .filter_map(|(request, at)| {
+                exchange_log.get(&request).map(|s| (at - *s).num_microseconds().unwrap_or(0) as f64 / 1000.0)
+            })
+            .collect()
+    };
+    Ok(Figures {
+        orders,
+        completed,
+        exchanged: exchange_log.len(),
+        seconds,
+        orders_per_second: completed as f64 / seconds,
+        order_to_certificate: Percentiles::of(certificate_latencies),
+        exchange_to_asset: Percentiles::of(asset_latencies),
+        cpu_seconds: cpu,
+        peak_rss_mb,
+        messages_per_order: messages / orders.max(1) as f64,
+        commits_per_order: (commits_after - commits_before) as f64 / orders.max(1) as f64,
+        limits: None,
+        bound_orders_per_second: None,
+        ratio_to_bound: None,
+    })
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+async fn query_count(url: &str, sql: &'static str) -> anyhow::Result<i64> {
+    let url = url.to_string();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
+        let mut conn = PgConnection::establish(&url)?;
+        Ok(diesel::sql_query(sql).get_result::<Count>(&mut conn)?.n)
+    })
+    .await?
+}
+
+/// progress is the orders whose certificate was acknowledged, and the deliveries not yet final.
+async fn progress(url: &str) -> anyhow::Result<(i64, i64)> {
+    let done = query_count(
+        url,
+        "SELECT count(DISTINCT d.order_id) AS n FROM deliveries d WHERE d.kind = 'certificate' AND d.status = 'delivered'",
+    )
+    .await?;
+    let pending =
+        query_count(url, "SELECT count(*) AS n FROM deliveries WHERE status IN ('pending', 'sent', 'failed')").await?;
+    Ok((done, pending))
+}
+
+async fn exchanged_done(url: &str) -> anyhow::Result<i64> {
+    query_count(url, "SELECT count(*) AS n FROM terminal_requests WHERE message_type = 'certificate.exchange'").await
+}
+
+async fn commits(url: &str) -> anyhow::Result<i64> {
+    query_count(url, "SELECT xact_commit AS n FROM pg_stat_database WHERE datname = current_database()").await
+}
+
+async fn last_receipt(url: &str) -> anyhow::Result<Option<DateTime<Utc>>> {
+    #[derive(QueryableByName)]
+    struct Last {
+        #[diesel(sql_type = diesel::sql_types::Nullable<Timestamptz>)]
+        at: Option<DateTime<Utc>>,
+    }
+    let url = url.to_string();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Option<DateTime<Utc>>> {
+        let mut conn = PgConnection::establish(&url)?;
+        Ok(diesel::sql_query("SELECT max(finished_at) AS at FROM delivery_attempts WHERE outcome = 'acknowledged'")
+            .get_result::<Last>(&mut conn)?
+            .at)
+    })
+    .await?
+}
+
+/// acknowledged lists, per request id, when assetflow recorded the receipt of its certificate
+/// (by order request) or of its asset (by exchange request).
+async fn acknowledged(url: &str, kind: &'static str) -> anyhow::Result<Vec<(String, DateTime<Utc>)>> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        request_id: String,
+        #[diesel(sql_type = Timestamptz)]
+        at: DateTime<Utc>,
+    }
+    let sql = match kind {
+        "certificate" => {
+            "SELECT o.request_id, a.finished_at AS at FROM deliveries d
+             JOIN orders o ON o.id = d.order_id
+             JOIN delivery_attempts a ON a.delivery_id = d.id AND a.outcome = 'acknowledged'
+             WHERE d.kind = 'certificate'"
+        }
+        _ => {
+            "SELECT c.exchange_request_id AS request_id, a.finished_at AS at FROM exchange_certificates c
+             JOIN deliveries d ON d.asset_id = c.asset_id AND d.kind = 'asset'
+             JOIN delivery_attempts a ON a.delivery_id = d.id AND a.outcome = 'acknowledged'
+             WHERE c.exchange_request_id IS NOT NULL"
+        }
+    };
+    let url = url.to_string();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(String, DateTime<Utc>)>> {
+        let mut conn = PgConnection::establish(&url)?;
+        Ok(diesel::sql_query(sql).load::<Row>(&mut conn)?.into_iter().map(|r| (r.request_id, r.at)).collect())
+    })
+    .await?
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+async fn wait_ready(port: u16, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok((200, _)) = http_get(port, "/readyz").await {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "assetflow did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// scrape reads /metrics into series → value (histogram buckets included).
+async fn scrape(port: u16) -> anyhow::Result<HashMap<String, f64>> {
+    let (_, body) = http_get(port, "/metrics").await?;
+    Ok(body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(k, v)| v.parse().ok().map(|v| (k.to_string(), v))))
+        .collect())
+}
+
+/// cpu_seconds is a process's user and system time, from /proc.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    // Linux reports in clock ticks of 1/100 s (USER_HZ).
+    Ok(ticks / 100.0)
+}
+
+/// peak_rss_kb is a process's peak resident set (VmHWM), from /proc.
+fn peak_rss_kb(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    Ok(status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0))
+}
+
+/// cleanup drops the benchmark's database and the broker objects it declared.
+async fn cleanup(config: &Config) {
+    let shutdown = CancellationToken::new();
+    let mut empty = Topology::new(config);
+    let (queues, exchanges): (Vec<String>, Vec<String>) = (
+        empty.queues.iter().map(|q| q.name.clone()).collect(),
+        empty.exchanges.iter().map(|e| e.name.clone()).collect(),
+    );
+    empty.queues.clear();
+    empty.exchanges.clear();
+    empty.bindings.clear();
+    let broker = Broker::start(
+        config.amqp.url.clone(),
+        empty,
+        config.amqp.reconnect_min,
+        config.amqp.reconnect_max,
+        shutdown.clone(),
+    );
+    if let Ok(Some(conn)) = tokio::time::timeout(Duration::from_secs(10), broker.connection()).await
+        && let Ok(channel) = conn.create_channel().await
+    {
+        for queue in queues {
+            let _ = channel.queue_delete(queue.as_str().into(), Default::default()).await;
+        }
+        for exchange in exchanges {
+            let _ = channel.exchange_delete(exchange.as_str().into(), Default::default()).await;
+        }
+    }
+    shutdown.cancel();
+    let url = config.database.url.clone();
+    let _ = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let (base, _) = url.split_once('?').unwrap_or((&url, ""));
+        let (server, name) = base.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("no database name"))?;
+        let mut admin = PgConnection::establish(&format!("{server}/postgres"))?;
+        diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin)?;
+        Ok(())
+    })
+    .await;
+}
+
+/// print shows the figures as a table.
+pub fn print(f: &Figures) {
+    println!(
+        "{} orders placed, {} completed, {} certificates exchanged, in {:.2}s",
+        f.orders, f.completed, f.exchanged, f.seconds
+    );
+    println!("{:<44} {:>12}", "FIGURE", "VALUE");
+    println!("{:<44} {:>12.0}", "orders completed per second", f.orders_per_second);
+    for (name, p) in [
+        ("order published → certificate acknowledged", &f.order_to_certificate),
+        ("exchange published → asset acknowledged", &f.exchange_to_asset),
+    ] {
+        println!("{name} ({} samples)", p.samples);
+        println!("{:<44} {:>9.1} ms", "  p50", p.p50_ms);
+        println!("{:<44} {:>9.1} ms", "  p95", p.p95_ms);
+        println!("{:<44} {:>9.1} ms", "  p99", p.p99_ms);
+        println!("{:<44} {:>9.1} ms", "  max", p.max_ms);
+    }
+    println!("{:<44} {:>12.2}", "assetflow CPU seconds", f.cpu_seconds);
+    println!("{:<44} {:>9.1} MB", "assetflow peak RSS", f.peak_rss_mb);
+    println!("{:<44} {:>12.2}", "messages per order (consumed + published)", f.messages_per_order);
+    println!("{:<44} {:>12.2}", "database commits per order", f.commits_per_order);
+    if let (Some(limits), Some(bound), Some(ratio)) = (&f.limits, f.bound_orders_per_second, f.ratio_to_bound) {
+        println!();
+        super::limits::print(limits);
+        println!("{:<44} {:>12.0}", "bound these imply, orders per second", bound);
+        println!("{:<44} {:>11.0}%", "lifecycle throughput / bound", ratio * 100.0);
+    }
+}
