@@ -31,6 +31,10 @@ pub enum BatchCommand {
         /// Do everything in a transaction that is rolled back, and report what would happen.
         #[arg(long)]
         dry_run: bool,
+        /// Allow an --as-of in the future (it acts early: reminders sent, assets expired, and
+        /// bookkeeping pruned ahead of time). A dry run never needs it.
+        #[arg(long)]
+        allow_future: bool,
         #[arg(long)]
         json: bool,
     },
@@ -172,9 +176,13 @@ pub async fn execute(config: Config, command: BatchCommand) -> anyhow::Result<()
                 println!("{:<20} {}", v.job, v.about);
             }
         }
-        BatchCommand::Run { job, as_of, dry_run, json } => {
+        BatchCommand::Run { job, as_of, dry_run, allow_future, json } => {
             let job = find(&job)?;
             let as_of = as_of.unwrap_or_else(Utc::now);
+            anyhow::ensure!(
+                dry_run || allow_future || as_of <= Utc::now() + chrono::Duration::minutes(1),
+                "--as-of {as_of} is in the future: a run would act ahead of time; use --dry-run to look, or --allow-future"
+            );
             let interactive = std::io::stderr().is_terminal() && !json;
             let app2 = app.clone();
             let report = app
