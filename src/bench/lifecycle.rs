@@ -123,10 +123,7 @@ pub async fn run(config: Config, options: LifecycleOptions) -> anyhow::Result<Fi
     tokio::task::spawn_blocking({
         let url = url.clone();
         move || -> anyhow::Result<()> {
-            let (base, _) = url.split_once('?').unwrap_or((&url, ""));
-            let (server, name) = base.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("no database name"))?;
-            let mut admin = PgConnection::establish(&format!("{server}/postgres"))?;
-            diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin)?;
+            super::drop_database(&url)?;
             crate::db::prepare(&url)?;
             let mut conn = PgConnection::establish(&url)?;
             crate::catalogue::sync_parties(
@@ -484,14 +481,7 @@ async fn cleanup(config: &Config) {
     }
     shutdown.cancel();
     let url = config.database.url.clone();
-    let _ = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let (base, _) = url.split_once('?').unwrap_or((&url, ""));
-        let (server, name) = base.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("no database name"))?;
-        let mut admin = PgConnection::establish(&format!("{server}/postgres"))?;
-        diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin)?;
-        Ok(())
-    })
-    .await;
+    let _ = tokio::task::spawn_blocking(move || super::drop_database(&url)).await;
 }
 
 /// print shows the figures as a table.

@@ -125,11 +125,7 @@ async fn broker_limit(config: &Config, options: &LimitsOptions) -> anyhow::Resul
 }
 
 fn db_limit(url: &str, duration: Duration, connections: usize, size: usize) -> anyhow::Result<f64> {
-    let (base, _) = url.split_once('?').unwrap_or((url, ""));
-    let (server, name) = base.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("no database name"))?;
-    let mut admin = PgConnection::establish(&format!("{server}/postgres"))?;
-    diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin)?;
-    diesel::sql_query(format!("CREATE DATABASE \"{name}\"")).execute(&mut admin)?;
+    super::recreate_database(url)?;
     {
         let mut conn = PgConnection::establish(url)?;
         conn.batch_execute(
@@ -171,7 +167,7 @@ fn db_limit(url: &str, duration: Duration, connections: usize, size: usize) -> a
         workers.into_iter().map(|w| w.join().expect("no panic").unwrap_or(0)).sum()
     });
     let elapsed = started.elapsed().as_secs_f64();
-    drop(diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin));
+    super::drop_database(url)?;
     Ok(commits as f64 / elapsed)
 }
 

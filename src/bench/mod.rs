@@ -55,3 +55,29 @@ pub fn bench_database_url(url: &str, suffix: &str) -> String {
     };
     format!("{base}_{suffix}{query}")
 }
+
+/// admin_connection connects to the `postgres` database of the server in `url`, and returns the
+/// name of the database `url` names.
+fn admin_connection(url: &str) -> anyhow::Result<(diesel::PgConnection, String)> {
+    use diesel::Connection;
+    let (base, _) = url.split_once('?').unwrap_or((url, ""));
+    let (server, name) = base.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("no database name in the URL"))?;
+    Ok((diesel::PgConnection::establish(&format!("{server}/postgres"))?, name.to_string()))
+}
+
+/// recreate_database drops the database `url` names, if it exists, and creates it empty.
+pub fn recreate_database(url: &str) -> anyhow::Result<()> {
+    use diesel::RunQueryDsl;
+    drop_database(url)?;
+    let (mut admin, name) = admin_connection(url)?;
+    diesel::sql_query(format!("CREATE DATABASE \"{name}\"")).execute(&mut admin)?;
+    Ok(())
+}
+
+/// drop_database drops the database `url` names, closing its connections.
+pub fn drop_database(url: &str) -> anyhow::Result<()> {
+    use diesel::RunQueryDsl;
+    let (mut admin, name) = admin_connection(url)?;
+    diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin)?;
+    Ok(())
+}

@@ -61,7 +61,7 @@ pub async fn run(config: Config, options: ScanOptions) -> anyhow::Result<()> {
     config.database.url = url.clone();
     let (keep, n, batch, workers) = (options.keep, options.certificates, options.batch, options.workers);
     let figures = tokio::task::spawn_blocking(move || -> anyhow::Result<ScanFigures> {
-        recreate(&url)?;
+        super::recreate_database(&url)?;
         crate::db::prepare(&url)?;
         let mut app = App::for_operations(config)?;
         app.scan_batch = batch;
@@ -104,7 +104,7 @@ pub async fn run(config: Config, options: ScanOptions) -> anyhow::Result<()> {
         let total_seconds: f64 = jobs.iter().map(|j| j.seconds).sum();
         drop(conn);
         if !keep {
-            drop_database(&url)?;
+            super::drop_database(&url)?;
         }
         Ok(ScanFigures {
             certificates: n,
@@ -140,25 +140,6 @@ pub async fn run(config: Config, options: ScanOptions) -> anyhow::Result<()> {
             figures.total_due_per_second, figures.outbox_rows_written
         );
     }
-    Ok(())
-}
-
-fn admin(url: &str) -> anyhow::Result<(PgConnection, String)> {
-    let (base, _) = url.split_once('?').unwrap_or((url, ""));
-    let (server, name) = base.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("no database name in the URL"))?;
-    Ok((PgConnection::establish(&format!("{server}/postgres"))?, name.to_string()))
-}
-
-fn recreate(url: &str) -> anyhow::Result<()> {
-    drop_database(url)?;
-    let (mut admin, name) = admin(url)?;
-    diesel::sql_query(format!("CREATE DATABASE \"{name}\"")).execute(&mut admin)?;
-    Ok(())
-}
-
-fn drop_database(url: &str) -> anyhow::Result<()> {
-    let (mut admin, name) = admin(url)?;
-    diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin)?;
     Ok(())
 }
 

@@ -234,3 +234,40 @@ async fn sigterm_finishes_the_work_in_hand_and_exits_zero() {
     env.wait_until("every order and transmission is final", |c| all_final(c, 10, 0)).await;
     env.db(|c| assert_nothing_twice(c, 10)).await;
 }
+
+/// A small run of the lifecycle benchmark, through the real binary: it works, and every order it
+/// places completes. Its figures are printed, never asserted against a speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lifecycle_benchmark_completes_every_order_it_places() {
+    let env = Env::new().await;
+    let dir = cluster(&env);
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_assetflow"))
+            .args(["--config", dir.join("assetflow.toml").to_str().unwrap()])
+            .args([
+                "bench",
+                "lifecycle",
+                "--orders",
+                "200",
+                "--terminals",
+                "10",
+                "--no-limits",
+                "--timeout",
+                "3m",
+                "--json",
+            ])
+            .env("RUST_LOG", "warn,lapin=off")
+            .output()
+            .expect("the benchmark runs")
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "the benchmark failed: {}", String::from_utf8_lossy(&output.stderr));
+    let figures: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON figures");
+    assert_eq!(figures["orders"], 200, "{figures}");
+    assert_eq!(figures["completed"], 200, "every order completed: {figures}");
+    assert_eq!(figures["order_to_certificate"]["samples"], 200, "{figures}");
+    for figure in ["orders_per_second", "messages_per_order", "commits_per_order", "cpu_seconds", "peak_rss_mb"] {
+        assert!(figures[figure].as_f64().is_some_and(|v| v > 0.0), "{figure} is measured: {figures}");
+    }
+}
