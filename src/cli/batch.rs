@@ -22,8 +22,8 @@ pub enum BatchCommand {
     },
     /// Run a job now. Its effects are computed for --as-of (default: now).
     Run {
-        /// near_expiry, past_due, asset_expiry, designated_delivery, retransmission or
-        /// settlement_timeout.
+        /// A job from `assetflow batch list`: near_expiry, past_due, asset_expiry,
+        /// designated_delivery, retransmission, settlement_timeout or retention.
         job: String,
         /// The run's intended time: RFC 3339, 2026-12-23T10:00 or 2026-12-23 (midnight UTC).
         #[arg(long, value_parser = parse_time)]
