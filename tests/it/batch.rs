@@ -16,54 +16,28 @@ use assetflow::dead_letter::{self, Filter};
 use assetflow::pool::definition::PoolDefinitions;
 use assetflow::scheduler::{self, Job, RunReport, Trigger};
 use assetflow::simulate::gateway::{GatewayOptions, exchange_request};
-use assetflow::simulate::partner::PartnerOptions;
 use assetflow::simulate::terminals::purchase;
 use chrono::{DateTime, Datelike, SubsecRound, TimeDelta, TimeZone, Utc};
 use diesel::prelude::*;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::{Env, ISSUER, count, text};
-
-/// DEADLINE is how long a wait on the broker may take before the test fails.
-const DEADLINE: Duration = Duration::from_secs(60);
+use crate::support::{
+    DEADLINE, asset_status, channel, delivered_certificate, delivery_state, first_attempt, queued, request_id,
+    settle_all, timestamp, wait_for_queue,
+};
 
 /// job_names are the scheduled jobs, for the configuration that gives each a schedule of its own.
 fn job_names() -> Vec<&'static str> {
     assetflow::scheduler::JOBS.iter().map(|j| j.name).collect()
 }
 
-fn settle_all() -> PartnerOptions {
-    PartnerOptions { decline_rate: 0.0, latency: Duration::ZERO, ..PartnerOptions::default() }
-}
-
-fn request_id(request: &Value) -> String {
-    request["request_id"].as_str().expect("a request id").to_string()
-}
-
 /// sql_time renders a time as a SQL literal that PostgreSQL reads back exactly.
 fn sql_time(t: DateTime<Utc>) -> String {
     format!("'{}'::timestamptz", t.to_rfc3339())
-}
-
-/// timestamp runs a query returning one timestamp column `value`, or None when there is no row.
-fn timestamp(conn: &mut PgConnection, sql: &str) -> Option<DateTime<Utc>> {
-    #[derive(QueryableByName)]
-    struct Timestamp {
-        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
-        value: Option<DateTime<Utc>>,
-    }
-    diesel::sql_query(sql)
-        .get_result::<Timestamp>(conn)
-        .optional()
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .and_then(|t| t.value)
-}
-
-fn asset_status(conn: &mut PgConnection, asset_id: &str) -> String {
-    text(conn, &format!("SELECT status AS value FROM assets WHERE id = '{asset_id}'")).expect("the asset exists")
 }
 
 /// history is an asset's status history, oldest first, as "from→to" steps with "(new)" for the
@@ -98,17 +72,6 @@ fn deliveries(conn: &mut PgConnection, terminal: &str, kind: &str, condition: &s
     )
 }
 
-/// delivered_certificate waits until the certificate of the order placed with `request_id` is
-/// delivered, and returns it as the terminal received it.
-async fn delivered_certificate(env: &Env, request_id: &str) -> Value {
-    let sql = format!(
-        "SELECT d.content->>'certificate' AS value FROM deliveries d JOIN orders o ON o.id = d.order_id
-         WHERE o.request_id = '{request_id}' AND d.kind = 'certificate' AND d.status = 'delivered'"
-    );
-    let text = env.wait_until("the certificate is delivered", move |c| text(c, &sql)).await;
-    serde_json::from_str(&text).expect("a JSON certificate")
-}
-
 /// second_process is another assetflow process on the same database: its own application and
 /// connection pool, and small scan batches, so that its runs take several transactions.
 fn second_process(env: &Env) -> Arc<App> {
@@ -121,42 +84,6 @@ fn second_process(env: &Env) -> Arc<App> {
 async fn run_on(app: Arc<App>, name: &str, as_of: DateTime<Utc>) -> RunReport {
     let job: &'static Job = Job::find(name).unwrap_or_else(|| panic!("no job {name}"));
     scheduler::run_now(app, job, as_of, Trigger::Manual, false).await.expect("the job ran")
-}
-
-/// channel opens a fresh channel on the test's own broker connection.
-async fn channel(env: &Env) -> lapin::Channel {
-    let connection = env.broker.connection().await.expect("connected to RabbitMQ");
-    connection.create_channel().await.expect("a channel")
-}
-
-/// queued is the number of messages ready in `queue`, read with a passive declare.
-async fn queued(env: &Env, queue: &str) -> u32 {
-    let channel = channel(env).await;
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("queue {queue} exists: {e}"));
-    let _ = channel.close(200, "counted".into()).await;
-    declared.message_count()
-}
-
-/// wait_for_queue polls `queue` until `done` accepts its message count, or fails the test after
-/// the deadline, naming what it waited for.
-async fn wait_for_queue(env: &Env, queue: &str, what: &str, done: impl Fn(u32) -> bool) -> u32 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let mut poll = tokio::time::interval(Duration::from_millis(50));
-    loop {
-        poll.tick().await;
-        let messages = queued(env, queue).await;
-        if done(messages) {
-            return messages;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what} ({queue} holds {messages})");
-    }
 }
 
 /// held_in is the number of messages in `queue`, ready or delivered and not yet acknowledged, as
@@ -502,53 +429,6 @@ async fn each_job_run_twice_and_on_two_processes_at_once_enqueues_nothing_twice(
     })
     .await;
     env.stop().await;
-}
-
-/// DeliveryState is a delivery row as the tests read it.
-#[derive(Debug, QueryableByName)]
-struct DeliveryState {
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    status: String,
-    #[diesel(sql_type = diesel::sql_types::Integer)]
-    attempts: i32,
-    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
-    due_at: DateTime<Utc>,
-}
-
-fn delivery_state(conn: &mut PgConnection, delivery_id: &str) -> DeliveryState {
-    let sql = format!("SELECT status, attempts, due_at FROM deliveries WHERE id = '{delivery_id}'");
-    diesel::sql_query(&sql).get_result(conn).unwrap_or_else(|e| panic!("{sql}: {e}"))
-}
-
-/// FirstAttempt is an order's asset delivery whose first attempt went out.
-struct FirstAttempt {
-    delivery: String,
-    asset: String,
-    sent_at: DateTime<Utc>,
-}
-
-/// first_attempt waits until the asset delivery of the order placed with `request_id` has sent
-/// its first attempt.
-async fn first_attempt(env: &Env, request_id: &str) -> FirstAttempt {
-    let sql = format!(
-        "SELECT d.id::text AS value FROM deliveries d JOIN orders o ON o.id = d.order_id
-         WHERE o.request_id = '{request_id}' AND d.kind = 'asset' AND d.status = 'sent' AND d.attempts = 1"
-    );
-    let delivery = env.wait_until("the asset delivery sends attempt 1", move |c| text(c, &sql)).await;
-    let id = delivery.clone();
-    let (asset, sent_at) = env
-        .db(move |c| {
-            let asset = text(c, &format!("SELECT asset_id::text AS value FROM deliveries WHERE id = '{id}'"))
-                .expect("an asset delivery names its asset");
-            let sent_at = timestamp(
-                c,
-                &format!("SELECT sent_at AS value FROM delivery_attempts WHERE delivery_id = '{id}' AND attempt = 1"),
-            )
-            .expect("attempt 1 is recorded");
-            (asset, sent_at)
-        })
-        .await;
-    FirstAttempt { delivery, asset, sent_at }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1028,7 +908,7 @@ async fn retention_deletes_only_old_bookkeeping() {
     env.product("ticket", |_| {}).await;
     let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
     env.start().await;
-    env.partner(PartnerOptions { decline_rate: 0.0, latency: std::time::Duration::ZERO, ..PartnerOptions::default() });
+    env.partner(settle_all());
     env.gateway(GatewayOptions::default());
     env.send(&purchase(&alice, "ticket", 1, json!({}))).await;
     env.wait_until("the order is issued", |c| {

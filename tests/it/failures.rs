@@ -5,14 +5,12 @@
 //! The scheduler does not run in tests: each test plays the clock by running the scans itself at
 //! the `as_of` it chooses, usually read from the due times in the database.
 
-use std::time::Duration;
-
 use assetflow::messages::{DeliveryRequested, SettlementOutcome, SettlementResult, kinds};
 use assetflow::outbox::{self, Outgoing};
 use assetflow::simulate::gateway::GatewayOptions;
 use assetflow::simulate::partner::PartnerOptions;
 use assetflow::simulate::terminals::purchase;
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{TimeDelta, Utc};
 use diesel::prelude::*;
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions};
@@ -20,56 +18,17 @@ use lapin::types::FieldTable;
 use serde_json::{Value, json};
 
 use crate::harness::{Env, count, text};
-
-/// DEADLINE is how long a wait on the broker may take before the test fails.
-const DEADLINE: Duration = Duration::from_secs(60);
+use crate::support::{
+    DEADLINE, asset_status, channel, delivery_state, first_attempt, queued, request_id, settle_all, timestamp,
+    wait_for_queue,
+};
 
 /// SCHEDULE_SECS is the retransmission schedule of SPEC.md, in seconds: the wait after failed
 /// attempt n is entry n, the last entry repeated.
 const SCHEDULE_SECS: [i64; 7] = [60, 300, 1_800, 7_200, 21_600, 43_200, 86_400];
 
-fn settle_all() -> PartnerOptions {
-    PartnerOptions { decline_rate: 0.0, latency: Duration::ZERO, ..PartnerOptions::default() }
-}
-
 fn secs(n: i64) -> TimeDelta {
     TimeDelta::seconds(n)
-}
-
-/// timestamp runs a query returning one timestamp column `value`, or None when there is no row.
-fn timestamp(conn: &mut PgConnection, sql: &str) -> Option<DateTime<Utc>> {
-    #[derive(QueryableByName)]
-    struct Timestamp {
-        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
-        value: Option<DateTime<Utc>>,
-    }
-    diesel::sql_query(sql)
-        .get_result::<Timestamp>(conn)
-        .optional()
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .and_then(|t| t.value)
-}
-
-/// DeliveryState is a delivery row as the tests read it.
-#[derive(Debug, QueryableByName)]
-struct DeliveryState {
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    status: String,
-    #[diesel(sql_type = diesel::sql_types::Integer)]
-    attempts: i32,
-    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
-    due_at: DateTime<Utc>,
-    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
-    last_error: Option<String>,
-}
-
-fn delivery_state(conn: &mut PgConnection, delivery_id: &str) -> DeliveryState {
-    let sql = format!("SELECT status, attempts, due_at, last_error FROM deliveries WHERE id = '{delivery_id}'");
-    diesel::sql_query(&sql).get_result(conn).unwrap_or_else(|e| panic!("{sql}: {e}"))
-}
-
-fn asset_status(conn: &mut PgConnection, asset_id: &str) -> String {
-    text(conn, &format!("SELECT status AS value FROM assets WHERE id = '{asset_id}'")).expect("the asset exists")
 }
 
 fn attempt_outcome(conn: &mut PgConnection, delivery_id: &str, attempt: i32) -> Option<String> {
@@ -81,66 +40,10 @@ fn attempt_outcome(conn: &mut PgConnection, delivery_id: &str, attempt: i32) -> 
     )
 }
 
-/// FirstAttempt is an order's asset delivery whose first attempt went out.
-struct FirstAttempt {
-    delivery: String,
-    asset: String,
-    sent_at: DateTime<Utc>,
-}
-
-/// first_attempt waits until the asset delivery of the order placed with `request_id` has sent
-/// its first attempt, and no further.
-async fn first_attempt(env: &Env, request_id: &str) -> FirstAttempt {
-    let sql = format!(
-        "SELECT d.id::text AS value FROM deliveries d JOIN orders o ON o.id = d.order_id
-         WHERE o.request_id = '{request_id}' AND d.kind = 'asset' AND d.status = 'sent' AND d.attempts = 1"
-    );
-    let delivery = env.wait_until("the asset delivery sends attempt 1", move |c| text(c, &sql)).await;
-    let id = delivery.clone();
-    let (asset, sent_at) = env
-        .db(move |c| {
-            let asset = text(c, &format!("SELECT asset_id::text AS value FROM deliveries WHERE id = '{id}'"))
-                .expect("an asset delivery names its asset");
-            let sent_at = timestamp(
-                c,
-                &format!("SELECT sent_at AS value FROM delivery_attempts WHERE delivery_id = '{id}' AND attempt = 1"),
-            )
-            .expect("attempt 1 is recorded");
-            (asset, sent_at)
-        })
-        .await;
-    FirstAttempt { delivery, asset, sent_at }
-}
-
 /// settlement_attempts is how many instructions a settlement has had.
 async fn settlement_attempts(env: &Env, settlement: &str) -> i64 {
     let sql = format!("SELECT attempts::bigint AS count FROM settlements WHERE id = '{settlement}'");
     env.db(move |c| count(c, &sql)).await
-}
-
-fn request_id(request: &Value) -> String {
-    request["request_id"].as_str().expect("a request id").to_string()
-}
-
-/// channel opens a fresh channel on the test's own broker connection.
-async fn channel(env: &Env) -> lapin::Channel {
-    let connection = env.broker.connection().await.expect("connected to RabbitMQ");
-    connection.create_channel().await.expect("a channel")
-}
-
-/// queued is the number of messages ready in `queue`, read with a passive declare.
-async fn queued(env: &Env, queue: &str) -> u32 {
-    let channel = channel(env).await;
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("queue {queue} exists: {e}"));
-    let _ = channel.close(200, "counted".into()).await;
-    declared.message_count()
 }
 
 /// subscribe_to_dead_letters binds a queue of the test's own to the dead-letter exchange, as an
@@ -164,24 +67,6 @@ async fn subscribe_to_dead_letters(env: &Env, pool: assetflow::broker::Pool) -> 
         .await
         .expect("bound");
     queue
-}
-
-/// wait_for_messages polls `queue` until it holds at least `at_least` messages, or fails the test
-/// after the deadline.
-async fn wait_for_messages(env: &Env, queue: &str, at_least: u32) -> u32 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let mut poll = tokio::time::interval(Duration::from_millis(50));
-    loop {
-        poll.tick().await;
-        let messages = queued(env, queue).await;
-        if messages >= at_least {
-            return messages;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {queue} holds {at_least} messages (it holds {messages})"
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,7 +115,7 @@ async fn a_gateway_that_never_answers_gets_the_asset_again_and_it_ends_force_del
 
     // The first attempt was lost on its way: the gateway, answering now, sees only the retransmission.
     let gateway_queue = env.app.names.gateway_queue("gw-1");
-    wait_for_messages(&env, &gateway_queue, 1).await;
+    wait_for_queue(&env, &gateway_queue, "the first attempt reaches the gateway's queue", |n| n >= 1).await;
     channel(&env).await.queue_purge(gateway_queue.as_str().into(), QueuePurgeOptions::default()).await.expect("purged");
     env.gateway(GatewayOptions::default());
 
@@ -391,7 +276,7 @@ async fn a_delivery_whose_retries_run_out_is_dead_lettered_with_every_attempt() 
 
     // The dead letter is published to the dead-letter exchange, under the delivery pool's key.
     let dlq = dead_letters;
-    wait_for_messages(&env, &dlq, 1).await;
+    wait_for_queue(&env, &dlq, "the dead letter is published", |n| n >= 1).await;
     let message = channel(&env)
         .await
         .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
@@ -476,12 +361,16 @@ async fn a_partner_that_never_answers_fails_the_order_and_a_late_answer_still_is
     let settlement = env.wait_until("the settlement is instructed", move |c| text(c, &sql)).await;
     let now = Utc::now();
     let partner_queue = env.app.names.partner_queue("card-co");
-    assert_eq!(wait_for_messages(&env, &partner_queue, 1).await, 1);
+    assert_eq!(wait_for_queue(&env, &partner_queue, "the first instruction is published", |n| n >= 1).await, 1);
 
     let second = env.run_job("settlement_timeout", now + secs(31)).await;
     assert_eq!(second.enqueued, 1, "{second:?}");
     assert_eq!(settlement_attempts(&env, &settlement).await, 2);
-    assert_eq!(wait_for_messages(&env, &partner_queue, 2).await, 2, "a second instruction was published");
+    assert_eq!(
+        wait_for_queue(&env, &partner_queue, "a second instruction is published", |n| n >= 2).await,
+        2,
+        "a second instruction was published"
+    );
     // Running again at the same time is not a third instruction: the new one has its own timeout.
     let repeat = env.run_job("settlement_timeout", now + secs(31)).await;
     assert_eq!((repeat.rows_scanned, repeat.enqueued), (0, 0), "{repeat:?}");
@@ -489,7 +378,11 @@ async fn a_partner_that_never_answers_fails_the_order_and_a_late_answer_still_is
     let third = env.run_job("settlement_timeout", now + secs(62)).await;
     assert_eq!(third.enqueued, 1, "{third:?}");
     assert_eq!(settlement_attempts(&env, &settlement).await, 3);
-    assert_eq!(wait_for_messages(&env, &partner_queue, 3).await, 3, "a third instruction was published");
+    assert_eq!(
+        wait_for_queue(&env, &partner_queue, "a third instruction is published", |n| n >= 3).await,
+        3,
+        "a third instruction was published"
+    );
 
     let abandon = env.run_job("settlement_timeout", now + secs(93)).await;
     assert_eq!(abandon.enqueued, 1, "{abandon:?}");
@@ -511,7 +404,7 @@ async fn a_partner_that_never_answers_fails_the_order_and_a_late_answer_still_is
             .then_some(())
     })
     .await;
-    wait_for_messages(&env, &dead_letters, 1).await;
+    wait_for_queue(&env, &dead_letters, "the dead letter is published", |n| n >= 1).await;
 
     // The partner answers at last: the payer paid, so the order is issued after all.
     let late = SettlementResult {
@@ -693,7 +586,13 @@ async fn the_outbox_holds_messages_while_the_app_is_stopped_and_empties_once_it_
     let later = purchase(&heidi, "concert", 1, json!({}));
     let later_rid = request_id(&later);
     env.send(&later).await;
-    wait_for_messages(&env, &env.app.names.pool_queue(assetflow::broker::Pool::Settlement), 1).await;
+    wait_for_queue(
+        &env,
+        &env.app.names.pool_queue(assetflow::broker::Pool::Settlement),
+        "the order waits in its queue",
+        |n| n >= 1,
+    )
+    .await;
     // And a state change made meanwhile (here, a scan run by another process) stays in the
     // outbox: no relay runs, so nothing claims or deletes it.
     let due = env.run_job("designated_delivery", at).await;

@@ -4,23 +4,10 @@ use assetflow::simulate::gateway::{GatewayOptions, exchange_request};
 use assetflow::simulate::partner::PartnerOptions;
 use assetflow::simulate::terminals::purchase;
 use chrono::Utc;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::harness::{Env, count, text};
-
-fn settle_all() -> PartnerOptions {
-    PartnerOptions { decline_rate: 0.0, latency: std::time::Duration::ZERO, ..PartnerOptions::default() }
-}
-
-/// The certificate a terminal received, as the gateway delivered it.
-async fn delivered_certificate(env: &Env, request_id: &str) -> Value {
-    let sql = format!(
-        "SELECT d.content->>'certificate' AS value FROM deliveries d JOIN orders o ON o.id = d.order_id
-         WHERE o.request_id = '{request_id}' AND d.kind = 'certificate' AND d.status = 'delivered'"
-    );
-    let text = env.wait_until("the certificate is delivered", move |c| text(c, &sql)).await;
-    serde_json::from_str(&text).unwrap()
-}
+use crate::support::{delivered_certificate, settle_all};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_purchase_is_settled_issued_delivered_and_exchanged_once() {

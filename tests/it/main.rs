@@ -8,3 +8,4 @@ mod flows;
 mod monitoring;
 mod processes;
 mod refusals;
+mod support;

@@ -12,15 +12,13 @@ use assetflow::app::RunOptions;
 use assetflow::broker::Pool;
 use assetflow::messages::kinds;
 use assetflow::simulate::gateway::GatewayOptions;
-use assetflow::simulate::partner::PartnerOptions;
 use assetflow::simulate::terminals::purchase;
 use assetflow::telemetry::CATALOGUE;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::{Env, count, rabbitmqctl, text};
-
-const DEADLINE: Duration = Duration::from_secs(60);
+use crate::support::{DEADLINE, settle_all};
 
 /// with_http is an Env whose app will serve /metrics, /healthz and /readyz on a free local port,
 /// sampling queue depths every 200ms. The recorder is installed before anything records.
@@ -47,10 +45,6 @@ async fn start_with_http(env: &mut Env, listen: &str) {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {listen} answers /healthz");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn settle_all() -> PartnerOptions {
-    PartnerOptions { decline_rate: 0.0, latency: Duration::ZERO, ..PartnerOptions::default() }
 }
 
 /// get sends `GET path` over plain HTTP/1.1 and returns the status code and the body, or None when

@@ -14,6 +14,7 @@ use diesel::prelude::*;
 use serde_json::json;
 
 use crate::harness::{Env, ISSUER, count};
+use crate::support::settle_all;
 
 /// Node is one `assetflow run` process.
 struct Node {
@@ -217,7 +218,7 @@ async fn sigterm_finishes_the_work_in_hand_and_exits_zero() {
     let dir = cluster(&env);
     let terminals = register(&env.config, 3, &dir.join("terminals")).await.unwrap();
     let mut node = Node::start(&dir, "node");
-    env.partner(PartnerOptions { decline_rate: 0.0, latency: Duration::ZERO, ..PartnerOptions::default() });
+    env.partner(settle_all());
     env.gateway(GatewayOptions::default());
     for order in orders(&terminals, 0..10) {
         env.send(&order).await;

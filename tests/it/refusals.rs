@@ -5,7 +5,6 @@
 use assetflow::crypto::{self, sha256_hex, sign_document};
 use assetflow::messages::{DeliveryReceipt, SettlementOutcome, SettlementResult, kinds};
 use assetflow::simulate::gateway::{GatewayOptions, exchange_request};
-use assetflow::simulate::partner::PartnerOptions;
 use assetflow::simulate::terminals::{SimTerminal, purchase};
 use chrono::{Duration, Utc};
 use diesel::prelude::*;
@@ -13,6 +12,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::harness::{Env, count, text};
+use crate::support::{request_id, settle_all};
 
 /// serving_env is an Env with a product on sale, a terminal that pays through `card-co`, and the
 /// partner (settling everything) and gateway simulators running.
@@ -27,13 +27,8 @@ async fn serving_env() -> (Env, SimTerminal) {
 
 /// start_simulators runs a partner that settles everything at once, and the gateways.
 fn start_simulators(env: &Env) {
-    let latency = std::time::Duration::ZERO;
-    env.partner(PartnerOptions { decline_rate: 0.0, latency, ..PartnerOptions::default() });
+    env.partner(settle_all());
     env.gateway(GatewayOptions::default());
-}
-
-fn request_id(request: &Value) -> String {
-    request["request_id"].as_str().expect("a request id").to_string()
 }
 
 /// re_signed returns the request with `change` applied and signed again by `terminal`, so that

@@ -1,0 +1,142 @@
+//! Helpers shared by the integration tests: the partner that settles everything, reading requests,
+//! assets and deliveries back from the database, and counting messages on the test's broker.
+
+use std::time::Duration;
+
+use assetflow::simulate::partner::PartnerOptions;
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use serde_json::Value;
+
+use crate::harness::{Env, text};
+
+/// DEADLINE is how long a wait on the broker may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// settle_all is a partner that settles every instruction at once.
+pub fn settle_all() -> PartnerOptions {
+    PartnerOptions { decline_rate: 0.0, latency: Duration::ZERO, ..PartnerOptions::default() }
+}
+
+/// request_id is the `request_id` of a signed request.
+pub fn request_id(request: &Value) -> String {
+    request["request_id"].as_str().expect("a request id").to_string()
+}
+
+/// timestamp runs a query returning one timestamp column `value`, or None when there is no row.
+pub fn timestamp(conn: &mut PgConnection, sql: &str) -> Option<DateTime<Utc>> {
+    #[derive(QueryableByName)]
+    struct Timestamp {
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
+        value: Option<DateTime<Utc>>,
+    }
+    diesel::sql_query(sql)
+        .get_result::<Timestamp>(conn)
+        .optional()
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .and_then(|t| t.value)
+}
+
+/// asset_status is the current status of an asset, which must exist.
+pub fn asset_status(conn: &mut PgConnection, asset_id: &str) -> String {
+    text(conn, &format!("SELECT status AS value FROM assets WHERE id = '{asset_id}'")).expect("the asset exists")
+}
+
+/// DeliveryState is a delivery row as the tests read it.
+#[derive(Debug, QueryableByName)]
+pub struct DeliveryState {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub status: String,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pub attempts: i32,
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    pub due_at: DateTime<Utc>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    pub last_error: Option<String>,
+}
+
+/// delivery_state reads a delivery's status, attempts, due time and last error.
+pub fn delivery_state(conn: &mut PgConnection, delivery_id: &str) -> DeliveryState {
+    let sql = format!("SELECT status, attempts, due_at, last_error FROM deliveries WHERE id = '{delivery_id}'");
+    diesel::sql_query(&sql).get_result(conn).unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// FirstAttempt is an order's asset delivery whose first attempt went out.
+pub struct FirstAttempt {
+    pub delivery: String,
+    pub asset: String,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// first_attempt waits until the asset delivery of the order placed with `request_id` has sent
+/// its first attempt, and no further.
+pub async fn first_attempt(env: &Env, request_id: &str) -> FirstAttempt {
+    let sql = format!(
+        "SELECT d.id::text AS value FROM deliveries d JOIN orders o ON o.id = d.order_id
+         WHERE o.request_id = '{request_id}' AND d.kind = 'asset' AND d.status = 'sent' AND d.attempts = 1"
+    );
+    let delivery = env.wait_until("the asset delivery sends attempt 1", move |c| text(c, &sql)).await;
+    let id = delivery.clone();
+    let (asset, sent_at) = env
+        .db(move |c| {
+            let asset = text(c, &format!("SELECT asset_id::text AS value FROM deliveries WHERE id = '{id}'"))
+                .expect("an asset delivery names its asset");
+            let sent_at = timestamp(
+                c,
+                &format!("SELECT sent_at AS value FROM delivery_attempts WHERE delivery_id = '{id}' AND attempt = 1"),
+            )
+            .expect("attempt 1 is recorded");
+            (asset, sent_at)
+        })
+        .await;
+    FirstAttempt { delivery, asset, sent_at }
+}
+
+/// delivered_certificate waits until the certificate of the order placed with `request_id` is
+/// delivered, and returns it as the terminal received it.
+pub async fn delivered_certificate(env: &Env, request_id: &str) -> Value {
+    let sql = format!(
+        "SELECT d.content->>'certificate' AS value FROM deliveries d JOIN orders o ON o.id = d.order_id
+         WHERE o.request_id = '{request_id}' AND d.kind = 'certificate' AND d.status = 'delivered'"
+    );
+    let text = env.wait_until("the certificate is delivered", move |c| text(c, &sql)).await;
+    serde_json::from_str(&text).expect("a JSON certificate")
+}
+
+/// channel opens a fresh channel on the test's own broker connection.
+pub async fn channel(env: &Env) -> lapin::Channel {
+    let connection = env.broker.connection().await.expect("connected to RabbitMQ");
+    connection.create_channel().await.expect("a channel")
+}
+
+/// queued is the number of messages ready in `queue`, read with a passive declare.
+pub async fn queued(env: &Env, queue: &str) -> u32 {
+    let channel = channel(env).await;
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("queue {queue} exists: {e}"));
+    let _ = channel.close(200, "counted".into()).await;
+    declared.message_count()
+}
+
+/// wait_for_queue polls `queue` until `done` accepts its message count, or fails the test after
+/// the deadline, naming what it waited for.
+pub async fn wait_for_queue(env: &Env, queue: &str, what: &str, done: impl Fn(u32) -> bool) -> u32 {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        poll.tick().await;
+        let messages = queued(env, queue).await;
+        if done(messages) {
+            return messages;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what} ({queue} holds {messages})");
+    }
+}
