@@ -142,7 +142,8 @@ pub struct Filter {
 }
 
 /// Summary is a dead letter as `dlq list` shows it.
-#[derive(Debug, Clone, Serialize, Queryable)]
+#[derive(Debug, Clone, Serialize, Queryable, Selectable)]
+#[diesel(table_name = dead_letters)]
 pub struct Summary {
     pub id: Uuid,
     pub pool: String,
@@ -191,38 +192,15 @@ fn filtered(filter: &Filter) -> dead_letters::BoxedQuery<'static, diesel::pg::Pg
     query
 }
 
-const SUMMARY: (
-    dead_letters::id,
-    dead_letters::pool,
-    dead_letters::source,
-    dead_letters::message_type,
-    dead_letters::reason,
-    dead_letters::detail,
-    dead_letters::created_at,
-    dead_letters::replayed_at,
-    dead_letters::replay_count,
-    dead_letters::subject_id,
-) = (
-    dead_letters::id,
-    dead_letters::pool,
-    dead_letters::source,
-    dead_letters::message_type,
-    dead_letters::reason,
-    dead_letters::detail,
-    dead_letters::created_at,
-    dead_letters::replayed_at,
-    dead_letters::replay_count,
-    dead_letters::subject_id,
-);
-
 /// list returns the dead letters a filter selects, newest first.
 pub fn list(conn: &mut PgConnection, filter: &Filter, limit: i64) -> QueryResult<Vec<Summary>> {
-    filtered(filter).order(dead_letters::created_at.desc()).limit(limit).select(SUMMARY).load(conn)
+    filtered(filter).order(dead_letters::created_at.desc()).limit(limit).select(Summary::as_select()).load(conn)
 }
 
 /// show returns one dead letter with its evidence and its audit trail.
 pub fn show(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Full>> {
-    let Some(summary) = dead_letters::table.find(id).select(SUMMARY).first::<Summary>(conn).optional()? else {
+    let Some(summary) = dead_letters::table.find(id).select(Summary::as_select()).first::<Summary>(conn).optional()?
+    else {
         return Ok(None);
     };
     let (message_id, exchange, routing_key, headers, attempts, payload): (
@@ -360,7 +338,7 @@ pub fn replay(
 /// purge deletes the dead letters a filter selects, leaving an audit row with each one's summary.
 pub fn purge(conn: &mut PgConnection, filter: &Filter, operator: &str) -> QueryResult<Vec<Uuid>> {
     conn.transaction(|conn| {
-        let letters: Vec<Summary> = filtered(filter).select(SUMMARY).load(conn)?;
+        let letters: Vec<Summary> = filtered(filter).select(Summary::as_select()).load(conn)?;
         for letter in &letters {
             audit(conn, letter.id, "purge", operator, None, letter)?;
         }

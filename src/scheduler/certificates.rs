@@ -65,10 +65,16 @@ fn load(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Open>> {
     .load(conn)
 }
 
-#[derive(QueryableByName)]
-struct Claimed {
-    #[diesel(sql_type = SqlUuid)]
-    id: Uuid,
+/// claim runs a claiming query (`$1` = as_of, `$2` = batch) and returns the ids it locked.
+fn claim(conn: &mut PgConnection, sql: &'static str, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Vec<Uuid>> {
+    #[derive(QueryableByName)]
+    struct Claimed {
+        #[diesel(sql_type = SqlUuid)]
+        id: Uuid,
+    }
+    let rows: Vec<Claimed> =
+        diesel::sql_query(sql).bind::<Timestamptz, _>(as_of).bind::<BigInt, _>(batch).load(conn)?;
+    Ok(rows.into_iter().map(|c| c.id).collect())
 }
 
 fn notice(open: &Open, kind: DeliveryKind, key: String, code: &str, text: String) -> NewDelivery {
@@ -136,19 +142,16 @@ fn record_reminders(
 pub fn near_expiry(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
     conn.transaction(|conn| {
         // The claim is one range of one partial index: its cost is the rows due, not the table.
-        let claimed: Vec<Uuid> = diesel::sql_query(
+        let claimed = claim(
+            conn,
             "SELECT id FROM exchange_certificates
              WHERE reminder_due_at <= $1
              ORDER BY reminder_due_at, id
              LIMIT $2
              FOR UPDATE SKIP LOCKED",
-        )
-        .bind::<Timestamptz, _>(as_of)
-        .bind::<BigInt, _>(batch)
-        .load::<Claimed>(conn)?
-        .into_iter()
-        .map(|c| c.id)
-        .collect();
+            as_of,
+            batch,
+        )?;
         let due = load(conn, &claimed)?;
 
         let mut deliveries = Vec::with_capacity(due.len());
@@ -219,19 +222,16 @@ pub fn near_expiry(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, bat
 /// transmission, a refund) is void and is closed quietly.
 pub fn past_due(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
     conn.transaction(|conn| {
-        let claimed: Vec<Uuid> = diesel::sql_query(
+        let claimed = claim(
+            conn,
             "SELECT id FROM exchange_certificates
              WHERE exchanged_at IS NULL AND revoked_at IS NULL AND expires_at <= $1
              ORDER BY expires_at, id
              LIMIT $2
              FOR UPDATE SKIP LOCKED",
-        )
-        .bind::<Timestamptz, _>(as_of)
-        .bind::<BigInt, _>(batch)
-        .load::<Claimed>(conn)?
-        .into_iter()
-        .map(|c| c.id)
-        .collect();
+            as_of,
+            batch,
+        )?;
         let loaded = load(conn, &claimed)?;
         let due: Vec<&Open> = loaded.iter().filter(|o| o.asset_status == Status::AwaitingExchange.as_str()).collect();
         let all: Vec<Uuid> = due.iter().map(|o| o.asset_id).collect();
