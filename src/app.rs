@@ -131,6 +131,7 @@ pub async fn prepare(app: &App) -> anyhow::Result<()> {
 /// run runs assetflow until `shutdown`: stop consuming, finish what is in hand, flush the
 /// outbox, stop.
 pub async fn run(app: Arc<App>, options: RunOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    crate::telemetry::register();
     if options.scheduler {
         crate::scheduler::validate(&app)?;
     }

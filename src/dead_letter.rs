@@ -45,6 +45,21 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Reason; 12] = [
+        Reason::Malformed,
+        Reason::UnknownMessageType,
+        Reason::SchemaViolation,
+        Reason::Unroutable,
+        Reason::HandlerFailed,
+        Reason::Unprocessable,
+        Reason::UnknownSettlement,
+        Reason::ConflictingResult,
+        Reason::UnknownDelivery,
+        Reason::SettlementTimeout,
+        Reason::RetriesExhausted,
+        Reason::BrokerDeadLettered,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Malformed => "malformed",

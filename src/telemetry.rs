@@ -129,6 +129,39 @@ fn bounded_type(message_type: &str) -> String {
     if crate::messages::schema::is_known(message_type) { message_type.to_string() } else { "unknown".to_string() }
 }
 
+/// register describes every catalogued metric (its HELP line) and creates the counters whose
+/// label sets are known in advance at zero: a counter that first appears at its first increment
+/// hides that increment from rate() and increase().
+pub fn register() {
+    for metric in CATALOGUE {
+        match metric.kind {
+            "counter" => metrics::describe_counter!(metric.name, metric.help),
+            "gauge" => metrics::describe_gauge!(metric.name, metric.help),
+            _ => metrics::describe_histogram!(metric.name, metric.help),
+        }
+    }
+    counter!("assetflow_reconnects_total", "target" => "amqp").absolute(0);
+    counter!("assetflow_outbox_published_total").absolute(0);
+    counter!("assetflow_outbox_publish_failures_total").absolute(0);
+    counter!("assetflow_db_checkout_timeouts_total").absolute(0);
+    for subject in ["terminal_request", "certificate"] {
+        counter!("assetflow_signature_failures_total", "subject" => subject).absolute(0);
+    }
+    for reason in crate::refusal::Reason::ALL {
+        counter!("assetflow_refusals_total", "reason" => reason.as_str()).absolute(0);
+    }
+    for pool in crate::broker::Pool::ALL {
+        for reason in crate::dead_letter::Reason::ALL {
+            counter!("assetflow_dead_letters_total", "pool" => pool.as_str(), "reason" => reason.as_str()).absolute(0);
+        }
+    }
+    for job in crate::scheduler::JOBS {
+        for outcome in ["succeeded", "failed"] {
+            counter!("assetflow_job_runs_total", "job" => job.name, "outcome" => outcome).absolute(0);
+        }
+    }
+}
+
 /// Metric is one entry of the catalogue.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Metric {
