@@ -96,7 +96,8 @@ pub fn db_checkout_timed_out() {
     counter!("assetflow_db_checkout_timeouts_total").increment(1);
 }
 
-/// reconnected counts a reconnection to RabbitMQ (target "amqp").
+/// reconnected counts a reconnection to RabbitMQ ("amqp") or a replaced PostgreSQL connection
+/// ("postgres").
 pub fn reconnected(target: &'static str) {
     counter!("assetflow_reconnects_total", "target" => target).increment(1);
 }
@@ -141,6 +142,7 @@ pub fn register() {
         }
     }
     counter!("assetflow_reconnects_total", "target" => "amqp").absolute(0);
+    counter!("assetflow_reconnects_total", "target" => "postgres").absolute(0);
     counter!("assetflow_outbox_published_total").absolute(0);
     counter!("assetflow_outbox_publish_failures_total").absolute(0);
     counter!("assetflow_db_checkout_timeouts_total").absolute(0);
@@ -184,7 +186,7 @@ pub const CATALOGUE: &[Metric] = &[
         "assetflow_messages_total",
         "counter",
         &["pool", "type", "outcome"],
-        "Messages handled, by outcome: acked, duplicate, requeued, deferred, dead_lettered.",
+        "Messages handled, by outcome: acked, duplicate, requeued, dead_lettered (and deferred, once a handler defers).",
     ),
     m(
         "assetflow_handler_duration_seconds",
@@ -249,7 +251,12 @@ pub const CATALOGUE: &[Metric] = &[
     m("assetflow_job_enqueued_total", "counter", &["job"], "Messages and transmissions a job enqueued."),
     m("assetflow_job_last_success_timestamp_seconds", "gauge", &["job"], "Unix time of the job's last successful run."),
     m("assetflow_due_pickup_lag_seconds", "histogram", &["job"], "Delay from a delivery's due time to its sending."),
-    m("assetflow_reconnects_total", "counter", &["target"], "Reconnections to RabbitMQ (target amqp)."),
+    m(
+        "assetflow_reconnects_total",
+        "counter",
+        &["target"],
+        "Reconnections: to RabbitMQ (target amqp), and broken PostgreSQL connections replaced (target postgres).",
+    ),
     m(
         "assetflow_db_connections_opened_total",
         "counter",

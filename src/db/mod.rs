@@ -91,7 +91,9 @@ impl Db {
             // failing a handler first.
             .test_on_check_out(true)
             .connection_customizer(Box::new(SessionSettings))
-            .event_handler(Box::new(PoolEvents))
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .event_handler(Box::new(PoolEvents { size, opened: Default::default() }))
             .build_unchecked(ConnectionManager::new(url));
         Db { pool }
     }
@@ -138,13 +140,21 @@ impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for Se
     }
 }
 
-/// PoolEvents turns the pool's events into metrics.
+/// PoolEvents turns the pool's events into metrics. Connections live as long as they work (no
+/// idle timeout, no maximum lifetime), so a connection opened once the pool has been full
+/// replaces a broken one: a reconnection.
 #[derive(Debug)]
-struct PoolEvents;
+struct PoolEvents {
+    size: u32,
+    opened: std::sync::atomic::AtomicU32,
+}
 
 impl diesel::r2d2::HandleEvent for PoolEvents {
     fn handle_acquire(&self, _: diesel::r2d2::event::AcquireEvent) {
         crate::telemetry::db_connection_opened();
+        if self.opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= self.size {
+            crate::telemetry::reconnected("postgres");
+        }
     }
 
     fn handle_timeout(&self, _: diesel::r2d2::event::TimeoutEvent) {
