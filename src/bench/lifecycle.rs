@@ -454,21 +454,10 @@ fn peak_rss_kb(pid: u32) -> anyhow::Result<u64> {
 /// cleanup drops the benchmark's database and the broker objects it declared.
 async fn cleanup(config: &Config) {
     let shutdown = CancellationToken::new();
-    let mut empty = Topology::new(config);
-    let (queues, exchanges): (Vec<String>, Vec<String>) = (
-        empty.queues.iter().map(|q| q.name.clone()).collect(),
-        empty.exchanges.iter().map(|e| e.name.clone()).collect(),
-    );
-    empty.queues.clear();
-    empty.exchanges.clear();
-    empty.bindings.clear();
-    let broker = Broker::start(
-        config.amqp.url.clone(),
-        empty,
-        config.amqp.reconnect_min,
-        config.amqp.reconnect_max,
-        shutdown.clone(),
-    );
+    let declared = Topology::new(config);
+    let queues: Vec<String> = declared.queues.iter().map(|q| q.name.clone()).collect();
+    let exchanges: Vec<String> = declared.exchanges.iter().map(|e| e.name.clone()).collect();
+    let broker = Broker::undeclared(config, shutdown.clone());
     if let Ok(Some(conn)) = tokio::time::timeout(Duration::from_secs(10), broker.connection()).await
         && let Ok(channel) = conn.create_channel().await
     {

@@ -73,18 +73,8 @@ pub async fn measure(config: &Config, options: &LimitsOptions) -> anyhow::Result
 
 async fn broker_limit(config: &Config, options: &LimitsOptions) -> anyhow::Result<f64> {
     let shutdown = tokio_util::sync::CancellationToken::new();
-    // A topology of its own: the broker is reached, nothing of assetflow's is declared.
-    let mut topology = crate::broker::Topology::new(config);
-    topology.exchanges.clear();
-    topology.queues.clear();
-    topology.bindings.clear();
-    let broker = Broker::start(
-        config.amqp.url.clone(),
-        topology,
-        config.amqp.reconnect_min,
-        config.amqp.reconnect_max,
-        shutdown.clone(),
-    );
+    // A queue of its own: nothing of assetflow's is declared.
+    let broker = Broker::undeclared(config, shutdown.clone());
     let queue = format!("{}.bench.limits.{}", config.amqp.prefix, uuid::Uuid::new_v4().simple());
     let conn = broker.connection().await.ok_or_else(|| anyhow::anyhow!("no broker"))?;
     let channel = conn.create_channel().await?;

@@ -36,6 +36,16 @@ impl Broker {
         Broker { current: rx }
     }
 
+    /// Broker::undeclared starts a supervisor that only connects: for tools that must not declare
+    /// assetflow's topology (the benchmarks' own queues, their clean-up).
+    pub fn undeclared(config: &crate::config::Config, shutdown: CancellationToken) -> Broker {
+        let mut nothing = Topology::new(config);
+        nothing.exchanges.clear();
+        nothing.queues.clear();
+        nothing.bindings.clear();
+        Broker::start(config.amqp.url.clone(), nothing, config.amqp.reconnect_min, config.amqp.reconnect_max, shutdown)
+    }
+
     /// Broker::connection waits for a live connection; None once shutting down.
     pub async fn connection(&self) -> Option<Arc<Connection>> {
         let mut rx = self.current.clone();
