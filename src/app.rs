@@ -138,13 +138,7 @@ pub async fn run(app: Arc<App>, options: RunOptions, shutdown: CancellationToken
     prepare(&app).await?;
     let topology = Topology::new(&app.config);
     let broker_stop = CancellationToken::new();
-    let broker = Broker::start(
-        app.config.amqp.url.clone(),
-        topology.clone(),
-        app.config.amqp.reconnect_min,
-        app.config.amqp.reconnect_max,
-        broker_stop.clone(),
-    );
+    let broker = Broker::start(&app.config, topology.clone(), broker_stop.clone());
     let registry = Arc::new(registry(&app.names)?);
 
     let consumers = TaskTracker::new();

@@ -176,13 +176,7 @@ async fn measure(
     wait_ready(port, Duration::from_secs(60)).await?;
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
-    let broker = Broker::start(
-        config.amqp.url.clone(),
-        Topology::new(config),
-        config.amqp.reconnect_min,
-        config.amqp.reconnect_max,
-        shutdown.clone(),
-    );
+    let broker = Broker::declaring(config, shutdown.clone());
     let stats = Arc::new(Stats::default());
     stats.log_exchanges.store(true, Ordering::Relaxed);
     let partner_options = partner::PartnerOptions { decline_rate: 0.0, latency: Duration::ZERO, ..Default::default() };

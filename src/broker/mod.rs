@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use topology::{Names, Pool, Topology};
 
+use crate::config::Config;
 use crate::telemetry;
 
 /// Broker hands out the current connection, or waits for the next one.
@@ -28,22 +29,29 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Broker::start spawns the supervisor and returns at once; nothing waits for the broker to be
-    /// up at start-up.
-    pub fn start(url: String, topology: Topology, min: Duration, max: Duration, shutdown: CancellationToken) -> Broker {
+    /// Broker::start spawns the supervisor, which declares `topology` on every connection, and
+    /// returns at once; nothing waits for the broker to be up at start-up.
+    pub fn start(config: &Config, topology: Topology, shutdown: CancellationToken) -> Broker {
         let (tx, rx) = watch::channel(None);
-        tokio::spawn(supervise(url, topology, min, max, tx, shutdown));
+        let amqp = &config.amqp;
+        tokio::spawn(supervise(amqp.url.clone(), topology, amqp.reconnect_min, amqp.reconnect_max, tx, shutdown));
         Broker { current: rx }
+    }
+
+    /// Broker::declaring is [`Broker::start`] with assetflow's whole topology: what the service,
+    /// the simulators and the tests connect with.
+    pub fn declaring(config: &Config, shutdown: CancellationToken) -> Broker {
+        Broker::start(config, Topology::new(config), shutdown)
     }
 
     /// Broker::undeclared starts a supervisor that only connects: for tools that must not declare
     /// assetflow's topology (the benchmarks' own queues, their clean-up).
-    pub fn undeclared(config: &crate::config::Config, shutdown: CancellationToken) -> Broker {
+    pub fn undeclared(config: &Config, shutdown: CancellationToken) -> Broker {
         let mut nothing = Topology::new(config);
         nothing.exchanges.clear();
         nothing.queues.clear();
         nothing.bindings.clear();
-        Broker::start(config.amqp.url.clone(), nothing, config.amqp.reconnect_min, config.amqp.reconnect_max, shutdown)
+        Broker::start(config, nothing, shutdown)
     }
 
     /// Broker::connection waits for a live connection; None once shutting down.

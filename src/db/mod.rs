@@ -32,16 +32,6 @@ pub enum DbError {
     Query(#[from] DieselError),
 }
 
-impl DbError {
-    /// DbError::is_transient says whether trying again later can succeed.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            DbError::Unavailable(_) => true,
-            DbError::Query(e) => is_transient(e),
-        }
-    }
-}
-
 /// is_transient classifies a diesel error: a dropped connection, a serialization failure or a
 /// deadlock heals by itself; anything else is a bug or bad data and will fail again.
 pub fn is_transient(error: &DieselError) -> bool {
@@ -65,12 +55,6 @@ pub fn is_transient(error: &DieselError) -> bool {
         DieselError::BrokenTransactionManager => true,
         _ => false,
     }
-}
-
-/// is_unique_violation says whether an error is a unique-key conflict on `constraint`.
-pub fn is_unique_violation(error: &DieselError, constraint: &str) -> bool {
-    matches!(error, DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info)
-        if info.constraint_name() == Some(constraint))
 }
 
 /// Db is the shared connection pool.
@@ -120,12 +104,6 @@ impl Db {
         })
         .await
         .expect("a database task panicked")
-    }
-
-    /// Db::state reports the pool's open and idle connections, for metrics and readiness.
-    pub fn state(&self) -> (u32, u32) {
-        let state = self.pool.state();
-        (state.connections, state.idle_connections)
     }
 }
 

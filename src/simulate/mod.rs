@@ -15,7 +15,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, Topology};
+use crate::broker::Broker;
 use crate::config::Config;
 
 #[derive(Debug, Subcommand)]
@@ -125,13 +125,7 @@ pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()>
             }
         });
     }
-    let broker = Broker::start(
-        config.amqp.url.clone(),
-        Topology::new(&config),
-        config.amqp.reconnect_min,
-        config.amqp.reconnect_max,
-        shutdown.clone(),
-    );
+    let broker = Broker::declaring(&config, shutdown.clone());
     let stats = Arc::new(Stats::default());
     let reporter = {
         let (stats, shutdown) = (stats.clone(), shutdown.clone());

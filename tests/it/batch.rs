@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::harness::{Env, ISSUER, count, text};
 use crate::support::{
-    DEADLINE, asset_status, channel, delivered_certificate, delivery_state, first_attempt, queued, request_id,
-    settle_all, timestamp, wait_for_queue,
+    DEADLINE, Retransmitting, asset_status, channel, delivered_certificate, delivery_state, first_attempt, queued,
+    request_id, retransmitting, settle_all, timestamp, wait_for_queue,
 };
 
 /// job_names are the scheduled jobs, for the configuration that gives each a schedule of its own.
@@ -692,29 +692,7 @@ async fn purge_deletes_only_the_dead_letters_its_filter_selects_and_audits_each_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asset_expiry_ends_a_retransmitting_asset_past_its_term_and_cancels_its_delivery() {
     let mut env = Env::new().await;
-    env.product("ppv", |p| {
-        p.kind = "ppv_ticket".into();
-        p.asset_validity_secs = Some(3_600);
-    })
-    .await;
-    let dave = env.terminal("dave", "gw-1", Some("card-co")).await;
-    env.start().await;
-    env.partner(settle_all());
-    // No gateway simulator: attempt 1 goes unanswered.
-
-    let order = purchase(&dave, "ppv", 1, json!({"delivery": {"mode": "immediate"}}));
-    env.send(&order).await;
-    let first = first_attempt(&env, &request_id(&order)).await;
-    let timed_out = env.run_job("retransmission", first.sent_at + TimeDelta::seconds(61)).await;
-    assert_eq!(timed_out.rows_scanned, 1, "{timed_out:?}");
-    let (delivery, asset) = (first.delivery.clone(), first.asset.clone());
-    let expires_at = env
-        .db(move |c| {
-            assert_eq!(asset_status(c, &asset), "retransmitting");
-            assert_eq!(delivery_state(c, &delivery).status, "failed");
-            timestamp(c, &format!("SELECT expires_at AS value FROM assets WHERE id = '{asset}'")).unwrap()
-        })
-        .await;
+    let Retransmitting { first, expires_at } = retransmitting(&mut env).await;
 
     // Within its term nothing happens.
     let early = env.run_job("asset_expiry", expires_at - TimeDelta::minutes(1)).await;

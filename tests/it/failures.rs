@@ -19,8 +19,8 @@ use serde_json::{Value, json};
 
 use crate::harness::{Env, count, text};
 use crate::support::{
-    DEADLINE, asset_status, channel, delivery_state, first_attempt, queued, request_id, settle_all, timestamp,
-    wait_for_queue,
+    DEADLINE, Retransmitting, asset_status, channel, delivery_state, first_attempt, queued, request_id, retransmitting,
+    settle_all, timestamp, wait_for_queue,
 };
 
 /// SCHEDULE_SECS is the retransmission schedule of SPEC.md, in seconds: the wait after failed
@@ -293,28 +293,7 @@ async fn a_delivery_whose_retries_run_out_is_dead_lettered_with_every_attempt() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_asset_that_expires_while_its_retransmission_is_pending_is_never_delivered() {
     let mut env = Env::new().await;
-    env.product("ppv", |p| {
-        p.kind = "ppv_ticket".into();
-        p.asset_validity_secs = Some(3_600);
-    })
-    .await;
-    let dave = env.terminal("dave", "gw-1", Some("card-co")).await;
-    env.start().await;
-    env.partner(settle_all());
-    // No gateway simulator: attempt 1 goes unanswered.
-
-    let order = purchase(&dave, "ppv", 1, json!({"delivery": {"mode": "immediate"}}));
-    env.send(&order).await;
-    let first = first_attempt(&env, &request_id(&order)).await;
-    let timed_out = env.run_job("retransmission", first.sent_at + secs(61)).await;
-    assert_eq!(timed_out.rows_scanned, 1, "{timed_out:?}");
-    let asset = first.asset.clone();
-    let expires_at = env
-        .db(move |c| {
-            assert_eq!(asset_status(c, &asset), "retransmitting");
-            timestamp(c, &format!("SELECT expires_at AS value FROM assets WHERE id = '{asset}'")).unwrap()
-        })
-        .await;
+    let Retransmitting { first, expires_at } = retransmitting(&mut env).await;
     let as_of = first.sent_at + TimeDelta::hours(2);
     assert!(as_of > expires_at, "the scan runs after the asset's term: {as_of} vs {expires_at}");
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use assetflow::app::{self, App, RunOptions};
-use assetflow::broker::{Broker, Topology};
+use assetflow::broker::Broker;
 use assetflow::catalogue::{Product, upsert_product};
 use assetflow::config::Config;
 use assetflow::crypto::{self, KeyRing};
@@ -79,13 +79,7 @@ impl Env {
         let app = Arc::new(App::new(config.clone(), PoolDefinitions::built_in(), KeyRing::ephemeral(&[ISSUER])));
         app::prepare(&app).await.expect("database prepared");
         let shutdown = CancellationToken::new();
-        let broker = Broker::start(
-            config.amqp.url.clone(),
-            Topology::new(&config),
-            config.amqp.reconnect_min,
-            config.amqp.reconnect_max,
-            shutdown.clone(),
-        );
+        let broker = Broker::declaring(&config, shutdown.clone());
         let publisher = Publisher::new(broker.clone());
         Env {
             config,

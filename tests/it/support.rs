@@ -94,6 +94,46 @@ pub async fn first_attempt(env: &Env, request_id: &str) -> FirstAttempt {
     FirstAttempt { delivery, asset, sent_at }
 }
 
+/// Retransmitting is an asset whose first delivery attempt went unanswered: the asset is
+/// `retransmitting` and its delivery `failed`, waiting for a retry, before the asset's term ends.
+pub struct Retransmitting {
+    pub first: FirstAttempt,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// retransmitting places an immediate order for an asset valid one hour (the partner settles, no
+/// gateway answers) and times its first attempt out with the retransmission scan.
+pub async fn retransmitting(env: &mut Env) -> Retransmitting {
+    env.product("ppv", |p| {
+        p.kind = "ppv_ticket".into();
+        p.asset_validity_secs = Some(3_600);
+    })
+    .await;
+    let dave = env.terminal("dave", "gw-1", Some("card-co")).await;
+    env.start().await;
+    env.partner(settle_all());
+    // No gateway simulator: attempt 1 goes unanswered.
+    let order = assetflow::simulate::terminals::purchase(
+        &dave,
+        "ppv",
+        1,
+        serde_json::json!({"delivery": {"mode": "immediate"}}),
+    );
+    env.send(&order).await;
+    let first = first_attempt(env, &request_id(&order)).await;
+    let timed_out = env.run_job("retransmission", first.sent_at + chrono::TimeDelta::seconds(61)).await;
+    assert_eq!(timed_out.rows_scanned, 1, "{timed_out:?}");
+    let (delivery, asset) = (first.delivery.clone(), first.asset.clone());
+    let expires_at = env
+        .db(move |c| {
+            assert_eq!(asset_status(c, &asset), "retransmitting");
+            assert_eq!(delivery_state(c, &delivery).status, "failed");
+            timestamp(c, &format!("SELECT expires_at AS value FROM assets WHERE id = '{asset}'")).expect("an asset")
+        })
+        .await;
+    Retransmitting { first, expires_at }
+}
+
 /// delivered_certificate waits until the certificate of the order placed with `request_id` is
 /// delivered, and returns it as the terminal received it.
 pub async fn delivered_certificate(env: &Env, request_id: &str) -> Value {
