@@ -35,6 +35,14 @@ pub const REPLAY_RECEIVED_AT: &str = "x-assetflow-received-at";
 /// The largest message body a pool accepts; anything larger is dead-lettered as malformed.
 pub const MAX_BODY: usize = 256 * 1024;
 
+/// The longest pause between two health checks of a database that is down.
+const DATABASE_CHECK_MAX: Duration = Duration::from_secs(5);
+
+/// How many times in a row a handler may find the database unavailable right after a health check
+/// found it up, before the failure is treated as an ordinary transient one (spending attempts).
+/// It bounds the wait for a failure that only looks like an outage.
+const UNAVAILABLE_WHILE_HEALTHY: u32 = 3;
+
 /// Incoming is a consumed message, as the handlers see it.
 #[derive(Debug, Clone)]
 pub struct Incoming {
@@ -122,6 +130,10 @@ pub enum Failure {
     /// Not yet: publish it again at `until`, without spending an attempt.
     #[error("deferred until {until}: {why}")]
     Defer { until: DateTime<Utc>, why: String },
+    /// The database cannot be reached (refused, closed, restarting): the pool holds the message
+    /// and waits for the database instead of spending a delivery attempt.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl Failure {
@@ -136,7 +148,9 @@ impl From<diesel::result::Error> for Failure {
         // re-reads the state and finds it done. One that never heals ends at the delivery limit.
         let unique =
             matches!(e, diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _));
-        if unique || crate::db::is_transient(&e) {
+        if is_connection_lost(&e) {
+            Failure::Unavailable(e.to_string())
+        } else if unique || crate::db::is_transient(&e) {
             Failure::Transient(e.to_string())
         } else {
             Failure::permanent(Reason::Unprocessable, format!("database: {e}"))
@@ -147,9 +161,34 @@ impl From<diesel::result::Error> for Failure {
 impl From<DbError> for Failure {
     fn from(e: DbError) -> Failure {
         match e {
-            DbError::Unavailable(m) => Failure::Transient(m),
+            DbError::Unavailable(m) => Failure::Unavailable(m),
             DbError::Query(e) => e.into(),
         }
+    }
+}
+
+/// is_connection_lost says whether a diesel error means the database went away (the connection
+/// was closed, refused or is being shut down), as opposed to a conflict or a bad query. The
+/// server's own messages for admin_shutdown (57P01), cannot_connect_now (57P03) and the class 08
+/// connection exceptions reach diesel as `Unknown`.
+fn is_connection_lost(error: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error};
+    match error {
+        Error::DatabaseError(DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand, _) => true,
+        Error::DatabaseError(DatabaseErrorKind::Unknown, info) => {
+            let message = info.message();
+            [
+                "terminating connection",
+                "server closed the connection",
+                "the database system is",
+                "no connection to the server",
+                "connection refused",
+                "could not connect",
+            ]
+            .iter()
+            .any(|m| message.contains(m))
+        }
+        _ => false,
     }
 }
 
@@ -209,6 +248,17 @@ impl Registry {
     pub fn handles(&self, queue: &str) -> bool {
         self.handlers.contains_key(queue)
     }
+}
+
+/// DatabaseWait is how a wait for the database ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DatabaseWait {
+    /// The first health check passed: the failure was not an outage (or it was already over).
+    WasUp,
+    /// The database was down and is back.
+    WasDown,
+    /// Shutdown came first.
+    ShuttingDown,
 }
 
 /// Action is what happens to a message on the broker.
@@ -307,14 +357,15 @@ impl PoolRunner {
             let permit = permits.clone().acquire_owned().await.expect("the semaphore is never closed");
             let this = self.clone();
             let queue = queue.to_string();
+            let shutdown = shutdown.clone();
             in_flight.spawn(async move {
-                this.process(&queue, delivery).await;
+                this.process(&queue, delivery, &shutdown).await;
                 drop(permit);
             });
         }
     }
 
-    async fn process(&self, queue: &str, delivery: Delivery) {
+    async fn process(&self, queue: &str, delivery: Delivery, shutdown: &CancellationToken) {
         let started = Instant::now();
         let (incoming, verdict) = Incoming::parse(queue, &self.app.names.internal(), &delivery);
         telemetry::message_received(self.pool.as_str(), &incoming.message_type);
@@ -328,7 +379,7 @@ impl PoolRunner {
             correlation_id = incoming.correlation_id.as_deref().unwrap_or(""),
             request_id = incoming.json.get("request_id").and_then(serde_json::Value::as_str).unwrap_or(""),
         );
-        let action = tracing::Instrument::instrument(self.execute(incoming.clone(), verdict), span).await;
+        let action = tracing::Instrument::instrument(self.execute(incoming.clone(), verdict, shutdown), span).await;
         let result = match action {
             Action::Ack(_) => delivery.acker.ack(BasicAckOptions::default()).await,
             Action::Requeue => delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
@@ -345,7 +396,17 @@ impl PoolRunner {
     }
 
     /// execute runs the handler with in-process retries and decides the message's fate.
-    async fn execute(&self, incoming: Incoming, verdict: Result<(), (Reason, String)>) -> Action {
+    ///
+    /// A database that cannot be reached is not the message's fault: the message is held (with
+    /// the pool's permit, so consumption pauses once `concurrency` are held and `prefetch` bounds
+    /// the rest) until a health check finds the database back, and then handled again without
+    /// spending a retry or a delivery. Only shutdown returns a held message to the queue.
+    async fn execute(
+        &self,
+        incoming: Incoming,
+        verdict: Result<(), (Reason, String)>,
+        shutdown: &CancellationToken,
+    ) -> Action {
         if let Err((reason, detail)) = verdict {
             return self.settle(&incoming, Err(Failure::Permanent { reason, detail }), &[]).await;
         }
@@ -375,8 +436,20 @@ impl PoolRunner {
 
         let mut errors = Vec::new();
         let mut delays = self.retries.iter();
+        let mut unavailable_while_healthy = 0;
         loop {
-            let result = self.run_handler(handler.clone(), incoming.clone()).await;
+            let result = match self.run_handler(handler.clone(), incoming.clone()).await {
+                Err(Failure::Unavailable(e)) => match self.wait_for_database(&e, shutdown).await {
+                    DatabaseWait::ShuttingDown => return Action::Requeue,
+                    DatabaseWait::WasDown => continue,
+                    DatabaseWait::WasUp if unavailable_while_healthy < UNAVAILABLE_WHILE_HEALTHY => {
+                        unavailable_while_healthy += 1;
+                        continue;
+                    }
+                    DatabaseWait::WasUp => Err(Failure::Transient(e)),
+                },
+                other => other,
+            };
             match result {
                 Err(Failure::Transient(e)) => {
                     errors.push(json!({"at": Utc::now(), "error": e}));
@@ -389,6 +462,35 @@ impl PoolRunner {
                 }
                 other => return self.settle(&incoming, other, &errors).await,
             }
+        }
+    }
+
+    /// wait_for_database holds the calling message until the database answers a health check,
+    /// checking with a backoff from 100 ms doubling to [`DATABASE_CHECK_MAX`].
+    async fn wait_for_database(&self, error: &str, shutdown: &CancellationToken) -> DatabaseWait {
+        let mut backoff = Duration::from_millis(100);
+        let mut checks = 0u32;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return DatabaseWait::ShuttingDown,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            let healthy = tokio::select! {
+                _ = shutdown.cancelled() => return DatabaseWait::ShuttingDown,
+                up = self.app.db.run(|conn| diesel::sql_query("SELECT 1").execute(conn).map_err(DbError::from)) => up.is_ok(),
+            };
+            checks += 1;
+            if healthy {
+                if checks > 1 {
+                    tracing::info!(pool = %self.pool, "the database is back; handling the held message");
+                    return DatabaseWait::WasDown;
+                }
+                return DatabaseWait::WasUp;
+            }
+            if checks == 1 {
+                tracing::warn!(pool = %self.pool, error, "the database is unavailable; holding the message until it is back");
+            }
+            backoff = (backoff * 2).min(DATABASE_CHECK_MAX);
         }
     }
 
@@ -426,7 +528,7 @@ impl PoolRunner {
             Ok(true) => Action::Ack("acked"),
             Ok(false) => Action::Ack("duplicate"),
             Err(Failure::Permanent { reason, detail }) => self.dead_letter(incoming, reason, detail, errors).await,
-            Err(Failure::Transient(error)) => {
+            Err(Failure::Transient(error) | Failure::Unavailable(error)) => {
                 // One delivery before the broker's own limit, give up here, where the evidence is.
                 if incoming.delivery_count + 2 >= self.app.config.amqp.delivery_limit {
                     let detail = format!("still failing after {} deliveries: {error}", incoming.delivery_count + 1);
