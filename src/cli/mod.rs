@@ -1,6 +1,7 @@
 //! The command line: one binary, `assetflow`, with a subcommand per operator task.
 
 pub mod admin;
+pub mod audit;
 pub mod batch;
 pub mod dlq;
 pub mod status;
@@ -96,6 +97,19 @@ pub enum Command {
         #[command(subcommand)]
         command: dlq::DlqCommand,
     },
+    /// Check the guarantees after a run: nothing lost, nothing done twice, legal status paths,
+    /// dead letters exactly what could not be processed, queues drained. Exits 1 if one broke.
+    Audit {
+        /// The orders the caller published: any that reached no table counts as lost.
+        #[arg(long)]
+        sent: Option<i64>,
+        /// Print the audit as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Do not read the queue depths from RabbitMQ.
+        #[arg(long)]
+        no_queues: bool,
+    },
     /// Benchmarks: throughput measured on this machine.
     Bench {
         #[command(subcommand)]
@@ -174,6 +188,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys { command } => admin::keys(&config, command)?,
         Command::Terminals { command } => admin::terminals(&config, command).await?,
         Command::Products { command } => admin::products(&config, command).await?,
+        Command::Audit { sent, json, no_queues } => return audit::run(&config, sent, json, no_queues).await,
         Command::Batch { command } => batch::execute(config, command).await?,
         Command::Dlq { command } => dlq::execute(config, command).await?,
         Command::Bench { command } => crate::bench::run(config, command).await?,

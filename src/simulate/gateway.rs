@@ -35,6 +35,9 @@ pub struct GatewayOptions {
     /// Share of receipts sent twice.
     #[arg(long, default_value_t = 0.0)]
     pub duplicate_rate: f64,
+    /// Time taken to answer each delivery (a slow gateway).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    pub latency: Duration,
     /// Share of certificates their holders exchange, when their keys are in --keys.
     #[arg(long, default_value_t = 0.5)]
     pub exchange_rate: f64,
@@ -50,6 +53,7 @@ impl Default for GatewayOptions {
             failure_rate: 0.0,
             silence_rate: 0.0,
             duplicate_rate: 0.0,
+            latency: Duration::ZERO,
             exchange_rate: 0.5,
             keys: super::default_keys_dir(),
         }
@@ -142,6 +146,9 @@ pub async fn run(
                     received_at: Utc::now(),
                 };
                 let body = serde_json::to_vec(&receipt).expect("serializes");
+                if !options.latency.is_zero() {
+                    tokio::time::sleep(options.latency).await;
+                }
                 let copies = if rand::random::<f64>() < options.duplicate_rate { 2 } else { 1 };
                 for _ in 0..copies {
                     if let Err(e) =

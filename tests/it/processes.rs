@@ -5,14 +5,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use assetflow::cli::audit::{Audit, audit};
 use assetflow::crypto::KeyRing;
 use assetflow::simulate::gateway::GatewayOptions;
 use assetflow::simulate::partner::PartnerOptions;
 use assetflow::simulate::terminals::{SimTerminal, purchase, register};
-use assetflow::status_machine::{Status, is_legal_path};
 use diesel::prelude::*;
 use serde_json::json;
 
+use crate::chaos::assert_guarantees;
 use crate::harness::{Env, ISSUER, count};
 use crate::support::settle_all;
 
@@ -99,63 +100,22 @@ fn orders(terminals: &[SimTerminal], range: std::ops::Range<usize>) -> Vec<serde
         .collect()
 }
 
-/// Every order and every transmission has reached a final state, and the outbox is empty.
-fn all_final(c: &mut PgConnection, orders: i64, exchanges: i64) -> Option<()> {
-    (count(c, "SELECT count(*) FROM orders WHERE status IN ('issued', 'declined', 'failed')") == orders
-        && count(c, "SELECT count(*) FROM deliveries WHERE status NOT IN ('delivered', 'dead', 'cancelled')") == 0
-        && count(c, "SELECT count(*) FROM terminal_requests WHERE message_type = 'certificate.exchange'") == exchanges
-        && count(c, "SELECT count(*) FROM outbox") == 0)
-        .then_some(())
+/// Every order and every transmission has reached a final state, the outbox is empty and every
+/// exchange the gateway sent was answered: the shared audit (`assetflow audit`), once it finds
+/// nothing lost.
+fn all_final(c: &mut PgConnection, orders: i64, exchanges: i64) -> Option<Audit> {
+    let audit = audit(c, Some(orders)).expect("the audit runs");
+    (audit.orders == orders
+        && audit.lost == 0
+        && count(c, "SELECT count(*) FROM terminal_requests WHERE message_type = 'certificate.exchange'") == exchanges)
+        .then_some(audit)
 }
 
-/// No settlement, issue, asset delivery or acknowledgement happened twice, and every status history
-/// is a legal path through the status machine.
-fn assert_nothing_twice(c: &mut PgConnection, orders: i64) {
-    assert_eq!(count(c, "SELECT count(*) FROM settlements"), orders, "one settlement per order");
-    assert_eq!(
-        count(
-            c,
-            "SELECT count(*) FROM orders o WHERE o.status = 'issued' AND (SELECT count(*) FROM assets a WHERE a.order_id = o.id) <> o.quantity * cardinality(o.recipient_terminal_ids)"
-        ),
-        0,
-        "every issued order has exactly its assets"
-    );
-    assert_eq!(
-        count(
-            c,
-            "SELECT count(*) FROM (SELECT asset_id FROM deliveries WHERE kind = 'asset' GROUP BY asset_id HAVING count(*) > 1) x"
-        ),
-        0,
-        "no asset delivered twice"
-    );
-    assert_eq!(
-        count(
-            c,
-            "SELECT count(*) FROM (SELECT asset_id FROM deliveries WHERE kind = 'certificate' GROUP BY asset_id HAVING count(*) > 1) x"
-        ),
-        0,
-        "no certificate sent twice"
-    );
-    assert_eq!(
-        count(
-            c,
-            "SELECT count(*) FROM (SELECT delivery_id FROM delivery_attempts WHERE outcome = 'acknowledged' GROUP BY delivery_id HAVING count(*) > 1) x"
-        ),
-        0,
-        "no delivery acknowledged twice"
-    );
-    assert_eq!(count(c, "SELECT count(*) FROM dead_letters"), 0, "nothing given up on");
-    let history: Vec<(uuid::Uuid, Option<String>, String)> = {
-        use assetflow::db::schema::asset_status_history as h;
-        h::table.order((h::asset_id, h::id)).select((h::asset_id, h::from_status, h::to_status)).load(c).unwrap()
-    };
-    let mut paths: std::collections::BTreeMap<uuid::Uuid, Vec<(Option<Status>, Status)>> = Default::default();
-    for (asset, from, to) in history {
-        paths.entry(asset).or_default().push((from.map(|s| Status::parse(&s).unwrap()), Status::parse(&to).unwrap()));
-    }
-    for (asset, path) in paths {
-        assert!(is_legal_path(&path), "asset {asset} took an illegal path: {path:?}");
-    }
+/// No settlement, issue, asset delivery or acknowledgement happened twice, every status history is
+/// a legal path through the status machine, and nothing was given up on.
+fn assert_nothing_twice(audit: &Audit) {
+    assert_guarantees(audit);
+    assert_eq!(audit.dead_letters(), 0, "nothing given up on: {}", audit.summary());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,12 +156,13 @@ async fn two_processes_with_one_killed_mid_load_lose_nothing_and_do_nothing_twic
     }
 
     let stats = env.stats.clone();
-    env.wait_until("every order and transmission is final", move |c| {
-        all_final(c, 80, stats.exchanges.load(std::sync::atomic::Ordering::Relaxed) as i64)
-    })
-    .await;
+    let audit = env
+        .wait_until("every order and transmission is final", move |c| {
+            all_final(c, 80, stats.exchanges.load(std::sync::atomic::Ordering::Relaxed) as i64)
+        })
+        .await;
+    assert_nothing_twice(&audit);
     env.db(|c| {
-        assert_nothing_twice(c, 80);
         assert!(
             count(c, "SELECT count(*) FROM assets WHERE status = 'delivered'") > 0,
             "some certificates were exchanged"
@@ -232,8 +193,8 @@ async fn sigterm_finishes_the_work_in_hand_and_exits_zero() {
 
     // What was left in the queues is taken up by the next process, and all of it completes.
     let _next = Node::start(&dir, "next");
-    env.wait_until("every order and transmission is final", |c| all_final(c, 10, 0)).await;
-    env.db(|c| assert_nothing_twice(c, 10)).await;
+    let audit = env.wait_until("every order and transmission is final", |c| all_final(c, 10, 0)).await;
+    assert_nothing_twice(&audit);
 }
 
 /// A small run of the lifecycle benchmark, through the real binary: it works, and every order it

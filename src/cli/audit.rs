@@ -1,0 +1,381 @@
+//! `assetflow audit`: the guarantees of SPEC.md, checked from the database and the queues after a
+//! run. Nothing lost (every accepted request reached a final state), nothing done twice (no
+//! settlement, issue, asset delivery, acknowledgement, exchange or reminder stage twice), every
+//! status history a legal path, and the dead letters exactly what could not be processed, each
+//! with its reason. `ops/chaos` and the fault tests (`tests/it/chaos.rs`, `tests/it/processes.rs`)
+//! run these same checks.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use diesel::prelude::*;
+use serde::Serialize;
+
+use crate::broker::{Names, Pool};
+use crate::config::Config;
+use crate::dead_letter::Reason;
+use crate::status_machine::{Status, is_legal_path};
+
+/// DUPLICATE_CHECKS are the "done twice" queries: each counts the subjects that got an effect more
+/// than once. Several are also unique constraints in the schema; the audit does not assume them.
+const DUPLICATE_CHECKS: &[(&str, &str)] = &[
+    (
+        "settlement",
+        "SELECT count(*) FROM (SELECT order_id FROM settlements WHERE kind = 'purchase' GROUP BY order_id HAVING count(*) > 1) x",
+    ),
+    (
+        "issue",
+        "SELECT count(*) FROM orders o WHERE (SELECT count(*) FROM assets a WHERE a.order_id = o.id) > o.quantity * cardinality(o.recipient_terminal_ids)",
+    ),
+    (
+        "issue_before_settlement",
+        "SELECT count(*) FROM orders o WHERE EXISTS (SELECT 1 FROM assets a WHERE a.order_id = o.id) AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.order_id = o.id AND s.status = 'settled')",
+    ),
+    (
+        "certificate",
+        "SELECT count(*) FROM (SELECT asset_id FROM exchange_certificates GROUP BY asset_id HAVING count(*) > 1) x",
+    ),
+    (
+        "asset_delivery",
+        "SELECT count(*) FROM (SELECT asset_id FROM deliveries WHERE kind = 'asset' GROUP BY asset_id HAVING count(*) > 1) x",
+    ),
+    (
+        "certificate_delivery",
+        "SELECT count(*) FROM (SELECT asset_id FROM deliveries WHERE kind = 'certificate' GROUP BY asset_id HAVING count(*) > 1) x",
+    ),
+    (
+        "acknowledgement",
+        "SELECT count(*) FROM (SELECT delivery_id FROM delivery_attempts WHERE outcome = 'acknowledged' GROUP BY delivery_id HAVING count(*) > 1) x",
+    ),
+    (
+        "asset_completion",
+        "SELECT count(*) FROM (SELECT asset_id FROM asset_status_history WHERE to_status IN ('delivered', 'force_delivered') GROUP BY asset_id HAVING count(*) > 1) x",
+    ),
+    (
+        "exchange",
+        "SELECT count(*) FROM (SELECT c.id FROM exchange_certificates c JOIN terminal_requests r ON r.subject_id = c.asset_id AND r.message_type = 'certificate.exchange' AND r.outcome = 'accepted' GROUP BY c.id HAVING count(*) > 1) x",
+    ),
+    (
+        // Reminders (stage 1 and 2), past-due messages and revocation requests: one per
+        // certificate and notice, however often and on however many processes the scans run.
+        "certificate_notice",
+        "SELECT count(*) FROM (SELECT content->>'certificate_id', content->>'code' FROM deliveries WHERE kind IN ('message', 'download_request', 'revocation_request') AND content->>'certificate_id' IS NOT NULL GROUP BY 1, 2 HAVING count(*) > 1) x",
+    ),
+];
+
+/// OPEN_CHECKS are the "lost" queries: accepted work that has not reached a final state.
+const OPEN_CHECKS: &[(&str, &str)] = &[
+    ("open_orders", "SELECT count(*) FROM orders WHERE status IN ('settling', 'issuing')"),
+    (
+        "issued_orders_short_of_assets",
+        "SELECT count(*) FROM orders o WHERE o.status = 'issued' AND (SELECT count(*) FROM assets a WHERE a.order_id = o.id) < o.quantity * cardinality(o.recipient_terminal_ids)",
+    ),
+    (
+        "accepted_orders_without_order",
+        "SELECT count(*) FROM terminal_requests r WHERE r.message_type = 'order.purchase' AND r.outcome = 'accepted' AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.request_id = r.request_id)",
+    ),
+    (
+        "accepted_exchanges_not_carried_out",
+        "SELECT count(*) FROM terminal_requests r WHERE r.message_type = 'certificate.exchange' AND r.outcome = 'accepted' AND NOT EXISTS (SELECT 1 FROM exchange_certificates c WHERE c.exchange_request_id = r.request_id)",
+    ),
+    ("open_deliveries", "SELECT count(*) FROM deliveries WHERE status IN ('pending', 'sent', 'failed')"),
+    ("unpublished_outbox_rows", "SELECT count(*) FROM outbox"),
+];
+
+/// Audit is what the checks found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Audit {
+    /// Orders placed by terminals that reached assetflow, whatever became of them: accepted,
+    /// refused or dead-lettered.
+    pub requests: i64,
+    /// `--sent`: the orders the caller published, when it says.
+    pub sent: Option<i64>,
+    /// Accepted orders.
+    pub orders: i64,
+    /// Orders issued: settled, with every asset issued.
+    pub completed: i64,
+    pub declined: i64,
+    /// Orders failed (the partner never answered).
+    pub failed: i64,
+    /// Terminal requests refused, with a reason (orders and exchanges).
+    pub refused: i64,
+    pub exchanges: i64,
+    pub deliveries: i64,
+    pub delivered: i64,
+    /// Dead letters, by reason.
+    pub dead_lettered: BTreeMap<String, i64>,
+    /// Lost: accepted work not final, by check; plus sent orders found nowhere.
+    pub open: BTreeMap<String, i64>,
+    pub lost: i64,
+    /// Done twice, by check.
+    pub duplicates: BTreeMap<String, i64>,
+    pub duplicated: i64,
+    /// Assets whose status history is not a legal path, or does not end at the asset's status.
+    pub illegal_paths: Vec<String>,
+    /// Where the dead letters and what could not be processed do not match one to one.
+    pub dead_letter_mismatches: BTreeMap<String, i64>,
+    /// Messages still in assetflow's queues, by queue (filled by [`queue_depths`]).
+    pub queued: BTreeMap<String, u32>,
+}
+
+impl Audit {
+    /// Audit::dead_letters is the number of dead letters, all reasons.
+    pub fn dead_letters(&self) -> i64 {
+        self.dead_lettered.values().sum()
+    }
+
+    /// Audit::problems lists every broken guarantee; empty when all hold.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (check, n) in self.open.iter().filter(|(_, n)| **n > 0) {
+            problems.push(format!("lost: {check} = {n}"));
+        }
+        for (check, n) in self.duplicates.iter().filter(|(_, n)| **n > 0) {
+            problems.push(format!("done twice: {check} = {n}"));
+        }
+        for path in &self.illegal_paths {
+            problems.push(format!("illegal status path: {path}"));
+        }
+        for (check, n) in self.dead_letter_mismatches.iter().filter(|(_, n)| **n > 0) {
+            problems.push(format!("dead letters: {check} = {n}"));
+        }
+        for (queue, n) in self.queued.iter().filter(|(_, n)| **n > 0) {
+            problems.push(format!("{n} message(s) left in {queue}"));
+        }
+        problems
+    }
+
+    /// Audit::summary is the report `assetflow audit` prints.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        let sent = self.sent.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "requests sent {sent} · received {} · accepted {} · completed {} · declined {} · failed {} · refused {} · dead-lettered {}\n",
+            self.requests,
+            self.orders,
+            self.completed,
+            self.declined,
+            self.failed,
+            self.refused,
+            self.dead_letters()
+        ));
+        out.push_str(&format!(
+            "exchanges {} · deliveries {} (delivered {}) · lost {} · duplicated effects {} · illegal paths {}\n",
+            self.exchanges,
+            self.deliveries,
+            self.delivered,
+            self.lost,
+            self.duplicated,
+            self.illegal_paths.len()
+        ));
+        if !self.dead_lettered.is_empty() {
+            let reasons: Vec<String> = self.dead_lettered.iter().map(|(r, n)| format!("{r} {n}")).collect();
+            out.push_str(&format!("dead letters by reason: {}\n", reasons.join(", ")));
+        }
+        let problems = self.problems();
+        if problems.is_empty() {
+            out.push_str("every guarantee holds\n");
+        }
+        for problem in problems {
+            out.push_str(&format!("PROBLEM {problem}\n"));
+        }
+        out
+    }
+}
+
+/// INFRASTRUCTURE_REASONS are dead-letter reasons that well-formed traffic only gets when the
+/// infrastructure failed it: the message could have been processed.
+pub const INFRASTRUCTURE_REASONS: [Reason; 2] = [Reason::HandlerFailed, Reason::BrokerDeadLettered];
+
+/// audit runs every database check. `sent` is the number of orders the caller published, if known:
+/// any it published that reached no table is lost.
+pub fn audit(conn: &mut PgConnection, sent: Option<i64>) -> QueryResult<Audit> {
+    let mut audit = Audit { sent, ..Audit::default() };
+    audit.orders = count(conn, "SELECT count(*) FROM orders")?;
+    audit.completed = count(conn, "SELECT count(*) FROM orders WHERE status = 'issued'")?;
+    audit.declined = count(conn, "SELECT count(*) FROM orders WHERE status = 'declined'")?;
+    audit.failed = count(conn, "SELECT count(*) FROM orders WHERE status = 'failed'")?;
+    audit.refused = count(conn, "SELECT count(*) FROM refusals")?;
+    audit.exchanges = count(conn, "SELECT count(*) FROM exchange_certificates WHERE exchanged_at IS NOT NULL")?;
+    audit.deliveries = count(conn, "SELECT count(*) FROM deliveries")?;
+    audit.delivered = count(conn, "SELECT count(*) FROM deliveries WHERE status = 'delivered'")?;
+    // An order that reached assetflow is an order row, a refusal, or a dead letter of its message.
+    audit.requests = audit.orders
+        + count(
+            conn,
+            "SELECT count(DISTINCT coalesce(request_id, id::text)) FROM refusals r WHERE message_type = 'order.purchase'
+             AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.request_id = r.request_id)",
+        )?
+        + count(conn, "SELECT count(*) FROM dead_letters WHERE source = 'message' AND message_type = 'order.purchase'")?;
+
+    #[derive(QueryableByName)]
+    struct ByReason {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        reason: String,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        count: i64,
+    }
+    let reasons: Vec<ByReason> =
+        diesel::sql_query("SELECT reason, count(*) AS count FROM dead_letters GROUP BY reason").load(conn)?;
+    audit.dead_lettered = reasons.into_iter().map(|r| (r.reason, r.count)).collect();
+
+    for (check, sql) in OPEN_CHECKS {
+        audit.open.insert(check.to_string(), count(conn, sql)?);
+    }
+    if let Some(sent) = sent {
+        audit.open.insert("sent_but_never_received".into(), (sent - audit.requests).max(0));
+    }
+    audit.lost = audit.open.values().sum();
+    for (check, sql) in DUPLICATE_CHECKS {
+        audit.duplicates.insert(check.to_string(), count(conn, sql)?);
+    }
+    audit.duplicated = audit.duplicates.values().sum();
+    audit.illegal_paths = illegal_paths(conn)?;
+    audit.dead_letter_mismatches = dead_letter_mismatches(conn)?;
+    Ok(audit)
+}
+
+/// illegal_paths checks every asset's status history against the status machine, and that it
+/// ends at the asset's current status.
+fn illegal_paths(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
+    use crate::db::schema::{asset_status_history as h, assets};
+    let history: Vec<(uuid::Uuid, Option<String>, String)> =
+        h::table.order((h::asset_id, h::id)).select((h::asset_id, h::from_status, h::to_status)).load(conn)?;
+    let current: BTreeMap<uuid::Uuid, String> =
+        assets::table.select((assets::id, assets::status)).load::<(uuid::Uuid, String)>(conn)?.into_iter().collect();
+    let mut paths: BTreeMap<uuid::Uuid, Vec<(Option<String>, String)>> =
+        current.keys().map(|id| (*id, Vec::new())).collect();
+    for (asset, from, to) in history {
+        paths.entry(asset).or_default().push((from, to));
+    }
+    let mut illegal = Vec::new();
+    for (asset, path) in paths {
+        let parsed: Option<Vec<(Option<Status>, Status)>> = path
+            .iter()
+            .map(|(from, to)| {
+                let from = match from {
+                    Some(f) => Some(Status::parse(f)?),
+                    None => None,
+                };
+                Some((from, Status::parse(to)?))
+            })
+            .collect();
+        let ends_at_status = path.last().map(|(_, to)| to) == current.get(&asset);
+        if !parsed.is_some_and(|p| is_legal_path(&p)) || !ends_at_status {
+            let steps: Vec<String> =
+                path.iter().map(|(from, to)| format!("{}→{to}", from.as_deref().unwrap_or("(new)"))).collect();
+            let now = current.get(&asset).map(String::as_str).unwrap_or("(no asset)");
+            illegal.push(format!("asset {asset} [{}], now {now}", steps.join(", ")));
+        }
+    }
+    Ok(illegal)
+}
+
+/// dead_letter_mismatches pairs what could not be processed with its dead letter, both ways.
+fn dead_letter_mismatches(conn: &mut PgConnection) -> QueryResult<BTreeMap<String, i64>> {
+    let known: Vec<String> = Reason::ALL.iter().map(|r| format!("'{}'", r.as_str())).collect();
+    let infrastructure: Vec<String> = INFRASTRUCTURE_REASONS.iter().map(|r| format!("'{}'", r.as_str())).collect();
+    let checks = [
+        (
+            "without_a_reason",
+            format!("SELECT count(*) FROM dead_letters WHERE reason NOT IN ({}) OR detail = ''", known.join(", ")),
+        ),
+        (
+            "failed_orders_without_a_settlement_dead_letter",
+            "SELECT count(*) FROM orders o WHERE o.status = 'failed' AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.source = 'settlement' AND d.subject_id = o.id)".into(),
+        ),
+        (
+            "settlement_dead_letters_without_an_abandoned_settlement",
+            // A late answer after abandonment still counts (the payer may have paid), so an
+            // abandoned settlement may since have settled; its dead letter stays as the record.
+            "SELECT count(*) FROM dead_letters d WHERE d.source = 'settlement' AND d.replayed_at IS NULL AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.order_id = d.subject_id AND s.kind = 'purchase' AND s.status <> 'instructed')".into(),
+        ),
+        (
+            "dead_deliveries_without_a_dead_letter",
+            "SELECT count(*) FROM deliveries v WHERE v.status = 'dead' AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.source = 'delivery' AND d.subject_id = v.id)".into(),
+        ),
+        (
+            "delivery_dead_letters_without_a_dead_delivery",
+            "SELECT count(*) FROM dead_letters d WHERE d.source = 'delivery' AND d.replayed_at IS NULL AND NOT EXISTS (SELECT 1 FROM deliveries v WHERE v.id = d.subject_id AND v.status = 'dead')".into(),
+        ),
+        (
+            "dead_lettered_by_an_outage",
+            format!("SELECT count(*) FROM dead_letters WHERE reason IN ({})", infrastructure.join(", ")),
+        ),
+    ];
+    let mut mismatches = BTreeMap::new();
+    for (check, sql) in checks {
+        mismatches.insert(check.to_string(), count(conn, &sql)?);
+    }
+    Ok(mismatches)
+}
+
+fn count(conn: &mut PgConnection, sql: &str) -> QueryResult<i64> {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        count: i64,
+    }
+    Ok(diesel::sql_query(sql).get_result::<Count>(conn)?.count)
+}
+
+/// work_queues are the queues that must be empty once everything is processed: the pools',
+/// their dead-letter queues (drained into `dead_letters` by the recorders), and the partners'
+/// and gateways' queues.
+pub fn work_queues(config: &Config) -> Vec<String> {
+    let names = Names { prefix: config.amqp.prefix.clone() };
+    let mut queues = vec![names.unrouted()];
+    for pool in Pool::ALL {
+        queues.push(names.pool_queue(pool));
+        queues.push(names.dead_letter_queue(pool));
+    }
+    queues.extend(config.partners.keys().map(|p| names.partner_queue(p)));
+    queues.extend(config.gateways.keys().map(|g| names.gateway_queue(g)));
+    queues
+}
+
+/// queue_depths reads the messages in each queue with a passive declare; a queue that does not
+/// exist is left out.
+pub async fn queue_depths(connection: &lapin::Connection, queues: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::FieldTable;
+    let mut depths = BTreeMap::new();
+    for queue in queues {
+        // A passive declare of a missing queue closes the channel: one channel per queue.
+        let channel = connection.create_channel().await?;
+        let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        if let Ok(declared) = channel.queue_declare(queue.as_str().into(), options, FieldTable::default()).await {
+            depths.insert(queue.clone(), declared.message_count());
+            let _ = channel.close(200, "counted".into()).await;
+        }
+    }
+    Ok(depths)
+}
+
+/// run is `assetflow audit`: it prints the audit (or its JSON) and fails when a guarantee broke.
+pub async fn run(config: &Config, sent: Option<i64>, json: bool, no_queues: bool) -> anyhow::Result<ExitCode> {
+    let url = config.database.url.clone();
+    let mut report = tokio::task::spawn_blocking(move || -> anyhow::Result<Audit> {
+        let mut conn = PgConnection::establish(&url)
+            .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", crate::config::redact_url(&url)))?;
+        Ok(audit(&mut conn, sent)?)
+    })
+    .await??;
+    if !no_queues {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let broker = crate::broker::Broker::undeclared(config, shutdown.clone());
+        let connection = tokio::time::timeout(std::time::Duration::from_secs(30), broker.connection())
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| anyhow::anyhow!("cannot connect to RabbitMQ within 30 s"))?;
+        report.queued = queue_depths(&connection, &work_queues(config)).await?;
+        shutdown.cancel();
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.summary());
+    }
+    Ok(if report.problems().is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

@@ -1,0 +1,273 @@
+//! Fault tests: a broker restart and a database restart under load, simulated by cutting a TCP
+//! proxy between the app and RabbitMQ or PostgreSQL, so that the rest of the suite, running in
+//! parallel against the same services, sees nothing. After each, the same audit as `ops/chaos`
+//! (`assetflow audit`): nothing lost, nothing done twice, every status history legal.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use assetflow::app::{self, App, RunOptions};
+use assetflow::cli::audit::{Audit, audit};
+use assetflow::crypto::KeyRing;
+use assetflow::pool::definition::PoolDefinitions;
+use assetflow::simulate::gateway::GatewayOptions;
+use assetflow::simulate::partner::PartnerOptions;
+use assetflow::simulate::terminals::{SimTerminal, purchase};
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{Env, ISSUER, count};
+
+/// Proxy forwards TCP connections to a service until it is cut. A cut closes every open
+/// connection and closes new ones as soon as they are accepted, as a restarting service would;
+/// a restore lets connections through again.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<ProxyState>>,
+    stop: CancellationToken,
+}
+
+struct ProxyState {
+    cut: bool,
+    /// Cancelled to close the connections of the current generation.
+    connections: CancellationToken,
+}
+
+impl Proxy {
+    /// Proxy::start listens on a free loopback port and forwards to `upstream`.
+    pub async fn start(upstream: &str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free port");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(ProxyState { cut: false, connections: CancellationToken::new() }));
+        let stop = CancellationToken::new();
+        let (upstream, state2, stop2) = (upstream.to_string(), state.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut client, _) = tokio::select! {
+                    _ = stop2.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(_) => continue,
+                    },
+                };
+                let connections = {
+                    let state = state2.lock().unwrap();
+                    if state.cut {
+                        continue; // dropping the stream closes it
+                    }
+                    state.connections.clone()
+                };
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(&upstream).await else { return };
+                    tokio::select! {
+                        _ = connections.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, state, stop }
+    }
+
+    /// Proxy::cut closes every connection through the proxy and refuses new ones.
+    pub fn cut(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.cut = true;
+        state.connections.cancel();
+    }
+
+    /// Proxy::restore lets connections through again.
+    pub fn restore(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.cut = false;
+        state.connections = CancellationToken::new();
+    }
+
+    /// Proxy::redirect rewrites `url` to go through this proxy instead of to `upstream`.
+    pub fn redirect(&self, url: &str, upstream: &str) -> String {
+        assert!(url.contains(upstream), "{url} does not go to {upstream}");
+        url.replacen(upstream, &self.addr.to_string(), 1)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.state.lock().unwrap().connections.cancel();
+    }
+}
+
+const POSTGRES: &str = "127.0.0.1:5432";
+const RABBITMQ: &str = "127.0.0.1:5672";
+
+/// Proxied is a test's app, reaching PostgreSQL and RabbitMQ only through proxies, with the
+/// simulators and the test's own queries going to the services directly.
+struct Proxied {
+    env: Env,
+    postgres: Proxy,
+    rabbitmq: Proxy,
+    terminals: Vec<SimTerminal>,
+    stop: CancellationToken,
+    run: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Proxied {
+    async fn start(overrides: serde_json::Value) -> Proxied {
+        let env = Env::with(overrides).await;
+        env.product("ticket", |_| {}).await;
+        let (postgres, rabbitmq) = (Proxy::start(POSTGRES).await, Proxy::start(RABBITMQ).await);
+        let mut config = env.config.clone();
+        config.database.url = postgres.redirect(&config.database.url, POSTGRES);
+        config.amqp.url = rabbitmq.redirect(&config.amqp.url, RABBITMQ);
+        let app = Arc::new(App::new(config, PoolDefinitions::built_in(), KeyRing::ephemeral(&[ISSUER])));
+        let stop = CancellationToken::new();
+        // Pools, relay and scheduler: everything a process runs but the HTTP listener.
+        let options = RunOptions { http: false, ..RunOptions::default() };
+        let run = Some(tokio::spawn(app::run(app, options, stop.clone())));
+        let mut terminals = Vec::new();
+        for (i, gateway) in ["gw-1", "gw-2", "gw-1", "gw-2"].iter().enumerate() {
+            let partner = if i % 2 == 0 { "card-co" } else { "bank-a" };
+            terminals.push(env.terminal(&format!("term-{i}"), gateway, Some(partner)).await);
+        }
+        // A partner and a gateway that send some answers twice, as real ones do after a timeout.
+        env.partner(PartnerOptions {
+            decline_rate: 0.1,
+            duplicate_rate: 0.2,
+            latency: Duration::from_millis(2),
+            ..PartnerOptions::default()
+        });
+        env.gateway(GatewayOptions { duplicate_rate: 0.2, ..GatewayOptions::default() });
+        Proxied { env, postgres, rabbitmq, terminals, stop, run }
+    }
+
+    /// Proxied::order places `n` orders, a fifth of them immediate and a fifth gifts.
+    async fn order(&self, n: usize) {
+        let terminals = &self.terminals;
+        for i in 0..n {
+            let t = &terminals[i % terminals.len()];
+            let extra = match i % 5 {
+                0 => json!({"delivery": {"mode": "immediate"}}),
+                1 => json!({"recipient_terminal_ids": [terminals[(i + 1) % terminals.len()].id]}),
+                _ => json!({}),
+            };
+            self.env.send(&purchase(t, "ticket", 1, extra)).await;
+        }
+    }
+
+    /// Proxied::wait_for_issued waits until at least `n` orders are issued: processing goes on.
+    async fn wait_for_issued(&self, n: i64) {
+        let what = format!("{n} orders are issued");
+        self.env
+            .wait_until(&what, move |c| {
+                (count(c, "SELECT count(*) FROM orders WHERE status = 'issued'") >= n).then_some(())
+            })
+            .await;
+    }
+
+    /// Proxied::settled waits until every one of `orders` orders reached a final state and every
+    /// transmission is closed, then audits.
+    /// Each new state of the audit is printed, so that a failed wait shows where it stalled.
+    async fn settled(&self, orders: i64) -> Audit {
+        let last = Mutex::new(String::new());
+        self.env
+            .wait_until("every order and transmission is final", move |c| {
+                let audit = audit(c, Some(orders)).expect("the audit runs");
+                let summary = format!("{}open: {:?}", audit.summary(), audit.open);
+                if *last.lock().unwrap() != summary {
+                    eprintln!("{summary}");
+                    *last.lock().unwrap() = summary;
+                }
+                (audit.orders == orders && audit.lost == 0).then_some(audit)
+            })
+            .await
+    }
+
+    async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(run) = self.run.take() {
+            run.await.expect("the app did not panic").expect("the app stopped cleanly");
+        }
+    }
+}
+
+/// assert_guarantees fails the test on any broken guarantee: lost, duplicated, an illegal path,
+/// a dead letter without its reason or caused by the outage.
+pub fn assert_guarantees(audit: &Audit) {
+    assert_eq!(audit.lost, 0, "nothing lost: {audit:#?}");
+    assert_eq!(audit.duplicated, 0, "nothing done twice: {audit:#?}");
+    assert!(audit.problems().is_empty(), "{}", audit.summary());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_a_broker_restart_under_load_loses_nothing_and_processing_resumes_by_itself() {
+    let run = Proxied::start(json!({})).await;
+    run.order(20).await;
+    run.wait_for_issued(5).await;
+
+    run.rabbitmq.cut();
+    // Orders keep arriving at the broker while assetflow cannot reach it.
+    run.order(20).await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // the outage lasts a while
+    run.rabbitmq.restore();
+
+    // Processing resumes with no help, and the orders placed during the outage complete.
+    run.wait_for_issued(25).await;
+    run.order(10).await;
+    let audit = run.settled(50).await;
+    assert_guarantees(&audit);
+    assert_eq!(audit.dead_letters(), 0, "nothing dead-lettered: {}", audit.summary());
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_a_database_restart_under_load_loses_nothing_and_processing_resumes_by_itself() {
+    let run = Proxied::start(json!({})).await;
+    run.order(20).await;
+    run.wait_for_issued(5).await;
+
+    // Cut mid-load: transactions in flight lose their connections, the relay and the scheduler
+    // lose theirs, and handlers find no database.
+    run.order(10).await;
+    run.postgres.cut();
+    run.order(10).await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // the outage lasts a while
+    run.postgres.restore();
+
+    run.wait_for_issued(25).await;
+    run.order(10).await;
+    let audit = run.settled(50).await;
+    assert_guarantees(&audit);
+    assert_eq!(audit.dead_letters(), 0, "nothing dead-lettered: {}", audit.summary());
+    run.stop().await;
+}
+
+/// A database outage far longer than the handlers' retry budget (in-process retries times the
+/// deliveries before the delivery limit) dead-letters nothing: the pools hold their messages and
+/// wait for the database, and everything completes once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_a_database_outage_longer_than_the_retry_budget_holds_messages_instead_of_dead_lettering() {
+    // Budget with these settings: 2 deliveries × (4 tries of at most 200 ms + 1.3 s of backoff),
+    // about 4 s. The outage lasts three times that.
+    let run = Proxied::start(json!({
+        "database": {"connection_timeout": "200ms"},
+        "amqp": {"delivery_limit": 3},
+    }))
+    .await;
+    run.order(10).await;
+    run.wait_for_issued(5).await;
+
+    run.postgres.cut();
+    run.order(20).await;
+    tokio::time::sleep(Duration::from_secs(12)).await; // the outage lasts
+    let during = run.env.db(|c| count(c, "SELECT count(*) FROM orders")).await;
+    assert!(during <= 10, "nothing was processed while the database was unreachable ({during} orders)");
+    run.postgres.restore();
+
+    let audit = run.settled(30).await;
+    assert_guarantees(&audit);
+    assert_eq!(audit.dead_letters(), 0, "no message dead-lettered by the outage: {}", audit.summary());
+    run.stop().await;
+}
