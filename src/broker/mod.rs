@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use topology::{Names, Pool, Topology};
 
-use crate::config::Config;
+use crate::config::{AmqpConfig, Config};
 use crate::telemetry;
 
 /// Broker hands out the current connection, or waits for the next one.
@@ -34,7 +34,7 @@ impl Broker {
     pub fn start(config: &Config, topology: Topology, shutdown: CancellationToken) -> Broker {
         let (tx, rx) = watch::channel(None);
         let amqp = &config.amqp;
-        tokio::spawn(supervise(amqp.url.clone(), topology, amqp.reconnect_min, amqp.reconnect_max, tx, shutdown));
+        tokio::spawn(supervise(amqp.clone(), topology, tx, shutdown));
         Broker { current: rx }
     }
 
@@ -76,23 +76,22 @@ impl Broker {
 }
 
 async fn supervise(
-    url: String,
+    amqp: AmqpConfig,
     topology: Topology,
-    min: Duration,
-    max: Duration,
     tx: watch::Sender<Option<Arc<Connection>>>,
     shutdown: CancellationToken,
 ) {
+    let (min, max) = (amqp.reconnect_min, amqp.reconnect_max);
     let mut backoff = min;
     let mut first = true;
     while !shutdown.is_cancelled() {
-        match connect_and_declare(&url, &topology).await {
+        match connect_and_declare(&amqp, &topology).await {
             Ok(conn) => {
                 if !first {
                     telemetry::reconnected("amqp");
                 }
                 first = false;
-                tracing::info!(url = %crate::config::redact_url(&url), "connected to RabbitMQ");
+                tracing::info!(url = %crate::config::redact_url(&amqp.url), tls = amqp.uses_tls(), "connected to RabbitMQ");
                 backoff = min;
                 let conn = Arc::new(conn);
                 let mut events = conn.events_listener();
@@ -124,7 +123,7 @@ async fn supervise(
                 tx.send_replace(None);
             }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot connect to RabbitMQ");
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "cannot connect to RabbitMQ");
             }
         }
         tokio::select! {
@@ -135,9 +134,18 @@ async fn supervise(
     }
 }
 
-async fn connect_and_declare(url: &str, topology: &Topology) -> lapin::Result<Connection> {
+/// connect opens a connection to the broker in `amqp.url`. For `amqps://` it trusts the system's
+/// CA certificates and `amqp.tls_ca_file`, presents `amqp.tls_cert_file` when set, and checks that
+/// the broker's certificate names the URL's host (OpenSSL's hostname verification).
+pub async fn connect(amqp: &AmqpConfig) -> anyhow::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name("assetflow".into());
-    let conn = Connection::connect(url, props).await?;
+    let tls = if amqp.uses_tls() { amqp.tls()? } else { lapin::tcp::OwnedTLSConfig::default() };
+    let runtime = lapin::runtime::default_runtime()?;
+    Ok(Connection::connect_with_config(&amqp.url, props, tls, runtime).await?)
+}
+
+async fn connect_and_declare(amqp: &AmqpConfig, topology: &Topology) -> anyhow::Result<Connection> {
+    let conn = connect(amqp).await?;
     let channel = conn.create_channel().await?;
     topology.declare(&channel).await?;
     let _ = channel.close(200, "declared".into()).await;
