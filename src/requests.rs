@@ -76,9 +76,7 @@ pub fn verify(
             Refused::new(Reason::UnknownTerminal, format!("terminal {:?} is not registered", header.terminal_id)),
         )));
     };
-    let checked =
-        crypto::parse_public_key(&terminal.public_key_pem).and_then(|key| crypto::verify_document(&key, json));
-    if let Err(e) = checked {
+    if let Err(e) = check_signature(&terminal.public_key_pem, json) {
         telemetry::signature_failure("terminal_request");
         return Ok(Err((
             Some(terminal),
@@ -119,6 +117,14 @@ pub fn verify(
         Some(original) => Verified::Duplicate { terminal, original, content_sha256 },
         None => Verified::Fresh { terminal, content_sha256 },
     }))
+}
+
+/// check_signature checks a terminal request's `signature` against the terminal's registered PEM
+/// public key: the cryptographic half of [`verify`]. Any request and any registered text may
+/// reach it, so it returns an error, never panics (fuzzed by `fuzz/`, the `signature` target).
+pub fn check_signature(public_key_pem: &str, request: &Value) -> Result<(), crypto::CryptoError> {
+    let key = crypto::parse_public_key(public_key_pem)?;
+    crypto::verify_document(&key, request)
 }
 
 /// accept records a fresh request's success and what it acted on.

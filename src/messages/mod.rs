@@ -8,9 +8,40 @@
 pub mod schema;
 
 use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
+
+/// MAX_BODY is the largest message body a pool accepts; anything larger is dead-lettered as
+/// malformed.
+pub const MAX_BODY: usize = crate::pool::MAX_BODY;
+
+/// parse_body reads a message body the way a pool does before anything else: at most
+/// [`MAX_BODY`] bytes of UTF-8 JSON, an object with a string `type`. It returns the type and the
+/// JSON, or the detail a `malformed` dead letter carries. Any bytes at all may arrive here from
+/// the requests exchange: it must never panic (fuzzed by `fuzz/`, the `message_body` target).
+pub fn parse_body(body: &[u8]) -> Result<(String, Value), String> {
+    if body.len() > MAX_BODY {
+        return Err(format!("body of {} bytes exceeds the {MAX_BODY}-byte limit", body.len()));
+    }
+    let text = std::str::from_utf8(body).map_err(|e| format!("body is not UTF-8: {e}"))?;
+    let json: Value = serde_json::from_str(text).map_err(|e| format!("body is not JSON: {e}"))?;
+    let message_type = json
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| "body is not a JSON object with a string \"type\"".to_string())?
+        .to_string();
+    Ok((message_type, json))
+}
+
+/// decode checks a message against its type's schema, then deserializes it: the schema check a
+/// pool makes before the handler runs, and the handler's own read. The error names the offending
+/// field.
+pub fn decode<T: DeserializeOwned>(message_type: &str, json: &Value) -> Result<T, String> {
+    schema::validate(message_type, json)?;
+    T::deserialize(json).map_err(|e| format!("{message_type}: {e}"))
+}
 
 /// The `type` of every message, which is also its routing key and its AMQP `type` property.
 pub mod kinds {
