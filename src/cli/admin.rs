@@ -55,7 +55,7 @@ pub enum TerminalsCommand {
 #[derive(Debug, Subcommand)]
 pub enum ProductsCommand {
     /// Add or replace a product.
-    Add(ProductArgs),
+    Add(Box<ProductArgs>),
     /// List the products.
     List {
         #[arg(long)]
@@ -124,6 +124,24 @@ impl ProductArgs {
             "--kind must be prepaid_card, ticket, ppv_ticket or coupon"
         );
         anyhow::ensure!(self.price_minor >= 0, "--price-minor must not be negative");
+        anyhow::ensure!(self.value_minor.is_none_or(|v| v >= 0), "--value-minor must not be negative");
+        anyhow::ensure!(self.uses.is_none_or(|u| u >= 1), "--uses must be at least 1");
+        anyhow::ensure!(
+            self.currency.len() == 3 && self.currency.bytes().all(|b| b.is_ascii_uppercase()),
+            "--currency must be an ISO 4217 code of three capital letters, such as JPY"
+        );
+        anyhow::ensure!(
+            ["download_request", "forced_transmission"].contains(&self.stage2_policy.as_str()),
+            "--stage2-policy must be download_request or forced_transmission"
+        );
+        // Terms are added to the time of issue later, in the issuance pool: bound them here, so that
+        // an operator's typo is refused now instead of overflowing a date there.
+        let asset_validity = self.asset_validity.map(|d| term_secs("--asset-validity", d)).transpose()?;
+        let certificate_validity =
+            self.certificate_validity.map(|d| term_secs("--certificate-validity", d)).transpose()?;
+        let reminder_stage1 = term_secs("--reminder-stage1", self.reminder_stage1)?;
+        let reminder_stage2 = term_secs("--reminder-stage2", self.reminder_stage2)?;
+        anyhow::ensure!(reminder_stage1 > reminder_stage2, "--reminder-stage1 must be longer than --reminder-stage2");
         anyhow::ensure!(
             self.asset_validity.is_some() || self.asset_expires_at.is_some(),
             "give --asset-validity or --asset-expires-at"
@@ -145,17 +163,46 @@ impl ProductArgs {
             value_minor: self.value_minor,
             uses: self.uses,
             asset_expires_at: self.asset_expires_at,
-            asset_validity_secs: self.asset_validity.map(|d| d.as_secs() as i64),
+            asset_validity_secs: asset_validity,
             certificate_expires_at: self.certificate_expires_at,
-            certificate_validity_secs: self.certificate_validity.map(|d| d.as_secs() as i64),
-            reminder_stage1_secs: self.reminder_stage1.as_secs() as i64,
-            reminder_stage2_secs: self.reminder_stage2.as_secs() as i64,
+            certificate_validity_secs: certificate_validity,
+            reminder_stage1_secs: reminder_stage1,
+            reminder_stage2_secs: reminder_stage2,
             stage2_policy: self.stage2_policy,
             transferable: self.transferable,
             on_sale: !self.off_sale,
             tags,
         })
     }
+}
+
+/// read_small_text reads a PEM file given on the command line, refusing anything larger than a key
+/// could be (a wrong path such as /dev/zero must not fill the memory).
+fn read_small_text(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    const LIMIT: u64 = 64 * 1024;
+    let file = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("--public-key {}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(LIMIT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| anyhow::anyhow!("--public-key {}: {e}", path.display()))?;
+    anyhow::ensure!(
+        bytes.len() as u64 <= LIMIT,
+        "--public-key {}: larger than 64 KiB, not a public key",
+        path.display()
+    );
+    String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("--public-key {}: not a PEM text file", path.display()))
+}
+
+/// The longest term a product may give an asset, a certificate or a reminder: 100 years.
+const MAX_TERM_SECS: u64 = 100 * 366 * 86_400;
+
+/// term_secs checks a term given on the command line: at least a second, at most 100 years.
+fn term_secs(flag: &str, term: std::time::Duration) -> anyhow::Result<i64> {
+    let secs = term.as_secs();
+    anyhow::ensure!(secs >= 1, "{flag} must be at least 1s");
+    anyhow::ensure!(secs <= MAX_TERM_SECS, "{flag} must be at most 100 years");
+    Ok(secs as i64)
 }
 
 pub fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
@@ -247,7 +294,10 @@ pub async fn terminals(config: &Config, command: TerminalsCommand) -> anyhow::Re
             }
             let pem = match (public_key, generate_key) {
                 (Some(path), None) => {
-                    std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                    let pem = read_small_text(&path)?;
+                    crypto::parse_public_key(&pem)
+                        .map_err(|e| anyhow::anyhow!("--public-key {}: {e}", path.display()))?;
+                    pem
                 }
                 (None, Some(out)) => {
                     let key = crypto::generate_key_pair()?;

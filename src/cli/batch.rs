@@ -42,7 +42,7 @@ pub enum BatchCommand {
     History {
         #[arg(long)]
         job: Option<String>,
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i64).range(1..))]
         limit: i64,
         #[arg(long)]
         json: bool,
@@ -120,6 +120,14 @@ fn duration(run: &RunRow) -> String {
 }
 
 pub async fn execute(config: Config, command: BatchCommand) -> anyhow::Result<()> {
+    // Arguments are checked before the database is reached, so that a typo is reported at once
+    // even when the database is down.
+    match &command {
+        BatchCommand::Run { job, .. } | BatchCommand::History { job: Some(job), .. } => {
+            find(job)?;
+        }
+        _ => {}
+    }
     let app = std::sync::Arc::new(App::for_operations(config)?);
     crate::app::prepare(&app).await?;
     match command {

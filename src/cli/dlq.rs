@@ -34,7 +34,7 @@ pub enum DlqCommand {
         /// Include dead letters that were already replayed.
         #[arg(long)]
         all: bool,
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..))]
         limit: i64,
         #[arg(long)]
         json: bool,
@@ -82,6 +82,30 @@ fn selects_something(ids: &[Uuid], args: &FilterArgs) -> bool {
 }
 
 pub async fn execute(config: Config, command: DlqCommand) -> anyhow::Result<()> {
+    // Refusals that need no database come first, so that they are immediate even when it is down.
+    match &command {
+        DlqCommand::Replay { ids, filter: args, yes, .. } => {
+            anyhow::ensure!(
+                selects_something(ids, args),
+                "name dead letters by id, or select them with --pool, --reason or --since"
+            );
+            anyhow::ensure!(
+                !ids.is_empty() || *yes,
+                "replaying a selection needs --yes (see what it selects with `assetflow dlq list`)"
+            );
+        }
+        DlqCommand::Purge { ids, filter: args, yes, .. } => {
+            anyhow::ensure!(
+                selects_something(ids, args),
+                "name dead letters by id, or select them with --pool, --reason or --since"
+            );
+            anyhow::ensure!(
+                *yes,
+                "purging deletes dead letters for good: add --yes (see what it selects with `assetflow dlq list --all`)"
+            );
+        }
+        _ => {}
+    }
     let app = Arc::new(App::for_operations(config)?);
     crate::app::prepare(&app).await?;
     match command {
@@ -162,15 +186,8 @@ pub async fn execute(config: Config, command: DlqCommand) -> anyhow::Result<()> 
                 }
             }
         }
-        DlqCommand::Replay { ids, filter: args, yes, operator, json } => {
-            anyhow::ensure!(
-                selects_something(&ids, &args),
-                "name dead letters by id, or select them with --pool, --reason or --since"
-            );
-            anyhow::ensure!(
-                !ids.is_empty() || yes,
-                "replaying a selection needs --yes (see what it selects with `assetflow dlq list`)"
-            );
+        DlqCommand::Replay { ids, filter: args, yes: _, operator, json } => {
+            refuse_unknown(&app, &ids, "replayed").await?;
             let f = filter(ids, args, false);
             let app2 = app.clone();
             let results = app
@@ -207,21 +224,33 @@ pub async fn execute(config: Config, command: DlqCommand) -> anyhow::Result<()> 
             }
             anyhow::ensure!(failed == 0, "{failed} dead letter(s) could not be replayed");
         }
-        DlqCommand::Purge { ids, filter: args, yes, operator } => {
-            anyhow::ensure!(
-                selects_something(&ids, &args),
-                "name dead letters by id, or select them with --pool, --reason or --since"
-            );
-            anyhow::ensure!(
-                yes,
-                "purging deletes dead letters for good: add --yes (see what it selects with `assetflow dlq list --all`)"
-            );
+        DlqCommand::Purge { ids, filter: args, yes: _, operator } => {
+            refuse_unknown(&app, &ids, "purged").await?;
             let f = filter(ids, args, true);
             let purged =
                 app.db.run(move |conn| dead_letter::purge(conn, &f, &operator).map_err(anyhow::Error::from)).await?;
             println!("purged {} dead letter(s); each left an audit record", purged.len());
         }
     }
+    Ok(())
+}
+
+/// refuse_unknown fails, before anything is done, when an id named on the command line is not a
+/// dead letter: a mistyped id must not pass for a successful replay or purge of nothing.
+async fn refuse_unknown(app: &App, ids: &[Uuid], action: &str) -> anyhow::Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let f = filter(ids.to_vec(), FilterArgs { pool: None, reason: None, since: None }, true);
+    let limit = ids.len() as i64;
+    let found = app.db.run(move |conn| dead_letter::list(conn, &f, limit).map_err(anyhow::Error::from)).await?;
+    let missing: Vec<String> =
+        ids.iter().filter(|id| !found.iter().any(|l| l.id == **id)).map(Uuid::to_string).collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "no dead letter {}; nothing was {action} (see `assetflow dlq list --all`)",
+        missing.join(", ")
+    );
     Ok(())
 }
 

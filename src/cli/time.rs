@@ -23,7 +23,10 @@ pub fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
 /// parse_since reads a time as [`parse_time`] does, or a duration ago such as `24h` or `7d`.
 pub fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(ago) = humantime::parse_duration(s) {
-        return Ok(Utc::now() - chrono::Duration::from_std(ago).map_err(|e| e.to_string())?);
+        return chrono::Duration::from_std(ago)
+            .ok()
+            .and_then(|ago| Utc::now().checked_sub_signed(ago))
+            .ok_or_else(|| format!("{s:?} is too long ago"));
     }
     parse_time(s)
 }
@@ -42,5 +45,7 @@ mod tests {
         assert!(parse_time("tomorrow").is_err());
         let since = parse_since("24h").unwrap();
         assert!((Utc::now() - since - chrono::Duration::hours(24)).num_seconds().abs() < 5);
+        assert!(parse_since("300000y").unwrap_err().contains("too long ago"));
+        assert!(parse_since("99999999999999999999y").is_err());
     }
 }
