@@ -7,6 +7,8 @@ mod chaos;
 mod failures;
 mod flows;
 mod monitoring;
+mod operator_input;
 mod processes;
 mod refusals;
 mod support;
+mod tls;
