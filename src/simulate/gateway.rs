@@ -146,43 +146,52 @@ pub async fn run(
                     received_at: Utc::now(),
                 };
                 let body = serde_json::to_vec(&receipt).expect("serializes");
-                if !options.latency.is_zero() {
-                    tokio::time::sleep(options.latency).await;
-                }
                 let copies = if rand::random::<f64>() < options.duplicate_rate { 2 } else { 1 };
-                for _ in 0..copies {
-                    if let Err(e) =
-                        publisher.publish(&requests, kinds::DELIVERY_RECEIPT, kinds::DELIVERY_RECEIPT, &body).await
-                    {
-                        tracing::warn!(error = %e, "gateway simulator could not send a receipt");
-                        return true;
-                    }
-                }
-                stats.receipts.fetch_add(1, Ordering::Relaxed);
-                if message.kind == DeliveryKind::Certificate
-                    && let Some(certificate) = message.content.get("certificate")
-                    && fraction(&message.delivery_id.to_string(), "exchange") < options.exchange_rate
-                    && let Some(key) = keys.get(&message.terminal_id).await
-                {
-                    let request = exchange_request(&message.terminal_id, certificate.clone(), &key);
-                    let (publisher, stats) = (publisher.clone(), stats.clone());
-                    // The holder exchanges a little later, as a person would.
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        let body = serde_json::to_vec(&request).expect("serializes");
-                        let sent_at = Utc::now();
-                        if publisher
-                            .publish(&requests, kinds::CERTIFICATE_EXCHANGE, kinds::CERTIFICATE_EXCHANGE, &body)
-                            .await
-                            .is_ok()
+                let latency = options.latency;
+                let answer = async move {
+                    tokio::time::sleep(latency).await;
+                    for _ in 0..copies {
+                        if let Err(e) =
+                            publisher.publish(&requests, kinds::DELIVERY_RECEIPT, kinds::DELIVERY_RECEIPT, &body).await
                         {
-                            stats.exchanges.fetch_add(1, Ordering::Relaxed);
-                            if stats.log_exchanges.load(Ordering::Relaxed) {
-                                let request_id = request["request_id"].as_str().unwrap_or_default().to_string();
-                                stats.exchange_log.lock().expect("not poisoned").push((request_id, sent_at));
-                            }
+                            tracing::warn!(error = %e, "gateway simulator could not send a receipt");
+                            return;
                         }
-                    });
+                    }
+                    stats.receipts.fetch_add(1, Ordering::Relaxed);
+                    if message.kind == DeliveryKind::Certificate
+                        && let Some(certificate) = message.content.get("certificate")
+                        && fraction(&message.delivery_id.to_string(), "exchange") < options.exchange_rate
+                        && let Some(key) = keys.get(&message.terminal_id).await
+                    {
+                        let request = exchange_request(&message.terminal_id, certificate.clone(), &key);
+                        let (publisher, stats) = (publisher.clone(), stats.clone());
+                        // The holder exchanges a little later, as a person would.
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            let body = serde_json::to_vec(&request).expect("serializes");
+                            let sent_at = Utc::now();
+                            if publisher
+                                .publish(&requests, kinds::CERTIFICATE_EXCHANGE, kinds::CERTIFICATE_EXCHANGE, &body)
+                                .await
+                                .is_ok()
+                            {
+                                stats.exchanges.fetch_add(1, Ordering::Relaxed);
+                                if stats.log_exchanges.load(Ordering::Relaxed) {
+                                    let request_id = request["request_id"].as_str().unwrap_or_default().to_string();
+                                    stats.exchange_log.lock().expect("not poisoned").push((request_id, sent_at));
+                                }
+                            }
+                        });
+                    }
+                };
+                // A slow gateway still works on many deliveries at once: the delivery is taken now
+                // and answered after the latency. (Were the simulator to stop meanwhile, the
+                // acknowledgement timeout fails the attempt and it is sent again.)
+                if latency > Duration::from_millis(50) {
+                    tokio::spawn(answer);
+                } else {
+                    answer.await;
                 }
                 true
             }

@@ -107,20 +107,32 @@ pub async fn run(
                     sent_at: Utc::now(),
                 };
                 let body = serde_json::to_vec(&result).expect("serializes");
-                tokio::time::sleep(options.latency).await;
                 let copies = if rand::random::<f64>() < options.duplicate_rate { 2 } else { 1 };
-                for _ in 0..copies {
-                    if let Err(e) =
-                        publisher.publish(&requests, kinds::SETTLEMENT_RESULT, kinds::SETTLEMENT_RESULT, &body).await
-                    {
-                        tracing::warn!(error = %e, "partner simulator could not answer");
-                        return true;
+                let latency = options.latency;
+                let answer = async move {
+                    tokio::time::sleep(latency).await;
+                    for _ in 0..copies {
+                        if let Err(e) = publisher
+                            .publish(&requests, kinds::SETTLEMENT_RESULT, kinds::SETTLEMENT_RESULT, &body)
+                            .await
+                        {
+                            tracing::warn!(error = %e, "partner simulator could not answer");
+                            return;
+                        }
                     }
-                }
-                match outcome {
-                    SettlementOutcome::Settled => stats.settled.fetch_add(1, Ordering::Relaxed),
-                    SettlementOutcome::Declined => stats.declined.fetch_add(1, Ordering::Relaxed),
+                    match outcome {
+                        SettlementOutcome::Settled => stats.settled.fetch_add(1, Ordering::Relaxed),
+                        SettlementOutcome::Declined => stats.declined.fetch_add(1, Ordering::Relaxed),
+                    };
                 };
+                // A slow partner still works on many instructions at once, as a real one does: the
+                // instruction is taken now and answered after the latency. (Were the simulator to
+                // stop meanwhile, the settlement timeout sends the instruction again.)
+                if latency > Duration::from_millis(50) {
+                    tokio::spawn(answer);
+                } else {
+                    answer.await;
+                }
                 true
             }
         })));

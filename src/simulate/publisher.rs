@@ -10,6 +10,11 @@ use uuid::Uuid;
 
 use crate::broker::{self, Broker};
 
+/// ShuttingDown is the error of a publish attempted once the broker connection is shutting down.
+#[derive(Debug, thiserror::Error)]
+#[error("shutting down")]
+pub struct ShuttingDown;
+
 /// Publisher publishes with confirms on one channel, reopened after a failure.
 pub struct Publisher {
     broker: Broker,
@@ -22,7 +27,8 @@ impl Publisher {
     }
 
     /// Publisher::publish publishes `body` and waits for the broker's confirm, retrying through
-    /// reconnections until `give_up` passes.
+    /// reconnections for up to two minutes. Once the broker is shutting down it gives up at once,
+    /// so that a simulator stops promptly on SIGTERM.
     pub async fn publish(
         &self,
         exchange: &str,
@@ -35,6 +41,7 @@ impl Publisher {
         loop {
             match self.try_publish(exchange, routing_key, message_type, &message_id, body).await {
                 Ok(()) => return Ok(()),
+                Err(e) if e.is::<ShuttingDown>() => return Err(e),
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::debug!(error = %e, "simulator publish failed; retrying");
                     *self.channel.lock().await = None;
@@ -58,7 +65,7 @@ impl Publisher {
             match guard.as_ref() {
                 Some(ch) if ch.status().connected() => ch.clone(),
                 _ => {
-                    let conn = self.broker.connection().await.ok_or_else(|| anyhow::anyhow!("shutting down"))?;
+                    let conn = self.broker.connection().await.ok_or(ShuttingDown)?;
                     let ch = conn.create_channel().await?;
                     ch.confirm_select(ConfirmSelectOptions::default()).await?;
                     *guard = Some(ch.clone());
