@@ -249,8 +249,11 @@ async fn chaos_a_database_restart_under_load_loses_nothing_and_processing_resume
 /// wait for the database, and everything completes once it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_a_database_outage_longer_than_the_retry_budget_holds_messages_instead_of_dead_lettering() {
-    // Budget with these settings: 2 deliveries × (4 tries of at most 200 ms + 1.3 s of backoff),
-    // about 4 s. The outage lasts three times that.
+    // Budget with these settings: each delivery fails after 4 tries of up to 200 ms and 1.3 s of
+    // backoff, about 2 s, and the broker dead-letters a message returned more than 3 times: about
+    // 8 s in all for a message in hand. The outage lasts 20 s, with fewer messages than the pool
+    // handles at once, so that before the fix each of them would have gone round until the broker
+    // dead-lettered it.
     let run = Proxied::start(json!({
         "database": {"connection_timeout": "200ms"},
         "amqp": {"delivery_limit": 3},
@@ -258,15 +261,20 @@ async fn chaos_a_database_outage_longer_than_the_retry_budget_holds_messages_ins
     .await;
     run.order(10).await;
     run.wait_for_issued(5).await;
+    run.env
+        .wait_until("the first orders are all issued or declined", |c| {
+            (count(c, "SELECT count(*) FROM orders WHERE status IN ('issued', 'declined')") == 10).then_some(())
+        })
+        .await;
 
     run.postgres.cut();
-    run.order(20).await;
-    tokio::time::sleep(Duration::from_secs(12)).await; // the outage lasts
+    run.order(4).await;
+    tokio::time::sleep(Duration::from_secs(20)).await; // the outage lasts
     let during = run.env.db(|c| count(c, "SELECT count(*) FROM orders")).await;
-    assert!(during <= 10, "nothing was processed while the database was unreachable ({during} orders)");
+    assert_eq!(during, 10, "nothing was processed while the database was unreachable");
     run.postgres.restore();
 
-    let audit = run.settled(30).await;
+    let audit = run.settled(14).await;
     assert_guarantees(&audit);
     assert_eq!(audit.dead_letters(), 0, "no message dead-lettered by the outage: {}", audit.summary());
     run.stop().await;
