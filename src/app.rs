@@ -73,6 +73,7 @@ pub fn registry(names: &Names) -> anyhow::Result<Registry> {
         (&issuance_queue, Arc::new(issuance::IssueHandler)),
         (&issuance_queue, Arc::new(issuance::ExchangeHandler)),
         (&delivery_queue, Arc::new(delivery::RequestedHandler)),
+        (&delivery_queue, Arc::new(delivery::notices::NoticesHandler)),
         (&delivery_queue, Arc::new(delivery::receipt::ReceiptHandler)),
     ];
     for (queue, handler) in handlers {

@@ -201,27 +201,25 @@ pub fn transition_many(
         #[diesel(sql_type = SqlUuid)]
         id: Uuid,
     }
+    // One statement: the assets still in `from` move, and each move is written to the history.
     let moved: Vec<Uuid> = diesel::sql_query(
-        "UPDATE assets SET status = $1, status_changed_at = $2 WHERE id = ANY($3) AND status = $4 RETURNING id",
+        "WITH moved AS (
+           UPDATE assets SET status = $1, status_changed_at = $2 WHERE id = ANY($3) AND status = $4 RETURNING id
+         ), recorded AS (
+           INSERT INTO asset_status_history (asset_id, from_status, to_status, cause, at)
+           SELECT id, $4, $1, $5, $2 FROM moved
+         )
+         SELECT id FROM moved",
     )
     .bind::<Text, _>(to.as_str())
     .bind::<Timestamptz, _>(at)
     .bind::<Array<SqlUuid>, _>(assets)
     .bind::<Text, _>(from.as_str())
+    .bind::<Text, _>(cause.as_str())
     .load::<Moved>(conn)?
     .into_iter()
     .map(|m| m.id)
     .collect();
-    diesel::sql_query(
-        "INSERT INTO asset_status_history (asset_id, from_status, to_status, cause, at)
-         SELECT id, $2, $3, $4, $5 FROM unnest($1::uuid[]) AS id",
-    )
-    .bind::<Array<SqlUuid>, _>(&moved)
-    .bind::<Text, _>(from.as_str())
-    .bind::<Text, _>(to.as_str())
-    .bind::<Text, _>(cause.as_str())
-    .bind::<Timestamptz, _>(at)
-    .execute(conn)?;
     Ok(moved)
 }
 

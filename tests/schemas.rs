@@ -11,8 +11,9 @@ use std::collections::BTreeSet;
 
 use assetflow::messages::schema::{SCHEMAS, validate};
 use assetflow::messages::{
-    DeadLetterMessage, DeliveryKind, DeliveryReceipt, DeliveryRequested, ExchangeRequest, GatewayDelivery,
-    IssuanceRequested, Notice, PurchaseRequest, Refusal, SettlementInstruction, SettlementResult, kinds,
+    CertificateNotices, DeadLetterMessage, DeliveryKind, DeliveryReceipt, DeliveryRequested, ExchangeRequest,
+    GatewayDelivery, IssuanceRequested, Notice, PurchaseRequest, Refusal, SettlementInstruction, SettlementResult,
+    kinds,
 };
 use assetflow::refusal::Reason;
 use serde_json::{Value, json};
@@ -46,6 +47,7 @@ fn deserialize(kind: &str, message: &Value) -> Result<(), serde_json::Error> {
         kinds::SETTLEMENT_RESULT => serde_json::from_value::<SettlementResult>(message).map(drop),
         kinds::ISSUANCE_REQUESTED => serde_json::from_value::<IssuanceRequested>(message).map(drop),
         kinds::DELIVERY_REQUESTED => serde_json::from_value::<DeliveryRequested>(message).map(drop),
+        kinds::CERTIFICATE_NOTICES => serde_json::from_value::<CertificateNotices>(message).map(drop),
         kinds::DELIVERY => serde_json::from_value::<GatewayDelivery>(message).map(drop),
         kinds::DELIVERY_RECEIPT => serde_json::from_value::<DeliveryReceipt>(message).map(drop),
         kinds::DEAD_LETTER => serde_json::from_value::<DeadLetterMessage>(message).map(drop),

@@ -239,6 +239,7 @@ impl Topology {
         bind(n.internal(), kinds::ISSUANCE_REQUESTED, n.pool_queue(Pool::Issuance));
         bind(n.requests(), kinds::DELIVERY_RECEIPT, n.pool_queue(Pool::Delivery));
         bind(n.internal(), kinds::DELIVERY_REQUESTED, n.pool_queue(Pool::Delivery));
+        bind(n.internal(), kinds::CERTIFICATE_NOTICES, n.pool_queue(Pool::Delivery));
         // Replayed dead letters re-enter their pool here, where no gateway may publish.
         for pool in Pool::ALL {
             bind(n.internal(), &n.replay_key(pool), n.pool_queue(pool));

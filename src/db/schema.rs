@@ -144,8 +144,18 @@ diesel::table! {
         exchanged_at -> Nullable<Timestamptz>,
         exchange_request_id -> Nullable<Text>,
         revoked_at -> Nullable<Timestamptz>,
-        reminder_stage -> Nullable<Int2>,
-        reminder_due_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    reminder_schedule (certificate_id) {
+        certificate_id -> Uuid,
+        asset_id -> Uuid,
+        expires_at -> Timestamptz,
+        next_stage -> Nullable<Int2>,
+        due_at -> Nullable<Timestamptz>,
+        stage1 -> Nullable<Text>,
+        stage2 -> Nullable<Text>,
     }
 }
 
@@ -272,16 +282,6 @@ diesel::table! {
 }
 
 diesel::table! {
-    certificate_reminders (certificate_id, stage) {
-        certificate_id -> Uuid,
-        stage -> Int2,
-        action -> Text,
-        as_of -> Timestamptz,
-        delivery_id -> Nullable<Uuid>,
-    }
-}
-
-diesel::table! {
     dead_letter_audit (id) {
         id -> Int8,
         dead_letter_id -> Uuid,
@@ -294,6 +294,7 @@ diesel::table! {
 }
 
 diesel::allow_tables_to_appear_in_same_query!(
+    reminder_schedule,
     partners,
     gateways,
     terminals,

@@ -8,6 +8,7 @@
 //! missing or wrong receipt fails the attempt, and the retransmission scan tries again on the
 //! schedule in `workers/delivery.toml` until the attempts run out and it is dead-lettered.
 
+pub mod notices;
 pub mod receipt;
 pub mod retry;
 
@@ -101,26 +102,25 @@ pub fn enqueue_with(
     Ok(Some(id))
 }
 
-/// Deliveries asked for in one `delivery.requested` by the scans.
-const SEND_CHUNK: usize = 100;
+/// Inserted is a delivery [`insert_many`] created (one whose key was new).
+#[derive(Debug, QueryableByName)]
+pub struct Inserted {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    pub id: Uuid,
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    pub due_at: DateTime<Utc>,
+}
 
-/// enqueue_many records many deliveries in one statement, and asks the delivery pool to send
-/// the ones due now in another: the scans' set-based path. It returns how many were new.
-pub fn enqueue_many(conn: &mut PgConnection, app: &App, batch: &[NewDelivery], now: DateTime<Utc>) -> QueryResult<u64> {
+/// insert_many records many deliveries in one statement, skipping keys already used, and returns
+/// the new ones. Nothing is sent: the caller sends or asks for sending.
+pub fn insert_many(conn: &mut PgConnection, batch: &[NewDelivery], now: DateTime<Utc>) -> QueryResult<Vec<Inserted>> {
     use diesel::sql_types::{Array, Bool, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
     if batch.is_empty() {
-        return Ok(0);
-    }
-    #[derive(QueryableByName)]
-    struct Inserted {
-        #[diesel(sql_type = SqlUuid)]
-        id: Uuid,
-        #[diesel(sql_type = Timestamptz)]
-        due_at: DateTime<Utc>,
+        return Ok(Vec::new());
     }
     let ids: Vec<Uuid> = batch.iter().map(|_| Uuid::now_v7()).collect();
     let column = |f: fn(&NewDelivery) -> String| batch.iter().map(f).collect::<Vec<String>>();
-    let inserted: Vec<Inserted> = diesel::sql_query(
+    diesel::sql_query(
         "INSERT INTO deliveries (id, dedupe_key, kind, terminal_id, gateway_id, order_id, asset_id, forced, content, status, due_at, created_at)
          SELECT id, dedupe_key, kind, terminal_id, gateway_id, order_id, asset_id, forced, content, 'pending', due_at, $11
          FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[], $7::uuid[], $8::bool[], $9::jsonb[], $10::timestamptz[])
@@ -139,18 +139,7 @@ pub fn enqueue_many(conn: &mut PgConnection, app: &App, batch: &[NewDelivery], n
     .bind::<Array<Jsonb>, _>(batch.iter().map(|d| d.content.clone()).collect::<Vec<_>>())
     .bind::<Array<Timestamptz>, _>(batch.iter().map(|d| d.due_at.unwrap_or(now)).collect::<Vec<_>>())
     .bind::<Timestamptz, _>(now)
-    .load(conn)?;
-    let due: Vec<Uuid> = inserted.iter().filter(|i| i.due_at <= now).map(|i| i.id).collect();
-    // One message per chunk: few outbox rows, and the chunks still spread over the pool's consumers.
-    for chunk in due.chunks(SEND_CHUNK) {
-        let message =
-            DeliveryRequested { message_type: kinds::DELIVERY_REQUESTED.into(), delivery_ids: chunk.to_vec() };
-        let outgoing =
-            Outgoing::json(app.names.internal(), kinds::DELIVERY_REQUESTED, kinds::DELIVERY_REQUESTED, &message)
-                .correlated(chunk[0].to_string());
-        outbox::enqueue(conn, &outgoing)?;
-    }
-    Ok(inserted.len() as u64)
+    .load(conn)
 }
 
 /// request_send hands a delivery to the delivery pool.

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::crypto;
-use crate::db::schema::{assets, exchange_certificates};
+use crate::db::schema::{assets, exchange_certificates, reminder_schedule};
 use crate::dead_letter::Reason as DeadReason;
 use crate::delivery::{self, NewDelivery};
 use crate::messages::{DeliveryKind, ExchangeRequest, kinds};
@@ -134,9 +134,11 @@ fn exchange(cx: &mut Cx<'_>, request: &ExchangeRequest, terminal: &Terminal) -> 
         .set((
             exchange_certificates::exchanged_at.eq(cx.now),
             exchange_certificates::exchange_request_id.eq(&request.request_id),
-            exchange_certificates::reminder_stage.eq(None::<i16>),
-            exchange_certificates::reminder_due_at.eq(None::<DateTime<Utc>>),
         ))
+        .execute(cx.conn)?;
+    // Exchanged: no more reminders.
+    diesel::update(reminder_schedule::table.find(id))
+        .set((reminder_schedule::next_stage.eq(None::<i16>), reminder_schedule::due_at.eq(None::<DateTime<Utc>>)))
         .execute(cx.conn)?;
     let asset: Value =
         serde_json::from_str(&document).map_err(|e| Failure::permanent(DeadReason::Unprocessable, e.to_string()))?;

@@ -14,7 +14,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::catalogue::load_product;
-use crate::db::schema::{assets, exchange_certificates, orders};
+use crate::db::schema::{assets, exchange_certificates, orders, reminder_schedule};
 use crate::dead_letter::Reason;
 use crate::delivery::{self, NewDelivery};
 use crate::messages::{DeliveryKind, IssuanceRequested, kinds};
@@ -140,8 +140,15 @@ fn issue(cx: &mut Cx<'_>, order: &Order) -> Result<(), Failure> {
                         exchange_certificates::expires_at.eq(cert_expiry),
                         exchange_certificates::document.eq(crate::crypto::canonical_json(&certificate)),
                         exchange_certificates::signature.eq(certificate["signature"].as_str().unwrap_or_default()),
-                        exchange_certificates::reminder_stage.eq(Some(1i16)),
-                        exchange_certificates::reminder_due_at
+                    ))
+                    .execute(cx.conn)?;
+                diesel::insert_into(reminder_schedule::table)
+                    .values((
+                        reminder_schedule::certificate_id.eq(certificate_id),
+                        reminder_schedule::asset_id.eq(asset_id),
+                        reminder_schedule::expires_at.eq(cert_expiry),
+                        reminder_schedule::next_stage.eq(Some(1i16)),
+                        reminder_schedule::due_at
                             .eq(Some(cert_expiry - chrono::Duration::seconds(product.reminder_stage1_secs))),
                     ))
                     .execute(cx.conn)?;

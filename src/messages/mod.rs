@@ -51,6 +51,7 @@ pub mod kinds {
     pub const SETTLEMENT_RESULT: &str = "settlement.result";
     pub const ISSUANCE_REQUESTED: &str = "issuance.requested";
     pub const DELIVERY_REQUESTED: &str = "delivery.requested";
+    pub const CERTIFICATE_NOTICES: &str = "certificate.notices";
     pub const DELIVERY: &str = "delivery";
     pub const DELIVERY_RECEIPT: &str = "delivery.receipt";
     pub const DEAD_LETTER: &str = "dead_letter";
@@ -200,6 +201,57 @@ pub struct DeliveryRequested {
 impl DeliveryRequested {
     /// The most deliveries one message may name (its schema's `maxItems`).
     pub const MAX: usize = 1000;
+}
+
+/// CertificateNotices is internal: the certificate scans decided that these holders are owed a
+/// reminder or past-due processing. The delivery pool makes and sends the deliveries, keyed per
+/// (certificate, notice), so a message handled twice sends nothing twice.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateNotices {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    /// The time the scan ran as.
+    pub as_of: DateTime<Utc>,
+    pub notices: Vec<CertificateNotice>,
+}
+
+impl CertificateNotices {
+    /// The most notices one message may carry (its schema's `maxItems`).
+    pub const MAX: usize = 1000;
+}
+
+/// CertificateNotice is one certificate and what its holder is owed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateNotice {
+    pub certificate_id: Uuid,
+    pub notice: NoticeKind,
+}
+
+/// NoticeKind is what the scans decided (seed 000 section 3.6 and FIG. 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoticeKind {
+    /// Stage 1: the expiry is close at hand (a message).
+    ExpiryMessage,
+    /// Stage 2: very close at hand, please download (a download request).
+    DownloadRequest,
+    /// Stage 2 for products that say so: the asset itself, forced.
+    ForcedTransmission,
+    /// Expired unexchanged while the asset is valid: a past-due message, a forced transmission of
+    /// the asset and a revocation request.
+    PastDue,
+}
+
+impl NoticeKind {
+    /// deliveries is how many deliveries the notice makes.
+    pub fn deliveries(self) -> u64 {
+        match self {
+            NoticeKind::PastDue => 3,
+            _ => 1,
+        }
+    }
 }
 
 /// DeliveryKind is what a delivery carries to a terminal.

@@ -15,6 +15,7 @@ pub const SCHEMAS: &[(&str, &str)] = &[
     (kinds::SETTLEMENT_RESULT, include_str!("../../schemas/settlement.result.schema.json")),
     (kinds::ISSUANCE_REQUESTED, include_str!("../../schemas/issuance.requested.schema.json")),
     (kinds::DELIVERY_REQUESTED, include_str!("../../schemas/delivery.requested.schema.json")),
+    (kinds::CERTIFICATE_NOTICES, include_str!("../../schemas/certificate.notices.schema.json")),
     (kinds::DELIVERY, include_str!("../../schemas/delivery.schema.json")),
     (kinds::DELIVERY_RECEIPT, include_str!("../../schemas/delivery.receipt.schema.json")),
     (kinds::DEAD_LETTER, include_str!("../../schemas/dead_letter.schema.json")),

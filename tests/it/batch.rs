@@ -164,7 +164,8 @@ async fn the_patents_worked_example_reminds_on_dec_23_asks_for_a_download_on_dec
     assert_eq!((dec22.rows_scanned, dec22.enqueued), (0, 0), "{dec22:?}");
     env.db(|c| {
         assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE kind <> 'certificate'"), 0);
-        assert_eq!(count(c, "SELECT count(*) FROM certificate_reminders"), 0);
+        let reminded = "SELECT count(*) FROM reminder_schedule WHERE stage1 IS NOT NULL OR stage2 IS NOT NULL";
+        assert_eq!(count(c, reminded), 0);
     })
     .await;
 
@@ -211,7 +212,7 @@ async fn the_patents_worked_example_reminds_on_dec_23_asks_for_a_download_on_dec
         assert_eq!(deliveries(c, "bob", "download_request", "true"), 0, "bob gets the asset instead");
         assert_eq!(deliveries(c, "bob", "asset", "true"), 1);
         let ledger = |cert: &str| {
-            format!("SELECT string_agg(stage || ':' || action, ', ' ORDER BY stage) AS value FROM certificate_reminders WHERE certificate_id = '{cert}'")
+            format!("SELECT '1:' || stage1 || ', 2:' || stage2 AS value FROM reminder_schedule WHERE certificate_id = '{cert}'")
         };
         assert_eq!(text(c, &ledger(&a_cert)).as_deref(), Some("1:message, 2:download_request"));
         assert_eq!(text(c, &ledger(&b_cert)).as_deref(), Some("1:message, 2:forced_transmission"));
@@ -388,9 +389,15 @@ async fn each_job_run_twice_and_on_two_processes_at_once_enqueues_nothing_twice(
         let again = run_on(other.clone(), "near_expiry", as_of).await;
         assert_eq!((again.rows_scanned, again.enqueued), (0, 0), "{again:?}");
     }
+    // The delivery pool makes the deliveries from the scans' notices.
+    env.wait_until("150 reminders are sent", |c| {
+        (count(c, "SELECT count(*) FROM deliveries WHERE dedupe_key LIKE 'reminder:%' AND status = 'sent'") >= 150)
+            .then_some(())
+    })
+    .await;
     env.db(|c| {
-        assert_eq!(count(c, "SELECT count(*) FROM certificate_reminders"), 150, "50 + 50 stage-1, 50 stage-2");
-        assert_eq!(count(c, "SELECT count(*) FROM certificate_reminders WHERE stage = 2 AND action = 'download_request'"), 50);
+        assert_eq!(count(c, "SELECT count(*) FROM reminder_schedule WHERE stage1 = 'message'"), 100, "50 + 50 stage-1");
+        assert_eq!(count(c, "SELECT count(*) FROM reminder_schedule WHERE stage2 = 'download_request'"), 50);
         assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE dedupe_key LIKE 'reminder:%'"), 150);
         assert_eq!(
             count(c, "SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE dedupe_key LIKE 'reminder:%' GROUP BY content->>'certificate_id', kind HAVING count(*) > 1) d"),
@@ -410,6 +417,12 @@ async fn each_job_run_twice_and_on_two_processes_at_once_enqueues_nothing_twice(
     let again = env.run_job("past_due", as_of).await;
     assert_eq!((again.rows_scanned, again.enqueued), (0, 0), "{again:?}");
     let at = sql_time(as_of);
+    env.wait_until("300 past-due transmissions are sent", |c| {
+        (count(c, "SELECT count(*) FROM deliveries WHERE dedupe_key ~ '^(past_due|revoke|asset):' AND status = 'sent'")
+            >= 300)
+            .then_some(())
+    })
+    .await;
     env.db(move |c| {
         for (kind, condition) in [
             ("message", "content->>'code' = 'certificate_past_due'"),
@@ -889,8 +902,12 @@ async fn retention_deletes_only_old_bookkeeping() {
     env.partner(settle_all());
     env.gateway(GatewayOptions::default());
     env.send(&purchase(&alice, "ticket", 1, json!({}))).await;
-    env.wait_until("the order is issued", |c| {
-        (count(c, "SELECT count(*) FROM orders WHERE status = 'issued'") == 1).then_some(())
+    // Quiet before counting: the certificate's receipt, too, is in the inbox.
+    env.wait_until("the order is issued and its certificate acknowledged", |c| {
+        (count(c, "SELECT count(*) FROM orders WHERE status = 'issued'") == 1
+            && count(c, "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'delivered'") == 1
+            && count(c, "SELECT count(*) FROM outbox") == 0)
+            .then_some(())
     })
     .await;
     env.db(|c| {

@@ -1,0 +1,181 @@
+//! What the certificate scans owe holders, made into deliveries (seed 000 section 3.6, FIG. 7).
+//!
+//! The `near_expiry` and `past_due` scans record their decision on the certificate row and publish
+//! `certificate.notices` in the same transaction; they write nothing else per certificate, so a
+//! night's scan stays a handful of set-based statements. This handler, on any delivery consumer
+//! of any process, re-reads the certificates, renders each notice and sends it. Every delivery is
+//! keyed per (certificate, notice), so a message handled twice, or a notice a holder already got
+//! another way, sends nothing twice.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{Array, Text, Timestamptz, Uuid as SqlUuid};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::{NewDelivery, insert_many, send_attempt};
+use crate::dead_letter::Reason;
+use crate::messages::{self, CertificateNotices, DeliveryKind, Notice, NoticeKind, kinds};
+use crate::pool::{Cx, Failure, Handler, Incoming};
+use crate::status_machine::Status;
+
+/// NoticesHandler makes and sends the deliveries a `certificate.notices` message asks for.
+pub struct NoticesHandler;
+
+impl Handler for NoticesHandler {
+    fn message_type(&self) -> &'static str {
+        kinds::CERTIFICATE_NOTICES
+    }
+
+    fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure> {
+        let request: CertificateNotices = messages::decode(kinds::CERTIFICATE_NOTICES, &message.json)
+            .map_err(|e| Failure::permanent(Reason::SchemaViolation, e))?;
+        let ids: Vec<Uuid> = request.notices.iter().map(|n| n.certificate_id).collect();
+        let certificates = load(cx.conn, &ids)?;
+        let mut deliveries = Vec::with_capacity(request.notices.len());
+        for notice in &request.notices {
+            let Some(open) = certificates.iter().find(|c| c.certificate_id == notice.certificate_id) else {
+                // One unknown id does not hold up the others; the rest of the message stands.
+                tracing::warn!(certificate_id = %notice.certificate_id, "notice for an unknown certificate skipped");
+                continue;
+            };
+            deliveries.extend(render(open, notice.notice)?);
+        }
+        for inserted in insert_many(cx.conn, &deliveries, cx.now)? {
+            send_attempt(cx.conn, cx.app, inserted.id, cx.now)?;
+        }
+        Ok(())
+    }
+}
+
+/// Open is a certificate with what its notices are made of.
+#[derive(Debug, QueryableByName)]
+struct Open {
+    #[diesel(sql_type = SqlUuid)]
+    certificate_id: Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    asset_id: Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    order_id: Uuid,
+    #[diesel(sql_type = Text)]
+    holder: String,
+    #[diesel(sql_type = Text)]
+    gateway_id: String,
+    #[diesel(sql_type = Text)]
+    asset_status: String,
+    #[diesel(sql_type = Timestamptz)]
+    certificate_expires_at: DateTime<Utc>,
+    #[diesel(sql_type = Text)]
+    title: String,
+    #[diesel(sql_type = Text)]
+    document: String,
+}
+
+fn load(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Open>> {
+    diesel::sql_query(
+        "SELECT c.id AS certificate_id, c.asset_id, a.order_id, c.holder_terminal_id AS holder, t.gateway_id,
+                a.status AS asset_status, c.expires_at AS certificate_expires_at, p.title, a.document
+         FROM unnest($1::uuid[]) WITH ORDINALITY AS claimed(id, n)
+         JOIN exchange_certificates c ON c.id = claimed.id
+         JOIN assets a ON a.id = c.asset_id
+         JOIN products p ON p.id = a.product_id
+         JOIN terminals t ON t.id = c.holder_terminal_id
+         ORDER BY claimed.n",
+    )
+    .bind::<Array<SqlUuid>, _>(ids)
+    .load(conn)
+}
+
+/// render makes a notice's deliveries. A reminder is void once the asset has left
+/// awaiting_exchange (exchanged, refunded, expired) between the scan and now.
+fn render(open: &Open, notice: NoticeKind) -> Result<Vec<NewDelivery>, Failure> {
+    let certificate = open.certificate_id;
+    let awaiting = open.asset_status == Status::AwaitingExchange.as_str();
+    Ok(match notice {
+        NoticeKind::ExpiryMessage if awaiting => vec![message(
+            open,
+            DeliveryKind::Message,
+            format!("reminder:{certificate}:1"),
+            "certificate_expiring",
+            format!(
+                "The expiration date on which your exchange certificate can be exchanged for {} is close at hand: {}.",
+                open.title,
+                date(open.certificate_expires_at)
+            ),
+        )],
+        NoticeKind::DownloadRequest if awaiting => vec![message(
+            open,
+            DeliveryKind::DownloadRequest,
+            format!("reminder:{certificate}:2"),
+            "download_requested",
+            format!(
+                "The expiration date on which your exchange certificate can be exchanged for {} is very close at hand ({}): please download it now.",
+                open.title,
+                date(open.certificate_expires_at)
+            ),
+        )],
+        NoticeKind::ForcedTransmission if awaiting => vec![forced_asset(open)?],
+        NoticeKind::ExpiryMessage | NoticeKind::DownloadRequest | NoticeKind::ForcedTransmission => Vec::new(),
+        // The scan moved the asset to past-due processing; sending re-checks its validity.
+        NoticeKind::PastDue => vec![
+            message(
+                open,
+                DeliveryKind::Message,
+                format!("past_due:{certificate}"),
+                "certificate_past_due",
+                format!(
+                    "The expiration date of your exchange certificate for {} has passed ({}): the asset is being sent to you now.",
+                    open.title,
+                    date(open.certificate_expires_at)
+                ),
+            ),
+            forced_asset(open)?,
+            message(
+                open,
+                DeliveryKind::RevocationRequest,
+                format!("revoke:{certificate}"),
+                "certificate_revoked",
+                format!("Exchange certificate {certificate} has expired: please delete it."),
+            ),
+        ],
+    })
+}
+
+fn message(open: &Open, kind: DeliveryKind, key: String, code: &str, text: String) -> NewDelivery {
+    let content = Notice {
+        code: code.into(),
+        text,
+        order_id: Some(open.order_id),
+        asset_id: Some(open.asset_id),
+        certificate_id: Some(open.certificate_id),
+        request_id: None,
+    };
+    to_holder(open, kind, key, serde_json::to_value(content).expect("serializes"), false)
+}
+
+fn forced_asset(open: &Open) -> Result<NewDelivery, Failure> {
+    let asset: Value = serde_json::from_str(&open.document).map_err(|e| {
+        Failure::permanent(Reason::Unprocessable, format!("asset {} has no JSON document: {e}", open.asset_id))
+    })?;
+    let content = json!({"order_id": open.order_id, "forced": true, "asset": asset});
+    // Keyed like the asset's own delivery: a holder who exchanges later gets no second copy.
+    Ok(to_holder(open, DeliveryKind::Asset, format!("asset:{}", open.asset_id), content, true))
+}
+
+fn to_holder(open: &Open, kind: DeliveryKind, dedupe_key: String, content: Value, forced: bool) -> NewDelivery {
+    NewDelivery {
+        kind,
+        dedupe_key,
+        terminal_id: open.holder.clone(),
+        gateway_id: open.gateway_id.clone(),
+        order_id: Some(open.order_id),
+        asset_id: Some(open.asset_id),
+        forced,
+        content,
+        due_at: None,
+    }
+}
+
+fn date(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M UTC").to_string()
+}
