@@ -66,7 +66,7 @@ pub fn enqueue(cx: &mut Cx<'_>, delivery: NewDelivery) -> Result<Option<Uuid>, F
     Ok(enqueue_with(cx.conn, cx.app, delivery, cx.now)?)
 }
 
-/// enqueue_with is [`enqueue`] for callers outside a handler (the scheduled scans).
+/// enqueue_with is [`enqueue`] for callers outside a handler (the settlement timeout sweep).
 pub fn enqueue_with(
     conn: &mut PgConnection,
     app: &App,

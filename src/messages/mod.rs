@@ -189,7 +189,7 @@ pub struct IssuanceRequested {
 }
 
 /// DeliveryRequested is internal: delivery rows are ready for their next attempt. A handler asks
-/// for one; a scan asks for up to [`DeliveryRequested::MAX`] in one message.
+/// for one; up to [`DeliveryRequested::MAX`] are allowed in one message.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryRequested {
