@@ -13,6 +13,8 @@ use assetflow::app::{self, App, RunOptions};
 use assetflow::catalogue::Product;
 use assetflow::crypto::KeyRing;
 use assetflow::dead_letter::{self, Filter};
+use assetflow::messages::{CertificateNotice, CertificateNotices, NoticeKind, kinds};
+use assetflow::outbox::{self, Outgoing};
 use assetflow::pool::definition::PoolDefinitions;
 use assetflow::scheduler::{self, Job, RunReport, Trigger};
 use assetflow::simulate::gateway::{GatewayOptions, exchange_request};
@@ -940,6 +942,75 @@ async fn retention_deletes_only_old_bookkeeping() {
         );
         assert_eq!(count(c, "SELECT count(*) FROM job_runs WHERE started_at < now() - interval '90 days'"), 0);
         assert_eq!(count(c, "SELECT count(*) FROM orders"), 1);
+    })
+    .await;
+    env.stop().await;
+}
+
+/// The delivery pool makes a notice's deliveries once, however often it is asked: a
+/// `certificate.notices` message sent again (a replay, a second scan that lost a race) finds the
+/// keyed deliveries already made. A notice for a certificate that does not exist is skipped and
+/// the rest of the message stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_notice_handled_twice_sends_nothing_twice() {
+    let mut env = Env::new().await;
+    env.product("ticket", |_| {}).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    env.start().await;
+    env.partner(settle_all());
+    env.gateway(GatewayOptions { exchange_rate: 0.0, ..GatewayOptions::default() });
+    env.send(&purchase(&alice, "ticket", 1, json!({}))).await;
+    let (cert, expires) = env
+        .wait_until("the certificate is acknowledged", |c| {
+            let delivered =
+                count(c, "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'delivered'");
+            (delivered == 1).then(|| {
+                let id = text(c, "SELECT id::text AS value FROM exchange_certificates").expect("a certificate");
+                let expires = timestamp(c, "SELECT expires_at AS value FROM exchange_certificates").expect("an expiry");
+                (id, expires)
+            })
+        })
+        .await;
+
+    // Stage 1, through the scan.
+    let report = env.run_job("near_expiry", expires - TimeDelta::hours(36)).await;
+    assert_eq!((report.rows_scanned, report.enqueued), (1, 1), "{report:?}");
+    let key = format!("reminder:{cert}:1");
+    let sent = key.clone();
+    env.wait_until("the stage-1 reminder is acknowledged", move |c| {
+        (count(c, &format!("SELECT count(*) FROM deliveries WHERE dedupe_key = '{sent}' AND status = 'delivered'"))
+            == 1)
+            .then_some(())
+    })
+    .await;
+
+    // The same notice again, beside one for a certificate nobody issued.
+    let message = CertificateNotices {
+        message_type: kinds::CERTIFICATE_NOTICES.into(),
+        as_of: expires - TimeDelta::hours(36),
+        notices: vec![
+            CertificateNotice { certificate_id: uuid::Uuid::now_v7(), notice: NoticeKind::ExpiryMessage },
+            CertificateNotice { certificate_id: cert.parse().expect("a uuid"), notice: NoticeKind::ExpiryMessage },
+        ],
+    };
+    let outgoing =
+        Outgoing::json(env.app.names.internal(), kinds::CERTIFICATE_NOTICES, kinds::CERTIFICATE_NOTICES, &message);
+    let message_id = outgoing.message_id;
+    env.db(move |c| outbox::enqueue(c, &outgoing).expect("written to the outbox")).await;
+    env.app.outbox_wake.notify_one();
+    env.wait_until("the delivery pool has handled it", move |c| {
+        (count(c, &format!("SELECT count(*) FROM inbox WHERE pool = 'delivery' AND message_id = '{message_id}'")) == 1)
+            .then_some(())
+    })
+    .await;
+    env.db(move |c| {
+        assert_eq!(count(c, &format!("SELECT count(*) FROM deliveries WHERE dedupe_key = '{key}'")), 1);
+        assert_eq!(
+            count(c, &format!("SELECT count(*) FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id WHERE d.dedupe_key = '{key}'")),
+            1,
+            "sent once"
+        );
+        assert_eq!(count(c, "SELECT count(*) FROM dead_letters"), 0, "the unknown certificate is skipped, not dead-lettered");
     })
     .await;
     env.stop().await;
