@@ -165,7 +165,7 @@ fn seed(conn: &mut PgConnection, n: i64, now: DateTime<Utc>) -> anyhow::Result<(
     while from < n {
         let to = (from + chunk).min(n);
         diesel::sql_query(
-            &format!(
+            format!(
                 "WITH t AS (
                SELECT i, $3 + (i * interval '30 days') / $4 AS cert_expiry,
                       $3 - interval '30 days' + (i * interval '30 days') / $4 AS issued,

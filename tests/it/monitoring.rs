@@ -233,6 +233,8 @@ fn assert_catalogued(scrape: &Scrape) {
 const CERTIFICATES_DELIVERED: &str =
     "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'delivered'";
 
+/// A series that must rise: its name, its labels, and by how much.
+type Rise<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_workload_moves_the_key_series_by_the_expected_amounts() {
     let (mut env, listen) = with_http().await;
@@ -260,7 +262,7 @@ async fn a_short_workload_moves_the_key_series_by_the_expected_amounts() {
     assert_eq!(env.wait_until("the malformed message is dead-lettered", move |c| text(c, sql)).await, "malformed");
 
     let n = N as f64;
-    let rises: [(&str, &[(&str, &str)], f64); 7] = [
+    let rises: [Rise; 7] = [
         (
             "assetflow_messages_total",
             &[("pool", "settlement"), ("type", "order.purchase"), ("outcome", "acked")],
