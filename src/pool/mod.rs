@@ -94,26 +94,15 @@ impl Incoming {
         {
             incoming.first_received_at = first.with_timezone(&Utc);
         }
-        let verdict = (|| {
-            if incoming.body.len() > MAX_BODY {
-                return Err((
-                    Reason::Malformed,
-                    format!("body of {} bytes exceeds the {MAX_BODY}-byte limit", incoming.body.len()),
-                ));
+        // The same check the fuzz targets exercise (`fuzz/`).
+        let verdict = match crate::messages::parse_body(&incoming.body) {
+            Ok((message_type, json)) => {
+                incoming.message_type = message_type;
+                incoming.json = json;
+                Ok(())
             }
-            let text = std::str::from_utf8(&incoming.body)
-                .map_err(|e| (Reason::Malformed, format!("body is not UTF-8: {e}")))?;
-            let json: Value =
-                serde_json::from_str(text).map_err(|e| (Reason::Malformed, format!("body is not JSON: {e}")))?;
-            let message_type = json
-                .get("type")
-                .and_then(Value::as_str)
-                .ok_or_else(|| (Reason::Malformed, "body is not a JSON object with a string \"type\"".to_string()))?
-                .to_string();
-            incoming.message_type = message_type;
-            incoming.json = json;
-            Ok(())
-        })();
+            Err(detail) => Err((Reason::Malformed, detail)),
+        };
         (incoming, verdict)
     }
 }
