@@ -32,27 +32,46 @@ pub enum DbError {
     Query(#[from] DieselError),
 }
 
-/// is_transient classifies a diesel error: a dropped connection, a serialization failure or a
+/// is_transient classifies a diesel error: a lost connection, a serialization failure or a
 /// deadlock heals by itself; anything else is a bug or bad data and will fail again.
 pub fn is_transient(error: &DieselError) -> bool {
-    match error {
-        DieselError::DatabaseError(kind, info) => match kind {
-            DatabaseErrorKind::SerializationFailure
-            | DatabaseErrorKind::ClosedConnection
-            | DatabaseErrorKind::UnableToSendCommand => true,
-            // 40P01 deadlock_detected, 57P01 admin_shutdown, 57P03 cannot_connect_now and the
-            // class 08 connection exceptions reach diesel as Unknown with the server's message.
-            DatabaseErrorKind::Unknown => {
+    is_connection_lost(error)
+        || match error {
+            DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => true,
+            // 40P01 deadlock_detected reaches diesel as Unknown with the server's message; so does
+            // any other trouble with the connection, which is worth another try too.
+            DieselError::DatabaseError(DatabaseErrorKind::Unknown, info) => {
                 let message = info.message();
-                message.contains("deadlock")
-                    || message.contains("terminating connection")
-                    || message.contains("server closed the connection")
-                    || message.contains("connection")
-                    || message.contains("the database system is")
+                message.contains("deadlock") || message.contains("connection")
             }
+            DieselError::BrokenTransactionManager => true,
             _ => false,
-        },
-        DieselError::BrokenTransactionManager => true,
+        }
+}
+
+/// is_connection_lost says whether a diesel error means the database went away (the connection
+/// was closed, refused or is being shut down), as opposed to a conflict or a bad query: the pools
+/// then wait for the database instead of spending the message's attempts. 57P01 admin_shutdown,
+/// 57P03 cannot_connect_now and the class 08 connection exceptions reach diesel as `Unknown` with
+/// the server's message.
+pub fn is_connection_lost(error: &DieselError) -> bool {
+    match error {
+        DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand, _) => {
+            true
+        }
+        DieselError::DatabaseError(DatabaseErrorKind::Unknown, info) => {
+            let message = info.message();
+            [
+                "terminating connection",
+                "server closed the connection",
+                "the database system is",
+                "no connection to the server",
+                "connection refused",
+                "could not connect",
+            ]
+            .iter()
+            .any(|m| message.contains(m))
+        }
         _ => false,
     }
 }

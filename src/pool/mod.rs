@@ -137,7 +137,7 @@ impl From<diesel::result::Error> for Failure {
         // re-reads the state and finds it done. One that never heals ends at the delivery limit.
         let unique =
             matches!(e, diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _));
-        if is_connection_lost(&e) {
+        if crate::db::is_connection_lost(&e) {
             Failure::Unavailable(e.to_string())
         } else if unique || crate::db::is_transient(&e) {
             Failure::Transient(e.to_string())
@@ -153,31 +153,6 @@ impl From<DbError> for Failure {
             DbError::Unavailable(m) => Failure::Unavailable(m),
             DbError::Query(e) => e.into(),
         }
-    }
-}
-
-/// is_connection_lost says whether a diesel error means the database went away (the connection
-/// was closed, refused or is being shut down), as opposed to a conflict or a bad query. The
-/// server's own messages for admin_shutdown (57P01), cannot_connect_now (57P03) and the class 08
-/// connection exceptions reach diesel as `Unknown`.
-fn is_connection_lost(error: &diesel::result::Error) -> bool {
-    use diesel::result::{DatabaseErrorKind, Error};
-    match error {
-        Error::DatabaseError(DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand, _) => true,
-        Error::DatabaseError(DatabaseErrorKind::Unknown, info) => {
-            let message = info.message();
-            [
-                "terminating connection",
-                "server closed the connection",
-                "the database system is",
-                "no connection to the server",
-                "connection refused",
-                "could not connect",
-            ]
-            .iter()
-            .any(|m| message.contains(m))
-        }
-        _ => false,
     }
 }
 
