@@ -201,17 +201,20 @@ pub fn assert_guarantees(audit: &Audit) {
     assert!(audit.problems().is_empty(), "{}", audit.summary());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chaos_a_broker_restart_under_load_loses_nothing_and_processing_resumes_by_itself() {
+/// restart_under_load cuts one of the app's connections mid-load, while orders keep arriving,
+/// restores it, and checks that processing resumed with no help and every guarantee held.
+async fn restart_under_load(service: fn(&Proxied) -> &Proxy) {
     let run = Proxied::start(json!({})).await;
     run.order(20).await;
     run.wait_for_issued(5).await;
 
-    run.rabbitmq.cut();
-    // Orders keep arriving at the broker while assetflow cannot reach it.
-    run.order(20).await;
+    // Cut mid-load: transactions and publishes in flight lose their connections, the relay and the
+    // scheduler lose theirs, and orders keep arriving at the broker meanwhile.
+    run.order(10).await;
+    service(&run).cut();
+    run.order(10).await;
     tokio::time::sleep(Duration::from_secs(2)).await; // the outage lasts a while
-    run.rabbitmq.restore();
+    service(&run).restore();
 
     // Processing resumes with no help, and the orders placed during the outage complete.
     run.wait_for_issued(25).await;
@@ -223,25 +226,13 @@ async fn chaos_a_broker_restart_under_load_loses_nothing_and_processing_resumes_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_a_broker_restart_under_load_loses_nothing_and_processing_resumes_by_itself() {
+    restart_under_load(|run| &run.rabbitmq).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_a_database_restart_under_load_loses_nothing_and_processing_resumes_by_itself() {
-    let run = Proxied::start(json!({})).await;
-    run.order(20).await;
-    run.wait_for_issued(5).await;
-
-    // Cut mid-load: transactions in flight lose their connections, the relay and the scheduler
-    // lose theirs, and handlers find no database.
-    run.order(10).await;
-    run.postgres.cut();
-    run.order(10).await;
-    tokio::time::sleep(Duration::from_secs(2)).await; // the outage lasts a while
-    run.postgres.restore();
-
-    run.wait_for_issued(25).await;
-    run.order(10).await;
-    let audit = run.settled(50).await;
-    assert_guarantees(&audit);
-    assert_eq!(audit.dead_letters(), 0, "nothing dead-lettered: {}", audit.summary());
-    run.stop().await;
+    restart_under_load(|run| &run.postgres).await;
 }
 
 /// A database outage far longer than the handlers' retry budget (in-process retries times the
