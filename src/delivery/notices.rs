@@ -75,12 +75,11 @@ fn load(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Open>> {
     diesel::sql_query(
         "SELECT c.id AS certificate_id, c.asset_id, a.order_id, c.holder_terminal_id AS holder, t.gateway_id,
                 a.status AS asset_status, c.expires_at AS certificate_expires_at, p.title, a.document
-         FROM unnest($1::uuid[]) WITH ORDINALITY AS claimed(id, n)
-         JOIN exchange_certificates c ON c.id = claimed.id
+         FROM exchange_certificates c
          JOIN assets a ON a.id = c.asset_id
          JOIN products p ON p.id = a.product_id
          JOIN terminals t ON t.id = c.holder_terminal_id
-         ORDER BY claimed.n",
+         WHERE c.id = ANY($1)",
     )
     .bind::<Array<SqlUuid>, _>(ids)
     .load(conn)
