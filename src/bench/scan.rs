@@ -189,30 +189,37 @@ fn seed(conn: &mut PgConnection, n: i64, now: DateTime<Utc>) -> anyhow::Result<(
              ), a AS (
                INSERT INTO assets (id, order_id, recipient_terminal_id, ordinal, product_id, kind, issuer_id,
                                    holder_terminal_id, issued_at, expires_at, has_exchange_certificate,
-                                   certificate_expires_at, status, transferable, currency, document,
-                                   issuer_signature, provider_signature, status_changed_at)
+                                   certificate_expires_at, status, transferable, currency, status_changed_at)
                SELECT asset_id, order_id, 'bench-terminal', (i % 4)::int,
                       CASE WHEN i / 4 % 10 = 0 THEN 'bench-forced' ELSE 'bench-ticket' END, 'ticket', 'bench-issuer',
                       'bench-terminal', issued, cert_expiry + interval '60 days', true, cert_expiry, 'awaiting_exchange',
-                      false, 'JPY',
+                      false, 'JPY', issued
+               FROM s
+               RETURNING id
+             ), ad AS (
+               INSERT INTO asset_documents (asset_id, document, issuer_signature, provider_signature)
+               SELECT asset_id,
                       -- Documents and signatures the size of real ones (ECDSA P-256, base64 DER).
                       json_build_object('asset_id', asset_id, 'order_id', order_id,
                                         'product_id', 'bench-ticket', 'kind', 'ticket', 'title', 'Benchmark ticket',
                                         'issuer_id', 'bench-issuer', 'holder_terminal_id', 'bench-terminal',
                                         'issued_at', issued, 'expires_at', cert_expiry + interval '60 days',
                                         'value_minor', 1000, 'currency', 'JPY', 'transferable', false)::text,
-                      repeat(md5(i::text), 3), repeat(md5((i + 1)::text), 3), issued
-               FROM s
-             )
-             , c AS (
-               INSERT INTO exchange_certificates (id, asset_id, holder_terminal_id, issued_at, expires_at, document, signature)
-               SELECT certificate_id, asset_id, 'bench-terminal', issued, cert_expiry,
+                      repeat(md5(i::text), 3), repeat(md5((i + 1)::text), 3)
+               FROM s JOIN a ON a.id = s.asset_id
+             ), c AS (
+               INSERT INTO exchange_certificates (id, asset_id, holder_terminal_id, issued_at, expires_at)
+               SELECT certificate_id, asset_id, 'bench-terminal', issued, cert_expiry
+               FROM s JOIN a ON a.id = s.asset_id
+               RETURNING id
+             ), cd AS (
+               INSERT INTO certificate_documents (certificate_id, document, signature)
+               SELECT certificate_id,
                       json_build_object('certificate_id', certificate_id, 'asset_id', asset_id,
                                         'holder_terminal_id', 'bench-terminal', 'issuer_id', 'bench-issuer',
                                         'issued_at', issued, 'expires_at', cert_expiry)::text,
                       repeat(md5((i + 2)::text), 3)
-               FROM s
-               RETURNING id
+               FROM s JOIN c ON c.id = s.certificate_id
              )
              INSERT INTO reminder_schedule (certificate_id, asset_id, expires_at, next_stage, due_at)
              SELECT certificate_id, asset_id, cert_expiry, 1, cert_expiry - interval '2 days'

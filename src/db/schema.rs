@@ -125,10 +125,16 @@ diesel::table! {
         remaining_minor -> Nullable<Int8>,
         remaining_uses -> Nullable<Int4>,
         currency -> Text,
+        status_changed_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    asset_documents (asset_id) {
+        asset_id -> Uuid,
         document -> Text,
         issuer_signature -> Text,
         provider_signature -> Text,
-        status_changed_at -> Timestamptz,
     }
 }
 
@@ -139,11 +145,17 @@ diesel::table! {
         holder_terminal_id -> Text,
         issued_at -> Timestamptz,
         expires_at -> Timestamptz,
-        document -> Text,
-        signature -> Text,
         exchanged_at -> Nullable<Timestamptz>,
         exchange_request_id -> Nullable<Text>,
         revoked_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    certificate_documents (certificate_id) {
+        certificate_id -> Uuid,
+        document -> Text,
+        signature -> Text,
     }
 }
 
@@ -293,6 +305,9 @@ diesel::table! {
     }
 }
 
+diesel::joinable!(asset_documents -> assets (asset_id));
+diesel::joinable!(certificate_documents -> exchange_certificates (certificate_id));
+
 diesel::allow_tables_to_appear_in_same_query!(
     reminder_schedule,
     partners,
@@ -303,7 +318,9 @@ diesel::allow_tables_to_appear_in_same_query!(
     orders,
     settlements,
     assets,
+    asset_documents,
     exchange_certificates,
+    certificate_documents,
     asset_status_history,
     deliveries,
     delivery_attempts,

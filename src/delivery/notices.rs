@@ -74,9 +74,10 @@ struct Open {
 fn load(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Open>> {
     diesel::sql_query(
         "SELECT c.id AS certificate_id, c.asset_id, a.order_id, c.holder_terminal_id AS holder, t.gateway_id,
-                a.status AS asset_status, c.expires_at AS certificate_expires_at, p.title, a.document
+                a.status AS asset_status, c.expires_at AS certificate_expires_at, p.title, d.document
          FROM exchange_certificates c
          JOIN assets a ON a.id = c.asset_id
+         JOIN asset_documents d ON d.asset_id = c.asset_id
          JOIN products p ON p.id = a.product_id
          JOIN terminals t ON t.id = c.holder_terminal_id
          WHERE c.id = ANY($1)",

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::crypto;
-use crate::db::schema::{assets, exchange_certificates, reminder_schedule};
+use crate::db::schema::{asset_documents, assets, certificate_documents, exchange_certificates, reminder_schedule};
 use crate::dead_letter::Reason as DeadReason;
 use crate::delivery::{self, NewDelivery};
 use crate::messages::{DeliveryKind, ExchangeRequest, kinds};
@@ -78,13 +78,14 @@ fn exchange(cx: &mut Cx<'_>, request: &ExchangeRequest, terminal: &Terminal) -> 
         return Ok(Err(Refused::new(Reason::CertificateForged, "the certificate has no valid certificate_id")));
     };
     let Some(certificate) = exchange_certificates::table
-        .find(id)
+        .inner_join(certificate_documents::table)
+        .filter(exchange_certificates::id.eq(id))
         .select((
             exchange_certificates::id,
             exchange_certificates::asset_id,
             exchange_certificates::holder_terminal_id,
             exchange_certificates::expires_at,
-            exchange_certificates::document,
+            certificate_documents::document,
             exchange_certificates::exchanged_at,
             exchange_certificates::revoked_at,
         ))
@@ -120,8 +121,9 @@ fn exchange(cx: &mut Cx<'_>, request: &ExchangeRequest, terminal: &Terminal) -> 
         )));
     }
     let (status, expires_at, document, order_id): (String, DateTime<Utc>, String, Uuid) = assets::table
-        .find(certificate.asset_id)
-        .select((assets::status, assets::expires_at, assets::document, assets::order_id))
+        .inner_join(asset_documents::table)
+        .filter(assets::id.eq(certificate.asset_id))
+        .select((assets::status, assets::expires_at, asset_documents::document, assets::order_id))
         .for_update()
         .first(cx.conn)?;
     if Status::parse(&status) != Some(Status::AwaitingExchange) || expires_at <= cx.now {

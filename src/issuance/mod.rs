@@ -14,7 +14,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::catalogue::load_product;
-use crate::db::schema::{assets, exchange_certificates, orders, reminder_schedule};
+use crate::db::schema::{asset_documents, assets, certificate_documents, exchange_certificates, orders, reminder_schedule};
 use crate::dead_letter::Reason;
 use crate::delivery::{self, NewDelivery};
 use crate::messages::{DeliveryKind, IssuanceRequested, kinds};
@@ -110,10 +110,15 @@ fn issue(cx: &mut Cx<'_>, order: &Order) -> Result<(), Failure> {
                     assets::remaining_minor.eq(product.value_minor),
                     assets::remaining_uses.eq(product.uses),
                     assets::currency.eq(&product.currency),
-                    assets::document.eq(crate::crypto::canonical_json(&document)),
-                    assets::issuer_signature.eq(document["issuer_signature"].as_str().unwrap_or_default()),
-                    assets::provider_signature.eq(document["signature"].as_str().unwrap_or_default()),
                     assets::status_changed_at.eq(now),
+                ))
+                .execute(cx.conn)?;
+            diesel::insert_into(asset_documents::table)
+                .values((
+                    asset_documents::asset_id.eq(asset_id),
+                    asset_documents::document.eq(crate::crypto::canonical_json(&document)),
+                    asset_documents::issuer_signature.eq(document["issuer_signature"].as_str().unwrap_or_default()),
+                    asset_documents::provider_signature.eq(document["signature"].as_str().unwrap_or_default()),
                 ))
                 .execute(cx.conn)?;
             status_machine::record_issued(cx.conn, asset_id, status, now)?;
@@ -138,8 +143,13 @@ fn issue(cx: &mut Cx<'_>, order: &Order) -> Result<(), Failure> {
                         exchange_certificates::holder_terminal_id.eq(&recipient.id),
                         exchange_certificates::issued_at.eq(now),
                         exchange_certificates::expires_at.eq(cert_expiry),
-                        exchange_certificates::document.eq(crate::crypto::canonical_json(&certificate)),
-                        exchange_certificates::signature.eq(certificate["signature"].as_str().unwrap_or_default()),
+                    ))
+                    .execute(cx.conn)?;
+                diesel::insert_into(certificate_documents::table)
+                    .values((
+                        certificate_documents::certificate_id.eq(certificate_id),
+                        certificate_documents::document.eq(crate::crypto::canonical_json(&certificate)),
+                        certificate_documents::signature.eq(certificate["signature"].as_str().unwrap_or_default()),
                     ))
                     .execute(cx.conn)?;
                 diesel::insert_into(reminder_schedule::table)

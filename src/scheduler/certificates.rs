@@ -16,6 +16,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use uuid::Uuid;
 
+use super::Watermark;
 use crate::app::App;
 use crate::messages::{CertificateNotice, CertificateNotices, NoticeKind, kinds};
 use crate::outbox::{self, Outgoing};
@@ -49,25 +50,37 @@ fn publish(
 /// where the product says so). A stage-1 reminder whose moment passed while stage 2 came due is
 /// recorded as superseded rather than sent late. A certificate that expired, or whose asset left
 /// awaiting_exchange another way, leaves the reminder index without a notice.
-pub fn near_expiry(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
+pub fn near_expiry(
+    conn: &mut PgConnection,
+    app: &App,
+    as_of: DateTime<Utc>,
+    batch: i64,
+    watermark: &Watermark,
+) -> QueryResult<Swept> {
     #[derive(QueryableByName)]
     struct Decided {
         #[diesel(sql_type = SqlUuid)]
         id: Uuid,
+        #[diesel(sql_type = Timestamptz)]
+        claimed_due_at: DateTime<Utc>,
         #[diesel(sql_type = Nullable<Text>)]
         action: Option<String>,
     }
     conn.transaction(|conn| {
-        // The claim is one range of one partial index: its cost is the rows due, not the table.
+        // The claim is one range of one partial index, after the run's watermark: its cost is the
+        // rows due, not the table. A reminder's next stage is due later than `as_of` when it is
+        // scheduled (an overdue stage 2 is sent at once), so nothing behind the watermark falls due
+        // during the run.
+        let (after_due_at, after_id) = watermark.after();
         let decided: Vec<Decided> = diesel::sql_query(
             "WITH claimed AS (
-               SELECT certificate_id, asset_id, expires_at, next_stage FROM reminder_schedule
-               WHERE due_at <= $1
+               SELECT certificate_id, asset_id, expires_at, next_stage, due_at FROM reminder_schedule
+               WHERE due_at <= $1 AND (due_at, certificate_id) > ($3, $4)
                ORDER BY due_at, certificate_id
                LIMIT $2
                FOR UPDATE SKIP LOCKED
              ), due AS (
-               SELECT r.certificate_id, r.next_stage,
+               SELECT r.certificate_id, r.next_stage, r.due_at AS claimed_due_at,
                       r.expires_at - p.reminder_stage2_secs * interval '1 second' AS stage2_at,
                       CASE WHEN r.expires_at <= $1 OR a.status <> 'awaiting_exchange' THEN NULL
                            WHEN $1 >= r.expires_at - p.reminder_stage2_secs * interval '1 second' THEN p.stage2_policy
@@ -86,11 +99,14 @@ pub fn near_expiry(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, bat
                                ELSE r.stage2 END
              FROM due
              WHERE r.certificate_id = due.certificate_id
-             RETURNING r.certificate_id AS id, due.action",
+             RETURNING r.certificate_id AS id, due.claimed_due_at, due.action",
         )
         .bind::<Timestamptz, _>(as_of)
         .bind::<BigInt, _>(batch)
+        .bind::<Timestamptz, _>(after_due_at)
+        .bind::<SqlUuid, _>(after_id)
         .load(conn)?;
+        watermark.advance(decided.iter().map(|d| (d.claimed_due_at, d.id)));
         let notices: Vec<CertificateNotice> = decided
             .iter()
             .filter_map(|d| {
@@ -112,21 +128,31 @@ pub fn near_expiry(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, bat
 /// message, a forced transmission of the asset and a revocation request; if not, the asset
 /// expires. A certificate whose asset already left awaiting_exchange another way (a forced
 /// stage-2 transmission, a refund) is void and is closed quietly.
-pub fn past_due(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
+pub fn past_due(
+    conn: &mut PgConnection,
+    app: &App,
+    as_of: DateTime<Utc>,
+    batch: i64,
+    watermark: &Watermark,
+) -> QueryResult<Swept> {
     #[derive(QueryableByName)]
     struct Revoked {
         #[diesel(sql_type = SqlUuid)]
         id: Uuid,
+        #[diesel(sql_type = Timestamptz)]
+        expires_at: DateTime<Utc>,
         #[diesel(sql_type = SqlUuid)]
         asset_id: Uuid,
         #[diesel(sql_type = Timestamptz)]
         asset_expires_at: DateTime<Utc>,
     }
     conn.transaction(|conn| {
+        let (after_expires_at, after_id) = watermark.after();
         let revoked: Vec<Revoked> = diesel::sql_query(
             "WITH claimed AS (
                SELECT id FROM exchange_certificates
                WHERE exchanged_at IS NULL AND revoked_at IS NULL AND expires_at <= $1
+                 AND (expires_at, id) > ($3, $4)
                ORDER BY expires_at, id
                LIMIT $2
                FOR UPDATE SKIP LOCKED
@@ -135,11 +161,14 @@ pub fn past_due(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch:
              SET revoked_at = $1
              FROM claimed, assets a
              WHERE c.id = claimed.id AND a.id = c.asset_id
-             RETURNING c.id, c.asset_id, a.expires_at AS asset_expires_at",
+             RETURNING c.id, c.expires_at, c.asset_id, a.expires_at AS asset_expires_at",
         )
         .bind::<Timestamptz, _>(as_of)
         .bind::<BigInt, _>(batch)
+        .bind::<Timestamptz, _>(after_expires_at)
+        .bind::<SqlUuid, _>(after_id)
         .load(conn)?;
+        watermark.advance(revoked.iter().map(|r| (r.expires_at, r.id)));
         let assets: Vec<Uuid> = revoked.iter().map(|r| r.asset_id).collect();
         let moved = status_machine::transition_many(
             conn,
@@ -172,7 +201,13 @@ pub fn past_due(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch:
 
 /// asset_expiry ends the term of retained assets still waiting to reach their holders (FIG. 7
 /// S203, FIG. 8 S303): they become `expired`, and what was still being sent to them is cancelled.
-pub fn asset_expiry(conn: &mut PgConnection, _app: &App, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
+pub fn asset_expiry(
+    conn: &mut PgConnection,
+    _app: &App,
+    as_of: DateTime<Utc>,
+    batch: i64,
+    _: &Watermark,
+) -> QueryResult<Swept> {
     conn.transaction(|conn| {
         #[derive(QueryableByName)]
         struct Due {

@@ -26,6 +26,31 @@ use crate::db::{Db, DbError};
 use crate::settlement::Swept;
 use crate::telemetry;
 
+/// Watermark is how far a run has got along its job's claim index: the greatest key any of the
+/// run's batches has claimed. Each batch claims after it, so a batch walks neither over the rows
+/// other batches of the run hold nor over the index entries that earlier batches left dead behind
+/// them (the old versions of the rows they changed, which only a vacuum removes: walking them made
+/// every batch slower than the one before). A row skipped because someone else held it when its
+/// turn came is left for the next run.
+#[derive(Debug, Default)]
+pub struct Watermark(std::sync::Mutex<Option<(DateTime<Utc>, uuid::Uuid)>>);
+
+impl Watermark {
+    /// Watermark::after is the key to claim after: the watermark, or the start of time.
+    pub fn after(&self) -> (DateTime<Utc>, uuid::Uuid) {
+        self.0.lock().expect("not poisoned").unwrap_or((DateTime::<Utc>::UNIX_EPOCH, uuid::Uuid::nil()))
+    }
+
+    /// Watermark::advance moves the watermark to the greatest of `keys`, if that is further.
+    pub fn advance(&self, keys: impl IntoIterator<Item = (DateTime<Utc>, uuid::Uuid)>) {
+        let Some(greatest) = keys.into_iter().max() else { return };
+        let mut current = self.0.lock().expect("not poisoned");
+        if current.is_none_or(|c| greatest > c) {
+            *current = Some(greatest);
+        }
+    }
+}
+
 /// Trigger is why a job ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
@@ -122,7 +147,7 @@ fn run_locked(
         // Everything in one transaction that is rolled back: the counts say what would happen.
         let mut swept = Swept::default();
         match conn.transaction::<(), diesel::result::Error, _>(|conn| {
-            swept = (job.run)(conn, app, as_of, i64::from(i32::MAX))?;
+            swept = (job.run)(conn, app, as_of, i64::from(i32::MAX), &Watermark::default())?;
             Err(diesel::result::Error::RollbackTransaction)
         }) {
             Err(diesel::result::Error::RollbackTransaction) | Ok(()) => {
@@ -137,11 +162,12 @@ fn run_locked(
         // connections at once: each claims its rows with SKIP LOCKED, so none waits on another.
         let shared = std::sync::Mutex::new((report.clone(), progress));
         let first_error: std::sync::Mutex<Option<diesel::result::Error>> = std::sync::Mutex::new(None);
+        let watermark = Watermark::default();
         let work = |conn: &mut PgConnection| loop {
             if first_error.lock().expect("not poisoned").is_some() {
                 return;
             }
-            match (job.run)(conn, app, as_of, app.scan_batch) {
+            match (job.run)(conn, app, as_of, app.scan_batch, &watermark) {
                 Ok(swept) => {
                     let mut guard = shared.lock().expect("not poisoned");
                     let (report, progress) = &mut *guard;

@@ -131,7 +131,13 @@ pub struct Swept {
 
 /// sweep_timeouts handles settlement instructions whose answer is overdue at `as_of`: each is sent
 /// again, or, once its attempts are spent, abandoned and dead-lettered, and its order fails.
-pub fn sweep_timeouts(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
+pub fn sweep_timeouts(
+    conn: &mut PgConnection,
+    app: &App,
+    as_of: DateTime<Utc>,
+    batch: i64,
+    _: &crate::scheduler::Watermark,
+) -> QueryResult<Swept> {
     conn.transaction(|conn| {
         let due: Vec<Settlement> = settlements::table
             .filter(settlements::status.eq("instructed"))

@@ -37,7 +37,7 @@ async fn a_certificate_purchase_is_settled_issued_delivered_and_exchanged_once()
         assert_eq!(count(c, "SELECT count(*) FROM exchange_certificates"), 2);
         // Signed twice: the issuer's signature and the provider's are both stored.
         assert_eq!(
-            count(c, "SELECT count(*) FROM assets WHERE issuer_signature <> '' AND provider_signature <> ''"),
+            count(c, "SELECT count(*) FROM asset_documents WHERE issuer_signature <> '' AND provider_signature <> ''"),
             2
         );
         assert_eq!(count(c, "SELECT count(*) FROM orders WHERE status = 'issued'"), 1);
