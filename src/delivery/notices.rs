@@ -7,6 +7,8 @@
 //! keyed per (certificate, notice), so a message handled twice, or a notice a holder already got
 //! another way, sends nothing twice.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{Array, Text, Timestamptz, Uuid as SqlUuid};
@@ -17,7 +19,7 @@ use super::{NewDelivery, insert_many, send_attempt};
 use crate::dead_letter::Reason;
 use crate::messages::{self, CertificateNotices, DeliveryKind, Notice, NoticeKind, kinds};
 use crate::pool::{Cx, Failure, Handler, Incoming};
-use crate::status_machine::Status;
+use crate::status_machine::{self, Cause, Status};
 
 /// NoticesHandler makes and sends the deliveries a `certificate.notices` message asks for.
 pub struct NoticesHandler;
@@ -32,6 +34,7 @@ impl Handler for NoticesHandler {
             .map_err(|e| Failure::permanent(Reason::SchemaViolation, e))?;
         let ids: Vec<Uuid> = request.notices.iter().map(|n| n.certificate_id).collect();
         let certificates = load(cx.conn, &ids)?;
+        let past_due = past_due_processing(cx.conn, &request, &certificates)?;
         let mut deliveries = Vec::with_capacity(request.notices.len());
         for notice in &request.notices {
             let Some(open) = certificates.iter().find(|c| c.certificate_id == notice.certificate_id) else {
@@ -39,12 +42,64 @@ impl Handler for NoticesHandler {
                 tracing::warn!(certificate_id = %notice.certificate_id, "notice for an unknown certificate skipped");
                 continue;
             };
+            if notice.notice == NoticeKind::PastDue && !past_due.contains(&open.asset_id) {
+                continue;
+            }
             deliveries.extend(render(open, notice.notice)?);
         }
         for inserted in insert_many(cx.conn, &deliveries, cx.now)? {
             send_attempt(cx.conn, cx.app, inserted.id, cx.now)?;
         }
         Ok(())
+    }
+}
+
+/// past_due_processing moves the assets of the message's past-due notices from awaiting_exchange
+/// to past-due processing (FIG. 7), as of the scan's time, and those no longer valid on to
+/// expired. It returns the assets whose holders are owed the past-due transmissions. An asset that
+/// has already moved (this notice handled before, or the asset delivered another way) is left
+/// alone and owed nothing here.
+fn past_due_processing(
+    conn: &mut PgConnection,
+    request: &CertificateNotices,
+    certificates: &[Open],
+) -> Result<HashSet<Uuid>, Failure> {
+    let assets: Vec<Uuid> = request
+        .notices
+        .iter()
+        .filter(|n| n.notice == NoticeKind::PastDue)
+        .filter_map(|n| certificates.iter().find(|c| c.certificate_id == n.certificate_id))
+        .map(|c| c.asset_id)
+        .collect();
+    let as_of = request.as_of;
+    let moved = status_machine::transition_many(
+        conn,
+        &assets,
+        Status::AwaitingExchange,
+        Status::ExpiredCertificateProcessing,
+        Cause::CertificatePastDue,
+        as_of,
+    )
+    .map_err(transition_failure)?;
+    let (valid, void): (Vec<Uuid>, Vec<Uuid>) = moved
+        .into_iter()
+        .partition(|asset| certificates.iter().any(|c| c.asset_id == *asset && c.asset_expires_at > as_of));
+    status_machine::transition_many(
+        conn,
+        &void,
+        Status::ExpiredCertificateProcessing,
+        Status::Expired,
+        Cause::AssetExpired,
+        as_of,
+    )
+    .map_err(transition_failure)?;
+    Ok(valid.into_iter().collect())
+}
+
+fn transition_failure(e: status_machine::TransitionError) -> Failure {
+    match e {
+        status_machine::TransitionError::Db(e) => e.into(),
+        other => Failure::permanent(Reason::Unprocessable, other.to_string()),
     }
 }
 
@@ -64,6 +119,8 @@ struct Open {
     #[diesel(sql_type = Text)]
     asset_status: String,
     #[diesel(sql_type = Timestamptz)]
+    asset_expires_at: DateTime<Utc>,
+    #[diesel(sql_type = Timestamptz)]
     certificate_expires_at: DateTime<Utc>,
     #[diesel(sql_type = Text)]
     title: String,
@@ -74,7 +131,7 @@ struct Open {
 fn load(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Open>> {
     diesel::sql_query(
         "SELECT c.id AS certificate_id, c.asset_id, a.order_id, c.holder_terminal_id AS holder, t.gateway_id,
-                a.status AS asset_status, c.expires_at AS certificate_expires_at, p.title, d.document
+                a.status AS asset_status, a.expires_at AS asset_expires_at, c.expires_at AS certificate_expires_at, p.title, d.document
          FROM exchange_certificates c
          JOIN assets a ON a.id = c.asset_id
          JOIN asset_documents d ON d.asset_id = c.asset_id
@@ -116,7 +173,7 @@ fn render(open: &Open, notice: NoticeKind) -> Result<Vec<NewDelivery>, Failure> 
         )],
         NoticeKind::ForcedTransmission if awaiting => vec![forced_asset(open)?],
         NoticeKind::ExpiryMessage | NoticeKind::DownloadRequest | NoticeKind::ForcedTransmission => Vec::new(),
-        // The scan moved the asset to past-due processing; sending re-checks its validity.
+        // Only for assets past_due_processing just moved; sending re-checks their validity.
         NoticeKind::PastDue => vec![
             message(
                 open,

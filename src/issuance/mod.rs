@@ -14,7 +14,9 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::catalogue::load_product;
-use crate::db::schema::{asset_documents, assets, certificate_documents, exchange_certificates, orders, reminder_schedule};
+use crate::db::schema::{
+    asset_documents, assets, certificate_documents, exchange_certificates, orders, reminder_schedule,
+};
 use crate::dead_letter::Reason;
 use crate::delivery::{self, NewDelivery};
 use crate::messages::{DeliveryKind, IssuanceRequested, kinds};

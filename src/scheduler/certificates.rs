@@ -13,7 +13,7 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use uuid::Uuid;
 
 use super::Watermark;
@@ -45,6 +45,45 @@ fn publish(
     Ok(notices.iter().map(|n| n.notice.deliveries()).sum())
 }
 
+/// claim is one batch's claim, taken in turn with the run's other batches: at most `batch` rows
+/// of one index range after the watermark, locked with SKIP LOCKED. Its cost is the rows due, not
+/// the table.
+fn claim(
+    conn: &mut PgConnection,
+    watermark: &Watermark,
+    sql: &str,
+    as_of: DateTime<Utc>,
+    batch: i64,
+) -> QueryResult<Vec<Claimed>> {
+    watermark.claim(
+        |(after_at, after_id)| {
+            diesel::sql_query(sql)
+                .bind::<Timestamptz, _>(as_of)
+                .bind::<BigInt, _>(batch)
+                .bind::<Timestamptz, _>(after_at)
+                .bind::<SqlUuid, _>(after_id)
+                .load(conn)
+        },
+        |c: &Claimed| (c.at, c.id),
+    )
+}
+
+/// by_key has the rest of the transaction find the claimed rows one by one by their keys. Costing
+/// random reads as if from disk, the planner would rather read whole tables and hash them: half a
+/// second a batch on a million certificates, where a few thousand index probes take milliseconds.
+fn by_key(conn: &mut PgConnection) -> QueryResult<()> {
+    use diesel::connection::SimpleConnection;
+    conn.batch_execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
+}
+
+#[derive(QueryableByName)]
+struct Claimed {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+    #[diesel(sql_type = Timestamptz)]
+    at: DateTime<Utc>,
+}
+
 /// near_expiry sends each certificate's reminders, once per stage: stage 1 ("close at hand", a
 /// message) and stage 2 ("very close at hand", a download request, or a forced transmission
 /// where the product says so). A stage-1 reminder whose moment passed while stage 2 came due is
@@ -61,31 +100,34 @@ pub fn near_expiry(
     struct Decided {
         #[diesel(sql_type = SqlUuid)]
         id: Uuid,
-        #[diesel(sql_type = Timestamptz)]
-        claimed_due_at: DateTime<Utc>,
         #[diesel(sql_type = Nullable<Text>)]
         action: Option<String>,
     }
     conn.transaction(|conn| {
-        // The claim is one range of one partial index, after the run's watermark: its cost is the
-        // rows due, not the table. A reminder's next stage is due later than `as_of` when it is
-        // scheduled (an overdue stage 2 is sent at once), so nothing behind the watermark falls due
-        // during the run.
-        let (after_due_at, after_id) = watermark.after();
+        // A reminder's next stage is due later than `as_of` when it is scheduled (an overdue stage
+        // 2 is sent at once), so nothing falls due behind the watermark during the run.
+        let claimed = claim(
+            conn,
+            watermark,
+            "SELECT certificate_id AS id, due_at AS at FROM reminder_schedule
+             WHERE due_at <= $1 AND (due_at, certificate_id) > ($3, $4)
+             ORDER BY due_at, certificate_id
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED",
+            as_of,
+            batch,
+        )?;
+        let ids: Vec<Uuid> = claimed.iter().map(|c| c.id).collect();
+        by_key(conn)?;
         let decided: Vec<Decided> = diesel::sql_query(
-            "WITH claimed AS (
-               SELECT certificate_id, asset_id, expires_at, next_stage, due_at FROM reminder_schedule
-               WHERE due_at <= $1 AND (due_at, certificate_id) > ($3, $4)
-               ORDER BY due_at, certificate_id
-               LIMIT $2
-               FOR UPDATE SKIP LOCKED
-             ), due AS (
-               SELECT r.certificate_id, r.next_stage, r.due_at AS claimed_due_at,
+            "WITH due AS (
+               SELECT r.certificate_id, r.next_stage,
                       r.expires_at - p.reminder_stage2_secs * interval '1 second' AS stage2_at,
                       CASE WHEN r.expires_at <= $1 OR a.status <> 'awaiting_exchange' THEN NULL
                            WHEN $1 >= r.expires_at - p.reminder_stage2_secs * interval '1 second' THEN p.stage2_policy
                            ELSE 'message' END AS action
-               FROM claimed r
+               FROM unnest($2::uuid[]) AS claimed (id)
+               JOIN reminder_schedule r ON r.certificate_id = claimed.id
                JOIN assets a ON a.id = r.asset_id
                JOIN products p ON p.id = a.product_id
              )
@@ -99,14 +141,11 @@ pub fn near_expiry(
                                ELSE r.stage2 END
              FROM due
              WHERE r.certificate_id = due.certificate_id
-             RETURNING r.certificate_id AS id, due.claimed_due_at, due.action",
+             RETURNING r.certificate_id AS id, due.action",
         )
         .bind::<Timestamptz, _>(as_of)
-        .bind::<BigInt, _>(batch)
-        .bind::<Timestamptz, _>(after_due_at)
-        .bind::<SqlUuid, _>(after_id)
+        .bind::<Array<SqlUuid>, _>(&ids)
         .load(conn)?;
-        watermark.advance(decided.iter().map(|d| (d.claimed_due_at, d.id)));
         let notices: Vec<CertificateNotice> = decided
             .iter()
             .filter_map(|d| {
@@ -123,11 +162,13 @@ pub fn near_expiry(
     })
 }
 
-/// past_due handles certificates that expired unexchanged (FIG. 7): each is revoked and its
-/// asset goes to past-due processing; if the asset is still valid the holder is owed a past-due
-/// message, a forced transmission of the asset and a revocation request; if not, the asset
-/// expires. A certificate whose asset already left awaiting_exchange another way (a forced
-/// stage-2 transmission, a refund) is void and is closed quietly.
+/// past_due handles certificates that expired unexchanged (FIG. 7): each is revoked, and each
+/// whose asset still awaits exchange gets a past-due notice. The delivery pool moves that asset to
+/// past-due processing and, if the asset is still valid, sends its holder a past-due message, a
+/// forced transmission of the asset and a revocation request; if not, the asset expires. A
+/// certificate whose asset already left awaiting_exchange another way (a forced stage-2
+/// transmission, a refund) is void and is closed quietly. The revocation is what makes each
+/// certificate's past-due processing happen once.
 pub fn past_due(
     conn: &mut PgConnection,
     app: &App,
@@ -139,62 +180,45 @@ pub fn past_due(
     struct Revoked {
         #[diesel(sql_type = SqlUuid)]
         id: Uuid,
-        #[diesel(sql_type = Timestamptz)]
-        expires_at: DateTime<Utc>,
-        #[diesel(sql_type = SqlUuid)]
-        asset_id: Uuid,
-        #[diesel(sql_type = Timestamptz)]
-        asset_expires_at: DateTime<Utc>,
+        #[diesel(sql_type = Bool)]
+        awaiting: bool,
+        #[diesel(sql_type = Bool)]
+        valid: bool,
     }
     conn.transaction(|conn| {
-        let (after_expires_at, after_id) = watermark.after();
+        let claimed = claim(
+            conn,
+            watermark,
+            "SELECT id, expires_at AS at FROM exchange_certificates
+             WHERE exchanged_at IS NULL AND revoked_at IS NULL AND expires_at <= $1
+               AND (expires_at, id) > ($3, $4)
+             ORDER BY expires_at, id
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED",
+            as_of,
+            batch,
+        )?;
+        let ids: Vec<Uuid> = claimed.iter().map(|c| c.id).collect();
+        by_key(conn)?;
         let revoked: Vec<Revoked> = diesel::sql_query(
-            "WITH claimed AS (
-               SELECT id FROM exchange_certificates
-               WHERE exchanged_at IS NULL AND revoked_at IS NULL AND expires_at <= $1
-                 AND (expires_at, id) > ($3, $4)
-               ORDER BY expires_at, id
-               LIMIT $2
-               FOR UPDATE SKIP LOCKED
+            "WITH revoked AS (
+               UPDATE exchange_certificates SET revoked_at = $1 WHERE id = ANY($2) RETURNING id, asset_id
              )
-             UPDATE exchange_certificates c
-             SET revoked_at = $1
-             FROM claimed, assets a
-             WHERE c.id = claimed.id AND a.id = c.asset_id
-             RETURNING c.id, c.expires_at, c.asset_id, a.expires_at AS asset_expires_at",
+             SELECT r.id, a.status = 'awaiting_exchange' AS awaiting, a.expires_at > $1 AS valid
+             FROM revoked r JOIN assets a ON a.id = r.asset_id",
         )
         .bind::<Timestamptz, _>(as_of)
-        .bind::<BigInt, _>(batch)
-        .bind::<Timestamptz, _>(after_expires_at)
-        .bind::<SqlUuid, _>(after_id)
+        .bind::<Array<SqlUuid>, _>(&ids)
         .load(conn)?;
-        watermark.advance(revoked.iter().map(|r| (r.expires_at, r.id)));
-        let assets: Vec<Uuid> = revoked.iter().map(|r| r.asset_id).collect();
-        let moved = status_machine::transition_many(
-            conn,
-            &assets,
-            Status::AwaitingExchange,
-            Status::ExpiredCertificateProcessing,
-            Cause::CertificatePastDue,
-            as_of,
-        )
-        .map_err(into_query_error)?;
-        let moved: std::collections::HashSet<Uuid> = moved.into_iter().collect();
-        let (valid, void): (Vec<&Revoked>, Vec<&Revoked>) =
-            revoked.iter().filter(|r| moved.contains(&r.asset_id)).partition(|r| r.asset_expires_at > as_of);
-        let void: Vec<Uuid> = void.iter().map(|r| r.asset_id).collect();
-        status_machine::transition_many(
-            conn,
-            &void,
-            Status::ExpiredCertificateProcessing,
-            Status::Expired,
-            Cause::AssetExpired,
-            as_of,
-        )
-        .map_err(into_query_error)?;
-        let notices: Vec<CertificateNotice> =
-            valid.iter().map(|r| CertificateNotice { certificate_id: r.id, notice: NoticeKind::PastDue }).collect();
-        let enqueued = publish(conn, app, &notices, as_of)?;
+        let notices: Vec<CertificateNotice> = revoked
+            .iter()
+            .filter(|r| r.awaiting)
+            .map(|r| CertificateNotice { certificate_id: r.id, notice: NoticeKind::PastDue })
+            .collect();
+        publish(conn, app, &notices, as_of)?;
+        // What the holders are owed: nothing for an asset that is no longer valid.
+        let enqueued =
+            revoked.iter().filter(|r| r.awaiting && r.valid).count() as u64 * NoticeKind::PastDue.deliveries();
         Ok(Swept { scanned: revoked.len() as u64, enqueued })
     })
 }

@@ -5,12 +5,12 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use uuid::Uuid;
 
+use super::Watermark;
 use crate::app::App;
 use crate::db::schema::deliveries;
 use crate::delivery::{self, Row};
 use crate::pool::Failure;
 use crate::settlement::{self, Swept};
-use super::Watermark;
 use crate::telemetry;
 
 /// Job is a named scan.
@@ -76,11 +76,23 @@ pub static JOBS: &[Job] = &[
     },
 ];
 
-fn designated_delivery(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64, _: &Watermark) -> QueryResult<Swept> {
+fn designated_delivery(
+    conn: &mut PgConnection,
+    app: &App,
+    as_of: DateTime<Utc>,
+    batch: i64,
+    _: &Watermark,
+) -> QueryResult<Swept> {
     send_due(conn, app, "designated_delivery", "pending", as_of, batch)
 }
 
-fn retransmission(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64, _: &Watermark) -> QueryResult<Swept> {
+fn retransmission(
+    conn: &mut PgConnection,
+    app: &App,
+    as_of: DateTime<Utc>,
+    batch: i64,
+    _: &Watermark,
+) -> QueryResult<Swept> {
     let timed_out = conn.transaction(|conn| {
         let rows: Vec<Row> = deliveries::table
             .filter(deliveries::status.eq("sent"))
@@ -150,7 +162,13 @@ fn into_query_error(f: Failure) -> diesel::result::Error {
 
 /// retention deletes, a batch at a time, bookkeeping rows older than their retention at `as_of`.
 /// Orders, assets, histories, deliveries and dead letters are records, not bookkeeping: kept.
-fn retention(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64, _: &Watermark) -> QueryResult<Swept> {
+fn retention(
+    conn: &mut PgConnection,
+    app: &App,
+    as_of: DateTime<Utc>,
+    batch: i64,
+    _: &Watermark,
+) -> QueryResult<Swept> {
     use diesel::sql_types::{BigInt, Timestamptz};
     let r = &app.config.retention;
     let horizon = |d: std::time::Duration| as_of - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);

@@ -26,28 +26,34 @@ use crate::db::{Db, DbError};
 use crate::settlement::Swept;
 use crate::telemetry;
 
+/// A key along a job's claim index: a time (due, expiry) and the row's id.
+pub type ClaimKey = (DateTime<Utc>, uuid::Uuid);
+
 /// Watermark is how far a run has got along its job's claim index: the greatest key any of the
-/// run's batches has claimed. Each batch claims after it, so a batch walks neither over the rows
-/// other batches of the run hold nor over the index entries that earlier batches left dead behind
-/// them (the old versions of the rows they changed, which only a vacuum removes: walking them made
-/// every batch slower than the one before). A row skipped because someone else held it when its
-/// turn came is left for the next run.
+/// run's batches has claimed. The batches of a run take their claims one at a time, each after the
+/// watermark, and then do their work side by side. So no batch walks over the rows another holds,
+/// nor over the index entries earlier batches left dead behind them (the old versions of the rows
+/// they changed, which only a vacuum removes), and two batches never share pages: claiming side
+/// by side, SKIP LOCKED dealt the rows out alternately and the two fought over every page. A row
+/// skipped because someone outside the run held it is left for the next run.
 #[derive(Debug, Default)]
-pub struct Watermark(std::sync::Mutex<Option<(DateTime<Utc>, uuid::Uuid)>>);
+pub struct Watermark(std::sync::Mutex<Option<ClaimKey>>);
 
 impl Watermark {
-    /// Watermark::after is the key to claim after: the watermark, or the start of time.
-    pub fn after(&self) -> (DateTime<Utc>, uuid::Uuid) {
-        self.0.lock().expect("not poisoned").unwrap_or((DateTime::<Utc>::UNIX_EPOCH, uuid::Uuid::nil()))
-    }
-
-    /// Watermark::advance moves the watermark to the greatest of `keys`, if that is further.
-    pub fn advance(&self, keys: impl IntoIterator<Item = (DateTime<Utc>, uuid::Uuid)>) {
-        let Some(greatest) = keys.into_iter().max() else { return };
+    /// Watermark::claim runs `claim` with the key to claim after (the watermark, or 1970, before
+    /// any certificate) while no other batch of the run claims, and moves the watermark to the
+    /// greatest key claimed.
+    pub fn claim<T>(
+        &self,
+        claim: impl FnOnce(ClaimKey) -> QueryResult<Vec<T>>,
+        key: impl Fn(&T) -> ClaimKey,
+    ) -> QueryResult<Vec<T>> {
         let mut current = self.0.lock().expect("not poisoned");
-        if current.is_none_or(|c| greatest > c) {
+        let rows = claim(current.unwrap_or((DateTime::<Utc>::UNIX_EPOCH, uuid::Uuid::nil())))?;
+        if let Some(greatest) = rows.iter().map(key).max() {
             *current = Some(greatest);
         }
+        Ok(rows)
     }
 }
 
