@@ -311,9 +311,11 @@ async fn past_due_processing_of_an_asset_that_is_no_longer_valid_expires_it_and_
     let as_of = now + TimeDelta::days(5);
     let report = env.run_job("past_due", as_of).await;
     assert_eq!((report.rows_scanned, report.enqueued), (1, 0), "{report:?}");
+    // The job revokes and publishes; the delivery pool moves the asset.
+    let a = asset.clone();
+    env.wait_until("the asset expires", move |c| (asset_status(c, &a) == "expired").then_some(())).await;
     let (a, c2) = (asset.clone(), cert.clone());
     env.db(move |c| {
-        assert_eq!(asset_status(c, &a), "expired");
         assert_eq!(
             history(c, &a),
             "(new)→awaiting_exchange, awaiting_exchange→expired_certificate_processing, expired_certificate_processing→expired"
@@ -1011,6 +1013,50 @@ async fn a_certificate_notice_handled_twice_sends_nothing_twice() {
             "sent once"
         );
         assert_eq!(count(c, "SELECT count(*) FROM dead_letters"), 0, "the unknown certificate is skipped, not dead-lettered");
+    })
+    .await;
+
+    // Past due: the delivery pool moves the asset and sends the three transmissions once.
+    let past = expires + TimeDelta::hours(1);
+    let report = env.run_job("past_due", past).await;
+    assert_eq!((report.rows_scanned, report.enqueued), (1, 3), "{report:?}");
+    let past_due_sent = |c: &mut PgConnection| {
+        count(
+            c,
+            "SELECT count(*) FROM deliveries WHERE dedupe_key ~ '^(past_due|revoke|asset):' AND status = 'delivered'",
+        )
+    };
+    env.wait_until("the past-due transmissions are acknowledged", move |c| (past_due_sent(c) == 3).then_some(())).await;
+    let asset =
+        env.db(|c| text(c, "SELECT asset_id::text AS value FROM exchange_certificates").expect("an asset")).await;
+    let again = CertificateNotices {
+        message_type: kinds::CERTIFICATE_NOTICES.into(),
+        as_of: past,
+        notices: vec![CertificateNotice { certificate_id: cert.parse().expect("a uuid"), notice: NoticeKind::PastDue }],
+    };
+    let outgoing =
+        Outgoing::json(env.app.names.internal(), kinds::CERTIFICATE_NOTICES, kinds::CERTIFICATE_NOTICES, &again);
+    let message_id = outgoing.message_id;
+    env.db(move |c| outbox::enqueue(c, &outgoing).expect("written to the outbox")).await;
+    env.app.outbox_wake.notify_one();
+    env.wait_until("the delivery pool has handled the past-due notice again", move |c| {
+        (count(c, &format!("SELECT count(*) FROM inbox WHERE pool = 'delivery' AND message_id = '{message_id}'")) == 1)
+            .then_some(())
+    })
+    .await;
+    env.db(move |c| {
+        assert_eq!(
+            history(c, &asset),
+            "(new)→awaiting_exchange, awaiting_exchange→expired_certificate_processing, expired_certificate_processing→force_delivered",
+            "moved once"
+        );
+        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE dedupe_key ~ '^(past_due|revoke|asset):'"), 3);
+        assert_eq!(
+            count(c, "SELECT count(*) FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id WHERE d.dedupe_key ~ '^(past_due|revoke|asset):'"),
+            3,
+            "each sent once"
+        );
+        assert_eq!(count(c, "SELECT count(*) FROM dead_letters"), 0);
     })
     .await;
     env.stop().await;
