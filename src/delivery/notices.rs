@@ -2,10 +2,11 @@
 //!
 //! The `near_expiry` and `past_due` scans record their decision (`reminder_schedule`, or the
 //! certificate's revocation) and publish `certificate.notices` in the same transaction; they write
-//! nothing else per certificate, so a night's scan stays a handful of set-based statements. This handler, on any delivery consumer
-//! of any process, re-reads the certificates, renders each notice and sends it. Every delivery is
-//! keyed per (certificate, notice), so a message handled twice, or a notice a holder already got
-//! another way, sends nothing twice.
+//! nothing else per certificate, so a night's scan stays a handful of set-based statements. This
+//! handler, on any delivery consumer of any process, re-reads the certificates, moves past-due
+//! assets out of awaiting_exchange (guarded by their status), renders each notice and sends it.
+//! Every delivery is keyed per (certificate, notice), so a message handled twice, or a notice a
+//! holder already got another way, sends nothing twice.
 
 use std::collections::HashSet;
 

@@ -1,14 +1,16 @@
 //! The certificate scans: near-expiry reminders (seed 000 section 3.6), past-due processing
 //! (FIG. 7) and the end of retained assets' terms.
 //!
-//! A batch is a handful of set-based statements whatever its size. One statement claims the due
-//! certificates (`FOR UPDATE SKIP LOCKED`, index-backed), decides for each what its holder is
-//! owed, and records that decision in the certificate's `reminder_schedule` row (or revokes the
-//! certificate), which is what makes each (certificate, stage) happen once however often and on
-//! however many processes the scan runs.
+//! A batch is a handful of set-based statements whatever its size. The first claims the due
+//! certificates (`FOR UPDATE SKIP LOCKED`, one index range after the run's watermark, taken in turn
+//! with the run's other batches); the next decides for each what its holder is owed and records
+//! that decision in the certificate's `reminder_schedule` row (or revokes the certificate), which
+//! is what makes each (certificate, stage) happen once however often and on however many
+//! processes the scan runs.
 //! The decisions go out as `certificate.notices` messages through the outbox, in the same
-//! transaction; the delivery pool renders and sends them (`delivery::notices`), so the per-holder
-//! work spreads over every delivery consumer instead of being serialised behind the job's lock.
+//! transaction; the delivery pool acts on them (`delivery::notices`): it makes and sends the
+//! deliveries and changes the past-due assets' status, so the per-holder work spreads over every
+//! delivery consumer instead of being serialised behind the job's lock.
 //! Everything is computed from `as_of`.
 
 use chrono::{DateTime, Utc};
