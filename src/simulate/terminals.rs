@@ -89,6 +89,9 @@ pub async fn register(config: &Config, count: usize, keys: &std::path::Path) -> 
     let url = config.database.url.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let mut conn = PgConnection::establish(&url)?;
+        // The terminals reference their gateway and partner: on a fresh database the simulators
+        // may get here before `assetflow run` has recorded the configured ones.
+        crate::catalogue::sync_parties(&mut conn, &partners, &gateways)?;
         for (id, kind, gateway, partner, pem) in rows {
             register_terminal(&mut conn, &id, kind, &gateway, Some(&partner), &pem)?;
         }

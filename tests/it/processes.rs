@@ -233,3 +233,24 @@ async fn the_lifecycle_benchmark_completes_every_order_it_places() {
         assert!(figures[figure].as_f64().is_some_and(|v| v > 0.0), "{figure} is measured: {figures}");
     }
 }
+
+/// `ops/run` starts the simulators beside a starting `assetflow run`: on a fresh database they may
+/// register their terminals before the app has recorded the configured gateways and partners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulators_register_their_terminals_before_the_app_has_recorded_the_parties() {
+    let env = Env::new().await;
+    // Parties the database has not heard of, as on a fresh database before `assetflow run` starts.
+    let mut config = env.config.clone();
+    let gateway = config.gateways.values().next().expect("a gateway").clone();
+    let partner = config.partners.values().next().expect("a partner").clone();
+    config.gateways = [("gw-late".to_string(), gateway)].into_iter().collect();
+    config.partners = [("partner-late".to_string(), partner)].into_iter().collect();
+    let dir = std::env::temp_dir().join(format!("assetflow-{}", uuid::Uuid::new_v4().simple()));
+    let terminals = register(&config, 3, &dir).await.expect("the terminals are registered");
+    assert_eq!(terminals.len(), 3);
+    let registered = env
+        .db(|c| count(c, "SELECT count(*) FROM terminals WHERE gateway_id = 'gw-late' AND partner_id = 'partner-late'"))
+        .await;
+    assert_eq!(registered, 3);
+    std::fs::remove_dir_all(&dir).ok();
+}
