@@ -80,8 +80,7 @@ fn past_due_processing(
         Status::ExpiredCertificateProcessing,
         Cause::CertificatePastDue,
         as_of,
-    )
-    .map_err(transition_failure)?;
+    )?;
     let (valid, void): (Vec<Uuid>, Vec<Uuid>) = moved
         .into_iter()
         .partition(|asset| certificates.iter().any(|c| c.asset_id == *asset && c.asset_expires_at > as_of));
@@ -92,16 +91,8 @@ fn past_due_processing(
         Status::Expired,
         Cause::AssetExpired,
         as_of,
-    )
-    .map_err(transition_failure)?;
+    )?;
     Ok(valid.into_iter().collect())
-}
-
-fn transition_failure(e: status_machine::TransitionError) -> Failure {
-    match e {
-        status_machine::TransitionError::Db(e) => e.into(),
-        other => Failure::permanent(Reason::Unprocessable, other.to_string()),
-    }
 }
 
 /// Open is a certificate with what its notices are made of.

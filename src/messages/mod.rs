@@ -204,8 +204,9 @@ impl DeliveryRequested {
 }
 
 /// CertificateNotices is internal: the certificate scans decided that these holders are owed a
-/// reminder or past-due processing. The delivery pool makes and sends the deliveries, keyed per
-/// (certificate, notice), so a message handled twice sends nothing twice.
+/// reminder or past-due processing. The delivery pool moves past-due assets out of
+/// awaiting_exchange and makes and sends the deliveries, keyed per (certificate, notice), so a
+/// message handled twice sends nothing twice.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertificateNotices {
@@ -239,13 +240,15 @@ pub enum NoticeKind {
     DownloadRequest,
     /// Stage 2 for products that say so: the asset itself, forced.
     ForcedTransmission,
-    /// Expired unexchanged while the asset is valid: a past-due message, a forced transmission of
-    /// the asset and a revocation request.
+    /// Expired unexchanged (revoked) while the asset awaited exchange: the asset goes to past-due
+    /// processing, and if still valid at `as_of` its holder gets a past-due message, a forced
+    /// transmission of the asset and a revocation request; if not, it expires.
     PastDue,
 }
 
 impl NoticeKind {
-    /// deliveries is how many deliveries the notice makes.
+    /// deliveries is how many deliveries the notice makes (a past-due notice for an asset that is
+    /// no longer valid makes none).
     pub fn deliveries(self) -> u64 {
         match self {
             NoticeKind::PastDue => 3,
