@@ -18,9 +18,8 @@ use crate::telemetry;
 pub struct Job {
     pub name: &'static str,
     pub about: &'static str,
-    /// Runs one batch of at most `batch` rows at `as_of`, in its own transaction. Jobs whose
-    /// claims walk an index that their own batches leave dead entries in claim after the run's
-    /// watermark; the others ignore it.
+    /// Runs one batch of at most `batch` rows at `as_of`, in its own transaction. The certificate
+    /// scans claim in turn after the run's [`Watermark`]; the other jobs ignore it.
     pub run: fn(&mut PgConnection, &App, DateTime<Utc>, i64, &Watermark) -> QueryResult<Swept>,
 }
 
