@@ -987,23 +987,14 @@ async fn a_certificate_notice_handled_twice_sends_nothing_twice() {
     .await;
 
     // The same notice again, beside one for a certificate nobody issued.
-    let message = CertificateNotices {
-        message_type: kinds::CERTIFICATE_NOTICES.into(),
-        as_of: expires - TimeDelta::hours(36),
-        notices: vec![
+    handle_notices(
+        &env,
+        expires - TimeDelta::hours(36),
+        vec![
             CertificateNotice { certificate_id: uuid::Uuid::now_v7(), notice: NoticeKind::ExpiryMessage },
             CertificateNotice { certificate_id: cert.parse().expect("a uuid"), notice: NoticeKind::ExpiryMessage },
         ],
-    };
-    let outgoing =
-        Outgoing::json(env.app.names.internal(), kinds::CERTIFICATE_NOTICES, kinds::CERTIFICATE_NOTICES, &message);
-    let message_id = outgoing.message_id;
-    env.db(move |c| outbox::enqueue(c, &outgoing).expect("written to the outbox")).await;
-    env.app.outbox_wake.notify_one();
-    env.wait_until("the delivery pool has handled it", move |c| {
-        (count(c, &format!("SELECT count(*) FROM inbox WHERE pool = 'delivery' AND message_id = '{message_id}'")) == 1)
-            .then_some(())
-    })
+    )
     .await;
     env.db(move |c| {
         assert_eq!(count(c, &format!("SELECT count(*) FROM deliveries WHERE dedupe_key = '{key}'")), 1);
@@ -1029,20 +1020,11 @@ async fn a_certificate_notice_handled_twice_sends_nothing_twice() {
     env.wait_until("the past-due transmissions are acknowledged", move |c| (past_due_sent(c) == 3).then_some(())).await;
     let asset =
         env.db(|c| text(c, "SELECT asset_id::text AS value FROM exchange_certificates").expect("an asset")).await;
-    let again = CertificateNotices {
-        message_type: kinds::CERTIFICATE_NOTICES.into(),
-        as_of: past,
-        notices: vec![CertificateNotice { certificate_id: cert.parse().expect("a uuid"), notice: NoticeKind::PastDue }],
-    };
-    let outgoing =
-        Outgoing::json(env.app.names.internal(), kinds::CERTIFICATE_NOTICES, kinds::CERTIFICATE_NOTICES, &again);
-    let message_id = outgoing.message_id;
-    env.db(move |c| outbox::enqueue(c, &outgoing).expect("written to the outbox")).await;
-    env.app.outbox_wake.notify_one();
-    env.wait_until("the delivery pool has handled the past-due notice again", move |c| {
-        (count(c, &format!("SELECT count(*) FROM inbox WHERE pool = 'delivery' AND message_id = '{message_id}'")) == 1)
-            .then_some(())
-    })
+    handle_notices(
+        &env,
+        past,
+        vec![CertificateNotice { certificate_id: cert.parse().expect("a uuid"), notice: NoticeKind::PastDue }],
+    )
     .await;
     env.db(move |c| {
         assert_eq!(
@@ -1060,4 +1042,20 @@ async fn a_certificate_notice_handled_twice_sends_nothing_twice() {
     })
     .await;
     env.stop().await;
+}
+
+/// handle_notices publishes a `certificate.notices` message the way the scans do (through the
+/// outbox) and waits until the delivery pool has handled it.
+async fn handle_notices(env: &Env, as_of: DateTime<Utc>, notices: Vec<CertificateNotice>) {
+    let message = CertificateNotices { message_type: kinds::CERTIFICATE_NOTICES.into(), as_of, notices };
+    let outgoing =
+        Outgoing::json(env.app.names.internal(), kinds::CERTIFICATE_NOTICES, kinds::CERTIFICATE_NOTICES, &message);
+    let message_id = outgoing.message_id;
+    env.db(move |c| outbox::enqueue(c, &outgoing).expect("written to the outbox")).await;
+    env.app.outbox_wake.notify_one();
+    env.wait_until("the delivery pool has handled the notices", move |c| {
+        (count(c, &format!("SELECT count(*) FROM inbox WHERE pool = 'delivery' AND message_id = '{message_id}'")) == 1)
+            .then_some(())
+    })
+    .await;
 }
