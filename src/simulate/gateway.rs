@@ -147,9 +147,7 @@ pub async fn run(
                 };
                 let body = serde_json::to_vec(&receipt).expect("serializes");
                 let copies = if rand::random::<f64>() < options.duplicate_rate { 2 } else { 1 };
-                let latency = options.latency;
                 let answer = async move {
-                    tokio::time::sleep(latency).await;
                     for _ in 0..copies {
                         if let Err(e) =
                             publisher.publish(&requests, kinds::DELIVERY_RECEIPT, kinds::DELIVERY_RECEIPT, &body).await
@@ -185,14 +183,7 @@ pub async fn run(
                         });
                     }
                 };
-                // A slow gateway still works on many deliveries at once: the delivery is taken now
-                // and answered after the latency. (Were the simulator to stop meanwhile, the
-                // acknowledgement timeout fails the attempt and it is sent again.)
-                if latency > Duration::from_millis(50) {
-                    tokio::spawn(answer);
-                } else {
-                    answer.await;
-                }
+                super::answer_after(options.latency, answer).await;
                 true
             }
         })));

@@ -104,6 +104,22 @@ async fn show_an_exchanged_asset(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// answer_after runs a simulator's answer once `latency` has passed. A latency long enough to
+/// matter is waited out in a task of its own, so a slow partner or gateway still works on many
+/// messages at once, as a real one does: the message is taken now and answered later. (Were the
+/// simulator to stop meanwhile, assetflow's own timeout sends the message again.)
+pub(crate) async fn answer_after(latency: Duration, answer: impl Future<Output = ()> + Send + 'static) {
+    if latency > Duration::from_millis(50) {
+        tokio::spawn(async move {
+            tokio::time::sleep(latency).await;
+            answer.await;
+        });
+    } else {
+        tokio::time::sleep(latency).await;
+        answer.await;
+    }
+}
+
 /// default_keys_dir is where simulated terminals keep their private keys.
 pub fn default_keys_dir() -> PathBuf {
     PathBuf::from(".assetflow/sim/terminals")

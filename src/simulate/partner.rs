@@ -108,9 +108,7 @@ pub async fn run(
                 };
                 let body = serde_json::to_vec(&result).expect("serializes");
                 let copies = if rand::random::<f64>() < options.duplicate_rate { 2 } else { 1 };
-                let latency = options.latency;
                 let answer = async move {
-                    tokio::time::sleep(latency).await;
                     for _ in 0..copies {
                         if let Err(e) = publisher
                             .publish(&requests, kinds::SETTLEMENT_RESULT, kinds::SETTLEMENT_RESULT, &body)
@@ -125,14 +123,7 @@ pub async fn run(
                         SettlementOutcome::Declined => stats.declined.fetch_add(1, Ordering::Relaxed),
                     };
                 };
-                // A slow partner still works on many instructions at once, as a real one does: the
-                // instruction is taken now and answered after the latency. (Were the simulator to
-                // stop meanwhile, the settlement timeout sends the instruction again.)
-                if latency > Duration::from_millis(50) {
-                    tokio::spawn(answer);
-                } else {
-                    answer.await;
-                }
+                super::answer_after(options.latency, answer).await;
                 true
             }
         })));
