@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 
 use super::{Row, fail_attempt};
-use crate::db::schema::{deliveries, delivery_attempts, exchange_certificates, orders};
+use crate::db::schema::{deliveries, delivery_attempts, exchange_certificates};
 use crate::dead_letter::Reason;
 use crate::messages::{DeliveryKind, DeliveryReceipt, kinds};
 use crate::pool::{Cx, Failure, Handler, Incoming};
@@ -82,22 +82,30 @@ fn complete(cx: &mut Cx<'_>, row: &Row, attempt: i32) -> Result<(), Failure> {
         .set((delivery_attempts::outcome.eq("acknowledged"), delivery_attempts::finished_at.eq(now)))
         .execute(cx.conn)?;
     // A late receipt for an earlier attempt completes the delivery: a newer attempt still in
-    // flight is closed, so that nothing waits on a receipt that no longer matters.
-    diesel::update(
-        delivery_attempts::table
-            .filter(delivery_attempts::delivery_id.eq(row.id))
-            .filter(delivery_attempts::attempt.ne(attempt))
-            .filter(delivery_attempts::outcome.eq("sent")),
-    )
-    .set((
-        delivery_attempts::outcome.eq("timed_out"),
-        delivery_attempts::error.eq(format!("superseded: attempt {attempt} was acknowledged")),
-        delivery_attempts::finished_at.eq(now),
-    ))
-    .execute(cx.conn)?;
-    diesel::update(deliveries::table.find(row.id))
-        .set((deliveries::status.eq("delivered"), deliveries::delivered_at.eq(now)))
+    // flight is closed, so that nothing waits on a receipt that no longer matters. (With one
+    // attempt made there is no other.)
+    if row.attempts > 1 {
+        diesel::update(
+            delivery_attempts::table
+                .filter(delivery_attempts::delivery_id.eq(row.id))
+                .filter(delivery_attempts::attempt.ne(attempt))
+                .filter(delivery_attempts::outcome.eq("sent")),
+        )
+        .set((
+            delivery_attempts::outcome.eq("timed_out"),
+            delivery_attempts::error.eq(format!("superseded: attempt {attempt} was acknowledged")),
+            delivery_attempts::finished_at.eq(now),
+        ))
         .execute(cx.conn)?;
+    }
+    // The order's placing time comes back with the update, for the end-to-end latency below.
+    let Delivered { placed_at } = diesel::sql_query(
+        "UPDATE deliveries SET status = 'delivered', delivered_at = $2 WHERE id = $1
+         RETURNING (SELECT created_at FROM orders WHERE orders.id = deliveries.order_id) AS placed_at",
+    )
+    .bind::<diesel::sql_types::Uuid, _>(row.id)
+    .bind::<diesel::sql_types::Timestamptz, _>(now)
+    .get_result(cx.conn)?;
     telemetry::delivery_attempt(&row.kind, "acknowledged");
     let kind = DeliveryKind::parse(&row.kind).expect("known kind");
     match (kind, row.asset_id) {
@@ -125,14 +133,19 @@ fn complete(cx: &mut Cx<'_>, row: &Row, attempt: i32) -> Result<(), Failure> {
             }
         }
         (DeliveryKind::Certificate, _) => {
-            if let Some(order_id) = row.order_id {
-                let placed: DateTime<Utc> = orders::table.find(order_id).select(orders::created_at).first(cx.conn)?;
+            if let Some(placed) = placed_at {
                 telemetry::end_to_end("order_to_certificate", elapsed(placed, now));
             }
         }
         _ => {}
     }
     Ok(())
+}
+
+#[derive(QueryableByName)]
+struct Delivered {
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
+    placed_at: Option<DateTime<Utc>>,
 }
 
 fn elapsed(from: DateTime<Utc>, to: DateTime<Utc>) -> std::time::Duration {

@@ -59,7 +59,13 @@ fn max_attempts(app: &App, partner: &str) -> u32 {
         .unwrap_or(app.pools.settlement.instruction.max_attempts)
 }
 
-/// instruct writes the instruction for attempt `attempt` to the partner's queue.
+/// answer_by is when an instruction sent at `now` must be answered.
+pub fn answer_by(app: &App, partner: &str, now: DateTime<Utc>) -> DateTime<Utc> {
+    now + chrono::Duration::from_std(answer_timeout(app, partner)).expect("a sane timeout")
+}
+
+/// instruct records attempt `attempt` of a settlement and writes its instruction to the partner's
+/// queue.
 pub fn instruct(
     conn: &mut PgConnection,
     app: &App,
@@ -67,10 +73,22 @@ pub fn instruct(
     attempt: u32,
     now: DateTime<Utc>,
 ) -> QueryResult<()> {
-    let answer_by = now + chrono::Duration::from_std(answer_timeout(app, &s.partner_id)).expect("a sane timeout");
+    let answer_by = answer_by(app, &s.partner_id, now);
     diesel::update(settlements::table.find(s.id))
         .set((settlements::attempts.eq(attempt as i32), settlements::answer_due_at.eq(answer_by)))
         .execute(conn)?;
+    send_instruction(conn, app, s, attempt, answer_by)
+}
+
+/// send_instruction writes attempt `attempt`'s instruction to the partner's queue; the settlement
+/// row already says it was made.
+pub fn send_instruction(
+    conn: &mut PgConnection,
+    app: &App,
+    s: &Settlement,
+    attempt: u32,
+    answer_by: DateTime<Utc>,
+) -> QueryResult<()> {
     let instruction = SettlementInstruction {
         message_type: kinds::SETTLEMENT_INSTRUCTION.into(),
         settlement_id: s.id,
