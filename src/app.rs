@@ -163,6 +163,7 @@ pub async fn run(app: Arc<App>, options: RunOptions, shutdown: CancellationToken
             queues,
             concurrency: settings.concurrency,
             prefetch: settings.prefetch,
+            batch: settings.batch,
             retries: settings.handler_retries.clone(),
             app: app.clone(),
             registry: registry.clone(),

@@ -70,7 +70,7 @@ pub fn verify(
     header: &Header<'_>,
     json: &Value,
 ) -> Result<Result<Verified, (Option<Terminal>, Refused)>, Failure> {
-    let Some(terminal) = load_terminal(cx.conn, header.terminal_id)? else {
+    let Some(terminal) = cx.terminal(header.terminal_id)? else {
         return Ok(Err((
             None,
             Refused::new(Reason::UnknownTerminal, format!("terminal {:?} is not registered", header.terminal_id)),

@@ -22,6 +22,12 @@ pub fn message_handled(pool: &str, message_type: &str, outcome: &'static str, el
         .record(elapsed.as_secs_f64());
 }
 
+/// batch_committed records how many messages a pool's transaction carried out (1 for a message
+/// handled alone).
+pub fn batch_committed(pool: &str, messages: usize) {
+    histogram!("assetflow_batch_messages", "pool" => pool.to_string()).record(messages as f64);
+}
+
 /// dead_lettered counts a dead letter by pool and reason.
 pub fn dead_lettered(pool: &str, reason: &str) {
     counter!("assetflow_dead_letters_total", "pool" => pool.to_string(), "reason" => reason.to_string()).increment(1);
@@ -193,6 +199,12 @@ pub const CATALOGUE: &[Metric] = &[
         "histogram",
         &["pool", "type"],
         "Time from taking a message to settling it with the broker.",
+    ),
+    m(
+        "assetflow_batch_messages",
+        "histogram",
+        &["pool"],
+        "Messages carried out in one transaction by a pool's handler (1 for a message handled alone).",
     ),
     m("assetflow_dead_letters_total", "counter", &["pool", "reason"], "Dead letters recorded."),
     m("assetflow_dead_letters_pending", "gauge", &["pool"], "Dead letters not replayed yet (sampled)."),

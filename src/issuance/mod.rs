@@ -13,7 +13,6 @@ use diesel::prelude::*;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::catalogue::load_product;
 use crate::db::schema::{
     asset_documents, assets, certificate_documents, exchange_certificates, orders, reminder_schedule,
 };
@@ -21,7 +20,6 @@ use crate::dead_letter::Reason;
 use crate::delivery::{self, NewDelivery};
 use crate::messages::{DeliveryKind, IssuanceRequested, kinds};
 use crate::pool::{Cx, Failure, Handler, Incoming};
-use crate::requests::load_terminal;
 use crate::status_machine::{self, Status};
 
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -61,7 +59,8 @@ impl Handler for IssueHandler {
 
 fn issue(cx: &mut Cx<'_>, order: &Order) -> Result<(), Failure> {
     let now = cx.now;
-    let product = load_product(cx.conn, &order.product_id)?
+    let product = cx
+        .product(&order.product_id)?
         .ok_or_else(|| Failure::permanent(Reason::Unprocessable, format!("product {} vanished", order.product_id)))?;
     let issuer_key = cx.app.keys.issuer(&product.issuer_id).ok_or_else(|| {
         Failure::permanent(
@@ -73,7 +72,8 @@ fn issue(cx: &mut Cx<'_>, order: &Order) -> Result<(), Failure> {
     let with_certificate = order.delivery_mode == "certificate";
     let mut issued = 0;
     for recipient_id in &order.recipient_terminal_ids {
-        let recipient = load_terminal(cx.conn, recipient_id)?
+        let recipient = cx
+            .terminal(recipient_id)?
             .ok_or_else(|| Failure::permanent(Reason::Unprocessable, format!("recipient {recipient_id} vanished")))?;
         for ordinal in 0..order.quantity {
             let asset_id = Uuid::now_v7();

@@ -23,9 +23,17 @@ pub struct PoolSettings {
     pub queues: Vec<String>,
     pub concurrency: usize,
     pub prefetch: u16,
+    /// The most messages handled in one transaction. Messages that are already waiting when a
+    /// handler is free are taken together, so batches grow only under load.
+    #[serde(default = "one")]
+    pub batch: usize,
     #[serde(default, deserialize_with = "durations")]
     #[serde(serialize_with = "serialize_durations")]
     pub handler_retries: Vec<Duration>,
+}
+
+fn one() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -153,6 +161,7 @@ impl PoolDefinitions {
         ] {
             anyhow::ensure!(pool.concurrency >= 1, "workers/{name}.toml: concurrency must be at least 1");
             anyhow::ensure!(pool.prefetch >= 1, "workers/{name}.toml: prefetch must be at least 1");
+            anyhow::ensure!(pool.batch >= 1, "workers/{name}.toml: batch must be at least 1");
             anyhow::ensure!(!pool.queues.is_empty(), "workers/{name}.toml: queues must name at least one queue");
         }
         let t = &self.delivery.transmission;

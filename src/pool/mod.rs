@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -164,9 +164,40 @@ pub struct Cx<'a> {
     pub now: DateTime<Utc>,
     /// See [`Incoming::first_received_at`].
     pub first_received_at: DateTime<Utc>,
+    /// What the transaction has read of the catalogue; see [`Cx::product`].
+    pub lookups: &'a mut Lookups,
+}
+
+/// Lookups are the products and terminals a transaction has read, shared by the messages it
+/// handles together. Handlers never change either (only operators do, through `assetflow admin`).
+#[derive(Debug, Default)]
+pub struct Lookups {
+    products: HashMap<String, Option<crate::catalogue::Product>>,
+    terminals: HashMap<String, Option<crate::requests::Terminal>>,
 }
 
 impl Cx<'_> {
+    /// Cx::product reads a product once per transaction: messages handled together see the row
+    /// as the first of them read it, as if it had not changed between them.
+    pub fn product(&mut self, id: &str) -> QueryResult<Option<crate::catalogue::Product>> {
+        if let Some(product) = self.lookups.products.get(id) {
+            return Ok(product.clone());
+        }
+        let product = crate::catalogue::load_product(self.conn, id)?;
+        self.lookups.products.insert(id.to_string(), product.clone());
+        Ok(product)
+    }
+
+    /// Cx::terminal reads a terminal once per transaction, as [`Cx::product`] does a product.
+    pub fn terminal(&mut self, id: &str) -> QueryResult<Option<crate::requests::Terminal>> {
+        if let Some(terminal) = self.lookups.terminals.get(id) {
+            return Ok(terminal.clone());
+        }
+        let terminal = crate::requests::load_terminal(self.conn, id)?;
+        self.lookups.terminals.insert(id.to_string(), terminal.clone());
+        Ok(terminal)
+    }
+
     /// Cx::publish writes a message to the outbox, to be published once this transaction commits.
     pub fn publish(&mut self, message: Outgoing) -> Result<(), Failure> {
         outbox::enqueue(self.conn, &message)?;
@@ -238,6 +269,8 @@ pub struct PoolRunner {
     pub queues: Vec<String>,
     pub concurrency: usize,
     pub prefetch: u16,
+    /// The most messages handled in one transaction.
+    pub batch: usize,
     pub retries: Vec<Duration>,
     pub app: Arc<App>,
     pub registry: Arc<Registry>,
@@ -319,31 +352,120 @@ impl PoolRunner {
                 None => return Ok(()),
             };
             let permit = permits.clone().acquire_owned().await.expect("the semaphore is never closed");
+            // What arrived while a handler was awaited goes with this message: under load the
+            // batches grow by themselves, and a lone message is not kept waiting for company.
+            let mut batch = vec![delivery];
+            let mut stopped = None;
+            while batch.len() < self.batch && stopped.is_none() {
+                match consumer.next().now_or_never() {
+                    Some(Some(Ok(delivery))) => batch.push(delivery),
+                    Some(Some(Err(e))) => stopped = Some(Err(e)),
+                    Some(None) => stopped = Some(Ok(())),
+                    None => break,
+                }
+            }
             let this = self.clone();
             let queue = queue.to_string();
             let shutdown = shutdown.clone();
             in_flight.spawn(async move {
-                this.process(&queue, delivery, &shutdown).await;
+                this.process_batch(&queue, batch, &shutdown).await;
                 drop(permit);
             });
+            if let Some(stopped) = stopped {
+                return stopped;
+            }
         }
     }
 
-    async fn process(&self, queue: &str, delivery: Delivery, shutdown: &CancellationToken) {
+    /// process_batch handles the messages one handler took together. Those that can be carried
+    /// out (well formed, of a known type, valid) run in one transaction, each with its own inbox
+    /// row, and are acknowledged once it commits. If any of them fails, the transaction is rolled
+    /// back and each is handled again on its own, with its own retries and dead letter.
+    async fn process_batch(&self, queue: &str, batch: Vec<Delivery>, shutdown: &CancellationToken) {
         let started = Instant::now();
-        let (incoming, verdict) = Incoming::parse(queue, &self.app.names.internal(), &delivery);
-        telemetry::message_received(self.pool.as_str(), &incoming.message_type);
-        // Every log line of this message carries its ids; for internal messages the correlation
-        // id is the order's, for terminal requests the request id is in the body.
-        let span = tracing::info_span!(
+        let mut ready = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            let (incoming, verdict) = Incoming::parse(queue, &self.app.names.internal(), &delivery);
+            telemetry::message_received(self.pool.as_str(), &incoming.message_type);
+            match (&verdict, self.registry.lookup(&incoming.queue, &incoming.message_type)) {
+                (Ok(()), Some(handler))
+                    if crate::messages::schema::validate(&incoming.message_type, &incoming.json).is_ok() =>
+                {
+                    ready.push((delivery, incoming, handler))
+                }
+                _ => self.process(delivery, incoming, verdict, shutdown).await,
+            }
+        }
+        if ready.len() == 1 {
+            let (delivery, incoming, _) = ready.pop().expect("one");
+            return self.process(delivery, incoming, Ok(()), shutdown).await;
+        }
+        if ready.is_empty() {
+            return;
+        }
+        let work: Vec<_> = ready
+            .iter()
+            .map(|(_, incoming, handler)| (handler.clone(), incoming.clone(), self.span(incoming)))
+            .collect();
+        match self.run_together(work).await {
+            Ok(fresh) => {
+                for ((delivery, incoming, _), fresh) in ready.iter().zip(fresh) {
+                    let action = Action::Ack(if fresh { "acked" } else { "duplicate" });
+                    self.answer(delivery, incoming, action, started).await;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(pool = %self.pool, messages = ready.len(), error = %e, "a batch failed; handling its messages one by one");
+                for (delivery, incoming, _) in ready {
+                    self.process(delivery, incoming, Ok(()), shutdown).await;
+                }
+            }
+        }
+    }
+
+    /// run_together runs several messages' handlers in one transaction; for each, whether it was
+    /// new (false: its inbox row was there already).
+    async fn run_together(&self, work: Vec<Work>) -> Result<Vec<bool>, Failure> {
+        let app = self.app.clone();
+        let pool = self.pool;
+        let result = self.app.db.run(move |conn| handle_together(conn, &app, pool, &work)).await;
+        if let Ok(fresh) = &result {
+            telemetry::batch_committed(self.pool.as_str(), fresh.len());
+            self.app.outbox_wake.notify_one();
+        }
+        result
+    }
+
+    /// span is a message's tracing span: every log line of the message carries its ids. For
+    /// internal messages the correlation id is the order's; for terminal requests the request id
+    /// is in the body.
+    fn span(&self, incoming: &Incoming) -> tracing::Span {
+        tracing::info_span!(
             "message",
             pool = %self.pool,
             r#type = %incoming.message_type,
             message_id = %incoming.message_id,
             correlation_id = incoming.correlation_id.as_deref().unwrap_or(""),
             request_id = incoming.json.get("request_id").and_then(serde_json::Value::as_str).unwrap_or(""),
-        );
+        )
+    }
+
+    /// process carries out one message on its own and answers the broker.
+    async fn process(
+        &self,
+        delivery: Delivery,
+        incoming: Incoming,
+        verdict: Result<(), (Reason, String)>,
+        shutdown: &CancellationToken,
+    ) {
+        let started = Instant::now();
+        let span = self.span(&incoming);
         let action = tracing::Instrument::instrument(self.execute(incoming.clone(), verdict, shutdown), span).await;
+        self.answer(&delivery, &incoming, action, started).await;
+    }
+
+    /// answer acknowledges a message, or returns it to the queue, and counts the outcome.
+    async fn answer(&self, delivery: &Delivery, incoming: &Incoming, action: Action, started: Instant) {
         let result = match action {
             Action::Ack(_) => delivery.acker.ack(BasicAckOptions::default()).await,
             Action::Requeue => delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
@@ -465,22 +587,11 @@ impl PoolRunner {
             .app
             .db
             .run(move |conn| {
-                conn.transaction::<bool, Failure, _>(|conn| {
-                    if !claim_inbox(conn, pool, &incoming)? {
-                        return Ok(false);
-                    }
-                    let mut cx = Cx {
-                        conn,
-                        app: &app,
-                        now: incoming.received_at,
-                        first_received_at: incoming.first_received_at,
-                    };
-                    handler.handle(&mut cx, &incoming)?;
-                    Ok(true)
-                })
+                conn.transaction::<bool, Failure, _>(|conn| handle_once(conn, &app, pool, handler.as_ref(), &incoming))
             })
             .await;
         if result.is_ok() {
+            telemetry::batch_committed(self.pool.as_str(), 1);
             self.app.outbox_wake.notify_one();
         }
         result
@@ -592,6 +703,80 @@ impl PoolRunner {
             }
         }
     }
+}
+
+/// Work is a message to carry out, with its handler and the span its log lines go to.
+pub type Work = (Arc<dyn Handler>, Incoming, tracing::Span);
+
+/// handle_together carries out several messages in one transaction, each unless its inbox row
+/// says this pool already has: for each, true if it was new. It all commits or, if any handler
+/// fails, none of it does, and the failure is returned.
+pub fn handle_together(conn: &mut PgConnection, app: &App, pool: Pool, work: &[Work]) -> Result<Vec<bool>, Failure> {
+    conn.transaction(|conn| {
+        let incoming: Vec<&Incoming> = work.iter().map(|(_, incoming, _)| incoming).collect();
+        let fresh = claim_inbox_many(conn, pool, &incoming)?;
+        let mut lookups = Lookups::default();
+        for ((handler, incoming, span), _) in work.iter().zip(&fresh).filter(|(_, fresh)| **fresh) {
+            let _entered = span.enter();
+            let mut cx = Cx {
+                conn,
+                app,
+                now: incoming.received_at,
+                first_received_at: incoming.first_received_at,
+                lookups: &mut lookups,
+            };
+            handler.handle(&mut cx, incoming)?;
+        }
+        Ok(fresh)
+    })
+}
+
+/// handle_once carries out a message inside the caller's transaction, unless its inbox row says
+/// this pool already has: true if it was new.
+fn handle_once(
+    conn: &mut PgConnection,
+    app: &App,
+    pool: Pool,
+    handler: &dyn Handler,
+    incoming: &Incoming,
+) -> Result<bool, Failure> {
+    if !claim_inbox(conn, pool, incoming)? {
+        return Ok(false);
+    }
+    let mut cx = Cx {
+        conn,
+        app,
+        now: incoming.received_at,
+        first_received_at: incoming.first_received_at,
+        lookups: &mut Lookups::default(),
+    };
+    handler.handle(&mut cx, incoming)?;
+    Ok(true)
+}
+
+/// claim_inbox_many is [`claim_inbox`] for several messages in one statement: for each, whether
+/// it is new. A message id repeated in the batch is new only the first time.
+fn claim_inbox_many(conn: &mut PgConnection, pool: Pool, incoming: &[&Incoming]) -> QueryResult<Vec<bool>> {
+    use diesel::sql_types::{Array, Text};
+    #[derive(QueryableByName)]
+    struct Claimed {
+        #[diesel(sql_type = Text)]
+        message_id: String,
+    }
+    let ids: Vec<&str> = incoming.iter().map(|m| m.message_id.as_str()).collect();
+    let types: Vec<&str> = incoming.iter().map(|m| m.message_type.as_str()).collect();
+    let claimed: Vec<Claimed> = diesel::sql_query(
+        "INSERT INTO inbox (pool, message_id, message_type)
+         SELECT $1, message_id, message_type FROM unnest($2::text[], $3::text[]) AS m(message_id, message_type)
+         ON CONFLICT DO NOTHING
+         RETURNING message_id",
+    )
+    .bind::<Text, _>(pool.as_str())
+    .bind::<Array<Text>, _>(&ids)
+    .bind::<Array<Text>, _>(&types)
+    .load(conn)?;
+    let mut new: std::collections::HashSet<String> = claimed.into_iter().map(|c| c.message_id).collect();
+    Ok(ids.iter().map(|id| new.remove(*id)).collect())
 }
 
 /// claim_inbox records that this pool processed the message; false if it already had.

@@ -4,14 +4,14 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use uuid::Uuid;
 
-use super::{Settlement, instruct};
-use crate::catalogue::{Product, load_product};
+use super::{Settlement, answer_by, send_instruction};
+use crate::catalogue::Product;
 use crate::db::schema::{orders, settlements};
 use crate::dead_letter::Reason as DeadReason;
 use crate::messages::{DeliveryModeKind, PurchaseRequest, kinds};
 use crate::pool::{Cx, Failure, Handler, Incoming};
 use crate::refusal::{Reason, Refused};
-use crate::requests::{self, Header, Terminal, Verified, load_terminal};
+use crate::requests::{self, Header, Terminal, Verified};
 
 /// PurchaseHandler takes `order.purchase`.
 pub struct PurchaseHandler;
@@ -67,14 +67,14 @@ fn plan(cx: &mut Cx<'_>, request: &PurchaseRequest, orderer: &Terminal) -> Resul
     macro_rules! refuse {
         ($reason:expr, $($detail:tt)*) => { return Ok(Err(Refused::new($reason, format!($($detail)*)))) };
     }
-    let Some(product) = load_product(cx.conn, &request.product_id)? else {
+    let Some(product) = cx.product(&request.product_id)? else {
         refuse!(Reason::UnknownProduct, "product {:?} does not exist", request.product_id)
     };
     if !product.on_sale {
         refuse!(Reason::NotOnSale, "product {:?} is not on sale", product.id)
     }
     let payer_id = request.payer_terminal_id.clone().unwrap_or_else(|| orderer.id.clone());
-    let Some(payer) = load_terminal(cx.conn, &payer_id)? else {
+    let Some(payer) = cx.terminal(&payer_id)? else {
         refuse!(Reason::UnknownParty, "payer terminal {payer_id:?} is not registered")
     };
     let Some(partner_id) = payer.partner_id.clone() else {
@@ -88,7 +88,7 @@ fn plan(cx: &mut Cx<'_>, request: &PurchaseRequest, orderer: &Terminal) -> Resul
     }
     let recipients = request.recipient_terminal_ids.clone().unwrap_or_else(|| vec![orderer.id.clone()]);
     for recipient in &recipients {
-        if load_terminal(cx.conn, recipient)?.is_none() {
+        if cx.terminal(recipient)?.is_none() {
             refuse!(Reason::UnknownParty, "recipient terminal {recipient:?} is not registered")
         }
     }
@@ -159,6 +159,7 @@ fn place(cx: &mut Cx<'_>, request: &PurchaseRequest, plan: &Plan, order_id: Uuid
             orders::updated_at.eq(now),
         ))
         .execute(cx.conn)?;
+    let answer_by = answer_by(cx.app, &plan.partner_id, now);
     let settlement = Settlement {
         id: Uuid::now_v7(),
         order_id,
@@ -183,8 +184,10 @@ fn place(cx: &mut Cx<'_>, request: &PurchaseRequest, plan: &Plan, order_id: Uuid
             settlements::currency.eq(&settlement.currency),
             settlements::status.eq("instructed"),
             settlements::instructed_at.eq(now),
+            settlements::attempts.eq(1),
+            settlements::answer_due_at.eq(answer_by),
         ))
         .execute(cx.conn)?;
-    instruct(cx.conn, cx.app, &settlement, 1, now)?;
+    send_instruction(cx.conn, cx.app, &settlement, 1, answer_by)?;
     Ok(())
 }

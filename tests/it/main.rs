@@ -12,3 +12,4 @@ mod processes;
 mod refusals;
 mod support;
 mod tls;
+mod together;

@@ -1,0 +1,150 @@
+//! Messages handled together: a pool's handler takes the messages already waiting for it and
+//! carries them out in one transaction. Each keeps its own inbox row, so none has a second effect,
+//! and one that fails takes none of the others with it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use assetflow::broker::Pool;
+use assetflow::dead_letter::Reason;
+use assetflow::messages::{SettlementOutcome, SettlementResult, kinds};
+use assetflow::outbox::Outgoing;
+use assetflow::pool::{Cx, Failure, Handler, Incoming, Work, handle_together};
+use assetflow::simulate::gateway::GatewayOptions;
+use assetflow::simulate::terminals::purchase;
+use chrono::Utc;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::harness::{Env, count};
+use crate::support::settle_all;
+
+/// Recorder writes one outbox row per message it carries out, and fails the ones that ask it to.
+#[derive(Default)]
+struct Recorder {
+    calls: AtomicUsize,
+}
+
+impl Handler for Recorder {
+    fn message_type(&self) -> &'static str {
+        "test.recorded"
+    }
+
+    fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if message.json["fail"] == json!(true) {
+            return Err(Failure::permanent(Reason::Unprocessable, "told to fail"));
+        }
+        cx.publish(Outgoing {
+            message_id: Uuid::now_v7(),
+            exchange: "test".into(),
+            routing_key: message.message_id.clone(),
+            message_type: "test.recorded".into(),
+            correlation_id: None,
+            headers: json!({}),
+            payload: message.body.clone(),
+            available_at: None,
+        })
+    }
+}
+
+fn incoming(message_id: &str, json: Value) -> Incoming {
+    Incoming {
+        queue: "test".into(),
+        message_id: message_id.into(),
+        message_type: "test.recorded".into(),
+        exchange: String::new(),
+        routing_key: String::new(),
+        correlation_id: None,
+        body: serde_json::to_vec(&json).unwrap(),
+        json,
+        delivery_count: 0,
+        received_at: Utc::now(),
+        first_received_at: Utc::now(),
+    }
+}
+
+async fn together(env: &Env, handler: &Arc<Recorder>, messages: &[Incoming]) -> Result<Vec<bool>, Failure> {
+    let app = env.app.clone();
+    let handler: Arc<dyn Handler> = handler.clone();
+    let work: Vec<Work> = messages.iter().map(|m| (handler.clone(), m.clone(), tracing::Span::none())).collect();
+    env.app.db.run(move |conn| handle_together(conn, &app, Pool::Issuance, &work)).await
+}
+
+async fn rows(env: &Env, sql: &'static str) -> i64 {
+    env.db(move |c| count(c, sql)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_handled_together_commit_together_and_one_failure_undoes_them_all() {
+    let env = Env::new().await;
+    let handler = Arc::new(Recorder::default());
+    let inbox = "SELECT count(*) FROM inbox WHERE pool = 'issuance'";
+    let outbox = "SELECT count(*) FROM outbox WHERE message_type = 'test.recorded'";
+    let (a, b) = (incoming("a", json!({"n": 1})), incoming("b", json!({"n": 2})));
+
+    // One fails: nothing of the others stays, not even their inbox rows, so each can be handled
+    // again on its own.
+    let failing = incoming("c", json!({"fail": true}));
+    let outcome = together(&env, &handler, &[a.clone(), failing, b.clone()]).await;
+    assert!(matches!(outcome, Err(Failure::Permanent { .. })), "the failure is returned: {outcome:?}");
+    assert_eq!(rows(&env, inbox).await, 0, "the inbox rows were rolled back");
+    assert_eq!(rows(&env, outbox).await, 0, "the effects were rolled back");
+
+    // All succeed: all commit. A message id twice in one batch is carried out once.
+    let calls = handler.calls.load(Ordering::SeqCst);
+    let outcome = together(&env, &handler, &[a.clone(), b.clone(), a.clone()]).await.expect("committed");
+    assert_eq!(outcome, vec![true, true, false]);
+    assert_eq!(handler.calls.load(Ordering::SeqCst) - calls, 2, "the repeated id was not handled again");
+    assert_eq!(rows(&env, inbox).await, 2);
+    assert_eq!(rows(&env, outbox).await, 2);
+
+    // Again, with one new message among them: only that one is carried out.
+    let c = incoming("d", json!({"n": 3}));
+    let outcome = together(&env, &handler, &[b, c, a]).await.expect("committed");
+    assert_eq!(outcome, vec![false, true, false]);
+    assert_eq!(rows(&env, inbox).await, 3);
+    assert_eq!(rows(&env, outbox).await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_waiting_together_all_complete_and_a_bad_message_among_them_is_dead_lettered_alone() {
+    let mut env = Env::new().await;
+    env.product("concert", |_| {}).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+
+    // Everything is on the settlement queue before a handler runs, so the handlers find it
+    // waiting: good orders and answers for settlements that do not exist, mixed.
+    let orders = 24;
+    for n in 0..orders {
+        env.send(&purchase(&alice, "concert", 1, json!({}))).await;
+        if n % 8 == 0 {
+            let unknown = SettlementResult {
+                message_type: kinds::SETTLEMENT_RESULT.into(),
+                settlement_id: Uuid::now_v7(),
+                partner_id: "card-co".into(),
+                outcome: SettlementOutcome::Settled,
+                partner_reference: format!("UNKNOWN-{n}"),
+                reason: None,
+                sent_at: Utc::now(),
+            };
+            env.publish(kinds::SETTLEMENT_RESULT, &serde_json::to_vec(&unknown).unwrap()).await;
+        }
+    }
+    env.start().await;
+    env.partner(settle_all());
+    env.gateway(GatewayOptions::default());
+
+    let delivered = "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'delivered'";
+    env.wait_until("every order's certificate is delivered", move |c| (count(c, delivered) == orders).then_some(()))
+        .await;
+    let dead = "SELECT count(*) FROM dead_letters WHERE reason = 'unknown_settlement'";
+    env.wait_until("the three unknown answers are dead-lettered", move |c| (count(c, dead) == 3).then_some(())).await;
+
+    assert_eq!(rows(&env, "SELECT count(*) FROM orders").await, orders, "one order per request");
+    assert_eq!(rows(&env, "SELECT count(*) FROM settlements").await, orders, "one settlement per order");
+    assert_eq!(rows(&env, "SELECT count(*) FROM assets").await, orders, "one asset per order");
+    assert_eq!(rows(&env, "SELECT count(*) FROM deliveries").await, orders, "one delivery per asset");
+    assert_eq!(rows(&env, "SELECT count(*) FROM dead_letters").await, 3, "nothing else was dead-lettered");
+    env.stop().await;
+}
