@@ -25,7 +25,7 @@ pub enum Reason {
     SchemaViolation,
     /// The routing key matched no binding on the requests exchange.
     Unroutable,
-    /// The handler kept failing with transient errors up to the delivery limit.
+    /// The handler kept failing with transient errors up to the delivery limit, or it panicked.
     HandlerFailed,
     /// The handler found the message can never be processed.
     Unprocessable,

@@ -204,7 +204,7 @@ pub const CATALOGUE: &[Metric] = &[
         "assetflow_batch_messages",
         "histogram",
         &["pool"],
-        "Messages carried out in one transaction by a pool's handler (1 for a message handled alone).",
+        "Messages a pool's handler took in one transaction, duplicates included (1 for a message handled alone).",
     ),
     m("assetflow_dead_letters_total", "counter", &["pool", "reason"], "Dead letters recorded."),
     m("assetflow_dead_letters_pending", "gauge", &["pool"], "Dead letters not replayed yet (sampled)."),

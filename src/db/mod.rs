@@ -32,6 +32,16 @@ pub enum DbError {
     Query(#[from] DieselError),
 }
 
+impl DbError {
+    /// DbError::is_connection_lost says whether the database could not be reached at all.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            DbError::Unavailable(_) => true,
+            DbError::Query(e) => is_connection_lost(e),
+        }
+    }
+}
+
 /// is_transient classifies a diesel error: a lost connection, a serialization failure or a
 /// deadlock heals by itself; anything else is a bug or bad data and will fail again.
 pub fn is_transient(error: &DieselError) -> bool {

@@ -415,7 +415,7 @@ impl PoolRunner {
                 }
             }
             Err(e) => {
-                tracing::debug!(pool = %self.pool, messages = ready.len(), error = %e, "a batch failed; handling its messages one by one");
+                tracing::info!(pool = %self.pool, messages = ready.len(), error = %e, "a batch failed; handling its messages one by one");
                 for (delivery, incoming, _) in ready {
                     self.process(delivery, incoming, Ok(()), shutdown).await;
                 }
@@ -651,13 +651,40 @@ impl PoolRunner {
     }
 
     async fn dead_letter(&self, incoming: &Incoming, reason: Reason, detail: String, errors: &[Value]) -> Action {
-        let (pool, incoming2, app) = (self.pool, incoming.clone(), self.app.clone());
         let mut attempts = errors.to_vec();
         if attempts.is_empty() {
             attempts.push(json!({"at": Utc::now(), "error": detail}));
         }
-        let recorded = self
-            .app
+        // A pooled connection that died with a database restart fails its first statement: one
+        // more try, on another connection, before the message goes back to the queue.
+        let mut recorded = self.record_dead_letter(incoming, reason, detail.clone(), attempts.clone()).await;
+        if matches!(&recorded, Err(e) if e.is_connection_lost()) {
+            recorded = self.record_dead_letter(incoming, reason, detail, attempts).await;
+        }
+        match recorded {
+            Ok(()) => {
+                self.app.outbox_wake.notify_one();
+                Action::Ack("dead_lettered")
+            }
+            // The database is down: the broker keeps the message, and its delivery limit is the
+            // last resort (it dead-letters to the same dead-letter queue).
+            Err(e) => {
+                tracing::error!(pool = %self.pool, error = %e, "cannot record a dead letter; returning the message to the queue");
+                Action::Requeue
+            }
+        }
+    }
+
+    /// record_dead_letter commits a message's dead letter with its inbox row.
+    async fn record_dead_letter(
+        &self,
+        incoming: &Incoming,
+        reason: Reason,
+        detail: String,
+        attempts: Vec<Value>,
+    ) -> Result<(), DbError> {
+        let (pool, incoming2, app) = (self.pool, incoming.clone(), self.app.clone());
+        self.app
             .db
             .run(move |conn| {
                 conn.transaction::<_, DbError, _>(|conn| {
@@ -689,19 +716,7 @@ impl PoolRunner {
                     Ok(())
                 })
             })
-            .await;
-        match recorded {
-            Ok(()) => {
-                self.app.outbox_wake.notify_one();
-                Action::Ack("dead_lettered")
-            }
-            // The database is down: the broker keeps the message, and its delivery limit is the
-            // last resort (it dead-letters to the same dead-letter queue).
-            Err(e) => {
-                tracing::error!(pool = %self.pool, error = %e, "cannot record a dead letter; returning the message to the queue");
-                Action::Requeue
-            }
-        }
+            .await
     }
 }
 
@@ -725,9 +740,25 @@ pub fn handle_together(conn: &mut PgConnection, app: &App, pool: Pool, work: &[W
                 first_received_at: incoming.first_received_at,
                 lookups: &mut lookups,
             };
-            handler.handle(&mut cx, incoming)?;
+            handle_caught(handler.as_ref(), &mut cx, incoming)?;
         }
         Ok(fresh)
+    })
+}
+
+/// handle_caught runs a handler, turning a panic into a dead letter: a bug met by some input must
+/// not take the worker, or the other messages of its batch, down with it. The transaction is rolled
+/// back like that of any failure, and the message is kept in `dead_letters` for a replay once the
+/// bug is fixed.
+fn handle_caught(handler: &dyn Handler, cx: &mut Cx<'_>, incoming: &Incoming) -> Result<(), Failure> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(cx, incoming))).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        tracing::error!(panic = %what, "the handler panicked");
+        Err(Failure::permanent(Reason::HandlerFailed, format!("the handler panicked: {what}")))
     })
 }
 
@@ -750,7 +781,7 @@ fn handle_once(
         first_received_at: incoming.first_received_at,
         lookups: &mut Lookups::default(),
     };
-    handler.handle(&mut cx, incoming)?;
+    handle_caught(handler, &mut cx, incoming)?;
     Ok(true)
 }
 

@@ -53,6 +53,11 @@ impl Env {
 
     /// Env::with applies configuration overrides on top of the test defaults.
     pub async fn with(overrides: Value) -> Env {
+        Self::with_pools(overrides, PoolDefinitions::built_in()).await
+    }
+
+    /// Env::with_pools is Env::with with pool definitions of the test's own.
+    pub async fn with_pools(overrides: Value, pools: PoolDefinitions) -> Env {
         let id = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]); // short: it names a database
         let vhost = format!("assetflow-test-{id}");
         let database = format!("assetflow_test_{id}");
@@ -76,7 +81,7 @@ impl Env {
         merge(&mut settings, overrides);
         let config = Config::with_overrides(settings).expect("test configuration");
         config.validate().expect("valid test configuration");
-        let app = Arc::new(App::new(config.clone(), PoolDefinitions::built_in(), KeyRing::ephemeral(&[ISSUER])));
+        let app = Arc::new(App::new(config.clone(), pools, KeyRing::ephemeral(&[ISSUER])));
         app::prepare(&app).await.expect("database prepared");
         let shutdown = CancellationToken::new();
         let broker = Broker::declaring(&config, shutdown.clone());

@@ -9,6 +9,7 @@ use assetflow::broker::Pool;
 use assetflow::dead_letter::Reason;
 use assetflow::messages::{SettlementOutcome, SettlementResult, kinds};
 use assetflow::outbox::Outgoing;
+use assetflow::pool::definition::PoolDefinitions;
 use assetflow::pool::{Cx, Failure, Handler, Incoming, Work, handle_together};
 use assetflow::simulate::gateway::GatewayOptions;
 use assetflow::simulate::terminals::purchase;
@@ -32,6 +33,9 @@ impl Handler for Recorder {
 
     fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        if message.json["panic"] == json!(true) {
+            panic!("told to panic");
+        }
         if message.json["fail"] == json!(true) {
             return Err(Failure::permanent(Reason::Unprocessable, "told to fail"));
         }
@@ -91,6 +95,17 @@ async fn messages_handled_together_commit_together_and_one_failure_undoes_them_a
     assert_eq!(rows(&env, inbox).await, 0, "the inbox rows were rolled back");
     assert_eq!(rows(&env, outbox).await, 0, "the effects were rolled back");
 
+    // One panics: the same, and the panic is the failure, as a dead letter's reason and detail.
+    let panicking = incoming("e", json!({"panic": true}));
+    match together(&env, &handler, &[a.clone(), panicking, b.clone()]).await {
+        Err(Failure::Permanent { reason: Reason::HandlerFailed, detail }) => {
+            assert!(detail.contains("told to panic"), "{detail}")
+        }
+        other => panic!("a panic is a permanent failure, not {other:?}"),
+    }
+    assert_eq!(rows(&env, inbox).await, 0, "the inbox rows were rolled back");
+    assert_eq!(rows(&env, outbox).await, 0, "the effects were rolled back");
+
     // All succeed: all commit. A message id twice in one batch is carried out once.
     let calls = handler.calls.load(Ordering::SeqCst);
     let outcome = together(&env, &handler, &[a.clone(), b.clone(), a.clone()]).await.expect("committed");
@@ -109,7 +124,10 @@ async fn messages_handled_together_commit_together_and_one_failure_undoes_them_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_waiting_together_all_complete_and_a_bad_message_among_them_is_dead_lettered_alone() {
-    let mut env = Env::new().await;
+    // One handler: while it carries out the first message, the others arrive and wait for it.
+    let mut pools = PoolDefinitions::built_in();
+    pools.settlement.pool.concurrency = 1;
+    let mut env = Env::with_pools(json!({}), pools).await;
     env.product("concert", |_| {}).await;
     let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
 
@@ -146,5 +164,9 @@ async fn orders_waiting_together_all_complete_and_a_bad_message_among_them_is_de
     assert_eq!(rows(&env, "SELECT count(*) FROM assets").await, orders, "one asset per order");
     assert_eq!(rows(&env, "SELECT count(*) FROM deliveries").await, orders, "one delivery per asset");
     assert_eq!(rows(&env, "SELECT count(*) FROM dead_letters").await, 3, "nothing else was dead-lettered");
+    // Messages carried out together share their transaction's start, `now()`, as `processed_at`.
+    let shared = "SELECT count(*) FROM (SELECT processed_at FROM inbox WHERE pool = 'settlement'
+                  GROUP BY processed_at HAVING count(*) > 1) AS together";
+    assert!(rows(&env, shared).await > 0, "some messages were carried out together");
     env.stop().await;
 }
