@@ -319,7 +319,7 @@ pub fn replay(
                         deliveries::attempt_limit.eq(attempts + budget),
                     ))
                     .execute(conn)?;
-                crate::delivery::request_send(conn, app, delivery)?;
+                outbox::enqueue(conn, &crate::delivery::request_send(app, delivery))?;
                 format!("delivery {delivery} sent again, with {budget} more attempts")
             }
             "settlement" => {

@@ -102,6 +102,31 @@ pub fn enqueue(conn: &mut PgConnection, message: &Outgoing) -> QueryResult<()> {
     Ok(())
 }
 
+/// enqueue_all writes several messages to the outbox in one statement, inside the caller's
+/// transaction: a handler's messages are gathered (`Cx::publish`) and written together at its end.
+pub fn enqueue_all(conn: &mut PgConnection, messages: &[Outgoing]) -> QueryResult<()> {
+    use diesel::sql_types::{Bytea, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let now = Utc::now();
+    let text = |f: fn(&Outgoing) -> &str| messages.iter().map(f).collect::<Vec<&str>>();
+    diesel::sql_query(
+        "INSERT INTO outbox (message_id, exchange, routing_key, message_type, correlation_id, headers, payload, available_at)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::bytea[], $8::timestamptz[])",
+    )
+    .bind::<Array<SqlUuid>, _>(messages.iter().map(|m| m.message_id).collect::<Vec<Uuid>>())
+    .bind::<Array<Text>, _>(text(|m| &m.exchange))
+    .bind::<Array<Text>, _>(text(|m| &m.routing_key))
+    .bind::<Array<Text>, _>(text(|m| &m.message_type))
+    .bind::<Array<Nullable<Text>>, _>(messages.iter().map(|m| m.correlation_id.as_deref()).collect::<Vec<_>>())
+    .bind::<Array<Jsonb>, _>(messages.iter().map(|m| &m.headers).collect::<Vec<_>>())
+    .bind::<Array<Bytea>, _>(messages.iter().map(|m| m.payload.as_slice()).collect::<Vec<_>>())
+    .bind::<Array<Timestamptz>, _>(messages.iter().map(|m| m.available_at.unwrap_or(now)).collect::<Vec<_>>())
+    .execute(conn)?;
+    Ok(())
+}
+
 #[derive(Queryable, Debug)]
 struct Row {
     id: i64,

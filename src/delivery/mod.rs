@@ -63,7 +63,13 @@ impl NewDelivery {
 /// enqueue records a delivery and, if it is due now, asks the delivery pool to send it. It
 /// returns the new delivery's id, or None if one with the same key already exists.
 pub fn enqueue(cx: &mut Cx<'_>, delivery: NewDelivery) -> Result<Option<Uuid>, Failure> {
-    Ok(enqueue_with(cx.conn, cx.app, delivery, cx.now)?)
+    let Some((id, due_now)) = insert(cx.conn, &delivery, cx.now)? else {
+        return Ok(None);
+    };
+    if due_now {
+        cx.publish(request_send(cx.app, id));
+    }
+    Ok(Some(id))
 }
 
 /// enqueue_with is [`enqueue`] for callers outside a handler (the settlement timeout sweep).
@@ -73,6 +79,18 @@ pub fn enqueue_with(
     delivery: NewDelivery,
     now: DateTime<Utc>,
 ) -> QueryResult<Option<Uuid>> {
+    let Some((id, due_now)) = insert(conn, &delivery, now)? else {
+        return Ok(None);
+    };
+    if due_now {
+        outbox::enqueue(conn, &request_send(app, id))?;
+    }
+    Ok(Some(id))
+}
+
+/// insert records a delivery: its id and whether it is due now, or None if one with the same key
+/// already exists.
+fn insert(conn: &mut PgConnection, delivery: &NewDelivery, now: DateTime<Utc>) -> QueryResult<Option<(Uuid, bool)>> {
     let id = Uuid::now_v7();
     let due_at = delivery.due_at.unwrap_or(now);
     let inserted = diesel::insert_into(deliveries::table)
@@ -93,13 +111,7 @@ pub fn enqueue_with(
         .on_conflict(deliveries::dedupe_key)
         .do_nothing()
         .execute(conn)?;
-    if inserted == 0 {
-        return Ok(None);
-    }
-    if due_at <= now {
-        request_send(conn, app, id)?;
-    }
-    Ok(Some(id))
+    Ok((inserted == 1).then_some((id, due_at <= now)))
 }
 
 /// Inserted is a delivery [`insert_many`] created (one whose key was new).
@@ -142,18 +154,15 @@ pub fn insert_many(conn: &mut PgConnection, batch: &[NewDelivery], now: DateTime
     .load(conn)
 }
 
-/// request_send hands a delivery to the delivery pool.
-pub fn request_send(conn: &mut PgConnection, app: &App, delivery_id: Uuid) -> QueryResult<()> {
+/// request_send is the message that hands a delivery to the delivery pool.
+pub fn request_send(app: &App, delivery_id: Uuid) -> Outgoing {
     let message = DeliveryRequested { message_type: kinds::DELIVERY_REQUESTED.into(), delivery_ids: vec![delivery_id] };
-    outbox::enqueue(
-        conn,
-        &Outgoing::json(app.names.internal(), kinds::DELIVERY_REQUESTED, kinds::DELIVERY_REQUESTED, &message)
-            .correlated(delivery_id.to_string()),
-    )
+    Outgoing::json(app.names.internal(), kinds::DELIVERY_REQUESTED, kinds::DELIVERY_REQUESTED, &message)
+        .correlated(delivery_id.to_string())
 }
 
 /// Row is a delivery as stored.
-#[derive(Debug, Clone, Queryable, Selectable)]
+#[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = deliveries)]
 pub struct Row {
     pub id: Uuid,
@@ -182,12 +191,14 @@ pub enum Sent {
 }
 
 /// send_attempt makes the next attempt of a pending or failed delivery: it re-checks the asset's
-/// validity, records the attempt with the hash of the bytes, and writes them to the outbox.
+/// validity, records the attempt with the hash of the bytes, and adds them to `sending`, for the
+/// caller to write to the outbox in its transaction.
 pub fn send_attempt(
     conn: &mut PgConnection,
     app: &App,
     delivery_id: Uuid,
     now: DateTime<Utc>,
+    sending: &mut Vec<Outgoing>,
 ) -> Result<Sent, Failure> {
     let Some(row) = deliveries::table.find(delivery_id).select(Row::as_select()).for_update().first(conn).optional()?
     else {
@@ -242,7 +253,7 @@ pub fn send_attempt(
             deliveries::due_at.eq(now + ack_timeout),
         ))
         .execute(conn)?;
-    outbox::enqueue(conn, &outgoing)?;
+    sending.push(outgoing);
     telemetry::delivery_attempt(kind.as_str(), "sent");
     Ok(Sent::Attempt(attempt))
 }
@@ -373,7 +384,7 @@ impl Handler for RequestedHandler {
         let request: DeliveryRequested = serde_json::from_value(message.json.clone())
             .map_err(|e| Failure::permanent(Reason::SchemaViolation, e.to_string()))?;
         for delivery_id in request.delivery_ids {
-            match send_attempt(cx.conn, cx.app, delivery_id, cx.now) {
+            match send_attempt(cx.conn, cx.app, delivery_id, cx.now, cx.outgoing) {
                 Ok(sent) => tracing::debug!(%delivery_id, ?sent, "delivery requested"),
                 // One unknown id does not hold up the others; the rest of the message stands.
                 Err(Failure::Permanent { reason: Reason::UnknownDelivery, detail }) => {

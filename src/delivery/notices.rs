@@ -49,7 +49,7 @@ impl Handler for NoticesHandler {
             deliveries.extend(render(open, notice.notice)?);
         }
         for inserted in insert_many(cx.conn, &deliveries, cx.now)? {
-            send_attempt(cx.conn, cx.app, inserted.id, cx.now)?;
+            send_attempt(cx.conn, cx.app, inserted.id, cx.now, cx.outgoing)?;
         }
         Ok(())
     }

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 
 use super::{Row, fail_attempt};
-use crate::db::schema::{deliveries, delivery_attempts, exchange_certificates};
+use crate::db::schema::{delivery_attempts, exchange_certificates};
 use crate::dead_letter::Reason;
 use crate::messages::{DeliveryKind, DeliveryReceipt, kinds};
 use crate::pool::{Cx, Failure, Handler, Incoming};
@@ -22,12 +22,18 @@ impl Handler for ReceiptHandler {
     fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure> {
         let receipt: DeliveryReceipt = serde_json::from_value(message.json.clone())
             .map_err(|e| Failure::permanent(Reason::SchemaViolation, e.to_string()))?;
-        let Some(row) = deliveries::table
-            .find(receipt.delivery_id)
-            .select(Row::as_select())
-            .for_update()
-            .first(cx.conn)
-            .optional()?
+        let attempt = i32::try_from(receipt.attempt).unwrap_or(i32::MAX);
+        // The delivery, locked, with the attempt the receipt names, if it was made: one round trip.
+        let Some(Receipted { delivery: row, payload_sha256, attempt_outcome }) = diesel::sql_query(
+            "SELECT d.*, a.payload_sha256, a.outcome AS attempt_outcome
+             FROM deliveries d LEFT JOIN delivery_attempts a ON a.delivery_id = d.id AND a.attempt = $2
+             WHERE d.id = $1
+             FOR UPDATE OF d",
+        )
+        .bind::<diesel::sql_types::Uuid, _>(receipt.delivery_id)
+        .bind::<diesel::sql_types::Integer, _>(attempt)
+        .get_result(cx.conn)
+        .optional()?
         else {
             return Err(Failure::permanent(Reason::UnknownDelivery, format!("no delivery {}", receipt.delivery_id)));
         };
@@ -40,13 +46,7 @@ impl Handler for ReceiptHandler {
                 ),
             ));
         }
-        let attempt = i32::try_from(receipt.attempt).unwrap_or(i32::MAX);
-        let Some((expected, outcome)) = delivery_attempts::table
-            .find((row.id, attempt))
-            .select((delivery_attempts::payload_sha256, delivery_attempts::outcome))
-            .first::<(String, String)>(cx.conn)
-            .optional()?
-        else {
+        let (Some(expected), Some(outcome)) = (payload_sha256, attempt_outcome) else {
             return Err(Failure::permanent(
                 Reason::UnknownDelivery,
                 format!("delivery {} has no attempt {}", row.id, receipt.attempt),
@@ -140,6 +140,17 @@ fn complete(cx: &mut Cx<'_>, row: &Row, attempt: i32) -> Result<(), Failure> {
         _ => {}
     }
     Ok(())
+}
+
+/// Receipted is a delivery and the attempt a receipt names.
+#[derive(QueryableByName)]
+struct Receipted {
+    #[diesel(embed)]
+    delivery: Row,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    payload_sha256: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    attempt_outcome: Option<String>,
 }
 
 #[derive(QueryableByName)]

@@ -166,6 +166,8 @@ pub struct Cx<'a> {
     pub first_received_at: DateTime<Utc>,
     /// What the transaction has read of the catalogue; see [`Cx::product`].
     pub lookups: &'a mut Lookups,
+    /// The messages the transaction causes, written to the outbox together at its end.
+    pub outgoing: &'a mut Vec<Outgoing>,
 }
 
 /// Lookups are the products and terminals a transaction has read, shared by the messages it
@@ -198,10 +200,11 @@ impl Cx<'_> {
         Ok(terminal)
     }
 
-    /// Cx::publish writes a message to the outbox, to be published once this transaction commits.
-    pub fn publish(&mut self, message: Outgoing) -> Result<(), Failure> {
-        outbox::enqueue(self.conn, &message)?;
-        Ok(())
+    /// Cx::publish sends a message once this transaction commits. It is gathered with the
+    /// transaction's other messages and written to the outbox with them, in one statement, before
+    /// the commit.
+    pub fn publish(&mut self, message: Outgoing) {
+        self.outgoing.push(message);
     }
 }
 
@@ -730,7 +733,7 @@ pub fn handle_together(conn: &mut PgConnection, app: &App, pool: Pool, work: &[W
     conn.transaction(|conn| {
         let incoming: Vec<&Incoming> = work.iter().map(|(_, incoming, _)| incoming).collect();
         let fresh = claim_inbox_many(conn, pool, &incoming)?;
-        let mut lookups = Lookups::default();
+        let (mut lookups, mut outgoing) = (Lookups::default(), Vec::new());
         for ((handler, incoming, span), _) in work.iter().zip(&fresh).filter(|(_, fresh)| **fresh) {
             let _entered = span.enter();
             let mut cx = Cx {
@@ -739,9 +742,11 @@ pub fn handle_together(conn: &mut PgConnection, app: &App, pool: Pool, work: &[W
                 now: incoming.received_at,
                 first_received_at: incoming.first_received_at,
                 lookups: &mut lookups,
+                outgoing: &mut outgoing,
             };
             handle_caught(handler.as_ref(), &mut cx, incoming)?;
         }
+        outbox::enqueue_all(conn, &outgoing)?;
         Ok(fresh)
     })
 }
@@ -774,14 +779,17 @@ fn handle_once(
     if !claim_inbox(conn, pool, incoming)? {
         return Ok(false);
     }
+    let mut outgoing = Vec::new();
     let mut cx = Cx {
         conn,
         app,
         now: incoming.received_at,
         first_received_at: incoming.first_received_at,
         lookups: &mut Lookups::default(),
+        outgoing: &mut outgoing,
     };
     handle_caught(handler, &mut cx, incoming)?;
+    outbox::enqueue_all(conn, &outgoing)?;
     Ok(true)
 }
 

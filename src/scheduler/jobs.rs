@@ -141,14 +141,16 @@ fn send_due(
             .select((deliveries::id, deliveries::due_at))
             .load(conn)?;
         let mut swept = Swept { scanned: due.len() as u64, enqueued: 0 };
+        let mut sending = Vec::new();
         for (id, due_at) in due {
             telemetry::due_pickup_lag(job, (Utc::now() - due_at).to_std().unwrap_or_default());
             if let delivery::Sent::Attempt(_) =
-                delivery::send_attempt(conn, app, id, as_of).map_err(into_query_error)?
+                delivery::send_attempt(conn, app, id, as_of, &mut sending).map_err(into_query_error)?
             {
                 swept.enqueued += 1;
             }
         }
+        crate::outbox::enqueue_all(conn, &sending)?;
         Ok(swept)
     })
 }

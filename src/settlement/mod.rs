@@ -77,18 +77,12 @@ pub fn instruct(
     diesel::update(settlements::table.find(s.id))
         .set((settlements::attempts.eq(attempt as i32), settlements::answer_due_at.eq(answer_by)))
         .execute(conn)?;
-    send_instruction(conn, app, s, attempt, answer_by)
+    outbox::enqueue(conn, &instruction(app, s, attempt, answer_by))
 }
 
-/// send_instruction writes attempt `attempt`'s instruction to the partner's queue; the settlement
-/// row already says it was made.
-pub fn send_instruction(
-    conn: &mut PgConnection,
-    app: &App,
-    s: &Settlement,
-    attempt: u32,
-    answer_by: DateTime<Utc>,
-) -> QueryResult<()> {
+/// instruction is attempt `attempt`'s instruction to the partner's queue; the settlement row says
+/// it was made.
+pub fn instruction(app: &App, s: &Settlement, attempt: u32, answer_by: DateTime<Utc>) -> Outgoing {
     let instruction = SettlementInstruction {
         message_type: kinds::SETTLEMENT_INSTRUCTION.into(),
         settlement_id: s.id,
@@ -101,11 +95,8 @@ pub fn send_instruction(
         attempt,
         answer_by,
     };
-    outbox::enqueue(
-        conn,
-        &Outgoing::json(app.names.partners(), s.partner_id.as_str(), kinds::SETTLEMENT_INSTRUCTION, &instruction)
-            .correlated(s.order_id.to_string()),
-    )
+    Outgoing::json(app.names.partners(), s.partner_id.as_str(), kinds::SETTLEMENT_INSTRUCTION, &instruction)
+        .correlated(s.order_id.to_string())
 }
 
 /// notify_orderer sends a notice about an order to its orderer, once per `code`.

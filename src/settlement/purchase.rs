@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use uuid::Uuid;
 
-use super::{Settlement, answer_by, send_instruction};
+use super::{Settlement, answer_by, instruction};
 use crate::catalogue::Product;
 use crate::db::schema::{orders, settlements};
 use crate::dead_letter::Reason as DeadReason;
@@ -188,6 +188,6 @@ fn place(cx: &mut Cx<'_>, request: &PurchaseRequest, plan: &Plan, order_id: Uuid
             settlements::answer_due_at.eq(answer_by),
         ))
         .execute(cx.conn)?;
-    send_instruction(cx.conn, cx.app, &settlement, 1, answer_by)?;
+    cx.publish(instruction(cx.app, &settlement, 1, answer_by));
     Ok(())
 }

@@ -81,7 +81,7 @@ impl Handler for ResultHandler {
                         &next,
                     )
                     .correlated(s.order_id.to_string()),
-                )?;
+                );
             }
             SettlementOutcome::Declined => {
                 let reason = result.reason.clone().unwrap_or_else(|| "declined by the partner".into());

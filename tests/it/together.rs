@@ -48,7 +48,8 @@ impl Handler for Recorder {
             headers: json!({}),
             payload: message.body.clone(),
             available_at: None,
-        })
+        });
+        Ok(())
     }
 }
 
