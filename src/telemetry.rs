@@ -3,9 +3,59 @@
 //! Names follow `assetflow_<name>_<unit>`; counters end in `_total`; labels are bounded (pool,
 //! message type, outcome, reason, job, partner, kind), never an id or an error string.
 
+use std::cell::RefCell;
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
+
+/// A metric update waiting for its transaction to commit.
+type Update = Box<dyn FnOnce()>;
+
+thread_local! {
+    /// The updates held back by the transaction running on this thread, if one is (see [`held`]).
+    static HELD: RefCell<Option<Vec<Update>>> = const { RefCell::new(None) };
+}
+
+/// held runs a database transaction and holds back the metric updates made inside it: they are
+/// made if it returns Ok (it committed), and dropped if it fails (it rolled back). Work that is
+/// undone and done again, a failed batch handled message by message or a retried handler, is then
+/// counted once, and a dry run not at all. A `held` inside another joins it.
+pub fn held<T, E>(transaction: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+    if HELD.with(|held| held.borrow().is_some()) {
+        return transaction();
+    }
+    /// Stops holding even when the transaction panics.
+    struct Hold;
+    impl Drop for Hold {
+        fn drop(&mut self) {
+            HELD.with(|held| held.borrow_mut().take());
+        }
+    }
+    HELD.with(|held| *held.borrow_mut() = Some(Vec::new()));
+    let hold = Hold;
+    let result = transaction();
+    let updates = HELD.with(|held| held.borrow_mut().take()).unwrap_or_default();
+    drop(hold);
+    if result.is_ok() {
+        updates.into_iter().for_each(|update| update());
+    }
+    result
+}
+
+/// record makes a metric update now or, inside [`held`], once the transaction has committed.
+fn record(update: impl FnOnce() + 'static) {
+    let update: Update = Box::new(update);
+    let now = HELD.with(|held| match held.borrow_mut().as_mut() {
+        Some(updates) => {
+            updates.push(update);
+            None
+        }
+        None => Some(update),
+    });
+    if let Some(update) = now {
+        update();
+    }
+}
 
 /// messages_received counts a message taken from a pool queue.
 pub fn message_received(pool: &str, message_type: &str) {
@@ -30,28 +80,33 @@ pub fn batch_committed(pool: &str, messages: usize) {
 
 /// dead_lettered counts a dead letter by pool and reason.
 pub fn dead_lettered(pool: &str, reason: &str) {
-    counter!("assetflow_dead_letters_total", "pool" => pool.to_string(), "reason" => reason.to_string()).increment(1);
+    let (pool, reason) = (pool.to_string(), reason.to_string());
+    record(move || counter!("assetflow_dead_letters_total", "pool" => pool, "reason" => reason).increment(1));
 }
 
 /// refused counts a refused terminal request by reason.
 pub fn refused(reason: crate::refusal::Reason) {
-    counter!("assetflow_refusals_total", "reason" => reason.as_str()).increment(1);
+    record(move || counter!("assetflow_refusals_total", "reason" => reason.as_str()).increment(1));
 }
 
 /// settlement_answered counts a partner's answer and the time it took.
 pub fn settlement_answered(partner: &str, outcome: &'static str, elapsed: Duration) {
-    counter!("assetflow_settlements_total", "partner" => partner.to_string(), "outcome" => outcome).increment(1);
-    histogram!("assetflow_settlement_duration_seconds", "partner" => partner.to_string()).record(elapsed.as_secs_f64());
+    let partner = partner.to_string();
+    record(move || {
+        counter!("assetflow_settlements_total", "partner" => partner.clone(), "outcome" => outcome).increment(1);
+        histogram!("assetflow_settlement_duration_seconds", "partner" => partner).record(elapsed.as_secs_f64());
+    });
 }
 
 /// delivery_attempted counts a delivery attempt's outcome by delivery kind.
 pub fn delivery_attempt(kind: &str, outcome: &'static str) {
-    counter!("assetflow_delivery_attempts_total", "kind" => kind.to_string(), "outcome" => outcome).increment(1);
+    let kind = kind.to_string();
+    record(move || counter!("assetflow_delivery_attempts_total", "kind" => kind, "outcome" => outcome).increment(1));
 }
 
 /// order_to_certificate records the end-to-end latency from a purchase to its acknowledged delivery.
 pub fn end_to_end(stage: &'static str, elapsed: Duration) {
-    histogram!("assetflow_end_to_end_seconds", "stage" => stage).record(elapsed.as_secs_f64());
+    record(move || histogram!("assetflow_end_to_end_seconds", "stage" => stage).record(elapsed.as_secs_f64()));
 }
 
 /// outbox_published counts messages the relay published, and the ones the broker refused.
@@ -71,8 +126,10 @@ pub fn outbox_backlog(rows: i64, oldest_age: Duration) {
 /// settlement_timed_out counts an instruction a partner did not answer in time: sent again
 /// ("retried") or given up on ("abandoned").
 pub fn settlement_timed_out(partner: &str, outcome: &'static str) {
-    counter!("assetflow_settlement_timeouts_total", "partner" => partner.to_string(), "outcome" => outcome)
-        .increment(1);
+    let partner = partner.to_string();
+    record(move || {
+        counter!("assetflow_settlement_timeouts_total", "partner" => partner, "outcome" => outcome).increment(1)
+    });
 }
 
 /// queue_depth sets a sampled queue's ready messages and consumers.
@@ -122,12 +179,13 @@ pub fn job_finished(job: &str, outcome: &'static str, elapsed: Duration, scanned
 
 /// due_pickup_lag records how late due work was picked up (due time to enqueue).
 pub fn due_pickup_lag(job: &str, lag: Duration) {
-    histogram!("assetflow_due_pickup_lag_seconds", "job" => job.to_string()).record(lag.as_secs_f64());
+    let job = job.to_string();
+    record(move || histogram!("assetflow_due_pickup_lag_seconds", "job" => job).record(lag.as_secs_f64()));
 }
 
 /// signature_failure counts a signature that did not verify, by what was being verified.
 pub fn signature_failure(subject: &'static str) {
-    counter!("assetflow_signature_failures_total", "subject" => subject).increment(1);
+    record(move || counter!("assetflow_signature_failures_total", "subject" => subject).increment(1));
 }
 
 /// Message types come from outside: anything assetflow does not know is folded into "unknown" so
@@ -281,6 +339,42 @@ pub const CATALOGUE: &[Metric] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn refusals(render: &str) -> Vec<&str> {
+        render.lines().filter(|l| l.starts_with("assetflow_refusals_total")).collect()
+    }
+
+    /// Metrics recorded inside a transaction count once it commits, and never if it rolls back.
+    #[test]
+    fn a_transaction_that_rolls_back_leaves_no_metric_and_one_that_commits_leaves_its_own() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let reason = crate::refusal::Reason::UnknownProduct;
+            let rolled_back: Result<(), ()> = held(|| {
+                refused(reason);
+                assert!(refusals(&handle.render()).is_empty(), "held back while the transaction runs");
+                Err(())
+            });
+            assert!(rolled_back.is_err());
+            assert!(refusals(&handle.render()).is_empty(), "dropped with the rollback");
+
+            let committed: Result<(), ()> = held(|| {
+                refused(reason);
+                held(|| {
+                    refused(reason);
+                    Ok::<(), ()>(())
+                })
+            });
+            assert!(committed.is_ok());
+            assert_eq!(refusals(&handle.render()), vec!["assetflow_refusals_total{reason=\"unknown_product\"} 2"]);
+
+            // A panic inside stops the holding: what comes after is recorded at once.
+            let _ = std::panic::catch_unwind(|| held(|| -> Result<(), ()> { panic!("in the transaction") }));
+            refused(reason);
+            assert_eq!(refusals(&handle.render()), vec!["assetflow_refusals_total{reason=\"unknown_product\"} 3"]);
+        });
+    }
 
     /// Every metric this file emits is in the catalogue, and every catalogued one is emitted.
     #[test]

@@ -590,7 +590,11 @@ impl PoolRunner {
             .app
             .db
             .run(move |conn| {
-                conn.transaction::<bool, Failure, _>(|conn| handle_once(conn, &app, pool, handler.as_ref(), &incoming))
+                telemetry::held(|| {
+                    conn.transaction::<bool, Failure, _>(|conn| {
+                        handle_once(conn, &app, pool, handler.as_ref(), &incoming)
+                    })
+                })
             })
             .await;
         if result.is_ok() {
@@ -690,33 +694,35 @@ impl PoolRunner {
         self.app
             .db
             .run(move |conn| {
-                conn.transaction::<_, DbError, _>(|conn| {
-                    if !claim_inbox(conn, pool, &incoming2)? {
-                        return Ok(());
-                    }
-                    dead_letter::record(
-                        conn,
-                        &app.names,
-                        NewDeadLetter {
-                            pool,
-                            source: "message",
-                            message_type: incoming2.message_type.clone(),
-                            message_id: Some(incoming2.message_id.clone()),
-                            exchange: Some(incoming2.exchange.clone()),
-                            routing_key: Some(incoming2.routing_key.clone()),
-                            payload: incoming2.body.clone(),
-                            headers: json!({
-                                "delivery_count": incoming2.delivery_count,
-                                "queue": incoming2.queue,
-                                "received_at": incoming2.first_received_at,
-                            }),
-                            reason,
-                            detail,
-                            attempts: Value::Array(attempts),
-                            subject_id: None,
-                        },
-                    )?;
-                    Ok(())
+                telemetry::held(|| {
+                    conn.transaction::<_, DbError, _>(|conn| {
+                        if !claim_inbox(conn, pool, &incoming2)? {
+                            return Ok(());
+                        }
+                        dead_letter::record(
+                            conn,
+                            &app.names,
+                            NewDeadLetter {
+                                pool,
+                                source: "message",
+                                message_type: incoming2.message_type.clone(),
+                                message_id: Some(incoming2.message_id.clone()),
+                                exchange: Some(incoming2.exchange.clone()),
+                                routing_key: Some(incoming2.routing_key.clone()),
+                                payload: incoming2.body.clone(),
+                                headers: json!({
+                                    "delivery_count": incoming2.delivery_count,
+                                    "queue": incoming2.queue,
+                                    "received_at": incoming2.first_received_at,
+                                }),
+                                reason,
+                                detail,
+                                attempts: Value::Array(attempts),
+                                subject_id: None,
+                            },
+                        )?;
+                        Ok(())
+                    })
                 })
             })
             .await
@@ -730,24 +736,26 @@ pub type Work = (Arc<dyn Handler>, Incoming, tracing::Span);
 /// says this pool already has: for each, true if it was new. It all commits or, if any handler
 /// fails, none of it does, and the failure is returned.
 pub fn handle_together(conn: &mut PgConnection, app: &App, pool: Pool, work: &[Work]) -> Result<Vec<bool>, Failure> {
-    conn.transaction(|conn| {
-        let incoming: Vec<&Incoming> = work.iter().map(|(_, incoming, _)| incoming).collect();
-        let fresh = claim_inbox_many(conn, pool, &incoming)?;
-        let (mut lookups, mut outgoing) = (Lookups::default(), Vec::new());
-        for ((handler, incoming, span), _) in work.iter().zip(&fresh).filter(|(_, fresh)| **fresh) {
-            let _entered = span.enter();
-            let mut cx = Cx {
-                conn,
-                app,
-                now: incoming.received_at,
-                first_received_at: incoming.first_received_at,
-                lookups: &mut lookups,
-                outgoing: &mut outgoing,
-            };
-            handle_caught(handler.as_ref(), &mut cx, incoming)?;
-        }
-        outbox::enqueue_all(conn, &outgoing)?;
-        Ok(fresh)
+    telemetry::held(|| {
+        conn.transaction(|conn| {
+            let incoming: Vec<&Incoming> = work.iter().map(|(_, incoming, _)| incoming).collect();
+            let fresh = claim_inbox_many(conn, pool, &incoming)?;
+            let (mut lookups, mut outgoing) = (Lookups::default(), Vec::new());
+            for ((handler, incoming, span), _) in work.iter().zip(&fresh).filter(|(_, fresh)| **fresh) {
+                let _entered = span.enter();
+                let mut cx = Cx {
+                    conn,
+                    app,
+                    now: incoming.received_at,
+                    first_received_at: incoming.first_received_at,
+                    lookups: &mut lookups,
+                    outgoing: &mut outgoing,
+                };
+                handle_caught(handler.as_ref(), &mut cx, incoming)?;
+            }
+            outbox::enqueue_all(conn, &outgoing)?;
+            Ok(fresh)
+        })
     })
 }
 

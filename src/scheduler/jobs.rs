@@ -92,29 +92,31 @@ fn retransmission(
     batch: i64,
     _: &Watermark,
 ) -> QueryResult<Swept> {
-    let timed_out = conn.transaction(|conn| {
-        let rows: Vec<Row> = deliveries::table
-            .filter(deliveries::status.eq("sent"))
-            .filter(deliveries::due_at.le(as_of))
-            .order(deliveries::due_at)
-            .limit(batch)
-            .for_update()
-            .skip_locked()
-            .select(Row::as_select())
-            .load(conn)?;
-        for row in &rows {
-            delivery::fail_attempt(
-                conn,
-                app,
-                row,
-                row.attempts,
-                "timed_out",
-                "no delivery receipt within the acknowledgement timeout",
-                as_of,
-            )
-            .map_err(into_query_error)?;
-        }
-        Ok::<_, diesel::result::Error>(rows.len() as u64)
+    let timed_out = crate::telemetry::held(|| {
+        conn.transaction(|conn| {
+            let rows: Vec<Row> = deliveries::table
+                .filter(deliveries::status.eq("sent"))
+                .filter(deliveries::due_at.le(as_of))
+                .order(deliveries::due_at)
+                .limit(batch)
+                .for_update()
+                .skip_locked()
+                .select(Row::as_select())
+                .load(conn)?;
+            for row in &rows {
+                delivery::fail_attempt(
+                    conn,
+                    app,
+                    row,
+                    row.attempts,
+                    "timed_out",
+                    "no delivery receipt within the acknowledgement timeout",
+                    as_of,
+                )
+                .map_err(into_query_error)?;
+            }
+            Ok::<_, diesel::result::Error>(rows.len() as u64)
+        })
     })?;
     let mut swept = send_due(conn, app, "retransmission", "failed", as_of, batch)?;
     swept.scanned += timed_out;
@@ -130,28 +132,30 @@ fn send_due(
     as_of: DateTime<Utc>,
     batch: i64,
 ) -> QueryResult<Swept> {
-    conn.transaction(|conn| {
-        let due: Vec<(Uuid, DateTime<Utc>)> = deliveries::table
-            .filter(deliveries::status.eq(status))
-            .filter(deliveries::due_at.le(as_of))
-            .order(deliveries::due_at)
-            .limit(batch)
-            .for_update()
-            .skip_locked()
-            .select((deliveries::id, deliveries::due_at))
-            .load(conn)?;
-        let mut swept = Swept { scanned: due.len() as u64, enqueued: 0 };
-        let mut sending = Vec::new();
-        for (id, due_at) in due {
-            telemetry::due_pickup_lag(job, (Utc::now() - due_at).to_std().unwrap_or_default());
-            if let delivery::Sent::Attempt(_) =
-                delivery::send_attempt(conn, app, id, as_of, &mut sending).map_err(into_query_error)?
-            {
-                swept.enqueued += 1;
+    crate::telemetry::held(|| {
+        conn.transaction(|conn| {
+            let due: Vec<(Uuid, DateTime<Utc>)> = deliveries::table
+                .filter(deliveries::status.eq(status))
+                .filter(deliveries::due_at.le(as_of))
+                .order(deliveries::due_at)
+                .limit(batch)
+                .for_update()
+                .skip_locked()
+                .select((deliveries::id, deliveries::due_at))
+                .load(conn)?;
+            let mut swept = Swept { scanned: due.len() as u64, enqueued: 0 };
+            let mut sending = Vec::new();
+            for (id, due_at) in due {
+                telemetry::due_pickup_lag(job, (Utc::now() - due_at).to_std().unwrap_or_default());
+                if let delivery::Sent::Attempt(_) =
+                    delivery::send_attempt(conn, app, id, as_of, &mut sending).map_err(into_query_error)?
+                {
+                    swept.enqueued += 1;
+                }
             }
-        }
-        crate::outbox::enqueue_all(conn, &sending)?;
-        Ok(swept)
+            crate::outbox::enqueue_all(conn, &sending)?;
+            Ok(swept)
+        })
     })
 }
 

@@ -152,9 +152,12 @@ fn run_locked(
     let outcome = if dry_run {
         // Everything in one transaction that is rolled back: the counts say what would happen.
         let mut swept = Swept::default();
-        match conn.transaction::<(), diesel::result::Error, _>(|conn| {
-            swept = (job.run)(conn, app, as_of, i64::from(i32::MAX), &Watermark::default())?;
-            Err(diesel::result::Error::RollbackTransaction)
+        // Its metrics are dropped with it (`telemetry::held`).
+        match crate::telemetry::held(|| {
+            conn.transaction::<(), diesel::result::Error, _>(|conn| {
+                swept = (job.run)(conn, app, as_of, i64::from(i32::MAX), &Watermark::default())?;
+                Err(diesel::result::Error::RollbackTransaction)
+            })
         }) {
             Err(diesel::result::Error::RollbackTransaction) | Ok(()) => {
                 report.rows_scanned = swept.scanned;

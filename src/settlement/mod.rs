@@ -147,7 +147,8 @@ pub fn sweep_timeouts(
     batch: i64,
     _: &crate::scheduler::Watermark,
 ) -> QueryResult<Swept> {
-    conn.transaction(|conn| {
+    crate::telemetry::held(|| {
+        conn.transaction(|conn| {
         let due: Vec<Settlement> = settlements::table
             .filter(settlements::status.eq("instructed"))
             .filter(settlements::answer_due_at.le(as_of))
@@ -197,5 +198,6 @@ pub fn sweep_timeouts(
             swept.enqueued += 1;
         }
         Ok(swept)
+    })
     })
 }
