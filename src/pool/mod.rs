@@ -543,7 +543,12 @@ impl PoolRunner {
                 Err(Failure::Transient(e)) => {
                     errors.push(json!({"at": Utc::now(), "error": e}));
                     match delays.next() {
-                        Some(delay) => tokio::time::sleep(*delay).await,
+                        // Stopping: the message goes back to the queue rather than keep the
+                        // shutdown waiting for its retries.
+                        Some(delay) => tokio::select! {
+                            _ = shutdown.cancelled() => return Action::Requeue,
+                            _ = tokio::time::sleep(*delay) => {}
+                        },
                         None => {
                             return self.settle(&incoming, Err(Failure::Transient(e)), &errors).await;
                         }
