@@ -44,15 +44,20 @@ fn publish(conn: &mut PgConnection, app: &App, notices: &[CertificateNotice], as
 
 /// claim is one batch's claim, taken in turn with the run's other batches: at most `batch` rows
 /// of one index range after the watermark, locked with SKIP LOCKED. Its cost is the rows due, not
-/// the table.
+/// the table. It returns the claimed ids.
+///
+/// The rest of the transaction then finds the claimed rows one by one by their keys: costing
+/// random reads as if from disk, the planner would rather read whole tables and hash them, half a
+/// second a batch on a million certificates, where a few thousand index probes take milliseconds.
 fn claim(
     conn: &mut PgConnection,
     watermark: &Watermark,
     sql: &str,
     as_of: DateTime<Utc>,
     batch: i64,
-) -> QueryResult<Vec<Claimed>> {
-    watermark.claim(
+) -> QueryResult<Vec<Uuid>> {
+    use diesel::connection::SimpleConnection;
+    let claimed = watermark.claim(
         |(after_at, after_id)| {
             diesel::sql_query(sql)
                 .bind::<Timestamptz, _>(as_of)
@@ -62,15 +67,9 @@ fn claim(
                 .load(conn)
         },
         |c: &Claimed| (c.at, c.id),
-    )
-}
-
-/// by_key has the rest of the transaction find the claimed rows one by one by their keys. Costing
-/// random reads as if from disk, the planner would rather read whole tables and hash them: half a
-/// second a batch on a million certificates, where a few thousand index probes take milliseconds.
-fn by_key(conn: &mut PgConnection) -> QueryResult<()> {
-    use diesel::connection::SimpleConnection;
-    conn.batch_execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
+    )?;
+    conn.batch_execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")?;
+    Ok(claimed.into_iter().map(|c| c.id).collect())
 }
 
 #[derive(QueryableByName)]
@@ -103,7 +102,7 @@ pub fn near_expiry(
     conn.transaction(|conn| {
         // A reminder's next stage is due later than `as_of` when it is scheduled (an overdue stage
         // 2 is sent at once), so nothing falls due behind the watermark during the run.
-        let claimed = claim(
+        let ids = claim(
             conn,
             watermark,
             "SELECT certificate_id AS id, due_at AS at FROM reminder_schedule
@@ -114,8 +113,6 @@ pub fn near_expiry(
             as_of,
             batch,
         )?;
-        let ids: Vec<Uuid> = claimed.iter().map(|c| c.id).collect();
-        by_key(conn)?;
         let decided: Vec<Decided> = diesel::sql_query(
             "WITH due AS (
                SELECT r.certificate_id, r.next_stage,
@@ -184,7 +181,7 @@ pub fn past_due(
         valid: bool,
     }
     conn.transaction(|conn| {
-        let claimed = claim(
+        let ids = claim(
             conn,
             watermark,
             "SELECT id, expires_at AS at FROM exchange_certificates
@@ -196,8 +193,6 @@ pub fn past_due(
             as_of,
             batch,
         )?;
-        let ids: Vec<Uuid> = claimed.iter().map(|c| c.id).collect();
-        by_key(conn)?;
         let revoked: Vec<Revoked> = diesel::sql_query(
             "WITH revoked AS (
                UPDATE exchange_certificates SET revoked_at = $1 WHERE id = ANY($2) RETURNING id, asset_id
