@@ -178,26 +178,30 @@ pub struct Lookups {
     terminals: HashMap<String, Option<crate::requests::Terminal>>,
 }
 
+/// remembered is what `seen` holds for `id`, or what `load` reads, kept for the next time.
+fn remembered<T: Clone>(
+    seen: &mut HashMap<String, Option<T>>,
+    id: &str,
+    load: impl FnOnce() -> QueryResult<Option<T>>,
+) -> QueryResult<Option<T>> {
+    if let Some(known) = seen.get(id) {
+        return Ok(known.clone());
+    }
+    let loaded = load()?;
+    seen.insert(id.to_string(), loaded.clone());
+    Ok(loaded)
+}
+
 impl Cx<'_> {
     /// Cx::product reads a product once per transaction: messages handled together see the row
     /// as the first of them read it, as if it had not changed between them.
     pub fn product(&mut self, id: &str) -> QueryResult<Option<crate::catalogue::Product>> {
-        if let Some(product) = self.lookups.products.get(id) {
-            return Ok(product.clone());
-        }
-        let product = crate::catalogue::load_product(self.conn, id)?;
-        self.lookups.products.insert(id.to_string(), product.clone());
-        Ok(product)
+        remembered(&mut self.lookups.products, id, || crate::catalogue::load_product(self.conn, id))
     }
 
     /// Cx::terminal reads a terminal once per transaction, as [`Cx::product`] does a product.
     pub fn terminal(&mut self, id: &str) -> QueryResult<Option<crate::requests::Terminal>> {
-        if let Some(terminal) = self.lookups.terminals.get(id) {
-            return Ok(terminal.clone());
-        }
-        let terminal = crate::requests::load_terminal(self.conn, id)?;
-        self.lookups.terminals.insert(id.to_string(), terminal.clone());
-        Ok(terminal)
+        remembered(&mut self.lookups.terminals, id, || crate::requests::load_terminal(self.conn, id))
     }
 
     /// Cx::publish sends a message once this transaction commits. It is gathered with the
@@ -588,25 +592,10 @@ impl PoolRunner {
         }
     }
 
+    /// run_handler carries out one message: a batch of one, in the message's span.
     async fn run_handler(&self, handler: Arc<dyn Handler>, incoming: Incoming) -> Result<bool, Failure> {
-        let app = self.app.clone();
-        let pool = self.pool;
-        let result = self
-            .app
-            .db
-            .run(move |conn| {
-                telemetry::held(|| {
-                    conn.transaction::<bool, Failure, _>(|conn| {
-                        handle_once(conn, &app, pool, handler.as_ref(), &incoming)
-                    })
-                })
-            })
-            .await;
-        if result.is_ok() {
-            telemetry::batch_committed(self.pool.as_str(), 1);
-            self.app.outbox_wake.notify_one();
-        }
-        result
+        let fresh = self.run_together(vec![(handler, incoming, tracing::Span::current())]).await?;
+        Ok(fresh[0])
     }
 
     /// settle is the one place an outcome becomes a broker action and a database state.
@@ -778,32 +767,6 @@ fn handle_caught(handler: &dyn Handler, cx: &mut Cx<'_>, incoming: &Incoming) ->
         tracing::error!(panic = %what, "the handler panicked");
         Err(Failure::permanent(Reason::HandlerFailed, format!("the handler panicked: {what}")))
     })
-}
-
-/// handle_once carries out a message inside the caller's transaction, unless its inbox row says
-/// this pool already has: true if it was new.
-fn handle_once(
-    conn: &mut PgConnection,
-    app: &App,
-    pool: Pool,
-    handler: &dyn Handler,
-    incoming: &Incoming,
-) -> Result<bool, Failure> {
-    if !claim_inbox(conn, pool, incoming)? {
-        return Ok(false);
-    }
-    let mut outgoing = Vec::new();
-    let mut cx = Cx {
-        conn,
-        app,
-        now: incoming.received_at,
-        first_received_at: incoming.first_received_at,
-        lookups: &mut Lookups::default(),
-        outgoing: &mut outgoing,
-    };
-    handle_caught(handler, &mut cx, incoming)?;
-    outbox::enqueue_all(conn, &outgoing)?;
-    Ok(true)
 }
 
 /// claim_inbox_many is [`claim_inbox`] for several messages in one statement: for each, whether
