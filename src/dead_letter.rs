@@ -337,7 +337,9 @@ pub fn replay(
                 diesel::update(orders::table.find(order))
                     .set((orders::status.eq("settling"), orders::status_reason.eq(None::<String>), orders::updated_at.eq(now)))
                     .execute(conn)?;
-                crate::settlement::instruct(conn, app, &settlement, settlement.attempts as u32 + 1, now)?;
+                let mut sending = Vec::new();
+                crate::settlement::instruct(conn, app, &settlement, settlement.attempts as u32 + 1, now, &mut sending)?;
+                outbox::enqueue_all(conn, &sending)?;
                 format!("settlement {} instructed again, with {budget} more attempts", settlement.id)
             }
             other => anyhow::bail!("cannot replay a dead letter from {other}"),

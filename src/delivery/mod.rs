@@ -21,7 +21,7 @@ use crate::app::App;
 use crate::db::schema::{assets, deliveries, delivery_attempts};
 use crate::dead_letter::{self, NewDeadLetter, Reason};
 use crate::messages::{DeliveryKind, DeliveryRequested, GatewayDelivery, kinds};
-use crate::outbox::{self, Outgoing};
+use crate::outbox::Outgoing;
 use crate::pool::{Cx, Failure, Handler, Incoming};
 use crate::requests::Terminal;
 use crate::status_machine::{self, Cause, Status};
@@ -63,34 +63,19 @@ impl NewDelivery {
 /// enqueue records a delivery and, if it is due now, asks the delivery pool to send it. It
 /// returns the new delivery's id, or None if one with the same key already exists.
 pub fn enqueue(cx: &mut Cx<'_>, delivery: NewDelivery) -> Result<Option<Uuid>, Failure> {
-    let Some((id, due_now)) = insert(cx.conn, &delivery, cx.now)? else {
-        return Ok(None);
-    };
-    if due_now {
-        cx.publish(request_send(cx.app, id));
-    }
-    Ok(Some(id))
+    Ok(enqueue_with(cx.conn, cx.app, delivery, cx.now, cx.outgoing)?)
 }
 
-/// enqueue_with is [`enqueue`] for callers outside a handler (the settlement timeout sweep).
+/// enqueue_with is [`enqueue`] for callers that are not handed a [`Cx`] (the settlement timeout
+/// sweep): the request to send is added to `sending`, for the caller to write to the outbox in
+/// its transaction.
 pub fn enqueue_with(
     conn: &mut PgConnection,
     app: &App,
     delivery: NewDelivery,
     now: DateTime<Utc>,
+    sending: &mut Vec<Outgoing>,
 ) -> QueryResult<Option<Uuid>> {
-    let Some((id, due_now)) = insert(conn, &delivery, now)? else {
-        return Ok(None);
-    };
-    if due_now {
-        outbox::enqueue(conn, &request_send(app, id))?;
-    }
-    Ok(Some(id))
-}
-
-/// insert records a delivery: its id and whether it is due now, or None if one with the same key
-/// already exists.
-fn insert(conn: &mut PgConnection, delivery: &NewDelivery, now: DateTime<Utc>) -> QueryResult<Option<(Uuid, bool)>> {
     let id = Uuid::now_v7();
     let due_at = delivery.due_at.unwrap_or(now);
     let inserted = diesel::insert_into(deliveries::table)
@@ -111,7 +96,13 @@ fn insert(conn: &mut PgConnection, delivery: &NewDelivery, now: DateTime<Utc>) -
         .on_conflict(deliveries::dedupe_key)
         .do_nothing()
         .execute(conn)?;
-    Ok((inserted == 1).then_some((id, due_at <= now)))
+    if inserted == 0 {
+        return Ok(None);
+    }
+    if due_at <= now {
+        sending.push(request_send(app, id));
+    }
+    Ok(Some(id))
 }
 
 /// Inserted is a delivery [`insert_many`] created (one whose key was new).

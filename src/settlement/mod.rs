@@ -64,20 +64,22 @@ pub fn answer_by(app: &App, partner: &str, now: DateTime<Utc>) -> DateTime<Utc> 
     now + chrono::Duration::from_std(answer_timeout(app, partner)).expect("a sane timeout")
 }
 
-/// instruct records attempt `attempt` of a settlement and writes its instruction to the partner's
-/// queue.
+/// instruct records attempt `attempt` of a settlement and adds its instruction to the partner's
+/// queue to `sending`, for the caller to write to the outbox in its transaction.
 pub fn instruct(
     conn: &mut PgConnection,
     app: &App,
     s: &Settlement,
     attempt: u32,
     now: DateTime<Utc>,
+    sending: &mut Vec<Outgoing>,
 ) -> QueryResult<()> {
     let answer_by = answer_by(app, &s.partner_id, now);
     diesel::update(settlements::table.find(s.id))
         .set((settlements::attempts.eq(attempt as i32), settlements::answer_due_at.eq(answer_by)))
         .execute(conn)?;
-    outbox::enqueue(conn, &instruction(app, s, attempt, answer_by))
+    sending.push(instruction(app, s, attempt, answer_by));
+    Ok(())
 }
 
 /// instruction is attempt `attempt`'s instruction to the partner's queue; the settlement row says
@@ -107,6 +109,7 @@ pub fn notify_orderer(
     code: &str,
     text: String,
     now: DateTime<Utc>,
+    sending: &mut Vec<Outgoing>,
 ) -> QueryResult<()> {
     let orderer: String = orders::table.find(order_id).select(orders::orderer_terminal_id).first(conn)?;
     let Some(terminal) = load_terminal(conn, &orderer)? else {
@@ -127,7 +130,7 @@ pub fn notify_orderer(
         serde_json::to_value(notice).expect("serializes"),
     );
     d.order_id = Some(order_id);
-    delivery::enqueue_with(conn, app, d, now)?;
+    delivery::enqueue_with(conn, app, d, now, sending)?;
     Ok(())
 }
 
@@ -147,57 +150,69 @@ pub fn sweep_timeouts(
     batch: i64,
     _: &crate::scheduler::Watermark,
 ) -> QueryResult<Swept> {
-    crate::telemetry::held(|| {
-        conn.transaction(|conn| {
-        let due: Vec<Settlement> = settlements::table
-            .filter(settlements::status.eq("instructed"))
-            .filter(settlements::answer_due_at.le(as_of))
-            .order(settlements::answer_due_at)
-            .limit(batch)
-            .for_update()
-            .skip_locked()
-            .select(Settlement::as_select())
-            .load(conn)?;
-        let mut swept = Swept { scanned: due.len() as u64, enqueued: 0 };
-        for s in due {
-            let attempts = s.attempts as u32;
-            let limit = s.attempt_limit.map(|l| l as u32).unwrap_or_else(|| max_attempts(app, &s.partner_id));
-            if attempts < limit {
-                telemetry::settlement_timed_out(&s.partner_id, "retried");
-                instruct(conn, app, &s, attempts + 1, as_of)?;
-                swept.enqueued += 1;
-                continue;
-            }
-            telemetry::settlement_timed_out(&s.partner_id, "abandoned");
-            let detail = format!("partner {} did not answer settlement {} after {attempts} instructions", s.partner_id, s.id);
-            diesel::update(settlements::table.find(s.id))
-                .set((settlements::status.eq("abandoned"), settlements::reason.eq(&detail), settlements::answer_due_at.eq(None::<DateTime<Utc>>)))
-                .execute(conn)?;
-            diesel::update(orders::table.find(s.order_id))
-                .set((orders::status.eq("failed"), orders::status_reason.eq("settlement_timeout"), orders::updated_at.eq(as_of)))
-                .execute(conn)?;
-            dead_letter::record(
-                conn,
-                &app.names,
-                NewDeadLetter {
-                    pool: Pool::Settlement,
-                    source: "settlement",
-                    message_type: kinds::SETTLEMENT_INSTRUCTION.into(),
-                    message_id: Some(format!("settlement:{}:{attempts}", s.id)),
-                    exchange: Some(app.names.partners()),
-                    routing_key: Some(s.partner_id.clone()),
-                    payload: serde_json::to_vec(&json!({"settlement_id": s.id, "order_id": s.order_id, "partner_id": s.partner_id, "amount_minor": s.amount_minor, "currency": s.currency})).expect("serializes"),
-                    headers: json!({}),
-                    reason: Reason::SettlementTimeout,
-                    detail: detail.clone(),
-                    attempts: json!([{"at": as_of, "error": detail}]),
-                    subject_id: Some(s.order_id),
-                },
-            )?;
-            notify_orderer(conn, app, s.order_id, "order_failed", "your payment partner did not answer, so your order is on hold; if the partner confirms the payment later, the order is completed then".into(), as_of)?;
+    crate::telemetry::held(|| conn.transaction(|conn| sweep_batch(conn, app, as_of, batch)))
+}
+
+/// sweep_batch is one transaction of [`sweep_timeouts`].
+fn sweep_batch(conn: &mut PgConnection, app: &App, as_of: DateTime<Utc>, batch: i64) -> QueryResult<Swept> {
+    let mut sending = Vec::new();
+    let due: Vec<Settlement> = settlements::table
+        .filter(settlements::status.eq("instructed"))
+        .filter(settlements::answer_due_at.le(as_of))
+        .order(settlements::answer_due_at)
+        .limit(batch)
+        .for_update()
+        .skip_locked()
+        .select(Settlement::as_select())
+        .load(conn)?;
+    let mut swept = Swept { scanned: due.len() as u64, enqueued: 0 };
+    for s in due {
+        let attempts = s.attempts as u32;
+        let limit = s.attempt_limit.map(|l| l as u32).unwrap_or_else(|| max_attempts(app, &s.partner_id));
+        if attempts < limit {
+            telemetry::settlement_timed_out(&s.partner_id, "retried");
+            instruct(conn, app, &s, attempts + 1, as_of, &mut sending)?;
             swept.enqueued += 1;
+            continue;
         }
-        Ok(swept)
-    })
-    })
+        telemetry::settlement_timed_out(&s.partner_id, "abandoned");
+        let detail =
+            format!("partner {} did not answer settlement {} after {attempts} instructions", s.partner_id, s.id);
+        diesel::update(settlements::table.find(s.id))
+            .set((
+                settlements::status.eq("abandoned"),
+                settlements::reason.eq(&detail),
+                settlements::answer_due_at.eq(None::<DateTime<Utc>>),
+            ))
+            .execute(conn)?;
+        diesel::update(orders::table.find(s.order_id))
+            .set((
+                orders::status.eq("failed"),
+                orders::status_reason.eq("settlement_timeout"),
+                orders::updated_at.eq(as_of),
+            ))
+            .execute(conn)?;
+        dead_letter::record(
+            conn,
+            &app.names,
+            NewDeadLetter {
+                pool: Pool::Settlement,
+                source: "settlement",
+                message_type: kinds::SETTLEMENT_INSTRUCTION.into(),
+                message_id: Some(format!("settlement:{}:{attempts}", s.id)),
+                exchange: Some(app.names.partners()),
+                routing_key: Some(s.partner_id.clone()),
+                payload: serde_json::to_vec(&json!({"settlement_id": s.id, "order_id": s.order_id, "partner_id": s.partner_id, "amount_minor": s.amount_minor, "currency": s.currency})).expect("serializes"),
+                headers: json!({}),
+                reason: Reason::SettlementTimeout,
+                detail: detail.clone(),
+                attempts: json!([{"at": as_of, "error": detail}]),
+                subject_id: Some(s.order_id),
+            },
+        )?;
+        notify_orderer(conn, app, s.order_id, "order_failed", "your payment partner did not answer, so your order is on hold; if the partner confirms the payment later, the order is completed then".into(), as_of, &mut sending)?;
+        swept.enqueued += 1;
+    }
+    outbox::enqueue_all(conn, &sending)?;
+    Ok(swept)
 }

@@ -95,6 +95,7 @@ impl Handler for ResultHandler {
                     "order_declined",
                     format!("your payment was declined: {reason}"),
                     now,
+                    cx.outgoing,
                 )?;
             }
         }
