@@ -354,10 +354,10 @@ async fn exchanged_done(url: &str) -> anyhow::Result<i64> {
 }
 
 /// commits counts the transactions that wrote, as the limit's transactions all do: the next
-/// transaction id, which only a writing transaction takes. Read-only ones (the pool's check of a
-/// connection at check-out, the benchmark's own polling) are left out: counted as commits, they
-/// made the bound look lower and the ratio higher than they are. The count is the whole
-/// cluster's, so nothing else should write to this PostgreSQL during a run.
+/// transaction id, which only a writing transaction takes. Read-only ones (the health checks, the
+/// benchmark's own polling) are left out: counted as commits, they made the bound look lower
+/// and the ratio higher than they are. The count is the whole cluster's, so nothing else should
+/// write to this PostgreSQL during a run.
 async fn commits(url: &str) -> anyhow::Result<i64> {
     query_count(url, "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS n").await
 }
