@@ -2,7 +2,7 @@
 //! section 111", seed 000 FIG. 6, 7 and 8).
 //!
 //! Every change is checked against [`allowed`], made as a compare-and-set on the current status,
-//! and appended to `asset_status_history` with its cause in the same statement batch. The history
+//! and appended to `asset_status_history` with its cause in the same statement. The history
 //! table refuses updates and deletes, so the record of what happened cannot be rewritten.
 
 use chrono::{DateTime, Utc};
@@ -10,7 +10,7 @@ use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::db::schema::{asset_status_history, assets};
+use crate::db::schema::assets;
 
 /// Status is field 300f of the status database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -148,10 +148,21 @@ impl From<TransitionError> for crate::pool::Failure {
     }
 }
 
-/// record_issued writes the first history entry of a newly inserted asset.
-pub fn record_issued(conn: &mut PgConnection, asset: Uuid, status: Status, at: DateTime<Utc>) -> QueryResult<()> {
+/// record_issued writes the first history entry of newly inserted assets, all issued in `status`,
+/// in one statement whatever their number.
+pub fn record_issued(conn: &mut PgConnection, assets: &[Uuid], status: Status, at: DateTime<Utc>) -> QueryResult<()> {
+    use diesel::sql_types::{Array, Text, Timestamptz, Uuid as SqlUuid};
     debug_assert!(matches!(status, Status::AwaitingExchange | Status::AwaitingDesignatedDelivery));
-    append(conn, asset, None, status, Cause::Issued, None, at)
+    crate::db::prepared(
+        "INSERT INTO asset_status_history (asset_id, from_status, to_status, cause, at)
+         SELECT id, NULL, $2, $3, $4 FROM unnest($1::uuid[]) AS a(id)",
+    )
+    .bind::<Array<SqlUuid>, _>(assets)
+    .bind::<Text, _>(status.as_str())
+    .bind::<Text, _>(Cause::Issued.as_str())
+    .bind::<Timestamptz, _>(at)
+    .execute(conn)?;
+    Ok(())
 }
 
 /// transition moves an asset from `from` to `to`, if the table allows it and the asset is still
@@ -168,13 +179,25 @@ pub fn transition(
     if !allowed(from, to) {
         return Err(TransitionError::Illegal { asset, from, to });
     }
-    let changed = diesel::update(assets::table.filter(assets::id.eq(asset)).filter(assets::status.eq(from.as_str())))
-        .set((assets::status.eq(to.as_str()), assets::status_changed_at.eq(at)))
-        .execute(conn)?;
+    use diesel::sql_types::{Nullable, Text, Timestamptz, Uuid as SqlUuid};
+    // One statement: the compare-and-set, and the history entry of the move it made.
+    let changed = crate::db::prepared(
+        "WITH moved AS (
+           UPDATE assets SET status = $3, status_changed_at = $6 WHERE id = $1 AND status = $2 RETURNING id
+         )
+         INSERT INTO asset_status_history (asset_id, from_status, to_status, cause, detail, at)
+         SELECT id, $2, $3, $4, $5, $6 FROM moved",
+    )
+    .bind::<SqlUuid, _>(asset)
+    .bind::<Text, _>(from.as_str())
+    .bind::<Text, _>(to.as_str())
+    .bind::<Text, _>(cause.as_str())
+    .bind::<Nullable<Text>, _>(detail)
+    .bind::<Timestamptz, _>(at)
+    .execute(conn)?;
     if changed == 0 {
         return Err(TransitionError::Stale { asset, expected: from });
     }
-    append(conn, asset, Some(from), to, cause, detail, at)?;
     Ok(())
 }
 
@@ -202,7 +225,7 @@ pub fn transition_many(
         id: Uuid,
     }
     // One statement: the assets still in `from` move, and each move is written to the history.
-    let moved: Vec<Uuid> = diesel::sql_query(
+    let moved: Vec<Uuid> = crate::db::prepared(
         "WITH moved AS (
            UPDATE assets SET status = $1, status_changed_at = $2 WHERE id = ANY($3) AND status = $4 RETURNING id
          ), recorded AS (
@@ -227,28 +250,6 @@ pub fn transition_many(
 pub fn current_for_update(conn: &mut PgConnection, asset: Uuid) -> QueryResult<Status> {
     let s: String = assets::table.filter(assets::id.eq(asset)).select(assets::status).for_update().first(conn)?;
     Ok(Status::parse(&s).expect("the CHECK constraint admits only known statuses"))
-}
-
-fn append(
-    conn: &mut PgConnection,
-    asset: Uuid,
-    from: Option<Status>,
-    to: Status,
-    cause: Cause,
-    detail: Option<&str>,
-    at: DateTime<Utc>,
-) -> QueryResult<()> {
-    diesel::insert_into(asset_status_history::table)
-        .values((
-            asset_status_history::asset_id.eq(asset),
-            asset_status_history::from_status.eq(from.map(Status::as_str)),
-            asset_status_history::to_status.eq(to.as_str()),
-            asset_status_history::cause.eq(cause.as_str()),
-            asset_status_history::detail.eq(detail),
-            asset_status_history::at.eq(at),
-        ))
-        .execute(conn)?;
-    Ok(())
 }
 
 /// is_legal_path checks a whole history: it starts with an issue and every step is allowed.

@@ -3,7 +3,10 @@
 //! diesel is synchronous, so every query runs on tokio's blocking pool through [`Db::run`]: the
 //! async runtime that drives AMQP acknowledgements and heartbeats is never blocked by a query.
 
+pub mod prepared;
 pub mod schema;
+
+pub use prepared::prepared;
 
 use std::time::Duration;
 

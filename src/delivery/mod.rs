@@ -105,6 +105,17 @@ pub fn enqueue_with(
     Ok(Some(id))
 }
 
+/// enqueue_many is [`enqueue`] for several deliveries, recorded in one statement: each whose key
+/// is new and that is due now is handed to the delivery pool.
+pub fn enqueue_many(cx: &mut Cx<'_>, batch: &[NewDelivery]) -> QueryResult<()> {
+    for inserted in insert_many(cx.conn, batch, cx.now)? {
+        if inserted.due_at <= cx.now {
+            cx.publish(request_send(cx.app, inserted.id));
+        }
+    }
+    Ok(())
+}
+
 /// Inserted is a delivery [`insert_many`] created (one whose key was new).
 #[derive(Debug, QueryableByName)]
 pub struct Inserted {
@@ -123,7 +134,7 @@ pub fn insert_many(conn: &mut PgConnection, batch: &[NewDelivery], now: DateTime
     }
     let ids: Vec<Uuid> = batch.iter().map(|_| Uuid::now_v7()).collect();
     let column = |f: fn(&NewDelivery) -> String| batch.iter().map(f).collect::<Vec<String>>();
-    diesel::sql_query(
+    crate::db::prepared(
         "INSERT INTO deliveries (id, dedupe_key, kind, terminal_id, gateway_id, order_id, asset_id, forced, content, status, due_at, created_at)
          SELECT id, dedupe_key, kind, terminal_id, gateway_id, order_id, asset_id, forced, content, 'pending', due_at, $11
          FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[], $7::uuid[], $8::bool[], $9::jsonb[], $10::timestamptz[])
@@ -226,27 +237,48 @@ pub fn send_attempt(
     let outgoing = Outgoing::json(app.names.gateways(), row.gateway_id.as_str(), kinds::DELIVERY, &message)
         .with_message_id(message_id)
         .correlated(row.order_id.unwrap_or(row.id).to_string());
-    diesel::insert_into(delivery_attempts::table)
-        .values((
-            delivery_attempts::delivery_id.eq(row.id),
-            delivery_attempts::attempt.eq(attempt as i32),
-            delivery_attempts::message_id.eq(message_id),
-            delivery_attempts::payload_sha256.eq(crate::crypto::sha256_hex(&outgoing.payload)),
-            delivery_attempts::sent_at.eq(now),
-            delivery_attempts::outcome.eq("sent"),
-        ))
-        .execute(conn)?;
     let ack_timeout = chrono::Duration::from_std(app.pools.delivery.transmission.ack_timeout).expect("a sane timeout");
-    diesel::update(deliveries::table.find(row.id))
-        .set((
-            deliveries::status.eq("sent"),
-            deliveries::attempts.eq(attempt as i32),
-            deliveries::due_at.eq(now + ack_timeout),
-        ))
-        .execute(conn)?;
+    record_attempt(
+        conn,
+        row.id,
+        attempt as i32,
+        message_id,
+        &crate::crypto::sha256_hex(&outgoing.payload),
+        now,
+        now + ack_timeout,
+    )?;
     sending.push(outgoing);
     telemetry::delivery_attempt(kind.as_str(), "sent");
     Ok(Sent::Attempt(attempt))
+}
+
+/// record_attempt records an attempt with the hash of the bytes it sends, and marks the delivery
+/// sent until `receipt_due_at`: one round trip.
+fn record_attempt(
+    conn: &mut PgConnection,
+    delivery_id: Uuid,
+    attempt: i32,
+    message_id: Uuid,
+    payload_sha256: &str,
+    now: DateTime<Utc>,
+    receipt_due_at: DateTime<Utc>,
+) -> QueryResult<()> {
+    use diesel::sql_types::{Int4, Text, Timestamptz, Uuid as SqlUuid};
+    crate::db::prepared(
+        "WITH attempt AS (
+           INSERT INTO delivery_attempts (delivery_id, attempt, message_id, payload_sha256, sent_at, outcome)
+           VALUES ($1, $2, $3, $4, $5, 'sent')
+         )
+         UPDATE deliveries SET status = 'sent', attempts = $2, due_at = $6 WHERE id = $1",
+    )
+    .bind::<SqlUuid, _>(delivery_id)
+    .bind::<Int4, _>(attempt)
+    .bind::<SqlUuid, _>(message_id)
+    .bind::<Text, _>(payload_sha256)
+    .bind::<Timestamptz, _>(now)
+    .bind::<Timestamptz, _>(receipt_due_at)
+    .execute(conn)?;
+    Ok(())
 }
 
 /// expire_if_due moves an asset past its term to `expired`. An asset still awaiting its

@@ -121,7 +121,7 @@ struct Open {
 }
 
 fn load(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Open>> {
-    diesel::sql_query(
+    crate::db::prepared(
         "SELECT c.id AS certificate_id, c.asset_id, a.order_id, c.holder_terminal_id AS holder, t.gateway_id,
                 a.status AS asset_status, a.expires_at AS asset_expires_at, c.expires_at AS certificate_expires_at, p.title, d.document
          FROM exchange_certificates c

@@ -24,7 +24,7 @@ impl Handler for ReceiptHandler {
             .map_err(|e| Failure::permanent(Reason::SchemaViolation, e.to_string()))?;
         let attempt = i32::try_from(receipt.attempt).unwrap_or(i32::MAX);
         // The delivery, locked, with the attempt the receipt names, if it was made: one round trip.
-        let Some(Receipted { delivery: row, payload_sha256, attempt_outcome }) = diesel::sql_query(
+        let Some(Receipted { delivery: row, payload_sha256, attempt_outcome }) = crate::db::prepared(
             "SELECT d.*, a.payload_sha256, a.outcome AS attempt_outcome
              FROM deliveries d LEFT JOIN delivery_attempts a ON a.delivery_id = d.id AND a.attempt = $2
              WHERE d.id = $1
@@ -78,9 +78,6 @@ impl Handler for ReceiptHandler {
 /// complete marks a delivery delivered and moves its asset on (seed 000 FIG. 6 S113, 8 S309).
 fn complete(cx: &mut Cx<'_>, row: &Row, attempt: i32) -> Result<(), Failure> {
     let now = cx.now;
-    diesel::update(delivery_attempts::table.find((row.id, attempt)))
-        .set((delivery_attempts::outcome.eq("acknowledged"), delivery_attempts::finished_at.eq(now)))
-        .execute(cx.conn)?;
     // A late receipt for an earlier attempt completes the delivery: a newer attempt still in
     // flight is closed, so that nothing waits on a receipt that no longer matters. (With one
     // attempt made there is no other.)
@@ -98,13 +95,19 @@ fn complete(cx: &mut Cx<'_>, row: &Row, attempt: i32) -> Result<(), Failure> {
         ))
         .execute(cx.conn)?;
     }
-    // The order's placing time comes back with the update, for the end-to-end latency below.
-    let Delivered { placed_at } = diesel::sql_query(
-        "UPDATE deliveries SET status = 'delivered', delivered_at = $2 WHERE id = $1
+    // The attempt acknowledged and the delivery delivered in one statement; the order's placing
+    // time comes back with it, for the end-to-end latency below.
+    let Delivered { placed_at } = crate::db::prepared(
+        "WITH acknowledged AS (
+           UPDATE delivery_attempts SET outcome = 'acknowledged', finished_at = $2
+           WHERE delivery_id = $1 AND attempt = $3
+         )
+         UPDATE deliveries SET status = 'delivered', delivered_at = $2 WHERE id = $1
          RETURNING (SELECT created_at FROM orders WHERE orders.id = deliveries.order_id) AS placed_at",
     )
     .bind::<diesel::sql_types::Uuid, _>(row.id)
     .bind::<diesel::sql_types::Timestamptz, _>(now)
+    .bind::<diesel::sql_types::Integer, _>(attempt)
     .get_result(cx.conn)?;
     telemetry::delivery_attempt(&row.kind, "acknowledged");
     let kind = DeliveryKind::parse(&row.kind).expect("known kind");

@@ -780,7 +780,7 @@ fn claim_inbox_many(conn: &mut PgConnection, pool: Pool, incoming: &[&Incoming])
     }
     let ids: Vec<&str> = incoming.iter().map(|m| m.message_id.as_str()).collect();
     let types: Vec<&str> = incoming.iter().map(|m| m.message_type.as_str()).collect();
-    let claimed: Vec<Claimed> = diesel::sql_query(
+    let claimed: Vec<Claimed> = crate::db::prepared(
         "INSERT INTO inbox (pool, message_id, message_type)
          SELECT $1, message_id, message_type FROM unnest($2::text[], $3::text[]) AS m(message_id, message_type)
          ON CONFLICT DO NOTHING

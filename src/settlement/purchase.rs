@@ -6,7 +6,6 @@ use uuid::Uuid;
 
 use super::{Settlement, answer_by, instruction};
 use crate::catalogue::Product;
-use crate::db::schema::{orders, settlements};
 use crate::dead_letter::Reason as DeadReason;
 use crate::messages::{DeliveryModeKind, PurchaseRequest, kinds};
 use crate::pool::{Cx, Failure, Handler, Incoming};
@@ -140,25 +139,8 @@ fn plan(cx: &mut Cx<'_>, request: &PurchaseRequest, orderer: &Terminal) -> Resul
 }
 
 fn place(cx: &mut Cx<'_>, request: &PurchaseRequest, plan: &Plan, order_id: Uuid) -> Result<(), Failure> {
+    use diesel::sql_types::{Array, Int4, Int8, Nullable, Text, Timestamptz, Uuid as SqlUuid};
     let now = cx.now;
-    diesel::insert_into(orders::table)
-        .values((
-            orders::id.eq(order_id),
-            orders::request_id.eq(&request.request_id),
-            orders::orderer_terminal_id.eq(&request.terminal_id),
-            orders::payer_terminal_id.eq(&plan.payer.id),
-            orders::recipient_terminal_ids.eq(&plan.recipients),
-            orders::product_id.eq(&plan.product.id),
-            orders::quantity.eq(request.quantity as i32),
-            orders::amount_minor.eq(plan.amount_minor),
-            orders::currency.eq(&plan.product.currency),
-            orders::delivery_mode.eq(plan.mode.as_str()),
-            orders::designated_at.eq(plan.designated_at),
-            orders::status.eq("settling"),
-            orders::created_at.eq(now),
-            orders::updated_at.eq(now),
-        ))
-        .execute(cx.conn)?;
     let answer_by = answer_by(cx.app, &plan.partner_id, now);
     let settlement = Settlement {
         id: Uuid::now_v7(),
@@ -173,21 +155,36 @@ fn place(cx: &mut Cx<'_>, request: &PurchaseRequest, plan: &Plan, order_id: Uuid
         instructed_at: now,
         attempt_limit: None,
     };
-    diesel::insert_into(settlements::table)
-        .values((
-            settlements::id.eq(settlement.id),
-            settlements::order_id.eq(order_id),
-            settlements::kind.eq(&settlement.kind),
-            settlements::partner_id.eq(&settlement.partner_id),
-            settlements::payer_terminal_id.eq(&settlement.payer_terminal_id),
-            settlements::amount_minor.eq(settlement.amount_minor),
-            settlements::currency.eq(&settlement.currency),
-            settlements::status.eq("instructed"),
-            settlements::instructed_at.eq(now),
-            settlements::attempts.eq(1),
-            settlements::answer_due_at.eq(answer_by),
-        ))
-        .execute(cx.conn)?;
+    // The order and its settlement, in one round trip: the settlement's foreign key on the order
+    // is checked at the end of the statement, when both rows are in.
+    crate::db::prepared(
+        "WITH placed AS (
+           INSERT INTO orders (id, request_id, orderer_terminal_id, payer_terminal_id, recipient_terminal_ids,
+                               product_id, quantity, amount_minor, currency, delivery_mode, designated_at, status,
+                               created_at, updated_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'settling', $12, $12)
+         )
+         INSERT INTO settlements (id, order_id, kind, partner_id, payer_terminal_id, amount_minor, currency, status,
+                                  instructed_at, attempts, answer_due_at)
+         VALUES ($13, $1, $14, $15, $4, $8, $9, 'instructed', $12, 1, $16)",
+    )
+    .bind::<SqlUuid, _>(order_id)
+    .bind::<Text, _>(&request.request_id)
+    .bind::<Text, _>(&request.terminal_id)
+    .bind::<Text, _>(&plan.payer.id)
+    .bind::<Array<Text>, _>(&plan.recipients)
+    .bind::<Text, _>(&plan.product.id)
+    .bind::<Int4, _>(request.quantity as i32)
+    .bind::<Int8, _>(plan.amount_minor)
+    .bind::<Text, _>(&plan.product.currency)
+    .bind::<Text, _>(plan.mode.as_str())
+    .bind::<Nullable<Timestamptz>, _>(plan.designated_at)
+    .bind::<Timestamptz, _>(now)
+    .bind::<SqlUuid, _>(settlement.id)
+    .bind::<Text, _>(&settlement.kind)
+    .bind::<Text, _>(&settlement.partner_id)
+    .bind::<Timestamptz, _>(answer_by)
+    .execute(cx.conn)?;
     cx.publish(instruction(cx.app, &settlement, 1, answer_by));
     Ok(())
 }

@@ -1,10 +1,11 @@
 //! `settlement.result`: a partner's answer. Settled orders go on to issuance; declined orders
 //! end, and the orderer is told.
 
+use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 
 use super::{Settlement, notify_orderer};
-use crate::db::schema::{orders, settlements};
+use crate::db::schema::settlements;
 use crate::dead_letter::Reason;
 use crate::messages::{IssuanceRequested, SettlementOutcome, SettlementResult, kinds};
 use crate::outbox::Outgoing;
@@ -52,26 +53,10 @@ impl Handler for ResultHandler {
             }
         }
         let now = cx.now;
-        diesel::update(settlements::table.find(s.id))
-            .set((
-                settlements::status.eq(result.outcome.as_str()),
-                settlements::partner_reference.eq(&result.partner_reference),
-                settlements::reason.eq(&result.reason),
-                settlements::answered_at.eq(now),
-                settlements::answer_due_at.eq(None::<chrono::DateTime<chrono::Utc>>),
-            ))
-            .execute(cx.conn)?;
         let outcome: &'static str = result.outcome.as_str();
-        telemetry::settlement_answered(&s.partner_id, outcome, (now - s.instructed_at).to_std().unwrap_or_default());
         match result.outcome {
             SettlementOutcome::Settled => {
-                diesel::update(orders::table.find(s.order_id))
-                    .set((
-                        orders::status.eq("issuing"),
-                        orders::status_reason.eq(None::<String>),
-                        orders::updated_at.eq(now),
-                    ))
-                    .execute(cx.conn)?;
+                answer(cx.conn, &s, &result, "issuing", None, now)?;
                 let next = IssuanceRequested { message_type: kinds::ISSUANCE_REQUESTED.into(), order_id: s.order_id };
                 cx.publish(
                     Outgoing::json(
@@ -85,9 +70,7 @@ impl Handler for ResultHandler {
             }
             SettlementOutcome::Declined => {
                 let reason = result.reason.clone().unwrap_or_else(|| "declined by the partner".into());
-                diesel::update(orders::table.find(s.order_id))
-                    .set((orders::status.eq("declined"), orders::status_reason.eq(&reason), orders::updated_at.eq(now)))
-                    .execute(cx.conn)?;
+                answer(cx.conn, &s, &result, "declined", Some(&reason), now)?;
                 notify_orderer(
                     cx.conn,
                     cx.app,
@@ -99,7 +82,38 @@ impl Handler for ResultHandler {
                 )?;
             }
         }
+        telemetry::settlement_answered(&s.partner_id, outcome, (now - s.instructed_at).to_std().unwrap_or_default());
         tracing::info!(order_id = %s.order_id, settlement_id = %s.id, outcome, "settlement answered");
         Ok(())
     }
+}
+
+/// answer records the partner's answer on the settlement and moves its order on: one round trip.
+fn answer(
+    conn: &mut PgConnection,
+    s: &Settlement,
+    result: &SettlementResult,
+    order_status: &str,
+    order_reason: Option<&str>,
+    now: DateTime<Utc>,
+) -> QueryResult<()> {
+    use diesel::sql_types::{Nullable, Text, Timestamptz, Uuid as SqlUuid};
+    crate::db::prepared(
+        "WITH answered AS (
+           UPDATE settlements SET status = $2, partner_reference = $3, reason = $4, answered_at = $5,
+                                  answer_due_at = NULL
+           WHERE id = $1
+         )
+         UPDATE orders SET status = $7, status_reason = $8, updated_at = $5 WHERE id = $6",
+    )
+    .bind::<SqlUuid, _>(s.id)
+    .bind::<Text, _>(result.outcome.as_str())
+    .bind::<Nullable<Text>, _>(&result.partner_reference)
+    .bind::<Nullable<Text>, _>(&result.reason)
+    .bind::<Timestamptz, _>(now)
+    .bind::<SqlUuid, _>(s.order_id)
+    .bind::<Text, _>(order_status)
+    .bind::<Nullable<Text>, _>(order_reason)
+    .execute(conn)?;
+    Ok(())
 }
