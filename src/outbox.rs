@@ -1,10 +1,11 @@
 //! The transactional outbox: messages caused by a state change are rows written in the same
 //! transaction, and the relay publishes them with publisher confirms.
 //!
-//! The relay claims a batch by pushing the rows' `available_at` forward (a lease) under
-//! `FOR UPDATE SKIP LOCKED`, so several processes share the work without publishing the same row
-//! at once. A row is deleted only after the broker confirmed it; a negative confirm, a returned
-//! (unroutable) message or a lost channel leaves it to be published again when its lease ends.
+//! The relay claims a batch with `FOR UPDATE SKIP LOCKED` in a transaction that stays open while
+//! the batch is published, so several processes share the work without publishing the same row at
+//! once. A row is deleted, in that transaction, only after the broker confirmed it; a negative
+//! confirm or a returned (unroutable) message puts it back a second later, and a lost channel, a
+//! lost database connection or a killed process rolls the claim back, so the rows go out again.
 //! Consumers deduplicate on the message id, so a publish repeated after a crash has no second effect.
 
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Int8, Interval};
+use diesel::sql_types::{Array, BigInt, Int8};
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use serde::Serialize;
@@ -30,9 +31,9 @@ const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
 /// How often the backlog gauges are refreshed.
 const BACKLOG_INTERVAL: Duration = Duration::from_secs(5);
 
-/// How long a claimed row is held by one relay before another may publish it: long enough for a
-/// batch's confirms, short enough that a killed process's rows go out again within seconds.
-const LEASE: Duration = Duration::from_secs(10);
+/// How long a claim waits for its batch's confirms before it rolls back and leaves the rows to the
+/// next round: a broker that stops confirming holds no row locks for longer.
+const CONFIRM_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Outgoing is a message to publish once the transaction that wrote it commits.
 #[derive(Debug, Clone)]
@@ -111,7 +112,7 @@ pub fn enqueue_all(conn: &mut PgConnection, messages: &[Outgoing]) -> QueryResul
     }
     let now = Utc::now();
     let text = |f: fn(&Outgoing) -> &str| messages.iter().map(f).collect::<Vec<&str>>();
-    diesel::sql_query(
+    crate::db::prepared(
         "INSERT INTO outbox (message_id, exchange, routing_key, message_type, correlation_id, headers, payload, available_at)
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::bytea[], $8::timestamptz[])",
     )
@@ -211,13 +212,56 @@ impl Relay {
     }
 
     /// One round: claim a batch, publish it with pipelined confirms, delete what was confirmed.
+    ///
+    /// The claim is a transaction held open while the batch is published: its row locks keep
+    /// every other relay off these rows (`SKIP LOCKED`), and it deletes the confirmed ones before
+    /// it commits. A round costs one writing commit, and the rows are never rewritten before their
+    /// delete. If this process dies or loses the database meanwhile, the transaction rolls back and
+    /// the rows are published again at once, by whichever relay is next.
     async fn round(&self, channel: &mut Option<lapin::Channel>) -> anyhow::Result<usize> {
         let batch = self.batch_size;
-        let rows: Vec<Row> = self.db.run(move |conn| claim(conn, batch).map_err(DbError::from)).await?;
+        let (claimed_tx, claimed) = tokio::sync::oneshot::channel::<Vec<Row>>();
+        let (outcome, outcome_rx) = std::sync::mpsc::sync_channel::<Published>(1);
+        let claim = self.db.run(move |conn| {
+            conn.transaction::<_, DbError, _>(|conn| {
+                let rows = claim(conn, batch)?;
+                let n = rows.len();
+                if n == 0 || claimed_tx.send(rows).is_err() {
+                    return Ok(n);
+                }
+                // The publishing side answers within its own deadlines; one that is dropped
+                // (shutdown's flush deadline, a lost channel) rolls the claim back.
+                match outcome_rx.recv_timeout(CONFIRM_DEADLINE) {
+                    Ok(published) => settle(conn, &published.confirmed, &published.failed)?,
+                    Err(_) => return Err(DbError::Query(diesel::result::Error::RollbackTransaction)),
+                }
+                Ok(n)
+            })
+        });
+        let publish = async {
+            let Ok(rows) = claimed.await else {
+                return Ok(None); // Nothing was due, or the claim failed (its error is returned).
+            };
+            let published = self.publish(channel, &rows).await?;
+            let failed = published.failed.len();
+            telemetry::outbox_published(published.confirmed.len() as u64, failed as u64);
+            // The claim is waiting for this answer; it can only be gone if it failed.
+            let _ = outcome.send(published);
+            Ok::<_, anyhow::Error>(Some(failed))
+        };
+        let (claimed, published) = tokio::join!(claim, publish);
         self.progress.relay_tick();
-        if rows.is_empty() {
-            return Ok(0);
+        if let Some(failed) = published? {
+            if failed > 0 {
+                *channel = None;
+            }
         }
+        Ok(claimed?)
+    }
+
+    /// publish sends a batch with pipelined confirms, then waits for them: one round trip, not
+    /// one per message. It says which rows the broker confirmed and which it did not.
+    async fn publish(&self, channel: &mut Option<lapin::Channel>, rows: &[Row]) -> anyhow::Result<Published> {
         let ch = match channel {
             Some(ch) if ch.status().connected() => ch.clone(),
             _ => {
@@ -228,10 +272,8 @@ impl Relay {
                 ch
             }
         };
-
-        // Publish the whole batch, then wait for the confirms: one round trip, not one per message.
         let mut pending = Vec::with_capacity(rows.len());
-        for row in &rows {
+        for row in rows {
             let props = broker::properties(
                 &row.message_id.to_string(),
                 &row.message_type,
@@ -257,8 +299,7 @@ impl Relay {
                 }
             }
         }
-        let mut confirmed = Vec::new();
-        let mut failed = Vec::new();
+        let mut published = Published::default();
         for (id, confirm) in pending {
             let ok = match confirm {
                 Some(confirm) => match confirm.await {
@@ -276,16 +317,9 @@ impl Relay {
                 },
                 None => false,
             };
-            if ok { confirmed.push(id) } else { failed.push(id) }
+            if ok { published.confirmed.push(id) } else { published.failed.push(id) }
         }
-        telemetry::outbox_published(confirmed.len() as u64, failed.len() as u64);
-        let n = rows.len();
-        let (c, f) = (confirmed.clone(), failed.clone());
-        self.db.run(move |conn| settle(conn, &c, &f).map_err(DbError::from)).await?;
-        if !failed.is_empty() {
-            *channel = None;
-        }
-        Ok(n)
+        Ok(published)
     }
 
     async fn report_backlog(&self) {
@@ -295,26 +329,33 @@ impl Relay {
     }
 }
 
+/// Published is what the broker said of a claimed batch.
+#[derive(Debug, Default)]
+struct Published {
+    confirmed: Vec<i64>,
+    failed: Vec<i64>,
+}
+
+/// claim locks the next due rows for the caller's transaction; rows another relay holds are
+/// skipped, not waited for.
 fn claim(conn: &mut PgConnection, batch: i64) -> QueryResult<Vec<Row>> {
-    diesel::sql_query(
-        "UPDATE outbox SET available_at = now() + $2, attempts = attempts + 1
-         WHERE id IN (SELECT id FROM outbox WHERE available_at <= now()
-                      ORDER BY available_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)
-         RETURNING id, message_id, exchange, routing_key, message_type, correlation_id, headers, payload",
+    crate::db::prepared(
+        "SELECT id, message_id, exchange, routing_key, message_type, correlation_id, headers, payload
+         FROM outbox WHERE available_at <= now()
+         ORDER BY available_at, id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind::<BigInt, _>(batch)
-    .bind::<Interval, _>(diesel::pg::data_types::PgInterval::from_microseconds(LEASE.as_micros() as i64))
     .load::<RawRow>(conn)
     .map(|rows| rows.into_iter().map(Row::from).collect())
 }
 
 fn settle(conn: &mut PgConnection, confirmed: &[i64], failed: &[i64]) -> QueryResult<()> {
     if !confirmed.is_empty() {
-        diesel::sql_query("DELETE FROM outbox WHERE id = ANY($1)").bind::<Array<Int8>, _>(confirmed).execute(conn)?;
+        crate::db::prepared("DELETE FROM outbox WHERE id = ANY($1)").bind::<Array<Int8>, _>(confirmed).execute(conn)?;
     }
     if !failed.is_empty() {
-        // Try again soon rather than at the end of the lease.
-        diesel::sql_query("UPDATE outbox SET available_at = now() + interval '1 second', last_error = 'not confirmed by the broker' WHERE id = ANY($1)")
+        // Try again soon, not at once: a message the broker refuses is refused again.
+        crate::db::prepared("UPDATE outbox SET available_at = now() + interval '1 second', attempts = attempts + 1, last_error = 'not confirmed by the broker' WHERE id = ANY($1)")
             .bind::<Array<Int8>, _>(failed)
             .execute(conn)?;
     }
@@ -330,7 +371,7 @@ pub fn backlog(conn: &mut PgConnection) -> QueryResult<(i64, Duration)> {
         #[diesel(sql_type = diesel::sql_types::Double)]
         age: f64,
     }
-    let b: Backlog = diesel::sql_query(
+    let b: Backlog = crate::db::prepared(
         "SELECT count(*) AS rows, COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 AS age FROM outbox",
     )
     .get_result(conn)?;
