@@ -228,7 +228,8 @@ pub async fn consume<F, Fut>(
     F: Fn(lapin::message::Delivery) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
-    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+    use futures::stream::FuturesUnordered;
+    use lapin::options::{BasicConsumeOptions, BasicQosOptions};
     while !shutdown.is_cancelled() {
         let Some(conn) = broker.connection().await else {
             return;
@@ -239,19 +240,30 @@ pub async fn consume<F, Fut>(
             let mut consumer = channel
                 .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
                 .await?;
+            // Up to `prefetch` messages are handled at once, as a real partner or gateway answers
+            // many requests at a time: one that waited for each answer's confirm before taking
+            // the next would be the slowest part of any benchmark it takes part in.
+            let mut in_hand = FuturesUnordered::new();
             loop {
                 let next = tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    next = consumer.next() => next,
+                    _ = shutdown.cancelled() => {
+                        // What is in hand is finished and acknowledged; nothing new is taken.
+                        while let Some((acker, done)) = in_hand.next().await {
+                            settle_simulated(acker, done).await;
+                        }
+                        return Ok(());
+                    }
+                    Some((acker, done)) = in_hand.next(), if !in_hand.is_empty() => {
+                        settle_simulated(acker, done).await;
+                        continue;
+                    }
+                    next = consumer.next(), if in_hand.len() < usize::from(prefetch.max(1)) => next,
                 };
                 let Some(delivery) = next else { return Ok(()) };
                 let delivery = delivery?;
                 let acker = delivery.acker.clone();
-                if handle(delivery).await {
-                    let _ = acker.ack(BasicAckOptions::default()).await;
-                } else {
-                    let _ = acker.nack(lapin::options::BasicNackOptions { requeue: true, ..Default::default() }).await;
-                }
+                let handled = handle(delivery);
+                in_hand.push(async move { (acker, handled.await) });
             }
         }
         .await;
@@ -263,4 +275,13 @@ pub async fn consume<F, Fut>(
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
     }
+}
+
+/// settle_simulated acknowledges a message a simulator handled, or returns it to its queue.
+async fn settle_simulated(acker: lapin::Acker, done: bool) {
+    let _ = if done {
+        acker.ack(lapin::options::BasicAckOptions::default()).await
+    } else {
+        acker.nack(lapin::options::BasicNackOptions { requeue: true, ..Default::default() }).await
+    };
 }
