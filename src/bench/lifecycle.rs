@@ -90,7 +90,11 @@ pub struct Figures {
     pub exchange_to_asset: Percentiles,
     pub cpu_seconds: f64,
     pub peak_rss_mb: f64,
+    /// Messages through the broker, each counted once, as the limit counts them: published (by
+    /// assetflow or a simulator) and consumed (by assetflow or a simulator). See [`broker_messages`].
     pub messages_per_order: f64,
+    /// Messages assetflow consumed plus messages it published: an internal message is both.
+    pub handled_per_order: f64,
     /// Commits of transactions that wrote (see `commits`).
     pub commits_per_order: f64,
     pub limits: Option<Limits>,
@@ -103,6 +107,20 @@ pub struct Figures {
     /// 1 ÷ (messages ÷ broker rate + commits ÷ commit rate).
     pub shared_bound_orders_per_second: Option<f64>,
     pub ratio_to_shared_bound: Option<f64>,
+}
+
+/// broker_messages is how many messages went through the broker, from what assetflow counted: each
+/// it published, and each it consumed that came from outside (an order, a partner's result, a
+/// gateway's receipt). A message from one pool to another (`kinds::INTERNAL`) is both published
+/// and consumed by assetflow, but is one message for the broker: one publish, one delivery, one
+/// ack, the unit of the limit's messages a second.
+fn broker_messages(published: f64, received: f64, received_internal: f64) -> f64 {
+    published + received - received_internal
+}
+
+/// is_internal says whether a `/metrics` series is labelled with an internal message type.
+fn is_internal(series: &str) -> bool {
+    kinds::INTERNAL.iter().any(|t| series.contains(&format!("type=\"{t}\"")))
 }
 
 /// Bounds are the throughputs that the limits allow for an order's messages and commits.
@@ -272,15 +290,13 @@ async fn measure(
     let peak_rss_mb = peak_rss_kb(pid)? as f64 / 1024.0;
     let metrics_after = scrape(port).await?;
     let commits_after = commits(&url).await?;
-    let messages = |m: &HashMap<String, f64>| {
-        m.iter()
-            .filter(|(k, _)| {
-                k.starts_with("assetflow_messages_received_total") || k.starts_with("assetflow_outbox_published_total")
-            })
-            .map(|(_, v)| v)
-            .sum::<f64>()
+    let rise = |series: fn(&str) -> bool| {
+        let total = |m: &HashMap<String, f64>| m.iter().filter(|(k, _)| series(k)).map(|(_, v)| v).sum::<f64>();
+        total(&metrics_after) - total(&metrics_before)
     };
-    let messages = messages(&metrics_after) - messages(&metrics_before);
+    let published = rise(|k| k.starts_with("assetflow_outbox_published_total"));
+    let received = rise(|k| k.starts_with("assetflow_messages_received_total"));
+    let received_internal = rise(|k| k.starts_with("assetflow_messages_received_total") && is_internal(k));
 
     let certificate_latencies = {
         let acked = acknowledged(&url, "certificate").await?;
@@ -312,7 +328,8 @@ async fn measure(
         exchange_to_asset: Percentiles::of(asset_latencies),
         cpu_seconds: cpu,
         peak_rss_mb,
-        messages_per_order: messages / orders.max(1) as f64,
+        messages_per_order: broker_messages(published, received, received_internal) / orders.max(1) as f64,
+        handled_per_order: (published + received) / orders.max(1) as f64,
         commits_per_order: (commits_after - commits_before) as f64 / orders.max(1) as f64,
         limits: None,
         bound_orders_per_second: None,
@@ -509,7 +526,8 @@ pub fn print(f: &Figures) {
     }
     println!("{:<44} {:>12.2}", "assetflow CPU seconds", f.cpu_seconds);
     println!("{:<44} {:>9.1} MB", "assetflow peak RSS", f.peak_rss_mb);
-    println!("{:<44} {:>12.2}", "messages per order (consumed + published)", f.messages_per_order);
+    println!("{:<44} {:>12.2}", "broker messages per order (each once)", f.messages_per_order);
+    println!("{:<44} {:>12.2}", "  assetflow's share (consumed + published)", f.handled_per_order);
     println!("{:<44} {:>12.2}", "writing database commits per order", f.commits_per_order);
     if let (Some(limits), Some(bound), Some(ratio)) = (&f.limits, f.bound_orders_per_second, f.ratio_to_bound) {
         println!();
@@ -535,6 +553,15 @@ mod tests {
             db_commits_per_second: database,
             db_connections: 8,
         }
+    }
+
+    #[test]
+    fn a_message_between_pools_is_one_broker_message_and_one_from_outside_is_one_too() {
+        // An order consumed (from a terminal), an instruction published (to a partner), and an
+        // issuance request published and consumed (pool to pool): three broker messages.
+        assert_eq!(broker_messages(2.0, 2.0, 1.0), 3.0);
+        assert!(is_internal(r#"assetflow_messages_received_total{pool="issuance",type="issuance.requested"}"#));
+        assert!(!is_internal(r#"assetflow_messages_received_total{pool="settlement",type="order.purchase"}"#));
     }
 
     #[test]

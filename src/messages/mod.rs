@@ -55,6 +55,9 @@ pub mod kinds {
     pub const DELIVERY: &str = "delivery";
     pub const DELIVERY_RECEIPT: &str = "delivery.receipt";
     pub const DEAD_LETTER: &str = "dead_letter";
+
+    /// The messages assetflow sends itself, on its internal exchange, from one pool to another.
+    pub const INTERNAL: [&str; 3] = [ISSUANCE_REQUESTED, DELIVERY_REQUESTED, CERTIFICATE_NOTICES];
 }
 
 /// DeliveryMode is how an order's assets reach their recipients.
