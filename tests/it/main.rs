@@ -10,6 +10,7 @@ mod monitoring;
 mod operator_input;
 mod processes;
 mod refusals;
+mod statements;
 mod support;
 mod tls;
 mod together;
