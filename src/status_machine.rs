@@ -148,17 +148,23 @@ impl From<TransitionError> for crate::pool::Failure {
     }
 }
 
-/// record_issued writes the first history entry of newly inserted assets, all issued in `status`,
-/// in one statement whatever their number.
-pub fn record_issued(conn: &mut PgConnection, assets: &[Uuid], status: Status, at: DateTime<Utc>) -> QueryResult<()> {
+/// record_issued writes the first history entry of newly inserted assets, each in its first
+/// status, in one statement whatever their number.
+pub fn record_issued(
+    conn: &mut PgConnection,
+    assets: &[Uuid],
+    statuses: &[Status],
+    at: DateTime<Utc>,
+) -> QueryResult<()> {
     use diesel::sql_types::{Array, Text, Timestamptz, Uuid as SqlUuid};
-    debug_assert!(matches!(status, Status::AwaitingExchange | Status::AwaitingDesignatedDelivery));
+    debug_assert_eq!(assets.len(), statuses.len());
+    debug_assert!(statuses.iter().all(|s| matches!(s, Status::AwaitingExchange | Status::AwaitingDesignatedDelivery)));
     crate::db::prepared(
         "INSERT INTO asset_status_history (asset_id, from_status, to_status, cause, at)
-         SELECT id, NULL, $2, $3, $4 FROM unnest($1::uuid[]) AS a(id)",
+         SELECT id, NULL, status, $3, $4 FROM unnest($1::uuid[], $2::text[]) AS a(id, status)",
     )
     .bind::<Array<SqlUuid>, _>(assets)
-    .bind::<Text, _>(status.as_str())
+    .bind::<Array<Text>, _>(statuses.iter().map(|s| s.as_str()).collect::<Vec<_>>())
     .bind::<Text, _>(Cause::Issued.as_str())
     .bind::<Timestamptz, _>(at)
     .execute(conn)?;

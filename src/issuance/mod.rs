@@ -33,7 +33,8 @@ struct Order {
     status: String,
 }
 
-/// IssueHandler takes `issuance.requested`.
+/// IssueHandler takes `issuance.requested`. Requests handled together are issued together: their
+/// orders are read in one statement and everything they issue is written in three.
 pub struct IssueHandler;
 
 impl Handler for IssueHandler {
@@ -42,21 +43,52 @@ impl Handler for IssueHandler {
     }
 
     fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure> {
-        let request: IssuanceRequested = serde_json::from_value(message.json.clone())
-            .map_err(|e| Failure::permanent(Reason::SchemaViolation, e.to_string()))?;
-        let Some(order) =
-            orders::table.find(request.order_id).select(Order::as_select()).for_update().first(cx.conn).optional()?
-        else {
-            return Err(Failure::permanent(Reason::Unprocessable, format!("no order {}", request.order_id)));
-        };
-        if order.status != "issuing" {
-            return Ok(()); // Issued already, or never settled: nothing to do.
+        self.handle_many(cx, &[message])
+    }
+
+    fn handle_many(&self, cx: &mut Cx<'_>, messages: &[&Incoming]) -> Result<(), Failure> {
+        let mut ids = Vec::with_capacity(messages.len());
+        for message in messages {
+            let request: IssuanceRequested = serde_json::from_value(message.json.clone())
+                .map_err(|e| Failure::permanent(Reason::SchemaViolation, e.to_string()))?;
+            ids.push(request.order_id);
         }
-        issue(cx, &order)
+        // Locked in id order, so that two batches naming the same orders cannot deadlock.
+        ids.sort_unstable();
+        ids.dedup();
+        let orders: Vec<Order> = orders::table
+            .filter(orders::id.eq_any(&ids))
+            .order(orders::id)
+            .select(Order::as_select())
+            .for_update()
+            .load(cx.conn)?;
+        if let Some(missing) = ids.iter().find(|id| !orders.iter().any(|o| o.id == **id)) {
+            return Err(Failure::permanent(Reason::Unprocessable, format!("no order {missing}")));
+        }
+        let mut issue = Issue::default();
+        // Issued already, or never settled: nothing to do for those.
+        for order in orders.iter().filter(|o| o.status == "issuing") {
+            sign(cx, order, &mut issue)?;
+        }
+        if issue.issued.assets.is_empty() {
+            return Ok(());
+        }
+        issue.issued.write(cx.conn, cx.now)?;
+        status_machine::record_issued(cx.conn, &issue.issued.assets, &issue.issued.statuses, cx.now)?;
+        delivery::enqueue_many(cx, &issue.deliveries)?;
+        Ok(())
     }
 }
 
-fn issue(cx: &mut Cx<'_>, order: &Order) -> Result<(), Failure> {
+/// Issue is what a batch of orders issues: the signed rows, and the deliveries to send.
+#[derive(Default)]
+struct Issue {
+    issued: Issued,
+    deliveries: Vec<NewDelivery>,
+}
+
+/// sign builds and signs an order's assets and certificates, and their deliveries, into `issue`.
+fn sign(cx: &mut Cx<'_>, order: &Order, issue: &mut Issue) -> Result<(), Failure> {
     let now = cx.now;
     let product = cx
         .product(&order.product_id)?
@@ -72,8 +104,11 @@ fn issue(cx: &mut Cx<'_>, order: &Order) -> Result<(), Failure> {
     let status = if with_certificate { Status::AwaitingExchange } else { Status::AwaitingDesignatedDelivery };
     let expires_at = product.asset_expiry(now);
     let certificate_expires_at = with_certificate.then(|| product.certificate_expiry(now));
-    let mut issued = Issued::default();
-    let mut deliveries = Vec::new();
+    let reminder_due_at =
+        certificate_expires_at.map(|expiry| expiry - chrono::Duration::seconds(product.reminder_stage1_secs));
+    let issued = &mut issue.issued;
+    issued.orders.push(order.id);
+    let mut count = 0;
     for recipient_id in &order.recipient_terminal_ids {
         let recipient = cx
             .terminal(recipient_id)?
@@ -91,8 +126,17 @@ fn issue(cx: &mut Cx<'_>, order: &Order) -> Result<(), Failure> {
                 &cx.app.keys.provider,
             )
             .map_err(|e| Failure::permanent(Reason::Unprocessable, format!("signing asset: {e}")))?;
-            issued.asset(asset_id, &recipient.id, ordinal, &document);
-
+            issued.asset(NewAsset {
+                id: asset_id,
+                order,
+                recipient: &recipient.id,
+                ordinal,
+                product: &product,
+                status,
+                expires_at,
+                certificate_expires_at,
+                document: &document,
+            });
             let mut delivery = if let Some(cert_expiry) = certificate_expires_at {
                 let certificate_id = Uuid::now_v7();
                 let certificate = certificate_document(
@@ -106,7 +150,7 @@ fn issue(cx: &mut Cx<'_>, order: &Order) -> Result<(), Failure> {
                     &cx.app.keys.provider,
                 )
                 .map_err(|e| Failure::permanent(Reason::Unprocessable, format!("signing certificate: {e}")))?;
-                issued.certificate(certificate_id, asset_id, &recipient.id, &certificate);
+                issued.certificate(certificate_id, asset_id, &recipient.id, cert_expiry, reminder_due_at, &certificate);
                 NewDelivery::now(
                     DeliveryKind::Certificate,
                     format!("certificate:{certificate_id}"),
@@ -126,126 +170,164 @@ fn issue(cx: &mut Cx<'_>, order: &Order) -> Result<(), Failure> {
             };
             delivery.asset_id = Some(asset_id);
             delivery.order_id = Some(order.id);
-            deliveries.push(delivery);
+            issue.deliveries.push(delivery);
+            count += 1;
         }
     }
-    let reminder_due_at =
-        certificate_expires_at.map(|expiry| expiry - chrono::Duration::seconds(product.reminder_stage1_secs));
-    let terms = Terms { status, expires_at, certificate_expires_at, reminder_due_at };
-    issued.write(cx.conn, order, &product, &terms, now)?;
-    status_machine::record_issued(cx.conn, &issued.asset_ids, status, now)?;
-    delivery::enqueue_many(cx, &deliveries)?;
-    tracing::info!(order_id = %order.id, assets = issued.asset_ids.len(), "issued");
+    tracing::info!(order_id = %order.id, assets = count, "issued");
     Ok(())
 }
 
-/// Terms are what every asset of an order shares: its first status and its expiries.
-struct Terms {
+/// NewAsset is one asset to store, as [`Issued::asset`] takes it.
+struct NewAsset<'a> {
+    id: Uuid,
+    order: &'a Order,
+    recipient: &'a str,
+    ordinal: i32,
+    product: &'a Product,
     status: Status,
     expires_at: DateTime<Utc>,
     certificate_expires_at: Option<DateTime<Utc>>,
-    /// When the certificates' first reminder is due (seed 000 section 3.6, stage 1).
-    reminder_due_at: Option<DateTime<Utc>>,
+    document: &'a serde_json::Value,
 }
 
-/// Issued gathers an order's signed assets and certificates, column by column, so that
-/// [`Issued::write`] stores them all in one statement, whatever their number.
+/// Issued gathers signed assets and certificates, column by column, so that [`Issued::write`]
+/// stores them all in one statement, whatever their number and their orders.
 #[derive(Default)]
 struct Issued {
-    asset_ids: Vec<Uuid>,
+    orders: Vec<Uuid>,
+    assets: Vec<Uuid>,
+    asset_orders: Vec<Uuid>,
     recipients: Vec<String>,
     ordinals: Vec<i32>,
+    products: Vec<String>,
+    kinds: Vec<String>,
+    issuers: Vec<String>,
+    expires_at: Vec<DateTime<Utc>>,
+    certificate_expires_at: Vec<Option<DateTime<Utc>>>,
+    statuses: Vec<Status>,
+    transferable: Vec<bool>,
+    designated_at: Vec<Option<DateTime<Utc>>>,
+    values: Vec<Option<i64>>,
+    uses: Vec<Option<i32>>,
+    currencies: Vec<String>,
     asset_documents: Vec<String>,
     issuer_signatures: Vec<String>,
     provider_signatures: Vec<String>,
-    certificate_ids: Vec<Uuid>,
+    certificates: Vec<Uuid>,
     certified_assets: Vec<Uuid>,
     holders: Vec<String>,
+    certificate_expiries: Vec<DateTime<Utc>>,
+    reminders_due_at: Vec<Option<DateTime<Utc>>>,
     certificate_documents: Vec<String>,
     certificate_signatures: Vec<String>,
 }
 
 impl Issued {
-    fn asset(&mut self, id: Uuid, recipient: &str, ordinal: i32, document: &serde_json::Value) {
-        self.asset_ids.push(id);
-        self.recipients.push(recipient.to_string());
-        self.ordinals.push(ordinal);
-        self.asset_documents.push(crate::crypto::canonical_json(document));
-        self.issuer_signatures.push(document["issuer_signature"].as_str().unwrap_or_default().to_string());
-        self.provider_signatures.push(document["signature"].as_str().unwrap_or_default().to_string());
+    fn asset(&mut self, a: NewAsset<'_>) {
+        self.assets.push(a.id);
+        self.asset_orders.push(a.order.id);
+        self.recipients.push(a.recipient.to_string());
+        self.ordinals.push(a.ordinal);
+        self.products.push(a.product.id.clone());
+        self.kinds.push(a.product.kind.clone());
+        self.issuers.push(a.product.issuer_id.clone());
+        self.expires_at.push(a.expires_at);
+        self.certificate_expires_at.push(a.certificate_expires_at);
+        self.statuses.push(a.status);
+        self.transferable.push(a.product.transferable);
+        self.designated_at.push(a.order.designated_at);
+        self.values.push(a.product.value_minor);
+        self.uses.push(a.product.uses);
+        self.currencies.push(a.product.currency.clone());
+        self.asset_documents.push(crate::crypto::canonical_json(a.document));
+        self.issuer_signatures.push(a.document["issuer_signature"].as_str().unwrap_or_default().to_string());
+        self.provider_signatures.push(a.document["signature"].as_str().unwrap_or_default().to_string());
     }
 
-    fn certificate(&mut self, id: Uuid, asset_id: Uuid, holder: &str, document: &serde_json::Value) {
-        self.certificate_ids.push(id);
+    fn certificate(
+        &mut self,
+        id: Uuid,
+        asset_id: Uuid,
+        holder: &str,
+        expires_at: DateTime<Utc>,
+        reminder_due_at: Option<DateTime<Utc>>,
+        document: &serde_json::Value,
+    ) {
+        self.certificates.push(id);
         self.certified_assets.push(asset_id);
         self.holders.push(holder.to_string());
+        self.certificate_expiries.push(expires_at);
+        self.reminders_due_at.push(reminder_due_at);
         self.certificate_documents.push(crate::crypto::canonical_json(document));
         self.certificate_signatures.push(document["signature"].as_str().unwrap_or_default().to_string());
     }
 
     /// Issued::write stores the assets with their documents, the certificates with their documents
-    /// and reminder schedules, and marks the order issued: one round trip. The sub-statements of a
-    /// `WITH` run as one statement, so the foreign keys between them are checked at its end, when
-    /// every row is in (<https://www.postgresql.org/docs/15/queries-with.html#QUERIES-WITH-MODIFYING>).
-    fn write(
-        &self,
-        conn: &mut PgConnection,
-        order: &Order,
-        product: &Product,
-        terms: &Terms,
-        now: DateTime<Utc>,
-    ) -> QueryResult<()> {
+    /// and reminder schedules, and marks their orders issued: one round trip. The sub-statements
+    /// of a `WITH` run as one statement, so the foreign keys between them are checked at its end,
+    /// when every row is in (<https://www.postgresql.org/docs/15/queries-with.html#QUERIES-WITH-MODIFYING>).
+    fn write(&self, conn: &mut PgConnection, now: DateTime<Utc>) -> QueryResult<()> {
         use diesel::sql_types::{Array, Bool, Int4, Int8, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+        let statuses: Vec<&str> = self.statuses.iter().map(|s| s.as_str()).collect();
         crate::db::prepared(
             "WITH new_assets AS (
                INSERT INTO assets (id, order_id, recipient_terminal_id, ordinal, product_id, kind, issuer_id,
                                    holder_terminal_id, issued_at, expires_at, has_exchange_certificate,
                                    certificate_expires_at, status, transferable, designated_at, value_minor,
                                    remaining_minor, remaining_uses, currency, status_changed_at)
-               SELECT a.id, $4, a.recipient, a.ordinal, $5, $6, $7, a.recipient, $8, $9, $10 IS NOT NULL, $10, $11,
-                      $12, $13, $14, $14, $15, $16, $8
-               FROM unnest($1::uuid[], $2::text[], $3::int4[]) AS a(id, recipient, ordinal)
+               SELECT id, order_id, recipient, ordinal, product_id, kind, issuer_id, recipient, $1, expires_at,
+                      certificate_expires_at IS NOT NULL, certificate_expires_at, status, transferable,
+                      designated_at, value_minor, value_minor, uses, currency, $1
+               FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::int4[], $6::text[], $7::text[], $8::text[],
+                           $9::timestamptz[], $10::timestamptz[], $11::text[], $12::bool[], $13::timestamptz[],
+                           $14::int8[], $15::int4[], $16::text[])
+                    AS a(id, order_id, recipient, ordinal, product_id, kind, issuer_id, expires_at,
+                         certificate_expires_at, status, transferable, designated_at, value_minor, uses, currency)
              ), new_asset_documents AS (
                INSERT INTO asset_documents (asset_id, document, issuer_signature, provider_signature)
-               SELECT * FROM unnest($1::uuid[], $17::text[], $18::text[], $19::text[])
+               SELECT * FROM unnest($2::uuid[], $17::text[], $18::text[], $19::text[])
              ), new_certificates AS (
                INSERT INTO exchange_certificates (id, asset_id, holder_terminal_id, issued_at, expires_at)
-               SELECT c.id, c.asset_id, c.holder, $8, $10 FROM unnest($20::uuid[], $21::uuid[], $22::text[]) AS c(id, asset_id, holder)
+               SELECT id, asset_id, holder, $1, expires_at
+               FROM unnest($20::uuid[], $21::uuid[], $22::text[], $23::timestamptz[]) AS c(id, asset_id, holder, expires_at)
              ), new_certificate_documents AS (
                INSERT INTO certificate_documents (certificate_id, document, signature)
-               SELECT * FROM unnest($20::uuid[], $23::text[], $24::text[])
+               SELECT * FROM unnest($20::uuid[], $24::text[], $25::text[])
              ), new_schedules AS (
                INSERT INTO reminder_schedule (certificate_id, asset_id, expires_at, next_stage, due_at)
-               SELECT c.id, c.asset_id, $10, 1, $25
-               FROM unnest($20::uuid[], $21::uuid[]) AS c(id, asset_id)
+               SELECT id, asset_id, expires_at, 1, due_at
+               FROM unnest($20::uuid[], $21::uuid[], $23::timestamptz[], $26::timestamptz[]) AS c(id, asset_id, expires_at, due_at)
              )
-             UPDATE orders SET status = 'issued', updated_at = $8 WHERE id = $4",
+             UPDATE orders SET status = 'issued', updated_at = $1 WHERE id = ANY($27)",
         )
-        .bind::<Array<SqlUuid>, _>(&self.asset_ids)
+        .bind::<Timestamptz, _>(now)
+        .bind::<Array<SqlUuid>, _>(&self.assets)
+        .bind::<Array<SqlUuid>, _>(&self.asset_orders)
         .bind::<Array<Text>, _>(&self.recipients)
         .bind::<Array<Int4>, _>(&self.ordinals)
-        .bind::<SqlUuid, _>(order.id)
-        .bind::<Text, _>(&product.id)
-        .bind::<Text, _>(&product.kind)
-        .bind::<Text, _>(&product.issuer_id)
-        .bind::<Timestamptz, _>(now)
-        .bind::<Timestamptz, _>(terms.expires_at)
-        .bind::<Nullable<Timestamptz>, _>(terms.certificate_expires_at)
-        .bind::<Text, _>(terms.status.as_str())
-        .bind::<Bool, _>(product.transferable)
-        .bind::<Nullable<Timestamptz>, _>(order.designated_at)
-        .bind::<Nullable<Int8>, _>(product.value_minor)
-        .bind::<Nullable<Int4>, _>(product.uses)
-        .bind::<Text, _>(&product.currency)
+        .bind::<Array<Text>, _>(&self.products)
+        .bind::<Array<Text>, _>(&self.kinds)
+        .bind::<Array<Text>, _>(&self.issuers)
+        .bind::<Array<Timestamptz>, _>(&self.expires_at)
+        .bind::<Array<Nullable<Timestamptz>>, _>(&self.certificate_expires_at)
+        .bind::<Array<Text>, _>(statuses)
+        .bind::<Array<Bool>, _>(&self.transferable)
+        .bind::<Array<Nullable<Timestamptz>>, _>(&self.designated_at)
+        .bind::<Array<Nullable<Int8>>, _>(&self.values)
+        .bind::<Array<Nullable<Int4>>, _>(&self.uses)
+        .bind::<Array<Text>, _>(&self.currencies)
         .bind::<Array<Text>, _>(&self.asset_documents)
         .bind::<Array<Text>, _>(&self.issuer_signatures)
         .bind::<Array<Text>, _>(&self.provider_signatures)
-        .bind::<Array<SqlUuid>, _>(&self.certificate_ids)
+        .bind::<Array<SqlUuid>, _>(&self.certificates)
         .bind::<Array<SqlUuid>, _>(&self.certified_assets)
         .bind::<Array<Text>, _>(&self.holders)
+        .bind::<Array<Timestamptz>, _>(&self.certificate_expiries)
         .bind::<Array<Text>, _>(&self.certificate_documents)
         .bind::<Array<Text>, _>(&self.certificate_signatures)
-        .bind::<Nullable<Timestamptz>, _>(terms.reminder_due_at)
+        .bind::<Array<Nullable<Timestamptz>>, _>(&self.reminders_due_at)
+        .bind::<Array<SqlUuid>, _>(&self.orders)
         .execute(conn)?;
         Ok(())
     }

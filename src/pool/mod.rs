@@ -220,6 +220,14 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Handler::handle carries out the message. A refusal is an Ok: the request was answered.
     fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure>;
+
+    /// Handler::handle_many carries out several messages of this type, new to this pool, in the
+    /// caller's transaction, in turn by default. A handler whose work is set-based overrides it to
+    /// read and write them all in a few statements; it must have the effect of `handle` on each,
+    /// and fail as a whole if it cannot (each message is then handled alone).
+    fn handle_many(&self, cx: &mut Cx<'_>, messages: &[&Incoming]) -> Result<(), Failure> {
+        messages.iter().try_for_each(|message| self.handle(cx, message))
+    }
 }
 
 /// Registry maps each queue's message types to their handlers.
@@ -735,17 +743,24 @@ pub fn handle_together(conn: &mut PgConnection, app: &App, pool: Pool, work: &[W
             let incoming: Vec<&Incoming> = work.iter().map(|(_, incoming, _)| incoming).collect();
             let fresh = claim_inbox_many(conn, pool, &incoming)?;
             let (mut lookups, mut outgoing) = (Lookups::default(), Vec::new());
-            for ((handler, incoming, span), _) in work.iter().zip(&fresh).filter(|(_, fresh)| **fresh) {
+            let new: Vec<&Work> = work.iter().zip(&fresh).filter(|(_, fresh)| **fresh).map(|(w, _)| w).collect();
+            // Messages in a row for the same handler go to it together (`Handler::handle_many`).
+            for run in new.chunk_by(|(a, _, _), (b, _, _)| Arc::ptr_eq(a, b)) {
+                let (handler, first, span) = run[0];
+                // One message's log lines carry its ids; several carry their count.
+                let span =
+                    if run.len() == 1 { span.clone() } else { tracing::info_span!("messages", %pool, n = run.len()) };
                 let _entered = span.enter();
                 let mut cx = Cx {
                     conn,
                     app,
-                    now: incoming.received_at,
-                    first_received_at: incoming.first_received_at,
+                    now: first.received_at,
+                    first_received_at: first.first_received_at,
                     lookups: &mut lookups,
                     outgoing: &mut outgoing,
                 };
-                handle_caught(handler.as_ref(), &mut cx, incoming)?;
+                let messages: Vec<&Incoming> = run.iter().map(|(_, incoming, _)| incoming).collect();
+                handle_caught(handler.as_ref(), &mut cx, &messages)?;
             }
             outbox::enqueue_all(conn, &outgoing)?;
             Ok(fresh)
@@ -757,8 +772,12 @@ pub fn handle_together(conn: &mut PgConnection, app: &App, pool: Pool, work: &[W
 /// not take the worker, or the other messages of its batch, down with it. The transaction is rolled
 /// back like that of any failure, and the message is kept in `dead_letters` for a replay once the
 /// bug is fixed.
-fn handle_caught(handler: &dyn Handler, cx: &mut Cx<'_>, incoming: &Incoming) -> Result<(), Failure> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(cx, incoming))).unwrap_or_else(|panic| {
+fn handle_caught(handler: &dyn Handler, cx: &mut Cx<'_>, messages: &[&Incoming]) -> Result<(), Failure> {
+    let handled = || match messages {
+        [one] => handler.handle(cx, one),
+        many => handler.handle_many(cx, many),
+    };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(handled)).unwrap_or_else(|panic| {
         let what = panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
