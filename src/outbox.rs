@@ -251,10 +251,9 @@ impl Relay {
         };
         let (claimed, published) = tokio::join!(claim, publish);
         self.progress.relay_tick();
-        if let Some(failed) = published? {
-            if failed > 0 {
-                *channel = None;
-            }
+        // A batch the broker refused in part starts again on a fresh channel.
+        if published?.is_some_and(|failed| failed > 0) {
+            *channel = None;
         }
         Ok(claimed?)
     }

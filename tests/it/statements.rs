@@ -26,7 +26,10 @@ async fn a_fixed_statement_is_prepared_once_and_binds_each_placeholder_to_its_va
             assert_eq!(sums, Sums { sum: a + b, first: a });
         }
         assert_eq!(
-            count(c, "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'SELECT $1::int8 + $2::int8 AS sum%'"),
+            count(
+                c,
+                "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'SELECT $1::int8 + $2::int8 AS sum%'"
+            ),
             1,
             "prepared once on this connection, and used again"
         );
@@ -38,7 +41,10 @@ async fn a_fixed_statement_is_prepared_once_and_binds_each_placeholder_to_its_va
             .get_result(c)
             .unwrap();
         assert_eq!(plain, Sums { sum: 4, first: 5 });
-        assert_eq!(count(c, "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'SELECT $1::int8 - %'"), 0);
+        assert_eq!(
+            count(c, "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'SELECT $1::int8 - %'"),
+            0
+        );
 
         // A placeholder with no value is an error, not a panic or a query with a hole.
         let missing = prepared("SELECT $2::int8 AS sum, $1::int8 AS first").bind::<BigInt, _>(1).get_result::<Sums>(c);
