@@ -46,6 +46,10 @@ impl Handler for IssueHandler {
         self.handle_many(cx, &[message])
     }
 
+    fn set_based(&self) -> bool {
+        true
+    }
+
     fn handle_many(&self, cx: &mut Cx<'_>, messages: &[&Incoming]) -> Result<(), Failure> {
         let mut ids = Vec::with_capacity(messages.len());
         for message in messages {

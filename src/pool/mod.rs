@@ -221,12 +221,23 @@ pub trait Handler: Send + Sync + 'static {
     /// Handler::handle carries out the message. A refusal is an Ok: the request was answered.
     fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure>;
 
+    /// Handler::set_based says whether [`Handler::handle_many`] does better than `handle` in turn.
+    /// Only then does the pool hand it the messages of a batch together; otherwise each is handled
+    /// in its own span, with its own receipt times.
+    fn set_based(&self) -> bool {
+        false
+    }
+
     /// Handler::handle_many carries out several messages of this type, new to this pool, in the
-    /// caller's transaction, in turn by default. A handler whose work is set-based overrides it to
-    /// read and write them all in a few statements; it must have the effect of `handle` on each,
-    /// and fail as a whole if it cannot (each message is then handled alone).
+    /// caller's transaction, in turn by default. A set-based handler overrides it to read and
+    /// write them all in a few statements, as of `cx.now` (the first message's receipt); it must
+    /// have the effect of `handle` on each, and fail as a whole if it cannot (each message is then
+    /// handled alone).
     fn handle_many(&self, cx: &mut Cx<'_>, messages: &[&Incoming]) -> Result<(), Failure> {
-        messages.iter().try_for_each(|message| self.handle(cx, message))
+        messages.iter().try_for_each(|message| {
+            (cx.now, cx.first_received_at) = (message.received_at, message.first_received_at);
+            self.handle(cx, message)
+        })
     }
 }
 
@@ -744,8 +755,8 @@ pub fn handle_together(conn: &mut PgConnection, app: &App, pool: Pool, work: &[W
             let fresh = claim_inbox_many(conn, pool, &incoming)?;
             let (mut lookups, mut outgoing) = (Lookups::default(), Vec::new());
             let new: Vec<&Work> = work.iter().zip(&fresh).filter(|(_, fresh)| **fresh).map(|(w, _)| w).collect();
-            // Messages in a row for the same handler go to it together (`Handler::handle_many`).
-            for run in new.chunk_by(|(a, _, _), (b, _, _)| Arc::ptr_eq(a, b)) {
+            // Messages in a row for the same set-based handler go to it together.
+            for run in new.chunk_by(|(a, _, _), (b, _, _)| Arc::ptr_eq(a, b) && a.set_based()) {
                 let (handler, first, span) = run[0];
                 // One message's log lines carry its ids; several carry their count.
                 let span =
