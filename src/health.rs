@@ -135,12 +135,13 @@ pub async fn sample(
             if channel.as_ref().is_none_or(|c| !c.status().connected())
                 && let Some(conn) = broker.connection().await
             {
-                channel = conn.create_channel().await.ok();
+                channel = crate::broker::bounded("channel.open", conn.create_channel()).await.ok();
             }
             if let Some(ch) = &channel {
                 for queue in &queues {
                     let options = QueueDeclareOptions { passive: true, ..Default::default() };
-                    match ch.queue_declare(queue.as_str().into(), options, FieldTable::default()).await {
+                    let declare = ch.queue_declare(queue.as_str().into(), options, FieldTable::default());
+                    match crate::broker::bounded("queue.declare", declare).await {
                         Ok(q) => crate::telemetry::queue_depth(queue, q.message_count(), q.consumer_count()),
                         Err(e) => {
                             tracing::debug!(queue, error = %e, "cannot sample the queue");

@@ -242,7 +242,10 @@ impl Relay {
             let Ok(rows) = claimed.await else {
                 return Ok(None); // Nothing was due, or the claim failed (its error is returned).
             };
-            let published = self.publish(channel, &rows).await?;
+            // Bounded like the claim: a publish on a connection that died meanwhile may never end.
+            let published = tokio::time::timeout(CONFIRM_DEADLINE, self.publish(channel, &rows))
+                .await
+                .map_err(|_| anyhow::anyhow!("the broker did not confirm within {CONFIRM_DEADLINE:?}"))??;
             let failed = published.failed.len();
             telemetry::outbox_published(published.confirmed.len() as u64, failed as u64);
             // The claim is waiting for this answer; it can only be gone if it failed.
@@ -265,8 +268,8 @@ impl Relay {
             Some(ch) if ch.status().connected() => ch.clone(),
             _ => {
                 let conn = self.broker.connection().await.ok_or_else(|| anyhow::anyhow!("shutting down"))?;
-                let ch = conn.create_channel().await?;
-                ch.confirm_select(ConfirmSelectOptions::default()).await?;
+                let ch = broker::bounded("channel.open", conn.create_channel()).await?;
+                broker::bounded("confirm.select", ch.confirm_select(ConfirmSelectOptions::default())).await?;
                 *channel = Some(ch.clone());
                 ch
             }

@@ -22,6 +22,23 @@ pub use topology::{Names, Pool, Topology};
 use crate::config::{AmqpConfig, Config};
 use crate::telemetry;
 
+/// How long a channel operation (opening, set-up, an acknowledgement) may take before the broker is
+/// taken to be gone. lapin drops a command queued after its connection's I/O loop has stopped
+/// without ever resolving its promise (`InternalRPCHandle::send`), so an unbounded await on a dead
+/// connection can wait for ever: a consumer stuck so never starts again on the next connection.
+pub const RPC_DEADLINE: Duration = Duration::from_secs(5);
+
+/// bounded awaits a channel operation for at most [`RPC_DEADLINE`].
+pub async fn bounded<T>(
+    what: &'static str,
+    operation: impl std::future::Future<Output = lapin::Result<T>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(RPC_DEADLINE, operation).await {
+        Ok(done) => Ok(done?),
+        Err(_) => anyhow::bail!("the broker did not answer {what} within {RPC_DEADLINE:?}"),
+    }
+}
+
 /// Broker hands out the current connection, or waits for the next one.
 #[derive(Clone)]
 pub struct Broker {
@@ -235,11 +252,14 @@ pub async fn consume<F, Fut>(
             return;
         };
         let result: anyhow::Result<()> = async {
-            let channel = conn.create_channel().await?;
-            channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
-            let mut consumer = channel
-                .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-                .await?;
+            let channel = bounded("channel.open", conn.create_channel()).await?;
+            bounded("basic.qos", channel.basic_qos(prefetch, BasicQosOptions::default())).await?;
+            let consume_options = BasicConsumeOptions::default();
+            let mut consumer = bounded(
+                "basic.consume",
+                channel.basic_consume(queue.as_str().into(), "".into(), consume_options, FieldTable::default()),
+            )
+            .await?;
             // Up to `prefetch` messages are handled at once, as a real partner or gateway answers
             // many requests at a time: one that waited for each answer's confirm before taking
             // the next would be the slowest part of any benchmark it takes part in.
@@ -280,8 +300,9 @@ pub async fn consume<F, Fut>(
 /// settle_simulated acknowledges a message a simulator handled, or returns it to its queue.
 async fn settle_simulated(acker: lapin::Acker, done: bool) {
     let _ = if done {
-        acker.ack(lapin::options::BasicAckOptions::default()).await
+        bounded("basic.ack", acker.ack(lapin::options::BasicAckOptions::default())).await
     } else {
-        acker.nack(lapin::options::BasicNackOptions { requeue: true, ..Default::default() }).await
+        bounded("basic.nack", acker.nack(lapin::options::BasicNackOptions { requeue: true, ..Default::default() }))
+            .await
     };
 }

@@ -352,13 +352,16 @@ impl PoolRunner {
         in_flight: &TaskTracker,
         shutdown: &CancellationToken,
         subscribed: &mut bool,
-    ) -> lapin::Result<()> {
-        let channel = conn.create_channel().await?;
-        channel.basic_qos(self.prefetch, BasicQosOptions::default()).await?;
+    ) -> anyhow::Result<()> {
+        let channel = broker::bounded("channel.open", conn.create_channel()).await?;
+        broker::bounded("basic.qos", channel.basic_qos(self.prefetch, BasicQosOptions::default())).await?;
         let tag = format!("assetflow-{}-{}", self.pool, uuid::Uuid::new_v4().simple());
-        let mut consumer = channel
-            .basic_consume(queue.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
-            .await?;
+        let options = BasicConsumeOptions::default();
+        let mut consumer = broker::bounded(
+            "basic.consume",
+            channel.basic_consume(queue.into(), tag.as_str().into(), options, FieldTable::default()),
+        )
+        .await?;
         self.app.progress.consumer_started(self.pool);
         *subscribed = true;
         tracing::info!(pool = %self.pool, queue, "consuming");
@@ -367,14 +370,15 @@ impl PoolRunner {
                 _ = shutdown.cancelled() => {
                     // Stop taking new messages; the ones already prefetched return to the queue
                     // when the channel closes.
-                    let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                    let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+                    let _ = broker::bounded("basic.cancel", cancel).await;
                     return Ok(());
                 }
                 next = consumer.next() => next,
             };
             let delivery = match next {
                 Some(Ok(delivery)) => delivery,
-                Some(Err(e)) => return Err(e),
+                Some(Err(e)) => return Err(e.into()),
                 None => return Ok(()),
             };
             let permit = permits.clone().acquire_owned().await.expect("the semaphore is never closed");
@@ -385,7 +389,7 @@ impl PoolRunner {
             while batch.len() < self.batch && stopped.is_none() {
                 match consumer.next().now_or_never() {
                     Some(Some(Ok(delivery))) => batch.push(delivery),
-                    Some(Some(Err(e))) => stopped = Some(Err(e)),
+                    Some(Some(Err(e))) => stopped = Some(Err(e.into())),
                     Some(None) => stopped = Some(Ok(())),
                     None => break,
                 }
@@ -492,9 +496,14 @@ impl PoolRunner {
 
     /// answer acknowledges a message, or returns it to the queue, and counts the outcome.
     async fn answer(&self, delivery: &Delivery, incoming: &Incoming, action: Action, started: Instant) {
+        // Bounded: an acknowledgement on a connection that died meanwhile may never be answered,
+        // and the consumer starts again on the next connection only once its messages are settled.
         let result = match action {
-            Action::Ack(_) => delivery.acker.ack(BasicAckOptions::default()).await,
-            Action::Requeue => delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
+            Action::Ack(_) => broker::bounded("basic.ack", delivery.acker.ack(BasicAckOptions::default())).await,
+            Action::Requeue => {
+                let options = BasicNackOptions { requeue: true, ..Default::default() };
+                broker::bounded("basic.nack", delivery.acker.nack(options)).await
+            }
         };
         if let Err(e) = result {
             // The channel died: the broker redelivers the message, and the inbox makes that harmless.

@@ -66,18 +66,17 @@ impl Publisher {
                 Some(ch) if ch.status().connected() => ch.clone(),
                 _ => {
                     let conn = self.broker.connection().await.ok_or(ShuttingDown)?;
-                    let ch = conn.create_channel().await?;
-                    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+                    let ch = broker::bounded("channel.open", conn.create_channel()).await?;
+                    broker::bounded("confirm.select", ch.confirm_select(ConfirmSelectOptions::default())).await?;
                     *guard = Some(ch.clone());
                     ch
                 }
             }
         };
         let props = broker::properties(message_id, message_type, None, FieldTable::default());
-        let confirm = channel
-            .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, props)
-            .await?
-            .await?;
+        let publish =
+            channel.basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, props);
+        let confirm = broker::bounded("basic.publish", async { publish.await?.await }).await?;
         match confirm {
             Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
             Confirmation::Nack(_) => anyhow::bail!("the broker refused the message"),
