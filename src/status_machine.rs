@@ -252,6 +252,21 @@ pub fn transition_many(
     Ok(moved)
 }
 
+/// current_many_for_update reads assets' statuses, locking their rows, in id order, for the rest
+/// of the transaction: one round trip. An asset that does not exist is left out.
+pub fn current_many_for_update(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<(Uuid, Status)>> {
+    let rows: Vec<(Uuid, String)> = assets::table
+        .filter(assets::id.eq_any(ids))
+        .order(assets::id)
+        .select((assets::id, assets::status))
+        .for_update()
+        .load(conn)?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, s)| (id, Status::parse(&s).expect("the CHECK constraint admits only known statuses")))
+        .collect())
+}
+
 /// current reads an asset's status, locking the row for the rest of the transaction.
 pub fn current_for_update(conn: &mut PgConnection, asset: Uuid) -> QueryResult<Status> {
     let s: String = assets::table.filter(assets::id.eq(asset)).select(assets::status).for_update().first(conn)?;

@@ -192,9 +192,8 @@ pub enum Sent {
     Cancelled,
 }
 
-/// send_attempt makes the next attempt of a pending or failed delivery: it re-checks the asset's
-/// validity, records the attempt with the hash of the bytes, and adds them to `sending`, for the
-/// caller to write to the outbox in its transaction.
+/// send_attempt makes the next attempt of a pending or failed delivery, as [`send_attempts`] does
+/// for several; a delivery that does not exist is a permanent failure.
 pub fn send_attempt(
     conn: &mut PgConnection,
     app: &App,
@@ -202,32 +201,110 @@ pub fn send_attempt(
     now: DateTime<Utc>,
     sending: &mut Vec<Outgoing>,
 ) -> Result<Sent, Failure> {
-    let Some(row) = deliveries::table.find(delivery_id).select(Row::as_select()).for_update().first(conn).optional()?
-    else {
-        return Err(Failure::permanent(Reason::UnknownDelivery, format!("delivery {delivery_id} does not exist")));
-    };
-    if !matches!(row.status.as_str(), "pending" | "failed") {
-        return Ok(Sent::Skipped);
+    match send_attempts(conn, app, &[delivery_id], now, sending)?.pop() {
+        Some((_, sent)) => Ok(sent),
+        None => Err(Failure::permanent(Reason::UnknownDelivery, format!("delivery {delivery_id} does not exist"))),
     }
-    let kind = DeliveryKind::parse(&row.kind).expect("the CHECK constraint admits only known kinds");
-    if kind == DeliveryKind::Asset
-        && let Some(asset_id) = row.asset_id
-        && !asset_deliverable(conn, asset_id, now)?
-    {
-        diesel::update(deliveries::table.find(row.id))
-            .set((deliveries::status.eq("cancelled"), deliveries::last_error.eq("the asset is no longer valid")))
-            .execute(conn)?;
-        expire_if_due(conn, asset_id, now)?;
-        telemetry::delivery_attempt(kind.as_str(), "cancelled");
-        return Ok(Sent::Cancelled);
-    }
+}
 
-    let attempt = u32::try_from(row.attempts + 1).expect("attempts are positive");
+/// Due is a delivery locked for its next attempt, with the state of the asset it carries.
+#[derive(QueryableByName)]
+struct Due {
+    #[diesel(embed)]
+    delivery: Row,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    asset_status: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
+    asset_expires_at: Option<DateTime<Utc>>,
+}
+
+/// send_attempts makes the next attempt of each pending or failed delivery among `ids`: it
+/// re-checks the validity of the asset it carries (FIG. 6 S101, 7 S201, 8 S301), records the
+/// attempt with the hash of the bytes, and adds them to `sending`, for the caller to write to the
+/// outbox in its transaction. The deliveries are read in one statement and their attempts recorded
+/// in another, whatever their number. It returns what it did with each delivery that exists; an id
+/// named twice is attempted once.
+pub fn send_attempts(
+    conn: &mut PgConnection,
+    app: &App,
+    ids: &[Uuid],
+    now: DateTime<Utc>,
+    sending: &mut Vec<Outgoing>,
+) -> Result<Vec<(Uuid, Sent)>, Failure> {
+    let mut ids = ids.to_vec();
+    // Locked in id order, so that two transactions naming the same deliveries cannot deadlock.
+    ids.sort_unstable();
+    ids.dedup();
+    let due: Vec<Due> = crate::db::prepared(
+        "SELECT d.*, a.status AS asset_status, a.expires_at AS asset_expires_at
+         FROM deliveries d LEFT JOIN assets a ON a.id = d.asset_id AND d.kind = 'asset'
+         WHERE d.id = ANY($1)
+         ORDER BY d.id
+         FOR UPDATE OF d",
+    )
+    .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(&ids)
+    .load(conn)?;
+    let mut done = Vec::with_capacity(due.len());
+    let mut attempts = Vec::with_capacity(due.len());
+    for Due { delivery: row, asset_status, asset_expires_at } in &due {
+        if !matches!(row.status.as_str(), "pending" | "failed") {
+            done.push((row.id, Sent::Skipped));
+            continue;
+        }
+        let kind = DeliveryKind::parse(&row.kind).expect("the CHECK constraint admits only known kinds");
+        if let (DeliveryKind::Asset, Some(asset_id)) = (kind, row.asset_id) {
+            let (Some(status), Some(expires_at)) = (asset_status, asset_expires_at) else {
+                return Err(Failure::permanent(
+                    Reason::Unprocessable,
+                    format!("delivery {} carries asset {asset_id}, which does not exist", row.id),
+                ));
+            };
+            let status = Status::parse(status).expect("the CHECK constraint admits only known statuses");
+            if *expires_at <= now || !status.is_before_delivery() {
+                cancel(conn, row, asset_id, now)?;
+                done.push((row.id, Sent::Cancelled));
+                continue;
+            }
+        }
+        let (attempt, outgoing) = next_attempt(app, row, kind, now);
+        done.push((row.id, Sent::Attempt(attempt.number as u32)));
+        attempts.push(attempt);
+        sending.push(outgoing);
+        telemetry::delivery_attempt(kind.as_str(), "sent");
+    }
+    let ack_timeout = chrono::Duration::from_std(app.pools.delivery.transmission.ack_timeout).expect("a sane timeout");
+    record_attempts(conn, &attempts, now, now + ack_timeout)?;
+    Ok(done)
+}
+
+/// cancel voids a delivery whose asset is no longer valid (FIG. 8 S301): it is never sent, and
+/// the asset expires if its term is over.
+fn cancel(conn: &mut PgConnection, row: &Row, asset_id: Uuid, now: DateTime<Utc>) -> Result<(), Failure> {
+    diesel::update(deliveries::table.find(row.id))
+        .set((deliveries::status.eq("cancelled"), deliveries::last_error.eq("the asset is no longer valid")))
+        .execute(conn)?;
+    expire_if_due(conn, asset_id, now)?;
+    telemetry::delivery_attempt(&row.kind, "cancelled");
+    Ok(())
+}
+
+/// Attempt is a delivery's next attempt, as [`record_attempts`] stores it.
+struct Attempt {
+    delivery_id: Uuid,
+    number: i32,
+    message_id: Uuid,
+    payload_sha256: String,
+}
+
+/// next_attempt builds a delivery's next attempt: the message to its gateway, and the record of
+/// the bytes it sends.
+fn next_attempt(app: &App, row: &Row, kind: DeliveryKind, now: DateTime<Utc>) -> (Attempt, Outgoing) {
+    let number = row.attempts + 1;
     let message_id = Uuid::now_v7();
     let message = GatewayDelivery {
         message_type: kinds::DELIVERY.into(),
         delivery_id: row.id,
-        attempt,
+        attempt: u32::try_from(number).expect("attempts are positive"),
         kind,
         terminal_id: row.terminal_id.clone(),
         gateway_id: row.gateway_id.clone(),
@@ -237,44 +314,36 @@ pub fn send_attempt(
     let outgoing = Outgoing::json(app.names.gateways(), row.gateway_id.as_str(), kinds::DELIVERY, &message)
         .with_message_id(message_id)
         .correlated(row.order_id.unwrap_or(row.id).to_string());
-    let ack_timeout = chrono::Duration::from_std(app.pools.delivery.transmission.ack_timeout).expect("a sane timeout");
-    record_attempt(
-        conn,
-        row.id,
-        attempt as i32,
-        message_id,
-        &crate::crypto::sha256_hex(&outgoing.payload),
-        now,
-        now + ack_timeout,
-    )?;
-    sending.push(outgoing);
-    telemetry::delivery_attempt(kind.as_str(), "sent");
-    Ok(Sent::Attempt(attempt))
+    let payload_sha256 = crate::crypto::sha256_hex(&outgoing.payload);
+    (Attempt { delivery_id: row.id, number, message_id, payload_sha256 }, outgoing)
 }
 
-/// record_attempt records an attempt with the hash of the bytes it sends, and marks the delivery
-/// sent until `receipt_due_at`: one round trip.
-fn record_attempt(
+/// record_attempts records attempts with the hashes of the bytes they send, and marks their
+/// deliveries sent until `receipt_due_at`: one round trip, whatever their number.
+fn record_attempts(
     conn: &mut PgConnection,
-    delivery_id: Uuid,
-    attempt: i32,
-    message_id: Uuid,
-    payload_sha256: &str,
+    attempts: &[Attempt],
     now: DateTime<Utc>,
     receipt_due_at: DateTime<Utc>,
 ) -> QueryResult<()> {
-    use diesel::sql_types::{Int4, Text, Timestamptz, Uuid as SqlUuid};
+    use diesel::sql_types::{Array, Int4, Text, Timestamptz, Uuid as SqlUuid};
+    if attempts.is_empty() {
+        return Ok(());
+    }
     crate::db::prepared(
         "WITH attempt AS (
            INSERT INTO delivery_attempts (delivery_id, attempt, message_id, payload_sha256, sent_at, outcome)
-           VALUES ($1, $2, $3, $4, $5, 'sent')
+           SELECT delivery_id, attempt, message_id, payload_sha256, $5, 'sent'
+           FROM unnest($1::uuid[], $2::int4[], $3::uuid[], $4::text[]) AS t(delivery_id, attempt, message_id, payload_sha256)
          )
-         UPDATE deliveries SET status = 'sent', attempts = $2, due_at = $6 WHERE id = $1",
+         UPDATE deliveries d SET status = 'sent', attempts = t.attempt, due_at = $6
+         FROM unnest($1::uuid[], $2::int4[]) AS t(id, attempt)
+         WHERE d.id = t.id",
     )
-    .bind::<SqlUuid, _>(delivery_id)
-    .bind::<Int4, _>(attempt)
-    .bind::<SqlUuid, _>(message_id)
-    .bind::<Text, _>(payload_sha256)
+    .bind::<Array<SqlUuid>, _>(attempts.iter().map(|a| a.delivery_id).collect::<Vec<_>>())
+    .bind::<Array<Int4>, _>(attempts.iter().map(|a| a.number).collect::<Vec<_>>())
+    .bind::<Array<SqlUuid>, _>(attempts.iter().map(|a| a.message_id).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(attempts.iter().map(|a| a.payload_sha256.as_str()).collect::<Vec<_>>())
     .bind::<Timestamptz, _>(now)
     .bind::<Timestamptz, _>(receipt_due_at)
     .execute(conn)?;
@@ -307,14 +376,6 @@ pub fn expire_if_due(conn: &mut PgConnection, asset_id: Uuid, now: DateTime<Utc>
     }
     status_machine::transition(conn, asset_id, status, Status::Expired, Cause::AssetExpired, None, now)?;
     Ok(true)
-}
-
-/// asset_deliverable re-checks validity before any transmission (FIG. 6 S101, 7 S201, 8 S301).
-fn asset_deliverable(conn: &mut PgConnection, asset_id: Uuid, now: DateTime<Utc>) -> QueryResult<bool> {
-    let (status, expires_at): (String, DateTime<Utc>) =
-        assets::table.find(asset_id).select((assets::status, assets::expires_at)).first(conn)?;
-    let status = Status::parse(&status).expect("known status");
-    Ok(expires_at > now && status.is_before_delivery())
 }
 
 /// fail_attempt records a failed attempt (no receipt in time, or a wrong hash) and schedules the
@@ -395,7 +456,9 @@ pub fn fail_attempt(
     Ok(())
 }
 
-/// RequestedHandler sends the next attempt of each delivery a `delivery.requested` names.
+/// RequestedHandler sends the next attempt of each delivery a `delivery.requested` names. Requests
+/// handled together are sent together: their deliveries are read in one statement and their
+/// attempts recorded in another.
 pub struct RequestedHandler;
 
 impl Handler for RequestedHandler {
@@ -404,16 +467,26 @@ impl Handler for RequestedHandler {
     }
 
     fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure> {
-        let request: DeliveryRequested = serde_json::from_value(message.json.clone())
-            .map_err(|e| Failure::permanent(Reason::SchemaViolation, e.to_string()))?;
-        for delivery_id in request.delivery_ids {
-            match send_attempt(cx.conn, cx.app, delivery_id, cx.now, cx.outgoing) {
-                Ok(sent) => tracing::debug!(%delivery_id, ?sent, "delivery requested"),
+        self.handle_many(cx, &[message])
+    }
+
+    fn set_based(&self) -> bool {
+        true
+    }
+
+    fn handle_many(&self, cx: &mut Cx<'_>, messages: &[&Incoming]) -> Result<(), Failure> {
+        let mut ids = Vec::new();
+        for message in messages {
+            let request: DeliveryRequested = serde_json::from_value(message.json.clone())
+                .map_err(|e| Failure::permanent(Reason::SchemaViolation, e.to_string()))?;
+            ids.extend(request.delivery_ids);
+        }
+        let done = send_attempts(cx.conn, cx.app, &ids, cx.now, cx.outgoing)?;
+        for delivery_id in ids {
+            match done.iter().find(|(id, _)| *id == delivery_id) {
+                Some((_, sent)) => tracing::debug!(%delivery_id, ?sent, "delivery requested"),
                 // One unknown id does not hold up the others; the rest of the message stands.
-                Err(Failure::Permanent { reason: Reason::UnknownDelivery, detail }) => {
-                    tracing::warn!(%delivery_id, detail, "skipped")
-                }
-                Err(other) => return Err(other),
+                None => tracing::warn!(%delivery_id, "skipped: no such delivery"),
             }
         }
         Ok(())

@@ -16,7 +16,7 @@ use diesel::sql_types::{Array, Text, Timestamptz, Uuid as SqlUuid};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{NewDelivery, insert_many, send_attempt};
+use super::{NewDelivery, insert_many, send_attempts};
 use crate::dead_letter::Reason;
 use crate::messages::{self, CertificateNotices, DeliveryKind, Notice, NoticeKind, kinds};
 use crate::pool::{Cx, Failure, Handler, Incoming};
@@ -48,9 +48,8 @@ impl Handler for NoticesHandler {
             }
             deliveries.extend(render(open, notice.notice)?);
         }
-        for inserted in insert_many(cx.conn, &deliveries, cx.now)? {
-            send_attempt(cx.conn, cx.app, inserted.id, cx.now, cx.outgoing)?;
-        }
+        let inserted: Vec<Uuid> = insert_many(cx.conn, &deliveries, cx.now)?.into_iter().map(|i| i.id).collect();
+        send_attempts(cx.conn, cx.app, &inserted, cx.now, cx.outgoing)?;
         Ok(())
     }
 }

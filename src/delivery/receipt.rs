@@ -1,10 +1,13 @@
 //! Delivery receipts: a gateway's acknowledgement, for its terminal, of the bytes it received.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
+use uuid::Uuid;
 
 use super::{Row, fail_attempt};
-use crate::db::schema::{delivery_attempts, exchange_certificates};
+use crate::db::schema::delivery_attempts;
 use crate::dead_letter::Reason;
 use crate::messages::{DeliveryKind, DeliveryReceipt, kinds};
 use crate::pool::{Cx, Failure, Handler, Incoming};
@@ -12,6 +15,8 @@ use crate::status_machine::{self, Cause, Status};
 use crate::telemetry;
 
 /// ReceiptHandler completes a delivery on a receipt with the right hash (`delivery.receipt`).
+/// Receipts handled together are read in one statement and completed in one more (two when they
+/// complete assets).
 pub struct ReceiptHandler;
 
 impl Handler for ReceiptHandler {
@@ -20,20 +25,39 @@ impl Handler for ReceiptHandler {
     }
 
     fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure> {
-        let receipt: DeliveryReceipt = serde_json::from_value(message.json.clone())
+        self.handle_many(cx, &[message])
+    }
+
+    fn set_based(&self) -> bool {
+        true
+    }
+
+    fn handle_many(&self, cx: &mut Cx<'_>, messages: &[&Incoming]) -> Result<(), Failure> {
+        let receipts = messages
+            .iter()
+            .map(|message| serde_json::from_value::<DeliveryReceipt>(message.json.clone()))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Failure::permanent(Reason::SchemaViolation, e.to_string()))?;
+        let mut seen = HashSet::with_capacity(receipts.len());
+        if receipts.iter().all(|r| seen.insert(r.delivery_id)) {
+            return take(cx, &receipts);
+        }
+        // Two receipts for one delivery: the second must find what the first did, so in turn.
+        receipts.iter().zip(messages).try_for_each(|(receipt, message)| {
+            (cx.now, cx.first_received_at) = (message.received_at, message.first_received_at);
+            take(cx, std::slice::from_ref(receipt))
+        })
+    }
+}
+
+/// take carries out receipts for distinct deliveries.
+fn take(cx: &mut Cx<'_>, receipts: &[DeliveryReceipt]) -> Result<(), Failure> {
+    let rows = receipted(cx.conn, receipts)?;
+    let mut matching = Vec::with_capacity(receipts.len());
+    for receipt in receipts {
         let attempt = i32::try_from(receipt.attempt).unwrap_or(i32::MAX);
-        // The delivery, locked, with the attempt the receipt names, if it was made: one round trip.
-        let Some(Receipted { delivery: row, payload_sha256, attempt_outcome }) = crate::db::prepared(
-            "SELECT d.*, a.payload_sha256, a.outcome AS attempt_outcome
-             FROM deliveries d LEFT JOIN delivery_attempts a ON a.delivery_id = d.id AND a.attempt = $2
-             WHERE d.id = $1
-             FOR UPDATE OF d",
-        )
-        .bind::<diesel::sql_types::Uuid, _>(receipt.delivery_id)
-        .bind::<diesel::sql_types::Integer, _>(attempt)
-        .get_result(cx.conn)
-        .optional()?
+        let Some(Receipted { delivery: row, payload_sha256, attempt_outcome }) =
+            rows.iter().find(|r| r.delivery.id == receipt.delivery_id)
         else {
             return Err(Failure::permanent(Reason::UnknownDelivery, format!("no delivery {}", receipt.delivery_id)));
         };
@@ -54,34 +78,57 @@ impl Handler for ReceiptHandler {
         };
         match row.status.as_str() {
             // A second receipt: the delivery is already complete.
-            "delivered" => return Ok(()),
+            "delivered" => continue,
             // Given up on (its dead letter is the operator's) or void (the asset expired): a late
             // receipt is evidence, not a reason to change what was decided.
             "dead" | "cancelled" => {
                 tracing::info!(delivery_id = %row.id, attempt, status = %row.status, "late receipt for a closed delivery; ignored");
-                return Ok(());
+                continue;
             }
             _ => {}
         }
-        if expected != receipt.sha256 {
+        if *expected != receipt.sha256 {
             // Corrupted or tampered in transit: a failed transmission, retried like a lost one.
             if outcome == "sent" && row.status == "sent" && row.attempts == attempt {
                 let error = format!("receipt hash {} does not match the {} sent", receipt.sha256, expected);
-                fail_attempt(cx.conn, cx.app, &row, attempt, "hash_mismatch", &error, cx.now)?;
+                fail_attempt(cx.conn, cx.app, row, attempt, "hash_mismatch", &error, cx.now)?;
             }
-            return Ok(());
+            continue;
         }
-        complete(cx, &row, attempt)
+        matching.push((row, attempt));
     }
+    complete(cx, &matching)
 }
 
-/// complete marks a delivery delivered and moves its asset on (seed 000 FIG. 6 S113, 8 S309).
-fn complete(cx: &mut Cx<'_>, row: &Row, attempt: i32) -> Result<(), Failure> {
+/// receipted reads, and locks in id order, the deliveries that receipts name, each with the
+/// attempt its receipt names if that attempt was made: one round trip.
+fn receipted(conn: &mut PgConnection, receipts: &[DeliveryReceipt]) -> QueryResult<Vec<Receipted>> {
+    use diesel::sql_types::{Array, Int4, Uuid as SqlUuid};
+    crate::db::prepared(
+        "SELECT d.*, a.payload_sha256, a.outcome AS attempt_outcome
+         FROM unnest($1::uuid[], $2::int4[]) AS r(delivery_id, attempt)
+         JOIN deliveries d ON d.id = r.delivery_id
+         LEFT JOIN delivery_attempts a ON a.delivery_id = d.id AND a.attempt = r.attempt
+         ORDER BY d.id
+         FOR UPDATE OF d",
+    )
+    .bind::<Array<SqlUuid>, _>(receipts.iter().map(|r| r.delivery_id).collect::<Vec<_>>())
+    .bind::<Array<Int4>, _>(receipts.iter().map(|r| i32::try_from(r.attempt).unwrap_or(i32::MAX)).collect::<Vec<_>>())
+    .load(conn)
+}
+
+/// complete marks deliveries delivered on their acknowledged attempts, and moves the assets they
+/// carried on (seed 000 FIG. 6 S113, 8 S309).
+fn complete(cx: &mut Cx<'_>, acknowledged: &[(&Row, i32)]) -> Result<(), Failure> {
+    use diesel::sql_types::{Array, Int4, Timestamptz, Uuid as SqlUuid};
+    if acknowledged.is_empty() {
+        return Ok(());
+    }
     let now = cx.now;
     // A late receipt for an earlier attempt completes the delivery: a newer attempt still in
     // flight is closed, so that nothing waits on a receipt that no longer matters. (With one
     // attempt made there is no other.)
-    if row.attempts > 1 {
+    for (row, attempt) in acknowledged.iter().filter(|(row, _)| row.attempts > 1) {
         diesel::update(
             delivery_attempts::table
                 .filter(delivery_attempts::delivery_id.eq(row.id))
@@ -95,52 +142,72 @@ fn complete(cx: &mut Cx<'_>, row: &Row, attempt: i32) -> Result<(), Failure> {
         ))
         .execute(cx.conn)?;
     }
-    // The attempt acknowledged and the delivery delivered in one statement; the order's placing
-    // time comes back with it, for the end-to-end latency below.
-    let Delivered { placed_at } = crate::db::prepared(
+    // The attempts acknowledged and their deliveries delivered in one statement. Each order's
+    // placing time and each asset's exchange time come back with them, for the end-to-end
+    // latencies below.
+    let delivered: Vec<Delivered> = crate::db::prepared(
         "WITH acknowledged AS (
-           UPDATE delivery_attempts SET outcome = 'acknowledged', finished_at = $2
-           WHERE delivery_id = $1 AND attempt = $3
+           UPDATE delivery_attempts a SET outcome = 'acknowledged', finished_at = $1
+           FROM unnest($2::uuid[], $3::int4[]) AS t(delivery_id, attempt)
+           WHERE a.delivery_id = t.delivery_id AND a.attempt = t.attempt
          )
-         UPDATE deliveries SET status = 'delivered', delivered_at = $2 WHERE id = $1
-         RETURNING (SELECT created_at FROM orders WHERE orders.id = deliveries.order_id) AS placed_at",
+         UPDATE deliveries d SET status = 'delivered', delivered_at = $1 WHERE d.id = ANY($2)
+         RETURNING d.id,
+                   (SELECT o.created_at FROM orders o WHERE o.id = d.order_id) AS placed_at,
+                   (SELECT c.exchanged_at FROM exchange_certificates c WHERE c.asset_id = d.asset_id) AS exchanged_at",
     )
-    .bind::<diesel::sql_types::Uuid, _>(row.id)
-    .bind::<diesel::sql_types::Timestamptz, _>(now)
-    .bind::<diesel::sql_types::Integer, _>(attempt)
-    .get_result(cx.conn)?;
-    telemetry::delivery_attempt(&row.kind, "acknowledged");
-    let kind = DeliveryKind::parse(&row.kind).expect("known kind");
-    match (kind, row.asset_id) {
-        (DeliveryKind::Asset, Some(asset_id)) => {
-            let status = status_machine::current_for_update(cx.conn, asset_id)?;
-            let next = match status {
-                Status::AwaitingExchange | Status::AwaitingDesignatedDelivery => Status::Delivered,
-                // Past-due processing and retransmissions complete as forced downloads (FIG. 7, 8).
-                Status::ExpiredCertificateProcessing | Status::Retransmitting | Status::ForcedRetransmitting => {
-                    Status::ForceDelivered
+    .bind::<Timestamptz, _>(now)
+    .bind::<Array<SqlUuid>, _>(acknowledged.iter().map(|(row, _)| row.id).collect::<Vec<_>>())
+    .bind::<Array<Int4>, _>(acknowledged.iter().map(|(_, attempt)| *attempt).collect::<Vec<_>>())
+    .load(cx.conn)?;
+    let mut assets = Vec::new();
+    for (row, _) in acknowledged {
+        telemetry::delivery_attempt(&row.kind, "acknowledged");
+        let times = delivered.iter().find(|d| d.id == row.id);
+        match (DeliveryKind::parse(&row.kind).expect("known kind"), row.asset_id) {
+            (DeliveryKind::Asset, Some(asset_id)) => assets.push((asset_id, times.and_then(|t| t.exchanged_at))),
+            (DeliveryKind::Certificate, _) => {
+                if let Some(placed) = times.and_then(|t| t.placed_at) {
+                    telemetry::end_to_end("order_to_certificate", elapsed(placed, now));
                 }
-                // Refunded or expired meanwhile: the receipt is recorded, the status stands.
-                _ => return Ok(()),
-            };
-            status_machine::transition(cx.conn, asset_id, status, next, Cause::DeliveryAcknowledged, None, now)?;
-            // From the holder's exchange to the asset in hand; direct deliveries have no exchange.
-            let exchanged: Option<DateTime<Utc>> = exchange_certificates::table
-                .filter(exchange_certificates::asset_id.eq(asset_id))
-                .select(exchange_certificates::exchanged_at)
-                .first::<Option<DateTime<Utc>>>(cx.conn)
-                .optional()?
-                .flatten();
+            }
+            _ => {}
+        }
+    }
+    hand_over(cx, &assets)
+}
+
+/// hand_over moves assets whose delivery was acknowledged to delivered, or to force-delivered when
+/// they went out as past-due processing or a retransmission (FIG. 7, 8). An asset refunded or
+/// expired meanwhile keeps its status: the receipt is recorded, and that is all. `assets` pairs
+/// each with its holder's exchange time, if any.
+fn hand_over(cx: &mut Cx<'_>, assets: &[(Uuid, Option<DateTime<Utc>>)]) -> Result<(), Failure> {
+    if assets.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = assets.iter().map(|(id, _)| *id).collect();
+    let mut moves: Vec<(Status, Status, Vec<Uuid>)> = Vec::new();
+    for (asset_id, status) in status_machine::current_many_for_update(cx.conn, &ids)? {
+        let next = match status {
+            Status::AwaitingExchange | Status::AwaitingDesignatedDelivery => Status::Delivered,
+            Status::ExpiredCertificateProcessing | Status::Retransmitting | Status::ForcedRetransmitting => {
+                Status::ForceDelivered
+            }
+            _ => continue,
+        };
+        match moves.iter_mut().find(|(from, _, _)| *from == status) {
+            Some((_, _, ids)) => ids.push(asset_id),
+            None => moves.push((status, next, vec![asset_id])),
+        }
+    }
+    for (from, to, ids) in moves {
+        let moved = status_machine::transition_many(cx.conn, &ids, from, to, Cause::DeliveryAcknowledged, cx.now)?;
+        // From the holder's exchange to the asset in hand; direct deliveries have no exchange.
+        for (_, exchanged) in assets.iter().filter(|(id, _)| moved.contains(id)) {
             if let Some(exchanged) = exchanged {
-                telemetry::end_to_end("exchange_to_asset", elapsed(exchanged, now));
+                telemetry::end_to_end("exchange_to_asset", elapsed(*exchanged, cx.now));
             }
         }
-        (DeliveryKind::Certificate, _) => {
-            if let Some(placed) = placed_at {
-                telemetry::end_to_end("order_to_certificate", elapsed(placed, now));
-            }
-        }
-        _ => {}
     }
     Ok(())
 }
@@ -156,10 +223,15 @@ struct Receipted {
     attempt_outcome: Option<String>,
 }
 
+/// Delivered is a delivery just completed, with the times its latencies are measured from.
 #[derive(QueryableByName)]
 struct Delivered {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: Uuid,
     #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
     placed_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
+    exchanged_at: Option<DateTime<Utc>>,
 }
 
 fn elapsed(from: DateTime<Utc>, to: DateTime<Utc>) -> std::time::Duration {

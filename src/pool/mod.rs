@@ -764,8 +764,7 @@ pub fn handle_together(conn: &mut PgConnection, app: &App, pool: Pool, work: &[W
             let fresh = claim_inbox_many(conn, pool, &incoming)?;
             let (mut lookups, mut outgoing) = (Lookups::default(), Vec::new());
             let new: Vec<&Work> = work.iter().zip(&fresh).filter(|(_, fresh)| **fresh).map(|(w, _)| w).collect();
-            // Messages in a row for the same set-based handler go to it together.
-            for run in new.chunk_by(|(a, _, _), (b, _, _)| Arc::ptr_eq(a, b) && a.set_based()) {
+            for run in by_handler(&new) {
                 let (handler, first, span) = run[0];
                 // One message's log lines carry its ids; several carry their count.
                 let span =
@@ -786,6 +785,22 @@ pub fn handle_together(conn: &mut PgConnection, app: &App, pool: Pool, work: &[W
             Ok(fresh)
         })
     })
+}
+
+/// by_handler groups a batch's messages for their handlers: a set-based handler's messages go to it
+/// together, where it first appears, and every other message goes alone, in its place. Messages
+/// handled together in one transaction were in the queues together, so none was caused by
+/// another, and none needs another's effect first.
+fn by_handler<'w>(work: &[&'w Work]) -> Vec<Vec<&'w Work>> {
+    let mut groups: Vec<Vec<&Work>> = Vec::new();
+    for w in work {
+        let handler = &w.0;
+        match handler.set_based().then(|| groups.iter_mut().find(|g| Arc::ptr_eq(&g[0].0, handler))).flatten() {
+            Some(group) => group.push(w),
+            None => groups.push(vec![w]),
+        }
+    }
+    groups
 }
 
 /// handle_caught runs a handler, turning a panic into a dead letter: a bug met by some input must

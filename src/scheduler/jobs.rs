@@ -145,14 +145,12 @@ fn send_due(
                 .load(conn)?;
             let mut swept = Swept { scanned: due.len() as u64, enqueued: 0 };
             let mut sending = Vec::new();
-            for (id, due_at) in due {
-                telemetry::due_pickup_lag(job, (Utc::now() - due_at).to_std().unwrap_or_default());
-                if let delivery::Sent::Attempt(_) =
-                    delivery::send_attempt(conn, app, id, as_of, &mut sending).map_err(into_query_error)?
-                {
-                    swept.enqueued += 1;
-                }
+            for (_, due_at) in &due {
+                telemetry::due_pickup_lag(job, (Utc::now() - *due_at).to_std().unwrap_or_default());
             }
+            let ids: Vec<Uuid> = due.iter().map(|(id, _)| *id).collect();
+            let sent = delivery::send_attempts(conn, app, &ids, as_of, &mut sending).map_err(into_query_error)?;
+            swept.enqueued = sent.iter().filter(|(_, sent)| matches!(sent, delivery::Sent::Attempt(_))).count() as u64;
             crate::outbox::enqueue_all(conn, &sending)?;
             Ok(swept)
         })

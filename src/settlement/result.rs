@@ -1,8 +1,11 @@
 //! `settlement.result`: a partner's answer. Settled orders go on to issuance; declined orders
 //! end, and the orderer is told.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
+use uuid::Uuid;
 
 use super::{Settlement, notify_orderer};
 use crate::db::schema::settlements;
@@ -12,7 +15,8 @@ use crate::outbox::Outgoing;
 use crate::pool::{Cx, Failure, Handler, Incoming};
 use crate::telemetry;
 
-/// ResultHandler takes `settlement.result`.
+/// ResultHandler takes `settlement.result`. Answers handled together are read in one statement and
+/// recorded in one more.
 pub struct ResultHandler;
 
 impl Handler for ResultHandler {
@@ -21,15 +25,47 @@ impl Handler for ResultHandler {
     }
 
     fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure> {
-        let result: SettlementResult = serde_json::from_value(message.json.clone())
+        self.handle_many(cx, &[message])
+    }
+
+    fn set_based(&self) -> bool {
+        true
+    }
+
+    fn handle_many(&self, cx: &mut Cx<'_>, messages: &[&Incoming]) -> Result<(), Failure> {
+        let results = messages
+            .iter()
+            .map(|message| serde_json::from_value::<SettlementResult>(message.json.clone()))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Failure::permanent(Reason::SchemaViolation, e.to_string()))?;
-        let Some(s) = settlements::table
-            .find(result.settlement_id)
-            .select(Settlement::as_select())
-            .for_update()
-            .first(cx.conn)
-            .optional()?
-        else {
+        let mut seen = HashSet::with_capacity(results.len());
+        if results.iter().all(|r| seen.insert(r.settlement_id)) {
+            return take(cx, &results);
+        }
+        // Two answers for one settlement: the second must find what the first did, so in turn.
+        results.iter().zip(messages).try_for_each(|(result, message)| {
+            (cx.now, cx.first_received_at) = (message.received_at, message.first_received_at);
+            take(cx, std::slice::from_ref(result))
+        })
+    }
+}
+
+/// take carries out answers for distinct settlements.
+fn take(cx: &mut Cx<'_>, results: &[SettlementResult]) -> Result<(), Failure> {
+    let mut ids: Vec<Uuid> = results.iter().map(|r| r.settlement_id).collect();
+    // Locked in id order, so that two transactions naming the same settlements cannot deadlock.
+    ids.sort_unstable();
+    let settlements: Vec<Settlement> = settlements::table
+        .filter(settlements::id.eq_any(&ids))
+        .order(settlements::id)
+        .select(Settlement::as_select())
+        .for_update()
+        .load(cx.conn)?;
+    let now = cx.now;
+    let mut answers = Answers::default();
+    let mut declined = Vec::new();
+    for result in results {
+        let Some(s) = settlements.iter().find(|s| s.id == result.settlement_id) else {
             return Err(Failure::permanent(
                 Reason::UnknownSettlement,
                 format!("no settlement {}", result.settlement_id),
@@ -44,7 +80,7 @@ impl Handler for ResultHandler {
         match s.status.as_str() {
             // A late answer after the instruction was abandoned still counts: the payer may have paid.
             "instructed" | "abandoned" => {}
-            done if done == result.outcome.as_str() => return Ok(()), // The same answer again.
+            done if done == result.outcome.as_str() => continue, // The same answer again.
             done => {
                 return Err(Failure::permanent(
                     Reason::ConflictingResult,
@@ -52,11 +88,10 @@ impl Handler for ResultHandler {
                 ));
             }
         }
-        let now = cx.now;
         let outcome: &'static str = result.outcome.as_str();
         match result.outcome {
             SettlementOutcome::Settled => {
-                answer(cx.conn, &s, &result, "issuing", None, now)?;
+                answers.push(s, result, "issuing", None);
                 let next = IssuanceRequested { message_type: kinds::ISSUANCE_REQUESTED.into(), order_id: s.order_id };
                 cx.publish(
                     Outgoing::json(
@@ -70,50 +105,77 @@ impl Handler for ResultHandler {
             }
             SettlementOutcome::Declined => {
                 let reason = result.reason.clone().unwrap_or_else(|| "declined by the partner".into());
-                answer(cx.conn, &s, &result, "declined", Some(&reason), now)?;
-                notify_orderer(
-                    cx.conn,
-                    cx.app,
-                    s.order_id,
-                    "order_declined",
-                    format!("your payment was declined: {reason}"),
-                    now,
-                    cx.outgoing,
-                )?;
+                answers.push(s, result, "declined", Some(reason.clone()));
+                declined.push((s.order_id, reason));
             }
         }
         telemetry::settlement_answered(&s.partner_id, outcome, (now - s.instructed_at).to_std().unwrap_or_default());
         tracing::info!(order_id = %s.order_id, settlement_id = %s.id, outcome, "settlement answered");
-        Ok(())
     }
+    answers.write(cx.conn, now)?;
+    for (order_id, reason) in declined {
+        let text = format!("your payment was declined: {reason}");
+        notify_orderer(cx.conn, cx.app, order_id, "order_declined", text, now, cx.outgoing)?;
+    }
+    Ok(())
 }
 
-/// answer records the partner's answer on the settlement and moves its order on: one round trip.
-fn answer(
-    conn: &mut PgConnection,
-    s: &Settlement,
-    result: &SettlementResult,
-    order_status: &str,
-    order_reason: Option<&str>,
-    now: DateTime<Utc>,
-) -> QueryResult<()> {
-    use diesel::sql_types::{Nullable, Text, Timestamptz, Uuid as SqlUuid};
-    crate::db::prepared(
-        "WITH answered AS (
-           UPDATE settlements SET status = $2, partner_reference = $3, reason = $4, answered_at = $5,
-                                  answer_due_at = NULL
-           WHERE id = $1
-         )
-         UPDATE orders SET status = $7, status_reason = $8, updated_at = $5 WHERE id = $6",
-    )
-    .bind::<SqlUuid, _>(s.id)
-    .bind::<Text, _>(result.outcome.as_str())
-    .bind::<Nullable<Text>, _>(&result.partner_reference)
-    .bind::<Nullable<Text>, _>(&result.reason)
-    .bind::<Timestamptz, _>(now)
-    .bind::<SqlUuid, _>(s.order_id)
-    .bind::<Text, _>(order_status)
-    .bind::<Nullable<Text>, _>(order_reason)
-    .execute(conn)?;
-    Ok(())
+/// Answers are partners' answers to record, column by column, for [`Answers::write`].
+#[derive(Default)]
+struct Answers {
+    settlements: Vec<Uuid>,
+    outcomes: Vec<&'static str>,
+    references: Vec<String>,
+    reasons: Vec<Option<String>>,
+    orders: Vec<Uuid>,
+    order_statuses: Vec<&'static str>,
+    order_reasons: Vec<Option<String>>,
+}
+
+impl Answers {
+    fn push(
+        &mut self,
+        s: &Settlement,
+        result: &SettlementResult,
+        order_status: &'static str,
+        order_reason: Option<String>,
+    ) {
+        self.settlements.push(s.id);
+        self.outcomes.push(result.outcome.as_str());
+        self.references.push(result.partner_reference.clone());
+        self.reasons.push(result.reason.clone());
+        self.orders.push(s.order_id);
+        self.order_statuses.push(order_status);
+        self.order_reasons.push(order_reason);
+    }
+
+    /// Answers::write records the answers on their settlements and moves their orders on: one
+    /// round trip, whatever their number.
+    fn write(&self, conn: &mut PgConnection, now: DateTime<Utc>) -> QueryResult<()> {
+        use diesel::sql_types::{Array, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+        if self.settlements.is_empty() {
+            return Ok(());
+        }
+        crate::db::prepared(
+            "WITH answered AS (
+               UPDATE settlements s SET status = t.outcome, partner_reference = t.reference, reason = t.reason,
+                                        answered_at = $1, answer_due_at = NULL
+               FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[]) AS t(id, outcome, reference, reason)
+               WHERE s.id = t.id
+             )
+             UPDATE orders o SET status = t.status, status_reason = t.reason, updated_at = $1
+             FROM unnest($6::uuid[], $7::text[], $8::text[]) AS t(id, status, reason)
+             WHERE o.id = t.id",
+        )
+        .bind::<Timestamptz, _>(now)
+        .bind::<Array<SqlUuid>, _>(&self.settlements)
+        .bind::<Array<Text>, _>(&self.outcomes)
+        .bind::<Array<Text>, _>(&self.references)
+        .bind::<Array<Nullable<Text>>, _>(&self.reasons)
+        .bind::<Array<SqlUuid>, _>(&self.orders)
+        .bind::<Array<Text>, _>(&self.order_statuses)
+        .bind::<Array<Nullable<Text>>, _>(&self.order_reasons)
+        .execute(conn)?;
+        Ok(())
+    }
 }

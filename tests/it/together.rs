@@ -171,3 +171,94 @@ async fn orders_waiting_together_all_complete_and_a_bad_message_among_them_is_de
     assert!(rows(&env, shared).await > 0, "some messages were carried out together");
     env.stop().await;
 }
+
+/// Sent is a delivery attempt that went out and has no receipt yet.
+#[derive(diesel::QueryableByName)]
+struct Sent {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    delivery_id: Uuid,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    terminal_id: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    gateway_id: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    payload_sha256: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_handled_together_each_have_the_effect_they_have_alone() {
+    use assetflow::delivery::receipt::ReceiptHandler;
+    use diesel::RunQueryDsl;
+
+    // No gateway: the certificates go out and wait for receipts, which the test writes.
+    let mut env = Env::new().await;
+    env.product("concert", |_| {}).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    for _ in 0..3 {
+        env.send(&purchase(&alice, "concert", 1, json!({}))).await;
+    }
+    env.start().await;
+    env.partner(settle_all());
+    let sent = "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'sent'";
+    env.wait_until("three certificates are sent", move |c| (count(c, sent) == 3).then_some(())).await;
+    let attempts: Vec<Sent> = env
+        .db(|c| {
+            diesel::sql_query(
+                "SELECT d.id AS delivery_id, d.terminal_id, d.gateway_id, a.payload_sha256
+                 FROM deliveries d JOIN delivery_attempts a ON a.delivery_id = d.id ORDER BY d.id",
+            )
+            .load(c)
+            .unwrap()
+        })
+        .await;
+    let receipt = |n: usize, message_id: &str, sha256: &str| {
+        let a = &attempts[n];
+        incoming(
+            message_id,
+            json!({
+                "type": kinds::DELIVERY_RECEIPT, "delivery_id": a.delivery_id, "attempt": 1,
+                "gateway_id": a.gateway_id, "terminal_id": a.terminal_id, "sha256": sha256,
+                "received_at": Utc::now(),
+            }),
+        )
+    };
+    // The first right; the second right twice, by two messages (a gateway that sent it again);
+    // the third with the hash of other bytes.
+    let batch = vec![
+        receipt(0, "r0", &attempts[0].payload_sha256),
+        receipt(1, "r1", &attempts[1].payload_sha256),
+        receipt(1, "r1-again", &attempts[1].payload_sha256),
+        receipt(2, "r2", &"0".repeat(64)),
+    ];
+    let app = env.app.clone();
+    let handler: Arc<dyn Handler> = Arc::new(ReceiptHandler);
+    let work: Vec<Work> = batch.into_iter().map(|m| (handler.clone(), m, tracing::Span::none())).collect();
+    let fresh =
+        env.app.db.run(move |conn| handle_together(conn, &app, Pool::Delivery, &work)).await.expect("committed");
+    assert_eq!(fresh, vec![true; 4], "four new messages");
+
+    let statuses: Vec<(String, String)> = env
+        .db(|c| {
+            #[derive(diesel::QueryableByName)]
+            struct Outcome {
+                #[diesel(sql_type = diesel::sql_types::Text)]
+                status: String,
+                #[diesel(sql_type = diesel::sql_types::Text)]
+                outcome: String,
+            }
+            diesel::sql_query(
+                "SELECT d.status, a.outcome FROM deliveries d JOIN delivery_attempts a ON a.delivery_id = d.id ORDER BY d.id",
+            )
+            .load::<Outcome>(c)
+            .unwrap()
+            .into_iter()
+            .map(|o| (o.status, o.outcome))
+            .collect()
+        })
+        .await;
+    assert_eq!(statuses[0], ("delivered".into(), "acknowledged".into()), "the right receipt completes its delivery");
+    assert_eq!(statuses[1], ("delivered".into(), "acknowledged".into()), "a second receipt changes nothing");
+    assert_eq!(statuses[2], ("failed".into(), "hash_mismatch".into()), "a wrong hash fails the attempt");
+    assert_eq!(rows(&env, "SELECT count(*) FROM orders WHERE status = 'issued'").await, 3, "the orders stay issued");
+    env.stop().await;
+}
