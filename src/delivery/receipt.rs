@@ -186,8 +186,12 @@ fn hand_over(cx: &mut Cx<'_>, assets: &[(Uuid, Option<DateTime<Utc>>)]) -> Resul
         return Ok(());
     }
     let ids: Vec<Uuid> = assets.iter().map(|(id, _)| *id).collect();
+    let current = status_machine::current_many_for_update(cx.conn, &ids)?;
+    if let Some(missing) = ids.iter().find(|id| !current.iter().any(|(asset, _)| asset == *id)) {
+        return Err(Failure::permanent(Reason::Unprocessable, format!("the delivered asset {missing} does not exist")));
+    }
     let mut moves: Vec<(Status, Status, Vec<Uuid>)> = Vec::new();
-    for (asset_id, status) in status_machine::current_many_for_update(cx.conn, &ids)? {
+    for (asset_id, status) in current {
         let next = match status {
             Status::AwaitingExchange | Status::AwaitingDesignatedDelivery => Status::Delivered,
             Status::ExpiredCertificateProcessing | Status::Retransmitting | Status::ForcedRetransmitting => {

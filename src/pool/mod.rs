@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use futures::{FutureExt, StreamExt};
+use lapin::ChannelStatus;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -397,8 +398,9 @@ impl PoolRunner {
             let this = self.clone();
             let queue = queue.to_string();
             let shutdown = shutdown.clone();
+            let status = channel.status().clone();
             in_flight.spawn(async move {
-                this.process_batch(&queue, batch, &shutdown).await;
+                this.process_batch(&queue, &status, batch, &shutdown).await;
                 drop(permit);
             });
             if let Some(stopped) = stopped {
@@ -411,7 +413,13 @@ impl PoolRunner {
     /// out (well formed, of a known type, valid) run in one transaction, each with its own inbox
     /// row, and are acknowledged once it commits. If any of them fails, the transaction is rolled
     /// back and each is handled again on its own, with its own retries and dead letter.
-    async fn process_batch(&self, queue: &str, batch: Vec<Delivery>, shutdown: &CancellationToken) {
+    async fn process_batch(
+        &self,
+        queue: &str,
+        channel: &ChannelStatus,
+        batch: Vec<Delivery>,
+        shutdown: &CancellationToken,
+    ) {
         let started = Instant::now();
         let mut ready = Vec::with_capacity(batch.len());
         for delivery in batch {
@@ -423,12 +431,12 @@ impl PoolRunner {
                 {
                     ready.push((delivery, incoming, handler))
                 }
-                _ => self.process(delivery, incoming, verdict, shutdown).await,
+                _ => self.process(channel, delivery, incoming, verdict, shutdown).await,
             }
         }
         if ready.len() == 1 {
             let (delivery, incoming, _) = ready.pop().expect("one");
-            return self.process(delivery, incoming, Ok(()), shutdown).await;
+            return self.process(channel, delivery, incoming, Ok(()), shutdown).await;
         }
         if ready.is_empty() {
             return;
@@ -441,13 +449,13 @@ impl PoolRunner {
             Ok(fresh) => {
                 for ((delivery, incoming, _), fresh) in ready.iter().zip(fresh) {
                     let action = Action::Ack(if fresh { "acked" } else { "duplicate" });
-                    self.answer(delivery, incoming, action, started).await;
+                    self.answer(channel, delivery, incoming, action, started).await;
                 }
             }
             Err(e) => {
                 tracing::info!(pool = %self.pool, messages = ready.len(), error = %e, "a batch failed; handling its messages one by one");
                 for (delivery, incoming, _) in ready {
-                    self.process(delivery, incoming, Ok(()), shutdown).await;
+                    self.process(channel, delivery, incoming, Ok(()), shutdown).await;
                 }
             }
         }
@@ -483,6 +491,7 @@ impl PoolRunner {
     /// process carries out one message on its own and answers the broker.
     async fn process(
         &self,
+        channel: &ChannelStatus,
         delivery: Delivery,
         incoming: Incoming,
         verdict: Result<(), (Reason, String)>,
@@ -491,14 +500,24 @@ impl PoolRunner {
         let started = Instant::now();
         let span = self.span(&incoming);
         let action = tracing::Instrument::instrument(self.execute(incoming.clone(), verdict, shutdown), span).await;
-        self.answer(&delivery, &incoming, action, started).await;
+        self.answer(channel, &delivery, &incoming, action, started).await;
     }
 
-    /// answer acknowledges a message, or returns it to the queue, and counts the outcome.
-    async fn answer(&self, delivery: &Delivery, incoming: &Incoming, action: Action, started: Instant) {
+    /// answer acknowledges a message, or returns it to the queue, and counts the outcome. One whose
+    /// channel is gone is not tried: its delivery tag went with the channel, and an attempt would
+    /// only wait out its deadline.
+    async fn answer(
+        &self,
+        channel: &ChannelStatus,
+        delivery: &Delivery,
+        incoming: &Incoming,
+        action: Action,
+        started: Instant,
+    ) {
         // Bounded: an acknowledgement on a connection that died meanwhile may never be answered,
         // and the consumer starts again on the next connection only once its messages are settled.
         let result = match action {
+            _ if !channel.connected() => Err(anyhow::anyhow!("its channel is gone")),
             Action::Ack(_) => broker::bounded("basic.ack", delivery.acker.ack(BasicAckOptions::default())).await,
             Action::Requeue => {
                 let options = BasicNackOptions { requeue: true, ..Default::default() };
