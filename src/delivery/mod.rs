@@ -477,9 +477,7 @@ impl Handler for RequestedHandler {
     fn handle_many(&self, cx: &mut Cx<'_>, messages: &[&Incoming]) -> Result<(), Failure> {
         let mut ids = Vec::new();
         for message in messages {
-            let request: DeliveryRequested = serde_json::from_value(message.json.clone())
-                .map_err(|e| Failure::permanent(Reason::SchemaViolation, e.to_string()))?;
-            ids.extend(request.delivery_ids);
+            ids.extend(message.decode::<DeliveryRequested>()?.delivery_ids);
         }
         let done = send_attempts(cx.conn, cx.app, &ids, cx.now, cx.outgoing)?;
         for delivery_id in ids {

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::{NewDelivery, insert_many, send_attempts};
 use crate::dead_letter::Reason;
-use crate::messages::{self, CertificateNotices, DeliveryKind, Notice, NoticeKind, kinds};
+use crate::messages::{CertificateNotices, DeliveryKind, Notice, NoticeKind, kinds};
 use crate::pool::{Cx, Failure, Handler, Incoming};
 use crate::status_machine::{self, Cause, Status};
 
@@ -31,8 +31,7 @@ impl Handler for NoticesHandler {
     }
 
     fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure> {
-        let request: CertificateNotices = messages::decode(kinds::CERTIFICATE_NOTICES, &message.json)
-            .map_err(|e| Failure::permanent(Reason::SchemaViolation, e))?;
+        let request: CertificateNotices = message.decode()?;
         let ids: Vec<Uuid> = request.notices.iter().map(|n| n.certificate_id).collect();
         let certificates = load(cx.conn, &ids)?;
         let past_due = past_due_processing(cx.conn, &request, &certificates)?;

@@ -1,7 +1,5 @@
 //! Delivery receipts: a gateway's acknowledgement, for its terminal, of the bytes it received.
 
-use std::collections::HashSet;
-
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use uuid::Uuid;
@@ -10,7 +8,7 @@ use super::{Row, fail_attempt};
 use crate::db::schema::delivery_attempts;
 use crate::dead_letter::Reason;
 use crate::messages::{DeliveryKind, DeliveryReceipt, kinds};
-use crate::pool::{Cx, Failure, Handler, Incoming};
+use crate::pool::{self, Cx, Failure, Handler, Incoming};
 use crate::status_machine::{self, Cause, Status};
 use crate::telemetry;
 
@@ -33,20 +31,7 @@ impl Handler for ReceiptHandler {
     }
 
     fn handle_many(&self, cx: &mut Cx<'_>, messages: &[&Incoming]) -> Result<(), Failure> {
-        let receipts = messages
-            .iter()
-            .map(|message| serde_json::from_value::<DeliveryReceipt>(message.json.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Failure::permanent(Reason::SchemaViolation, e.to_string()))?;
-        let mut seen = HashSet::with_capacity(receipts.len());
-        if receipts.iter().all(|r| seen.insert(r.delivery_id)) {
-            return take(cx, &receipts);
-        }
-        // Two receipts for one delivery: the second must find what the first did, so in turn.
-        receipts.iter().zip(messages).try_for_each(|(receipt, message)| {
-            (cx.now, cx.first_received_at) = (message.received_at, message.first_received_at);
-            take(cx, std::slice::from_ref(receipt))
-        })
+        pool::together_unless_repeated(cx, messages, |r: &DeliveryReceipt| r.delivery_id, take)
     }
 }
 

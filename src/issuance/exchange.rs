@@ -37,8 +37,7 @@ impl Handler for ExchangeHandler {
     }
 
     fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure> {
-        let request: ExchangeRequest = serde_json::from_value(message.json.clone())
-            .map_err(|e| Failure::permanent(DeadReason::SchemaViolation, e.to_string()))?;
+        let request: ExchangeRequest = message.decode()?;
         let header = Header {
             message_type: kinds::CERTIFICATE_EXCHANGE,
             request_id: &request.request_id,

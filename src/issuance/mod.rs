@@ -53,9 +53,7 @@ impl Handler for IssueHandler {
     fn handle_many(&self, cx: &mut Cx<'_>, messages: &[&Incoming]) -> Result<(), Failure> {
         let mut ids = Vec::with_capacity(messages.len());
         for message in messages {
-            let request: IssuanceRequested = serde_json::from_value(message.json.clone())
-                .map_err(|e| Failure::permanent(Reason::SchemaViolation, e.to_string()))?;
-            ids.push(request.order_id);
+            ids.push(message.decode::<IssuanceRequested>()?.order_id);
         }
         // Locked in id order, so that two batches naming the same orders cannot deadlock.
         ids.sort_unstable();

@@ -108,6 +108,15 @@ impl Incoming {
     }
 }
 
+impl Incoming {
+    /// Incoming::decode reads the message as `T`. The pool checked it against its type's schema
+    /// before any handler saw it, so this fails only where the schema admits what `T` does not: a
+    /// schema violation all the same.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, Failure> {
+        T::deserialize(&self.json).map_err(|e| Failure::permanent(Reason::SchemaViolation, e.to_string()))
+    }
+}
+
 /// Failure is how a handler says it did not complete, classified at the boundary.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Failure {
@@ -233,13 +242,34 @@ pub trait Handler: Send + Sync + 'static {
     /// caller's transaction, in turn by default. A set-based handler overrides it to read and
     /// write them all in a few statements, as of `cx.now` (the first message's receipt); it must
     /// have the effect of `handle` on each, and fail as a whole if it cannot (each message is then
-    /// handled alone).
+    /// handled alone). [`together_unless_repeated`] does the part every such handler shares.
     fn handle_many(&self, cx: &mut Cx<'_>, messages: &[&Incoming]) -> Result<(), Failure> {
         messages.iter().try_for_each(|message| {
             (cx.now, cx.first_received_at) = (message.received_at, message.first_received_at);
             self.handle(cx, message)
         })
     }
+}
+
+/// together_unless_repeated is a set-based handler's [`Handler::handle_many`]: it decodes the
+/// messages and hands them to `take` all at once, unless two of them name the same thing (`key`:
+/// the same delivery, the same settlement). Then they are taken one at a time, each as of its own
+/// receipt, so that the second finds what the first did, as it would alone.
+pub fn together_unless_repeated<T: serde::de::DeserializeOwned, K: Eq + std::hash::Hash>(
+    cx: &mut Cx<'_>,
+    messages: &[&Incoming],
+    key: impl Fn(&T) -> K,
+    mut take: impl FnMut(&mut Cx<'_>, &[T]) -> Result<(), Failure>,
+) -> Result<(), Failure> {
+    let decoded = messages.iter().map(|message| message.decode()).collect::<Result<Vec<T>, _>>()?;
+    let mut seen = std::collections::HashSet::with_capacity(decoded.len());
+    if decoded.iter().all(|d| seen.insert(key(d))) {
+        return take(cx, &decoded);
+    }
+    decoded.iter().zip(messages).try_for_each(|(one, message)| {
+        (cx.now, cx.first_received_at) = (message.received_at, message.first_received_at);
+        take(cx, std::slice::from_ref(one))
+    })
 }
 
 /// Registry maps each queue's message types to their handlers.

@@ -6,7 +6,6 @@ use uuid::Uuid;
 
 use super::{Settlement, answer_by, instruction};
 use crate::catalogue::Product;
-use crate::dead_letter::Reason as DeadReason;
 use crate::messages::{DeliveryModeKind, PurchaseRequest, kinds};
 use crate::pool::{Cx, Failure, Handler, Incoming};
 use crate::refusal::{Reason, Refused};
@@ -21,8 +20,7 @@ impl Handler for PurchaseHandler {
     }
 
     fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure> {
-        let request: PurchaseRequest = serde_json::from_value(message.json.clone())
-            .map_err(|e| Failure::permanent(DeadReason::SchemaViolation, e.to_string()))?;
+        let request: PurchaseRequest = message.decode()?;
         let header = Header {
             message_type: kinds::ORDER_PURCHASE,
             request_id: &request.request_id,

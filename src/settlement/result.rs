@@ -1,8 +1,6 @@
 //! `settlement.result`: a partner's answer. Settled orders go on to issuance; declined orders
 //! end, and the orderer is told.
 
-use std::collections::HashSet;
-
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use uuid::Uuid;
@@ -12,7 +10,7 @@ use crate::db::schema::settlements;
 use crate::dead_letter::Reason;
 use crate::messages::{IssuanceRequested, SettlementOutcome, SettlementResult, kinds};
 use crate::outbox::Outgoing;
-use crate::pool::{Cx, Failure, Handler, Incoming};
+use crate::pool::{self, Cx, Failure, Handler, Incoming};
 use crate::telemetry;
 
 /// ResultHandler takes `settlement.result`. Answers handled together are read in one statement and
@@ -33,20 +31,7 @@ impl Handler for ResultHandler {
     }
 
     fn handle_many(&self, cx: &mut Cx<'_>, messages: &[&Incoming]) -> Result<(), Failure> {
-        let results = messages
-            .iter()
-            .map(|message| serde_json::from_value::<SettlementResult>(message.json.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Failure::permanent(Reason::SchemaViolation, e.to_string()))?;
-        let mut seen = HashSet::with_capacity(results.len());
-        if results.iter().all(|r| seen.insert(r.settlement_id)) {
-            return take(cx, &results);
-        }
-        // Two answers for one settlement: the second must find what the first did, so in turn.
-        results.iter().zip(messages).try_for_each(|(result, message)| {
-            (cx.now, cx.first_received_at) = (message.received_at, message.first_received_at);
-            take(cx, std::slice::from_ref(result))
-        })
+        pool::together_unless_repeated(cx, messages, |r: &SettlementResult| r.settlement_id, take)
     }
 }
 
