@@ -112,7 +112,7 @@ pub async fn prepare(app: &App) -> anyhow::Result<()> {
         let (url, partners, gateways) = (url.clone(), partners.clone(), gateways.clone());
         let result = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             db::prepare(&url)?;
-            let mut conn = <diesel::PgConnection as diesel::Connection>::establish(&url)?;
+            let mut conn = crate::db::establish(&url)?;
             crate::catalogue::sync_parties(&mut conn, &partners, &gateways)?;
             Ok(())
         })

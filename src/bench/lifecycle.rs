@@ -157,7 +157,7 @@ pub async fn run(config: Config, options: LifecycleOptions) -> anyhow::Result<Fi
         move || -> anyhow::Result<()> {
             super::drop_database(&url)?;
             crate::db::prepare(&url)?;
-            let mut conn = PgConnection::establish(&url)?;
+            let mut conn = crate::db::establish(&url)?;
             crate::catalogue::sync_parties(
                 &mut conn,
                 &["bench-card".into()],
@@ -348,7 +348,7 @@ struct Count {
 async fn query_count(url: &str, sql: &'static str) -> anyhow::Result<i64> {
     let url = url.to_string();
     tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
-        let mut conn = PgConnection::establish(&url)?;
+        let mut conn = crate::db::establish(&url)?;
         Ok(diesel::sql_query(sql).get_result::<Count>(&mut conn)?.n)
     })
     .await?
@@ -387,7 +387,7 @@ async fn last_receipt(url: &str) -> anyhow::Result<Option<DateTime<Utc>>> {
     }
     let url = url.to_string();
     tokio::task::spawn_blocking(move || -> anyhow::Result<Option<DateTime<Utc>>> {
-        let mut conn = PgConnection::establish(&url)?;
+        let mut conn = crate::db::establish(&url)?;
         Ok(diesel::sql_query("SELECT max(finished_at) AS at FROM delivery_attempts WHERE outcome = 'acknowledged'")
             .get_result::<Last>(&mut conn)?
             .at)
@@ -421,7 +421,7 @@ async fn acknowledged(url: &str, kind: &'static str) -> anyhow::Result<Vec<(Stri
     };
     let url = url.to_string();
     tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(String, DateTime<Utc>)>> {
-        let mut conn = PgConnection::establish(&url)?;
+        let mut conn = crate::db::establish(&url)?;
         Ok(diesel::sql_query(sql).load::<Row>(&mut conn)?.into_iter().map(|r| (r.request_id, r.at)).collect())
     })
     .await?

@@ -117,7 +117,7 @@ async fn broker_limit(config: &Config, options: &LimitsOptions) -> anyhow::Resul
 fn db_limit(url: &str, duration: Duration, connections: usize, size: usize) -> anyhow::Result<f64> {
     super::recreate_database(url)?;
     {
-        let mut conn = PgConnection::establish(url)?;
+        let mut conn = crate::db::establish(url)?;
         conn.batch_execute(
             "CREATE TABLE inbox (id TEXT PRIMARY KEY, at TIMESTAMPTZ NOT NULL DEFAULT now());
              CREATE TABLE state (id BIGINT PRIMARY KEY, n BIGINT NOT NULL);
@@ -133,7 +133,7 @@ fn db_limit(url: &str, duration: Duration, connections: usize, size: usize) -> a
             .map(|w| {
                 let payload = payload.clone();
                 scope.spawn(move || -> anyhow::Result<usize> {
-                    let mut conn = PgConnection::establish(url)?;
+                    let mut conn = crate::db::establish(url)?;
                     let mut n = 0usize;
                     while Instant::now() < deadline {
                         conn.transaction::<_, diesel::result::Error, _>(|conn| {

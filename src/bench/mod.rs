@@ -59,10 +59,9 @@ pub fn bench_database_url(url: &str, suffix: &str) -> String {
 /// admin_connection connects to the `postgres` database of the server in `url`, and returns the
 /// name of the database `url` names.
 fn admin_connection(url: &str) -> anyhow::Result<(diesel::PgConnection, String)> {
-    use diesel::Connection;
     let (base, _) = url.split_once('?').unwrap_or((url, ""));
     let (server, name) = base.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("no database name in the URL"))?;
-    Ok((diesel::PgConnection::establish(&format!("{server}/postgres"))?, name.to_string()))
+    Ok((crate::db::establish(&format!("{server}/postgres"))?, name.to_string()))
 }
 
 /// recreate_database drops the database `url` names, if it exists, and creates it empty.

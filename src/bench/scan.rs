@@ -66,7 +66,7 @@ pub async fn run(config: Config, options: ScanOptions) -> anyhow::Result<()> {
         let mut app = App::for_operations(config)?;
         app.scan_batch = batch;
         app.scan_workers = workers;
-        let mut conn = PgConnection::establish(&url)?;
+        let mut conn = crate::db::establish(&url)?;
         // As on the pooled connections (see db::SessionSettings).
         conn.batch_execute("SET jit = off")?;
         let now = Utc::now();

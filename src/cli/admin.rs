@@ -236,7 +236,7 @@ async fn with_db<T: Send + 'static>(
     let gateways: Vec<String> = config.gateways.keys().cloned().collect();
     tokio::task::spawn_blocking(move || {
         crate::db::prepare(&url)?;
-        let mut conn = PgConnection::establish(&url)?;
+        let mut conn = crate::db::establish(&url)?;
         crate::catalogue::sync_parties(&mut conn, &partners, &gateways)?;
         f(&mut conn)
     })

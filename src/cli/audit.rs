@@ -356,7 +356,7 @@ pub async fn queue_depths(connection: &lapin::Connection, queues: &[String]) -> 
 pub async fn run(config: &Config, sent: Option<i64>, json: bool, no_queues: bool) -> anyhow::Result<ExitCode> {
     let url = config.database.url.clone();
     let mut report = tokio::task::spawn_blocking(move || -> anyhow::Result<Audit> {
-        let mut conn = PgConnection::establish(&url)
+        let mut conn = crate::db::establish(&url)
             .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", crate::config::redact_url(&url)))?;
         Ok(audit(&mut conn, sent)?)
     })

@@ -8,6 +8,7 @@ pub mod schema;
 
 pub use prepared::prepared;
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use diesel::pg::PgConnection;
@@ -99,9 +100,14 @@ impl Db {
     /// Db::new builds the pool without connecting: a database that is down at start-up is
     /// waited for by the callers' retries, not a reason to exit.
     pub fn new(url: &str, size: u32, connection_timeout: Duration) -> Db {
+        openssl::init();
         let pool = Pool::builder()
             .max_size(size)
-            .min_idle(Some(1))
+            // Connections are opened when asked for, never ahead on r2d2's own threads: an idle
+            // connection kept in reserve is opened in the background each time the last one is
+            // taken, and a short command would exit while that connection was still being made
+            // (see `conninfo` for what that cost). Connections stay open once made.
+            .min_idle(Some(0))
             .connection_timeout(connection_timeout)
             // No `SELECT 1` at each check-out: it was a tenth of all round trips. A connection that
             // died with a database restart fails its next statement instead; libpq then reports
@@ -113,7 +119,7 @@ impl Db {
             .idle_timeout(None)
             .max_lifetime(None)
             .event_handler(Box::new(PoolEvents { size, opened: Default::default() }))
-            .build_unchecked(ConnectionManager::new(url));
+            .build_unchecked(ConnectionManager::new(conninfo(url)));
         Db { pool }
     }
 
@@ -175,13 +181,39 @@ impl diesel::r2d2::HandleEvent for PoolEvents {
     }
 }
 
+/// establish opens one connection outside the pool, as the pool opens its own.
+pub fn establish(url: &str) -> ConnectionResult<PgConnection> {
+    openssl::init();
+    PgConnection::establish(&conninfo(url))
+}
+
+/// conninfo is `url` as assetflow hands it to libpq: GSSAPI encryption is not negotiated
+/// (`gssencmode=disable`) unless the URL or `PGGSSENCMODE` asks for it. libpq's default, `prefer`,
+/// looks for a Kerberos credential cache before every connection, even to a server that never
+/// asks for Kerberos. A process that exits while a connection is being made (on a pool thread, or
+/// a command that gave up waiting) then races Kerberos's own clean-up at exit, which destroys the
+/// mutex the look-up holds: the process aborts (`k5_mutex_lock: Received error 22`) after it has
+/// done its work. `openssl::init`, called before the first connection, likewise keeps OpenSSL's
+/// clean-up out of exit.
+fn conninfo(url: &str) -> Cow<'_, str> {
+    if url.contains("gssencmode") || std::env::var_os("PGGSSENCMODE").is_some() {
+        return Cow::Borrowed(url);
+    }
+    let uri = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    Cow::Owned(match (uri, url.contains('?')) {
+        (true, true) => format!("{url}&gssencmode=disable"),
+        (true, false) => format!("{url}?gssencmode=disable"),
+        (false, _) => format!("{url} gssencmode=disable").trim_start().to_string(),
+    })
+}
+
 /// ensure_database creates the database named in `url` if it does not exist yet.
 pub fn ensure_database(url: &str) -> anyhow::Result<()> {
     let (server_url, name) = split_database_url(url)?;
-    if PgConnection::establish(url).is_ok() {
+    if establish(url).is_ok() {
         return Ok(());
     }
-    let mut admin = PgConnection::establish(&server_url).map_err(|e| {
+    let mut admin = establish(&server_url).map_err(|e| {
         anyhow::anyhow!("cannot connect to PostgreSQL at {}: {e}", crate::config::redact_url(&server_url))
     })?;
     let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
@@ -229,7 +261,7 @@ pub fn migrate(conn: &mut PgConnection) -> anyhow::Result<Vec<String>> {
 /// prepare creates the database if needed and migrates it: what `assetflow migrate` does.
 pub fn prepare(url: &str) -> anyhow::Result<Vec<String>> {
     ensure_database(url)?;
-    let mut conn = PgConnection::establish(url)
+    let mut conn = establish(url)
         .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", crate::config::redact_url(url)))?;
     migrate(&mut conn)
 }
@@ -249,5 +281,17 @@ mod tests {
             ("postgres://u:p@h/postgres?sslmode=require".into(), "db".into())
         );
         assert!(split_database_url("postgres://h:5432").is_err());
+    }
+
+    #[test]
+    fn connections_do_not_negotiate_gssapi_unless_asked() {
+        if std::env::var_os("PGGSSENCMODE").is_some() {
+            return assert_eq!(conninfo("postgres://h/db"), "postgres://h/db");
+        }
+        assert_eq!(conninfo("postgres://h/db"), "postgres://h/db?gssencmode=disable");
+        assert_eq!(conninfo("postgresql://h/db?sslmode=require"), "postgresql://h/db?sslmode=require&gssencmode=disable");
+        assert_eq!(conninfo("host=h dbname=db"), "host=h dbname=db gssencmode=disable");
+        assert_eq!(conninfo(""), "gssencmode=disable");
+        assert_eq!(conninfo("postgres://h/db?gssencmode=require"), "postgres://h/db?gssencmode=require");
     }
 }

@@ -84,7 +84,7 @@ async fn show_an_exchanged_asset(config: &Config) -> anyhow::Result<()> {
     let url = config.database.url.clone();
     let view = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<crate::cli::status::View>> {
         use crate::db::schema::exchange_certificates as x;
-        let mut conn = PgConnection::establish(&url)?;
+        let mut conn = crate::db::establish(&url)?;
         let asset: Option<uuid::Uuid> = x::table
             .filter(x::exchanged_at.is_not_null())
             .order(x::exchanged_at.desc())

@@ -88,7 +88,7 @@ pub async fn register(config: &Config, count: usize, keys: &std::path::Path) -> 
     }
     let url = config.database.url.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let mut conn = PgConnection::establish(&url)?;
+        let mut conn = crate::db::establish(&url)?;
         // The terminals reference their gateway and partner: on a fresh database the simulators
         // may get here before `assetflow run` has recorded the configured ones.
         crate::catalogue::sync_parties(&mut conn, &partners, &gateways)?;
@@ -128,7 +128,7 @@ pub async fn run(
     let terminals = register(config, options.count, &options.keys).await?;
     let url = config.database.url.clone();
     let catalogue: Vec<String> = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
-        let mut conn = PgConnection::establish(&url)?;
+        let mut conn = crate::db::establish(&url)?;
         Ok(products::table
             .filter(products::on_sale.eq(true))
             .order(products::id)
@@ -183,7 +183,7 @@ pub async fn run(
 pub async fn ensure_demo_catalogue(config: &Config) -> anyhow::Result<()> {
     let url = config.database.url.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let mut conn = PgConnection::establish(&url)?;
+        let mut conn = crate::db::establish(&url)?;
         let on_sale: i64 = products::table.filter(products::on_sale.eq(true)).count().get_result(&mut conn)?;
         if on_sale > 0 {
             return Ok(());

@@ -203,7 +203,7 @@ impl Env {
     pub async fn db<T: Send + 'static>(&self, f: impl FnOnce(&mut PgConnection) -> T + Send + 'static) -> T {
         let url = self.config.database.url.clone();
         tokio::task::spawn_blocking(move || {
-            let mut conn = PgConnection::establish(&url).expect("test database");
+            let mut conn = assetflow::db::establish(&url).expect("test database");
             f(&mut conn)
         })
         .await
@@ -223,7 +223,7 @@ impl Env {
         loop {
             let (url, check) = (url.clone(), check.clone());
             let found = tokio::task::spawn_blocking(move || {
-                let mut conn = PgConnection::establish(&url).expect("test database");
+                let mut conn = assetflow::db::establish(&url).expect("test database");
                 check(&mut conn)
             })
             .await

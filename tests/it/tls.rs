@@ -252,7 +252,7 @@ async fn postgres_connections_are_encrypted_with_sslmode_require_and_verify_full
     tokio::task::spawn_blocking(|| {
         let base = "postgres://postgres@{host}:5432/postgres";
         let connect =
-            |host: &str, query: &str| PgConnection::establish(&format!("{}?{query}", base.replace("{host}", host)));
+            |host: &str, query: &str| assetflow::db::establish(&format!("{}?{query}", base.replace("{host}", host)));
         // Encryption only.
         let (ssl, version) = ssl_of(&mut connect("127.0.0.1", "sslmode=require").unwrap());
         assert!(ssl, "sslmode=require gave an unencrypted session");
