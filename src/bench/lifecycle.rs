@@ -78,6 +78,21 @@ impl Percentiles {
     }
 }
 
+/// Stage is one step of an order's way to its certificate, in milliseconds.
+#[derive(Debug, Clone, Serialize, QueryableByName)]
+pub struct Stage {
+    #[diesel(sql_type = Text)]
+    pub stage: String,
+    #[diesel(sql_type = BigInt)]
+    pub samples: i64,
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    pub mean_ms: f64,
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    pub p50_ms: f64,
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    pub p99_ms: f64,
+}
+
 /// Figures is the benchmark's result.
 #[derive(Debug, Clone, Serialize)]
 pub struct Figures {
@@ -88,6 +103,8 @@ pub struct Figures {
     pub orders_per_second: f64,
     pub order_to_certificate: Percentiles,
     pub exchange_to_asset: Percentiles,
+    /// Where an order's time goes, stage by stage (see [`stages`]).
+    pub stages: Vec<Stage>,
     pub cpu_seconds: f64,
     pub peak_rss_mb: f64,
     /// Messages through the broker, each counted once, as the limit counts them: published (by
@@ -326,6 +343,7 @@ async fn measure(
         orders_per_second: completed as f64 / seconds,
         order_to_certificate: Percentiles::of(certificate_latencies),
         exchange_to_asset: Percentiles::of(asset_latencies),
+        stages: stages(&url).await?,
         cpu_seconds: cpu,
         peak_rss_mb,
         messages_per_order: broker_messages(published, received, received_internal) / orders.max(1) as f64,
@@ -427,6 +445,47 @@ async fn acknowledged(url: &str, kind: &'static str) -> anyhow::Result<Vec<(Stri
     .await?
 }
 
+/// stages splits the order-to-certificate time at the moments the database recorded: the terminal's
+/// `sent_at`, then the start of each transaction that handled the order (`now()` in it): the
+/// purchase, the partner's answer, the issuance, the certificate's first transmission and its
+/// receipt. Each stage therefore holds the previous transaction, the relay's publish and confirm
+/// (none for the first stage and the answer's, which a terminal and a partner publish themselves),
+/// the broker, and the wait in the next pool's queue.
+async fn stages(url: &str) -> anyhow::Result<Vec<Stage>> {
+    const SQL: &str = "
+        WITH o AS (
+          SELECT r.sent_at AS t0, r.received_at AS t1, s.answered_at AS t2,
+                 (SELECT min(h.at) FROM asset_status_history h JOIN assets a ON a.id = h.asset_id
+                  WHERE a.order_id = o.id) AS t3,
+                 first.sent_at AS t4, done.finished_at AS t5
+          FROM orders o
+          JOIN terminal_requests r ON r.request_id = o.request_id
+          JOIN settlements s ON s.order_id = o.id AND s.kind = 'purchase'
+          JOIN deliveries d ON d.order_id = o.id AND d.kind = 'certificate'
+          JOIN delivery_attempts first ON first.delivery_id = d.id AND first.attempt = 1
+          JOIN delivery_attempts done ON done.delivery_id = d.id AND done.outcome = 'acknowledged'
+        ), stage AS (
+          SELECT n, stage, 1000 * extract(epoch FROM until - since)::float8 AS ms
+          FROM o, LATERAL (VALUES
+            (1, 'order sent → purchase handled', t0, t1),
+            (2, 'purchase → partner''s answer handled', t1, t2),
+            (3, 'answer → certificate issued', t2, t3),
+            (4, 'issued → certificate sent to the gateway', t3, t4),
+            (5, 'sent → gateway''s receipt handled', t4, t5)
+          ) AS v(n, stage, since, until)
+        )
+        SELECT stage, count(*) AS samples, avg(ms) AS mean_ms,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50_ms,
+               percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99_ms
+        FROM stage GROUP BY n, stage ORDER BY n";
+    let url = url.to_string();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Stage>> {
+        let mut conn = crate::db::establish(&url)?;
+        Ok(diesel::sql_query(SQL).load::<Stage>(&mut conn)?)
+    })
+    .await?
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -523,6 +582,12 @@ pub fn print(f: &Figures) {
         println!("{:<44} {:>9.1} ms", "  p95", p.p95_ms);
         println!("{:<44} {:>9.1} ms", "  p99", p.p99_ms);
         println!("{:<44} {:>9.1} ms", "  max", p.max_ms);
+    }
+    if !f.stages.is_empty() {
+        println!("where an order's time goes (mean, p50, p99, ms)");
+        for s in &f.stages {
+            println!("  {:<44} {:>7.1} {:>7.1} {:>7.1}", s.stage, s.mean_ms, s.p50_ms, s.p99_ms);
+        }
     }
     println!("{:<44} {:>12.2}", "assetflow CPU seconds", f.cpu_seconds);
     println!("{:<44} {:>9.1} MB", "assetflow peak RSS", f.peak_rss_mb);

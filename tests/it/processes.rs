@@ -239,6 +239,14 @@ async fn the_lifecycle_benchmark_completes_every_order_it_places() {
     ] {
         assert!(figures[figure].as_f64().is_some_and(|v| v > 0.0), "{figure} is measured: {figures}");
     }
+    // Every order is followed through every stage of its way to the certificate.
+    let stages = figures["stages"].as_array().expect("stages");
+    assert_eq!(stages.len(), 5, "{figures}");
+    for stage in stages {
+        assert_eq!(stage["samples"], 200, "{stage}");
+        let (p50, p99) = (stage["p50_ms"].as_f64().unwrap(), stage["p99_ms"].as_f64().unwrap());
+        assert!(0.0 <= p50 && p50 <= p99, "{stage}");
+    }
     // A message between pools is one broker message but two of assetflow's (published, consumed).
     let (broker, handled) = (figures["messages_per_order"].as_f64(), figures["handled_per_order"].as_f64());
     assert!(broker < handled, "internal messages are counted once for the broker: {figures}");
