@@ -164,6 +164,7 @@ pub async fn run(app: Arc<App>, options: RunOptions, shutdown: CancellationToken
             concurrency: settings.concurrency,
             prefetch: settings.prefetch,
             batch: settings.batch,
+            linger: settings.linger,
             retries: settings.handler_retries.clone(),
             app: app.clone(),
             registry: registry.clone(),

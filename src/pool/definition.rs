@@ -27,6 +27,10 @@ pub struct PoolSettings {
     /// handler is free are taken together, so batches grow only under load.
     #[serde(default = "one")]
     pub batch: usize,
+    /// How long a handler waits for more messages before it starts a batch smaller than `batch`,
+    /// when messages are arriving closer together than this. Zero never waits.
+    #[serde(default, with = "humantime_serde")]
+    pub linger: Duration,
     #[serde(default, deserialize_with = "durations")]
     #[serde(serialize_with = "serialize_durations")]
     pub handler_retries: Vec<Duration>,
@@ -162,6 +166,10 @@ impl PoolDefinitions {
             anyhow::ensure!(pool.concurrency >= 1, "workers/{name}.toml: concurrency must be at least 1");
             anyhow::ensure!(pool.prefetch >= 1, "workers/{name}.toml: prefetch must be at least 1");
             anyhow::ensure!(pool.batch >= 1, "workers/{name}.toml: batch must be at least 1");
+            anyhow::ensure!(
+                pool.linger <= Duration::from_millis(100),
+                "workers/{name}.toml: linger must be at most 100ms (every message that waits is that much later)"
+            );
             anyhow::ensure!(!pool.queues.is_empty(), "workers/{name}.toml: queues must name at least one queue");
         }
         let t = &self.delivery.transmission;
@@ -209,6 +217,21 @@ mod tests {
         assert_eq!(defs.delivery.transmission.schedule[0], Duration::from_secs(60));
         assert_eq!(defs.delivery.transmission.schedule.len(), 7);
         assert!(defs.scheduler.jobs.contains_key("retransmission"));
+    }
+
+    #[test]
+    fn a_linger_is_read_defaults_to_none_and_is_bounded() {
+        assert_eq!(PoolDefinitions::built_in().settlement.pool.linger, Duration::from_millis(5));
+        let dir = std::env::temp_dir().join(format!("assetflow-linger-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let built_in = BUILT_IN.iter().find(|(n, _)| *n == "settlement.toml").unwrap().1;
+        let without: String = built_in.lines().filter(|l| !l.starts_with("linger")).collect::<Vec<_>>().join("\n");
+        std::fs::write(dir.join("settlement.toml"), &without).unwrap();
+        assert_eq!(PoolDefinitions::load(&dir).unwrap().settlement.pool.linger, Duration::ZERO);
+        std::fs::write(dir.join("settlement.toml"), without.replace("batch = 64", "batch = 64\nlinger = \"1s\"")).unwrap();
+        let err = PoolDefinitions::load(&dir).unwrap_err().to_string();
+        assert!(err.contains("workers/settlement.toml: linger must be at most 100ms"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

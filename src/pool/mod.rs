@@ -328,6 +328,8 @@ pub struct PoolRunner {
     pub prefetch: u16,
     /// The most messages handled in one transaction.
     pub batch: usize,
+    /// How long a batch waits for company when messages arrive closer together than this.
+    pub linger: Duration,
     pub retries: Vec<Duration>,
     pub app: Arc<App>,
     pub registry: Arc<Registry>,
@@ -396,6 +398,7 @@ impl PoolRunner {
         self.app.progress.consumer_started(self.pool);
         *subscribed = true;
         tracing::info!(pool = %self.pool, queue, "consuming");
+        let mut last_arrival: Option<tokio::time::Instant> = None;
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -414,12 +417,27 @@ impl PoolRunner {
             };
             let permit = permits.clone().acquire_owned().await.expect("the semaphore is never closed");
             // What arrived while a handler was awaited goes with this message: under load the
-            // batches grow by themselves, and a lone message is not kept waiting for company.
+            // batches grow by themselves. Under a steady load they do not: each message comes
+            // alone, and pays for a transaction and a commit of its own. So when messages are
+            // arriving closer together than `linger`, the batch waits up to `linger` for more; a
+            // message that comes after a quiet spell is not kept waiting for company.
+            let arrived = tokio::time::Instant::now();
+            let busy = last_arrival.is_some_and(|at| arrived - at < self.linger);
+            last_arrival = Some(arrived);
+            let until = arrived + if busy { self.linger } else { Duration::ZERO };
             let mut batch = vec![delivery];
             let mut stopped = None;
             while batch.len() < self.batch && stopped.is_none() {
-                match consumer.next().now_or_never() {
-                    Some(Some(Ok(delivery))) => batch.push(delivery),
+                let next = if busy {
+                    tokio::time::timeout_at(until, consumer.next()).await.ok()
+                } else {
+                    consumer.next().now_or_never()
+                };
+                match next {
+                    Some(Some(Ok(delivery))) => {
+                        last_arrival = Some(tokio::time::Instant::now());
+                        batch.push(delivery)
+                    }
                     Some(Some(Err(e))) => stopped = Some(Err(e.into())),
                     Some(None) => stopped = Some(Ok(())),
                     None => break,
