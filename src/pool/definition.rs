@@ -228,7 +228,8 @@ mod tests {
         let without: String = built_in.lines().filter(|l| !l.starts_with("linger")).collect::<Vec<_>>().join("\n");
         std::fs::write(dir.join("settlement.toml"), &without).unwrap();
         assert_eq!(PoolDefinitions::load(&dir).unwrap().settlement.pool.linger, Duration::ZERO);
-        std::fs::write(dir.join("settlement.toml"), without.replace("batch = 64", "batch = 64\nlinger = \"1s\"")).unwrap();
+        std::fs::write(dir.join("settlement.toml"), without.replace("batch = 64", "batch = 64\nlinger = \"1s\""))
+            .unwrap();
         let err = PoolDefinitions::load(&dir).unwrap_err().to_string();
         assert!(err.contains("workers/settlement.toml: linger must be at most 100ms"), "{err}");
         std::fs::remove_dir_all(&dir).ok();
