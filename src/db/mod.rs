@@ -196,7 +196,11 @@ pub fn establish(url: &str) -> ConnectionResult<PgConnection> {
 /// done its work. `openssl::init`, called before the first connection, likewise keeps OpenSSL's
 /// clean-up out of exit.
 fn conninfo(url: &str) -> Cow<'_, str> {
-    if url.contains("gssencmode") || std::env::var_os("PGGSSENCMODE").is_some() {
+    gssapi_off_unless_asked(url, std::env::var_os("PGGSSENCMODE").is_some())
+}
+
+fn gssapi_off_unless_asked(url: &str, asked_in_env: bool) -> Cow<'_, str> {
+    if asked_in_env || url.contains("gssencmode") {
         return Cow::Borrowed(url);
     }
     let uri = url.starts_with("postgres://") || url.starts_with("postgresql://");
@@ -261,8 +265,8 @@ pub fn migrate(conn: &mut PgConnection) -> anyhow::Result<Vec<String>> {
 /// prepare creates the database if needed and migrates it: what `assetflow migrate` does.
 pub fn prepare(url: &str) -> anyhow::Result<Vec<String>> {
     ensure_database(url)?;
-    let mut conn = establish(url)
-        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", crate::config::redact_url(url)))?;
+    let mut conn =
+        establish(url).map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", crate::config::redact_url(url)))?;
     migrate(&mut conn)
 }
 
@@ -285,13 +289,16 @@ mod tests {
 
     #[test]
     fn connections_do_not_negotiate_gssapi_unless_asked() {
-        if std::env::var_os("PGGSSENCMODE").is_some() {
-            return assert_eq!(conninfo("postgres://h/db"), "postgres://h/db");
-        }
+        let conninfo = |url| gssapi_off_unless_asked(url, false);
         assert_eq!(conninfo("postgres://h/db"), "postgres://h/db?gssencmode=disable");
-        assert_eq!(conninfo("postgresql://h/db?sslmode=require"), "postgresql://h/db?sslmode=require&gssencmode=disable");
+        assert_eq!(
+            conninfo("postgresql://h/db?sslmode=require"),
+            "postgresql://h/db?sslmode=require&gssencmode=disable"
+        );
         assert_eq!(conninfo("host=h dbname=db"), "host=h dbname=db gssencmode=disable");
         assert_eq!(conninfo(""), "gssencmode=disable");
+        // Asked for, in the URL or in PGGSSENCMODE: left to libpq.
         assert_eq!(conninfo("postgres://h/db?gssencmode=require"), "postgres://h/db?gssencmode=require");
+        assert_eq!(gssapi_off_unless_asked("postgres://h/db", true), "postgres://h/db");
     }
 }

@@ -424,7 +424,7 @@ impl PoolRunner {
             let arrived = tokio::time::Instant::now();
             let busy = last_arrival.is_some_and(|at| arrived - at < self.linger);
             last_arrival = Some(arrived);
-            let until = arrived + if busy { self.linger } else { Duration::ZERO };
+            let until = arrived + self.linger; // only waited for when busy
             let mut batch = vec![delivery];
             let mut stopped = None;
             while batch.len() < self.batch && stopped.is_none() {
