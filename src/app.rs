@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::crypto::KeyRing;
 use crate::db::{self, Db};
 use crate::health::Progress;
-use crate::outbox::Relay;
+use crate::outbox::{Handoff, Publisher, Relay};
 use crate::pool::definition::PoolDefinitions;
 use crate::pool::{Handler, PoolRunner, Registry};
 use crate::{delivery, issuance, settlement};
@@ -26,6 +26,8 @@ pub struct App {
     pub names: Names,
     /// Signalled after every commit that wrote to the outbox.
     pub outbox_wake: Arc<Notify>,
+    /// Where handlers' committed messages go to be published at once, while a publisher runs.
+    pub handoff: Handoff,
     pub progress: Arc<Progress>,
     /// Rows per scheduled-scan transaction.
     pub scan_batch: i64,
@@ -45,6 +47,7 @@ impl App {
             db,
             names,
             outbox_wake: Arc::new(Notify::new()),
+            handoff: Handoff::default(),
             progress: Arc::new(Progress::default()),
             scan_batch: 1000,
             scan_workers: 2,
@@ -142,6 +145,13 @@ pub async fn run(app: Arc<App>, options: RunOptions, shutdown: CancellationToken
     let broker = Broker::start(&app.config, topology.clone(), broker_stop.clone());
     let registry = Arc::new(registry(&app.names)?);
 
+    let background = TaskTracker::new();
+    // Open before the first message is consumed, so that every handler's messages take the short way.
+    if options.relay && !app.config.outbox.lease.is_zero() {
+        let handed = app.handoff.open(app.config.outbox.lease);
+        background.spawn(Publisher::new(app.db.clone(), broker.clone()).run(handed));
+    }
+
     let consumers = TaskTracker::new();
     let pools = match (options.consume, options.pools.is_empty()) {
         (false, _) => Vec::new(),
@@ -176,7 +186,6 @@ pub async fn run(app: Arc<App>, options: RunOptions, shutdown: CancellationToken
     }
     consumers.close();
 
-    let background = TaskTracker::new();
     let relay_stop = CancellationToken::new();
     if options.relay {
         let relay = Relay::new(
@@ -221,6 +230,7 @@ pub async fn run(app: Arc<App>, options: RunOptions, shutdown: CancellationToken
     scheduler_stop.cancel();
     consumers.wait().await;
     tracing::info!("flushing the outbox");
+    app.handoff.close();
     relay_stop.cancel();
     http_stop.cancel();
     background.close();

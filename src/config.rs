@@ -142,6 +142,10 @@ pub struct OutboxConfig {
     pub batch_size: u32,
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// How long the rows a handler has just committed are left to this process's publisher
+    /// before a relay may claim them; zero sends every message through the relay.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -236,6 +240,11 @@ impl Config {
         anyhow::ensure!(self.amqp.delivery_limit >= 2, "configuration: amqp.delivery_limit must be at least 2");
         anyhow::ensure!(self.database.pool_size >= 2, "configuration: database.pool_size must be at least 2");
         anyhow::ensure!(self.outbox.batch_size >= 1, "configuration: outbox.batch_size must be at least 1");
+        // A longer lease only delays what a killed process left behind.
+        anyhow::ensure!(
+            self.outbox.lease <= Duration::from_secs(600),
+            "configuration: outbox.lease must be at most 10 minutes"
+        );
         // Periods are added to and taken from dates: bound them so that a typo ("5000000y") is
         // refused here rather than overflowing a date in a handler or a scan.
         const CENTURY: Duration = Duration::from_secs(100 * 366 * 86_400);

@@ -1,5 +1,14 @@
 //! The transactional outbox: messages caused by a state change are rows written in the same
-//! transaction, and the relay publishes them with publisher confirms.
+//! transaction, and they are published with publisher confirms, then deleted.
+//!
+//! A handler's messages take the short way: once its transaction commits they are handed to this
+//! process's [`Publisher`], which publishes them at once and deletes their rows once the broker
+//! has confirmed them. Their rows are written leased (`available_at` is `outbox.lease` ahead), so
+//! no relay claims them meanwhile; a message the broker refuses is given back to the relay, and
+//! what a killed process had not published yet is claimed by a relay when its lease ends.
+//!
+//! Everything else (scheduled scans, operator commands, deferred messages, and what the publisher
+//! gave back) is published by the relay.
 //!
 //! The relay claims a batch with `FOR UPDATE SKIP LOCKED` in a transaction that stays open while
 //! the batch is published, so several processes share the work without publishing the same row at
@@ -13,11 +22,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Int8};
+use diesel::sql_types::{Array, BigInt};
 use lapin::Confirmation;
+use lapin::PublisherConfirm;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use serde::Serialize;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -104,13 +114,20 @@ pub fn enqueue(conn: &mut PgConnection, message: &Outgoing) -> QueryResult<()> {
 }
 
 /// enqueue_all writes several messages to the outbox in one statement, inside the caller's
-/// transaction: a handler's messages are gathered (`Cx::publish`) and written together at its end.
+/// transaction, for the relay.
 pub fn enqueue_all(conn: &mut PgConnection, messages: &[Outgoing]) -> QueryResult<()> {
+    enqueue_leased(conn, messages, Duration::ZERO)
+}
+
+/// enqueue_leased is [`enqueue_all`] for messages that this process hands to its [`Publisher`]
+/// once the transaction commits: a message without its own `available_at` is not claimed by a
+/// relay for `lease`. A handler's messages are gathered (`Cx::publish`) and written this way.
+pub fn enqueue_leased(conn: &mut PgConnection, messages: &[Outgoing], lease: Duration) -> QueryResult<()> {
     use diesel::sql_types::{Bytea, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
     if messages.is_empty() {
         return Ok(());
     }
-    let now = Utc::now();
+    let leased = Utc::now() + lease;
     let text = |f: fn(&Outgoing) -> &str| messages.iter().map(f).collect::<Vec<&str>>();
     crate::db::prepared(
         "INSERT INTO outbox (message_id, exchange, routing_key, message_type, correlation_id, headers, payload, available_at)
@@ -123,21 +140,126 @@ pub fn enqueue_all(conn: &mut PgConnection, messages: &[Outgoing]) -> QueryResul
     .bind::<Array<Nullable<Text>>, _>(messages.iter().map(|m| m.correlation_id.as_deref()).collect::<Vec<_>>())
     .bind::<Array<Jsonb>, _>(messages.iter().map(|m| &m.headers).collect::<Vec<_>>())
     .bind::<Array<Bytea>, _>(messages.iter().map(|m| m.payload.as_slice()).collect::<Vec<_>>())
-    .bind::<Array<Timestamptz>, _>(messages.iter().map(|m| m.available_at.unwrap_or(now)).collect::<Vec<_>>())
+    .bind::<Array<Timestamptz>, _>(messages.iter().map(|m| m.available_at.unwrap_or(leased)).collect::<Vec<_>>())
     .execute(conn)?;
     Ok(())
 }
 
-#[derive(Queryable, Debug)]
-struct Row {
-    id: i64,
-    message_id: Uuid,
-    exchange: String,
-    routing_key: String,
-    message_type: String,
-    correlation_id: Option<String>,
-    headers: serde_json::Value,
-    payload: Vec<u8>,
+/// Handoff carries a handler's committed messages to this process's [`Publisher`]. It is open
+/// while a publisher runs; when it is closed, handlers write their messages for the relay.
+#[derive(Default)]
+pub struct Handoff {
+    open: std::sync::Mutex<Option<(mpsc::Sender<Vec<Outgoing>>, Duration)>>,
+}
+
+/// How many handlers' commits may wait for the publisher; past that, messages wait for their lease.
+const HANDOFF_CAPACITY: usize = 4096;
+
+impl Handoff {
+    /// Handoff::lease is how long to lease the rows being written, or None if no publisher
+    /// would take them.
+    pub fn lease(&self) -> Option<Duration> {
+        self.open.lock().expect("never poisoned").as_ref().map(|(_, lease)| *lease)
+    }
+
+    /// Handoff::give hands over messages whose rows have committed, leased. If the publisher is
+    /// gone or behind, they are not lost: a relay claims their rows when the lease ends.
+    pub fn give(&self, messages: Vec<Outgoing>) {
+        if messages.is_empty() {
+            return;
+        }
+        let Some((sender, _)) = &*self.open.lock().expect("never poisoned") else { return };
+        match sender.try_send(messages) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!("the publisher is behind; these messages wait for their lease, then a relay")
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::warn!("the publisher has stopped; these messages wait for their lease, then a relay")
+            }
+        }
+    }
+
+    /// Handoff::open starts taking messages, for a publisher that reads the receiver.
+    pub fn open(&self, lease: Duration) -> mpsc::Receiver<Vec<Outgoing>> {
+        let (sender, receiver) = mpsc::channel(HANDOFF_CAPACITY);
+        *self.open.lock().expect("never poisoned") = Some((sender, lease));
+        receiver
+    }
+
+    /// Handoff::close stops taking messages; the publisher finishes what it was given and stops.
+    pub fn close(&self) {
+        self.open.lock().expect("never poisoned").take();
+    }
+}
+
+/// Publisher publishes the messages handed over by this process's handlers as soon as they
+/// commit, pipelining the confirms, and deletes their rows once the broker has confirmed them.
+pub struct Publisher {
+    db: Db,
+    broker: Broker,
+}
+
+impl Publisher {
+    pub fn new(db: Db, broker: Broker) -> Publisher {
+        Publisher { db, broker }
+    }
+
+    /// Publisher::run publishes until the handoff is closed and what it was given is settled.
+    /// Publishing and settling overlap: while one batch's rows are deleted, the next is sent.
+    pub async fn run(self, mut handed: mpsc::Receiver<Vec<Outgoing>>) {
+        let (sent, to_settle) = mpsc::channel::<Vec<Sent>>(64);
+        let settler = tokio::spawn(settle_sent(self.db.clone(), to_settle));
+        let mut channel: Option<lapin::Channel> = None;
+        while let Some(mut batch) = handed.recv().await {
+            while batch.len() < PUBLISH_BATCH
+                && let Ok(more) = handed.try_recv()
+            {
+                batch.extend(more);
+            }
+            let pending = match open_channel(&self.broker, &mut channel).await {
+                Ok(ch) => send(&ch, &batch).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot publish; the messages go back to the relay");
+                    batch.iter().map(|m| (m.message_id, None)).collect()
+                }
+            };
+            if pending.iter().any(|(_, confirm)| confirm.is_none()) {
+                channel = None;
+            }
+            if sent.send(pending).await.is_err() {
+                break; // The settler stopped; the rows wait for their lease.
+            }
+        }
+        drop(sent);
+        let _ = settler.await;
+    }
+}
+
+/// Messages the publisher takes together at most.
+const PUBLISH_BATCH: usize = 1024;
+
+/// settle_sent waits for the confirms of what was sent, and settles the rows: a batch's confirmed
+/// rows are deleted, the others given back to the relay. What was sent meanwhile is settled with
+/// it, in the same transaction.
+async fn settle_sent(db: Db, mut to_settle: mpsc::Receiver<Vec<Sent>>) {
+    while let Some(first) = to_settle.recv().await {
+        let mut published = confirmations(first).await;
+        while let Ok(more) = to_settle.try_recv() {
+            published.extend(confirmations(more).await);
+        }
+        telemetry::outbox_published(published.confirmed.len() as u64, published.failed.len() as u64);
+        let settled = db
+            .run(move |conn| {
+                conn.transaction::<_, DbError, _>(|conn| Ok(settle(conn, &published.confirmed, &published.failed)?))
+            })
+            .await;
+        if let Err(e) = settled {
+            // The rows stay leased: a relay publishes them again when the lease ends, and the
+            // consumers' inboxes take the second copy as a duplicate.
+            tracing::warn!(error = %e, "could not settle published outbox rows");
+        }
+    }
 }
 
 /// Relay publishes the outbox.
@@ -220,7 +342,7 @@ impl Relay {
     /// the rows are published again at once, by whichever relay is next.
     async fn round(&self, channel: &mut Option<lapin::Channel>) -> anyhow::Result<usize> {
         let batch = self.batch_size;
-        let (claimed_tx, claimed) = tokio::sync::oneshot::channel::<Vec<Row>>();
+        let (claimed_tx, claimed) = tokio::sync::oneshot::channel::<Vec<Outgoing>>();
         let (outcome, outcome_rx) = std::sync::mpsc::sync_channel::<Published>(1);
         let claim = self.db.run(move |conn| {
             conn.transaction::<_, DbError, _>(|conn| {
@@ -263,65 +385,9 @@ impl Relay {
 
     /// publish sends a batch with pipelined confirms, then waits for them: one round trip, not
     /// one per message. It says which rows the broker confirmed and which it did not.
-    async fn publish(&self, channel: &mut Option<lapin::Channel>, rows: &[Row]) -> anyhow::Result<Published> {
-        let ch = match channel {
-            Some(ch) if ch.status().connected() => ch.clone(),
-            _ => {
-                let conn = self.broker.connection().await.ok_or_else(|| anyhow::anyhow!("shutting down"))?;
-                let ch = broker::bounded("channel.open", conn.create_channel()).await?;
-                broker::bounded("confirm.select", ch.confirm_select(ConfirmSelectOptions::default())).await?;
-                *channel = Some(ch.clone());
-                ch
-            }
-        };
-        let mut pending = Vec::with_capacity(rows.len());
-        for row in rows {
-            let props = broker::properties(
-                &row.message_id.to_string(),
-                &row.message_type,
-                row.correlation_id.as_deref(),
-                broker::headers_from_json(&row.headers),
-            );
-            // mandatory: a message no queue would take comes back instead of vanishing.
-            let options = BasicPublishOptions { mandatory: true, ..Default::default() };
-            match ch
-                .basic_publish(
-                    row.exchange.as_str().into(),
-                    row.routing_key.as_str().into(),
-                    options,
-                    &row.payload,
-                    props,
-                )
-                .await
-            {
-                Ok(confirm) => pending.push((row.id, Some(confirm))),
-                Err(e) => {
-                    tracing::warn!(error = %e, "publish failed");
-                    pending.push((row.id, None));
-                }
-            }
-        }
-        let mut published = Published::default();
-        for (id, confirm) in pending {
-            let ok = match confirm {
-                Some(confirm) => match confirm.await {
-                    Ok(Confirmation::Ack(None)) => true,
-                    Ok(Confirmation::Ack(Some(returned))) => {
-                        tracing::error!(reply = %returned.reply_text, "the broker returned an outbox message as unroutable");
-                        false
-                    }
-                    Ok(Confirmation::Nack(_)) => false,
-                    Ok(Confirmation::NotRequested) => false,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "publisher confirm lost");
-                        false
-                    }
-                },
-                None => false,
-            };
-            if ok { published.confirmed.push(id) } else { published.failed.push(id) }
-        }
-        Ok(published)
+    async fn publish(&self, channel: &mut Option<lapin::Channel>, rows: &[Outgoing]) -> anyhow::Result<Published> {
+        let ch = open_channel(&self.broker, channel).await?;
+        Ok(confirmations(send(&ch, rows).await).await)
     }
 
     async fn report_backlog(&self) {
@@ -331,34 +397,118 @@ impl Relay {
     }
 }
 
-/// Published is what the broker said of a claimed batch.
+/// Published is what the broker said of a batch, by message id.
 #[derive(Debug, Default)]
 struct Published {
-    confirmed: Vec<i64>,
-    failed: Vec<i64>,
+    confirmed: Vec<Uuid>,
+    failed: Vec<Uuid>,
+}
+
+impl Published {
+    fn extend(&mut self, other: Published) {
+        self.confirmed.extend(other.confirmed);
+        self.failed.extend(other.failed);
+    }
+}
+
+/// Sent is a message published and its confirm to come; None if the publish itself failed.
+type Sent = (Uuid, Option<PublisherConfirm>);
+
+/// open_channel is the channel in hand if it is still open, or a new one in confirm mode.
+async fn open_channel(broker: &Broker, channel: &mut Option<lapin::Channel>) -> anyhow::Result<lapin::Channel> {
+    if let Some(ch) = channel
+        && ch.status().connected()
+    {
+        return Ok(ch.clone());
+    }
+    let conn = broker.connection().await.ok_or_else(|| anyhow::anyhow!("shutting down"))?;
+    let ch = broker::bounded("channel.open", conn.create_channel()).await?;
+    broker::bounded("confirm.select", ch.confirm_select(ConfirmSelectOptions::default())).await?;
+    *channel = Some(ch.clone());
+    Ok(ch)
+}
+
+/// send publishes messages without waiting for their confirms.
+async fn send(ch: &lapin::Channel, messages: &[Outgoing]) -> Vec<Sent> {
+    let mut pending = Vec::with_capacity(messages.len());
+    for m in messages {
+        let props = broker::properties(
+            &m.message_id.to_string(),
+            &m.message_type,
+            m.correlation_id.as_deref(),
+            broker::headers_from_json(&m.headers),
+        );
+        // mandatory: a message no queue would take comes back instead of vanishing.
+        let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let published = ch
+            .basic_publish(m.exchange.as_str().into(), m.routing_key.as_str().into(), options, &m.payload, props)
+            .await;
+        match published {
+            Ok(confirm) => pending.push((m.message_id, Some(confirm))),
+            Err(e) => {
+                tracing::warn!(error = %e, "publish failed");
+                pending.push((m.message_id, None));
+            }
+        }
+    }
+    pending
+}
+
+/// confirmations waits for the broker's word on each message sent, for at most
+/// [`CONFIRM_DEADLINE`] in all: one it has not confirmed by then counts as refused.
+async fn confirmations(pending: Vec<Sent>) -> Published {
+    let deadline = tokio::time::Instant::now() + CONFIRM_DEADLINE;
+    let mut published = Published::default();
+    for (id, confirm) in pending {
+        let ok = match confirm {
+            Some(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
+                Ok(Ok(Confirmation::Ack(None))) => true,
+                Ok(Ok(Confirmation::Ack(Some(returned)))) => {
+                    tracing::error!(reply = %returned.reply_text, "the broker returned an outbox message as unroutable");
+                    false
+                }
+                Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => false,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "publisher confirm lost");
+                    false
+                }
+                Err(_) => {
+                    tracing::warn!("the broker did not confirm within {CONFIRM_DEADLINE:?}");
+                    false
+                }
+            },
+            None => false,
+        };
+        if ok { published.confirmed.push(id) } else { published.failed.push(id) }
+    }
+    published
 }
 
 /// claim locks the next due rows for the caller's transaction; rows another relay holds are
 /// skipped, not waited for.
-fn claim(conn: &mut PgConnection, batch: i64) -> QueryResult<Vec<Row>> {
+fn claim(conn: &mut PgConnection, batch: i64) -> QueryResult<Vec<Outgoing>> {
     crate::db::prepared(
-        "SELECT id, message_id, exchange, routing_key, message_type, correlation_id, headers, payload
+        "SELECT message_id, exchange, routing_key, message_type, correlation_id, headers, payload
          FROM outbox WHERE available_at <= now()
          ORDER BY available_at, id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind::<BigInt, _>(batch)
     .load::<RawRow>(conn)
-    .map(|rows| rows.into_iter().map(Row::from).collect())
+    .map(|rows| rows.into_iter().map(Outgoing::from).collect())
 }
 
-fn settle(conn: &mut PgConnection, confirmed: &[i64], failed: &[i64]) -> QueryResult<()> {
+/// settle deletes the confirmed rows and gives the others back to the relay, a second later.
+fn settle(conn: &mut PgConnection, confirmed: &[Uuid], failed: &[Uuid]) -> QueryResult<()> {
+    use diesel::sql_types::Uuid as SqlUuid;
     if !confirmed.is_empty() {
-        crate::db::prepared("DELETE FROM outbox WHERE id = ANY($1)").bind::<Array<Int8>, _>(confirmed).execute(conn)?;
+        crate::db::prepared("DELETE FROM outbox WHERE message_id = ANY($1)")
+            .bind::<Array<SqlUuid>, _>(confirmed)
+            .execute(conn)?;
     }
     if !failed.is_empty() {
         // Try again soon, not at once: a message the broker refuses is refused again.
-        crate::db::prepared("UPDATE outbox SET available_at = now() + interval '1 second', attempts = attempts + 1, last_error = 'not confirmed by the broker' WHERE id = ANY($1)")
-            .bind::<Array<Int8>, _>(failed)
+        crate::db::prepared("UPDATE outbox SET available_at = now() + interval '1 second', attempts = attempts + 1, last_error = 'not confirmed by the broker' WHERE message_id = ANY($1)")
+            .bind::<Array<SqlUuid>, _>(failed)
             .execute(conn)?;
     }
     Ok(())
@@ -382,8 +532,6 @@ pub fn backlog(conn: &mut PgConnection) -> QueryResult<(i64, Duration)> {
 
 #[derive(QueryableByName)]
 struct RawRow {
-    #[diesel(sql_type = BigInt)]
-    id: i64,
     #[diesel(sql_type = diesel::sql_types::Uuid)]
     message_id: Uuid,
     #[diesel(sql_type = diesel::sql_types::Text)]
@@ -400,10 +548,9 @@ struct RawRow {
     payload: Vec<u8>,
 }
 
-impl From<RawRow> for Row {
-    fn from(r: RawRow) -> Row {
-        Row {
-            id: r.id,
+impl From<RawRow> for Outgoing {
+    fn from(r: RawRow) -> Outgoing {
+        Outgoing {
             message_id: r.message_id,
             exchange: r.exchange,
             routing_key: r.routing_key,
@@ -411,6 +558,7 @@ impl From<RawRow> for Row {
             correlation_id: r.correlation_id,
             headers: r.headers,
             payload: r.payload,
+            available_at: None,
         }
     }
 }

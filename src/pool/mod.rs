@@ -825,7 +825,8 @@ pub type Work = (Arc<dyn Handler>, Incoming, tracing::Span);
 /// says this pool already has: for each, true if it was new. It all commits or, if any handler
 /// fails, none of it does, and the failure is returned.
 pub fn handle_together(conn: &mut PgConnection, app: &App, pool: Pool, work: &[Work]) -> Result<Vec<bool>, Failure> {
-    telemetry::held(|| {
+    let lease = app.handoff.lease();
+    let (fresh, outgoing) = telemetry::held(|| {
         conn.transaction(|conn| {
             let incoming: Vec<&Incoming> = work.iter().map(|(_, incoming, _)| incoming).collect();
             let fresh = claim_inbox_many(conn, pool, &incoming)?;
@@ -848,10 +849,18 @@ pub fn handle_together(conn: &mut PgConnection, app: &App, pool: Pool, work: &[W
                 let messages: Vec<&Incoming> = run.iter().map(|(_, incoming, _)| incoming).collect();
                 handle_caught(handler.as_ref(), &mut cx, &messages)?;
             }
-            outbox::enqueue_all(conn, &outgoing)?;
-            Ok(fresh)
+            match lease {
+                Some(lease) => outbox::enqueue_leased(conn, &outgoing, lease)?,
+                None => outbox::enqueue_all(conn, &outgoing)?,
+            }
+            Ok::<_, Failure>((fresh, outgoing))
         })
-    })
+    })?;
+    // Committed: this process publishes them now, rather than a relay in its next round.
+    if lease.is_some() {
+        app.handoff.give(outgoing.into_iter().filter(|m| m.available_at.is_none()).collect());
+    }
+    Ok(fresh)
 }
 
 /// by_handler groups a batch's messages for their handlers: a set-based handler's messages go to it

@@ -8,6 +8,7 @@ mod failures;
 mod flows;
 mod monitoring;
 mod operator_input;
+mod outbox;
 mod processes;
 mod refusals;
 mod statements;

@@ -1,0 +1,139 @@
+//! The outbox's two ways out: a handler's messages are published by its own process as soon as
+//! its transaction commits, and the relay publishes everything else, including what a publisher
+//! left behind once its lease has ended.
+
+use std::time::Duration;
+
+use assetflow::messages::{DeliveryRequested, kinds};
+use assetflow::outbox::{self, Outgoing};
+use assetflow::simulate::gateway::GatewayOptions;
+use assetflow::simulate::terminals::purchase;
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use serde_json::json;
+
+use crate::harness::{Env, count};
+use crate::support::{channel, delivered_certificate, queued, request_id, settle_all, wait_for_queue};
+
+/// A lease no test outlives: a row written with it is never claimed by a relay during the test.
+const FOREVER: Duration = Duration::from_secs(600);
+
+/// message is a well-formed internal message with the given routing key.
+fn message(env: &Env, routing_key: &str) -> Outgoing {
+    let body =
+        DeliveryRequested { message_type: kinds::DELIVERY_REQUESTED.into(), delivery_ids: vec![uuid::Uuid::now_v7()] };
+    Outgoing::json(env.app.names.internal(), routing_key, kinds::DELIVERY_REQUESTED, &body)
+}
+
+/// listen declares a queue of the test's own, bound to the internal exchange under `routing_key`,
+/// so that messages sent there are routed (and confirmed) without any pool taking them.
+async fn listen(env: &Env, routing_key: &str) -> String {
+    let channel = channel(env).await;
+    let queue = format!("test.outbox.{routing_key}");
+    channel
+        .queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .expect("declared");
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            env.app.names.internal().as_str().into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bound");
+    queue
+}
+
+/// publisher_lease waits for the started app's publisher to take messages, and is its lease.
+async fn publisher_lease(env: &Env) -> Duration {
+    let deadline = tokio::time::Instant::now() + crate::support::DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        poll.tick().await;
+        if let Some(lease) = env.app.handoff.lease() {
+            return lease;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the app never opened its handoff");
+    }
+}
+
+fn rows_with(conn: &mut diesel::PgConnection, message_id: uuid::Uuid, condition: &str) -> i64 {
+    count(conn, &format!("SELECT count(*) FROM outbox WHERE message_id = '{message_id}' AND {condition}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_of_an_order_is_published_by_the_process_that_committed_it() {
+    // With a lease of ten minutes (the longest allowed), no relay may claim a handler's messages during the test: the order
+    // can only complete if each one was published by the process that committed it.
+    let mut env = Env::with(json!({"outbox": {"lease": "10m"}})).await;
+    env.product("concert", |_| {}).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    env.start().await;
+    env.partner(settle_all());
+    env.gateway(GatewayOptions::default());
+
+    let order = purchase(&alice, "concert", 1, json!({}));
+    env.send(&order).await;
+    delivered_certificate(&env, &request_id(&order)).await;
+    // And each row is deleted once the broker has confirmed its message.
+    env.wait_until("the outbox is empty", |c| (count(c, "SELECT count(*) FROM outbox") == 0).then_some(())).await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_claims_a_leased_row_only_once_its_lease_has_ended() {
+    let mut env = Env::new().await;
+    let queue = listen(&env, "test.leases").await;
+    let held = message(&env, "test.leases"); // a live publisher still has it
+    let abandoned = message(&env, "test.leases"); // its publisher was killed; the lease is ending
+    let due = message(&env, "test.leases"); // written for the relay
+    let (h, a, d) = (held.message_id, abandoned.message_id, due.message_id);
+    env.db(move |c| {
+        outbox::enqueue_leased(c, &[held], FOREVER).expect("written");
+        outbox::enqueue_leased(c, &[abandoned], Duration::from_millis(300)).expect("written");
+        outbox::enqueue_all(c, &[due]).expect("written");
+    })
+    .await;
+    env.start().await;
+
+    env.wait_until("the due and the abandoned messages are published", move |c| {
+        (rows_with(c, a, "true") + rows_with(c, d, "true") == 0).then_some(())
+    })
+    .await;
+    wait_for_queue(&env, &queue, "both reach the queue", |n| n >= 2).await;
+    // The held row was the oldest and was due first in the claim's order, had its lease been ignored.
+    env.db(move |c| assert_eq!(rows_with(c, h, "attempts = 0 AND last_error IS NULL"), 1, "the held row is untouched"))
+        .await;
+    assert_eq!(queued(&env, &queue).await, 2, "only the due and the abandoned messages were published");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_message_the_broker_refuses_goes_back_to_the_relay() {
+    let mut env = Env::with(json!({"outbox": {"lease": "10m"}})).await;
+    env.start().await;
+    // As a handler would: the row is written leased, and handed over once it has committed.
+    let refused = message(&env, "nowhere"); // no queue takes it: the broker returns it
+    let id = refused.message_id;
+    let lease = publisher_lease(&env).await;
+    assert_eq!(lease, FOREVER);
+    let handed = refused.clone();
+    env.db(move |c| outbox::enqueue_leased(c, &[handed], lease).expect("written")).await;
+    env.app.handoff.give(vec![refused]);
+
+    // The publisher gives the row back, due a second later; the relay then tries it too.
+    env.wait_until("the row is given back and the relay has tried it", move |c| {
+        (rows_with(
+            c,
+            id,
+            "attempts >= 2 AND last_error LIKE 'not confirmed%' AND available_at < now() + interval '1 minute'",
+        ) == 1)
+            .then_some(())
+    })
+    .await;
+    env.stop().await;
+    env.db(move |c| assert_eq!(rows_with(c, id, "true"), 1, "it is never dropped")).await;
+}
