@@ -221,7 +221,7 @@ mod tests {
 
     #[test]
     fn a_linger_is_read_defaults_to_none_and_is_bounded() {
-        assert_eq!(PoolDefinitions::built_in().settlement.pool.linger, Duration::from_millis(5));
+        assert_eq!(PoolDefinitions::built_in().settlement.pool.linger, Duration::from_millis(20));
         let dir = std::env::temp_dir().join(format!("assetflow-linger-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let built_in = BUILT_IN.iter().find(|(n, _)| *n == "settlement.toml").unwrap().1;

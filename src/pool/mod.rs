@@ -398,7 +398,7 @@ impl PoolRunner {
         self.app.progress.consumer_started(self.pool);
         *subscribed = true;
         tracing::info!(pool = %self.pool, queue, "consuming");
-        let mut last_arrival: Option<tokio::time::Instant> = None;
+        let mut arrivals = Arrivals::default();
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -419,11 +419,11 @@ impl PoolRunner {
             // What arrived while a handler was awaited goes with this message: under load the
             // batches grow by themselves. Under a steady load they do not: each message comes
             // alone, and pays for a transaction and a commit of its own. So when messages are
-            // arriving closer together than `linger`, the batch waits up to `linger` for more; a
-            // message that comes after a quiet spell is not kept waiting for company.
+            // arriving fast enough that several more are due within `linger`, the batch waits up
+            // to `linger` for them; at a light load nothing waits for company.
             let arrived = tokio::time::Instant::now();
-            let busy = last_arrival.is_some_and(|at| arrived - at < self.linger);
-            last_arrival = Some(arrived);
+            let busy = arrivals.expect_company(self.linger);
+            arrivals.arrived(arrived);
             let until = arrived + self.linger; // only waited for when busy
             let mut batch = vec![delivery];
             let mut stopped = None;
@@ -435,7 +435,7 @@ impl PoolRunner {
                 };
                 match next {
                     Some(Some(Ok(delivery))) => {
-                        last_arrival = Some(tokio::time::Instant::now());
+                        arrivals.arrived(tokio::time::Instant::now());
                         batch.push(delivery)
                     }
                     Some(Some(Err(e))) => stopped = Some(Err(e.into())),
@@ -818,6 +818,43 @@ impl PoolRunner {
     }
 }
 
+/// Arrivals follows how fast a consumer's messages are coming: a moving average of the time
+/// between two of them. A handler lingers for company only when it is due: when the recent rate
+/// says at least [`Arrivals::COMPANY`] more messages will come within the linger. At a light
+/// load a message is not delayed by the one that happened to come just before it.
+#[derive(Debug)]
+pub struct Arrivals {
+    last: Option<tokio::time::Instant>,
+    gap: Duration,
+}
+
+impl Default for Arrivals {
+    fn default() -> Arrivals {
+        Arrivals { last: None, gap: Self::QUIET }
+    }
+}
+
+impl Arrivals {
+    /// More messages expected within the linger, for a handler to wait for them.
+    pub const COMPANY: u32 = 4;
+    /// The gap assumed before the first message and after a quiet spell.
+    const QUIET: Duration = Duration::from_secs(1);
+
+    /// Arrivals::arrived counts a message that arrived at `at`; each gap weighs an eighth.
+    pub fn arrived(&mut self, at: tokio::time::Instant) {
+        if let Some(last) = self.last.replace(at) {
+            let gap = at.saturating_duration_since(last).min(Self::QUIET);
+            self.gap = (self.gap * 7 + gap) / 8;
+        }
+    }
+
+    /// Arrivals::expect_company says whether, at the recent rate, [`Arrivals::COMPANY`] more
+    /// messages will arrive within `linger`.
+    pub fn expect_company(&self, linger: Duration) -> bool {
+        !linger.is_zero() && self.gap * Self::COMPANY <= linger
+    }
+}
+
 /// Work is a message to carry out, with its handler and the span its log lines go to.
 pub type Work = (Arc<dyn Handler>, Incoming, tracing::Span);
 
@@ -935,4 +972,50 @@ fn claim_inbox(conn: &mut PgConnection, pool: Pool, incoming: &Incoming) -> Quer
         .on_conflict_do_nothing()
         .execute(conn)?;
     Ok(inserted == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// arrivals feeds `n` messages `gap` apart.
+    fn arrivals(n: u32, gap: Duration) -> Arrivals {
+        let start = tokio::time::Instant::now();
+        let mut arrivals = Arrivals::default();
+        for i in 0..n {
+            arrivals.arrived(start + gap * i);
+        }
+        arrivals
+    }
+
+    #[test]
+    fn a_handler_lingers_only_when_several_messages_are_due_within_the_linger() {
+        let linger = Duration::from_millis(20);
+        assert!(!Arrivals::default().expect_company(linger), "nothing has arrived yet");
+        // 2 ms apart: ten are due within 20 ms.
+        assert!(arrivals(64, Duration::from_millis(2)).expect_company(linger));
+        // 25 ms apart (a light load): not even one is due; two that happen to come close together
+        // do not change that.
+        let mut light = arrivals(64, Duration::from_millis(25));
+        assert!(!light.expect_company(linger));
+        let now = tokio::time::Instant::now() + Duration::from_secs(2);
+        light.arrived(now);
+        light.arrived(now + Duration::from_millis(1));
+        assert!(!light.expect_company(linger));
+        // Four within 20 ms is the least that is worth the wait: 4 ms apart lingers, 6 ms does not.
+        assert!(arrivals(64, Duration::from_millis(4)).expect_company(linger));
+        assert!(!arrivals(64, Duration::from_millis(6)).expect_company(linger));
+        // No linger, no wait.
+        assert!(!arrivals(64, Duration::from_millis(2)).expect_company(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_quiet_spell_ends_the_lingering_soon() {
+        let linger = Duration::from_millis(20);
+        let mut busy = arrivals(64, Duration::from_millis(1));
+        assert!(busy.expect_company(linger));
+        let later = tokio::time::Instant::now() + Duration::from_secs(60);
+        busy.arrived(later);
+        assert!(!busy.expect_company(linger), "one gap of a second outweighs a busy spell");
+    }
 }
