@@ -18,7 +18,7 @@
 //! Consumers deduplicate on the message id, so a publish repeated after a crash has no second effect.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -149,7 +149,17 @@ pub fn enqueue_leased(conn: &mut PgConnection, messages: &[Outgoing], lease: Dur
 /// while a publisher runs; when it is closed, handlers write their messages for the relay.
 #[derive(Default)]
 pub struct Handoff {
-    open: std::sync::Mutex<Option<(mpsc::Sender<Vec<Outgoing>>, Duration)>>,
+    open: std::sync::Mutex<Option<(mpsc::Sender<Commit>, Duration)>>,
+}
+
+/// Commit is one transaction's messages, with the moment they were handed over.
+type Commit = (Instant, Vec<Outgoing>);
+
+/// Handed is the publisher's end of an open [`Handoff`]: each commit's messages with the moment
+/// they were handed over, and the lease their rows were written with.
+pub struct Handed {
+    receiver: mpsc::Receiver<Commit>,
+    lease: Duration,
 }
 
 /// How many handlers' commits may wait for the publisher; past that, messages wait for their lease.
@@ -169,7 +179,7 @@ impl Handoff {
             return;
         }
         let Some((sender, _)) = &*self.open.lock().expect("never poisoned") else { return };
-        match sender.try_send(messages) {
+        match sender.try_send((Instant::now(), messages)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!("the publisher is behind; these messages wait for their lease, then a relay")
@@ -181,10 +191,10 @@ impl Handoff {
     }
 
     /// Handoff::open starts taking messages, for a publisher that reads the receiver.
-    pub fn open(&self, lease: Duration) -> mpsc::Receiver<Vec<Outgoing>> {
+    pub fn open(&self, lease: Duration) -> Handed {
         let (sender, receiver) = mpsc::channel(HANDOFF_CAPACITY);
         *self.open.lock().expect("never poisoned") = Some((sender, lease));
-        receiver
+        Handed { receiver, lease }
     }
 
     /// Handoff::close stops taking messages; the publisher finishes what it was given and stops.
@@ -207,17 +217,36 @@ impl Publisher {
 
     /// Publisher::run publishes until the handoff is closed and what it was given is settled.
     /// Publishing and settling overlap: while one batch's rows are deleted, the next is sent.
-    pub async fn run(self, mut handed: mpsc::Receiver<Vec<Outgoing>>) {
+    ///
+    /// A message handed over more than half its lease ago (the broker was away, or the publisher
+    /// far behind) is left to the relay, which may claim its row soon: publishing it here too
+    /// would only send it twice.
+    pub async fn run(self, mut handed: Handed) {
         let (sent, to_settle) = mpsc::channel::<Vec<Sent>>(64);
         let settler = tokio::spawn(settle_sent(self.db.clone(), to_settle));
         let mut channel: Option<lapin::Channel> = None;
-        while let Some(mut batch) = handed.recv().await {
-            while batch.len() < PUBLISH_BATCH
-                && let Ok(more) = handed.try_recv()
+        while let Some(first) = handed.receiver.recv().await {
+            let mut commits = vec![first];
+            let mut n = commits[0].1.len();
+            while n < PUBLISH_BATCH
+                && let Ok(more) = handed.receiver.try_recv()
             {
-                batch.extend(more);
+                n += more.1.len();
+                commits.push(more);
             }
-            let pending = match open_channel(&self.broker, &mut channel).await {
+            let channel_open = open_channel(&self.broker, &mut channel).await;
+            let fresh_since = Instant::now().checked_sub(handed.lease / 2);
+            let (batch, stale): (Vec<_>, Vec<_>) =
+                commits.into_iter().partition(|(at, _)| fresh_since.is_none_or(|since| *at > since));
+            let stale: usize = stale.iter().map(|(_, messages)| messages.len()).sum();
+            if stale > 0 {
+                tracing::info!(messages = stale, "handed over too long ago; left to the relay");
+            }
+            let batch: Vec<Outgoing> = batch.into_iter().flat_map(|(_, messages)| messages).collect();
+            if batch.is_empty() {
+                continue;
+            }
+            let pending = match channel_open {
                 Ok(ch) => send(&ch, &batch).await,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot publish; the messages go back to the relay");

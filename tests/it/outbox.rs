@@ -137,3 +137,31 @@ async fn a_handed_message_the_broker_refuses_goes_back_to_the_relay() {
     env.stop().await;
     env.db(move |c| assert_eq!(rows_with(c, id, "true"), 1, "it is never dropped")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_publishes_what_it_is_handed_but_leaves_to_the_relay_what_waited_too_long() {
+    let env = Env::new().await; // no app runs: no relay, only the publishers below
+    let queue = listen(&env, "test.handed").await;
+    let (fresh, stale) = (message(&env, "test.handed"), message(&env, "test.handed"));
+    let (f, st) = (fresh.message_id, stale.message_id);
+    let rows = vec![fresh.clone(), stale.clone()];
+    env.db(move |c| outbox::enqueue_leased(c, &rows, FOREVER).expect("written")).await;
+
+    // Handed over well within its lease: published, and its row deleted once confirmed.
+    let handoff = outbox::Handoff::default();
+    let handed = handoff.open(FOREVER);
+    handoff.give(vec![fresh]);
+    handoff.close();
+    outbox::Publisher::new(env.app.db.clone(), env.broker.clone()).run(handed).await;
+    wait_for_queue(&env, &queue, "the fresh message is published", |n| n >= 1).await;
+    env.db(move |c| assert_eq!(rows_with(c, f, "true"), 0, "its row is deleted")).await;
+
+    // Handed over more than half its lease ago (here a lease of nothing): left to the relay.
+    let handed = handoff.open(Duration::ZERO);
+    handoff.give(vec![stale]);
+    handoff.close();
+    outbox::Publisher::new(env.app.db.clone(), env.broker.clone()).run(handed).await;
+    env.db(move |c| assert_eq!(rows_with(c, st, "attempts = 0 AND last_error IS NULL"), 1, "its row is untouched"))
+        .await;
+    assert_eq!(queued(&env, &queue).await, 1, "only the fresh message was published");
+}
