@@ -291,7 +291,8 @@ async fn settle_sent(db: Db, mut to_settle: mpsc::Receiver<Vec<Sent>>) {
     }
 }
 
-/// Relay publishes the outbox.
+/// Relay publishes the outbox rows no publisher has in hand: those written for it, and those whose
+/// lease has ended or that a publisher gave back.
 pub struct Relay {
     db: Db,
     broker: Broker,

@@ -421,9 +421,10 @@ impl PoolRunner {
             // alone, and pays for a transaction and a commit of its own. So when messages are
             // arriving fast enough that several more are due within `linger`, the batch waits up
             // to `linger` for them; at a light load nothing waits for company.
+            // This message's gap counts first: one after a quiet spell does not wait.
             let arrived = tokio::time::Instant::now();
-            let busy = arrivals.expect_company(self.linger);
             arrivals.arrived(arrived);
+            let busy = arrivals.expect_company(self.linger);
             let until = arrived + self.linger; // only waited for when busy
             let mut batch = vec![delivery];
             let mut stopped = None;
@@ -823,7 +824,7 @@ impl PoolRunner {
 /// says at least [`Arrivals::COMPANY`] more messages will come within the linger. At a light
 /// load a message is not delayed by the one that happened to come just before it.
 #[derive(Debug)]
-pub struct Arrivals {
+struct Arrivals {
     last: Option<tokio::time::Instant>,
     gap: Duration,
 }
@@ -836,12 +837,12 @@ impl Default for Arrivals {
 
 impl Arrivals {
     /// More messages expected within the linger, for a handler to wait for them.
-    pub const COMPANY: u32 = 4;
+    const COMPANY: u32 = 4;
     /// The gap assumed before the first message and after a quiet spell.
     const QUIET: Duration = Duration::from_secs(1);
 
     /// Arrivals::arrived counts a message that arrived at `at`; each gap weighs an eighth.
-    pub fn arrived(&mut self, at: tokio::time::Instant) {
+    fn arrived(&mut self, at: tokio::time::Instant) {
         if let Some(last) = self.last.replace(at) {
             let gap = at.saturating_duration_since(last).min(Self::QUIET);
             self.gap = (self.gap * 7 + gap) / 8;
@@ -850,7 +851,7 @@ impl Arrivals {
 
     /// Arrivals::expect_company says whether, at the recent rate, [`Arrivals::COMPANY`] more
     /// messages will arrive within `linger`.
-    pub fn expect_company(&self, linger: Duration) -> bool {
+    fn expect_company(&self, linger: Duration) -> bool {
         !linger.is_zero() && self.gap * Self::COMPANY <= linger
     }
 }

@@ -19,8 +19,8 @@ use serde_json::{Value, json};
 
 use crate::harness::{Env, count, text};
 use crate::support::{
-    DEADLINE, Retransmitting, asset_status, channel, delivery_state, first_attempt, queued, request_id, retransmitting,
-    settle_all, timestamp, wait_for_queue,
+    DEADLINE, Retransmitting, asset_status, bind_queue, channel, delivery_state, first_attempt, queued, request_id,
+    retransmitting, settle_all, timestamp, wait_for_queue,
 };
 
 /// SCHEDULE_SECS is the retransmission schedule of SPEC.md, in seconds: the wait after failed
@@ -50,23 +50,7 @@ async fn settlement_attempts(env: &Env, settlement: &str) -> i64 {
 /// external subscriber would: the pool's own dead-letter queue is drained into the dead_letters
 /// table by the recorder, so the exchange is where the notices can be watched.
 async fn subscribe_to_dead_letters(env: &Env, pool: assetflow::broker::Pool) -> String {
-    let channel = channel(env).await;
-    let queue = format!("test.dead-letters.{pool}");
-    channel
-        .queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), FieldTable::default())
-        .await
-        .expect("declared");
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            env.app.names.dlx().as_str().into(),
-            pool.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bound");
-    queue
+    bind_queue(env, &format!("test.dead-letters.{pool}"), &env.app.names.dlx(), pool.as_str()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

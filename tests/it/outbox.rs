@@ -8,12 +8,10 @@ use assetflow::messages::{DeliveryRequested, kinds};
 use assetflow::outbox::{self, Outgoing};
 use assetflow::simulate::gateway::GatewayOptions;
 use assetflow::simulate::terminals::purchase;
-use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use serde_json::json;
 
 use crate::harness::{Env, count};
-use crate::support::{channel, delivered_certificate, queued, request_id, settle_all, wait_for_queue};
+use crate::support::{bind_queue, delivered_certificate, queued, request_id, settle_all, wait_for_queue};
 
 /// A lease no test outlives: a row written with it is never claimed by a relay during the test.
 const FOREVER: Duration = Duration::from_secs(600);
@@ -25,26 +23,10 @@ fn message(env: &Env, routing_key: &str) -> Outgoing {
     Outgoing::json(env.app.names.internal(), routing_key, kinds::DELIVERY_REQUESTED, &body)
 }
 
-/// listen declares a queue of the test's own, bound to the internal exchange under `routing_key`,
-/// so that messages sent there are routed (and confirmed) without any pool taking them.
+/// listen binds a queue of the test's own to the internal exchange under `routing_key`, so that
+/// messages sent there are routed (and confirmed) without any pool taking them.
 async fn listen(env: &Env, routing_key: &str) -> String {
-    let channel = channel(env).await;
-    let queue = format!("test.outbox.{routing_key}");
-    channel
-        .queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), FieldTable::default())
-        .await
-        .expect("declared");
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            env.app.names.internal().as_str().into(),
-            routing_key.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bound");
-    queue
+    bind_queue(env, &format!("test.outbox.{routing_key}"), &env.app.names.internal(), routing_key).await
 }
 
 /// publisher_lease waits for the started app's publisher to take messages, and is its lease.

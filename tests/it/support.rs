@@ -6,7 +6,7 @@ use std::time::Duration;
 use assetflow::simulate::partner::PartnerOptions;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use lapin::options::QueueDeclareOptions;
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::Value;
 
@@ -149,6 +149,25 @@ pub async fn delivered_certificate(env: &Env, request_id: &str) -> Value {
 pub async fn channel(env: &Env) -> lapin::Channel {
     let connection = env.broker.connection().await.expect("connected to RabbitMQ");
     connection.create_channel().await.expect("a channel")
+}
+
+/// bind_queue declares a queue of the test's own and binds it to `exchange` under `routing_key`,
+/// as an external subscriber would; it returns the queue's name.
+pub async fn bind_queue(env: &Env, queue: &str, exchange: &str, routing_key: &str) -> String {
+    let channel = channel(env).await;
+    channel.queue_declare(queue.into(), QueueDeclareOptions::default(), FieldTable::default()).await.expect("declared");
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bound");
+    let _ = channel.close(200, "bound".into()).await;
+    queue.to_string()
 }
 
 /// queued is the number of messages ready in `queue`, read with a passive declare.
