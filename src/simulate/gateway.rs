@@ -147,7 +147,16 @@ pub async fn run(
                 };
                 let body = serde_json::to_vec(&receipt).expect("serializes");
                 let copies = if rand::random::<f64>() < options.duplicate_rate { 2 } else { 1 };
+                // Whether the holder will exchange it is known before the receipt goes, so that
+                // whoever waits for the exchanges (the benchmark) never sees neither.
+                let certificate = message
+                    .content
+                    .get("certificate")
+                    .filter(|_| message.kind == DeliveryKind::Certificate)
+                    .filter(|_| fraction(&message.delivery_id.to_string(), "exchange") < options.exchange_rate)
+                    .cloned();
                 let answer = async move {
+                    let _waiting = certificate.as_ref().map(|_| Waiting::on(&stats));
                     for _ in 0..copies {
                         if let Err(e) =
                             publisher.publish(&requests, kinds::DELIVERY_RECEIPT, kinds::DELIVERY_RECEIPT, &body).await
@@ -157,13 +166,12 @@ pub async fn run(
                         }
                     }
                     stats.receipts.fetch_add(1, Ordering::Relaxed);
-                    if message.kind == DeliveryKind::Certificate
-                        && let Some(certificate) = message.content.get("certificate")
-                        && fraction(&message.delivery_id.to_string(), "exchange") < options.exchange_rate
+                    if let Some(certificate) = certificate
                         && let Some(key) = keys.get(&message.terminal_id).await
                     {
-                        let request = exchange_request(&message.terminal_id, certificate.clone(), &key);
+                        let request = exchange_request(&message.terminal_id, certificate, &key);
                         let (publisher, stats) = (publisher.clone(), stats.clone());
+                        let waiting = Waiting::on(&stats);
                         // The holder exchanges a little later, as a person would.
                         tokio::spawn(async move {
                             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -174,12 +182,13 @@ pub async fn run(
                                 .await
                                 .is_ok()
                             {
-                                stats.exchanges.fetch_add(1, Ordering::Relaxed);
+                                stats.exchanges.fetch_add(1, Ordering::SeqCst);
                                 if stats.log_exchanges.load(Ordering::Relaxed) {
                                     let request_id = request["request_id"].as_str().unwrap_or_default().to_string();
                                     stats.exchange_log.lock().expect("not poisoned").push((request_id, sent_at));
                                 }
                             }
+                            drop(waiting);
                         });
                     }
                 };
@@ -192,6 +201,22 @@ pub async fn run(
         task.await?;
     }
     Ok(())
+}
+
+/// Waiting counts an exchange decided on and not yet published, for as long as it lives.
+struct Waiting(Arc<Stats>);
+
+impl Waiting {
+    fn on(stats: &Arc<Stats>) -> Waiting {
+        stats.exchanges_waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting(stats.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.exchanges_waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// exchange_request builds a signed `certificate.exchange`.

@@ -51,6 +51,8 @@ pub struct Stats {
     pub declined: AtomicU64,
     pub certificates: AtomicU64,
     pub exchanges: AtomicU64,
+    /// Exchanges a holder has decided on and not yet published (see the gateway simulator's delay).
+    pub exchanges_waiting: AtomicU64,
     pub assets: AtomicU64,
     pub notices: AtomicU64,
     pub refusals: AtomicU64,
