@@ -518,7 +518,10 @@ impl PoolRunner {
         let result = self.app.db.run(move |conn| handle_together(conn, &app, pool, &work)).await;
         if let Ok(fresh) = &result {
             telemetry::batch_committed(self.pool.as_str(), fresh.len());
-            self.app.outbox_wake.notify_one();
+            // Handed off, the rows are leased: a relay woken now would find none of them.
+            if self.app.handoff.lease().is_none() {
+                self.app.outbox_wake.notify_one();
+            }
         }
         result
     }
