@@ -39,6 +39,11 @@ pub fn load_terminal(conn: &mut PgConnection, id: &str) -> QueryResult<Option<Te
     terminals::table.find(id).select(Terminal::as_select()).first(conn).optional()
 }
 
+/// load_terminals reads the terminals of these ids that exist, in one statement.
+pub fn load_terminals(conn: &mut PgConnection, ids: &[&str]) -> QueryResult<Vec<Terminal>> {
+    terminals::table.filter(terminals::id.eq_any(ids)).select(Terminal::as_select()).load(conn)
+}
+
 /// Original is the outcome of the first request with a request id.
 #[derive(Debug, Clone, Queryable)]
 pub struct Original {
@@ -58,22 +63,23 @@ pub struct Header<'a> {
     pub sent_at: DateTime<Utc>,
 }
 
-/// Verified is an authentic, fresh request.
+/// Authentic is a request from a registered terminal, signed by it and fresh: carry it out unless
+/// its request id was seen before (see [`originals`]).
 #[derive(Debug)]
-pub enum Verified {
-    /// Seen for the first time: carry it out, then call [`accept`] or [`refuse`].
-    Fresh { terminal: Terminal, content_sha256: String },
-    /// The request id was seen before: answered by [`answer_duplicate`], with no second effect.
-    Duplicate { terminal: Terminal, original: Original, content_sha256: String },
+pub struct Authentic {
+    pub terminal: Terminal,
+    pub content_sha256: String,
 }
 
-/// verify authenticates a request. Err carries the refusal, and the terminal when it is known
-/// and so can be told.
-pub fn verify(
+/// authenticate checks who sent a request, its signature and its freshness as of `received_at`
+/// (when it first reached this pool), without looking its request id up: a set-based handler
+/// looks a batch's ids up together, with [`originals`].
+pub fn authenticate(
     cx: &mut Cx<'_>,
     header: &Header<'_>,
     json: &Value,
-) -> Result<Result<Verified, (Option<Terminal>, Refused)>, Failure> {
+    received_at: DateTime<Utc>,
+) -> Result<Result<Authentic, (Option<Terminal>, Refused)>, Failure> {
     let Some(terminal) = cx.terminal(header.terminal_id)? else {
         return Ok(Err((
             None,
@@ -88,7 +94,7 @@ pub fn verify(
         )));
     }
     let auth = &cx.app.config.auth;
-    let age = cx.first_received_at.signed_duration_since(header.sent_at);
+    let age = received_at.signed_duration_since(header.sent_at);
     if age > chrono::Duration::from_std(auth.freshness_window).expect("a sane window") {
         return Ok(Err((
             Some(terminal),
@@ -106,21 +112,25 @@ pub fn verify(
     }
     let content_sha256 =
         crypto::sha256_hex(&crypto::signed_bytes(json).map_err(|e| Failure::Transient(e.to_string()))?);
-    let original = terminal_requests::table
-        .find(header.request_id)
+    Ok(Ok(Authentic { terminal, content_sha256 }))
+}
+
+/// originals are the first requests with these request ids, by request id, in one statement.
+pub fn originals(conn: &mut PgConnection, request_ids: &[&str]) -> QueryResult<HashMap<String, Original>> {
+    let rows: Vec<(String, Original)> = terminal_requests::table
+        .filter(terminal_requests::request_id.eq_any(request_ids))
         .select((
-            terminal_requests::terminal_id,
-            terminal_requests::content_sha256,
-            terminal_requests::outcome,
-            terminal_requests::reason,
-            terminal_requests::subject_id,
+            terminal_requests::request_id,
+            (
+                terminal_requests::terminal_id,
+                terminal_requests::content_sha256,
+                terminal_requests::outcome,
+                terminal_requests::reason,
+                terminal_requests::subject_id,
+            ),
         ))
-        .first::<Original>(cx.conn)
-        .optional()?;
-    Ok(Ok(match original {
-        Some(original) => Verified::Duplicate { terminal, original, content_sha256 },
-        None => Verified::Fresh { terminal, content_sha256 },
-    }))
+        .load(conn)?;
+    Ok(rows.into_iter().collect())
 }
 
 /// check_signature checks a terminal request's `signature` against the terminal's registered PEM
@@ -149,11 +159,6 @@ fn terminal_key(pem: &str) -> Result<PKey<Public>, crypto::CryptoError> {
     }
     keys.insert(pem.to_string(), key.clone());
     Ok(key)
-}
-
-/// accept records a fresh request's success and what it acted on.
-pub fn accept(cx: &mut Cx<'_>, header: &Header<'_>, content_sha256: &str, subject: Uuid) -> Result<(), Failure> {
-    record(cx, header, content_sha256, "accepted", None, Some(subject))
 }
 
 fn record(

@@ -1,5 +1,10 @@
 //! `certificate.exchange` (seed 000 section 3.3): the holder presents its exchange certificate and
 //! receives the asset. Settlement is not repeated, and a certificate is exchanged at most once.
+//! Exchanges handled together are checked one by one, as each would be alone, then read in four
+//! statements (their holders, their request ids, their certificates and their assets) and
+//! carried out in two.
+
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -7,13 +12,13 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::crypto;
-use crate::db::schema::{asset_documents, assets, certificate_documents, exchange_certificates, reminder_schedule};
+use crate::db::schema::{asset_documents, assets, certificate_documents, exchange_certificates};
 use crate::dead_letter::Reason as DeadReason;
 use crate::delivery::{self, NewDelivery};
 use crate::messages::{DeliveryKind, ExchangeRequest, kinds};
-use crate::pool::{Cx, Failure, Handler, Incoming};
+use crate::pool::{self, Cx, Failure, Handler, Incoming};
 use crate::refusal::{Reason, Refused};
-use crate::requests::{self, Header, Terminal, Verified};
+use crate::requests::{self, Authentic, Header, Terminal};
 use crate::status_machine::Status;
 use crate::telemetry;
 
@@ -31,54 +36,171 @@ struct Certificate {
     revoked_at: Option<DateTime<Utc>>,
 }
 
+#[derive(Debug, Queryable)]
+struct Asset {
+    id: Uuid,
+    status: String,
+    expires_at: DateTime<Utc>,
+    document: String,
+    order_id: Uuid,
+}
+
 impl Handler for ExchangeHandler {
     fn message_type(&self) -> &'static str {
         kinds::CERTIFICATE_EXCHANGE
     }
 
     fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure> {
-        let request: ExchangeRequest = message.decode()?;
-        let header = Header {
-            message_type: kinds::CERTIFICATE_EXCHANGE,
-            request_id: &request.request_id,
-            terminal_id: &request.terminal_id,
-            sent_at: request.sent_at,
+        self.handle_many(cx, &[message])
+    }
+
+    fn set_based(&self) -> bool {
+        true
+    }
+
+    fn handle_many(&self, cx: &mut Cx<'_>, messages: &[&Incoming]) -> Result<(), Failure> {
+        // Two requests with one request id, or presenting one certificate, are taken one at a
+        // time: the second finds the first's outcome, as it would alone.
+        let keys = |r: &ExchangeRequest| {
+            let certificate = r.certificate.get("certificate_id").and_then(Value::as_str).unwrap_or_default();
+            [format!("request {}", r.request_id), format!("certificate {certificate}")]
         };
-        let (terminal, sha) = match requests::verify(cx, &header, &message.json)? {
-            Err((terminal, refused)) => {
-                return requests::refuse(cx, message, &header, terminal.as_ref(), None, refused);
-            }
-            Ok(Verified::Duplicate { terminal, original, content_sha256 }) => {
-                return requests::answer_duplicate(cx, message, &header, &terminal, &original, &content_sha256);
-            }
-            Ok(Verified::Fresh { terminal, content_sha256 }) => (terminal, content_sha256),
-        };
-        match exchange(cx, &request, &terminal)? {
-            Ok(asset_id) => {
-                requests::accept(cx, &header, &sha, asset_id)?;
-                Ok(())
-            }
-            Err(refused) => requests::refuse(cx, message, &header, Some(&terminal), Some(&sha), refused),
-        }
+        pool::together_unless_repeated_with(cx, messages, keys, take)
     }
 }
 
-fn exchange(cx: &mut Cx<'_>, request: &ExchangeRequest, terminal: &Terminal) -> Result<Result<Uuid, Refused>, Failure> {
-    let presented = &request.certificate;
-    // Genuine: signed by the service provider, and exactly the document assetflow issued.
+fn header(request: &ExchangeRequest) -> Header<'_> {
+    Header {
+        message_type: kinds::CERTIFICATE_EXCHANGE,
+        request_id: &request.request_id,
+        terminal_id: &request.terminal_id,
+        sent_at: request.sent_at,
+    }
+}
+
+/// Presented is an authentic, fresh exchange request on its way through the checks.
+struct Presented<'m> {
+    message: &'m Incoming,
+    request: &'m ExchangeRequest,
+    terminal: Terminal,
+    content_sha256: String,
+}
+
+/// take carries out exchanges with distinct request ids and certificates.
+fn take(cx: &mut Cx<'_>, messages: &[&Incoming], exchanges: &[ExchangeRequest]) -> Result<(), Failure> {
+    cx.read_terminals(exchanges.iter().map(|r| r.terminal_id.as_str()))?;
+    let mut authentic = Vec::with_capacity(exchanges.len());
+    for (message, request) in messages.iter().zip(exchanges) {
+        match requests::authenticate(cx, &header(request), &message.json, message.first_received_at)? {
+            Err((terminal, refused)) => {
+                requests::refuse(cx, message, &header(request), terminal.as_ref(), None, refused)?
+            }
+            Ok(a) => authentic.push((*message, request, a)),
+        }
+    }
+    let ids: Vec<&str> = authentic.iter().map(|(_, r, _)| r.request_id.as_str()).collect();
+    let mut originals = if ids.is_empty() { HashMap::new() } else { requests::originals(cx.conn, &ids)? };
+    let mut presented = Vec::with_capacity(authentic.len());
+    for (message, request, Authentic { terminal, content_sha256 }) in authentic {
+        if let Some(original) = originals.remove(&request.request_id) {
+            requests::answer_duplicate(cx, message, &header(request), &terminal, &original, &content_sha256)?;
+            continue;
+        }
+        let p = Presented { message, request, terminal, content_sha256 };
+        match genuine(cx, &request.certificate) {
+            Ok(certificate_id) => presented.push((p, certificate_id)),
+            Err(refused) => refuse(cx, &p, refused)?,
+        }
+    }
+    let mut certificates = certificates(cx.conn, presented.iter().map(|(_, id)| *id).collect())?;
+    let mut held = Vec::with_capacity(presented.len());
+    for (p, id) in presented {
+        match certificates.remove(&id) {
+            None => {
+                refuse(cx, &p, Refused::new(Reason::CertificateUnknown, format!("no certificate {id} was issued")))?
+            }
+            Some(certificate) => match exchangeable(cx, &p, &certificate) {
+                Ok(()) => held.push((p, certificate)),
+                Err(refused) => refuse(cx, &p, refused)?,
+            },
+        }
+    }
+    let mut assets = assets(cx.conn, held.iter().map(|(_, c)| c.asset_id).collect())?;
+    let mut exchanged = Exchanged::default();
+    for (p, certificate) in held {
+        let asset = assets.remove(&certificate.asset_id).ok_or_else(|| {
+            Failure::permanent(DeadReason::Unprocessable, format!("certificate {} has no asset", certificate.id))
+        })?;
+        if Status::parse(&asset.status) != Some(Status::AwaitingExchange) || asset.expires_at <= cx.now {
+            let detail = format!("asset {} is {} and cannot be delivered", asset.id, asset.status);
+            refuse(cx, &p, Refused::new(Reason::AssetNotDeliverable, detail))?;
+            continue;
+        }
+        exchanged.push(&p, &certificate, asset)?;
+    }
+    exchanged.write(cx)
+}
+
+/// refuse answers an authentic, fresh request with a refusal, and records its request id.
+fn refuse(cx: &mut Cx<'_>, p: &Presented<'_>, refused: Refused) -> Result<(), Failure> {
+    requests::refuse(cx, p.message, &header(p.request), Some(&p.terminal), Some(&p.content_sha256), refused)
+}
+
+/// genuine checks that a presented certificate is signed by the service provider, and returns its
+/// id. That it is exactly the document assetflow issued is checked once the issued one is read.
+fn genuine(cx: &Cx<'_>, presented: &Value) -> Result<Uuid, Refused> {
     if let Err(e) = cx.app.keys.verify_provider(presented) {
         telemetry::signature_failure("certificate");
-        return Ok(Err(Refused::new(
+        return Err(Refused::new(
             Reason::CertificateForged,
             format!("the certificate's signature does not verify: {e}"),
-        )));
+        ));
     }
-    let Some(id) = presented.get("certificate_id").and_then(Value::as_str).and_then(|s| Uuid::parse_str(s).ok()) else {
-        return Ok(Err(Refused::new(Reason::CertificateForged, "the certificate has no valid certificate_id")));
-    };
-    let Some(certificate) = exchange_certificates::table
+    presented
+        .get("certificate_id")
+        .and_then(Value::as_str)
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .ok_or_else(|| Refused::new(Reason::CertificateForged, "the certificate has no valid certificate_id"))
+}
+
+/// exchangeable checks a certificate as issued against the request that presents it.
+fn exchangeable(cx: &Cx<'_>, p: &Presented<'_>, certificate: &Certificate) -> Result<(), Refused> {
+    let id = certificate.id;
+    if crypto::canonical_json(&p.request.certificate) != certificate.document {
+        telemetry::signature_failure("certificate");
+        return Err(Refused::new(Reason::CertificateForged, "the certificate differs from the one issued"));
+    }
+    if certificate.holder_terminal_id != p.terminal.id {
+        let detail = format!("certificate {id} is not held by terminal {}", p.terminal.id);
+        return Err(Refused::new(Reason::CertificateNotHeld, detail));
+    }
+    if certificate.exchanged_at.is_some() {
+        return Err(Refused::new(
+            Reason::CertificateAlreadyExchanged,
+            format!("certificate {id} was already exchanged"),
+        ));
+    }
+    if certificate.revoked_at.is_some() {
+        return Err(Refused::new(Reason::CertificateRevoked, format!("certificate {id} was revoked")));
+    }
+    if certificate.expires_at <= cx.now {
+        let detail = format!("certificate {id} expired at {}", certificate.expires_at);
+        return Err(Refused::new(Reason::CertificateExpired, detail));
+    }
+    Ok(())
+}
+
+/// certificates reads and locks the certificates of these ids that were issued, with their
+/// documents, in id order: two transactions naming the same ones cannot deadlock.
+fn certificates(conn: &mut PgConnection, mut ids: Vec<Uuid>) -> QueryResult<HashMap<Uuid, Certificate>> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    ids.sort_unstable();
+    let rows: Vec<Certificate> = exchange_certificates::table
         .inner_join(certificate_documents::table)
-        .filter(exchange_certificates::id.eq(id))
+        .filter(exchange_certificates::id.eq_any(&ids))
+        .order(exchange_certificates::id)
         .select((
             exchange_certificates::id,
             exchange_certificates::asset_id,
@@ -89,69 +211,95 @@ fn exchange(cx: &mut Cx<'_>, request: &ExchangeRequest, terminal: &Terminal) -> 
             exchange_certificates::revoked_at,
         ))
         .for_update()
-        .first::<Certificate>(cx.conn)
-        .optional()?
-    else {
-        return Ok(Err(Refused::new(Reason::CertificateUnknown, format!("no certificate {id} was issued"))));
-    };
-    if crypto::canonical_json(presented) != certificate.document {
-        telemetry::signature_failure("certificate");
-        return Ok(Err(Refused::new(Reason::CertificateForged, "the certificate differs from the one issued")));
+        .load(conn)?;
+    Ok(rows.into_iter().map(|c| (c.id, c)).collect())
+}
+
+/// assets reads and locks these assets with their documents, in id order, after their certificates.
+fn assets(conn: &mut PgConnection, mut ids: Vec<Uuid>) -> QueryResult<HashMap<Uuid, Asset>> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
     }
-    if certificate.holder_terminal_id != terminal.id {
-        return Ok(Err(Refused::new(
-            Reason::CertificateNotHeld,
-            format!("certificate {id} is not held by terminal {}", terminal.id),
-        )));
-    }
-    if certificate.exchanged_at.is_some() {
-        return Ok(Err(Refused::new(
-            Reason::CertificateAlreadyExchanged,
-            format!("certificate {id} was already exchanged"),
-        )));
-    }
-    if certificate.revoked_at.is_some() {
-        return Ok(Err(Refused::new(Reason::CertificateRevoked, format!("certificate {id} was revoked"))));
-    }
-    if certificate.expires_at <= cx.now {
-        return Ok(Err(Refused::new(
-            Reason::CertificateExpired,
-            format!("certificate {id} expired at {}", certificate.expires_at),
-        )));
-    }
-    let (status, expires_at, document, order_id): (String, DateTime<Utc>, String, Uuid) = assets::table
+    ids.sort_unstable();
+    let rows: Vec<Asset> = assets::table
         .inner_join(asset_documents::table)
-        .filter(assets::id.eq(certificate.asset_id))
-        .select((assets::status, assets::expires_at, asset_documents::document, assets::order_id))
+        .filter(assets::id.eq_any(&ids))
+        .order(assets::id)
+        .select((assets::id, assets::status, assets::expires_at, asset_documents::document, assets::order_id))
         .for_update()
-        .first(cx.conn)?;
-    if Status::parse(&status) != Some(Status::AwaitingExchange) || expires_at <= cx.now {
-        return Ok(Err(Refused::new(
-            Reason::AssetNotDeliverable,
-            format!("asset {} is {status} and cannot be delivered", certificate.asset_id),
-        )));
+        .load(conn)?;
+    Ok(rows.into_iter().map(|a| (a.id, a)).collect())
+}
+
+/// Exchanged is what a batch exchanges, for [`Exchanged::write`]: the certificates with the
+/// requests that exchanged them, and their assets' deliveries.
+#[derive(Default)]
+struct Exchanged {
+    certificates: Vec<Uuid>,
+    request_ids: Vec<String>,
+    terminals: Vec<String>,
+    content_sha256s: Vec<String>,
+    sent_at: Vec<DateTime<Utc>>,
+    assets: Vec<Uuid>,
+    deliveries: Vec<NewDelivery>,
+}
+
+impl Exchanged {
+    fn push(&mut self, p: &Presented<'_>, certificate: &Certificate, asset: Asset) -> Result<(), Failure> {
+        let document: Value = serde_json::from_str(&asset.document)
+            .map_err(|e| Failure::permanent(DeadReason::Unprocessable, e.to_string()))?;
+        let mut d = NewDelivery::now(
+            DeliveryKind::Asset,
+            format!("asset:{}", asset.id),
+            &p.terminal,
+            json!({"order_id": asset.order_id, "forced": false, "asset": document}),
+        );
+        d.asset_id = Some(asset.id);
+        d.order_id = Some(asset.order_id);
+        self.deliveries.push(d);
+        self.certificates.push(certificate.id);
+        self.request_ids.push(p.request.request_id.clone());
+        self.terminals.push(p.terminal.id.clone());
+        self.content_sha256s.push(p.content_sha256.clone());
+        self.sent_at.push(p.request.sent_at);
+        self.assets.push(asset.id);
+        tracing::info!(certificate_id = %certificate.id, asset_id = %asset.id, request_id = %p.request.request_id, "certificate exchanged");
+        Ok(())
     }
-    diesel::update(exchange_certificates::table.find(id))
-        .set((
-            exchange_certificates::exchanged_at.eq(cx.now),
-            exchange_certificates::exchange_request_id.eq(&request.request_id),
-        ))
+
+    /// Exchanged::write marks the certificates exchanged by their requests, ends their reminders
+    /// and records the requests as accepted (the asset is their subject), in one statement; then
+    /// the assets' deliveries, in one more.
+    fn write(&self, cx: &mut Cx<'_>) -> Result<(), Failure> {
+        use diesel::sql_types::{Array, Text, Timestamptz, Uuid as SqlUuid};
+        if self.certificates.is_empty() {
+            return Ok(());
+        }
+        crate::db::prepared(
+            "WITH recorded AS (
+               INSERT INTO terminal_requests (request_id, terminal_id, message_type, content_sha256, sent_at,
+                                              received_at, outcome, subject_id)
+               SELECT request_id, terminal_id, $2, sha, sent_at, $1, 'accepted', asset_id
+               FROM unnest($4::text[], $5::text[], $6::text[], $7::timestamptz[], $8::uuid[])
+                    AS r(request_id, terminal_id, sha, sent_at, asset_id)
+             ), exchanged AS (
+               UPDATE exchange_certificates c SET exchanged_at = $1, exchange_request_id = t.request_id
+               FROM unnest($3::uuid[], $4::text[]) AS t(id, request_id)
+               WHERE c.id = t.id
+             )
+             -- Exchanged: no more reminders.
+             UPDATE reminder_schedule SET next_stage = NULL, due_at = NULL WHERE certificate_id = ANY($3)",
+        )
+        .bind::<Timestamptz, _>(cx.now)
+        .bind::<Text, _>(kinds::CERTIFICATE_EXCHANGE)
+        .bind::<Array<SqlUuid>, _>(&self.certificates)
+        .bind::<Array<Text>, _>(&self.request_ids)
+        .bind::<Array<Text>, _>(&self.terminals)
+        .bind::<Array<Text>, _>(&self.content_sha256s)
+        .bind::<Array<Timestamptz>, _>(&self.sent_at)
+        .bind::<Array<SqlUuid>, _>(&self.assets)
         .execute(cx.conn)?;
-    // Exchanged: no more reminders.
-    diesel::update(reminder_schedule::table.find(id))
-        .set((reminder_schedule::next_stage.eq(None::<i16>), reminder_schedule::due_at.eq(None::<DateTime<Utc>>)))
-        .execute(cx.conn)?;
-    let asset: Value =
-        serde_json::from_str(&document).map_err(|e| Failure::permanent(DeadReason::Unprocessable, e.to_string()))?;
-    let mut d = NewDelivery::now(
-        DeliveryKind::Asset,
-        format!("asset:{}", certificate.asset_id),
-        terminal,
-        json!({"order_id": order_id, "forced": false, "asset": asset}),
-    );
-    d.asset_id = Some(certificate.asset_id);
-    d.order_id = Some(order_id);
-    delivery::enqueue(cx, d)?;
-    tracing::info!(certificate_id = %certificate.id, asset_id = %certificate.asset_id, "certificate exchanged");
-    Ok(Ok(certificate.asset_id))
+        delivery::enqueue_many(cx, &self.deliveries)?;
+        Ok(())
+    }
 }

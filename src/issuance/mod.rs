@@ -68,6 +68,7 @@ impl Handler for IssueHandler {
             return Err(Failure::permanent(Reason::Unprocessable, format!("no order {missing}")));
         }
         let mut issue = Issue::default();
+        cx.read_terminals(orders.iter().flat_map(|o| o.recipient_terminal_ids.iter().map(String::as_str)))?;
         // Issued already, or never settled: nothing to do for those.
         for order in orders.iter().filter(|o| o.status == "issuing") {
             sign(cx, order, &mut issue)?;

@@ -214,6 +214,23 @@ impl Cx<'_> {
         remembered(&mut self.lookups.terminals, id, || crate::requests::load_terminal(self.conn, id))
     }
 
+    /// Cx::read_terminals reads, in one statement, those of `ids` this transaction has not read
+    /// yet, so that [`Cx::terminal`] finds each of them (or that it does not exist) without another.
+    pub fn read_terminals<'i>(&mut self, ids: impl IntoIterator<Item = &'i str>) -> QueryResult<()> {
+        let mut missing: Vec<&str> = ids.into_iter().filter(|id| !self.lookups.terminals.contains_key(*id)).collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut found: HashMap<String, crate::requests::Terminal> =
+            crate::requests::load_terminals(self.conn, &missing)?.into_iter().map(|t| (t.id.clone(), t)).collect();
+        for id in missing {
+            self.lookups.terminals.insert(id.to_string(), found.remove(id));
+        }
+        Ok(())
+    }
+
     /// Cx::publish sends a message once this transaction commits. It is gathered with the
     /// transaction's other messages and written to the outbox with them, in one statement, before
     /// the commit.
@@ -261,14 +278,33 @@ pub fn together_unless_repeated<T: serde::de::DeserializeOwned, K: Eq + std::has
     key: impl Fn(&T) -> K,
     mut take: impl FnMut(&mut Cx<'_>, &[T]) -> Result<(), Failure>,
 ) -> Result<(), Failure> {
+    together_unless_repeated_with(cx, messages, |d| [key(d)], |cx, _, decoded| take(cx, decoded))
+}
+
+/// together_unless_repeated_with is [`together_unless_repeated`] for a `take` that needs the
+/// messages as received too (a terminal request's signature covers its JSON as sent): it gets
+/// them beside their decoded bodies, in the same order. A message may name several things
+/// (`keys`: its request id and the certificate it presents); two that share any are taken one at a
+/// time.
+pub fn together_unless_repeated_with<T, K, Ks>(
+    cx: &mut Cx<'_>,
+    messages: &[&Incoming],
+    keys: impl Fn(&T) -> Ks,
+    mut take: impl FnMut(&mut Cx<'_>, &[&Incoming], &[T]) -> Result<(), Failure>,
+) -> Result<(), Failure>
+where
+    T: serde::de::DeserializeOwned,
+    K: Eq + std::hash::Hash,
+    Ks: IntoIterator<Item = K>,
+{
     let decoded = messages.iter().map(|message| message.decode()).collect::<Result<Vec<T>, _>>()?;
     let mut seen = std::collections::HashSet::with_capacity(decoded.len());
-    if decoded.iter().all(|d| seen.insert(key(d))) {
-        return take(cx, &decoded);
+    if decoded.iter().flat_map(&keys).all(|k| seen.insert(k)) {
+        return take(cx, messages, &decoded);
     }
     decoded.iter().zip(messages).try_for_each(|(one, message)| {
         (cx.now, cx.first_received_at) = (message.received_at, message.first_received_at);
-        take(cx, std::slice::from_ref(one))
+        take(cx, std::slice::from_ref(message), std::slice::from_ref(one))
     })
 }
 

@@ -1,15 +1,20 @@
-//! `order.purchase`: validate the order and instruct the payer's partner.
+//! `order.purchase`: validate the order and instruct the payer's partner. Purchases handled
+//! together are authenticated one by one (a signature each), then read in three statements (their
+//! parties, their request ids and the product) and placed in one.
+
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
+use serde_json::Value;
 use uuid::Uuid;
 
 use super::{Settlement, answer_by, instruction};
 use crate::catalogue::Product;
 use crate::messages::{DeliveryModeKind, PurchaseRequest, kinds};
-use crate::pool::{Cx, Failure, Handler, Incoming};
+use crate::pool::{self, Cx, Failure, Handler, Incoming};
 use crate::refusal::{Reason, Refused};
-use crate::requests::{self, Header, Terminal, Verified};
+use crate::requests::{self, Authentic, Header, Terminal};
 
 /// PurchaseHandler takes `order.purchase`.
 pub struct PurchaseHandler;
@@ -20,33 +25,60 @@ impl Handler for PurchaseHandler {
     }
 
     fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure> {
-        let request: PurchaseRequest = message.decode()?;
-        let header = Header {
-            message_type: kinds::ORDER_PURCHASE,
-            request_id: &request.request_id,
-            terminal_id: &request.terminal_id,
-            sent_at: request.sent_at,
-        };
-        let (terminal, sha) = match requests::verify(cx, &header, &message.json)? {
+        self.handle_many(cx, &[message])
+    }
+
+    fn set_based(&self) -> bool {
+        true
+    }
+
+    fn handle_many(&self, cx: &mut Cx<'_>, messages: &[&Incoming]) -> Result<(), Failure> {
+        pool::together_unless_repeated_with(cx, messages, |r: &PurchaseRequest| [r.request_id.clone()], take)
+    }
+}
+
+fn header(request: &PurchaseRequest) -> Header<'_> {
+    Header {
+        message_type: kinds::ORDER_PURCHASE,
+        request_id: &request.request_id,
+        terminal_id: &request.terminal_id,
+        sent_at: request.sent_at,
+    }
+}
+
+/// take carries out purchases with distinct request ids. Each is checked as it would be alone, in
+/// the order of the checks `requests` describes; what is refused or repeated is answered at once,
+/// and the orders are placed together at the end.
+fn take(cx: &mut Cx<'_>, messages: &[&Incoming], purchases: &[PurchaseRequest]) -> Result<(), Failure> {
+    cx.read_terminals(purchases.iter().flat_map(|p| {
+        let payer = p.payer_terminal_id.iter();
+        let recipients = p.recipient_terminal_ids.iter().flatten();
+        std::iter::once(&p.terminal_id).chain(payer).chain(recipients).map(String::as_str)
+    }))?;
+    let mut authentic = Vec::with_capacity(purchases.len());
+    for (message, purchase) in messages.iter().zip(purchases) {
+        match requests::authenticate(cx, &header(purchase), &message.json, message.first_received_at)? {
             Err((terminal, refused)) => {
-                return requests::refuse(cx, message, &header, terminal.as_ref(), None, refused);
+                requests::refuse(cx, message, &header(purchase), terminal.as_ref(), None, refused)?
             }
-            Ok(Verified::Duplicate { terminal, original, content_sha256 }) => {
-                return requests::answer_duplicate(cx, message, &header, &terminal, &original, &content_sha256);
-            }
-            Ok(Verified::Fresh { terminal, content_sha256 }) => (terminal, content_sha256),
-        };
-        match plan(cx, &request, &terminal)? {
-            Err(refused) => requests::refuse(cx, message, &header, Some(&terminal), Some(&sha), refused),
-            Ok(plan) => {
-                let order_id = Uuid::now_v7();
-                requests::accept(cx, &header, &sha, order_id)?;
-                place(cx, &request, &plan, order_id)?;
-                tracing::info!(order_id = %order_id, request_id = %request.request_id, amount_minor = plan.amount_minor, "order placed");
-                Ok(())
-            }
+            Ok(a) => authentic.push((*message, purchase, a)),
         }
     }
+    let ids: Vec<&str> = authentic.iter().map(|(_, p, _)| p.request_id.as_str()).collect();
+    let mut originals = if ids.is_empty() { HashMap::new() } else { requests::originals(cx.conn, &ids)? };
+    let mut placing = Placing::default();
+    for (message, purchase, Authentic { terminal, content_sha256: sha }) in authentic {
+        let header = header(purchase);
+        if let Some(original) = originals.remove(&purchase.request_id) {
+            requests::answer_duplicate(cx, message, &header, &terminal, &original, &sha)?;
+            continue;
+        }
+        match plan(cx, purchase, &terminal)? {
+            Err(refused) => requests::refuse(cx, message, &header, Some(&terminal), Some(&sha), refused)?,
+            Ok(plan) => placing.push(cx, purchase, plan, sha),
+        }
+    }
+    placing.write(cx)
 }
 
 /// Plan is a validated order, ready to be placed.
@@ -136,53 +168,119 @@ fn plan(cx: &mut Cx<'_>, request: &PurchaseRequest, orderer: &Terminal) -> Resul
     Ok(Ok(Plan { product, payer, partner_id, recipients, amount_minor, mode, designated_at }))
 }
 
-fn place(cx: &mut Cx<'_>, request: &PurchaseRequest, plan: &Plan, order_id: Uuid) -> Result<(), Failure> {
-    use diesel::sql_types::{Array, Int4, Int8, Nullable, Text, Timestamptz, Uuid as SqlUuid};
-    let now = cx.now;
-    let answer_by = answer_by(cx.app, &plan.partner_id, now);
-    let settlement = Settlement {
-        id: Uuid::now_v7(),
-        order_id,
-        kind: "purchase".into(),
-        partner_id: plan.partner_id.clone(),
-        payer_terminal_id: plan.payer.id.clone(),
-        amount_minor: plan.amount_minor,
-        currency: plan.product.currency.clone(),
-        status: "instructed".into(),
-        attempts: 1,
-        instructed_at: now,
-        attempt_limit: None,
-    };
-    // The order and its settlement, in one round trip: the settlement's foreign key on the order
-    // is checked at the end of the statement, when both rows are in.
-    crate::db::prepared(
-        "WITH placed AS (
-           INSERT INTO orders (id, request_id, orderer_terminal_id, payer_terminal_id, recipient_terminal_ids,
-                               product_id, quantity, amount_minor, currency, delivery_mode, designated_at, status,
-                               created_at, updated_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'settling', $12, $12)
-         )
-         INSERT INTO settlements (id, order_id, kind, partner_id, payer_terminal_id, amount_minor, currency, status,
-                                  instructed_at, attempts, answer_due_at)
-         VALUES ($13, $1, $14, $15, $4, $8, $9, 'instructed', $12, 1, $16)",
-    )
-    .bind::<SqlUuid, _>(order_id)
-    .bind::<Text, _>(&request.request_id)
-    .bind::<Text, _>(&request.terminal_id)
-    .bind::<Text, _>(&plan.payer.id)
-    .bind::<Array<Text>, _>(&plan.recipients)
-    .bind::<Text, _>(&plan.product.id)
-    .bind::<Int4, _>(request.quantity as i32)
-    .bind::<Int8, _>(plan.amount_minor)
-    .bind::<Text, _>(&plan.product.currency)
-    .bind::<Text, _>(plan.mode.as_str())
-    .bind::<Nullable<Timestamptz>, _>(plan.designated_at)
-    .bind::<Timestamptz, _>(now)
-    .bind::<SqlUuid, _>(settlement.id)
-    .bind::<Text, _>(&settlement.kind)
-    .bind::<Text, _>(&settlement.partner_id)
-    .bind::<Timestamptz, _>(answer_by)
-    .execute(cx.conn)?;
-    cx.publish(instruction(cx.app, &settlement, 1, answer_by));
-    Ok(())
+/// Placing is the orders of a batch to place, column by column, for [`Placing::write`].
+#[derive(Default)]
+struct Placing {
+    orders: Vec<Uuid>,
+    request_ids: Vec<String>,
+    orderers: Vec<String>,
+    content_sha256s: Vec<String>,
+    sent_at: Vec<DateTime<Utc>>,
+    payers: Vec<String>,
+    recipients: Vec<Value>,
+    products: Vec<String>,
+    quantities: Vec<i32>,
+    amounts: Vec<i64>,
+    currencies: Vec<String>,
+    modes: Vec<&'static str>,
+    designated_at: Vec<Option<DateTime<Utc>>>,
+    settlements: Vec<Uuid>,
+    partners: Vec<String>,
+    answer_by: Vec<DateTime<Utc>>,
+}
+
+impl Placing {
+    /// Placing::push adds an order, and its partner's first instruction to what the transaction
+    /// publishes.
+    fn push(&mut self, cx: &mut Cx<'_>, purchase: &PurchaseRequest, plan: Plan, content_sha256: String) {
+        let order_id = Uuid::now_v7();
+        let answer_by = answer_by(cx.app, &plan.partner_id, cx.now);
+        let settlement = Settlement {
+            id: Uuid::now_v7(),
+            order_id,
+            kind: "purchase".into(),
+            partner_id: plan.partner_id,
+            payer_terminal_id: plan.payer.id,
+            amount_minor: plan.amount_minor,
+            currency: plan.product.currency,
+            status: "instructed".into(),
+            attempts: 1,
+            instructed_at: cx.now,
+            attempt_limit: None,
+        };
+        cx.publish(instruction(cx.app, &settlement, 1, answer_by));
+        tracing::info!(order_id = %order_id, request_id = %purchase.request_id, amount_minor = plan.amount_minor, "order placed");
+        self.orders.push(order_id);
+        self.request_ids.push(purchase.request_id.clone());
+        self.orderers.push(purchase.terminal_id.clone());
+        self.content_sha256s.push(content_sha256);
+        self.sent_at.push(purchase.sent_at);
+        self.payers.push(settlement.payer_terminal_id);
+        self.recipients.push(Value::from(plan.recipients));
+        self.products.push(plan.product.id);
+        self.quantities.push(purchase.quantity as i32);
+        self.amounts.push(settlement.amount_minor);
+        self.currencies.push(settlement.currency);
+        self.modes.push(plan.mode.as_str());
+        self.designated_at.push(plan.designated_at);
+        self.settlements.push(settlement.id);
+        self.partners.push(settlement.partner_id);
+        self.answer_by.push(answer_by);
+    }
+
+    /// Placing::write records the requests as accepted and places their orders with their
+    /// settlements, in one round trip whatever their number. The foreign keys between the three
+    /// are checked at the end of the statement, when all the rows are in; a request id another
+    /// transaction took meanwhile fails it as a whole (see `Failure::from` for unique violations).
+    fn write(&self, cx: &mut Cx<'_>) -> Result<(), Failure> {
+        use diesel::sql_types::{Array, Int4, Int8, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+        if self.orders.is_empty() {
+            return Ok(());
+        }
+        crate::db::prepared(
+            "WITH recorded AS (
+               INSERT INTO terminal_requests (request_id, terminal_id, message_type, content_sha256, sent_at,
+                                              received_at, outcome, subject_id)
+               SELECT request_id, orderer, $2, sha, sent_at, $1, 'accepted', id
+               FROM unnest($3::uuid[], $4::text[], $5::text[], $6::text[], $7::timestamptz[])
+                    AS r(id, request_id, orderer, sha, sent_at)
+             ), placed AS (
+               INSERT INTO orders (id, request_id, orderer_terminal_id, payer_terminal_id, recipient_terminal_ids,
+                                   product_id, quantity, amount_minor, currency, delivery_mode, designated_at, status,
+                                   created_at, updated_at)
+               SELECT id, request_id, orderer, payer, ARRAY(SELECT jsonb_array_elements_text(recipients)),
+                      product_id, quantity, amount, currency, mode, designated_at, 'settling', $1, $1
+               FROM unnest($3::uuid[], $4::text[], $5::text[], $8::text[], $9::jsonb[], $10::text[], $11::int4[],
+                           $12::int8[], $13::text[], $14::text[], $15::timestamptz[])
+                    AS o(id, request_id, orderer, payer, recipients, product_id, quantity, amount, currency, mode,
+                         designated_at)
+             )
+             INSERT INTO settlements (id, order_id, kind, partner_id, payer_terminal_id, amount_minor, currency,
+                                      status, instructed_at, attempts, answer_due_at)
+             SELECT id, order_id, 'purchase', partner_id, payer, amount, currency, 'instructed', $1, 1, answer_by
+             FROM unnest($16::uuid[], $3::uuid[], $17::text[], $8::text[], $12::int8[], $13::text[],
+                         $18::timestamptz[])
+                  AS s(id, order_id, partner_id, payer, amount, currency, answer_by)",
+        )
+        .bind::<Timestamptz, _>(cx.now)
+        .bind::<Text, _>(kinds::ORDER_PURCHASE)
+        .bind::<Array<SqlUuid>, _>(&self.orders)
+        .bind::<Array<Text>, _>(&self.request_ids)
+        .bind::<Array<Text>, _>(&self.orderers)
+        .bind::<Array<Text>, _>(&self.content_sha256s)
+        .bind::<Array<Timestamptz>, _>(&self.sent_at)
+        .bind::<Array<Text>, _>(&self.payers)
+        .bind::<Array<Jsonb>, _>(&self.recipients)
+        .bind::<Array<Text>, _>(&self.products)
+        .bind::<Array<Int4>, _>(&self.quantities)
+        .bind::<Array<Int8>, _>(&self.amounts)
+        .bind::<Array<Text>, _>(&self.currencies)
+        .bind::<Array<Text>, _>(&self.modes)
+        .bind::<Array<Nullable<Timestamptz>>, _>(&self.designated_at)
+        .bind::<Array<SqlUuid>, _>(&self.settlements)
+        .bind::<Array<Text>, _>(&self.partners)
+        .bind::<Array<Timestamptz>, _>(&self.answer_by)
+        .execute(cx.conn)?;
+        Ok(())
+    }
 }

@@ -262,3 +262,216 @@ async fn receipts_handled_together_each_have_the_effect_they_have_alone() {
     assert_eq!(rows(&env, "SELECT count(*) FROM orders WHERE status = 'issued'").await, 3, "the orders stay issued");
     env.stop().await;
 }
+
+/// request is a terminal request as a pool receives it, under its own type.
+fn request(message_id: &str, json: &Value) -> Incoming {
+    Incoming { message_type: json["type"].as_str().unwrap().into(), ..incoming(message_id, json.clone()) }
+}
+
+/// handled carries out requests together, with the handler of their type, as a pool's batch.
+async fn handled(env: &Env, pool: Pool, handler: Arc<dyn Handler>, batch: Vec<Incoming>) -> Vec<bool> {
+    let app = env.app.clone();
+    let work: Vec<Work> = batch.into_iter().map(|m| (handler.clone(), m, tracing::Span::none())).collect();
+    env.app.db.run(move |conn| handle_together(conn, &app, pool, &work)).await.expect("committed")
+}
+
+fn outcome_of(conn: &mut diesel::PgConnection, request: &Value) -> Option<String> {
+    let rid = crate::support::request_id(request);
+    crate::harness::text(
+        conn,
+        &format!(
+            "SELECT outcome || coalesce(':' || reason, '') AS value FROM terminal_requests WHERE request_id = '{rid}'"
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purchases_handled_together_each_have_the_effect_they_have_alone() {
+    use assetflow::settlement::PurchaseHandler;
+
+    // Not started: nothing but the test handles the requests, and the outbox keeps what they send.
+    let env = Env::new().await;
+    let concert = env.product("concert", |_| {}).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    let bob = env.terminal("bob", "gw-1", None).await;
+    let stranger = assetflow::simulate::terminals::SimTerminal {
+        id: "stranger".into(),
+        key: assetflow::crypto::generate_key_pair().unwrap(),
+    };
+    let handler: Arc<dyn Handler> = Arc::new(PurchaseHandler);
+    let seen = purchase(&alice, "concert", 1, json!({}));
+    handled(&env, Pool::Settlement, handler.clone(), vec![request("seen", &seen)]).await;
+
+    let two = purchase(&alice, "concert", 2, json!({}));
+    let for_both = purchase(&alice, "concert", 1, json!({"recipient_terminal_ids": ["alice", "bob"]}));
+    let mut forged = purchase(&alice, "concert", 1, json!({}));
+    forged["quantity"] = json!(5);
+    let nothing = purchase(&alice, "nothing", 1, json!({}));
+    let unpaid = purchase(&bob, "concert", 1, json!({}));
+    let unknown = purchase(&stranger, "concert", 1, json!({}));
+    let batch = vec![
+        request("two", &two),
+        request("seen-again", &seen),
+        request("forged", &forged),
+        request("nothing", &nothing),
+        request("unpaid", &unpaid),
+        request("unknown", &unknown),
+        request("for-both", &for_both),
+    ];
+    assert_eq!(handled(&env, Pool::Settlement, handler, batch).await, vec![true; 7], "seven new messages");
+
+    let price = concert.price_minor;
+    let (two_id, both_id) = (crate::support::request_id(&two), crate::support::request_id(&for_both));
+    env.db(move |c| {
+        assert_eq!(count(c, "SELECT count(*) FROM orders WHERE status = 'settling'"), 3, "the two new orders and the first");
+        assert_eq!(
+            count(c, &format!("SELECT amount_minor AS count FROM orders WHERE request_id = '{two_id}'")),
+            2 * price,
+            "quantity times price"
+        );
+        assert_eq!(
+            count(c, &format!("SELECT amount_minor AS count FROM orders WHERE request_id = '{both_id}' AND recipient_terminal_ids = ARRAY['alice', 'bob']")),
+            2 * price,
+            "one each for two recipients"
+        );
+        assert_eq!(
+            count(c, "SELECT count(*) FROM settlements s JOIN orders o ON o.id = s.order_id WHERE s.status = 'instructed' AND s.amount_minor = o.amount_minor AND s.answer_due_at > s.instructed_at"),
+            3,
+            "each order has its settlement, due to be answered"
+        );
+        assert_eq!(
+            count(c, "SELECT count(*) FROM terminal_requests r JOIN orders o ON o.request_id = r.request_id AND o.id = r.subject_id WHERE r.outcome = 'accepted'"),
+            3,
+            "each accepted request names its order"
+        );
+        assert_eq!(outcome_of(c, &nothing).as_deref(), Some("refused:unknown_product"));
+        assert_eq!(outcome_of(c, &unpaid).as_deref(), Some("refused:no_payment_method"));
+        assert_eq!(outcome_of(c, &forged), None, "a forgery's request id is not recorded, so not burnt");
+        assert_eq!(outcome_of(c, &unknown), None, "a stranger's request id is not recorded");
+        for reason in ["bad_signature", "unknown_product", "no_payment_method", "unknown_terminal"] {
+            let sql = format!("SELECT count(*) FROM refusals WHERE reason = '{reason}'");
+            assert_eq!(count(c, &sql), 1, "refused once as {reason}");
+        }
+        assert_eq!(
+            count(c, "SELECT count(*) FROM deliveries WHERE kind = 'refusal'"),
+            3,
+            "the known terminals are told; the stranger is not"
+        );
+        assert_eq!(
+            count(c, "SELECT count(*) FROM deliveries WHERE kind = 'message' AND dedupe_key = 'duplicate:seen-again' AND terminal_id = 'alice'"),
+            1,
+            "the repeated request is answered with the first one's outcome"
+        );
+        assert_eq!(
+            count(c, "SELECT count(*) FROM outbox WHERE message_type = 'settlement.instruction'"),
+            3,
+            "one instruction per order, the repeated request's included once"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchanges_handled_together_each_have_the_effect_they_have_alone() {
+    use assetflow::issuance::ExchangeHandler;
+    use assetflow::simulate::gateway::exchange_request;
+
+    // No gateway: the certificates go out, and the test presents them.
+    let mut env = Env::new().await;
+    env.product("concert", |_| {}).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    let bob = env.terminal("bob", "gw-1", Some("card-co")).await;
+    for _ in 0..3 {
+        env.send(&purchase(&alice, "concert", 1, json!({}))).await;
+    }
+    env.start().await;
+    env.partner(settle_all());
+    let sent = "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'sent'";
+    env.wait_until("three certificates are sent", move |c| (count(c, sent) == 3).then_some(())).await;
+    let certificates: Vec<Value> = env
+        .db(|c| {
+            #[derive(diesel::QueryableByName)]
+            struct Content {
+                #[diesel(sql_type = diesel::sql_types::Jsonb)]
+                certificate: Value,
+            }
+            use diesel::RunQueryDsl;
+            diesel::sql_query(
+                "SELECT content->'certificate' AS certificate FROM deliveries WHERE kind = 'certificate' ORDER BY id",
+            )
+            .load::<Content>(c)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.certificate)
+            .collect()
+        })
+        .await;
+    let (a, b, c) = (&certificates[0], &certificates[1], &certificates[2]);
+    let mut tampered = c.clone();
+    tampered["holder_terminal_id"] = json!("bob");
+    let mut never_issued = c.clone();
+    never_issued["certificate_id"] = json!(Uuid::now_v7());
+    assetflow::crypto::sign_document(&env.app.keys.provider, &mut never_issued).unwrap();
+    let handler: Arc<dyn Handler> = Arc::new(ExchangeHandler);
+
+    // All distinct: handled as a set.
+    let a_by_alice = exchange_request("alice", a.clone(), &alice.key);
+    let b_by_bob = exchange_request("bob", b.clone(), &bob.key);
+    let forged = exchange_request("alice", tampered, &alice.key);
+    let unknown = exchange_request("alice", never_issued, &alice.key);
+    let batch = vec![
+        request("a", &a_by_alice),
+        request("b", &b_by_bob),
+        request("forged", &forged),
+        request("unknown", &unknown),
+    ];
+    assert_eq!(handled(&env, Pool::Issuance, handler.clone(), batch).await, vec![true; 4]);
+    let (a_id, a_asset) =
+        (a["certificate_id"].as_str().unwrap().to_string(), a["asset_id"].as_str().unwrap().to_string());
+    let a_rid = crate::support::request_id(&a_by_alice);
+    env.db(move |conn| {
+        assert_eq!(count(conn, "SELECT count(*) FROM exchange_certificates WHERE exchanged_at IS NOT NULL"), 1);
+        assert_eq!(
+            count(conn, &format!("SELECT count(*) FROM exchange_certificates c JOIN reminder_schedule r ON r.certificate_id = c.id WHERE c.id = '{a_id}' AND c.exchange_request_id = '{a_rid}' AND r.due_at IS NULL AND r.next_stage IS NULL")),
+            1,
+            "the certificate names its exchange, and its reminders end"
+        );
+        assert_eq!(
+            count(conn, &format!("SELECT count(*) FROM terminal_requests WHERE request_id = '{a_rid}' AND outcome = 'accepted' AND subject_id = '{a_asset}'")),
+            1
+        );
+        assert_eq!(
+            count(conn, &format!("SELECT count(*) FROM deliveries WHERE kind = 'asset' AND asset_id = '{a_asset}' AND terminal_id = 'alice'")),
+            1,
+            "the asset goes to its holder"
+        );
+        assert_eq!(count(conn, "SELECT count(*) FROM deliveries WHERE kind = 'asset'"), 1);
+        for reason in ["certificate_not_held", "certificate_forged", "certificate_unknown"] {
+            let sql = format!("SELECT count(*) FROM refusals WHERE reason = '{reason}'");
+            assert_eq!(count(conn, &sql), 1, "refused once as {reason}");
+        }
+        assert_eq!(count(conn, "SELECT count(*) FROM terminal_requests WHERE message_type = 'certificate.exchange' AND outcome = 'refused'"), 3);
+    })
+    .await;
+
+    // One certificate presented twice, and one already exchanged: handled one at a time, each
+    // finding what the one before it did.
+    let c_by_alice = exchange_request("alice", c.clone(), &alice.key);
+    let batch = vec![
+        request("a-again", &exchange_request("alice", a.clone(), &alice.key)),
+        request("c", &c_by_alice),
+        request("c-again", &exchange_request("alice", c.clone(), &alice.key)),
+    ];
+    assert_eq!(handled(&env, Pool::Issuance, handler, batch).await, vec![true; 3]);
+    let c_rid = crate::support::request_id(&c_by_alice);
+    env.db(move |conn| {
+        assert_eq!(count(conn, "SELECT count(*) FROM refusals WHERE reason = 'certificate_already_exchanged'"), 2);
+        assert_eq!(
+            count(conn, &format!("SELECT count(*) FROM exchange_certificates WHERE exchange_request_id = '{c_rid}'")),
+            1
+        );
+        assert_eq!(count(conn, "SELECT count(*) FROM deliveries WHERE kind = 'asset'"), 2, "each asset delivered once");
+    })
+    .await;
+    env.stop().await;
+}
