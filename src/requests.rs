@@ -134,7 +134,7 @@ pub fn originals(conn: &mut PgConnection, request_ids: &[&str]) -> QueryResult<H
 }
 
 /// check_signature checks a terminal request's `signature` against the terminal's registered PEM
-/// public key: the cryptographic half of [`verify`]. Any request and any registered text may
+/// public key: the cryptographic half of [`authenticate`]. Any request and any registered text may
 /// reach it, so it returns an error, never panics (fuzzed by `fuzz/`, the `signature` target).
 pub fn check_signature(public_key_pem: &str, request: &Value) -> Result<(), crypto::CryptoError> {
     let key = terminal_key(public_key_pem)?;

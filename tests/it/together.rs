@@ -12,7 +12,7 @@ use assetflow::outbox::Outgoing;
 use assetflow::pool::definition::PoolDefinitions;
 use assetflow::pool::{Cx, Failure, Handler, Incoming, Work, handle_together};
 use assetflow::simulate::gateway::GatewayOptions;
-use assetflow::simulate::terminals::purchase;
+use assetflow::simulate::terminals::{SimTerminal, purchase};
 use chrono::Utc;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -191,16 +191,7 @@ async fn receipts_handled_together_each_have_the_effect_they_have_alone() {
     use diesel::RunQueryDsl;
 
     // No gateway: the certificates go out and wait for receipts, which the test writes.
-    let mut env = Env::new().await;
-    env.product("concert", |_| {}).await;
-    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
-    for _ in 0..3 {
-        env.send(&purchase(&alice, "concert", 1, json!({}))).await;
-    }
-    env.start().await;
-    env.partner(settle_all());
-    let sent = "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'sent'";
-    env.wait_until("three certificates are sent", move |c| (count(c, sent) == 3).then_some(())).await;
+    let (mut env, _) = three_certificates_sent().await;
     let attempts: Vec<Sent> = env
         .db(|c| {
             diesel::sql_query(
@@ -230,11 +221,7 @@ async fn receipts_handled_together_each_have_the_effect_they_have_alone() {
         receipt(1, "r1-again", &attempts[1].payload_sha256),
         receipt(2, "r2", &"0".repeat(64)),
     ];
-    let app = env.app.clone();
-    let handler: Arc<dyn Handler> = Arc::new(ReceiptHandler);
-    let work: Vec<Work> = batch.into_iter().map(|m| (handler.clone(), m, tracing::Span::none())).collect();
-    let fresh =
-        env.app.db.run(move |conn| handle_together(conn, &app, Pool::Delivery, &work)).await.expect("committed");
+    let fresh = handled(&env, Pool::Delivery, Arc::new(ReceiptHandler), batch).await;
     assert_eq!(fresh, vec![true; 4], "four new messages");
 
     let statuses: Vec<(String, String)> = env
@@ -261,6 +248,23 @@ async fn receipts_handled_together_each_have_the_effect_they_have_alone() {
     assert_eq!(statuses[2], ("failed".into(), "hash_mismatch".into()), "a wrong hash fails the attempt");
     assert_eq!(rows(&env, "SELECT count(*) FROM orders WHERE status = 'issued'").await, 3, "the orders stay issued");
     env.stop().await;
+}
+
+/// three_certificates_sent starts a service with a partner that settles everything and no
+/// gateway, and waits until three orders' certificates are sent to their terminal, alice, which
+/// acknowledges nothing: what happens to them next is the test's.
+async fn three_certificates_sent() -> (Env, SimTerminal) {
+    let mut env = Env::new().await;
+    env.product("concert", |_| {}).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    for _ in 0..3 {
+        env.send(&purchase(&alice, "concert", 1, json!({}))).await;
+    }
+    env.start().await;
+    env.partner(settle_all());
+    let sent = "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'sent'";
+    env.wait_until("three certificates are sent", move |c| (count(c, sent) == 3).then_some(())).await;
+    (env, alice)
 }
 
 /// request is a terminal request as a pool receives it, under its own type.
@@ -294,10 +298,7 @@ async fn purchases_handled_together_each_have_the_effect_they_have_alone() {
     let concert = env.product("concert", |_| {}).await;
     let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
     let bob = env.terminal("bob", "gw-1", None).await;
-    let stranger = assetflow::simulate::terminals::SimTerminal {
-        id: "stranger".into(),
-        key: assetflow::crypto::generate_key_pair().unwrap(),
-    };
+    let stranger = SimTerminal { id: "stranger".into(), key: assetflow::crypto::generate_key_pair().unwrap() };
     let handler: Arc<dyn Handler> = Arc::new(PurchaseHandler);
     let seen = purchase(&alice, "concert", 1, json!({}));
     handled(&env, Pool::Settlement, handler.clone(), vec![request("seen", &seen)]).await;
@@ -377,17 +378,8 @@ async fn exchanges_handled_together_each_have_the_effect_they_have_alone() {
     use assetflow::simulate::gateway::exchange_request;
 
     // No gateway: the certificates go out, and the test presents them.
-    let mut env = Env::new().await;
-    env.product("concert", |_| {}).await;
-    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    let (mut env, alice) = three_certificates_sent().await;
     let bob = env.terminal("bob", "gw-1", Some("card-co")).await;
-    for _ in 0..3 {
-        env.send(&purchase(&alice, "concert", 1, json!({}))).await;
-    }
-    env.start().await;
-    env.partner(settle_all());
-    let sent = "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'sent'";
-    env.wait_until("three certificates are sent", move |c| (count(c, sent) == 3).then_some(())).await;
     let certificates: Vec<Value> = env
         .db(|c| {
             #[derive(diesel::QueryableByName)]
