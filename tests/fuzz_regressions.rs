@@ -4,8 +4,10 @@
 //! asserting a clean, specific error. An input that once crashed a target belongs here too, with
 //! the target's name and what it did.
 
+use assetflow::contracts::messages::{
+    self, DeliveryReceipt, ExchangeRequest, MAX_BODY, PurchaseRequest, SettlementResult, kinds,
+};
 use assetflow::crypto;
-use assetflow::messages::{self, DeliveryReceipt, ExchangeRequest, MAX_BODY, PurchaseRequest, SettlementResult, kinds};
 use serde_json::{Value, json};
 
 /// body_error is parse_body's error for `body`, which must be one.
@@ -91,7 +93,7 @@ fn deep_nesting_is_refused_or_handled_without_exhausting_the_stack() {
     messages::decode::<ExchangeRequest>(&message_type, &json).expect("a deep certificate fits the schema");
     let key = crypto::generate_key_pair().unwrap();
     let pem = crypto::public_key_pem(&key).unwrap();
-    let err = assetflow::requests::check_signature(&pem, &json).unwrap_err();
+    let err = assetflow::domain::requests::check_signature(&pem, &json).unwrap_err();
     assert!(matches!(err, crypto::CryptoError::BadSignature), "{err}");
 }
 
@@ -152,12 +154,12 @@ fn signatures_of_every_bad_shape_are_refused_cleanly() {
     let pem = crypto::public_key_pem(&key).unwrap();
     let mut signed = json!({"type": "order.purchase", "request_id": "r-1", "quantity": 1});
     crypto::sign_document(&key, &mut signed).unwrap();
-    assetflow::requests::check_signature(&pem, &signed).expect("the control verifies");
+    assetflow::domain::requests::check_signature(&pem, &signed).expect("the control verifies");
 
     let with_signature = |signature: Value| {
         let mut doc = signed.clone();
         doc["signature"] = signature;
-        assetflow::requests::check_signature(&pem, &doc).unwrap_err()
+        assetflow::domain::requests::check_signature(&pem, &doc).unwrap_err()
     };
     use crypto::CryptoError::*;
     assert!(matches!(with_signature(json!("")), BadSignature));
@@ -167,18 +169,18 @@ fn signatures_of_every_bad_shape_are_refused_cleanly() {
     assert!(matches!(with_signature(json!("A".repeat(1 << 20))), BadSignature));
     assert!(matches!(with_signature(json!(12)), MissingSignature));
     assert!(matches!(with_signature(json!(null)), MissingSignature));
-    assert!(matches!(assetflow::requests::check_signature(&pem, &json!([1, 2])), Err(MissingSignature)));
-    assert!(matches!(assetflow::requests::check_signature(&pem, &json!("x")), Err(MissingSignature)));
+    assert!(matches!(assetflow::domain::requests::check_signature(&pem, &json!([1, 2])), Err(MissingSignature)));
+    assert!(matches!(assetflow::domain::requests::check_signature(&pem, &json!("x")), Err(MissingSignature)));
 
     // Anything registered as a key: garbage, a private key, a certificate, an RSA key.
     let rsa = openssl::pkey::PKey::from_rsa(openssl::rsa::Rsa::generate(2048).unwrap()).unwrap();
     let rsa_pem = String::from_utf8(rsa.public_key_to_pem().unwrap()).unwrap();
     let private_pem = String::from_utf8(key.private_key_to_pem_pkcs8().unwrap()).unwrap();
     for registered in ["", "garbage", "-----BEGIN PUBLIC KEY-----\n\n-----END PUBLIC KEY-----\n", &private_pem] {
-        let err = assetflow::requests::check_signature(registered, &signed).unwrap_err();
+        let err = assetflow::domain::requests::check_signature(registered, &signed).unwrap_err();
         assert!(matches!(err, BadPublicKey(_)), "{registered:?}: {err}");
     }
-    assert!(matches!(assetflow::requests::check_signature(&rsa_pem, &signed).unwrap_err(), BadSignature));
+    assert!(matches!(assetflow::domain::requests::check_signature(&rsa_pem, &signed).unwrap_err(), BadSignature));
 }
 
 #[test]

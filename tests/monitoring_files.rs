@@ -1,12 +1,12 @@
 //! The monitoring files in ops/ against the code: the Grafana dashboard and the alert rules query
-//! only metrics in `assetflow::telemetry::CATALOGUE`, the dashboard covers every concern operators
+//! only metrics in `assetflow::service::metrics::catalogue()`, the dashboard covers every concern operators
 //! asked for, every alert has its annotations and a runbook entry that exists in ops/RUNBOOK.md,
 //! and every scheduled job has a "has not succeeded" rule. PromQL syntax itself is checked by
 //! promtool in ops/check-monitoring.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use assetflow::telemetry::CATALOGUE;
+use assetflow::service::metrics::catalogue;
 use serde_json::Value;
 
 fn read(path: &str) -> String {
@@ -36,7 +36,7 @@ fn metric_names(expr: &str) -> Vec<String> {
 
 /// check_metric says why a name used in a query is not a series assetflow exports, if it is not.
 fn check_metric(name: &str) -> Result<(), String> {
-    if let Some(metric) = CATALOGUE.iter().find(|m| m.name == name) {
+    if let Some(metric) = catalogue().iter().find(|m| m.name == name) {
         if metric.kind == "histogram" {
             return Err(format!("{name} is a histogram: query {name}_bucket, _sum or _count"));
         }
@@ -44,12 +44,12 @@ fn check_metric(name: &str) -> Result<(), String> {
     }
     for suffix in ["_bucket", "_sum", "_count"] {
         if let Some(base) = name.strip_suffix(suffix)
-            && CATALOGUE.iter().any(|m| m.name == base && m.kind == "histogram")
+            && catalogue().iter().any(|m| m.name == base && m.kind == "histogram")
         {
             return Ok(());
         }
     }
-    Err(format!("{name} is not in assetflow::telemetry::CATALOGUE"))
+    Err(format!("{name} is not in assetflow::service::metrics::catalogue()"))
 }
 
 fn check_exprs(file: &str, exprs: &[String]) {
@@ -153,12 +153,12 @@ fn the_dashboard_queries_only_catalogued_metrics() {
         .map(|n| {
             ["_bucket", "_sum", "_count"]
                 .iter()
-                .find_map(|s| n.strip_suffix(s).filter(|b| CATALOGUE.iter().any(|m| m.name == *b)))
+                .find_map(|s| n.strip_suffix(s).filter(|b| catalogue().iter().any(|m| m.name == *b)))
                 .map(str::to_string)
                 .unwrap_or(n)
         })
         .collect();
-    let missing: Vec<&str> = CATALOGUE.iter().map(|m| m.name).filter(|n| !used.contains(*n)).collect();
+    let missing: Vec<&str> = catalogue().iter().map(|m| m.name).filter(|n| !used.contains(*n)).collect();
     assert!(missing.is_empty(), "metrics missing from the dashboard: {missing:?}");
 }
 
@@ -350,7 +350,7 @@ fn the_alert_rules_query_only_catalogued_metrics_and_have_runbook_entries() {
     // Every scheduled job has a "has not succeeded in its period" rule.
     let staleness: Vec<&Alert> =
         alerts.iter().filter(|a| a.expr.contains("assetflow_job_last_success_timestamp_seconds")).collect();
-    for job in assetflow::scheduler::JOBS {
+    for job in assetflow::service::scheduler::JOBS {
         assert!(
             staleness.iter().any(|a| selects_job(&a.expr, job.name)),
             "job {} has no rule on assetflow_job_last_success_timestamp_seconds in ops/monitoring/alerts.yml",

@@ -5,17 +5,17 @@
 //! and must deserialize into the message's Rust type; an unknown field must be rejected, as
 //! `deny_unknown_fields` would; `asyncapi.yaml` must reference every schema file; and the refusal
 //! reasons listed in `delivery.schema.json` must be exactly the codes of
-//! [`assetflow::refusal::Reason`].
+//! [`assetflow::contracts::refusal::RefusalReason`].
 
 use std::collections::BTreeSet;
 
-use assetflow::messages::schema::{SCHEMAS, validate};
-use assetflow::messages::{
+use assetflow::contracts::messages::{
     CertificateNotices, DeadLetterMessage, DeliveryKind, DeliveryReceipt, DeliveryRequested, ExchangeRequest,
     GatewayDelivery, IssuanceRequested, Notice, PurchaseRequest, Refusal, SettlementInstruction, SettlementResult,
     kinds,
 };
-use assetflow::refusal::Reason;
+use assetflow::contracts::refusal::RefusalReason;
+use assetflow::contracts::schema::{SCHEMAS, validate};
 use serde_json::{Value, json};
 
 /// The AsyncAPI document, which references every schema file.
@@ -144,7 +144,7 @@ fn asyncapi_references_every_schema() {
     }
 }
 
-/// The refusal reasons of `delivery.schema.json` are exactly the codes of `Reason`.
+/// The refusal reasons of `delivery.schema.json` are exactly the codes of `RefusalReason`.
 #[test]
 fn refusal_reasons_match_the_rust_enum() {
     let schema = schema(kinds::DELIVERY);
@@ -158,8 +158,8 @@ fn refusal_reasons_match_the_rust_enum() {
     let listed_set: BTreeSet<&str> = listed.iter().copied().collect();
     assert_eq!(listed.len(), listed_set.len(), "$defs/refusal_reason lists a code twice");
 
-    let codes: BTreeSet<&str> = Reason::ALL.map(|r| r.as_str()).into_iter().collect();
-    assert_eq!(listed_set, codes, "$defs/refusal_reason and assetflow::refusal::Reason differ");
+    let codes: BTreeSet<&str> = RefusalReason::ALL.map(|r| r.as_str()).into_iter().collect();
+    assert_eq!(listed_set, codes, "$defs/refusal_reason and assetflow::contracts::refusal::RefusalReason differ");
 
     // Each code also has its own description, in the same order as the enum.
     let described: Vec<&str> = reason["oneOf"]

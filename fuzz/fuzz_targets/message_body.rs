@@ -7,7 +7,7 @@
 
 use std::sync::OnceLock;
 
-use assetflow::messages::{self, ExchangeRequest, PurchaseRequest, kinds};
+use assetflow::contracts::messages::{self, ExchangeRequest, PurchaseRequest, kinds};
 use libfuzzer_sys::fuzz_target;
 
 /// registered_key is a terminal's PEM public key, whose private half is thrown away.
@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
         }
     };
     if terminal_request {
-        let verdict = assetflow::requests::check_signature(registered_key(), &json);
+        let verdict = assetflow::domain::requests::check_signature(registered_key(), &json);
         assert!(verdict.is_err(), "a fuzzed request passed the signature check");
     }
 });

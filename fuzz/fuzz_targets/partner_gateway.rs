@@ -3,7 +3,7 @@
 //! (`messages::decode`), whatever type the body claims, so that the fuzzer explores both schemas.
 #![no_main]
 
-use assetflow::messages::{self, DeliveryReceipt, SettlementResult, kinds};
+use assetflow::contracts::messages::{self, DeliveryReceipt, SettlementResult, kinds};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
     match selector % 3 {
         // Any text as a registered public key, and any document against it.
         0 => {
-            let _ = assetflow::requests::check_signature(&text, &serde_json::json!({"signature": "AAAA"}));
+            let _ = assetflow::domain::requests::check_signature(&text, &serde_json::json!({"signature": "AAAA"}));
         }
         // Any signature text over any bytes.
         1 => {

@@ -6,10 +6,10 @@ use chrono::{DateTime, Utc};
 use clap::Subcommand;
 use diesel::prelude::*;
 
-use crate::catalogue::{Product, upsert_product};
 use crate::config::Config;
 use crate::crypto::{self, KeyRing};
-use crate::db::schema::{products, terminals};
+use crate::domain::catalogue::{Product, upsert_product};
+use crate::runtime::db::schema::{products, terminals};
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
@@ -235,9 +235,9 @@ async fn with_db<T: Send + 'static>(
     let partners: Vec<String> = config.partners.keys().cloned().collect();
     let gateways: Vec<String> = config.gateways.keys().cloned().collect();
     tokio::task::spawn_blocking(move || {
-        crate::db::prepare(&url)?;
-        let mut conn = crate::db::establish(&url)?;
-        crate::catalogue::sync_parties(&mut conn, &partners, &gateways)?;
+        crate::runtime::db::prepare(&url)?;
+        let mut conn = crate::runtime::db::establish(&url)?;
+        crate::domain::catalogue::sync_parties(&mut conn, &partners, &gateways)?;
         f(&mut conn)
     })
     .await?

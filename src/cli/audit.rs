@@ -1,4 +1,4 @@
-//! `assetflow audit`: the guarantees of SPEC.md, checked from the database and the queues after a
+//! `assetflow audit`: the guarantees of `docs/product.md#guarantees`, checked from the database and the queues after a
 //! run. Nothing lost (every accepted request reached a final state), nothing done twice (no
 //! settlement, issue, asset delivery, acknowledgement, exchange or reminder stage twice), every
 //! status history a legal path, and the dead letters exactly what could not be processed, each
@@ -11,10 +11,10 @@ use std::process::ExitCode;
 use diesel::prelude::*;
 use serde::Serialize;
 
-use crate::broker::{Names, Pool};
 use crate::config::Config;
-use crate::dead_letter::Reason;
-use crate::status_machine::{Status, is_legal_path};
+use crate::contracts::dead_letter::DeadLetterReason;
+use crate::domain::status::{Status, is_legal_path};
+use crate::runtime::broker::{Names, Pool};
 
 /// DUPLICATE_CHECKS are the "done twice" queries: each counts the subjects that got an effect more
 /// than once. Several are also unique constraints in the schema; the audit does not assume them.
@@ -185,7 +185,8 @@ impl Audit {
 
 /// INFRASTRUCTURE_REASONS are dead-letter reasons that well-formed traffic only gets when the
 /// infrastructure failed it: the message could have been processed.
-pub const INFRASTRUCTURE_REASONS: [Reason; 2] = [Reason::HandlerFailed, Reason::BrokerDeadLettered];
+pub const INFRASTRUCTURE_REASONS: [DeadLetterReason; 2] =
+    [DeadLetterReason::HandlerFailed, DeadLetterReason::BrokerDeadLettered];
 
 /// audit runs every database check. `sent` is the number of orders the caller published, if known:
 /// any it published that reached no table is lost.
@@ -238,7 +239,7 @@ pub fn audit(conn: &mut PgConnection, sent: Option<i64>) -> QueryResult<Audit> {
 /// illegal_paths checks every asset's status history against the status machine, and that it
 /// ends at the asset's current status.
 fn illegal_paths(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
-    use crate::db::schema::{asset_status_history as h, assets};
+    use crate::runtime::db::schema::{asset_status_history as h, assets};
     let history: Vec<(uuid::Uuid, Option<String>, String)> =
         h::table.order((h::asset_id, h::id)).select((h::asset_id, h::from_status, h::to_status)).load(conn)?;
     let current: BTreeMap<uuid::Uuid, String> =
@@ -273,7 +274,7 @@ fn illegal_paths(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
 
 /// dead_letter_mismatches pairs what could not be processed with its dead letter, both ways.
 fn dead_letter_mismatches(conn: &mut PgConnection) -> QueryResult<BTreeMap<String, i64>> {
-    let known: Vec<String> = Reason::ALL.iter().map(|r| format!("'{}'", r.as_str())).collect();
+    let known: Vec<String> = DeadLetterReason::ALL.iter().map(|r| format!("'{}'", r.as_str())).collect();
     let infrastructure: Vec<String> = INFRASTRUCTURE_REASONS.iter().map(|r| format!("'{}'", r.as_str())).collect();
     let checks = [
         (
@@ -356,14 +357,14 @@ pub async fn queue_depths(connection: &lapin::Connection, queues: &[String]) -> 
 pub async fn run(config: &Config, sent: Option<i64>, json: bool, no_queues: bool) -> anyhow::Result<ExitCode> {
     let url = config.database.url.clone();
     let mut report = tokio::task::spawn_blocking(move || -> anyhow::Result<Audit> {
-        let mut conn = crate::db::establish(&url)
+        let mut conn = crate::runtime::db::establish(&url)
             .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", crate::config::redact_url(&url)))?;
         Ok(audit(&mut conn, sent)?)
     })
     .await??;
     if !no_queues {
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let broker = crate::broker::Broker::undeclared(config, shutdown.clone());
+        let broker = crate::runtime::broker::Broker::undeclared(config, shutdown.clone());
         let connection = tokio::time::timeout(std::time::Duration::from_secs(30), broker.connection())
             .await
             .ok()

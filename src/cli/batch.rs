@@ -8,10 +8,10 @@ use diesel::prelude::*;
 use serde::Serialize;
 
 use super::time::parse_time;
-use crate::app::App;
 use crate::config::Config;
-use crate::db::schema::job_runs;
-use crate::scheduler::{JOBS, Job, Run, RunReport, Trigger, run_job, schedule_of};
+use crate::runtime::db::schema::job_runs;
+use crate::service::app::App;
+use crate::service::scheduler::{JOBS, Job, Run, RunReport, Trigger, run_job, schedule_of};
 
 #[derive(Debug, Subcommand)]
 pub enum BatchCommand {
@@ -129,11 +129,12 @@ pub async fn execute(config: Config, command: BatchCommand) -> anyhow::Result<()
         _ => {}
     }
     let app = std::sync::Arc::new(App::for_operations(config)?);
-    crate::app::prepare(&app).await?;
+    crate::service::app::prepare(&app).await?;
     match command {
         BatchCommand::List { json } => {
             let app2 = app.clone();
             let views = app
+                .plumbing
                 .db
                 .run(move |conn| -> anyhow::Result<Vec<JobView>> {
                     JOBS.iter()
@@ -148,7 +149,7 @@ pub async fn execute(config: Config, command: BatchCommand) -> anyhow::Result<()
                             Ok(JobView {
                                 job: job.name,
                                 about: job.about,
-                                schedule: schedule_of(&app2, job.name)?,
+                                schedule: schedule_of(&app2.scheduler, job.name)?,
                                 last_run,
                                 last_success,
                             })
@@ -194,6 +195,7 @@ pub async fn execute(config: Config, command: BatchCommand) -> anyhow::Result<()
             let interactive = std::io::stderr().is_terminal() && !json;
             let app2 = app.clone();
             let report = app
+                .plumbing
                 .db
                 .run(move |conn| -> anyhow::Result<RunReport> {
                     let bar = interactive.then(|| {
@@ -213,8 +215,12 @@ pub async fn execute(config: Config, command: BatchCommand) -> anyhow::Result<()
                             None => {}
                         }
                     };
-                    let report =
-                        run_job(conn, &app2, Run { job, as_of, trigger: Trigger::Manual, dry_run }, &mut progress)?;
+                    let report = run_job(
+                        conn,
+                        &app2.scheduler,
+                        Run { job, as_of, trigger: Trigger::Manual, dry_run },
+                        &mut progress,
+                    )?;
                     if let Some(bar) = bar {
                         bar.finish_and_clear();
                     }
@@ -242,8 +248,11 @@ pub async fn execute(config: Config, command: BatchCommand) -> anyhow::Result<()
             if let Some(job) = &job {
                 find(job)?;
             }
-            let rows =
-                app.db.run(move |conn| runs(conn, job.as_deref(), limit, true).map_err(anyhow::Error::from)).await?;
+            let rows = app
+                .plumbing
+                .db
+                .run(move |conn| runs(conn, job.as_deref(), limit, true).map_err(anyhow::Error::from))
+                .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
                 return Ok(());

@@ -7,10 +7,10 @@ use clap::Subcommand;
 use uuid::Uuid;
 
 use super::time::parse_since;
-use crate::app::App;
-use crate::broker::Pool;
 use crate::config::Config;
-use crate::dead_letter::{self, Filter};
+use crate::contracts::topology::Pool;
+use crate::runtime::dead_letter::{self, Filter};
+use crate::service::app::App;
 
 #[derive(Debug, clap::Args)]
 pub struct FilterArgs {
@@ -74,7 +74,7 @@ pub enum DlqCommand {
 }
 
 fn filter(ids: Vec<Uuid>, args: FilterArgs, replayed: bool) -> Filter {
-    Filter { ids, pool: args.pool, reason: args.reason, since: args.since, replayed }
+    Filter { ids, pool: args.pool.map(|p| p.as_str().to_string()), reason: args.reason, since: args.since, replayed }
 }
 
 fn selects_something(ids: &[Uuid], args: &FilterArgs) -> bool {
@@ -107,12 +107,15 @@ pub async fn execute(config: Config, command: DlqCommand) -> anyhow::Result<()> 
         _ => {}
     }
     let app = Arc::new(App::for_operations(config)?);
-    crate::app::prepare(&app).await?;
+    crate::service::app::prepare(&app).await?;
     match command {
         DlqCommand::List { filter: args, all, limit, json } => {
             let f = filter(Vec::new(), args, all);
-            let letters =
-                app.db.run(move |conn| dead_letter::list(conn, &f, limit).map_err(anyhow::Error::from)).await?;
+            let letters = app
+                .plumbing
+                .db
+                .run(move |conn| dead_letter::list(conn, &f, limit).map_err(anyhow::Error::from))
+                .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&letters)?);
                 return Ok(());
@@ -144,7 +147,8 @@ pub async fn execute(config: Config, command: DlqCommand) -> anyhow::Result<()> 
             }
         }
         DlqCommand::Show { id, json } => {
-            let letter = app.db.run(move |conn| dead_letter::show(conn, id).map_err(anyhow::Error::from)).await?;
+            let letter =
+                app.plumbing.db.run(move |conn| dead_letter::show(conn, id).map_err(anyhow::Error::from)).await?;
             let letter = letter.ok_or_else(|| anyhow::anyhow!("no dead letter {id}"))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&letter)?);
@@ -189,16 +193,16 @@ pub async fn execute(config: Config, command: DlqCommand) -> anyhow::Result<()> 
         DlqCommand::Replay { ids, filter: args, yes: _, operator, json } => {
             refuse_unknown(&app, &ids, "replayed").await?;
             let f = filter(ids, args, false);
-            let app2 = app.clone();
+            let replayers = app.replayers()?;
             let results = app
+                .plumbing
                 .db
                 .run(move |conn| -> anyhow::Result<Vec<Result<dead_letter::Replayed, String>>> {
                     let letters = dead_letter::list(conn, &f, 10_000)?;
                     Ok(letters
                         .iter()
                         .map(|l| {
-                            dead_letter::replay(conn, &app2, l.id, &operator, Utc::now())
-                                .map_err(|e| format!("{}: {e}", l.id))
+                            replayers.replay(conn, l.id, &operator, Utc::now()).map_err(|e| format!("{}: {e}", l.id))
                         })
                         .collect())
                 })
@@ -227,8 +231,11 @@ pub async fn execute(config: Config, command: DlqCommand) -> anyhow::Result<()> 
         DlqCommand::Purge { ids, filter: args, yes: _, operator } => {
             refuse_unknown(&app, &ids, "purged").await?;
             let f = filter(ids, args, true);
-            let purged =
-                app.db.run(move |conn| dead_letter::purge(conn, &f, &operator).map_err(anyhow::Error::from)).await?;
+            let purged = app
+                .plumbing
+                .db
+                .run(move |conn| dead_letter::purge(conn, &f, &operator).map_err(anyhow::Error::from))
+                .await?;
             println!("purged {} dead letter(s); each left an audit record", purged.len());
         }
     }
@@ -243,7 +250,8 @@ async fn refuse_unknown(app: &App, ids: &[Uuid], action: &str) -> anyhow::Result
     }
     let f = filter(ids.to_vec(), FilterArgs { pool: None, reason: None, since: None }, true);
     let limit = ids.len() as i64;
-    let found = app.db.run(move |conn| dead_letter::list(conn, &f, limit).map_err(anyhow::Error::from)).await?;
+    let found =
+        app.plumbing.db.run(move |conn| dead_letter::list(conn, &f, limit).map_err(anyhow::Error::from)).await?;
     let missing: Vec<String> =
         ids.iter().filter(|id| !found.iter().any(|l| l.id == **id)).map(Uuid::to_string).collect();
     anyhow::ensure!(

@@ -3,7 +3,9 @@
 pub mod admin;
 pub mod audit;
 pub mod batch;
+pub mod bench;
 pub mod dlq;
+pub mod simulate;
 pub mod status;
 pub mod time;
 
@@ -14,10 +16,10 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{self, App, RunOptions};
-use crate::broker::{Pool, Topology};
 use crate::config::Config;
 use crate::crypto::KeyRing;
+use crate::runtime::broker::{Pool, Topology};
+use crate::service::app::{self, App, RunOptions};
 
 #[derive(Debug, Parser)]
 #[command(name = "assetflow", version, about = "Sells, settles, issues, delivers and looks after electronic assets")]
@@ -113,12 +115,12 @@ pub enum Command {
     /// Benchmarks: throughput measured on this machine.
     Bench {
         #[command(subcommand)]
-        command: crate::bench::BenchCommand,
+        command: crate::cli::bench::BenchCommand,
     },
     /// The built-in simulators of terminals, partners and gateways.
     Simulate {
         #[command(subcommand)]
-        command: crate::simulate::SimulateCommand,
+        command: crate::cli::simulate::SimulateCommand,
     },
 }
 
@@ -148,6 +150,7 @@ pub fn init_logging(format: LogFormat, verbose: u8) {
 pub fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
     let config = Config::load(path)?;
     config.validate()?;
+    crate::service::jobs::check_schedules(&config)?;
     Ok(config)
 }
 
@@ -161,14 +164,14 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             let app = Arc::new(App::new(config, definitions, keys));
             let shutdown = CancellationToken::new();
             tokio::spawn(signal_shutdown(shutdown.clone()));
-            crate::health::metrics_handle();
+            crate::service::health::metrics_handle();
             let options =
                 RunOptions { pools, consume: !scheduler_only, scheduler: !no_scheduler, ..RunOptions::default() };
             app::run(app, options, shutdown).await?;
         }
         Command::Migrate => {
             let url = config.database.url.clone();
-            let applied = tokio::task::spawn_blocking(move || crate::db::prepare(&url)).await??;
+            let applied = tokio::task::spawn_blocking(move || crate::runtime::db::prepare(&url)).await??;
             if applied.is_empty() {
                 println!("the database is up to date");
             }
@@ -191,8 +194,8 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit { sent, json, no_queues } => return audit::run(&config, sent, json, no_queues).await,
         Command::Batch { command } => batch::execute(config, command).await?,
         Command::Dlq { command } => dlq::execute(config, command).await?,
-        Command::Bench { command } => crate::bench::run(config, command).await?,
-        Command::Simulate { command } => crate::simulate::run(config, command).await?,
+        Command::Bench { command } => crate::cli::bench::run(config, command).await?,
+        Command::Simulate { command } => crate::cli::simulate::run(config, command).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

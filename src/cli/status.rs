@@ -8,7 +8,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::db::schema::{
+use crate::runtime::db::schema::{
     asset_status_history, assets, deliveries, exchange_certificates, orders, settlements, terminal_requests,
 };
 
@@ -291,7 +291,7 @@ fn order_view(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<OrderView
 pub async fn run(config: &Config, id: &str, json: bool) -> anyhow::Result<ExitCode> {
     let (url, id2) = (config.database.url.clone(), id.to_string());
     let view = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<View>> {
-        let mut conn = crate::db::establish(&url)?;
+        let mut conn = crate::runtime::db::establish(&url)?;
         Ok(lookup(&mut conn, &id2)?)
     })
     .await??;

@@ -1,5 +1,5 @@
 //! The batch side, end to end: near-expiry reminders and past-due processing on the patent's
-//! worked example (seed 000 section 3.6, FIG. 6 and 7), the end of retained assets' terms, scans
+//! worked example (`docs/product.md#near-expiry-reminders`), the end of retained assets' terms, scans
 //! run twice and on two processes at once, the catch-up run at start-up, and the operator's dead
 //! letters: replay, purge, and what the broker dead-letters by itself.
 //!
@@ -9,16 +9,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use assetflow::app::{self, App, RunOptions};
-use assetflow::catalogue::Product;
+use assetflow::cli::simulate::gateway::{GatewayOptions, exchange_request};
+use assetflow::cli::simulate::terminals::purchase;
+use assetflow::config::workers::PoolDefinitions;
+use assetflow::contracts::messages::{CertificateNotice, CertificateNotices, NoticeKind, kinds};
 use assetflow::crypto::KeyRing;
-use assetflow::dead_letter::{self, Filter};
-use assetflow::messages::{CertificateNotice, CertificateNotices, NoticeKind, kinds};
-use assetflow::outbox::{self, Outgoing};
-use assetflow::pool::definition::PoolDefinitions;
-use assetflow::scheduler::{self, Job, RunReport, Trigger};
-use assetflow::simulate::gateway::{GatewayOptions, exchange_request};
-use assetflow::simulate::terminals::purchase;
+use assetflow::domain::catalogue::Product;
+use assetflow::runtime::dead_letter::{self, Filter};
+use assetflow::runtime::outbox::{self, Outgoing};
+use assetflow::service::app::{self, App, RunOptions};
+use assetflow::service::scheduler::{self, Job, RunReport, Trigger};
 use chrono::{DateTime, Datelike, SubsecRound, TimeDelta, TimeZone, Utc};
 use diesel::prelude::*;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
@@ -34,7 +34,7 @@ use crate::support::{
 
 /// job_names are the scheduled jobs, for the configuration that gives each a schedule of its own.
 fn job_names() -> Vec<&'static str> {
-    assetflow::scheduler::JOBS.iter().map(|j| j.name).collect()
+    assetflow::service::scheduler::JOBS.iter().map(|j| j.name).collect()
 }
 
 /// sql_time renders a time as a SQL literal that PostgreSQL reads back exactly.
@@ -78,14 +78,14 @@ fn deliveries(conn: &mut PgConnection, terminal: &str, kind: &str, condition: &s
 /// connection pool, and small scan batches, so that its runs take several transactions.
 fn second_process(env: &Env) -> Arc<App> {
     let mut app = App::new(env.config.clone(), PoolDefinitions::built_in(), KeyRing::ephemeral(&[ISSUER]));
-    app.scan_batch = 7;
+    Arc::get_mut(&mut app.scheduler).expect("not shared yet").batch = 7;
     Arc::new(app)
 }
 
 /// run_on runs a job on `app`, as that process's scheduler would.
 async fn run_on(app: Arc<App>, name: &str, as_of: DateTime<Utc>) -> RunReport {
     let job: &'static Job = Job::find(name).unwrap_or_else(|| panic!("no job {name}"));
-    scheduler::run_now(app, job, as_of, Trigger::Manual, false).await.expect("the job ran")
+    scheduler::run_now(app.scheduler.clone(), job, as_of, Trigger::Manual, false).await.expect("the job ran")
 }
 
 /// held_in is the number of messages in `queue`, ready or delivered and not yet acknowledged, as
@@ -222,7 +222,7 @@ async fn the_patents_worked_example_reminds_on_dec_23_asks_for_a_download_on_dec
     .await;
     let bob_sent = env.db(|c| count(c, "SELECT count(*) FROM deliveries WHERE terminal_id = 'bob'")).await;
 
-    // Dec 26: the certificate expired unexchanged (FIG. 7). The asset is still valid: a past-due
+    // Dec 26: the certificate expired unexchanged (`docs/product.md#past-due-processing`). The asset is still valid: a past-due
     // message, a forced transmission and a revocation request; the certificate is revoked.
     let dec26 = dec(26, 12);
     let past_due = env.run_job("past_due", dec26).await;
@@ -307,7 +307,7 @@ async fn past_due_processing_of_an_asset_that_is_no_longer_valid_expires_it_and_
     let asset = certificate["asset_id"].as_str().expect("an asset id").to_string();
     let cert = certificate["certificate_id"].as_str().expect("a certificate id").to_string();
 
-    // By the run's time both the certificate and the asset are past their terms (FIG. 7 S201).
+    // By the run's time both the certificate and the asset are past their terms (`docs/product.md#validity-is-checked-first`).
     let as_of = now + TimeDelta::days(5);
     let report = env.run_job("past_due", as_of).await;
     assert_eq!((report.rows_scanned, report.enqueued), (1, 0), "{report:?}");
@@ -509,18 +509,23 @@ async fn a_delivery_dead_lettered_by_a_failing_gateway_is_replayed_by_an_operato
     let letter: uuid::Uuid = letter.parse().expect("a dead letter id");
 
     // The gateway comes back. What it missed was lost with it: it sees only what is sent now.
-    let gateway_queue = env.app.names.gateway_queue("gw-1");
+    let gateway_queue = env.app.plumbing.names.gateway_queue("gw-1");
     wait_for_queue(&env, &gateway_queue, "the ten attempts reach the gateway's queue", |n| n >= 10).await;
     channel(&env).await.queue_purge(gateway_queue.as_str().into(), QueuePurgeOptions::default()).await.expect("purged");
     env.gateway(GatewayOptions::default());
 
     let app = env.app.clone();
     let replayed = env
-        .db(move |c| dead_letter::replay(c, &app, letter, "test-operator", Utc::now()).map_err(|e| e.to_string()))
+        .db(move |c| {
+            app.replayers()
+                .expect("replayers")
+                .replay(c, letter, "test-operator", Utc::now())
+                .map_err(|e| e.to_string())
+        })
         .await
         .expect("the dead letter is replayed");
     assert_eq!(replayed.id, letter);
-    env.app.outbox_wake.notify_one();
+    env.app.plumbing.outbox_wake.notify_one();
     let asset = first.asset.clone();
     env.wait_until("the replayed delivery is force-delivered", move |c| {
         (asset_status(c, &asset) == "force_delivered").then_some(())
@@ -548,7 +553,12 @@ async fn a_delivery_dead_lettered_by_a_failing_gateway_is_replayed_by_an_operato
     // A second replay has nothing to do: the delivery is not dead any more.
     let app = env.app.clone();
     let error = env
-        .db(move |c| dead_letter::replay(c, &app, letter, "test-operator", Utc::now()).map_err(|e| e.to_string()))
+        .db(move |c| {
+            app.replayers()
+                .expect("replayers")
+                .replay(c, letter, "test-operator", Utc::now())
+                .map_err(|e| e.to_string())
+        })
         .await
         .expect_err("a delivered delivery cannot be replayed");
     assert!(error.contains("not dead"), "{error}");
@@ -572,10 +582,12 @@ async fn a_replayed_malformed_message_is_dead_lettered_again_as_a_new_dead_lette
         env.wait_until("the message is dead-lettered", move |c| text(c, sql)).await.parse().unwrap();
 
     let app = env.app.clone();
-    env.db(move |c| dead_letter::replay(c, &app, first, "test-operator", Utc::now()).map_err(|e| e.to_string()))
-        .await
-        .expect("replayed");
-    env.app.outbox_wake.notify_one();
+    env.db(move |c| {
+        app.replayers().expect("replayers").replay(c, first, "test-operator", Utc::now()).map_err(|e| e.to_string())
+    })
+    .await
+    .expect("replayed");
+    env.app.plumbing.outbox_wake.notify_one();
     let sql = format!("SELECT id::text AS value FROM dead_letters WHERE reason = 'malformed' AND id <> '{first}'");
     let second: uuid::Uuid =
         env.wait_until("the replay is dead-lettered again", move |c| text(c, &sql)).await.parse().unwrap();
@@ -644,10 +656,12 @@ async fn a_valid_request_dead_lettered_as_unroutable_is_processed_when_replayed_
     })
     .await;
     let app = env.app.clone();
-    env.db(move |c| dead_letter::replay(c, &app, letter, "test-operator", Utc::now()).map_err(|e| e.to_string()))
-        .await
-        .expect("replayed");
-    env.app.outbox_wake.notify_one();
+    env.db(move |c| {
+        app.replayers().expect("replayers").replay(c, letter, "test-operator", Utc::now()).map_err(|e| e.to_string())
+    })
+    .await
+    .expect("replayed");
+    env.app.plumbing.outbox_wake.notify_one();
     let r = rid.clone();
     env.wait_until("the replayed order is settled, issued and its certificate delivered", move |c| {
         (count(c, &format!("SELECT count(*) FROM deliveries d JOIN orders o ON o.id = d.order_id WHERE o.request_id = '{r}' AND o.status = 'issued' AND d.kind = 'certificate' AND d.status = 'delivered'")) == 1)
@@ -822,11 +836,11 @@ async fn a_message_the_broker_dead_letters_by_itself_is_recorded_from_the_dead_l
 
     // What the broker does when a quorum queue's delivery limit is reached: the message goes to
     // the dead-letter exchange under the queue's dead-letter key, with an x-death header.
-    let queue = env.app.names.pool_queue(assetflow::broker::Pool::Settlement);
+    let queue = env.app.plumbing.names.pool_queue(assetflow::contracts::topology::Pool::Settlement);
     let mut death = FieldTable::default();
     death.insert("reason".into(), AMQPValue::LongString("delivery_limit".into()));
     death.insert("queue".into(), AMQPValue::LongString(queue.as_str().into()));
-    death.insert("exchange".into(), AMQPValue::LongString(env.app.names.requests().as_str().into()));
+    death.insert("exchange".into(), AMQPValue::LongString(env.app.plumbing.names.requests().as_str().into()));
     death.insert(
         "routing-keys".into(),
         AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongString("order.purchase".into())])),
@@ -837,12 +851,12 @@ async fn a_message_the_broker_dead_letters_by_itself_is_recorded_from_the_dead_l
     headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(20));
     let body = serde_json::to_vec(&purchase(&frank, "concert", 1, json!({}))).unwrap();
     let message_id = uuid::Uuid::now_v7().to_string();
-    let props = assetflow::broker::properties(&message_id, "order.purchase", None, headers);
+    let props = assetflow::runtime::broker::properties(&message_id, "order.purchase", None, headers);
     let publishing = channel(&env).await;
     publishing.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
     let confirm = publishing
         .basic_publish(
-            env.app.names.dlx().as_str().into(),
+            env.app.plumbing.names.dlx().as_str().into(),
             "settlement".into(),
             BasicPublishOptions::default(),
             &body,
@@ -878,7 +892,7 @@ async fn a_message_the_broker_dead_letters_by_itself_is_recorded_from_the_dead_l
     // The recorder took both the broker's message and assetflow's own notice of it off the
     // queue: nothing is left there, ready or unacknowledged.
     env.wait_until("the notice is published", |c| (count(c, "SELECT count(*) FROM outbox") == 0).then_some(())).await;
-    let dlq = env.app.names.dead_letter_queue(assetflow::broker::Pool::Settlement);
+    let dlq = env.app.plumbing.names.dead_letter_queue(assetflow::contracts::topology::Pool::Settlement);
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let mut poll = tokio::time::interval(Duration::from_millis(200));
     loop {
@@ -1048,11 +1062,15 @@ async fn a_certificate_notice_handled_twice_sends_nothing_twice() {
 /// outbox) and waits until the delivery pool has handled it.
 async fn handle_notices(env: &Env, as_of: DateTime<Utc>, notices: Vec<CertificateNotice>) {
     let message = CertificateNotices { message_type: kinds::CERTIFICATE_NOTICES.into(), as_of, notices };
-    let outgoing =
-        Outgoing::json(env.app.names.internal(), kinds::CERTIFICATE_NOTICES, kinds::CERTIFICATE_NOTICES, &message);
+    let outgoing = Outgoing::json(
+        env.app.plumbing.names.internal(),
+        kinds::CERTIFICATE_NOTICES,
+        kinds::CERTIFICATE_NOTICES,
+        &message,
+    );
     let message_id = outgoing.message_id;
     env.db(move |c| outbox::enqueue(c, &outgoing).expect("written to the outbox")).await;
-    env.app.outbox_wake.notify_one();
+    env.app.plumbing.outbox_wake.notify_one();
     env.wait_until("the delivery pool has handled the notices", move |c| {
         (count(c, &format!("SELECT count(*) FROM inbox WHERE pool = 'delivery' AND message_id = '{message_id}'")) == 1)
             .then_some(())

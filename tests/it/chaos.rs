@@ -7,13 +7,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use assetflow::app::{self, App, RunOptions};
 use assetflow::cli::audit::{Audit, audit};
+use assetflow::cli::simulate::gateway::GatewayOptions;
+use assetflow::cli::simulate::partner::PartnerOptions;
+use assetflow::cli::simulate::terminals::{SimTerminal, purchase};
+use assetflow::config::workers::PoolDefinitions;
 use assetflow::crypto::KeyRing;
-use assetflow::pool::definition::PoolDefinitions;
-use assetflow::simulate::gateway::GatewayOptions;
-use assetflow::simulate::partner::PartnerOptions;
-use assetflow::simulate::terminals::{SimTerminal, purchase};
+use assetflow::service::app::{self, App, RunOptions};
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;

@@ -5,11 +5,11 @@
 //! The scheduler does not run in tests: each test plays the clock by running the scans itself at
 //! the `as_of` it chooses, usually read from the due times in the database.
 
-use assetflow::messages::{DeliveryRequested, SettlementOutcome, SettlementResult, kinds};
-use assetflow::outbox::{self, Outgoing};
-use assetflow::simulate::gateway::GatewayOptions;
-use assetflow::simulate::partner::PartnerOptions;
-use assetflow::simulate::terminals::purchase;
+use assetflow::cli::simulate::gateway::GatewayOptions;
+use assetflow::cli::simulate::partner::PartnerOptions;
+use assetflow::cli::simulate::terminals::purchase;
+use assetflow::contracts::messages::{DeliveryRequested, SettlementOutcome, SettlementResult, kinds};
+use assetflow::runtime::outbox::{self, Outgoing};
 use chrono::{TimeDelta, Utc};
 use diesel::prelude::*;
 use futures::StreamExt;
@@ -23,7 +23,7 @@ use crate::support::{
     retransmitting, settle_all, timestamp, wait_for_queue,
 };
 
-/// SCHEDULE_SECS is the retransmission schedule of SPEC.md, in seconds: the wait after failed
+/// SCHEDULE_SECS is the retransmission schedule (`docs/product.md#retransmission-and-dead-letters`), in seconds: the wait after failed
 /// attempt n is entry n, the last entry repeated.
 const SCHEDULE_SECS: [i64; 7] = [60, 300, 1_800, 7_200, 21_600, 43_200, 86_400];
 
@@ -49,8 +49,8 @@ async fn settlement_attempts(env: &Env, settlement: &str) -> i64 {
 /// subscribe_to_dead_letters binds a queue of the test's own to the dead-letter exchange, as an
 /// external subscriber would: the pool's own dead-letter queue is drained into the dead_letters
 /// table by the recorder, so the exchange is where the notices can be watched.
-async fn subscribe_to_dead_letters(env: &Env, pool: assetflow::broker::Pool) -> String {
-    bind_queue(env, &format!("test.dead-letters.{pool}"), &env.app.names.dlx(), pool.as_str()).await
+async fn subscribe_to_dead_letters(env: &Env, pool: assetflow::contracts::topology::Pool) -> String {
+    bind_queue(env, &format!("test.dead-letters.{pool}"), &env.app.plumbing.names.dlx(), pool.as_str()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,7 +77,7 @@ async fn a_gateway_that_never_answers_gets_the_asset_again_and_it_ends_force_del
     })
     .await;
 
-    // Past it, the attempt has failed and the asset is being retransmitted (FIG. 8).
+    // Past it, the attempt has failed and the asset is being retransmitted (`docs/product.md#retransmission-and-dead-letters`).
     let late = env.run_job("retransmission", first.sent_at + secs(61)).await;
     assert_eq!((late.rows_scanned, late.enqueued), (1, 0), "{late:?}");
     let (delivery, asset) = (first.delivery.clone(), first.asset.clone());
@@ -98,7 +98,7 @@ async fn a_gateway_that_never_answers_gets_the_asset_again_and_it_ends_force_del
     assert!(due > first.sent_at + secs(61), "the retransmission is due after the failure, not at once: {due}");
 
     // The first attempt was lost on its way: the gateway, answering now, sees only the retransmission.
-    let gateway_queue = env.app.names.gateway_queue("gw-1");
+    let gateway_queue = env.app.plumbing.names.gateway_queue("gw-1");
     wait_for_queue(&env, &gateway_queue, "the first attempt reaches the gateway's queue", |n| n >= 1).await;
     channel(&env).await.queue_purge(gateway_queue.as_str().into(), QueuePurgeOptions::default()).await.expect("purged");
     env.gateway(GatewayOptions::default());
@@ -190,7 +190,7 @@ async fn a_delivery_whose_retries_run_out_is_dead_lettered_with_every_attempt() 
     let carol = env.terminal("carol", "gw-1", Some("card-co")).await;
     env.start().await;
     env.partner(settle_all());
-    let dead_letters = subscribe_to_dead_letters(&env, assetflow::broker::Pool::Delivery).await;
+    let dead_letters = subscribe_to_dead_letters(&env, assetflow::contracts::topology::Pool::Delivery).await;
     // No gateway simulator: no attempt is ever acknowledged.
 
     let order = purchase(&carol, "ppv", 1, json!({"delivery": {"mode": "immediate"}}));
@@ -252,7 +252,7 @@ async fn a_delivery_whose_retries_run_out_is_dead_lettered_with_every_attempt() 
         );
         assert_eq!(count(c, &letter), 1, "one dead letter, with the evidence of all ten attempts");
         assert_eq!(count(c, "SELECT count(*) FROM dead_letters"), 1);
-        // Retries exhausted: the asset stays where it is, for an operator (SPEC "Statuses").
+        // Retries exhausted: the asset stays where it is, for an operator (`docs/product.md#the-transition-table`).
         assert_eq!(asset_status(c, &asset), "retransmitting");
         assert_eq!(count(c, &format!("SELECT count(*) FROM asset_status_history WHERE asset_id = '{asset}' AND from_status = 'retransmitting'")), 0);
     })
@@ -281,7 +281,7 @@ async fn an_asset_that_expires_while_its_retransmission_is_pending_is_never_deli
     let as_of = first.sent_at + TimeDelta::hours(2);
     assert!(as_of > expires_at, "the scan runs after the asset's term: {as_of} vs {expires_at}");
 
-    // FIG. 8 S301: the retransmission re-checks validity first, and retrying stops.
+    // `docs/product.md#validity-is-checked-first`: the retransmission re-checks validity first, and retrying stops.
     let report = env.run_job("retransmission", as_of).await;
     assert_eq!(report.enqueued, 0, "nothing is sent: {report:?}");
     let (delivery, asset) = (first.delivery.clone(), first.asset.clone());
@@ -289,7 +289,11 @@ async fn an_asset_that_expires_while_its_retransmission_is_pending_is_never_deli
         let state = delivery_state(c, &delivery);
         assert_eq!((state.status.as_str(), state.attempts), ("cancelled", 1));
         assert!(attempt_outcome(c, &delivery, 2).is_none(), "no attempt 2");
-        assert_eq!(asset_status(c, &asset), "expired", "SPEC: retransmitting + asset no longer valid → expired");
+        assert_eq!(
+            asset_status(c, &asset),
+            "expired",
+            "the transition table: retransmitting + asset no longer valid → expired"
+        );
         let history = format!(
             "SELECT count(*) FROM asset_status_history WHERE asset_id = '{asset}'
              AND from_status = 'retransmitting' AND to_status = 'expired' AND cause = 'asset_expired'"
@@ -312,7 +316,7 @@ async fn a_partner_that_never_answers_fails_the_order_and_a_late_answer_still_is
     env.start().await;
     // No partner simulator: the instructions wait in the partner's queue, unanswered.
     env.gateway(GatewayOptions::default());
-    let dead_letters = subscribe_to_dead_letters(&env, assetflow::broker::Pool::Settlement).await;
+    let dead_letters = subscribe_to_dead_letters(&env, assetflow::contracts::topology::Pool::Settlement).await;
 
     let order = purchase(&erin, "concert", 1, json!({}));
     let rid = request_id(&order);
@@ -323,7 +327,7 @@ async fn a_partner_that_never_answers_fails_the_order_and_a_late_answer_still_is
     );
     let settlement = env.wait_until("the settlement is instructed", move |c| text(c, &sql)).await;
     let now = Utc::now();
-    let partner_queue = env.app.names.partner_queue("card-co");
+    let partner_queue = env.app.plumbing.names.partner_queue("card-co");
     assert_eq!(wait_for_queue(&env, &partner_queue, "the first instruction is published", |n| n >= 1).await, 1);
 
     let second = env.run_job("settlement_timeout", now + secs(31)).await;
@@ -450,7 +454,7 @@ async fn every_publish_carries_the_amqp_properties_and_a_valid_body() {
     let grace = env.terminal("grace", "gw-1", Some("card-co")).await;
 
     // A queue of our own, bound like gw-1's queue, sees what the gateway would receive.
-    let gateways = env.app.names.gateways();
+    let gateways = env.app.plumbing.names.gateways();
     let channel = channel(&env).await;
     let queue = channel
         .queue_declare(
@@ -504,7 +508,7 @@ async fn every_publish_carries_the_amqp_properties_and_a_valid_body() {
     assert!((Utc::now().timestamp() - sent).abs() < 300, "a timestamp of now, in seconds: {sent}");
 
     let body: Value = serde_json::from_slice(&message.data).expect("a JSON body");
-    assetflow::messages::schema::validate("delivery", &body).expect("the body honours the delivery schema");
+    assetflow::contracts::schema::validate("delivery", &body).expect("the body honours the delivery schema");
     assert_eq!(body["kind"], "certificate", "{body}");
     // The ids name what the database recorded: the attempt's message id, and the order.
     let (mid, did) = (message_id.clone(), body["delivery_id"].as_str().expect("a delivery id").to_string());
@@ -551,7 +555,7 @@ async fn the_outbox_holds_messages_while_the_app_is_stopped_and_empties_once_it_
     env.send(&later).await;
     wait_for_queue(
         &env,
-        &env.app.names.pool_queue(assetflow::broker::Pool::Settlement),
+        &env.app.plumbing.names.pool_queue(assetflow::contracts::topology::Pool::Settlement),
         "the order waits in its queue",
         |n| n >= 1,
     )
@@ -604,10 +608,10 @@ async fn a_message_the_broker_does_not_confirm_stays_in_the_outbox() {
     // A message no queue takes: the broker returns it (mandatory) instead of confirming a delivery.
     let message =
         DeliveryRequested { message_type: kinds::DELIVERY_REQUESTED.into(), delivery_ids: vec![uuid::Uuid::now_v7()] };
-    let outgoing = Outgoing::json(env.app.names.internal(), "nowhere", kinds::DELIVERY_REQUESTED, &message);
+    let outgoing = Outgoing::json(env.app.plumbing.names.internal(), "nowhere", kinds::DELIVERY_REQUESTED, &message);
     let message_id = outgoing.message_id;
     env.db(move |c| outbox::enqueue(c, &outgoing).expect("written to the outbox")).await;
-    env.app.outbox_wake.notify_one();
+    env.app.plumbing.outbox_wake.notify_one();
 
     // The relay tries it, again and again, and never deletes it.
     env.wait_until("the relay has tried the message twice", move |c| {

@@ -1,8 +1,8 @@
 //! The purchase, settlement, issuance, delivery and exchange flows, end to end.
 
-use assetflow::simulate::gateway::{GatewayOptions, exchange_request};
-use assetflow::simulate::partner::PartnerOptions;
-use assetflow::simulate::terminals::purchase;
+use assetflow::cli::simulate::gateway::{GatewayOptions, exchange_request};
+use assetflow::cli::simulate::partner::PartnerOptions;
+use assetflow::cli::simulate::terminals::purchase;
 use chrono::Utc;
 use serde_json::json;
 

@@ -5,16 +5,16 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use assetflow::app::{self, App, RunOptions};
-use assetflow::broker::Broker;
-use assetflow::catalogue::{Product, upsert_product};
+use assetflow::cli::simulate::publisher::ConfirmedSender;
+use assetflow::cli::simulate::terminals::SimTerminal;
+use assetflow::cli::simulate::{Stats, gateway, partner};
 use assetflow::config::Config;
+use assetflow::config::workers::PoolDefinitions;
 use assetflow::crypto::{self, KeyRing};
-use assetflow::pool::definition::PoolDefinitions;
-use assetflow::scheduler::{self, Job, RunReport, Trigger};
-use assetflow::simulate::publisher::Publisher;
-use assetflow::simulate::terminals::SimTerminal;
-use assetflow::simulate::{Stats, gateway, partner};
+use assetflow::domain::catalogue::{Product, upsert_product};
+use assetflow::runtime::broker::Broker;
+use assetflow::service::app::{self, App, RunOptions};
+use assetflow::service::scheduler::{self, Job, RunReport, Trigger};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use serde_json::{Value, json};
@@ -29,7 +29,7 @@ pub struct Env {
     pub config: Config,
     pub app: Arc<App>,
     pub broker: Broker,
-    pub publisher: Publisher,
+    pub publisher: ConfirmedSender,
     pub stats: Arc<Stats>,
     run_stop: CancellationToken,
     run: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -85,7 +85,7 @@ impl Env {
         app::prepare(&app).await.expect("database prepared");
         let shutdown = CancellationToken::new();
         let broker = Broker::declaring(&config, shutdown.clone());
-        let publisher = Publisher::new(broker.clone());
+        let publisher = ConfirmedSender::new(broker.clone());
         Env {
             config,
             app,
@@ -190,7 +190,10 @@ impl Env {
             .ok()
             .and_then(|v| v["type"].as_str().map(str::to_string))
             .unwrap_or_default();
-        self.publisher.publish(&self.app.names.requests(), routing_key, &message_type, body).await.expect("published");
+        self.publisher
+            .publish(&self.app.plumbing.names.requests(), routing_key, &message_type, body)
+            .await
+            .expect("published");
     }
 
     /// Env::send publishes a JSON request on the requests exchange under its own type.
@@ -203,7 +206,7 @@ impl Env {
     pub async fn db<T: Send + 'static>(&self, f: impl FnOnce(&mut PgConnection) -> T + Send + 'static) -> T {
         let url = self.config.database.url.clone();
         tokio::task::spawn_blocking(move || {
-            let mut conn = assetflow::db::establish(&url).expect("test database");
+            let mut conn = assetflow::runtime::db::establish(&url).expect("test database");
             f(&mut conn)
         })
         .await
@@ -223,7 +226,7 @@ impl Env {
         loop {
             let (url, check) = (url.clone(), check.clone());
             let found = tokio::task::spawn_blocking(move || {
-                let mut conn = assetflow::db::establish(&url).expect("test database");
+                let mut conn = assetflow::runtime::db::establish(&url).expect("test database");
                 check(&mut conn)
             })
             .await
@@ -239,7 +242,7 @@ impl Env {
     /// Env::run_job runs a scheduled job at `as_of`, as the scheduler or `assetflow batch run` would.
     pub async fn run_job(&self, name: &str, as_of: DateTime<Utc>) -> RunReport {
         let job: &'static Job = Job::find(name).unwrap_or_else(|| panic!("no job {name}"));
-        scheduler::run_now(self.app.clone(), job, as_of, Trigger::Manual, false).await.expect("the job ran")
+        scheduler::run_now(self.app.scheduler.clone(), job, as_of, Trigger::Manual, false).await.expect("the job ran")
     }
 }
 

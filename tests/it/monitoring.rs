@@ -8,12 +8,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use assetflow::app::RunOptions;
-use assetflow::broker::Pool;
-use assetflow::messages::kinds;
-use assetflow::simulate::gateway::GatewayOptions;
-use assetflow::simulate::terminals::purchase;
-use assetflow::telemetry::CATALOGUE;
+use assetflow::cli::simulate::gateway::GatewayOptions;
+use assetflow::cli::simulate::terminals::purchase;
+use assetflow::contracts::messages::kinds;
+use assetflow::contracts::topology::Pool;
+use assetflow::service::app::RunOptions;
+use assetflow::service::metrics::catalogue;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -23,7 +23,7 @@ use crate::support::{DEADLINE, settle_all};
 /// with_http is an Env whose app will serve /metrics, /healthz and /readyz on a free local port,
 /// sampling queue depths every 200ms. The recorder is installed before anything records.
 async fn with_http() -> (Env, String) {
-    assetflow::health::metrics_handle();
+    assetflow::service::health::metrics_handle();
     let listen = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
         listener.local_addr().expect("a bound address").to_string()
@@ -199,16 +199,17 @@ fn assert_rose(before: &Scrape, after: &Scrape, name: &str, labels: &[(&str, &st
 /// assert_catalogued checks every assetflow series of a scrape against the catalogue: its name
 /// (a histogram's `_bucket`, `_sum` and `_count` stand for the histogram), its kind and its labels.
 fn assert_catalogued(scrape: &Scrape) {
+    let catalogue = catalogue();
     let mut seen = BTreeSet::new();
     for (name, labels) in scrape.samples.keys().filter(|(name, _)| name.starts_with("assetflow_")) {
-        let (metric, suffix) = match CATALOGUE.iter().find(|m| m.name == name) {
+        let (metric, suffix) = match catalogue.iter().find(|m| m.name == name) {
             Some(metric) => (metric, ""),
             None => {
                 let (base, suffix) = ["_bucket", "_sum", "_count"]
                     .iter()
                     .find_map(|s| name.strip_suffix(s).map(|base| (base, *s)))
                     .unwrap_or_else(|| panic!("{name} is not in the catalogue"));
-                let metric = CATALOGUE.iter().find(|m| m.name == base).unwrap_or_else(|| {
+                let metric = catalogue.iter().find(|m| m.name == base).unwrap_or_else(|| {
                     panic!("{name} is not in the catalogue (nor is {base})");
                 });
                 assert_eq!(metric.kind, "histogram", "{name}: {base} is a {} in the catalogue", metric.kind);
@@ -224,7 +225,7 @@ fn assert_catalogued(scrape: &Scrape) {
         seen.insert(metric.name);
     }
     for name in seen {
-        let kind = CATALOGUE.iter().find(|m| m.name == name).expect("seen in the catalogue").kind;
+        let kind = catalogue.iter().find(|m| m.name == name).expect("seen in the catalogue").kind;
         assert_eq!(scrape.types.get(name).map(String::as_str), Some(kind), "# TYPE of {name}");
     }
 }
@@ -297,7 +298,7 @@ async fn a_short_workload_moves_the_key_series_by_the_expected_amounts() {
 
     // The sampled gauges: the broker's queue depths, the dead letters an operator owes, the
     // subscriptions held.
-    let settlement_queue = env.app.names.pool_queue(Pool::Settlement);
+    let settlement_queue = env.app.plumbing.names.pool_queue(Pool::Settlement);
     let sampled = wait_for_metrics(&listen, "the sampled gauges are current", |s| {
         s.get("assetflow_queue_messages", &[("queue", &settlement_queue)]).is_some()
             && s.get("assetflow_queue_consumers", &[("queue", &settlement_queue)]).is_some_and(|n| n >= 1.0)

@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use assetflow::messages::{DeliveryRequested, kinds};
-use assetflow::outbox::{self, Outgoing};
-use assetflow::simulate::gateway::GatewayOptions;
-use assetflow::simulate::terminals::purchase;
+use assetflow::cli::simulate::gateway::GatewayOptions;
+use assetflow::cli::simulate::terminals::purchase;
+use assetflow::contracts::messages::{DeliveryRequested, kinds};
+use assetflow::runtime::outbox::{self, Outgoing};
 use serde_json::json;
 
 use crate::harness::{Env, count};
@@ -20,13 +20,13 @@ const FOREVER: Duration = Duration::from_secs(600);
 fn message(env: &Env, routing_key: &str) -> Outgoing {
     let body =
         DeliveryRequested { message_type: kinds::DELIVERY_REQUESTED.into(), delivery_ids: vec![uuid::Uuid::now_v7()] };
-    Outgoing::json(env.app.names.internal(), routing_key, kinds::DELIVERY_REQUESTED, &body)
+    Outgoing::json(env.app.plumbing.names.internal(), routing_key, kinds::DELIVERY_REQUESTED, &body)
 }
 
 /// listen binds a queue of the test's own to the internal exchange under `routing_key`, so that
 /// messages sent there are routed (and confirmed) without any pool taking them.
 async fn listen(env: &Env, routing_key: &str) -> String {
-    bind_queue(env, &format!("test.outbox.{routing_key}"), &env.app.names.internal(), routing_key).await
+    bind_queue(env, &format!("test.outbox.{routing_key}"), &env.app.plumbing.names.internal(), routing_key).await
 }
 
 /// publisher_lease waits for the started app's publisher to take messages, and is its lease.
@@ -35,7 +35,7 @@ async fn publisher_lease(env: &Env) -> Duration {
     let mut poll = tokio::time::interval(Duration::from_millis(10));
     loop {
         poll.tick().await;
-        if let Some(lease) = env.app.handoff.lease() {
+        if let Some(lease) = env.app.plumbing.handoff.lease() {
             return lease;
         }
         assert!(tokio::time::Instant::now() < deadline, "the app never opened its handoff");
@@ -104,7 +104,7 @@ async fn a_handed_message_the_broker_refuses_goes_back_to_the_relay() {
     assert_eq!(lease, FOREVER);
     let handed = refused.clone();
     env.db(move |c| outbox::enqueue_leased(c, &[handed], lease).expect("written")).await;
-    env.app.handoff.give(vec![refused]);
+    env.app.plumbing.handoff.give(vec![refused]);
 
     // The publisher gives the row back, due a second later; the relay then tries it too.
     env.wait_until("the row is given back and the relay has tried it", move |c| {
@@ -134,7 +134,7 @@ async fn a_publisher_publishes_what_it_is_handed_but_leaves_to_the_relay_what_wa
     let handed = handoff.open(FOREVER);
     handoff.give(vec![fresh]);
     handoff.close();
-    outbox::Publisher::new(env.app.db.clone(), env.broker.clone()).run(handed).await;
+    outbox::Publisher::new(env.app.plumbing.db.clone(), env.broker.clone()).run(handed).await;
     wait_for_queue(&env, &queue, "the fresh message is published", |n| n >= 1).await;
     env.db(move |c| assert_eq!(rows_with(c, f, "true"), 0, "its row is deleted")).await;
 
@@ -142,7 +142,7 @@ async fn a_publisher_publishes_what_it_is_handed_but_leaves_to_the_relay_what_wa
     let handed = handoff.open(Duration::ZERO);
     handoff.give(vec![stale]);
     handoff.close();
-    outbox::Publisher::new(env.app.db.clone(), env.broker.clone()).run(handed).await;
+    outbox::Publisher::new(env.app.plumbing.db.clone(), env.broker.clone()).run(handed).await;
     env.db(move |c| assert_eq!(rows_with(c, st, "attempts = 0 AND last_error IS NULL"), 1, "its row is untouched"))
         .await;
     assert_eq!(queued(&env, &queue).await, 1, "only the fresh message was published");

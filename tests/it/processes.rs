@@ -6,10 +6,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use assetflow::cli::audit::{Audit, audit};
+use assetflow::cli::simulate::gateway::GatewayOptions;
+use assetflow::cli::simulate::partner::PartnerOptions;
+use assetflow::cli::simulate::terminals::{SimTerminal, purchase, register};
 use assetflow::crypto::KeyRing;
-use assetflow::simulate::gateway::GatewayOptions;
-use assetflow::simulate::partner::PartnerOptions;
-use assetflow::simulate::terminals::{SimTerminal, purchase, register};
 use diesel::prelude::*;
 use serde_json::json;
 
@@ -128,7 +128,7 @@ async fn two_processes_with_one_killed_mid_load_lose_nothing_and_do_nothing_twic
     let _b = Node::start(&dir, "b");
     env.partner(PartnerOptions { decline_rate: 0.1, latency: Duration::from_millis(5), ..PartnerOptions::default() });
     // This gateway holds the terminals' keys, so half of the holders exchange their certificates.
-    tokio::spawn(assetflow::simulate::gateway::run_owned(
+    tokio::spawn(assetflow::cli::simulate::gateway::run_owned(
         env.config.clone(),
         env.broker.clone(),
         GatewayOptions { keys: dir.join("terminals"), exchange_rate: 0.5, ..GatewayOptions::default() },

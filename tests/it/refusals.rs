@@ -1,11 +1,11 @@
 //! Bad input, end to end: requests refused with their reason, messages dead-lettered with their
-//! reason and their bytes, and a worker that keeps serving afterwards (SPEC.md "Authenticity",
-//! "Exchange", "Guarantees" 2 and 4).
+//! reason and their bytes, and a worker that keeps serving afterwards (`docs/product.md#authenticity`,
+//! `#exchange`, `#no-double-effect`, `#bad-input-is-answered`).
 
+use assetflow::cli::simulate::gateway::{GatewayOptions, exchange_request};
+use assetflow::cli::simulate::terminals::{SimTerminal, purchase};
+use assetflow::contracts::messages::{DeliveryReceipt, SettlementOutcome, SettlementResult, kinds};
 use assetflow::crypto::{self, sha256_hex, sign_document};
-use assetflow::messages::{DeliveryReceipt, SettlementOutcome, SettlementResult, kinds};
-use assetflow::simulate::gateway::{GatewayOptions, exchange_request};
-use assetflow::simulate::terminals::{SimTerminal, purchase};
 use chrono::{Duration, Utc};
 use diesel::prelude::*;
 use serde_json::{Value, json};
@@ -169,7 +169,7 @@ async fn a_garbled_signature_that_fits_the_schema_is_refused() {
     let signature = garbled["signature"].as_str().unwrap();
     // Still base64 of the same length, so the schema accepts it; the DER inside no longer verifies.
     garbled["signature"] = json!(with_one_character_changed(signature, 12));
-    let fits = assetflow::messages::schema::validate(kinds::ORDER_PURCHASE, &garbled);
+    let fits = assetflow::contracts::schema::validate(kinds::ORDER_PURCHASE, &garbled);
     assert_eq!(fits, Ok(()), "the garbled request fits the schema");
     let rid = request_id(&garbled);
     env.send(&garbled).await;

@@ -1,7 +1,7 @@
 //! Fixed SQL through `db::prepared` is prepared once per connection, where `diesel::sql_query`
 //! is parsed and planned at every execution.
 
-use assetflow::db::prepared;
+use assetflow::runtime::db::prepared;
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 
@@ -19,10 +19,11 @@ struct Sums {
 async fn a_fixed_statement_is_prepared_once_and_binds_each_placeholder_to_its_value() {
     let env = Env::new().await;
     env.db(|c| {
-        // The same text run twice with other values; $1 is written twice and bound twice.
-        let sql = "SELECT $1::int8 + $2::int8 AS sum, $1::int8 AS first";
+        // The same text run twice with other values; $a is written twice and bound twice, and the
+        // values are bound by name, in any order.
+        let sql = "SELECT $a::int8 + $b::int8 AS sum, $a::int8 AS first";
         for (a, b) in [(2, 3), (10, 20)] {
-            let sums: Sums = prepared(sql).bind::<BigInt, _>(a).bind::<BigInt, _>(b).get_result(c).unwrap();
+            let sums: Sums = prepared(sql).bind::<BigInt, _>("b", b).bind::<BigInt, _>("a", a).get_result(c).unwrap();
             assert_eq!(sums, Sums { sum: a + b, first: a });
         }
         assert_eq!(
@@ -46,10 +47,11 @@ async fn a_fixed_statement_is_prepared_once_and_binds_each_placeholder_to_its_va
             0
         );
 
-        // A placeholder with no value is an error, not a panic or a query with a hole.
-        let missing = prepared("SELECT $2::int8 AS sum, $1::int8 AS first").bind::<BigInt, _>(1).get_result::<Sums>(c);
-        let error = missing.expect_err("$2 has no value").to_string();
-        assert!(error.contains("$2 has no bound value"), "{error}");
+        // A parameter with no value is an error, not a panic or a query with a hole.
+        let missing =
+            prepared("SELECT $b::int8 AS sum, $a::int8 AS first").bind::<BigInt, _>("a", 1).get_result::<Sums>(c);
+        let error = missing.expect_err("$b has no value").to_string();
+        assert!(error.contains("$b has no bound value"), "{error}");
     })
     .await;
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use assetflow::simulate::partner::PartnerOptions;
+use assetflow::cli::simulate::partner::PartnerOptions;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
@@ -113,7 +113,7 @@ pub async fn retransmitting(env: &mut Env) -> Retransmitting {
     env.start().await;
     env.partner(settle_all());
     // No gateway simulator: attempt 1 goes unanswered.
-    let order = assetflow::simulate::terminals::purchase(
+    let order = assetflow::cli::simulate::terminals::purchase(
         &dave,
         "ppv",
         1,

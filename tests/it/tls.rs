@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use assetflow::simulate::gateway::GatewayOptions;
-use assetflow::simulate::terminals::purchase;
+use assetflow::cli::simulate::gateway::GatewayOptions;
+use assetflow::cli::simulate::terminals::purchase;
 use diesel::prelude::*;
 use openssl::asn1::Asn1Time;
 use openssl::bn::{BigNum, MsbOption};
@@ -251,8 +251,9 @@ fn ssl_of(conn: &mut PgConnection) -> (bool, Option<String>) {
 async fn postgres_connections_are_encrypted_with_sslmode_require_and_verify_full() {
     tokio::task::spawn_blocking(|| {
         let base = "postgres://postgres@{host}:5432/postgres";
-        let connect =
-            |host: &str, query: &str| assetflow::db::establish(&format!("{}?{query}", base.replace("{host}", host)));
+        let connect = |host: &str, query: &str| {
+            assetflow::runtime::db::establish(&format!("{}?{query}", base.replace("{host}", host)))
+        };
         // Encryption only.
         let (ssl, version) = ssl_of(&mut connect("127.0.0.1", "sslmode=require").unwrap());
         assert!(ssl, "sslmode=require gave an unencrypted session");
@@ -348,7 +349,7 @@ fn amqp(port: u16, vhost: &str, ca: Option<&str>, client: Option<(&str, &str)>) 
 }
 
 async fn connect(amqp: &assetflow::config::AmqpConfig) -> anyhow::Result<lapin::Connection> {
-    tokio::time::timeout(Duration::from_secs(20), assetflow::broker::connect(amqp))
+    tokio::time::timeout(Duration::from_secs(20), assetflow::runtime::broker::connect(amqp))
         .await
         .map_err(|_| anyhow::anyhow!("the connection attempt hung"))?
 }

@@ -5,14 +5,14 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use assetflow::broker::Pool;
-use assetflow::dead_letter::Reason;
-use assetflow::messages::{SettlementOutcome, SettlementResult, kinds};
-use assetflow::outbox::Outgoing;
-use assetflow::pool::definition::PoolDefinitions;
-use assetflow::pool::{Cx, Failure, Handler, Incoming, Work, handle_together};
-use assetflow::simulate::gateway::GatewayOptions;
-use assetflow::simulate::terminals::{SimTerminal, purchase};
+use assetflow::cli::simulate::gateway::GatewayOptions;
+use assetflow::cli::simulate::terminals::{SimTerminal, purchase};
+use assetflow::config::workers::PoolDefinitions;
+use assetflow::contracts::dead_letter::DeadLetterReason;
+use assetflow::contracts::messages::{SettlementOutcome, SettlementResult, kinds};
+use assetflow::contracts::topology::Pool;
+use assetflow::runtime::consumer::{Cx, Dispatch, Failure, Handler, Incoming, Received, Work, handle_together};
+use assetflow::runtime::outbox::Outgoing;
 use chrono::Utc;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -27,26 +27,26 @@ struct Recorder {
 }
 
 impl Handler for Recorder {
-    fn message_type(&self) -> &'static str {
-        "test.recorded"
-    }
+    type Message = Value;
+    const MESSAGE_TYPE: &'static str = "test.recorded";
 
-    fn handle(&self, cx: &mut Cx<'_>, message: &Incoming) -> Result<(), Failure> {
+    fn handle(&self, cx: &mut Cx<'_>, batch: &[Received<'_, Value>]) -> Result<(), Failure> {
+        let [Received { message, incoming }] = batch else { panic!("a batch of one, as handlers take by default") };
         self.calls.fetch_add(1, Ordering::SeqCst);
-        if message.json["panic"] == json!(true) {
+        if message["panic"] == json!(true) {
             panic!("told to panic");
         }
-        if message.json["fail"] == json!(true) {
-            return Err(Failure::permanent(Reason::Unprocessable, "told to fail"));
+        if message["fail"] == json!(true) {
+            return Err(Failure::permanent(DeadLetterReason::Unprocessable, "told to fail"));
         }
         cx.publish(Outgoing {
             message_id: Uuid::now_v7(),
             exchange: "test".into(),
-            routing_key: message.message_id.clone(),
+            routing_key: incoming.message_id.clone(),
             message_type: "test.recorded".into(),
             correlation_id: None,
             headers: json!({}),
-            payload: message.body.clone(),
+            payload: incoming.body.clone(),
             available_at: None,
         });
         Ok(())
@@ -70,10 +70,10 @@ fn incoming(message_id: &str, json: Value) -> Incoming {
 }
 
 async fn together(env: &Env, handler: &Arc<Recorder>, messages: &[Incoming]) -> Result<Vec<bool>, Failure> {
-    let app = env.app.clone();
-    let handler: Arc<dyn Handler> = handler.clone();
+    let handoff = env.app.plumbing.handoff.clone();
+    let handler: Arc<dyn Dispatch> = handler.clone();
     let work: Vec<Work> = messages.iter().map(|m| (handler.clone(), m.clone(), tracing::Span::none())).collect();
-    env.app.db.run(move |conn| handle_together(conn, &app, Pool::Issuance, &work)).await
+    env.app.plumbing.db.run(move |conn| handle_together(conn, &handoff, Pool::Issuance.as_str(), &work)).await
 }
 
 async fn rows(env: &Env, sql: &'static str) -> i64 {
@@ -99,7 +99,7 @@ async fn messages_handled_together_commit_together_and_one_failure_undoes_them_a
     // One panics: the same, and the panic is the failure, as a dead letter's reason and detail.
     let panicking = incoming("e", json!({"panic": true}));
     match together(&env, &handler, &[a.clone(), panicking, b.clone()]).await {
-        Err(Failure::Permanent { reason: Reason::HandlerFailed, detail }) => {
+        Err(Failure::Permanent { reason: DeadLetterReason::HandlerFailed, detail }) => {
             assert!(detail.contains("told to panic"), "{detail}")
         }
         other => panic!("a panic is a permanent failure, not {other:?}"),
@@ -187,7 +187,7 @@ struct Sent {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_handled_together_each_have_the_effect_they_have_alone() {
-    use assetflow::delivery::receipt::ReceiptHandler;
+    use assetflow::domain::delivery::receipt::ReceiptHandler;
     use diesel::RunQueryDsl;
 
     // No gateway: the certificates go out and wait for receipts, which the test writes.
@@ -221,7 +221,13 @@ async fn receipts_handled_together_each_have_the_effect_they_have_alone() {
         receipt(1, "r1-again", &attempts[1].payload_sha256),
         receipt(2, "r2", &"0".repeat(64)),
     ];
-    let fresh = handled(&env, Pool::Delivery, Arc::new(ReceiptHandler), batch).await;
+    let fresh = handled(
+        &env,
+        Pool::Delivery,
+        Arc::new(ReceiptHandler { deliveries: env.app.domain.deliveries.clone() }),
+        batch,
+    )
+    .await;
     assert_eq!(fresh, vec![true; 4], "four new messages");
 
     let statuses: Vec<(String, String)> = env
@@ -273,10 +279,10 @@ fn request(message_id: &str, json: &Value) -> Incoming {
 }
 
 /// handled carries out requests together, with the handler of their type, as a pool's batch.
-async fn handled(env: &Env, pool: Pool, handler: Arc<dyn Handler>, batch: Vec<Incoming>) -> Vec<bool> {
-    let app = env.app.clone();
+async fn handled(env: &Env, pool: Pool, handler: Arc<dyn Dispatch>, batch: Vec<Incoming>) -> Vec<bool> {
+    let handoff = env.app.plumbing.handoff.clone();
     let work: Vec<Work> = batch.into_iter().map(|m| (handler.clone(), m, tracing::Span::none())).collect();
-    env.app.db.run(move |conn| handle_together(conn, &app, pool, &work)).await.expect("committed")
+    env.app.plumbing.db.run(move |conn| handle_together(conn, &handoff, pool.as_str(), &work)).await.expect("committed")
 }
 
 fn outcome_of(conn: &mut diesel::PgConnection, request: &Value) -> Option<String> {
@@ -291,7 +297,7 @@ fn outcome_of(conn: &mut diesel::PgConnection, request: &Value) -> Option<String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purchases_handled_together_each_have_the_effect_they_have_alone() {
-    use assetflow::settlement::PurchaseHandler;
+    use assetflow::domain::settlement::PurchaseHandler;
 
     // Not started: nothing but the test handles the requests, and the outbox keeps what they send.
     let env = Env::new().await;
@@ -299,7 +305,9 @@ async fn purchases_handled_together_each_have_the_effect_they_have_alone() {
     let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
     let bob = env.terminal("bob", "gw-1", None).await;
     let stranger = SimTerminal { id: "stranger".into(), key: assetflow::crypto::generate_key_pair().unwrap() };
-    let handler: Arc<dyn Handler> = Arc::new(PurchaseHandler);
+    let domain = &env.app.domain;
+    let handler: Arc<dyn Dispatch> =
+        Arc::new(PurchaseHandler { requests: domain.requests.clone(), settlements: domain.settlements.clone() });
     let seen = purchase(&alice, "concert", 1, json!({}));
     handled(&env, Pool::Settlement, handler.clone(), vec![request("seen", &seen)]).await;
 
@@ -374,8 +382,8 @@ async fn purchases_handled_together_each_have_the_effect_they_have_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exchanges_handled_together_each_have_the_effect_they_have_alone() {
-    use assetflow::issuance::ExchangeHandler;
-    use assetflow::simulate::gateway::exchange_request;
+    use assetflow::cli::simulate::gateway::exchange_request;
+    use assetflow::domain::issuance::ExchangeHandler;
 
     // No gateway: the certificates go out, and the test presents them.
     let (mut env, alice) = three_certificates_sent().await;
@@ -404,7 +412,8 @@ async fn exchanges_handled_together_each_have_the_effect_they_have_alone() {
     let mut never_issued = c.clone();
     never_issued["certificate_id"] = json!(Uuid::now_v7());
     assetflow::crypto::sign_document(&env.app.keys.provider, &mut never_issued).unwrap();
-    let handler: Arc<dyn Handler> = Arc::new(ExchangeHandler);
+    let handler: Arc<dyn Dispatch> =
+        Arc::new(ExchangeHandler { requests: env.app.domain.requests.clone(), keys: env.app.keys.clone() });
 
     // All distinct: handled as a set.
     let a_by_alice = exchange_request("alice", a.clone(), &alice.key);

@@ -1,0 +1,82 @@
+//! `assetflow bench`: measured throughput, never asserted in tests (`docs/performance.md`).
+
+pub mod lifecycle;
+pub mod limits;
+pub mod scan;
+
+use clap::Subcommand;
+
+use crate::config::Config;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Seed certificates with expiries spread over 30 days, then run near_expiry and past_due
+    /// one day ahead, and report how fast due certificates were found and enqueued.
+    Scan(scan::ScanOptions),
+    /// Run the whole loop with the simulators against a real `assetflow run` process and report
+    /// throughput, latency percentiles, CPU, memory, and messages and commits per order, with the
+    /// ratio to what the broker and the database allow.
+    Lifecycle(lifecycle::LifecycleOptions),
+    /// Measure what RabbitMQ and PostgreSQL do on this machine, the way assetflow uses them.
+    Limits(limits::LimitsOptions),
+}
+
+pub async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Scan(options) => scan::run(config, options).await,
+        BenchCommand::Lifecycle(options) => {
+            let json = options.json;
+            let figures = lifecycle::run(config, options).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&figures)?);
+            } else {
+                lifecycle::print(&figures);
+            }
+            Ok(())
+        }
+        BenchCommand::Limits(options) => {
+            let limits = limits::measure(&config, &options).await?;
+            if options.json {
+                println!("{}", serde_json::to_string_pretty(&limits)?);
+            } else {
+                limits::print(&limits);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// bench_database_url is the configured database URL with `suffix` added to the database name:
+/// benchmarks work in a database of their own, created fresh and dropped after.
+pub fn bench_database_url(url: &str, suffix: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b.to_string(), format!("?{q}")),
+        None => (url.to_string(), String::new()),
+    };
+    format!("{base}_{suffix}{query}")
+}
+
+/// admin_connection connects to the `postgres` database of the server in `url`, and returns the
+/// name of the database `url` names.
+fn admin_connection(url: &str) -> anyhow::Result<(diesel::PgConnection, String)> {
+    let (base, _) = url.split_once('?').unwrap_or((url, ""));
+    let (server, name) = base.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("no database name in the URL"))?;
+    Ok((crate::runtime::db::establish(&format!("{server}/postgres"))?, name.to_string()))
+}
+
+/// recreate_database drops the database `url` names, if it exists, and creates it empty.
+pub fn recreate_database(url: &str) -> anyhow::Result<()> {
+    use diesel::RunQueryDsl;
+    drop_database(url)?;
+    let (mut admin, name) = admin_connection(url)?;
+    diesel::sql_query(format!("CREATE DATABASE \"{name}\"")).execute(&mut admin)?;
+    Ok(())
+}
+
+/// drop_database drops the database `url` names, closing its connections.
+pub fn drop_database(url: &str) -> anyhow::Result<()> {
+    use diesel::RunQueryDsl;
+    let (mut admin, name) = admin_connection(url)?;
+    diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin)?;
+    Ok(())
+}

@@ -1,0 +1,233 @@
+//! The gateway simulator: receives deliveries for its terminals, returns receipts with the SHA-256
+//! of the bytes received, and has some holders exchange their certificates.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::Utc;
+use openssl::pkey::{PKey, Private};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::Stats;
+use super::partner::fraction;
+use super::publisher::{ConfirmedSender, consume};
+use crate::config::Config;
+use crate::contracts::messages::{DeliveryKind, DeliveryReceipt, GatewayDelivery, kinds};
+use crate::crypto;
+use crate::runtime::broker::{Broker, Names};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayOptions {
+    /// Gateways to act as (repeatable); the default is every configured gateway.
+    #[arg(long = "gateway")]
+    pub gateways: Vec<String>,
+    /// Share of deliveries answered with a wrong hash (a corrupted transmission).
+    #[arg(long, default_value_t = 0.0)]
+    pub failure_rate: f64,
+    /// Share of deliveries never answered (the acknowledgement timeout then fails them).
+    #[arg(long, default_value_t = 0.0)]
+    pub silence_rate: f64,
+    /// Share of receipts sent twice.
+    #[arg(long, default_value_t = 0.0)]
+    pub duplicate_rate: f64,
+    /// Time taken to answer each delivery (a slow gateway).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    pub latency: Duration,
+    /// Share of certificates their holders exchange, when their keys are in --keys.
+    #[arg(long, default_value_t = 0.5)]
+    pub exchange_rate: f64,
+    /// Where the simulated terminals' private keys are.
+    #[arg(long, default_value_os_t = super::default_keys_dir())]
+    pub keys: PathBuf,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        GatewayOptions {
+            gateways: Vec::new(),
+            failure_rate: 0.0,
+            silence_rate: 0.0,
+            duplicate_rate: 0.0,
+            latency: Duration::ZERO,
+            exchange_rate: 0.5,
+            keys: super::default_keys_dir(),
+        }
+    }
+}
+
+/// TerminalKeys loads simulated terminals' private keys on demand.
+#[derive(Clone)]
+pub struct TerminalKeys {
+    dir: PathBuf,
+    cache: Arc<Mutex<HashMap<String, Option<PKey<Private>>>>>,
+}
+
+impl TerminalKeys {
+    pub fn new(dir: PathBuf) -> TerminalKeys {
+        TerminalKeys { dir, cache: Arc::default() }
+    }
+
+    pub async fn get(&self, terminal: &str) -> Option<PKey<Private>> {
+        let mut cache = self.cache.lock().await;
+        if let Some(Some(key)) = cache.get(terminal) {
+            return Some(key.clone());
+        }
+        let key = crypto::load_private_key(&self.dir.join(format!("{terminal}.pem"))).ok();
+        cache.insert(terminal.to_string(), key.clone());
+        key
+    }
+}
+
+pub async fn run_owned(
+    config: Config,
+    broker: Broker,
+    options: GatewayOptions,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run(&config, broker, options, stats, shutdown).await
+}
+
+pub async fn run(
+    config: &Config,
+    broker: Broker,
+    options: GatewayOptions,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let names = Names { prefix: config.amqp.prefix.clone() };
+    let gateways =
+        if options.gateways.is_empty() { config.gateways.keys().cloned().collect() } else { options.gateways.clone() };
+    anyhow::ensure!(!gateways.is_empty(), "no gateways configured: add [gateways.<id>] to the configuration");
+    let publisher = Arc::new(ConfirmedSender::new(broker.clone()));
+    let keys = TerminalKeys::new(options.keys.clone());
+    let mut tasks = Vec::new();
+    for gateway in gateways {
+        let queue = names.gateway_queue(&gateway);
+        let (publisher, stats, options, requests, keys) =
+            (publisher.clone(), stats.clone(), options.clone(), names.requests(), keys.clone());
+        tasks.push(tokio::spawn(consume(broker.clone(), queue, 128, shutdown.clone(), move |delivery| {
+            let (publisher, stats, options, requests, keys) =
+                (publisher.clone(), stats.clone(), options.clone(), requests.clone(), keys.clone());
+            async move {
+                let bytes = delivery.data.clone();
+                let Ok(message) = serde_json::from_slice::<GatewayDelivery>(&bytes) else {
+                    tracing::warn!("gateway simulator: not a delivery");
+                    return true;
+                };
+                let counter = match message.kind {
+                    DeliveryKind::Certificate => &stats.certificates,
+                    DeliveryKind::Asset => &stats.assets,
+                    DeliveryKind::Refusal => &stats.refusals,
+                    _ => &stats.notices,
+                };
+                if message.attempt == 1 {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                if rand::random::<f64>() < options.silence_rate {
+                    return true;
+                }
+                let mut sha256 = crypto::sha256_hex(&bytes);
+                if rand::random::<f64>() < options.failure_rate {
+                    sha256 = crypto::sha256_hex(b"corrupted in transit");
+                }
+                let receipt = DeliveryReceipt {
+                    message_type: kinds::DELIVERY_RECEIPT.into(),
+                    delivery_id: message.delivery_id,
+                    attempt: message.attempt,
+                    gateway_id: message.gateway_id.clone(),
+                    terminal_id: message.terminal_id.clone(),
+                    sha256,
+                    received_at: Utc::now(),
+                };
+                let body = serde_json::to_vec(&receipt).expect("serializes");
+                let copies = if rand::random::<f64>() < options.duplicate_rate { 2 } else { 1 };
+                // Whether the holder will exchange it is known before the receipt goes, so that
+                // whoever waits for the exchanges (the benchmark) never sees neither.
+                let certificate = message
+                    .content
+                    .get("certificate")
+                    .filter(|_| message.kind == DeliveryKind::Certificate)
+                    .filter(|_| fraction(&message.delivery_id.to_string(), "exchange") < options.exchange_rate)
+                    .cloned();
+                let answer = async move {
+                    let _waiting = certificate.as_ref().map(|_| Waiting::on(&stats));
+                    for _ in 0..copies {
+                        if let Err(e) =
+                            publisher.publish(&requests, kinds::DELIVERY_RECEIPT, kinds::DELIVERY_RECEIPT, &body).await
+                        {
+                            tracing::warn!(error = %e, "gateway simulator could not send a receipt");
+                            return;
+                        }
+                    }
+                    stats.receipts.fetch_add(1, Ordering::Relaxed);
+                    if let Some(certificate) = certificate
+                        && let Some(key) = keys.get(&message.terminal_id).await
+                    {
+                        let request = exchange_request(&message.terminal_id, certificate, &key);
+                        let (publisher, stats) = (publisher.clone(), stats.clone());
+                        let waiting = Waiting::on(&stats);
+                        // The holder exchanges a little later, as a person would.
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            let body = serde_json::to_vec(&request).expect("serializes");
+                            let sent_at = Utc::now();
+                            if publisher
+                                .publish(&requests, kinds::CERTIFICATE_EXCHANGE, kinds::CERTIFICATE_EXCHANGE, &body)
+                                .await
+                                .is_ok()
+                            {
+                                stats.exchanges.fetch_add(1, Ordering::SeqCst);
+                                if stats.log_exchanges.load(Ordering::Relaxed) {
+                                    let request_id = request["request_id"].as_str().unwrap_or_default().to_string();
+                                    stats.exchange_log.lock().expect("not poisoned").push((request_id, sent_at));
+                                }
+                            }
+                            drop(waiting);
+                        });
+                    }
+                };
+                super::answer_after(options.latency, answer).await;
+                true
+            }
+        })));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    Ok(())
+}
+
+/// Waiting counts an exchange decided on and not yet published, for as long as it lives.
+struct Waiting(Arc<Stats>);
+
+impl Waiting {
+    fn on(stats: &Arc<Stats>) -> Waiting {
+        stats.exchanges_waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting(stats.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.exchanges_waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// exchange_request builds a signed `certificate.exchange`.
+pub fn exchange_request(terminal_id: &str, certificate: serde_json::Value, key: &PKey<Private>) -> serde_json::Value {
+    let mut request = serde_json::json!({
+        "type": kinds::CERTIFICATE_EXCHANGE,
+        "request_id": format!("x-{}", Uuid::now_v7()),
+        "terminal_id": terminal_id,
+        "sent_at": Utc::now(),
+        "certificate": certificate,
+    });
+    crypto::sign_document(key, &mut request).expect("signing works");
+    request
+}

@@ -1,0 +1,213 @@
+//! The built-in simulators: terminals that sign and place orders, partners that settle them, and
+//! gateways that acknowledge deliveries and exchange some certificates. They talk to assetflow only
+//! through RabbitMQ, exactly as the real parties do; the tests and the benchmark use them too.
+
+pub mod gateway;
+pub mod partner;
+pub mod publisher;
+pub mod terminals;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use clap::Subcommand;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::runtime::broker::Broker;
+
+#[derive(Debug, Subcommand)]
+pub enum SimulateCommand {
+    /// Payment partners: settle instructions from their queues.
+    Partner(partner::PartnerOptions),
+    /// Gateways: acknowledge deliveries, and exchange some certificates for their terminals.
+    Gateway(gateway::GatewayOptions),
+    /// Terminals: register, then sign and publish orders at a rate.
+    Terminals(terminals::TerminalOptions),
+    /// Everything above in one process, with a demo catalogue: what `ops/run` starts.
+    All {
+        #[command(flatten)]
+        terminals: terminals::TerminalOptions,
+        /// Share of settlement instructions the partner declines.
+        #[arg(long, default_value_t = 0.1)]
+        decline_rate: f64,
+        /// Share of certificates their holders exchange.
+        #[arg(long, default_value_t = 0.5)]
+        exchange_rate: f64,
+        /// With --orders: keep answering this long after the last order, then show the history
+        /// of an exchanged asset and stop. Without it, run until interrupted.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        linger: Option<Duration>,
+    },
+}
+
+/// Stats counts what the simulators saw, for the summary line.
+#[derive(Default)]
+pub struct Stats {
+    pub orders: AtomicU64,
+    pub settled: AtomicU64,
+    pub declined: AtomicU64,
+    pub certificates: AtomicU64,
+    pub exchanges: AtomicU64,
+    /// Exchanges a holder has decided on and not yet published (see the gateway simulator's delay).
+    pub exchanges_waiting: AtomicU64,
+    pub assets: AtomicU64,
+    pub notices: AtomicU64,
+    pub refusals: AtomicU64,
+    pub receipts: AtomicU64,
+    /// When on, the gateway simulator logs when it published each exchange (the benchmark's
+    /// clock for exchange-to-asset latency). Off by default: a long demo would only grow it.
+    pub log_exchanges: std::sync::atomic::AtomicBool,
+    pub exchange_log: std::sync::Mutex<Vec<(String, chrono::DateTime<chrono::Utc>)>>,
+}
+
+impl Stats {
+    pub fn line(&self) -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "orders {} · settled {} · declined {} · certificates {} · exchanges {} · assets {} · notices {} · refusals {}",
+            g(&self.orders),
+            g(&self.settled),
+            g(&self.declined),
+            g(&self.certificates),
+            g(&self.exchanges),
+            g(&self.assets),
+            g(&self.notices),
+            g(&self.refusals)
+        )
+    }
+}
+
+/// show_an_exchanged_asset prints the history of the most recently exchanged asset.
+async fn show_an_exchanged_asset(config: &Config) -> anyhow::Result<()> {
+    use diesel::prelude::*;
+    let url = config.database.url.clone();
+    let view = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<crate::cli::status::View>> {
+        use crate::runtime::db::schema::exchange_certificates as x;
+        let mut conn = crate::runtime::db::establish(&url)?;
+        let asset: Option<uuid::Uuid> = x::table
+            .filter(x::exchanged_at.is_not_null())
+            .order(x::exchanged_at.desc())
+            .select(x::asset_id)
+            .first(&mut conn)
+            .optional()?;
+        Ok(match asset {
+            Some(id) => crate::cli::status::lookup(&mut conn, &id.to_string())?,
+            None => None,
+        })
+    })
+    .await??;
+    if let Some(view) = view {
+        println!("\nThe most recently exchanged asset (assetflow status <id> shows any):\n");
+        print!("{}", crate::cli::status::render(&view));
+    }
+    Ok(())
+}
+
+/// answer_after runs a simulator's answer once `latency` has passed. A latency long enough to
+/// matter is waited out in a task of its own, so a slow partner or gateway still works on many
+/// messages at once, as a real one does: the message is taken now and answered later. (Were the
+/// simulator to stop meanwhile, assetflow's own timeout sends the message again.)
+pub(crate) async fn answer_after(latency: Duration, answer: impl Future<Output = ()> + Send + 'static) {
+    if latency > Duration::from_millis(50) {
+        tokio::spawn(async move {
+            tokio::time::sleep(latency).await;
+            answer.await;
+        });
+    } else {
+        tokio::time::sleep(latency).await;
+        answer.await;
+    }
+}
+
+/// default_keys_dir is where simulated terminals keep their private keys.
+pub fn default_keys_dir() -> PathBuf {
+    PathBuf::from(".assetflow/sim/terminals")
+}
+
+pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown1 = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            shutdown1.cancel();
+        });
+        let shutdown2 = shutdown.clone();
+        tokio::spawn(async move {
+            if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                term.recv().await;
+                shutdown2.cancel();
+            }
+        });
+    }
+    let broker = Broker::declaring(&config, shutdown.clone());
+    let stats = Arc::new(Stats::default());
+    let reporter = {
+        let (stats, shutdown) = (stats.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => println!("{}", stats.line()),
+                }
+            }
+            println!("{}", stats.line());
+        })
+    };
+    match command {
+        SimulateCommand::Partner(options) => partner::run(&config, broker, options, stats, shutdown.clone()).await?,
+        SimulateCommand::Gateway(options) => gateway::run(&config, broker, options, stats, shutdown.clone()).await?,
+        SimulateCommand::Terminals(options) => {
+            terminals::run(&config, broker, options, stats, shutdown.clone()).await?
+        }
+        SimulateCommand::All { terminals: options, decline_rate, exchange_rate, linger } => {
+            terminals::ensure_demo_catalogue(&config).await?;
+            let partner_options = partner::PartnerOptions { decline_rate, ..partner::PartnerOptions::default() };
+            let gateway_options = gateway::GatewayOptions {
+                exchange_rate,
+                keys: options.keys.clone(),
+                ..gateway::GatewayOptions::default()
+            };
+            let p = tokio::spawn(partner::run_owned(
+                config.clone(),
+                broker.clone(),
+                partner_options,
+                stats.clone(),
+                shutdown.clone(),
+            ));
+            let g = tokio::spawn(gateway::run_owned(
+                config.clone(),
+                broker.clone(),
+                gateway_options,
+                stats.clone(),
+                shutdown.clone(),
+            ));
+            let t = terminals::run(&config, broker.clone(), options, stats.clone(), shutdown.clone()).await;
+            // The terminals stop after --orders; the partner and gateway keep answering.
+            if t.is_ok() {
+                match linger {
+                    Some(linger) => tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(linger) => {}
+                    },
+                    None => shutdown.cancelled().await,
+                }
+            }
+            shutdown.cancel();
+            p.await??;
+            g.await??;
+            t?;
+            if linger.is_some() {
+                show_an_exchanged_asset(&config).await?;
+            }
+        }
+    }
+    shutdown.cancel();
+    let _ = reporter.await;
+    Ok(())
+}

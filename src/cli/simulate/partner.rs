@@ -1,0 +1,135 @@
+//! The payment-partner simulator: answers settlement instructions from its queue.
+//!
+//! Its answer for a settlement is a pure function of the settlement id, so a repeated
+//! instruction always gets the same answer, as from a real partner.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use super::Stats;
+use super::publisher::{ConfirmedSender, consume};
+use crate::config::Config;
+use crate::contracts::messages::{SettlementInstruction, SettlementOutcome, SettlementResult, kinds};
+use crate::runtime::broker::{Broker, Names};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct PartnerOptions {
+    /// Partners to act as (repeatable); the default is every configured partner.
+    #[arg(long = "partner")]
+    pub partners: Vec<String>,
+    /// Share of settlements declined.
+    #[arg(long, default_value_t = 0.1)]
+    pub decline_rate: f64,
+    /// Time taken to answer.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "20ms")]
+    pub latency: Duration,
+    /// Share of instructions never answered (the partner timeout then sends them again).
+    #[arg(long, default_value_t = 0.0)]
+    pub silence_rate: f64,
+    /// Share of answers sent twice.
+    #[arg(long, default_value_t = 0.0)]
+    pub duplicate_rate: f64,
+}
+
+impl Default for PartnerOptions {
+    fn default() -> Self {
+        PartnerOptions {
+            partners: Vec::new(),
+            decline_rate: 0.1,
+            latency: Duration::from_millis(20),
+            silence_rate: 0.0,
+            duplicate_rate: 0.0,
+        }
+    }
+}
+
+/// fraction maps an id and a salt to a stable number in [0, 1).
+pub fn fraction(id: &str, salt: &str) -> f64 {
+    let digest = openssl::sha::sha256(format!("{salt}:{id}").as_bytes());
+    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) as f64 / (u64::MAX as f64 + 1.0)
+}
+
+pub async fn run_owned(
+    config: Config,
+    broker: Broker,
+    options: PartnerOptions,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run(&config, broker, options, stats, shutdown).await
+}
+
+pub async fn run(
+    config: &Config,
+    broker: Broker,
+    options: PartnerOptions,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let names = Names { prefix: config.amqp.prefix.clone() };
+    let partners =
+        if options.partners.is_empty() { config.partners.keys().cloned().collect() } else { options.partners.clone() };
+    anyhow::ensure!(!partners.is_empty(), "no partners configured: add [partners.<id>] to the configuration");
+    let publisher = Arc::new(ConfirmedSender::new(broker.clone()));
+    let mut tasks = Vec::new();
+    for partner in partners {
+        let queue = names.partner_queue(&partner);
+        let (publisher, stats, options, requests) =
+            (publisher.clone(), stats.clone(), options.clone(), names.requests());
+        tasks.push(tokio::spawn(consume(broker.clone(), queue, 64, shutdown.clone(), move |delivery| {
+            let (publisher, stats, options, requests) =
+                (publisher.clone(), stats.clone(), options.clone(), requests.clone());
+            async move {
+                let Ok(instruction) = serde_json::from_slice::<SettlementInstruction>(&delivery.data) else {
+                    tracing::warn!("partner simulator: not a settlement instruction");
+                    return true;
+                };
+                let id = instruction.settlement_id.to_string();
+                if rand::random::<f64>() < options.silence_rate {
+                    return true;
+                }
+                let outcome = if fraction(&id, "decline") < options.decline_rate {
+                    SettlementOutcome::Declined
+                } else {
+                    SettlementOutcome::Settled
+                };
+                let result = SettlementResult {
+                    message_type: kinds::SETTLEMENT_RESULT.into(),
+                    settlement_id: instruction.settlement_id,
+                    partner_id: instruction.partner_id.clone(),
+                    outcome,
+                    partner_reference: format!("SIM-{}", &id[id.len() - 12..]),
+                    reason: (outcome == SettlementOutcome::Declined).then(|| "insufficient funds (simulated)".into()),
+                    sent_at: Utc::now(),
+                };
+                let body = serde_json::to_vec(&result).expect("serializes");
+                let copies = if rand::random::<f64>() < options.duplicate_rate { 2 } else { 1 };
+                let answer = async move {
+                    for _ in 0..copies {
+                        if let Err(e) = publisher
+                            .publish(&requests, kinds::SETTLEMENT_RESULT, kinds::SETTLEMENT_RESULT, &body)
+                            .await
+                        {
+                            tracing::warn!(error = %e, "partner simulator could not answer");
+                            return;
+                        }
+                    }
+                    match outcome {
+                        SettlementOutcome::Settled => stats.settled.fetch_add(1, Ordering::Relaxed),
+                        SettlementOutcome::Declined => stats.declined.fetch_add(1, Ordering::Relaxed),
+                    };
+                };
+                super::answer_after(options.latency, answer).await;
+                true
+            }
+        })));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,249 @@
+//! The terminal simulator: registers terminals with real key pairs, then signs and publishes
+//! orders at a steady rate: some gifts, some billed to another terminal, some for a designated time.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::Utc;
+use diesel::prelude::*;
+use openssl::pkey::{PKey, Private};
+use rand::Rng;
+use rand::seq::IndexedRandom;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::Stats;
+use super::publisher::ConfirmedSender;
+use crate::cli::admin::register_terminal;
+use crate::config::Config;
+use crate::contracts::messages::kinds;
+use crate::crypto;
+use crate::domain::catalogue::{Product, upsert_product};
+use crate::runtime::broker::{Broker, Names};
+use crate::runtime::db::schema::products;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TerminalOptions {
+    /// Terminals to register and order from.
+    #[arg(long, default_value_t = 20)]
+    pub count: usize,
+    /// Orders a second, across all terminals.
+    #[arg(long, default_value_t = 5.0)]
+    pub rate: f64,
+    /// Stop after this many orders; 0 runs until interrupted.
+    #[arg(long, default_value_t = 0)]
+    pub orders: u64,
+    /// Where the terminals' private keys are written (the gateway simulator reads them).
+    #[arg(long, default_value_os_t = super::default_keys_dir())]
+    pub keys: PathBuf,
+    /// Share of orders that are gifts to another terminal.
+    #[arg(long, default_value_t = 0.1)]
+    pub gift_rate: f64,
+    /// Share of orders for immediate delivery.
+    #[arg(long, default_value_t = 0.1)]
+    pub immediate_rate: f64,
+    /// Share of orders for delivery at a designated time a few seconds ahead.
+    #[arg(long, default_value_t = 0.1)]
+    pub designated_rate: f64,
+}
+
+/// SimTerminal is a registered terminal whose key the simulator holds.
+pub struct SimTerminal {
+    pub id: String,
+    pub key: PKey<Private>,
+}
+
+/// register makes `count` terminals, spread over the configured gateways and partners, and writes
+/// their private keys to `keys`.
+pub async fn register(config: &Config, count: usize, keys: &std::path::Path) -> anyhow::Result<Vec<SimTerminal>> {
+    let gateways: Vec<String> = config.gateways.keys().cloned().collect();
+    let partners: Vec<String> = config.partners.keys().cloned().collect();
+    anyhow::ensure!(!gateways.is_empty() && !partners.is_empty(), "configure at least one gateway and one partner");
+    std::fs::create_dir_all(keys)?;
+    let mut terminals = Vec::new();
+    let mut rows = Vec::new();
+    for i in 0..count {
+        let kind = if i % 4 == 3 { "stationary" } else { "mobile" };
+        let id = format!("sim-{kind}-{:04}", i + 1);
+        let path = keys.join(format!("{id}.pem"));
+        let key = match crypto::load_private_key(&path) {
+            Ok(key) => key,
+            Err(_) => {
+                let key = crypto::generate_key_pair()?;
+                crypto::write_private_key(&path, &key.private_key_to_pem_pkcs8()?)?;
+                key
+            }
+        };
+        rows.push((
+            id.clone(),
+            kind,
+            gateways[i % gateways.len()].clone(),
+            partners[i % partners.len()].clone(),
+            crypto::public_key_pem(&key)?,
+        ));
+        terminals.push(SimTerminal { id, key });
+    }
+    let url = config.database.url.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut conn = crate::runtime::db::establish(&url)?;
+        // The terminals reference their gateway and partner: on a fresh database the simulators
+        // may get here before `assetflow run` has recorded the configured ones.
+        crate::domain::catalogue::sync_parties(&mut conn, &partners, &gateways)?;
+        for (id, kind, gateway, partner, pem) in rows {
+            register_terminal(&mut conn, &id, kind, &gateway, Some(&partner), &pem)?;
+        }
+        Ok(())
+    })
+    .await??;
+    Ok(terminals)
+}
+
+/// purchase builds a signed `order.purchase`.
+pub fn purchase(terminal: &SimTerminal, product: &str, quantity: u32, extra: serde_json::Value) -> serde_json::Value {
+    let mut request = json!({
+        "type": kinds::ORDER_PURCHASE,
+        "request_id": format!("o-{}", Uuid::now_v7()),
+        "terminal_id": terminal.id,
+        "sent_at": Utc::now(),
+        "product_id": product,
+        "quantity": quantity,
+    });
+    if let (Some(object), Some(extra)) = (request.as_object_mut(), extra.as_object()) {
+        object.extend(extra.clone());
+    }
+    crypto::sign_document(&terminal.key, &mut request).expect("signing works");
+    request
+}
+
+pub async fn run(
+    config: &Config,
+    broker: Broker,
+    options: TerminalOptions,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let terminals = register(config, options.count, &options.keys).await?;
+    let url = config.database.url.clone();
+    let catalogue: Vec<String> = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
+        let mut conn = crate::runtime::db::establish(&url)?;
+        Ok(products::table
+            .filter(products::on_sale.eq(true))
+            .order(products::id)
+            .select(products::id)
+            .load(&mut conn)?)
+    })
+    .await??;
+    anyhow::ensure!(!catalogue.is_empty(), "no product is on sale: add one with `assetflow products add`");
+    let names = Names { prefix: config.amqp.prefix.clone() };
+    let publisher = ConfirmedSender::new(broker);
+    let period = Duration::from_secs_f64(1.0 / options.rate.max(0.001));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sent = 0u64;
+    println!(
+        "{} terminals registered; ordering {} a second from {}",
+        terminals.len(),
+        options.rate,
+        catalogue.join(", ")
+    );
+    while options.orders == 0 || sent < options.orders {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let request = {
+            let mut rng = rand::rng();
+            let terminal = terminals.choose(&mut rng).expect("at least one terminal");
+            let product = catalogue.choose(&mut rng).expect("at least one product");
+            let mut extra = json!({});
+            if rng.random::<f64>() < options.gift_rate && terminals.len() > 1 {
+                let other = terminals.iter().filter(|t| t.id != terminal.id).collect::<Vec<_>>();
+                extra["recipient_terminal_ids"] = json!([other.choose(&mut rng).expect("another").id]);
+            }
+            let roll = rng.random::<f64>();
+            if roll < options.immediate_rate {
+                extra["delivery"] = json!({"mode": "immediate"});
+            } else if roll < options.immediate_rate + options.designated_rate {
+                extra["delivery"] = json!({"mode": "designated", "at": Utc::now() + chrono::Duration::seconds(rng.random_range(3..15))});
+            }
+            purchase(terminal, product, 1, extra)
+        };
+        let body = serde_json::to_vec(&request)?;
+        publisher.publish(&names.requests(), kinds::ORDER_PURCHASE, kinds::ORDER_PURCHASE, &body).await?;
+        stats.orders.fetch_add(1, Ordering::Relaxed);
+        sent += 1;
+    }
+    Ok(())
+}
+
+/// ensure_demo_catalogue adds the demo products if there are none on sale.
+pub async fn ensure_demo_catalogue(config: &Config) -> anyhow::Result<()> {
+    let url = config.database.url.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut conn = crate::runtime::db::establish(&url)?;
+        let on_sale: i64 = products::table.filter(products::on_sale.eq(true)).count().get_result(&mut conn)?;
+        if on_sale > 0 {
+            return Ok(());
+        }
+        for product in demo_catalogue() {
+            upsert_product(&mut conn, &product)?;
+        }
+        Ok(())
+    })
+    .await?
+}
+
+/// DEMO_ISSUERS are the issuers of the demo catalogue; `ops/run` makes their keys.
+pub const DEMO_ISSUERS: [&str; 3] = ["tokyo-hall", "assetflow-pay", "cinema-net"];
+
+/// demo_catalogue is a ticket, a prepaid card, a pay-per-view ticket and a coupon.
+pub fn demo_catalogue() -> Vec<Product> {
+    let day = 86_400;
+    let base = |id: &str, kind: &str, title: &str, issuer: &str, price: i64| Product {
+        id: id.into(),
+        kind: kind.into(),
+        title: title.into(),
+        issuer_id: issuer.into(),
+        price_minor: price,
+        currency: "JPY".into(),
+        value_minor: None,
+        uses: None,
+        asset_expires_at: None,
+        asset_validity_secs: Some(30 * day),
+        certificate_expires_at: None,
+        certificate_validity_secs: Some(7 * day),
+        reminder_stage1_secs: 2 * day,
+        reminder_stage2_secs: day,
+        stage2_policy: "download_request".into(),
+        transferable: false,
+        on_sale: true,
+        tags: json!({}),
+    };
+    vec![
+        Product {
+            transferable: true,
+            uses: Some(1),
+            tags: json!({"title": "Christmas concert", "date": "12-25", "place": "Tokyo Hall", "seat_class": "S"}),
+            ..base("concert-ticket", "ticket", "Christmas concert, S seat", "tokyo-hall", 8_500)
+        },
+        Product {
+            value_minor: Some(5_000),
+            asset_validity_secs: Some(365 * day),
+            certificate_validity_secs: Some(30 * day),
+            ..base("prepaid-card-5000", "prepaid_card", "Prepaid card 5,000 yen", "assetflow-pay", 5_000)
+        },
+        Product {
+            uses: Some(1),
+            asset_validity_secs: Some(2 * day),
+            certificate_validity_secs: Some(day + day / 2),
+            reminder_stage1_secs: day,
+            reminder_stage2_secs: day / 2,
+            stage2_policy: "forced_transmission".into(),
+            ..base("ppv-movie", "ppv_ticket", "Pay-per-view: the late show", "cinema-net", 400)
+        },
+        Product { uses: Some(1), ..base("coffee-coupon", "coupon", "One coffee", "assetflow-pay", 300) },
+    ]
+}

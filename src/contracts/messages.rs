@@ -1,0 +1,370 @@
+//! The message contracts: every message assetflow consumes or publishes, as a type.
+//!
+//! Each has a JSON Schema in `schemas/` (see [`schema`]); incoming messages are validated against
+//! it before they are deserialized, so that a dead letter says which field was wrong. Messages
+//! name what to act on by id, and the handlers re-read the state: a stale or duplicated message
+//! cannot overwrite newer state.
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// MAX_BODY is the largest message body a pool accepts; anything larger is dead-lettered as
+/// malformed.
+pub const MAX_BODY: usize = 256 * 1024;
+
+/// REPLAY_RECEIVED_AT is the header that carries a replayed message's original receipt time.
+/// Only assetflow publishes on the internal exchange, so only there is it trusted.
+pub const REPLAY_RECEIVED_AT: &str = "x-assetflow-received-at";
+
+/// parse_body reads a message body the way a pool does before anything else: at most
+/// [`MAX_BODY`] bytes of UTF-8 JSON, an object with a string `type`. It returns the type and the
+/// JSON, or the detail a `malformed` dead letter carries. Any bytes at all may arrive here from
+/// the requests exchange: it must never panic (fuzzed by `fuzz/`, the `message_body` target).
+pub fn parse_body(body: &[u8]) -> Result<(String, Value), String> {
+    if body.len() > MAX_BODY {
+        return Err(format!("body of {} bytes exceeds the {MAX_BODY}-byte limit", body.len()));
+    }
+    let text = std::str::from_utf8(body).map_err(|e| format!("body is not UTF-8: {e}"))?;
+    let json: Value = serde_json::from_str(text).map_err(|e| format!("body is not JSON: {e}"))?;
+    let message_type = json
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| "body is not a JSON object with a string \"type\"".to_string())?
+        .to_string();
+    Ok((message_type, json))
+}
+
+/// decode checks a message against its type's schema, then deserializes it: the schema check a
+/// pool makes before the handler runs, and the handler's own read. The error names the offending
+/// field.
+pub fn decode<T: DeserializeOwned>(message_type: &str, json: &Value) -> Result<T, String> {
+    super::schema::validate(message_type, json)?;
+    T::deserialize(json).map_err(|e| format!("{message_type}: {e}"))
+}
+
+/// The `type` of every message, which is also its routing key and its AMQP `type` property.
+pub mod kinds {
+    pub const ORDER_PURCHASE: &str = "order.purchase";
+    pub const CERTIFICATE_EXCHANGE: &str = "certificate.exchange";
+    pub const SETTLEMENT_INSTRUCTION: &str = "settlement.instruction";
+    pub const SETTLEMENT_RESULT: &str = "settlement.result";
+    pub const ISSUANCE_REQUESTED: &str = "issuance.requested";
+    pub const DELIVERY_REQUESTED: &str = "delivery.requested";
+    pub const CERTIFICATE_NOTICES: &str = "certificate.notices";
+    pub const DELIVERY: &str = "delivery";
+    pub const DELIVERY_RECEIPT: &str = "delivery.receipt";
+    pub const DEAD_LETTER: &str = "dead_letter";
+
+    /// The messages assetflow sends itself, on its internal exchange, from one pool to another.
+    pub const INTERNAL: [&str; 3] = [ISSUANCE_REQUESTED, DELIVERY_REQUESTED, CERTIFICATE_NOTICES];
+}
+
+/// DeliveryMode is how an order's assets reach their recipients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryModeKind {
+    /// An exchange certificate now, the asset when the holder exchanges it.
+    Certificate,
+    /// The asset at a given time.
+    Designated,
+    /// The asset now: `designated` at the time of issue.
+    Immediate,
+}
+
+impl DeliveryModeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Certificate => "certificate",
+            Self::Designated => "designated",
+            Self::Immediate => "immediate",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryMode {
+    pub mode: DeliveryModeKind,
+    /// Required for `designated`, absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
+}
+
+/// PurchaseRequest is `order.purchase`, published by a gateway for a terminal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurchaseRequest {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    /// The idempotency key: a repeated request id gets the original outcome.
+    pub request_id: String,
+    /// The orderer: the terminal that signed the request.
+    pub terminal_id: String,
+    pub sent_at: DateTime<Utc>,
+    pub product_id: String,
+    /// Assets for each recipient.
+    pub quantity: u32,
+    /// Who is billed. Defaults to the orderer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payer_terminal_id: Option<String>,
+    /// Who receives the assets (a gift goes to another terminal). Defaults to the orderer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipient_terminal_ids: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<DeliveryMode>,
+    pub signature: String,
+}
+
+/// ExchangeRequest is `certificate.exchange`: the holder presents its exchange certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExchangeRequest {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub request_id: String,
+    pub terminal_id: String,
+    pub sent_at: DateTime<Utc>,
+    /// The signed certificate document exactly as it was delivered.
+    pub certificate: Value,
+    pub signature: String,
+}
+
+/// SettlementInstruction is published to the payer's partner queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettlementInstruction {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub settlement_id: Uuid,
+    pub order_id: Uuid,
+    pub kind: String,
+    pub partner_id: String,
+    pub payer_terminal_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    /// 1 for the first instruction; a partner that sees a higher attempt for a settlement it has
+    /// already answered answers again with the same result.
+    pub attempt: u32,
+    /// The partner's answer is expected by this time.
+    pub answer_by: DateTime<Utc>,
+}
+
+/// SettlementOutcome is a partner's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SettlementOutcome {
+    Settled,
+    Declined,
+}
+
+impl SettlementOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Settled => "settled",
+            Self::Declined => "declined",
+        }
+    }
+}
+
+/// SettlementResult is `settlement.result`, published by a partner on the requests exchange.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettlementResult {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub settlement_id: Uuid,
+    pub partner_id: String,
+    pub outcome: SettlementOutcome,
+    pub partner_reference: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// IssuanceRequested is internal: a settled order is ready to be issued.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuanceRequested {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub order_id: Uuid,
+}
+
+/// DeliveryRequested is internal: delivery rows are ready for their next attempt. A handler asks
+/// for one; up to [`DeliveryRequested::MAX`] are allowed in one message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryRequested {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub delivery_ids: Vec<Uuid>,
+}
+
+impl DeliveryRequested {
+    /// The most deliveries one message may name (its schema's `maxItems`).
+    pub const MAX: usize = 1000;
+}
+
+/// CertificateNotices is internal: the certificate scans decided that these holders are owed a
+/// reminder or past-due processing. The delivery pool moves past-due assets out of
+/// awaiting_exchange and makes and sends the deliveries, keyed per (certificate, notice), so a
+/// message handled twice sends nothing twice.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateNotices {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    /// The time the scan ran as.
+    pub as_of: DateTime<Utc>,
+    pub notices: Vec<CertificateNotice>,
+}
+
+impl CertificateNotices {
+    /// The most notices one message may carry (its schema's `maxItems`).
+    pub const MAX: usize = 1000;
+}
+
+/// CertificateNotice is one certificate and what its holder is owed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateNotice {
+    pub certificate_id: Uuid,
+    pub notice: NoticeKind,
+}
+
+/// NoticeKind is what the scans decided (`docs/product.md#near-expiry-reminders`, `#past-due-processing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoticeKind {
+    /// Stage 1: the expiry is close at hand (a message).
+    ExpiryMessage,
+    /// Stage 2: very close at hand, please download (a download request).
+    DownloadRequest,
+    /// Stage 2 for products that say so: the asset itself, forced.
+    ForcedTransmission,
+    /// Expired unexchanged (revoked) while the asset awaited exchange: the asset goes to past-due
+    /// processing, and if still valid at `as_of` its holder gets a past-due message, a forced
+    /// transmission of the asset and a revocation request; if not, it expires.
+    PastDue,
+}
+
+impl NoticeKind {
+    /// deliveries is how many deliveries the notice makes (a past-due notice for an asset that is
+    /// no longer valid makes none).
+    pub fn deliveries(self) -> u64 {
+        match self {
+            NoticeKind::PastDue => 3,
+            _ => 1,
+        }
+    }
+}
+
+/// DeliveryKind is what a delivery carries to a terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryKind {
+    Certificate,
+    Asset,
+    Message,
+    DownloadRequest,
+    RevocationRequest,
+    Refusal,
+}
+
+impl DeliveryKind {
+    pub const ALL: [DeliveryKind; 6] =
+        [Self::Certificate, Self::Asset, Self::Message, Self::DownloadRequest, Self::RevocationRequest, Self::Refusal];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Certificate => "certificate",
+            Self::Asset => "asset",
+            Self::Message => "message",
+            Self::DownloadRequest => "download_request",
+            Self::RevocationRequest => "revocation_request",
+            Self::Refusal => "refusal",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DeliveryKind> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// GatewayDelivery is `delivery`, published to the recipient's gateway queue. Its receipt must
+/// carry the SHA-256 of these exact bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayDelivery {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub delivery_id: Uuid,
+    pub attempt: u32,
+    pub kind: DeliveryKind,
+    pub terminal_id: String,
+    pub gateway_id: String,
+    pub sent_at: DateTime<Utc>,
+    pub content: Value,
+}
+
+/// DeliveryReceipt is `delivery.receipt`, a gateway's acknowledgement for its terminal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryReceipt {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub delivery_id: Uuid,
+    pub attempt: u32,
+    pub gateway_id: String,
+    pub terminal_id: String,
+    /// Lowercase hex SHA-256 of the delivery message body as received.
+    pub sha256: String,
+    pub received_at: DateTime<Utc>,
+}
+
+/// Refusal is the content of a `refusal` delivery: why a terminal's request was not carried out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refusal {
+    pub request_id: String,
+    pub request_type: String,
+    pub reason: crate::contracts::refusal::RefusalReason,
+    pub detail: String,
+}
+
+/// Notice is the content of a `message` delivery: something the terminal's user should read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Notice {
+    pub code: String,
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asset_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// DeadLetterMessage is what is published to a pool's dead-letter queue when assetflow gives up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterMessage {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub dead_letter_id: Uuid,
+    pub pool: String,
+    pub source: String,
+    pub original_type: String,
+    pub reason: String,
+    pub detail: String,
+    pub created_at: DateTime<Utc>,
+    /// The original message body, when it was valid UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original: Option<String>,
+}

@@ -1,0 +1,12 @@
+//! The domain: what assetflow does with the messages (`docs/product.md`). The pools' handlers
+//! (settlement, issuance, delivery), the terminal requests they authenticate, the catalogue, the
+//! status machine that alone changes an asset's status, and the scans the scheduler runs.
+
+pub mod catalogue;
+pub mod delivery;
+pub mod issuance;
+pub mod metrics;
+pub mod requests;
+pub mod scans;
+pub mod settlement;
+pub mod status;

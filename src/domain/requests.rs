@@ -1,0 +1,274 @@
+//! Terminal requests: who sent them, whether they are fresh, whether they were seen before, and
+//! how they are refused (`docs/product.md`, "Authenticity").
+//!
+//! The order of the checks matters. An unknown terminal or a bad signature is refused before the
+//! request id is looked at, so that a forger cannot burn someone else's request id. A stale request
+//! is refused before it is matched as a duplicate, so that an old signed request replayed after
+//! its idempotency record was pruned still has no effect.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use openssl::pkey::{PKey, Public};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::config::AuthConfig;
+use crate::contracts::messages::{DeliveryKind, Notice, Refusal};
+use crate::crypto;
+use crate::domain::catalogue::{Catalogue, Terminal};
+use crate::domain::delivery::Deliveries;
+use crate::domain::delivery::{self, NewDelivery};
+use crate::runtime::consumer::{Cx, Failure, Incoming};
+use crate::runtime::db::schema::{refusals, terminal_requests};
+
+/// Requests is what answering terminal requests needs: the freshness rules, and the deliveries
+/// that carry refusals and duplicate notices back to the terminal.
+#[derive(Debug, Clone)]
+pub struct Requests {
+    pub auth: AuthConfig,
+    pub deliveries: Arc<Deliveries>,
+}
+use crate::contracts::refusal::{RefusalReason, Refused};
+use crate::domain::metrics;
+
+/// Original is the outcome of the first request with a request id.
+#[derive(Debug, Clone, Queryable)]
+pub struct Original {
+    pub terminal_id: String,
+    pub content_sha256: String,
+    pub outcome: String,
+    pub reason: Option<String>,
+    pub subject_id: Option<Uuid>,
+}
+
+/// Header is what every terminal request carries besides its body.
+#[derive(Debug, Clone)]
+pub struct Header<'a> {
+    pub message_type: &'a str,
+    pub request_id: &'a str,
+    pub terminal_id: &'a str,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// Authentic is a request from a registered terminal, signed by it and fresh: carry it out unless
+/// its request id was seen before (see [`originals`]).
+#[derive(Debug)]
+pub struct Authentic {
+    pub terminal: Terminal,
+    pub content_sha256: String,
+}
+
+/// authenticate checks who sent a request, its signature and its freshness as of `received_at`
+/// (when it first reached this pool), without looking its request id up: a set-based handler
+/// looks a batch's ids up together, with [`originals`].
+pub fn authenticate(
+    req: &Requests,
+    cx: &mut Cx<'_>,
+    header: &Header<'_>,
+    json: &Value,
+    received_at: DateTime<Utc>,
+) -> Result<Result<Authentic, (Option<Terminal>, Refused)>, Failure> {
+    let Some(terminal) = cx.terminal(header.terminal_id)? else {
+        return Ok(Err((
+            None,
+            Refused::new(
+                RefusalReason::UnknownTerminal,
+                format!("terminal {:?} is not registered", header.terminal_id),
+            ),
+        )));
+    };
+    if let Err(e) = check_signature(&terminal.public_key_pem, json) {
+        metrics::signature_failure("terminal_request");
+        return Ok(Err((
+            Some(terminal),
+            Refused::new(RefusalReason::BadSignature, format!("the request's signature is not the terminal's: {e}")),
+        )));
+    }
+    let auth = &req.auth;
+    let age = received_at.signed_duration_since(header.sent_at);
+    if age > chrono::Duration::from_std(auth.freshness_window).expect("a sane window") {
+        return Ok(Err((
+            Some(terminal),
+            Refused::new(
+                RefusalReason::StaleRequest,
+                format!("sent_at {} is older than the {:?} freshness window", header.sent_at, auth.freshness_window),
+            ),
+        )));
+    }
+    if -age > chrono::Duration::from_std(auth.max_clock_skew).expect("a sane skew") {
+        return Ok(Err((
+            Some(terminal),
+            Refused::new(RefusalReason::StaleRequest, format!("sent_at {} is in the future", header.sent_at)),
+        )));
+    }
+    let content_sha256 =
+        crypto::sha256_hex(&crypto::signed_bytes(json).map_err(|e| Failure::Transient(e.to_string()))?);
+    Ok(Ok(Authentic { terminal, content_sha256 }))
+}
+
+/// originals are the first requests with these request ids, by request id, in one statement.
+pub fn originals(conn: &mut PgConnection, request_ids: &[&str]) -> QueryResult<HashMap<String, Original>> {
+    let rows: Vec<(String, Original)> = terminal_requests::table
+        .filter(terminal_requests::request_id.eq_any(request_ids))
+        .select((
+            terminal_requests::request_id,
+            (
+                terminal_requests::terminal_id,
+                terminal_requests::content_sha256,
+                terminal_requests::outcome,
+                terminal_requests::reason,
+                terminal_requests::subject_id,
+            ),
+        ))
+        .load(conn)?;
+    Ok(rows.into_iter().collect())
+}
+
+/// check_signature checks a terminal request's `signature` against the terminal's registered PEM
+/// public key: the cryptographic half of [`authenticate`]. Any request and any registered text may
+/// reach it, so it returns an error, never panics (fuzzed by `fuzz/`, the `signature` target).
+pub fn check_signature(public_key_pem: &str, request: &Value) -> Result<(), crypto::CryptoError> {
+    let key = terminal_key(public_key_pem)?;
+    crypto::verify_document(&key, request)
+}
+
+/// The most parsed terminal keys kept; past it the cache starts again, empty.
+const TERMINAL_KEYS_MAX: usize = 10_000;
+
+/// terminal_key parses a registered PEM public key, once per process: OpenSSL 3 looks its decoders
+/// up at every parse, which costs more than checking the signature. The cache is keyed by the PEM
+/// text itself, so a terminal whose key is rotated or revoked is never checked against the old one.
+fn terminal_key(pem: &str) -> Result<PKey<Public>, crypto::CryptoError> {
+    static KEYS: LazyLock<Mutex<HashMap<String, PKey<Public>>>> = LazyLock::new(Mutex::default);
+    if let Some(key) = KEYS.lock().expect("never poisoned").get(pem) {
+        return Ok(key.clone());
+    }
+    let key = crypto::parse_public_key(pem)?;
+    let mut keys = KEYS.lock().expect("never poisoned");
+    if keys.len() >= TERMINAL_KEYS_MAX {
+        keys.clear();
+    }
+    keys.insert(pem.to_string(), key.clone());
+    Ok(key)
+}
+
+fn record(
+    cx: &mut Cx<'_>,
+    header: &Header<'_>,
+    sha: &str,
+    outcome: &str,
+    reason: Option<RefusalReason>,
+    subject: Option<Uuid>,
+) -> Result<(), Failure> {
+    // A concurrent copy of the same request loses on the primary key and is retried, then seen as a
+    // duplicate: see `Failure::from` for unique violations.
+    diesel::insert_into(terminal_requests::table)
+        .values((
+            terminal_requests::request_id.eq(header.request_id),
+            terminal_requests::terminal_id.eq(header.terminal_id),
+            terminal_requests::message_type.eq(header.message_type),
+            terminal_requests::content_sha256.eq(sha),
+            terminal_requests::sent_at.eq(header.sent_at),
+            terminal_requests::received_at.eq(cx.now),
+            terminal_requests::outcome.eq(outcome),
+            terminal_requests::reason.eq(reason.map(RefusalReason::as_str)),
+            terminal_requests::subject_id.eq(subject),
+        ))
+        .execute(cx.conn)?;
+    Ok(())
+}
+
+/// refuse answers a request with a refusal: a `refusals` row, the request's idempotency record
+/// when the request was authentic and fresh, and a `refusal` delivery when the terminal is known.
+pub fn refuse(
+    req: &Requests,
+    cx: &mut Cx<'_>,
+    message: &Incoming,
+    header: &Header<'_>,
+    terminal: Option<&Terminal>,
+    fresh_sha256: Option<&str>,
+    refused: Refused,
+) -> Result<(), Failure> {
+    tracing::info!(request_id = header.request_id, terminal_id = header.terminal_id, reason = %refused.reason, detail = %refused.detail, "refused");
+    metrics::refused(refused.reason);
+    diesel::insert_into(refusals::table)
+        .values((
+            refusals::id.eq(Uuid::now_v7()),
+            refusals::request_id.eq(Some(header.request_id)),
+            refusals::terminal_id.eq(Some(header.terminal_id)),
+            refusals::message_type.eq(header.message_type),
+            refusals::reason.eq(refused.reason.as_str()),
+            refusals::detail.eq(&refused.detail),
+            refusals::created_at.eq(cx.now),
+        ))
+        .execute(cx.conn)?;
+    if let Some(sha) = fresh_sha256 {
+        record(cx, header, sha, "refused", Some(refused.reason), None)?;
+    }
+    if let Some(terminal) = terminal {
+        let content = Refusal {
+            request_id: header.request_id.to_string(),
+            request_type: header.message_type.to_string(),
+            reason: refused.reason,
+            detail: refused.detail,
+        };
+        delivery::enqueue(
+            cx,
+            &req.deliveries,
+            NewDelivery::now(
+                DeliveryKind::Refusal,
+                format!("refusal:{}", message.message_id),
+                terminal,
+                serde_json::to_value(content).expect("serializes"),
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+/// answer_duplicate tells the terminal the original outcome of a repeated request id, or refuses
+/// it when the id was used for other content.
+pub fn answer_duplicate(
+    req: &Requests,
+    cx: &mut Cx<'_>,
+    message: &Incoming,
+    header: &Header<'_>,
+    terminal: &Terminal,
+    original: &Original,
+    content_sha256: &str,
+) -> Result<(), Failure> {
+    if original.terminal_id != terminal.id || original.content_sha256 != content_sha256 {
+        let refused = Refused::new(
+            RefusalReason::RequestIdReused,
+            format!("request id {:?} was already used for another request", header.request_id),
+        );
+        return refuse(req, cx, message, header, Some(terminal), None, refused);
+    }
+    let outcome = match (&original.reason, original.subject_id) {
+        (Some(reason), _) => format!("refused ({reason})"),
+        (None, Some(subject)) => format!("accepted ({subject})"),
+        (None, None) => original.outcome.clone(),
+    };
+    let notice = Notice {
+        code: "duplicate_request".into(),
+        text: format!("request {} was already received: {outcome}; it has no second effect", header.request_id),
+        order_id: None,
+        asset_id: None,
+        certificate_id: None,
+        request_id: Some(header.request_id.to_string()),
+    };
+    delivery::enqueue(
+        cx,
+        &req.deliveries,
+        NewDelivery::now(
+            DeliveryKind::Message,
+            format!("duplicate:{}", message.message_id),
+            terminal,
+            serde_json::to_value(notice).expect("serializes"),
+        ),
+    )?;
+    Ok(())
+}

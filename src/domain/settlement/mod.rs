@@ -1,0 +1,262 @@
+//! The settlement pool: orders in, settlement instructions out to the payer's partner, and the
+//! partner's answer decides whether anything is issued (instruction, then payment, then
+//! supply: `docs/product.md#payment-before-supply`).
+
+mod purchase;
+mod result;
+
+pub use purchase::PurchaseHandler;
+pub use result::ResultHandler;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use serde_json::json;
+use uuid::Uuid;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::config::PartnerConfig;
+use crate::config::workers::InstructionPolicy;
+use crate::contracts::dead_letter::DeadLetterReason;
+use crate::contracts::messages::{DeliveryKind, Notice, SettlementInstruction, kinds};
+use crate::contracts::topology::Names;
+use crate::contracts::topology::Pool;
+use crate::domain::catalogue::load_terminal;
+use crate::domain::delivery::Deliveries;
+use crate::domain::delivery::{self, NewDelivery};
+use crate::domain::metrics;
+use crate::runtime::db::schema::{orders, settlements};
+use crate::runtime::dead_letter::{self, Full, NewDeadLetter, Replayer};
+use crate::runtime::outbox::{self, Outgoing};
+use crate::runtime::scan::Swept;
+
+/// Settlement is a settlement as stored.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = settlements)]
+pub struct Settlement {
+    pub id: Uuid,
+    pub order_id: Uuid,
+    pub kind: String,
+    pub partner_id: String,
+    pub payer_terminal_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub status: String,
+    pub attempts: i32,
+    pub instructed_at: DateTime<Utc>,
+    pub attempt_limit: Option<i32>,
+}
+
+/// Settlements is what settling needs: the names on the broker, each partner's configuration,
+/// the instruction policy of `workers/settlement.toml`, and the deliveries that tell orderers.
+#[derive(Debug, Clone)]
+pub struct Settlements {
+    pub names: Names,
+    pub partners: BTreeMap<String, PartnerConfig>,
+    pub instruction: InstructionPolicy,
+    pub deliveries: Arc<Deliveries>,
+}
+
+/// answer_timeout is how long `partner` has to answer.
+pub fn answer_timeout(settlements: &Settlements, partner: &str) -> Duration {
+    settlements.partners.get(partner).and_then(|p| p.answer_timeout).unwrap_or(settlements.instruction.answer_timeout)
+}
+
+fn max_attempts(settlements: &Settlements, partner: &str) -> u32 {
+    settlements.partners.get(partner).and_then(|p| p.max_attempts).unwrap_or(settlements.instruction.max_attempts)
+}
+
+/// answer_by is when an instruction sent at `now` must be answered.
+pub fn answer_by(settlements: &Settlements, partner: &str, now: DateTime<Utc>) -> DateTime<Utc> {
+    now + chrono::Duration::from_std(answer_timeout(settlements, partner)).expect("a sane timeout")
+}
+
+/// instruct records attempt `attempt` of a settlement and adds its instruction to the partner's
+/// queue to `sending`, for the caller to write to the outbox in its transaction.
+pub fn instruct(
+    conn: &mut PgConnection,
+    settlements: &Settlements,
+    s: &Settlement,
+    attempt: u32,
+    now: DateTime<Utc>,
+    sending: &mut Vec<Outgoing>,
+) -> QueryResult<()> {
+    let answer_by = answer_by(settlements, &s.partner_id, now);
+    diesel::update(settlements::table.find(s.id))
+        .set((settlements::attempts.eq(attempt as i32), settlements::answer_due_at.eq(answer_by)))
+        .execute(conn)?;
+    sending.push(instruction(settlements, s, attempt, answer_by));
+    Ok(())
+}
+
+/// instruction is attempt `attempt`'s instruction to the partner's queue; the settlement row says
+/// it was made.
+pub fn instruction(settlements: &Settlements, s: &Settlement, attempt: u32, answer_by: DateTime<Utc>) -> Outgoing {
+    let instruction = SettlementInstruction {
+        message_type: kinds::SETTLEMENT_INSTRUCTION.into(),
+        settlement_id: s.id,
+        order_id: s.order_id,
+        kind: s.kind.clone(),
+        partner_id: s.partner_id.clone(),
+        payer_terminal_id: s.payer_terminal_id.clone(),
+        amount_minor: s.amount_minor,
+        currency: s.currency.clone(),
+        attempt,
+        answer_by,
+    };
+    Outgoing::json(settlements.names.partners(), s.partner_id.as_str(), kinds::SETTLEMENT_INSTRUCTION, &instruction)
+        .correlated(s.order_id.to_string())
+}
+
+/// notify_orderer sends a notice about an order to its orderer, once per `code`.
+pub fn notify_orderer(
+    conn: &mut PgConnection,
+    settlements: &Settlements,
+    order_id: Uuid,
+    code: &str,
+    text: String,
+    now: DateTime<Utc>,
+    sending: &mut Vec<Outgoing>,
+) -> QueryResult<()> {
+    let orderer: String = orders::table.find(order_id).select(orders::orderer_terminal_id).first(conn)?;
+    let Some(terminal) = load_terminal(conn, &orderer)? else {
+        return Ok(());
+    };
+    let notice = Notice {
+        code: code.into(),
+        text,
+        order_id: Some(order_id),
+        asset_id: None,
+        certificate_id: None,
+        request_id: None,
+    };
+    let mut d = NewDelivery::now(
+        DeliveryKind::Message,
+        format!("order:{order_id}:{code}"),
+        &terminal,
+        serde_json::to_value(notice).expect("serializes"),
+    );
+    d.order_id = Some(order_id);
+    delivery::enqueue_with(conn, &settlements.deliveries, d, now, sending)?;
+    Ok(())
+}
+
+/// sweep_timeouts handles settlement instructions whose answer is overdue at `as_of`: each is sent
+/// again, or, once its attempts are spent, abandoned and dead-lettered, and its order fails.
+pub fn sweep_timeouts(
+    conn: &mut PgConnection,
+    settlements: &Settlements,
+    as_of: DateTime<Utc>,
+    batch: i64,
+) -> QueryResult<Swept> {
+    crate::runtime::metrics::held(|| conn.transaction(|conn| sweep_batch(conn, settlements, as_of, batch)))
+}
+
+/// sweep_batch is one transaction of [`sweep_timeouts`].
+fn sweep_batch(
+    conn: &mut PgConnection,
+    settlements: &Settlements,
+    as_of: DateTime<Utc>,
+    batch: i64,
+) -> QueryResult<Swept> {
+    let mut sending = Vec::new();
+    let due: Vec<Settlement> = settlements::table
+        .filter(settlements::status.eq("instructed"))
+        .filter(settlements::answer_due_at.le(as_of))
+        .order(settlements::answer_due_at)
+        .limit(batch)
+        .for_update()
+        .skip_locked()
+        .select(Settlement::as_select())
+        .load(conn)?;
+    let mut swept = Swept { scanned: due.len() as u64, enqueued: 0 };
+    for s in due {
+        let attempts = s.attempts as u32;
+        let limit = s.attempt_limit.map(|l| l as u32).unwrap_or_else(|| max_attempts(settlements, &s.partner_id));
+        if attempts < limit {
+            metrics::settlement_timed_out(&s.partner_id, "retried");
+            instruct(conn, settlements, &s, attempts + 1, as_of, &mut sending)?;
+            swept.enqueued += 1;
+            continue;
+        }
+        metrics::settlement_timed_out(&s.partner_id, "abandoned");
+        let detail =
+            format!("partner {} did not answer settlement {} after {attempts} instructions", s.partner_id, s.id);
+        diesel::update(settlements::table.find(s.id))
+            .set((
+                settlements::status.eq("abandoned"),
+                settlements::reason.eq(&detail),
+                settlements::answer_due_at.eq(None::<DateTime<Utc>>),
+            ))
+            .execute(conn)?;
+        diesel::update(orders::table.find(s.order_id))
+            .set((
+                orders::status.eq("failed"),
+                orders::status_reason.eq("settlement_timeout"),
+                orders::updated_at.eq(as_of),
+            ))
+            .execute(conn)?;
+        dead_letter::record(
+            conn,
+            &settlements.names,
+            NewDeadLetter {
+                pool: Pool::Settlement.as_str(),
+                source: "settlement",
+                message_type: kinds::SETTLEMENT_INSTRUCTION.into(),
+                message_id: Some(format!("settlement:{}:{attempts}", s.id)),
+                exchange: Some(settlements.names.partners()),
+                routing_key: Some(s.partner_id.clone()),
+                payload: serde_json::to_vec(&json!({"settlement_id": s.id, "order_id": s.order_id, "partner_id": s.partner_id, "amount_minor": s.amount_minor, "currency": s.currency})).expect("serializes"),
+                headers: json!({}),
+                reason: DeadLetterReason::SettlementTimeout,
+                detail: detail.clone(),
+                attempts: json!([{"at": as_of, "error": detail}]),
+                subject_id: Some(s.order_id),
+            },
+        )?;
+        notify_orderer(conn, settlements, s.order_id, "order_failed", "your payment partner did not answer, so your order is on hold; if the partner confirms the payment later, the order is completed then".into(), as_of, &mut sending)?;
+        swept.enqueued += 1;
+    }
+    outbox::enqueue_all(conn, &sending)?;
+    Ok(swept)
+}
+
+/// SettlementReplayer replays a settlement its partner never answered: it is instructed again,
+/// with a fresh budget of attempts, and its order is settling again.
+pub struct SettlementReplayer {
+    pub settlements: Arc<Settlements>,
+}
+
+impl Replayer for SettlementReplayer {
+    const SOURCE: &'static str = "settlement";
+
+    fn replay(&self, conn: &mut PgConnection, letter: &Full, now: DateTime<Utc>) -> anyhow::Result<String> {
+        let id = letter.summary.id;
+        let order = letter.summary.subject_id.ok_or_else(|| anyhow::anyhow!("dead letter {id} names no order"))?;
+        let settlement: Settlement = settlements::table
+            .filter(settlements::order_id.eq(order))
+            .filter(settlements::kind.eq("purchase"))
+            .select(Settlement::as_select())
+            .first(conn)?;
+        anyhow::ensure!(
+            settlement.status == "abandoned",
+            "settlement {} is {}, not abandoned: nothing to replay",
+            settlement.id,
+            settlement.status
+        );
+        let budget = self.settlements.instruction.max_attempts as i32;
+        diesel::update(settlements::table.find(settlement.id))
+            .set((settlements::status.eq("instructed"), settlements::attempt_limit.eq(settlement.attempts + budget)))
+            .execute(conn)?;
+        diesel::update(orders::table.find(order))
+            .set((orders::status.eq("settling"), orders::status_reason.eq(None::<String>), orders::updated_at.eq(now)))
+            .execute(conn)?;
+        let mut sending = Vec::new();
+        instruct(conn, &self.settlements, &settlement, settlement.attempts as u32 + 1, now, &mut sending)?;
+        outbox::enqueue_all(conn, &sending)?;
+        Ok(format!("settlement {} instructed again, with {budget} more attempts", settlement.id))
+    }
+}

@@ -1,0 +1,173 @@
+//! `settlement.result`: a partner's answer. Settled orders go on to issuance; declined orders
+//! end, and the orderer is told.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use uuid::Uuid;
+
+use std::sync::Arc;
+
+use super::{Settlement, Settlements, notify_orderer};
+use crate::contracts::dead_letter::DeadLetterReason;
+use crate::contracts::messages::{IssuanceRequested, SettlementOutcome, SettlementResult, kinds};
+use crate::domain::metrics;
+use crate::runtime::consumer::{Cx, Failure, Handler, Received, together_unless_repeated};
+use crate::runtime::db::schema::settlements;
+use crate::runtime::outbox::Outgoing;
+
+/// ResultHandler takes `settlement.result`. Answers handled together are read in one statement and
+/// recorded in one more.
+pub struct ResultHandler {
+    pub settlements: Arc<Settlements>,
+}
+
+impl Handler for ResultHandler {
+    type Message = SettlementResult;
+    const MESSAGE_TYPE: &'static str = kinds::SETTLEMENT_RESULT;
+
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
+
+    fn handle(&self, cx: &mut Cx<'_>, batch: &[Received<'_, SettlementResult>]) -> Result<(), Failure> {
+        together_unless_repeated(
+            cx,
+            batch,
+            |r| [r.settlement_id],
+            |cx, batch| {
+                let results: Vec<&SettlementResult> = batch.iter().map(|r| &r.message).collect();
+                take(cx, &self.settlements, &results)
+            },
+        )
+    }
+}
+
+/// take carries out answers for distinct settlements.
+fn take(cx: &mut Cx<'_>, settled: &Settlements, results: &[&SettlementResult]) -> Result<(), Failure> {
+    let mut ids: Vec<Uuid> = results.iter().map(|r| r.settlement_id).collect();
+    // Locked in id order, so that two transactions naming the same settlements cannot deadlock.
+    ids.sort_unstable();
+    let settlements: Vec<Settlement> = settlements::table
+        .filter(settlements::id.eq_any(&ids))
+        .order(settlements::id)
+        .select(Settlement::as_select())
+        .for_update()
+        .load(cx.conn)?;
+    let now = cx.now;
+    let mut answers = Answers::default();
+    let mut declined = Vec::new();
+    for result in results {
+        let Some(s) = settlements.iter().find(|s| s.id == result.settlement_id) else {
+            return Err(Failure::permanent(
+                DeadLetterReason::UnknownSettlement,
+                format!("no settlement {}", result.settlement_id),
+            ));
+        };
+        if s.partner_id != result.partner_id {
+            return Err(Failure::permanent(
+                DeadLetterReason::UnknownSettlement,
+                format!("settlement {} belongs to partner {}, not {}", s.id, s.partner_id, result.partner_id),
+            ));
+        }
+        match s.status.as_str() {
+            // A late answer after the instruction was abandoned still counts: the payer may have paid.
+            "instructed" | "abandoned" => {}
+            done if done == result.outcome.as_str() => continue, // The same answer again.
+            done => {
+                return Err(Failure::permanent(
+                    DeadLetterReason::ConflictingResult,
+                    format!("settlement {} was already {done}; partner now says {}", s.id, result.outcome.as_str()),
+                ));
+            }
+        }
+        let outcome: &'static str = result.outcome.as_str();
+        match result.outcome {
+            SettlementOutcome::Settled => {
+                answers.push(s, result, "issuing", None);
+                let next = IssuanceRequested { message_type: kinds::ISSUANCE_REQUESTED.into(), order_id: s.order_id };
+                cx.publish(
+                    Outgoing::json(
+                        settled.names.internal(),
+                        kinds::ISSUANCE_REQUESTED,
+                        kinds::ISSUANCE_REQUESTED,
+                        &next,
+                    )
+                    .correlated(s.order_id.to_string()),
+                );
+            }
+            SettlementOutcome::Declined => {
+                let reason = result.reason.clone().unwrap_or_else(|| "declined by the partner".into());
+                answers.push(s, result, "declined", Some(reason.clone()));
+                declined.push((s.order_id, reason));
+            }
+        }
+        metrics::settlement_answered(&s.partner_id, outcome, (now - s.instructed_at).to_std().unwrap_or_default());
+        tracing::info!(order_id = %s.order_id, settlement_id = %s.id, outcome, "settlement answered");
+    }
+    answers.write(cx.conn, now)?;
+    for (order_id, reason) in declined {
+        let text = format!("your payment was declined: {reason}");
+        notify_orderer(cx.conn, settled, order_id, "order_declined", text, now, cx.outgoing)?;
+    }
+    Ok(())
+}
+
+/// Answers are partners' answers to record, column by column, for [`Answers::write`].
+#[derive(Default)]
+struct Answers {
+    settlements: Vec<Uuid>,
+    outcomes: Vec<&'static str>,
+    references: Vec<String>,
+    reasons: Vec<Option<String>>,
+    orders: Vec<Uuid>,
+    order_statuses: Vec<&'static str>,
+    order_reasons: Vec<Option<String>>,
+}
+
+impl Answers {
+    fn push(
+        &mut self,
+        s: &Settlement,
+        result: &SettlementResult,
+        order_status: &'static str,
+        order_reason: Option<String>,
+    ) {
+        self.settlements.push(s.id);
+        self.outcomes.push(result.outcome.as_str());
+        self.references.push(result.partner_reference.clone());
+        self.reasons.push(result.reason.clone());
+        self.orders.push(s.order_id);
+        self.order_statuses.push(order_status);
+        self.order_reasons.push(order_reason);
+    }
+
+    /// Answers::write records the answers on their settlements and moves their orders on: one
+    /// round trip, whatever their number.
+    fn write(&self, conn: &mut PgConnection, now: DateTime<Utc>) -> QueryResult<()> {
+        use diesel::sql_types::{Array, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+        if self.settlements.is_empty() {
+            return Ok(());
+        }
+        crate::runtime::db::prepared(
+            "WITH answered AS (
+               UPDATE settlements s SET status = t.outcome, partner_reference = t.reference, reason = t.reason,
+                                        answered_at = $now, answer_due_at = NULL
+               FROM unnest($settlements::uuid[], $outcomes::text[], $references::text[], $reasons::text[]) AS t(id, outcome, reference, reason)
+               WHERE s.id = t.id
+             )
+             UPDATE orders o SET status = t.status, status_reason = t.reason, updated_at = $now
+             FROM unnest($orders::uuid[], $order_statuses::text[], $order_reasons::text[]) AS t(id, status, reason)
+             WHERE o.id = t.id",
+        )
+        .bind::<Timestamptz, _>("now", now)
+        .bind::<Array<SqlUuid>, _>("settlements", &self.settlements)
+        .bind::<Array<Text>, _>("outcomes", &self.outcomes)
+        .bind::<Array<Text>, _>("references", &self.references)
+        .bind::<Array<Nullable<Text>>, _>("reasons", &self.reasons)
+        .bind::<Array<SqlUuid>, _>("orders", &self.orders)
+        .bind::<Array<Text>, _>("order_statuses", &self.order_statuses)
+        .bind::<Array<Nullable<Text>>, _>("order_reasons", &self.order_reasons)
+        .execute(conn)?;
+        Ok(())
+    }
+}
