@@ -70,7 +70,17 @@ ensure_rabbitmq() {
     log "starting RabbitMQ"
     as_root rabbitmq-server -detached
   fi
-  as_root rabbitmqctl -q await_startup --timeout 120 >/dev/null
+  # `rabbitmq-server -detached` returns before the node has registered with epmd, and until it has,
+  # `await_startup` fails at once ("node 'rabbit' not running at all", exit 69) instead of waiting.
+  # So ask again until the node exists and has started, within one deadline.
+  local deadline=$((SECONDS + 120)) error
+  until error=$(as_root rabbitmqctl -q await_startup --timeout 120 2>&1 >/dev/null); do
+    if ((SECONDS >= deadline)); then
+      echo "RabbitMQ did not start within 120 s: $error" >&2
+      return 1
+    fi
+    sleep 1
+  done
   # A broker restarted with `stop_app` stays down until `start_app`.
   as_root rabbitmqctl -q start_app >/dev/null 2>&1 || true
 }

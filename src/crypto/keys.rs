@@ -88,7 +88,7 @@ impl KeyRing {
     /// and writes a new one. It returns the retired key's file.
     pub fn rotate_provider(dir: &Path) -> anyhow::Result<PathBuf> {
         let current = load_private_key(&dir.join("provider.pem"))?;
-        fs::create_dir_all(dir.join("retired"))?;
+        private_dir(&dir.join("retired"))?;
         let retired = dir.join("retired").join(format!(
             "provider-{}-{}.pem",
             chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
@@ -107,7 +107,7 @@ impl KeyRing {
     /// KeyRing::generate writes development keys: the provider key and one key per named issuer.
     /// Existing files are kept unless `overwrite` is set. It returns the files it wrote.
     pub fn generate(dir: &Path, issuers: &[String], overwrite: bool) -> anyhow::Result<Vec<PathBuf>> {
-        fs::create_dir_all(dir.join("issuers"))?;
+        private_dir(&dir.join("issuers"))?;
         let mut targets = vec![dir.join("provider.pem")];
         targets.extend(issuers.iter().map(|id| dir.join("issuers").join(format!("{id}.pem"))));
         let mut written = Vec::new();
@@ -136,6 +136,14 @@ impl KeyRing {
             retired: Vec::new(),
         }
     }
+}
+
+/// private_dir creates a directory of the key ring, and any missing parent, readable by their
+/// owner only (0700): the directory listing names the issuers, and nobody else needs to open it.
+/// An existing directory keeps its mode (a deployment may share it with a group on purpose).
+fn private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
 }
 
 /// write_private_key writes a PEM private key readable by its owner only.
@@ -176,6 +184,10 @@ mod tests {
         assert!(after.verify_provider(&forged).is_err());
         let mode = std::fs::metadata(dir.join("provider.pem")).unwrap().permissions();
         assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o077, 0, "private keys are private");
+        for created in [dir.clone(), dir.join("retired")] {
+            let mode = std::fs::metadata(&created).unwrap().permissions();
+            assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o700, "{created:?} is the owner's");
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -14,8 +14,7 @@ use std::sync::Arc;
 use super::{Settlement, Settlements, answer_by, instruction};
 use crate::contracts::messages::{DeliveryModeKind, PurchaseRequest, kinds};
 use crate::contracts::refusal::{RefusalReason, Refused};
-use crate::domain::catalogue::Product;
-use crate::domain::catalogue::{Catalogue, Terminal};
+use crate::domain::catalogue::{Catalogue, Product, Terminal};
 use crate::domain::requests::{self, Authentic, Header, Requests};
 use crate::runtime::consumer::{Cx, Failure, Handler, Received, together_unless_repeated};
 
@@ -47,9 +46,6 @@ fn header(request: &PurchaseRequest) -> Header<'_> {
     }
 }
 
-/// take carries out purchases with distinct request ids. Each is checked as it would be alone, in
-/// the order of the checks `requests` describes; what is refused or repeated is answered at once,
-/// and the orders are placed together at the end.
 /// Plan is a validated order, ready to be placed.
 struct Plan {
     product: Product,
@@ -62,6 +58,9 @@ struct Plan {
 }
 
 impl PurchaseHandler {
+    /// take carries out purchases with distinct request ids. Each is checked as it would be alone, in
+    /// the order of the checks `requests` describes; what is refused or repeated is answered at once,
+    /// and the orders are placed together at the end.
     fn take(&self, cx: &mut Cx<'_>, batch: &[Received<'_, PurchaseRequest>]) -> Result<(), Failure> {
         let req = &*self.requests;
         cx.read_terminals(batch.iter().map(|r| &r.message).flat_map(|p| {
