@@ -109,6 +109,24 @@ fn purchase_rules_are_enforced() {
     validate(kinds::ORDER_PURCHASE, &timed).expect("designated with `at` is accepted");
 }
 
+/// A `date-time` that fits the pattern but is no date, or a `uuid` that is no UUID, is refused by
+/// the schema, and the error names the field.
+#[test]
+fn formats_are_checked_and_the_error_names_the_field() {
+    let purchase = examples(kinds::ORDER_PURCHASE, &schema(kinds::ORDER_PURCHASE)).remove(0);
+    let mut no_date = purchase.clone();
+    no_date["sent_at"] = json!("2026-02-30T00:00:00Z");
+    let error = validate(kinds::ORDER_PURCHASE, &no_date).expect_err("February 30th is refused");
+    assert!(error.starts_with("/sent_at: "), "{error}");
+
+    let result = examples(kinds::SETTLEMENT_RESULT, &schema(kinds::SETTLEMENT_RESULT)).remove(0);
+    let mut no_uuid = result.clone();
+    no_uuid["settlement_id"] = json!("not-a-uuid");
+    let error = validate(kinds::SETTLEMENT_RESULT, &no_uuid).expect_err("a settlement id that is no UUID is refused");
+    assert!(error.starts_with("/settlement_id: "), "{error}");
+    validate(kinds::SETTLEMENT_RESULT, &result).expect("the example itself is valid");
+}
+
 /// The delivery examples cover every delivery kind, and the content of a refusal or a notice
 /// deserializes into its Rust type.
 #[test]
