@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::config::Config;
 use crate::runtime::db::schema::{
-    asset_status_history, assets, deliveries, exchange_certificates, orders, settlements, terminal_requests,
+    asset_status_history, assets, deliveries, exchange_certificates, orders, refusals, settlements, terminal_requests,
 };
 
 #[derive(Debug, Serialize, Queryable)]
@@ -91,6 +91,21 @@ pub enum View {
         reason: Option<String>,
         received_at: DateTime<Utc>,
     },
+    /// A request refused before it was recorded (an unknown terminal, a bad signature, a stale
+    /// request): only its refusals are known, each with its reason.
+    Refused {
+        request_id: String,
+        refusals: Vec<RefusalView>,
+    },
+}
+
+#[derive(Debug, Serialize, Queryable)]
+pub struct RefusalView {
+    pub terminal_id: Option<String>,
+    pub message_type: String,
+    pub reason: String,
+    pub detail: String,
+    pub refused_at: DateTime<Utc>,
 }
 
 /// lookup finds what `id` names: an asset, an order, or a request id.
@@ -127,7 +142,20 @@ pub fn lookup(conn: &mut PgConnection, id: &str) -> QueryResult<Option<View>> {
         Some((terminal_id, message_type, outcome, reason, received_at, _)) => {
             Some(View::Request { request_id: id.to_string(), terminal_id, message_type, outcome, reason, received_at })
         }
-        None => None,
+        None => {
+            let refusals: Vec<RefusalView> = refusals::table
+                .filter(refusals::request_id.eq(id))
+                .order(refusals::created_at)
+                .select((
+                    refusals::terminal_id,
+                    refusals::message_type,
+                    refusals::reason,
+                    refusals::detail,
+                    refusals::created_at,
+                ))
+                .load(conn)?;
+            (!refusals.is_empty()).then(|| View::Refused { request_id: id.to_string(), refusals })
+        }
     })
 }
 
@@ -357,6 +385,19 @@ pub fn render(view: &View) -> String {
                 time(received_at),
                 reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
             );
+        }
+        View::Refused { request_id, refusals } => {
+            out += &format!("request {request_id}  refused before it was recorded\n");
+            for r in refusals {
+                let from = r.terminal_id.as_deref().unwrap_or("an unknown terminal");
+                out += &format!(
+                    "  {}  {} from {from}: {} ({})\n",
+                    time(&r.refused_at),
+                    r.message_type,
+                    r.reason,
+                    r.detail
+                );
+            }
         }
     }
     out

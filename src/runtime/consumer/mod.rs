@@ -16,16 +16,16 @@
 //! | `transaction.rs` | inbox claims, handlers and outbox in one commit |
 //! | `outcome.rs` | the one outcome switch: ack, requeue, defer, dead letter |
 
-mod subscription;
 mod envelope;
 mod execute;
 mod failure;
 mod handler;
 mod outcome;
+mod subscription;
 mod transaction;
 
-pub use subscription::Consumer;
 pub use envelope::Incoming;
 pub use failure::Failure;
 pub use handler::{Cx, Dispatch, Handler, Received, Registry, together_unless_repeated};
+pub use subscription::Consumer;
 pub use transaction::{Work, handle_together};
