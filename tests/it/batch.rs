@@ -26,7 +26,7 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{Env, ISSUER, count, text};
+use crate::harness::{Env, ISSUER, count, execute, text};
 use crate::support::{
     DEADLINE, Retransmitting, asset_status, channel, delivered_certificate, delivery_state, first_attempt, queued,
     request_id, retransmitting, settle_all, timestamp, wait_for_queue,
@@ -37,20 +37,14 @@ fn job_names() -> Vec<&'static str> {
     assetflow::service::scheduler::JOBS.iter().map(|j| j.name).collect()
 }
 
-/// sql_time renders a time as a SQL literal that PostgreSQL reads back exactly.
-fn sql_time(t: DateTime<Utc>) -> String {
-    format!("'{}'::timestamptz", t.to_rfc3339())
-}
-
 /// history is an asset's status history, oldest first, as "from→to" steps with "(new)" for the
 /// first.
 fn history(conn: &mut PgConnection, asset_id: &str) -> String {
     text(
         conn,
-        &format!(
-            "SELECT string_agg(coalesce(from_status, '(new)') || '→' || to_status, ', ' ORDER BY id) AS value
-             FROM asset_status_history WHERE asset_id = '{asset_id}'"
-        ),
+        "SELECT string_agg(coalesce(from_status, '(new)') || '→' || to_status, ', ' ORDER BY id) AS value
+         FROM asset_status_history WHERE asset_id = $1::uuid",
+        &[&asset_id],
     )
     .unwrap_or_default()
 }
@@ -59,19 +53,15 @@ fn history(conn: &mut PgConnection, asset_id: &str) -> String {
 fn causes(conn: &mut PgConnection, asset_id: &str) -> String {
     text(
         conn,
-        &format!("SELECT string_agg(cause, ', ' ORDER BY id) AS value FROM asset_status_history WHERE asset_id = '{asset_id}'"),
+        "SELECT string_agg(cause, ', ' ORDER BY id) AS value FROM asset_status_history WHERE asset_id = $1::uuid",
+        &[&asset_id],
     )
     .unwrap_or_default()
 }
 
-/// deliveries counts what was sent to a terminal, by kind, with an extra SQL condition.
-fn deliveries(conn: &mut PgConnection, terminal: &str, kind: &str, condition: &str) -> i64 {
-    count(
-        conn,
-        &format!(
-            "SELECT count(*) FROM deliveries WHERE terminal_id = '{terminal}' AND kind = '{kind}' AND {condition}"
-        ),
-    )
+/// deliveries counts what was sent to a terminal, of one kind.
+fn deliveries(conn: &mut PgConnection, terminal: &str, kind: &str) -> i64 {
+    count(conn, "SELECT count(*) FROM deliveries WHERE terminal_id = $1 AND kind = $2", &[&terminal, &kind])
 }
 
 /// second_process is another assetflow process on the same database: its own application and
@@ -156,7 +146,7 @@ async fn the_patents_worked_example_reminds_on_dec_23_asks_for_a_download_on_dec
     let cert = alice_cert.clone();
     env.db(move |c| {
         let expires =
-            timestamp(c, &format!("SELECT expires_at AS value FROM exchange_certificates WHERE id = '{cert}'"));
+            timestamp(c, "SELECT expires_at AS value FROM exchange_certificates WHERE id = $1::uuid", &[&cert]);
         assert_eq!(expires, Some(christmas), "the certificate expires on Christmas day");
     })
     .await;
@@ -165,9 +155,9 @@ async fn the_patents_worked_example_reminds_on_dec_23_asks_for_a_download_on_dec
     let dec22 = env.run_job("near_expiry", dec(22, 12)).await;
     assert_eq!((dec22.rows_scanned, dec22.enqueued), (0, 0), "{dec22:?}");
     env.db(|c| {
-        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE kind <> 'certificate'"), 0);
+        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE kind <> 'certificate'", &[]), 0);
         let reminded = "SELECT count(*) FROM reminder_schedule WHERE stage1 IS NOT NULL OR stage2 IS NOT NULL";
-        assert_eq!(count(c, reminded), 0);
+        assert_eq!(count(c, reminded, &[]), 0);
     })
     .await;
 
@@ -176,16 +166,23 @@ async fn the_patents_worked_example_reminds_on_dec_23_asks_for_a_download_on_dec
     assert_eq!((dec23.rows_scanned, dec23.enqueued), (2, 2), "{dec23:?}");
     let cert = alice_cert.clone();
     env.wait_until("alice's reminder is delivered", move |c| {
-        (deliveries(c, "alice", "message", &format!("content->>'code' = 'certificate_expiring' AND content->>'certificate_id' = '{cert}' AND status = 'delivered'")) == 1)
+        (count(
+            c,
+            "SELECT count(*) FROM deliveries WHERE terminal_id = 'alice' AND kind = 'message'
+               AND content->>'code' = 'certificate_expiring' AND content->>'certificate_id' = $1 AND status = 'delivered'",
+            &[&cert],
+        ) == 1)
             .then_some(())
     })
     .await;
     let again = env.run_job("near_expiry", dec(23, 13)).await;
     assert_eq!((again.rows_scanned, again.enqueued), (0, 0), "an hour later nothing more: {again:?}");
     env.db(|c| {
-        assert_eq!(deliveries(c, "alice", "message", "true"), 1);
-        assert_eq!(deliveries(c, "bob", "message", "content->>'code' = 'certificate_expiring'"), 1);
-        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE kind IN ('download_request', 'asset')"), 0);
+        assert_eq!(deliveries(c, "alice", "message"), 1);
+        let expiring = "SELECT count(*) FROM deliveries
+                        WHERE terminal_id = 'bob' AND kind = 'message' AND content->>'code' = 'certificate_expiring'";
+        assert_eq!(count(c, expiring, &[]), 1);
+        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE kind IN ('download_request', 'asset')", &[]), 0);
     })
     .await;
 
@@ -194,13 +191,23 @@ async fn the_patents_worked_example_reminds_on_dec_23_asks_for_a_download_on_dec
     assert_eq!((dec24.rows_scanned, dec24.enqueued), (2, 2), "{dec24:?}");
     let cert = alice_cert.clone();
     env.wait_until("alice's download request is delivered", move |c| {
-        (deliveries(c, "alice", "download_request", &format!("content->>'code' = 'download_requested' AND content->>'certificate_id' = '{cert}' AND status = 'delivered'")) == 1)
+        (count(
+            c,
+            "SELECT count(*) FROM deliveries WHERE terminal_id = 'alice' AND kind = 'download_request'
+               AND content->>'code' = 'download_requested' AND content->>'certificate_id' = $1 AND status = 'delivered'",
+            &[&cert],
+        ) == 1)
             .then_some(())
     })
     .await;
     let asset = bob_asset.clone();
     env.wait_until("bob's forced asset is delivered", move |c| {
-        (deliveries(c, "bob", "asset", "(content->'forced')::boolean AND forced AND status = 'delivered'") == 1
+        (count(
+            c,
+            "SELECT count(*) FROM deliveries WHERE terminal_id = 'bob' AND kind = 'asset'
+               AND (content->'forced')::boolean AND forced AND status = 'delivered'",
+            &[],
+        ) == 1
             && asset_status(c, &asset) == "delivered")
             .then_some(())
     })
@@ -209,18 +216,17 @@ async fn the_patents_worked_example_reminds_on_dec_23_asks_for_a_download_on_dec
     assert_eq!((again.rows_scanned, again.enqueued), (0, 0), "the same day again, nothing more: {again:?}");
     let (a_cert, b_cert) = (alice_cert.clone(), bob_cert.clone());
     env.db(move |c| {
-        assert_eq!(deliveries(c, "alice", "download_request", "true"), 1);
-        assert_eq!(deliveries(c, "alice", "asset", "true"), 0, "alice's product asks, it does not force");
-        assert_eq!(deliveries(c, "bob", "download_request", "true"), 0, "bob gets the asset instead");
-        assert_eq!(deliveries(c, "bob", "asset", "true"), 1);
-        let ledger = |cert: &str| {
-            format!("SELECT '1:' || stage1 || ', 2:' || stage2 AS value FROM reminder_schedule WHERE certificate_id = '{cert}'")
-        };
-        assert_eq!(text(c, &ledger(&a_cert)).as_deref(), Some("1:message, 2:download_request"));
-        assert_eq!(text(c, &ledger(&b_cert)).as_deref(), Some("1:message, 2:forced_transmission"));
+        assert_eq!(deliveries(c, "alice", "download_request"), 1);
+        assert_eq!(deliveries(c, "alice", "asset"), 0, "alice's product asks, it does not force");
+        assert_eq!(deliveries(c, "bob", "download_request"), 0, "bob gets the asset instead");
+        assert_eq!(deliveries(c, "bob", "asset"), 1);
+        let ledger =
+            "SELECT '1:' || stage1 || ', 2:' || stage2 AS value FROM reminder_schedule WHERE certificate_id = $1::uuid";
+        assert_eq!(text(c, ledger, &[&a_cert]).as_deref(), Some("1:message, 2:download_request"));
+        assert_eq!(text(c, ledger, &[&b_cert]).as_deref(), Some("1:message, 2:forced_transmission"));
     })
     .await;
-    let bob_sent = env.db(|c| count(c, "SELECT count(*) FROM deliveries WHERE terminal_id = 'bob'")).await;
+    let bob_sent = env.db(|c| count(c, "SELECT count(*) FROM deliveries WHERE terminal_id = 'bob'", &[])).await;
 
     // Dec 26: the certificate expired unexchanged (`docs/product.md#past-due-processing`). The asset is still valid: a past-due
     // message, a forced transmission and a revocation request; the certificate is revoked.
@@ -230,36 +236,43 @@ async fn the_patents_worked_example_reminds_on_dec_23_asks_for_a_download_on_dec
     let (asset, cert) = (alice_asset.clone(), alice_cert.clone());
     env.wait_until("alice's past-due transmissions are acknowledged", move |c| {
         (asset_status(c, &asset) == "force_delivered"
-            && deliveries(c, "alice", "message", "content->>'code' = 'certificate_past_due' AND status = 'delivered'")
-                == 1
-            && deliveries(
+            && count(
                 c,
-                "alice",
-                "revocation_request",
-                &format!("content->>'certificate_id' = '{cert}' AND status = 'delivered'"),
+                "SELECT count(*) FROM deliveries WHERE terminal_id = 'alice' AND kind = 'message'
+                   AND content->>'code' = 'certificate_past_due' AND status = 'delivered'",
+                &[],
+            ) == 1
+            && count(
+                c,
+                "SELECT count(*) FROM deliveries WHERE terminal_id = 'alice' AND kind = 'revocation_request'
+                   AND content->>'certificate_id' = $1 AND status = 'delivered'",
+                &[&cert],
             ) == 1)
             .then_some(())
     })
     .await;
     let (asset, cert, b_asset, b_cert) = (alice_asset.clone(), alice_cert.clone(), bob_asset.clone(), bob_cert.clone());
     env.db(move |c| {
-        assert_eq!(deliveries(c, "alice", "asset", &format!("asset_id = '{asset}' AND forced AND (content->'forced')::boolean AND status = 'delivered'")), 1);
-        assert_eq!(deliveries(c, "alice", "message", "content->>'code' = 'certificate_past_due'"), 1);
-        assert_eq!(deliveries(c, "alice", "revocation_request", "true"), 1);
+        let forced = "SELECT count(*) FROM deliveries WHERE terminal_id = 'alice' AND kind = 'asset'
+                        AND asset_id = $1::uuid AND forced AND (content->'forced')::boolean AND status = 'delivered'";
+        assert_eq!(count(c, forced, &[&asset]), 1);
+        let past_due = "SELECT count(*) FROM deliveries
+                        WHERE terminal_id = 'alice' AND kind = 'message' AND content->>'code' = 'certificate_past_due'";
+        assert_eq!(count(c, past_due, &[]), 1);
+        assert_eq!(deliveries(c, "alice", "revocation_request"), 1);
         assert_eq!(
             history(c, &asset),
             "(new)→awaiting_exchange, awaiting_exchange→expired_certificate_processing, expired_certificate_processing→force_delivered"
         );
         assert_eq!(causes(c, &asset), "issued, certificate_past_due, delivery_acknowledged");
-        let revoked = format!("SELECT revoked_at AS value FROM exchange_certificates WHERE id = '{cert}'");
-        assert_eq!(timestamp(c, &revoked), Some(dec26), "revoked as of the run's intended time");
+        let revoked = "SELECT revoked_at AS value FROM exchange_certificates WHERE id = $1::uuid";
+        assert_eq!(timestamp(c, revoked, &[&cert]), Some(dec26), "revoked as of the run's intended time");
         // Bob's asset was delivered on Dec 24: past-due sends him nothing, and closes his
         // certificate quietly.
-        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE terminal_id = 'bob'"), bob_sent);
+        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE terminal_id = 'bob'", &[]), bob_sent);
         assert_eq!(asset_status(c, &b_asset), "delivered");
         assert_eq!(history(c, &b_asset), "(new)→awaiting_exchange, awaiting_exchange→delivered");
-        let revoked = format!("SELECT revoked_at AS value FROM exchange_certificates WHERE id = '{b_cert}'");
-        assert!(timestamp(c, &revoked).is_some(), "bob's void certificate is closed");
+        assert!(timestamp(c, revoked, &[&b_cert]).is_some(), "bob's void certificate is closed");
     })
     .await;
     let again = env.run_job("past_due", dec26 + TimeDelta::days(1)).await;
@@ -269,13 +282,13 @@ async fn the_patents_worked_example_reminds_on_dec_23_asks_for_a_download_on_dec
     let exchange = exchange_request("alice", alice_certificate, &alice.key);
     let xid = request_id(&exchange);
     env.send(&exchange).await;
-    let sql = format!("SELECT reason AS value FROM refusals WHERE request_id = '{xid}'");
-    let reason = env.wait_until("the late exchange is refused", move |c| text(c, &sql)).await;
+    let sql = "SELECT reason AS value FROM refusals WHERE request_id = $1";
+    let reason = env.wait_until("the late exchange is refused", move |c| text(c, sql, &[&xid])).await;
     assert!(matches!(reason.as_str(), "certificate_revoked" | "certificate_expired"), "refused as {reason}");
     let asset = alice_asset.clone();
     env.db(move |c| {
         assert_eq!(
-            count(c, &format!("SELECT count(*) FROM deliveries WHERE asset_id = '{asset}' AND kind = 'asset'")),
+            count(c, "SELECT count(*) FROM deliveries WHERE asset_id = $1::uuid AND kind = 'asset'", &[&asset]),
             1
         );
         assert_eq!(asset_status(c, &asset), "force_delivered");
@@ -322,13 +335,18 @@ async fn past_due_processing_of_an_asset_that_is_no_longer_valid_expires_it_and_
         );
         assert_eq!(causes(c, &a), "issued, certificate_past_due, asset_expired");
         assert_eq!(
-            count(c, &format!("SELECT count(*) FROM deliveries WHERE (asset_id = '{a}' OR content->>'asset_id' = '{a}') AND kind <> 'certificate'")),
+            count(
+                c,
+                "SELECT count(*) FROM deliveries
+                 WHERE (asset_id = $1::uuid OR content->>'asset_id' = $1) AND kind <> 'certificate'",
+                &[&a]
+            ),
             0,
             "no message, no forced transmission, no revocation request for a void asset"
         );
-        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE terminal_id = 'alice'"), 1, "only the certificate");
-        let revoked = format!("SELECT revoked_at AS value FROM exchange_certificates WHERE id = '{c2}'");
-        assert_eq!(timestamp(c, &revoked), Some(as_of), "the certificate is closed");
+        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE terminal_id = 'alice'", &[]), 1, "only the certificate");
+        let revoked = "SELECT revoked_at AS value FROM exchange_certificates WHERE id = $1::uuid";
+        assert_eq!(timestamp(c, revoked, &[&c2]), Some(as_of), "the certificate is closed");
     })
     .await;
     let again = env.run_job("past_due", as_of + TimeDelta::days(1)).await;
@@ -340,13 +358,15 @@ async fn past_due_processing_of_an_asset_that_is_no_longer_valid_expires_it_and_
 async fn expiry_range(env: &Env, product: &str) -> (DateTime<Utc>, DateTime<Utc>) {
     let product = product.to_string();
     env.db(move |c| {
-        let of = |agg: &str| {
-            format!(
-                "SELECT {agg}(c.expires_at) AS value FROM exchange_certificates c JOIN assets a ON a.id = c.asset_id
-                 WHERE a.product_id = '{product}'"
-            )
-        };
-        (timestamp(c, &of("min")).expect("certificates"), timestamp(c, &of("max")).expect("certificates"))
+        let earliest =
+            "SELECT min(c.expires_at) AS value FROM exchange_certificates c JOIN assets a ON a.id = c.asset_id
+                        WHERE a.product_id = $1";
+        let latest = "SELECT max(c.expires_at) AS value FROM exchange_certificates c JOIN assets a ON a.id = c.asset_id
+                      WHERE a.product_id = $1";
+        (
+            timestamp(c, earliest, &[&product]).expect("certificates"),
+            timestamp(c, latest, &[&product]).expect("certificates"),
+        )
     })
     .await
 }
@@ -368,7 +388,7 @@ async fn each_job_run_twice_and_on_two_processes_at_once_enqueues_nothing_twice(
         }
     }
     env.wait_until("100 certificates are issued", |c| {
-        (count(c, "SELECT count(*) FROM exchange_certificates") == 100).then_some(())
+        (count(c, "SELECT count(*) FROM exchange_certificates", &[]) == 100).then_some(())
     })
     .await;
 
@@ -395,20 +415,20 @@ async fn each_job_run_twice_and_on_two_processes_at_once_enqueues_nothing_twice(
     }
     // The delivery pool makes the deliveries from the scans' notices.
     env.wait_until("150 reminders are sent", |c| {
-        (count(c, "SELECT count(*) FROM deliveries WHERE dedupe_key LIKE 'reminder:%' AND status = 'sent'") >= 150)
+        (count(c, "SELECT count(*) FROM deliveries WHERE dedupe_key LIKE 'reminder:%' AND status = 'sent'", &[]) >= 150)
             .then_some(())
     })
     .await;
     env.db(|c| {
-        assert_eq!(count(c, "SELECT count(*) FROM reminder_schedule WHERE stage1 = 'message'"), 100, "50 + 50 stage-1");
-        assert_eq!(count(c, "SELECT count(*) FROM reminder_schedule WHERE stage2 = 'download_request'"), 50);
-        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE dedupe_key LIKE 'reminder:%'"), 150);
+        assert_eq!(count(c, "SELECT count(*) FROM reminder_schedule WHERE stage1 = 'message'", &[]), 100, "50 + 50 stage-1");
+        assert_eq!(count(c, "SELECT count(*) FROM reminder_schedule WHERE stage2 = 'download_request'", &[]), 50);
+        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE dedupe_key LIKE 'reminder:%'", &[]), 150);
         assert_eq!(
-            count(c, "SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE dedupe_key LIKE 'reminder:%' GROUP BY content->>'certificate_id', kind HAVING count(*) > 1) d"),
+            count(c, "SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE dedupe_key LIKE 'reminder:%' GROUP BY content->>'certificate_id', kind HAVING count(*) > 1) d", &[]),
             0,
             "no certificate got the same reminder twice"
         );
-        assert_eq!(count(c, "SELECT count(DISTINCT content->>'certificate_id') FROM deliveries WHERE kind = 'download_request'"), 50);
+        assert_eq!(count(c, "SELECT count(DISTINCT content->>'certificate_id') FROM deliveries WHERE kind = 'download_request'", &[]), 50);
     })
     .await;
 
@@ -420,29 +440,30 @@ async fn each_job_run_twice_and_on_two_processes_at_once_enqueues_nothing_twice(
     assert_eq!(one.rows_scanned + two.rows_scanned, 100, "{one:?} {two:?}");
     let again = env.run_job("past_due", as_of).await;
     assert_eq!((again.rows_scanned, again.enqueued), (0, 0), "{again:?}");
-    let at = sql_time(as_of);
     env.wait_until("300 past-due transmissions are sent", |c| {
-        (count(c, "SELECT count(*) FROM deliveries WHERE dedupe_key ~ '^(past_due|revoke|asset):' AND status = 'sent'")
-            >= 300)
+        (count(
+            c,
+            "SELECT count(*) FROM deliveries WHERE dedupe_key ~ '^(past_due|revoke|asset):' AND status = 'sent'",
+            &[],
+        ) >= 300)
             .then_some(())
     })
     .await;
     env.db(move |c| {
-        for (kind, condition) in [
-            ("message", "content->>'code' = 'certificate_past_due'"),
-            ("revocation_request", "content->>'code' = 'certificate_revoked'"),
-        ] {
-            let sql = format!("SELECT count(*) FROM deliveries WHERE kind = '{kind}' AND {condition}");
-            assert_eq!(count(c, &sql), 100, "{kind}");
-            let sql = format!("SELECT count(DISTINCT content->>'certificate_id') FROM deliveries WHERE kind = '{kind}' AND {condition}");
-            assert_eq!(count(c, &sql), 100, "{kind}: one per certificate");
+        for (kind, code) in [("message", "certificate_past_due"), ("revocation_request", "certificate_revoked")] {
+            let sql = "SELECT count(*) FROM deliveries WHERE kind = $1 AND content->>'code' = $2";
+            assert_eq!(count(c, sql, &[&kind, &code]), 100, "{kind}");
+            let sql = "SELECT count(DISTINCT content->>'certificate_id') FROM deliveries
+                       WHERE kind = $1 AND content->>'code' = $2";
+            assert_eq!(count(c, sql, &[&kind, &code]), 100, "{kind}: one per certificate");
         }
-        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE kind = 'asset' AND forced"), 100);
-        assert_eq!(count(c, "SELECT count(DISTINCT asset_id) FROM deliveries WHERE kind = 'asset'"), 100);
-        assert_eq!(count(c, &format!("SELECT count(*) FROM exchange_certificates WHERE revoked_at = {at}")), 100);
-        assert_eq!(count(c, "SELECT count(*) FROM asset_status_history WHERE to_status = 'expired_certificate_processing'"), 100);
-        assert_eq!(count(c, "SELECT count(DISTINCT asset_id) FROM asset_status_history WHERE to_status = 'expired_certificate_processing'"), 100);
-        assert_eq!(count(c, "SELECT count(*) FROM job_runs WHERE outcome <> 'succeeded'"), 0);
+        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE kind = 'asset' AND forced", &[]), 100);
+        assert_eq!(count(c, "SELECT count(DISTINCT asset_id) FROM deliveries WHERE kind = 'asset'", &[]), 100);
+        let revoked = "SELECT count(*) FROM exchange_certificates WHERE revoked_at = $1::timestamptz";
+        assert_eq!(count(c, revoked, &[&as_of]), 100);
+        assert_eq!(count(c, "SELECT count(*) FROM asset_status_history WHERE to_status = 'expired_certificate_processing'", &[]), 100);
+        assert_eq!(count(c, "SELECT count(DISTINCT asset_id) FROM asset_status_history WHERE to_status = 'expired_certificate_processing'", &[]), 100);
+        assert_eq!(count(c, "SELECT count(*) FROM job_runs WHERE outcome <> 'succeeded'", &[]), 0);
     })
     .await;
     env.stop().await;
@@ -477,8 +498,10 @@ async fn a_delivery_dead_lettered_by_a_failing_gateway_is_replayed_by_an_operato
             let (id, attempt) = (first.delivery.clone(), before.attempts);
             let (after, failed_at) = env
                 .db(move |c| {
-                    let sql = format!("SELECT finished_at AS value FROM delivery_attempts WHERE delivery_id = '{id}' AND attempt = {attempt}");
-                    (delivery_state(c, &id), timestamp(c, &sql).expect("a timed-out attempt has finished"))
+                    let sql = "SELECT finished_at AS value FROM delivery_attempts
+                               WHERE delivery_id = $1::uuid AND attempt = $2::int4";
+                    let failed_at = timestamp(c, sql, &[&id, &attempt]).expect("a timed-out attempt has finished");
+                    (delivery_state(c, &id), failed_at)
                 })
                 .await;
             if after.status == "failed" {
@@ -502,8 +525,9 @@ async fn a_delivery_dead_lettered_by_a_failing_gateway_is_replayed_by_an_operato
             let state = delivery_state(c, &delivery);
             assert_eq!((state.status.as_str(), state.attempts), ("dead", 10));
             assert_eq!(asset_status(c, &asset), "retransmitting");
-            text(c, &format!("SELECT id::text AS value FROM dead_letters WHERE source = 'delivery' AND reason = 'retries_exhausted' AND subject_id = '{delivery}'"))
-                .expect("a dead letter for the delivery")
+            let sql = "SELECT id::text AS value FROM dead_letters
+                       WHERE source = 'delivery' AND reason = 'retries_exhausted' AND subject_id = $1::uuid";
+            text(c, sql, &[&delivery]).expect("a dead letter for the delivery")
         })
         .await;
     let letter: uuid::Uuid = letter.parse().expect("a dead letter id");
@@ -535,16 +559,18 @@ async fn a_delivery_dead_lettered_by_a_failing_gateway_is_replayed_by_an_operato
     env.db(move |c| {
         let state = delivery_state(c, &delivery);
         assert_eq!((state.status.as_str(), state.attempts), ("delivered", 11));
-        let outcome = format!("SELECT outcome AS value FROM delivery_attempts WHERE delivery_id = '{delivery}' AND attempt = 11");
-        assert_eq!(text(c, &outcome).as_deref(), Some("acknowledged"));
+        let outcome = "SELECT outcome AS value FROM delivery_attempts WHERE delivery_id = $1::uuid AND attempt = 11";
+        assert_eq!(text(c, outcome, &[&delivery]).as_deref(), Some("acknowledged"));
         assert_eq!(
             history(c, &asset),
             "(new)→awaiting_designated_delivery, awaiting_designated_delivery→retransmitting, retransmitting→force_delivered"
         );
-        let replayed = format!("SELECT count(*) FROM dead_letters WHERE id = '{letter}' AND replayed_at IS NOT NULL AND replay_count = 1");
-        assert_eq!(count(c, &replayed), 1);
-        let audit = format!("SELECT count(*) FROM dead_letter_audit WHERE dead_letter_id = '{letter}' AND action = 'replay' AND operator = 'test-operator'");
-        assert_eq!(count(c, &audit), 1);
+        let replayed =
+            "SELECT count(*) FROM dead_letters WHERE id = $1::uuid AND replayed_at IS NOT NULL AND replay_count = 1";
+        assert_eq!(count(c, replayed, &[&letter]), 1);
+        let audit = "SELECT count(*) FROM dead_letter_audit
+                     WHERE dead_letter_id = $1::uuid AND action = 'replay' AND operator = 'test-operator'";
+        assert_eq!(count(c, audit, &[&letter]), 1);
         let listed = dead_letter::list(c, &Filter::default(), 100).expect("listed");
         assert!(listed.iter().all(|l| l.id != letter), "a replayed dead letter leaves the default list: {listed:?}");
     })
@@ -563,9 +589,9 @@ async fn a_delivery_dead_lettered_by_a_failing_gateway_is_replayed_by_an_operato
         .expect_err("a delivered delivery cannot be replayed");
     assert!(error.contains("not dead"), "{error}");
     env.db(move |c| {
-        let replayed = format!("SELECT count(*) FROM dead_letters WHERE id = '{letter}' AND replay_count = 1");
-        assert_eq!(count(c, &replayed), 1, "the failed replay changed nothing");
-        assert_eq!(count(c, &format!("SELECT count(*) FROM dead_letter_audit WHERE dead_letter_id = '{letter}'")), 1);
+        let replayed = "SELECT count(*) FROM dead_letters WHERE id = $1::uuid AND replay_count = 1";
+        assert_eq!(count(c, replayed, &[&letter]), 1, "the failed replay changed nothing");
+        assert_eq!(count(c, "SELECT count(*) FROM dead_letter_audit WHERE dead_letter_id = $1::uuid", &[&letter]), 1);
     })
     .await;
     env.stop().await;
@@ -579,7 +605,7 @@ async fn a_replayed_malformed_message_is_dead_lettered_again_as_a_new_dead_lette
     env.publish("order.purchase", br#"{"type": "order.purchase", "request_id": "#).await;
     let sql = "SELECT id::text AS value FROM dead_letters WHERE reason = 'malformed'";
     let first: uuid::Uuid =
-        env.wait_until("the message is dead-lettered", move |c| text(c, sql)).await.parse().unwrap();
+        env.wait_until("the message is dead-lettered", move |c| text(c, sql, &[])).await.parse().unwrap();
 
     let app = env.app.clone();
     env.db(move |c| {
@@ -588,24 +614,24 @@ async fn a_replayed_malformed_message_is_dead_lettered_again_as_a_new_dead_lette
     .await
     .expect("replayed");
     env.app.plumbing.outbox_wake.notify_one();
-    let sql = format!("SELECT id::text AS value FROM dead_letters WHERE reason = 'malformed' AND id <> '{first}'");
+    let sql = "SELECT id::text AS value FROM dead_letters WHERE reason = 'malformed' AND id <> $1::uuid";
     let second: uuid::Uuid =
-        env.wait_until("the replay is dead-lettered again", move |c| text(c, &sql)).await.parse().unwrap();
+        env.wait_until("the replay is dead-lettered again", move |c| text(c, sql, &[&first])).await.parse().unwrap();
     env.db(move |c| {
-        assert_eq!(count(c, "SELECT count(*) FROM dead_letters"), 2);
-        let replayed = format!("SELECT count(*) FROM dead_letters WHERE id = '{first}' AND replayed_at IS NOT NULL AND replay_count = 1");
-        assert_eq!(count(c, &replayed), 1, "the first is marked replayed");
+        assert_eq!(count(c, "SELECT count(*) FROM dead_letters", &[]), 2);
+        let replayed =
+            "SELECT count(*) FROM dead_letters WHERE id = $1::uuid AND replayed_at IS NOT NULL AND replay_count = 1";
+        assert_eq!(count(c, replayed, &[&first]), 1, "the first is marked replayed");
         // The second went through the normal path: back into the settlement pool by its replay
         // key, with the same body and the time the original arrived.
-        let same = format!(
-            "SELECT count(*) FROM dead_letters a, dead_letters b
-             WHERE a.id = '{first}' AND b.id = '{second}' AND b.replayed_at IS NULL AND b.pool = 'settlement'
-               AND b.routing_key = 'replay.settlement' AND b.payload = a.payload AND b.message_id <> a.message_id
-               AND (b.headers->>'received_at')::timestamptz = (a.headers->>'received_at')::timestamptz"
-        );
-        assert_eq!(count(c, &same), 1);
-        let audit = format!("SELECT count(*) FROM dead_letter_audit WHERE dead_letter_id = '{first}' AND action = 'replay' AND operator = 'test-operator'");
-        assert_eq!(count(c, &audit), 1);
+        let same = "SELECT count(*) FROM dead_letters a, dead_letters b
+                    WHERE a.id = $1::uuid AND b.id = $2::uuid AND b.replayed_at IS NULL AND b.pool = 'settlement'
+                      AND b.routing_key = 'replay.settlement' AND b.payload = a.payload AND b.message_id <> a.message_id
+                      AND (b.headers->>'received_at')::timestamptz = (a.headers->>'received_at')::timestamptz";
+        assert_eq!(count(c, same, &[&first, &second]), 1);
+        let audit = "SELECT count(*) FROM dead_letter_audit
+                     WHERE dead_letter_id = $1::uuid AND action = 'replay' AND operator = 'test-operator'";
+        assert_eq!(count(c, audit, &[&first]), 1);
         let listed: Vec<uuid::Uuid> =
             dead_letter::list(c, &Filter::default(), 100).expect("listed").into_iter().map(|l| l.id).collect();
         assert_eq!(listed, vec![second], "only the new dead letter waits for an operator");
@@ -630,17 +656,16 @@ async fn a_valid_request_dead_lettered_as_unroutable_is_processed_when_replayed_
     let rid = request_id(&order);
     env.publish("order.cancel", &serde_json::to_vec(&order).unwrap()).await;
     let sql = "SELECT id::text AS value FROM dead_letters WHERE reason = 'unroutable' AND pool = 'settlement' AND message_type = 'order.purchase'";
-    let letter: uuid::Uuid = env.wait_until("the order is dead-lettered", move |c| text(c, sql)).await.parse().unwrap();
+    let letter: uuid::Uuid =
+        env.wait_until("the order is dead-lettered", move |c| text(c, sql, &[])).await.parse().unwrap();
 
     // The same kind of request arriving now is refused: it is older than the freshness window.
     let stale = purchase(&alice, "concert", 1, json!({"sent_at": sent_at}));
     let stale_id = request_id(&stale);
     env.send(&stale).await;
     env.wait_until("a ten-minute-old request is refused as stale", move |c| {
-        (count(
-            c,
-            &format!("SELECT count(*) FROM refusals WHERE request_id = '{stale_id}' AND reason = 'stale_request'"),
-        ) == 1)
+        (count(c, "SELECT count(*) FROM refusals WHERE request_id = $1 AND reason = 'stale_request'", &[&stale_id])
+            == 1)
             .then_some(())
     })
     .await;
@@ -649,10 +674,11 @@ async fn a_valid_request_dead_lettered_as_unroutable_is_processed_when_replayed_
     // of that receipt, not as of the replay.
     let received_at = (sent_at + TimeDelta::seconds(30)).to_rfc3339();
     env.db(move |c| {
-        let sql = format!(
-            "UPDATE dead_letters SET headers = jsonb_set(headers, '{{received_at}}', to_jsonb('{received_at}'::text)) WHERE id = '{letter}'"
+        execute(
+            c,
+            "UPDATE dead_letters SET headers = jsonb_set(headers, '{received_at}', to_jsonb($1::text)) WHERE id = $2::uuid",
+            &[&received_at, &letter],
         );
-        diesel::sql_query(&sql).execute(c).unwrap_or_else(|e| panic!("{sql}: {e}"));
     })
     .await;
     let app = env.app.clone();
@@ -664,16 +690,24 @@ async fn a_valid_request_dead_lettered_as_unroutable_is_processed_when_replayed_
     env.app.plumbing.outbox_wake.notify_one();
     let r = rid.clone();
     env.wait_until("the replayed order is settled, issued and its certificate delivered", move |c| {
-        (count(c, &format!("SELECT count(*) FROM deliveries d JOIN orders o ON o.id = d.order_id WHERE o.request_id = '{r}' AND o.status = 'issued' AND d.kind = 'certificate' AND d.status = 'delivered'")) == 1)
+        (count(
+            c,
+            "SELECT count(*) FROM deliveries d JOIN orders o ON o.id = d.order_id
+             WHERE o.request_id = $1 AND o.status = 'issued' AND d.kind = 'certificate' AND d.status = 'delivered'",
+            &[&r],
+        ) == 1)
             .then_some(())
     })
     .await;
     env.db(move |c| {
-        assert_eq!(count(c, &format!("SELECT count(*) FROM refusals WHERE request_id = '{rid}'")), 0);
-        assert_eq!(count(c, &format!("SELECT count(*) FROM settlements s JOIN orders o ON o.id = s.order_id WHERE o.request_id = '{rid}' AND s.status = 'settled'")), 1);
-        let replayed = format!("SELECT count(*) FROM dead_letters WHERE id = '{letter}' AND replayed_at IS NOT NULL AND replay_count = 1");
-        assert_eq!(count(c, &replayed), 1);
-        assert_eq!(count(c, "SELECT count(*) FROM dead_letters"), 1, "the replay was not dead-lettered again");
+        assert_eq!(count(c, "SELECT count(*) FROM refusals WHERE request_id = $1", &[&rid]), 0);
+        let settled = "SELECT count(*) FROM settlements s JOIN orders o ON o.id = s.order_id
+                       WHERE o.request_id = $1 AND s.status = 'settled'";
+        assert_eq!(count(c, settled, &[&rid]), 1);
+        let replayed =
+            "SELECT count(*) FROM dead_letters WHERE id = $1::uuid AND replayed_at IS NOT NULL AND replay_count = 1";
+        assert_eq!(count(c, replayed, &[&letter]), 1);
+        assert_eq!(count(c, "SELECT count(*) FROM dead_letters", &[]), 1, "the replay was not dead-lettered again");
     })
     .await;
     env.stop().await;
@@ -688,8 +722,8 @@ async fn purge_deletes_only_the_dead_letters_its_filter_selects_and_audits_each_
     env.publish("order.purchase", b"[1, 2, 3]").await;
     env.publish("order.cancel", br#"{"type": "order.cancel"}"#).await;
     env.wait_until("three dead letters are recorded", |c| {
-        (count(c, "SELECT count(*) FROM dead_letters WHERE reason = 'malformed'") == 2
-            && count(c, "SELECT count(*) FROM dead_letters WHERE reason = 'unroutable'") == 1)
+        (count(c, "SELECT count(*) FROM dead_letters WHERE reason = 'malformed'", &[]) == 2
+            && count(c, "SELECT count(*) FROM dead_letters WHERE reason = 'unroutable'", &[]) == 1)
             .then_some(())
     })
     .await;
@@ -698,23 +732,22 @@ async fn purge_deletes_only_the_dead_letters_its_filter_selects_and_audits_each_
     let purged = env.db(move |c| dead_letter::purge(c, &filter, "test-operator").expect("purged")).await;
     assert_eq!(purged.len(), 2, "{purged:?}");
     env.db(move |c| {
-        assert_eq!(count(c, "SELECT count(*) FROM dead_letters"), 1);
-        assert_eq!(count(c, "SELECT count(*) FROM dead_letters WHERE reason = 'unroutable'"), 1, "the other reason stays");
-        assert_eq!(count(c, "SELECT count(*) FROM dead_letter_audit"), 2);
+        assert_eq!(count(c, "SELECT count(*) FROM dead_letters", &[]), 1);
+        assert_eq!(count(c, "SELECT count(*) FROM dead_letters WHERE reason = 'unroutable'", &[]), 1, "the other reason stays");
+        assert_eq!(count(c, "SELECT count(*) FROM dead_letter_audit", &[]), 2);
         for id in &purged {
-            let audit = format!(
-                "SELECT count(*) FROM dead_letter_audit WHERE dead_letter_id = '{id}' AND action = 'purge' AND operator = 'test-operator'
-                   AND summary->>'id' = '{id}' AND summary->>'reason' = 'malformed' AND summary->>'pool' = 'settlement'
-                   AND summary->>'detail' <> ''"
-            );
-            assert_eq!(count(c, &audit), 1, "the purge of {id} is audited with its summary");
+            let audit = "SELECT count(*) FROM dead_letter_audit
+                         WHERE dead_letter_id = $1::uuid AND action = 'purge' AND operator = 'test-operator'
+                           AND summary->>'id' = $1 AND summary->>'reason' = 'malformed' AND summary->>'pool' = 'settlement'
+                           AND summary->>'detail' <> ''";
+            assert_eq!(count(c, audit, &[id]), 1, "the purge of {id} is audited with its summary");
         }
         let listed = dead_letter::list(c, &Filter::default(), 100).expect("listed");
         assert_eq!(listed.iter().map(|l| l.reason.as_str()).collect::<Vec<_>>(), vec!["unroutable"]);
         let again = dead_letter::purge(c, &Filter { reason: Some("malformed".into()), ..Filter::default() }, "test-operator")
             .expect("purged");
         assert!(again.is_empty(), "nothing is left to purge: {again:?}");
-        assert_eq!(count(c, "SELECT count(*) FROM dead_letter_audit"), 2);
+        assert_eq!(count(c, "SELECT count(*) FROM dead_letter_audit", &[]), 2);
     })
     .await;
     env.stop().await;
@@ -745,11 +778,10 @@ async fn asset_expiry_ends_a_retransmitting_asset_past_its_term_and_cancels_its_
             "(new)→awaiting_designated_delivery, awaiting_designated_delivery→retransmitting, retransmitting→expired"
         );
         assert_eq!(causes(c, &asset), "issued, delivery_failed, asset_expired");
-        let at = format!(
-            "SELECT at AS value FROM asset_status_history WHERE asset_id = '{asset}' AND to_status = 'expired'"
-        );
-        assert_eq!(timestamp(c, &at), Some(as_of), "expired as of the run's intended time");
-        assert_eq!(count(c, &format!("SELECT count(*) FROM delivery_attempts WHERE delivery_id = '{delivery}'")), 1);
+        let at = "SELECT at AS value FROM asset_status_history WHERE asset_id = $1::uuid AND to_status = 'expired'";
+        assert_eq!(timestamp(c, at, &[&asset]), Some(as_of), "expired as of the run's intended time");
+        let attempts = "SELECT count(*) FROM delivery_attempts WHERE delivery_id = $1::uuid";
+        assert_eq!(count(c, attempts, &[&delivery]), 1);
     };
     env.db(check.clone()).await;
 
@@ -778,11 +810,10 @@ async fn a_designated_delivery_that_came_due_while_nothing_ran_is_sent_by_the_ca
     let order = purchase(&erin, "ppv", 1, json!({"delivery": {"mode": "designated", "at": at}}));
     let rid = request_id(&order);
     env.send(&order).await;
-    let sql = format!(
-        "SELECT a.id::text AS value FROM assets a JOIN orders o ON o.id = a.order_id WHERE o.request_id = '{rid}' AND a.status = 'awaiting_designated_delivery'"
-    );
-    let asset = env.wait_until("the designated asset is issued", move |c| text(c, &sql)).await;
-    env.wait_until("the outbox is empty", |c| (count(c, "SELECT count(*) FROM outbox") == 0).then_some(())).await;
+    let sql = "SELECT a.id::text AS value FROM assets a JOIN orders o ON o.id = a.order_id
+               WHERE o.request_id = $1 AND a.status = 'awaiting_designated_delivery'";
+    let asset = env.wait_until("the designated asset is issued", move |c| text(c, sql, &[&rid])).await;
+    env.wait_until("the outbox is empty", |c| (count(c, "SELECT count(*) FROM outbox", &[]) == 0).then_some(())).await;
     env.stop().await;
 
     // Its time passes while nothing runs.
@@ -791,10 +822,10 @@ async fn a_designated_delivery_that_came_due_while_nothing_ran_is_sent_by_the_ca
     env.db(move |c| {
         assert_eq!(asset_status(c, &a), "awaiting_designated_delivery");
         assert_eq!(
-            count(c, &format!("SELECT count(*) FROM deliveries WHERE asset_id = '{a}' AND status = 'pending'")),
+            count(c, "SELECT count(*) FROM deliveries WHERE asset_id = $1::uuid AND status = 'pending'", &[&a]),
             1
         );
-        assert_eq!(count(c, "SELECT count(*) FROM job_runs"), 0);
+        assert_eq!(count(c, "SELECT count(*) FROM job_runs", &[]), 0);
     })
     .await;
 
@@ -808,19 +839,22 @@ async fn a_designated_delivery_that_came_due_while_nothing_ran_is_sent_by_the_ca
             && count(
                 c,
                 "SELECT count(DISTINCT job) FROM job_runs WHERE trigger = 'catch_up' AND outcome = 'succeeded'",
+                &[],
             ) == job_names().len() as i64)
             .then_some(())
     })
     .await;
     env.db(move |c| {
-        let caught_up = format!(
-            "SELECT count(*) FROM job_runs WHERE job = 'designated_delivery' AND trigger = 'catch_up' AND outcome = 'succeeded'
-               AND enqueued = 1 AND as_of > {}",
-            sql_time(at)
+        let caught_up = "SELECT count(*) FROM job_runs
+                         WHERE job = 'designated_delivery' AND trigger = 'catch_up' AND outcome = 'succeeded'
+                           AND enqueued = 1 AND as_of > $1::timestamptz";
+        assert_eq!(count(c, caught_up, &[&at]), 1);
+        assert_eq!(count(c, "SELECT count(*) FROM job_runs WHERE trigger <> 'catch_up'", &[]), 0, "no schedule fired");
+        assert_eq!(
+            count(c, "SELECT count(*) FROM job_runs WHERE trigger = 'catch_up'", &[]),
+            job_names().len() as i64,
+            "once each"
         );
-        assert_eq!(count(c, &caught_up), 1);
-        assert_eq!(count(c, "SELECT count(*) FROM job_runs WHERE trigger <> 'catch_up'"), 0, "no schedule fired");
-        assert_eq!(count(c, "SELECT count(*) FROM job_runs WHERE trigger = 'catch_up'"), job_names().len() as i64, "once each");
         assert_eq!(history(c, &asset), "(new)→awaiting_designated_delivery, awaiting_designated_delivery→delivered");
     })
     .await;
@@ -873,7 +907,8 @@ async fn a_message_the_broker_dead_letters_by_itself_is_recorded_from_the_dead_l
         .wait_until("the recorder records the broker's dead letter", move |c| {
             text(
                 c,
-                &format!("SELECT detail AS value FROM dead_letters WHERE reason = 'broker_dead_lettered' AND message_id = '{mid}'"),
+                "SELECT detail AS value FROM dead_letters WHERE reason = 'broker_dead_lettered' AND message_id = $1",
+                &[&mid],
             )
         })
         .await;
@@ -881,17 +916,17 @@ async fn a_message_the_broker_dead_letters_by_itself_is_recorded_from_the_dead_l
     assert!(detail.contains(&queue), "{detail}");
     let q = queue.clone();
     env.db(move |c| {
-        let letter = format!(
-            "SELECT count(*) FROM dead_letters WHERE message_id = '{message_id}' AND pool = 'settlement' AND source = 'message'
-               AND message_type = 'order.purchase' AND routing_key = 'order.purchase' AND headers->'x-death'->>'queue' = '{q}'"
-        );
-        assert_eq!(count(c, &letter), 1);
-        assert_eq!(count(c, "SELECT count(*) FROM dead_letters"), 1, "its own notice is not recorded a second time");
+        let letter = "SELECT count(*) FROM dead_letters
+                      WHERE message_id = $1 AND pool = 'settlement' AND source = 'message' AND message_type = 'order.purchase'
+                        AND routing_key = 'order.purchase' AND headers->'x-death'->>'queue' = $2";
+        assert_eq!(count(c, letter, &[&message_id, &q]), 1);
+        assert_eq!(count(c, "SELECT count(*) FROM dead_letters", &[]), 1, "its own notice is not recorded a second time");
     })
     .await;
     // The recorder took both the broker's message and assetflow's own notice of it off the
     // queue: nothing is left there, ready or unacknowledged.
-    env.wait_until("the notice is published", |c| (count(c, "SELECT count(*) FROM outbox") == 0).then_some(())).await;
+    env.wait_until("the notice is published", |c| (count(c, "SELECT count(*) FROM outbox", &[]) == 0).then_some(()))
+        .await;
     let dlq = env.app.plumbing.names.dead_letter_queue(assetflow::contracts::topology::Pool::Settlement);
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let mut poll = tokio::time::interval(Duration::from_millis(200));
@@ -905,7 +940,7 @@ async fn a_message_the_broker_dead_letters_by_itself_is_recorded_from_the_dead_l
     }
     env.stop().await;
     assert_eq!(queued(&env, &dlq).await, 0, "the dead-letter queue is empty");
-    let letters = env.db(|c| count(c, "SELECT count(*) FROM dead_letters")).await;
+    let letters = env.db(|c| count(c, "SELECT count(*) FROM dead_letters", &[])).await;
     assert_eq!(letters, 1);
 }
 
@@ -922,9 +957,10 @@ async fn retention_deletes_only_old_bookkeeping() {
     env.send(&purchase(&alice, "ticket", 1, json!({}))).await;
     // Quiet before counting: the certificate's receipt, too, is in the inbox.
     env.wait_until("the order is issued and its certificate acknowledged", |c| {
-        (count(c, "SELECT count(*) FROM orders WHERE status = 'issued'") == 1
-            && count(c, "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'delivered'") == 1
-            && count(c, "SELECT count(*) FROM outbox") == 0)
+        (count(c, "SELECT count(*) FROM orders WHERE status = 'issued'", &[]) == 1
+            && count(c, "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'delivered'", &[])
+                == 1
+            && count(c, "SELECT count(*) FROM outbox", &[]) == 0)
             .then_some(())
     })
     .await;
@@ -941,23 +977,23 @@ async fn retention_deletes_only_old_bookkeeping() {
         }
     })
     .await;
-    let inbox_before = env.db(|c| count(c, "SELECT count(*) FROM inbox")).await;
+    let inbox_before = env.db(|c| count(c, "SELECT count(*) FROM inbox", &[])).await;
     let report = env.run_job("retention", Utc::now()).await;
     assert!(report.ran && report.error.is_none(), "{report:?}");
     env.db(move |c| {
         assert_eq!(
-            count(c, "SELECT count(*) FROM inbox"),
+            count(c, "SELECT count(*) FROM inbox", &[]),
             inbox_before - 2,
             "the 30- and 15-day-old ids went, the recent stayed"
         );
-        assert_eq!(count(c, "SELECT count(*) FROM terminal_requests WHERE request_id = 'old-refused'"), 0);
+        assert_eq!(count(c, "SELECT count(*) FROM terminal_requests WHERE request_id = 'old-refused'", &[]), 0);
         assert_eq!(
-            count(c, "SELECT count(*) FROM terminal_requests"),
+            count(c, "SELECT count(*) FROM terminal_requests", &[]),
             1,
             "the order's request id is kept: the order refers to it"
         );
-        assert_eq!(count(c, "SELECT count(*) FROM job_runs WHERE started_at < now() - interval '90 days'"), 0);
-        assert_eq!(count(c, "SELECT count(*) FROM orders"), 1);
+        assert_eq!(count(c, "SELECT count(*) FROM job_runs WHERE started_at < now() - interval '90 days'", &[]), 0);
+        assert_eq!(count(c, "SELECT count(*) FROM orders", &[]), 1);
     })
     .await;
     env.stop().await;
@@ -979,10 +1015,11 @@ async fn a_certificate_notice_handled_twice_sends_nothing_twice() {
     let (cert, expires) = env
         .wait_until("the certificate is acknowledged", |c| {
             let delivered =
-                count(c, "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'delivered'");
+                count(c, "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'delivered'", &[]);
             (delivered == 1).then(|| {
-                let id = text(c, "SELECT id::text AS value FROM exchange_certificates").expect("a certificate");
-                let expires = timestamp(c, "SELECT expires_at AS value FROM exchange_certificates").expect("an expiry");
+                let id = text(c, "SELECT id::text AS value FROM exchange_certificates", &[]).expect("a certificate");
+                let expires =
+                    timestamp(c, "SELECT expires_at AS value FROM exchange_certificates", &[]).expect("an expiry");
                 (id, expires)
             })
         })
@@ -994,8 +1031,7 @@ async fn a_certificate_notice_handled_twice_sends_nothing_twice() {
     let key = format!("reminder:{cert}:1");
     let sent = key.clone();
     env.wait_until("the stage-1 reminder is acknowledged", move |c| {
-        (count(c, &format!("SELECT count(*) FROM deliveries WHERE dedupe_key = '{sent}' AND status = 'delivered'"))
-            == 1)
+        (count(c, "SELECT count(*) FROM deliveries WHERE dedupe_key = $1 AND status = 'delivered'", &[&sent]) == 1)
             .then_some(())
     })
     .await;
@@ -1011,13 +1047,17 @@ async fn a_certificate_notice_handled_twice_sends_nothing_twice() {
     )
     .await;
     env.db(move |c| {
-        assert_eq!(count(c, &format!("SELECT count(*) FROM deliveries WHERE dedupe_key = '{key}'")), 1);
+        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE dedupe_key = $1", &[&key]), 1);
         assert_eq!(
-            count(c, &format!("SELECT count(*) FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id WHERE d.dedupe_key = '{key}'")),
+            count(
+                c,
+                "SELECT count(*) FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id WHERE d.dedupe_key = $1",
+                &[&key]
+            ),
             1,
             "sent once"
         );
-        assert_eq!(count(c, "SELECT count(*) FROM dead_letters"), 0, "the unknown certificate is skipped, not dead-lettered");
+        assert_eq!(count(c, "SELECT count(*) FROM dead_letters", &[]), 0, "the unknown certificate is skipped, not dead-lettered");
     })
     .await;
 
@@ -1029,11 +1069,12 @@ async fn a_certificate_notice_handled_twice_sends_nothing_twice() {
         count(
             c,
             "SELECT count(*) FROM deliveries WHERE dedupe_key ~ '^(past_due|revoke|asset):' AND status = 'delivered'",
+            &[],
         )
     };
     env.wait_until("the past-due transmissions are acknowledged", move |c| (past_due_sent(c) == 3).then_some(())).await;
     let asset =
-        env.db(|c| text(c, "SELECT asset_id::text AS value FROM exchange_certificates").expect("an asset")).await;
+        env.db(|c| text(c, "SELECT asset_id::text AS value FROM exchange_certificates", &[]).expect("an asset")).await;
     handle_notices(
         &env,
         past,
@@ -1046,13 +1087,13 @@ async fn a_certificate_notice_handled_twice_sends_nothing_twice() {
             "(new)→awaiting_exchange, awaiting_exchange→expired_certificate_processing, expired_certificate_processing→force_delivered",
             "moved once"
         );
-        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE dedupe_key ~ '^(past_due|revoke|asset):'"), 3);
+        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE dedupe_key ~ '^(past_due|revoke|asset):'", &[]), 3);
         assert_eq!(
-            count(c, "SELECT count(*) FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id WHERE d.dedupe_key ~ '^(past_due|revoke|asset):'"),
+            count(c, "SELECT count(*) FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id WHERE d.dedupe_key ~ '^(past_due|revoke|asset):'", &[]),
             3,
             "each sent once"
         );
-        assert_eq!(count(c, "SELECT count(*) FROM dead_letters"), 0);
+        assert_eq!(count(c, "SELECT count(*) FROM dead_letters", &[]), 0);
     })
     .await;
     env.stop().await;
@@ -1072,7 +1113,7 @@ async fn handle_notices(env: &Env, as_of: DateTime<Utc>, notices: Vec<Certificat
     env.db(move |c| outbox::enqueue(c, &outgoing).expect("written to the outbox")).await;
     env.app.plumbing.outbox_wake.notify_one();
     env.wait_until("the delivery pool has handled the notices", move |c| {
-        (count(c, &format!("SELECT count(*) FROM inbox WHERE pool = 'delivery' AND message_id = '{message_id}'")) == 1)
+        (count(c, "SELECT count(*) FROM inbox WHERE pool = 'delivery' AND message_id = $1", &[&message_id]) == 1)
             .then_some(())
     })
     .await;

@@ -162,7 +162,7 @@ impl Proxied {
         let what = format!("{n} orders are issued");
         self.env
             .wait_until(&what, move |c| {
-                (count(c, "SELECT count(*) FROM orders WHERE status = 'issued'") >= n).then_some(())
+                (count(c, "SELECT count(*) FROM orders WHERE status = 'issued'", &[]) >= n).then_some(())
             })
             .await;
     }
@@ -254,14 +254,14 @@ async fn chaos_a_database_outage_longer_than_the_retry_budget_holds_messages_ins
     run.wait_for_issued(5).await;
     run.env
         .wait_until("the first orders are all issued or declined", |c| {
-            (count(c, "SELECT count(*) FROM orders WHERE status IN ('issued', 'declined')") == 10).then_some(())
+            (count(c, "SELECT count(*) FROM orders WHERE status IN ('issued', 'declined')", &[]) == 10).then_some(())
         })
         .await;
 
     run.postgres.cut();
     run.order(4).await;
     tokio::time::sleep(Duration::from_secs(20)).await; // the outage lasts
-    let during = run.env.db(|c| count(c, "SELECT count(*) FROM orders")).await;
+    let during = run.env.db(|c| count(c, "SELECT count(*) FROM orders", &[])).await;
     assert_eq!(during, 10, "nothing was processed while the database was unreachable");
     run.postgres.restore();
 

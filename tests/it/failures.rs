@@ -34,16 +34,16 @@ fn secs(n: i64) -> TimeDelta {
 fn attempt_outcome(conn: &mut PgConnection, delivery_id: &str, attempt: i32) -> Option<String> {
     text(
         conn,
-        &format!(
-            "SELECT outcome AS value FROM delivery_attempts WHERE delivery_id = '{delivery_id}' AND attempt = {attempt}"
-        ),
+        "SELECT outcome AS value FROM delivery_attempts WHERE delivery_id = $1::uuid AND attempt = $2::int4",
+        &[&delivery_id, &attempt],
     )
 }
 
 /// settlement_attempts is how many instructions a settlement has had.
 async fn settlement_attempts(env: &Env, settlement: &str) -> i64 {
-    let sql = format!("SELECT attempts::bigint AS count FROM settlements WHERE id = '{settlement}'");
-    env.db(move |c| count(c, &sql)).await
+    let settlement = settlement.to_string();
+    env.db(move |c| count(c, "SELECT attempts::bigint AS count FROM settlements WHERE id = $1::uuid", &[&settlement]))
+        .await
 }
 
 /// subscribe_to_dead_letters binds a queue of the test's own to the dead-letter exchange, as an
@@ -87,11 +87,10 @@ async fn a_gateway_that_never_answers_gets_the_asset_again_and_it_ends_force_del
             assert_eq!((state.status.as_str(), state.attempts), ("failed", 1));
             assert_eq!(attempt_outcome(c, &delivery, 1).as_deref(), Some("timed_out"));
             assert_eq!(asset_status(c, &asset), "retransmitting");
-            let history = format!(
-                "SELECT count(*) FROM asset_status_history WHERE asset_id = '{asset}'
-                 AND from_status = 'awaiting_designated_delivery' AND to_status = 'retransmitting' AND cause = 'delivery_failed'"
-            );
-            assert_eq!(count(c, &history), 1);
+            let history = "SELECT count(*) FROM asset_status_history WHERE asset_id = $1::uuid
+                           AND from_status = 'awaiting_designated_delivery' AND to_status = 'retransmitting'
+                           AND cause = 'delivery_failed'";
+            assert_eq!(count(c, history, &[&asset]), 1);
             state.due_at
         })
         .await;
@@ -116,12 +115,12 @@ async fn a_gateway_that_never_answers_gets_the_asset_again_and_it_ends_force_del
         assert_eq!((state.status.as_str(), state.attempts), ("delivered", 2));
         assert_eq!(attempt_outcome(c, &delivery, 1).as_deref(), Some("timed_out"));
         assert_eq!(attempt_outcome(c, &delivery, 2).as_deref(), Some("acknowledged"));
-        assert_eq!(count(c, &format!("SELECT count(*) FROM delivery_attempts WHERE delivery_id = '{delivery}' AND outcome = 'acknowledged'")), 1);
-        let history = format!(
-            "SELECT count(*) FROM asset_status_history WHERE asset_id = '{asset}'
-             AND from_status = 'retransmitting' AND to_status = 'force_delivered' AND cause = 'delivery_acknowledged'"
-        );
-        assert_eq!(count(c, &history), 1);
+        let acknowledged =
+            "SELECT count(*) FROM delivery_attempts WHERE delivery_id = $1::uuid AND outcome = 'acknowledged'";
+        assert_eq!(count(c, acknowledged, &[&delivery]), 1);
+        let history = "SELECT count(*) FROM asset_status_history WHERE asset_id = $1::uuid
+                       AND from_status = 'retransmitting' AND to_status = 'force_delivered' AND cause = 'delivery_acknowledged'";
+        assert_eq!(count(c, history, &[&asset]), 1);
     })
     .await;
     env.stop().await;
@@ -140,11 +139,10 @@ async fn a_receipt_with_the_wrong_hash_fails_the_attempt_and_never_completes_the
     let order = purchase(&bob, "ppv", 1, json!({"delivery": {"mode": "immediate"}}));
     env.send(&order).await;
     let rid = request_id(&order);
-    let sql = format!(
-        "SELECT d.id::text AS value FROM deliveries d JOIN orders o ON o.id = d.order_id JOIN delivery_attempts a ON a.delivery_id = d.id
-         WHERE o.request_id = '{rid}' AND d.kind = 'asset' AND a.attempt = 1 AND a.outcome = 'hash_mismatch'"
-    );
-    let delivery = env.wait_until("attempt 1 fails on its hash", move |c| text(c, &sql)).await;
+    let sql = "SELECT d.id::text AS value FROM deliveries d JOIN orders o ON o.id = d.order_id
+                 JOIN delivery_attempts a ON a.delivery_id = d.id
+               WHERE o.request_id = $1 AND d.kind = 'asset' AND a.attempt = 1 AND a.outcome = 'hash_mismatch'";
+    let delivery = env.wait_until("attempt 1 fails on its hash", move |c| text(c, sql, &[&rid])).await;
     let id = delivery.clone();
     let (asset, due) = env
         .db(move |c| {
@@ -152,7 +150,7 @@ async fn a_receipt_with_the_wrong_hash_fails_the_attempt_and_never_completes_the
             assert_eq!((state.status.as_str(), state.attempts), ("failed", 1));
             let error = state.last_error.unwrap_or_default();
             assert!(error.contains("hash"), "the error says what was wrong: {error}");
-            let asset = text(c, &format!("SELECT asset_id::text AS value FROM deliveries WHERE id = '{id}'")).unwrap();
+            let asset = text(c, "SELECT asset_id::text AS value FROM deliveries WHERE id = $1::uuid", &[&id]).unwrap();
             assert_eq!(asset_status(c, &asset), "retransmitting");
             (asset, state.due_at)
         })
@@ -171,11 +169,19 @@ async fn a_receipt_with_the_wrong_hash_fails_the_attempt_and_never_completes_the
         let state = delivery_state(c, &id);
         assert_eq!((state.status.as_str(), state.attempts), ("failed", 2));
         assert!(state.last_error.unwrap_or_default().contains("hash"));
-        assert_eq!(count(c, &format!("SELECT count(*) FROM delivery_attempts WHERE delivery_id = '{id}' AND outcome = 'acknowledged'")), 0);
-        assert_eq!(count(c, &format!("SELECT count(*) FROM deliveries WHERE id = '{id}' AND delivered_at IS NOT NULL")), 0);
+        let acknowledged =
+            "SELECT count(*) FROM delivery_attempts WHERE delivery_id = $1::uuid AND outcome = 'acknowledged'";
+        assert_eq!(count(c, acknowledged, &[&id]), 0);
+        let delivered = "SELECT count(*) FROM deliveries WHERE id = $1::uuid AND delivered_at IS NOT NULL";
+        assert_eq!(count(c, delivered, &[&id]), 0);
         assert_eq!(asset_status(c, &asset), "retransmitting");
         assert_eq!(
-            count(c, &format!("SELECT count(*) FROM asset_status_history WHERE asset_id = '{asset}' AND to_status IN ('delivered', 'force_delivered')")),
+            count(
+                c,
+                "SELECT count(*) FROM asset_status_history
+                 WHERE asset_id = $1::uuid AND to_status IN ('delivered', 'force_delivered')",
+                &[&asset]
+            ),
             0
         );
     })
@@ -220,7 +226,9 @@ async fn a_delivery_whose_retries_run_out_is_dead_lettered_with_every_attempt() 
         let (id, attempt) = (first.delivery.clone(), before.attempts);
         let (after, failed_at) = env
             .db(move |c| {
-                let failed_at = timestamp(c, &format!("SELECT finished_at AS value FROM delivery_attempts WHERE delivery_id = '{id}' AND attempt = {attempt}"));
+                let sql = "SELECT finished_at AS value FROM delivery_attempts
+                           WHERE delivery_id = $1::uuid AND attempt = $2::int4";
+                let failed_at = timestamp(c, sql, &[&id, &attempt]);
                 (delivery_state(c, &id), failed_at.expect("a timed-out attempt has finished"))
             })
             .await;
@@ -245,16 +253,16 @@ async fn a_delivery_whose_retries_run_out_is_dead_lettered_with_every_attempt() 
     env.db(move |c| {
         let state = delivery_state(c, &delivery);
         assert_eq!((state.status.as_str(), state.attempts), ("dead", 10));
-        assert_eq!(count(c, &format!("SELECT count(*) FROM delivery_attempts WHERE delivery_id = '{delivery}' AND outcome = 'timed_out'")), 10);
-        let letter = format!(
-            "SELECT count(*) FROM dead_letters WHERE source = 'delivery' AND reason = 'retries_exhausted'
-             AND subject_id = '{delivery}' AND jsonb_typeof(attempts) = 'array' AND jsonb_array_length(attempts) = 10"
-        );
-        assert_eq!(count(c, &letter), 1, "one dead letter, with the evidence of all ten attempts");
-        assert_eq!(count(c, "SELECT count(*) FROM dead_letters"), 1);
+        let timed_out = "SELECT count(*) FROM delivery_attempts WHERE delivery_id = $1::uuid AND outcome = 'timed_out'";
+        assert_eq!(count(c, timed_out, &[&delivery]), 10);
+        let letter = "SELECT count(*) FROM dead_letters WHERE source = 'delivery' AND reason = 'retries_exhausted'
+                      AND subject_id = $1::uuid AND jsonb_typeof(attempts) = 'array' AND jsonb_array_length(attempts) = 10";
+        assert_eq!(count(c, letter, &[&delivery]), 1, "one dead letter, with the evidence of all ten attempts");
+        assert_eq!(count(c, "SELECT count(*) FROM dead_letters", &[]), 1);
         // Retries exhausted: the asset stays where it is, for an operator (`docs/product.md#the-transition-table`).
         assert_eq!(asset_status(c, &asset), "retransmitting");
-        assert_eq!(count(c, &format!("SELECT count(*) FROM asset_status_history WHERE asset_id = '{asset}' AND from_status = 'retransmitting'")), 0);
+        let moved = "SELECT count(*) FROM asset_status_history WHERE asset_id = $1::uuid AND from_status = 'retransmitting'";
+        assert_eq!(count(c, moved, &[&asset]), 0);
     })
     .await;
 
@@ -294,11 +302,9 @@ async fn an_asset_that_expires_while_its_retransmission_is_pending_is_never_deli
             "expired",
             "the transition table: retransmitting + asset no longer valid → expired"
         );
-        let history = format!(
-            "SELECT count(*) FROM asset_status_history WHERE asset_id = '{asset}'
-             AND from_status = 'retransmitting' AND to_status = 'expired' AND cause = 'asset_expired'"
-        );
-        assert_eq!(count(c, &history), 1);
+        let history = "SELECT count(*) FROM asset_status_history WHERE asset_id = $1::uuid
+                       AND from_status = 'retransmitting' AND to_status = 'expired' AND cause = 'asset_expired'";
+        assert_eq!(count(c, history, &[&asset]), 1);
     })
     .await;
 
@@ -321,11 +327,10 @@ async fn a_partner_that_never_answers_fails_the_order_and_a_late_answer_still_is
     let order = purchase(&erin, "concert", 1, json!({}));
     let rid = request_id(&order);
     env.send(&order).await;
-    let sql = format!(
-        "SELECT s.id::text AS value FROM settlements s JOIN orders o ON o.id = s.order_id
-         WHERE o.request_id = '{rid}' AND s.status = 'instructed' AND s.attempts = 1"
-    );
-    let settlement = env.wait_until("the settlement is instructed", move |c| text(c, &sql)).await;
+    let sql = "SELECT s.id::text AS value FROM settlements s JOIN orders o ON o.id = s.order_id
+               WHERE o.request_id = $1 AND s.status = 'instructed' AND s.attempts = 1";
+    let r = rid.clone();
+    let settlement = env.wait_until("the settlement is instructed", move |c| text(c, sql, &[&r])).await;
     let now = Utc::now();
     let partner_queue = env.app.plumbing.names.partner_queue("card-co");
     assert_eq!(wait_for_queue(&env, &partner_queue, "the first instruction is published", |n| n >= 1).await, 1);
@@ -357,17 +362,20 @@ async fn a_partner_that_never_answers_fails_the_order_and_a_late_answer_still_is
     let (id, rid2) = (settlement.clone(), rid.clone());
     let order_id = env
         .db(move |c| {
-            assert_eq!(text(c, &format!("SELECT status AS value FROM settlements WHERE id = '{id}'")).as_deref(), Some("abandoned"));
-            let order_id = text(c, &format!("SELECT id::text AS value FROM orders WHERE request_id = '{rid2}'")).unwrap();
-            assert_eq!(text(c, &format!("SELECT status || ':' || status_reason AS value FROM orders WHERE id = '{order_id}'")).as_deref(), Some("failed:settlement_timeout"));
-            let letter = format!("SELECT count(*) FROM dead_letters WHERE source = 'settlement' AND reason = 'settlement_timeout' AND subject_id = '{order_id}'");
-            assert_eq!(count(c, &letter), 1);
-            assert_eq!(count(c, "SELECT count(*) FROM assets"), 0, "nothing is issued without settlement");
+            let status = "SELECT status AS value FROM settlements WHERE id = $1::uuid";
+            assert_eq!(text(c, status, &[&id]).as_deref(), Some("abandoned"));
+            let order_id = text(c, "SELECT id::text AS value FROM orders WHERE request_id = $1", &[&rid2]).unwrap();
+            let status = "SELECT status || ':' || status_reason AS value FROM orders WHERE id = $1::uuid";
+            assert_eq!(text(c, status, &[&order_id]).as_deref(), Some("failed:settlement_timeout"));
+            let letter = "SELECT count(*) FROM dead_letters
+                          WHERE source = 'settlement' AND reason = 'settlement_timeout' AND subject_id = $1::uuid";
+            assert_eq!(count(c, letter, &[&order_id]), 1);
+            assert_eq!(count(c, "SELECT count(*) FROM assets", &[]), 0, "nothing is issued without settlement");
             order_id
         })
         .await;
     env.wait_until("the orderer is told the order failed", |c| {
-        (count(c, "SELECT count(*) FROM deliveries WHERE terminal_id = 'erin' AND kind = 'message' AND content->>'code' = 'order_failed' AND status = 'delivered'") == 1)
+        (count(c, "SELECT count(*) FROM deliveries WHERE terminal_id = 'erin' AND kind = 'message' AND content->>'code' = 'order_failed' AND status = 'delivered'", &[]) == 1)
             .then_some(())
     })
     .await;
@@ -386,19 +394,23 @@ async fn a_partner_that_never_answers_fails_the_order_and_a_late_answer_still_is
     env.publish(kinds::SETTLEMENT_RESULT, &serde_json::to_vec(&late).unwrap()).await;
     let oid = order_id.clone();
     env.wait_until("the late answer issues the order and its certificate is delivered", move |c| {
-        (text(c, &format!("SELECT status AS value FROM orders WHERE id = '{oid}'")).as_deref() == Some("issued")
-            && count(c, &format!("SELECT count(*) FROM deliveries WHERE order_id = '{oid}' AND kind = 'certificate' AND status = 'delivered'")) == 1)
+        (text(c, "SELECT status AS value FROM orders WHERE id = $1::uuid", &[&oid]).as_deref() == Some("issued")
+            && count(
+                c,
+                "SELECT count(*) FROM deliveries WHERE order_id = $1::uuid AND kind = 'certificate' AND status = 'delivered'",
+                &[&oid],
+            ) == 1)
             .then_some(())
     })
     .await;
     let id = settlement.clone();
     env.db(move |c| {
         assert_eq!(
-            text(c, &format!("SELECT status || ':' || partner_reference AS value FROM settlements WHERE id = '{id}'"))
+            text(c, "SELECT status || ':' || partner_reference AS value FROM settlements WHERE id = $1::uuid", &[&id])
                 .as_deref(),
             Some("settled:LATE-1")
         );
-        assert_eq!(count(c, &format!("SELECT count(*) FROM assets WHERE order_id = '{order_id}'")), 1);
+        assert_eq!(count(c, "SELECT count(*) FROM assets WHERE order_id = $1::uuid", &[&order_id]), 1);
     })
     .await;
     env.stop().await;
@@ -417,31 +429,35 @@ async fn duplicated_partner_answers_and_gateway_receipts_have_no_second_effect()
         env.send(&purchase(&frank, "concert", 1, json!({}))).await;
     }
     env.wait_until("every certificate is delivered", |c| {
-        (count(c, "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'delivered'") == 5)
+        (count(c, "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'delivered'", &[]) == 5)
             .then_some(())
     })
     .await;
     // Every copy was consumed and processed (the inbox records each message id, whatever its
     // effect), so anything a duplicate did is visible now.
     env.wait_until("both copies of every answer and receipt are processed", |c| {
-        (count(c, "SELECT count(*) FROM inbox WHERE pool = 'settlement' AND message_type = 'settlement.result'") == 10
-            && count(c, "SELECT count(*) FROM inbox WHERE pool = 'delivery' AND message_type = 'delivery.receipt'")
-                == 10)
+        (count(c, "SELECT count(*) FROM inbox WHERE pool = 'settlement' AND message_type = 'settlement.result'", &[])
+            == 10
+            && count(
+                c,
+                "SELECT count(*) FROM inbox WHERE pool = 'delivery' AND message_type = 'delivery.receipt'",
+                &[],
+            ) == 10)
             .then_some(())
     })
     .await;
     env.db(|c| {
-        assert_eq!(count(c, "SELECT count(*) FROM settlements"), 5);
-        assert_eq!(count(c, "SELECT count(*) FROM settlements WHERE status = 'settled'"), 5);
-        assert_eq!(count(c, "SELECT count(*) FROM orders WHERE status = 'issued'"), 5);
-        assert_eq!(count(c, "SELECT count(*) FROM assets"), 5);
-        assert_eq!(count(c, "SELECT count(*) FROM exchange_certificates"), 5);
-        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE kind = 'certificate'"), 5);
-        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND attempts = 1"), 5);
-        assert_eq!(count(c, "SELECT count(*) FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id WHERE d.kind = 'certificate'"), 5);
-        assert_eq!(count(c, "SELECT count(*) FROM delivery_attempts WHERE outcome = 'acknowledged'"), 5);
-        assert_eq!(count(c, "SELECT count(*) FROM asset_status_history"), 5, "only the issue of each asset");
-        assert_eq!(count(c, "SELECT count(*) FROM dead_letters"), 0);
+        assert_eq!(count(c, "SELECT count(*) FROM settlements", &[]), 5);
+        assert_eq!(count(c, "SELECT count(*) FROM settlements WHERE status = 'settled'", &[]), 5);
+        assert_eq!(count(c, "SELECT count(*) FROM orders WHERE status = 'issued'", &[]), 5);
+        assert_eq!(count(c, "SELECT count(*) FROM assets", &[]), 5);
+        assert_eq!(count(c, "SELECT count(*) FROM exchange_certificates", &[]), 5);
+        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE kind = 'certificate'", &[]), 5);
+        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND attempts = 1", &[]), 5);
+        assert_eq!(count(c, "SELECT count(*) FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id WHERE d.kind = 'certificate'", &[]), 5);
+        assert_eq!(count(c, "SELECT count(*) FROM delivery_attempts WHERE outcome = 'acknowledged'", &[]), 5);
+        assert_eq!(count(c, "SELECT count(*) FROM asset_status_history", &[]), 5, "only the issue of each asset");
+        assert_eq!(count(c, "SELECT count(*) FROM dead_letters", &[]), 0);
     })
     .await;
     env.stop().await;
@@ -515,12 +531,11 @@ async fn every_publish_carries_the_amqp_properties_and_a_valid_body() {
     env.db(move |c| {
         let recorded = text(
             c,
-            &format!(
-                "SELECT message_id::text AS value FROM delivery_attempts WHERE delivery_id = '{did}' AND attempt = 1"
-            ),
+            "SELECT message_id::text AS value FROM delivery_attempts WHERE delivery_id = $1::uuid AND attempt = 1",
+            &[&did],
         );
         assert_eq!(recorded.as_deref(), Some(mid.as_str()));
-        let order = text(c, &format!("SELECT id::text AS value FROM orders WHERE request_id = '{rid}'"));
+        let order = text(c, "SELECT id::text AS value FROM orders WHERE request_id = $1", &[&rid]);
         assert_eq!(order.as_deref(), Some(correlation_id.as_str()));
     })
     .await;
@@ -542,11 +557,10 @@ async fn the_outbox_holds_messages_while_the_app_is_stopped_and_empties_once_it_
     let designated = purchase(&heidi, "ppv", 1, json!({"delivery": {"mode": "designated", "at": at}}));
     let rid = request_id(&designated);
     env.send(&designated).await;
-    let sql = format!(
-        "SELECT a.id::text AS value FROM assets a JOIN orders o ON o.id = a.order_id WHERE o.request_id = '{rid}' AND a.status = 'awaiting_designated_delivery'"
-    );
-    let asset = env.wait_until("the designated asset is issued", move |c| text(c, &sql)).await;
-    env.wait_until("the outbox is empty", |c| (count(c, "SELECT count(*) FROM outbox") == 0).then_some(())).await;
+    let sql = "SELECT a.id::text AS value FROM assets a JOIN orders o ON o.id = a.order_id
+               WHERE o.request_id = $1 AND a.status = 'awaiting_designated_delivery'";
+    let asset = env.wait_until("the designated asset is issued", move |c| text(c, sql, &[&rid])).await;
+    env.wait_until("the outbox is empty", |c| (count(c, "SELECT count(*) FROM outbox", &[]) == 0).then_some(())).await;
 
     env.stop().await;
     // With the app stopped, an order waits in its queue: nothing consumes it, nothing is lost.
@@ -567,14 +581,14 @@ async fn the_outbox_holds_messages_while_the_app_is_stopped_and_empties_once_it_
     let a = asset.clone();
     env.db(move |c| {
         assert_eq!(
-            count(c, "SELECT count(*) FROM outbox WHERE message_type = 'delivery' AND attempts = 0"),
+            count(c, "SELECT count(*) FROM outbox WHERE message_type = 'delivery' AND attempts = 0", &[]),
             1,
             "the delivery waits, unclaimed"
         );
-        assert_eq!(count(c, "SELECT count(*) FROM outbox"), 1);
-        assert_eq!(count(c, &format!("SELECT count(*) FROM deliveries WHERE asset_id = '{a}' AND status = 'sent'")), 1);
+        assert_eq!(count(c, "SELECT count(*) FROM outbox", &[]), 1);
+        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE asset_id = $1::uuid AND status = 'sent'", &[&a]), 1);
         assert_eq!(
-            count(c, &format!("SELECT count(*) FROM orders WHERE request_id = '{later_rid}'")),
+            count(c, "SELECT count(*) FROM orders WHERE request_id = $1", &[&later_rid]),
             0,
             "the later order is not taken yet"
         );
@@ -586,15 +600,20 @@ async fn the_outbox_holds_messages_while_the_app_is_stopped_and_empties_once_it_
     let (a, later_rid) = (asset.clone(), request_id(&later));
     env.wait_until("both complete and the outbox is empty", move |c| {
         (asset_status(c, &a) == "delivered"
-            && count(c, &format!("SELECT count(*) FROM deliveries d JOIN orders o ON o.id = d.order_id WHERE o.request_id = '{later_rid}' AND d.kind = 'certificate' AND d.status = 'delivered'")) == 1
-            && count(c, "SELECT count(*) FROM outbox") == 0)
+            && count(
+                c,
+                "SELECT count(*) FROM deliveries d JOIN orders o ON o.id = d.order_id
+                 WHERE o.request_id = $1 AND d.kind = 'certificate' AND d.status = 'delivered'",
+                &[&later_rid],
+            ) == 1
+            && count(c, "SELECT count(*) FROM outbox", &[]) == 0)
             .then_some(())
     })
     .await;
     env.db(|c| {
-        assert_eq!(count(c, "SELECT count(*) FROM orders WHERE status = 'issued'"), 2);
-        assert_eq!(count(c, "SELECT count(*) FROM delivery_attempts"), 2, "each delivery went out once");
-        assert_eq!(count(c, "SELECT count(*) FROM dead_letters"), 0);
+        assert_eq!(count(c, "SELECT count(*) FROM orders WHERE status = 'issued'", &[]), 2);
+        assert_eq!(count(c, "SELECT count(*) FROM delivery_attempts", &[]), 2, "each delivery went out once");
+        assert_eq!(count(c, "SELECT count(*) FROM dead_letters", &[]), 0);
     })
     .await;
     env.stop().await;
@@ -615,16 +634,19 @@ async fn a_message_the_broker_does_not_confirm_stays_in_the_outbox() {
 
     // The relay tries it, again and again, and never deletes it.
     env.wait_until("the relay has tried the message twice", move |c| {
-        (count(c, &format!("SELECT count(*) FROM outbox WHERE message_id = '{message_id}' AND attempts >= 2 AND last_error IS NOT NULL")) == 1).then_some(())
+        let tried =
+            "SELECT count(*) FROM outbox WHERE message_id = $1::uuid AND attempts >= 2 AND last_error IS NOT NULL";
+        (count(c, tried, &[&message_id]) == 1).then_some(())
     })
     .await;
     env.db(move |c| {
-        assert_eq!(count(c, "SELECT count(*) FROM outbox"), 1);
-        let error = text(c, &format!("SELECT last_error AS value FROM outbox WHERE message_id = '{message_id}'"))
+        assert_eq!(count(c, "SELECT count(*) FROM outbox", &[]), 1);
+        let error = text(c, "SELECT last_error AS value FROM outbox WHERE message_id = $1::uuid", &[&message_id])
             .unwrap_or_default();
         assert!(error.contains("not confirmed"), "{error}");
     })
     .await;
     env.stop().await;
-    env.db(|c| assert_eq!(count(c, "SELECT count(*) FROM outbox"), 1, "shutting down does not drop it either")).await;
+    env.db(|c| assert_eq!(count(c, "SELECT count(*) FROM outbox", &[]), 1, "shutting down does not drop it either"))
+        .await;
 }

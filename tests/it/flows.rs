@@ -25,22 +25,32 @@ async fn a_certificate_purchase_is_settled_issued_delivered_and_exchanged_once()
     let certificate = delivered_certificate(&env, &request_id).await;
     let rid = request_id.clone();
     env.wait_until("both certificates are delivered", move |c| {
-        (count(c, &format!("SELECT count(*) FROM deliveries d JOIN orders o ON o.id = d.order_id WHERE o.request_id = '{rid}' AND d.kind = 'certificate' AND d.status = 'delivered'")) == 2).then_some(())
+        let delivered = "SELECT count(*) FROM deliveries d JOIN orders o ON o.id = d.order_id
+                         WHERE o.request_id = $1 AND d.kind = 'certificate' AND d.status = 'delivered'";
+        (count(c, delivered, &[&rid]) == 2).then_some(())
     })
     .await;
     env.db(move |c| {
-        assert_eq!(count(c, "SELECT count(*) FROM settlements WHERE status = 'settled'"), 1, "one settlement");
+        assert_eq!(count(c, "SELECT count(*) FROM settlements WHERE status = 'settled'", &[]), 1, "one settlement");
         assert_eq!(
-            count(c, "SELECT count(*) FROM assets WHERE status = 'awaiting_exchange' AND has_exchange_certificate"),
+            count(
+                c,
+                "SELECT count(*) FROM assets WHERE status = 'awaiting_exchange' AND has_exchange_certificate",
+                &[]
+            ),
             2
         );
-        assert_eq!(count(c, "SELECT count(*) FROM exchange_certificates"), 2);
+        assert_eq!(count(c, "SELECT count(*) FROM exchange_certificates", &[]), 2);
         // Signed twice: the issuer's signature and the provider's are both stored.
         assert_eq!(
-            count(c, "SELECT count(*) FROM asset_documents WHERE issuer_signature <> '' AND provider_signature <> ''"),
+            count(
+                c,
+                "SELECT count(*) FROM asset_documents WHERE issuer_signature <> '' AND provider_signature <> ''",
+                &[]
+            ),
             2
         );
-        assert_eq!(count(c, "SELECT count(*) FROM orders WHERE status = 'issued'"), 1);
+        assert_eq!(count(c, "SELECT count(*) FROM orders WHERE status = 'issued'", &[]), 1);
     })
     .await;
     // The certificate verifies with the service provider's key, as a terminal would check it.
@@ -52,7 +62,7 @@ async fn a_certificate_purchase_is_settled_issued_delivered_and_exchanged_once()
     env.send(&exchange_request("alice", certificate.clone(), &alice.key)).await;
     let aid = asset_id.clone();
     env.wait_until("the asset is delivered", move |c| {
-        (text(c, &format!("SELECT status AS value FROM assets WHERE id = '{aid}'")).as_deref() == Some("delivered"))
+        (text(c, "SELECT status AS value FROM assets WHERE id = $1::uuid", &[&aid]).as_deref() == Some("delivered"))
             .then_some(())
     })
     .await;
@@ -60,13 +70,14 @@ async fn a_certificate_purchase_is_settled_issued_delivered_and_exchanged_once()
     // A second exchange of the same certificate is refused, and nothing is delivered twice.
     env.send(&exchange_request("alice", certificate, &alice.key)).await;
     env.wait_until("the second exchange is refused", |c| {
-        (count(c, "SELECT count(*) FROM refusals WHERE reason = 'certificate_already_exchanged'") == 1).then_some(())
+        (count(c, "SELECT count(*) FROM refusals WHERE reason = 'certificate_already_exchanged'", &[]) == 1)
+            .then_some(())
     })
     .await;
     let aid = asset_id.clone();
     env.wait_until("the refusal reaches the terminal", move |c| {
-        (count(c, "SELECT count(*) FROM deliveries WHERE kind = 'refusal' AND status = 'delivered' AND content->>'reason' = 'certificate_already_exchanged'") == 1
-            && count(c, &format!("SELECT count(*) FROM deliveries WHERE asset_id = '{aid}' AND kind = 'asset'")) == 1)
+        (count(c, "SELECT count(*) FROM deliveries WHERE kind = 'refusal' AND status = 'delivered' AND content->>'reason' = 'certificate_already_exchanged'", &[]) == 1
+            && count(c, "SELECT count(*) FROM deliveries WHERE asset_id = $1::uuid AND kind = 'asset'", &[&aid]) == 1)
             .then_some(())
     })
     .await;
@@ -107,15 +118,15 @@ async fn a_gift_is_billed_to_the_payer_and_delivered_to_the_recipients() {
     );
     env.send(&order).await;
     env.wait_until("both recipients hold their certificates", |c| {
-        (count(c, "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'delivered'") == 2)
+        (count(c, "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'delivered'", &[]) == 2)
             .then_some(())
     })
     .await;
     env.db(|c| {
-        assert_eq!(count(c, "SELECT count(*) FROM settlements WHERE partner_id = 'bank-a' AND payer_terminal_id = 'owner-phone' AND amount_minor = 10000"), 1);
-        assert_eq!(count(c, "SELECT count(*) FROM assets WHERE holder_terminal_id IN ('friend-1', 'friend-2') AND value_minor = 5000"), 2);
-        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE terminal_id = 'friend-2' AND gateway_id = 'gw-2'"), 1);
-        assert_eq!(count(c, "SELECT count(*) FROM assets WHERE holder_terminal_id = 'stb'"), 0);
+        assert_eq!(count(c, "SELECT count(*) FROM settlements WHERE partner_id = 'bank-a' AND payer_terminal_id = 'owner-phone' AND amount_minor = 10000", &[]), 1);
+        assert_eq!(count(c, "SELECT count(*) FROM assets WHERE holder_terminal_id IN ('friend-1', 'friend-2') AND value_minor = 5000", &[]), 2);
+        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE terminal_id = 'friend-2' AND gateway_id = 'gw-2'", &[]), 1);
+        assert_eq!(count(c, "SELECT count(*) FROM assets WHERE holder_terminal_id = 'stb'", &[]), 0);
     })
     .await;
     env.stop().await;
@@ -136,9 +147,8 @@ async fn immediate_and_designated_orders_deliver_the_asset_at_their_time() {
     env.wait_until("the immediate asset is delivered", move |c| {
         text(
             c,
-            &format!(
-                "SELECT a.status AS value FROM assets a JOIN orders o ON o.id = a.order_id WHERE o.request_id = '{rid}'"
-            ),
+            "SELECT a.status AS value FROM assets a JOIN orders o ON o.id = a.order_id WHERE o.request_id = $1",
+            &[&rid],
         )
         .filter(|s| s == "delivered")
     })
@@ -148,10 +158,9 @@ async fn immediate_and_designated_orders_deliver_the_asset_at_their_time() {
     let designated = purchase(&bob, "ppv", 1, json!({"delivery": {"mode": "designated", "at": at}}));
     env.send(&designated).await;
     let rid = designated["request_id"].as_str().unwrap().to_string();
-    let sql = format!(
-        "SELECT a.id::text AS value FROM assets a JOIN orders o ON o.id = a.order_id WHERE o.request_id = '{rid}' AND a.status = 'awaiting_designated_delivery'"
-    );
-    let asset = env.wait_until("the designated asset is issued", move |c| text(c, &sql)).await;
+    let sql = "SELECT a.id::text AS value FROM assets a JOIN orders o ON o.id = a.order_id
+               WHERE o.request_id = $1 AND a.status = 'awaiting_designated_delivery'";
+    let asset = env.wait_until("the designated asset is issued", move |c| text(c, sql, &[&rid])).await;
 
     // Before its time nothing is sent; at its time the scan sends it.
     let early = env.run_job("designated_delivery", at - chrono::Duration::minutes(1)).await;
@@ -161,12 +170,12 @@ async fn immediate_and_designated_orders_deliver_the_asset_at_their_time() {
     let again = env.run_job("designated_delivery", at).await;
     assert_eq!(again.enqueued, 0, "a second run sends nothing twice");
     env.wait_until("the designated asset is delivered", move |c| {
-        text(c, &format!("SELECT status AS value FROM assets WHERE id = '{asset}'")).filter(|s| s == "delivered")
+        text(c, "SELECT status AS value FROM assets WHERE id = $1::uuid", &[&asset]).filter(|s| s == "delivered")
     })
     .await;
     env.db(|c| {
-        assert_eq!(count(c, "SELECT count(*) FROM asset_status_history WHERE from_status = 'awaiting_designated_delivery' AND to_status = 'delivered'"), 2);
-        assert_eq!(count(c, "SELECT count(*) FROM exchange_certificates"), 0, "no certificate for direct deliveries");
+        assert_eq!(count(c, "SELECT count(*) FROM asset_status_history WHERE from_status = 'awaiting_designated_delivery' AND to_status = 'delivered'", &[]), 2);
+        assert_eq!(count(c, "SELECT count(*) FROM exchange_certificates", &[]), 0, "no certificate for direct deliveries");
     })
     .await;
     env.stop().await;
@@ -184,12 +193,12 @@ async fn a_declined_settlement_ends_the_order_and_tells_the_orderer() {
     let order = purchase(&carol, "concert", 1, json!({}));
     env.send(&order).await;
     env.wait_until("the orderer is told", |c| {
-        (count(c, "SELECT count(*) FROM deliveries WHERE terminal_id = 'carol' AND kind = 'message' AND content->>'code' = 'order_declined' AND status = 'delivered'") == 1).then_some(())
+        (count(c, "SELECT count(*) FROM deliveries WHERE terminal_id = 'carol' AND kind = 'message' AND content->>'code' = 'order_declined' AND status = 'delivered'", &[]) == 1).then_some(())
     })
     .await;
     env.db(|c| {
-        assert_eq!(count(c, "SELECT count(*) FROM orders WHERE status = 'declined'"), 1);
-        assert_eq!(count(c, "SELECT count(*) FROM assets"), 0, "nothing is issued without settlement");
+        assert_eq!(count(c, "SELECT count(*) FROM orders WHERE status = 'declined'", &[]), 1);
+        assert_eq!(count(c, "SELECT count(*) FROM assets", &[]), 0, "nothing is issued without settlement");
     })
     .await;
     env.stop().await;

@@ -16,7 +16,10 @@ use assetflow::runtime::broker::Broker;
 use assetflow::service::app::{self, App, RunOptions};
 use assetflow::service::scheduler::{self, Job, RunReport, Trigger};
 use chrono::{DateTime, Utc};
+use diesel::pg::Pg;
 use diesel::prelude::*;
+use diesel::query_builder::{BoxedSqlQuery, SqlQuery};
+use diesel::sql_types::Text;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -285,26 +288,46 @@ fn merge(base: &mut Value, overrides: Value) {
     }
 }
 
-/// count runs `SELECT count(*) ...` and returns the number.
-pub fn count(conn: &mut PgConnection, sql: &str) -> i64 {
+/// query is `sql` with `values` bound to its placeholders `$1`, `$2`, … in order. The SQL is a
+/// literal, so a value is never spliced into its text. Each value is bound as text: where the
+/// column is not text, the SQL casts (`$1::uuid`, `$2::int4`, `$1::timestamptz`).
+pub fn query(sql: &'static str, values: &[&dyn ToString]) -> BoxedSqlQuery<'static, Pg, SqlQuery> {
+    values.iter().fold(diesel::sql_query(sql).into_boxed(), |query, value| query.bind::<Text, _>(value.to_string()))
+}
+
+/// failed is the panic message of a test query that failed: the SQL, its values and the error.
+pub fn failed(sql: &str, values: &[&dyn ToString], error: diesel::result::Error) -> String {
+    let values: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+    format!("{sql} with {values:?}: {error}")
+}
+
+/// count runs `SELECT count(*) ...` with `values` bound (see `query`) and returns the number.
+pub fn count(conn: &mut PgConnection, sql: &'static str, values: &[&dyn ToString]) -> i64 {
     #[derive(QueryableByName)]
     struct Count {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
         count: i64,
     }
-    diesel::sql_query(sql).get_result::<Count>(conn).unwrap_or_else(|e| panic!("{sql}: {e}")).count
+    query(sql, values).get_result::<Count>(conn).unwrap_or_else(|e| panic!("{}", failed(sql, values, e))).count
 }
 
-/// text runs a query returning one text column `value`, or None when there is no row.
-pub fn text(conn: &mut PgConnection, sql: &str) -> Option<String> {
+/// text runs a query returning one text column `value`, with `values` bound (see `query`), or
+/// None when there is no row.
+pub fn text(conn: &mut PgConnection, sql: &'static str, values: &[&dyn ToString]) -> Option<String> {
     #[derive(QueryableByName)]
-    struct Text {
-        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
         value: Option<String>,
     }
-    diesel::sql_query(sql)
-        .get_result::<Text>(conn)
+    query(sql, values)
+        .get_result::<Row>(conn)
         .optional()
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .unwrap_or_else(|e| panic!("{}", failed(sql, values, e)))
         .and_then(|t| t.value)
+}
+
+/// execute runs a statement with `values` bound (see `query`) and returns the number of rows it
+/// changed.
+pub fn execute(conn: &mut PgConnection, sql: &'static str, values: &[&dyn ToString]) -> usize {
+    query(sql, values).execute(conn).unwrap_or_else(|e| panic!("{}", failed(sql, values, e)))
 }

@@ -255,12 +255,16 @@ async fn a_short_workload_moves_the_key_series_by_the_expected_amounts() {
     let malformed = br#"{"type": "order.purchase", "quantity": "#;
     env.publish(kinds::ORDER_PURCHASE, malformed).await;
 
-    env.wait_until("all certificates are delivered", |c| (count(c, CERTIFICATES_DELIVERED) == N).then_some(())).await;
+    env.wait_until("all certificates are delivered", |c| (count(c, CERTIFICATES_DELIVERED, &[]) == N).then_some(()))
+        .await;
     let rid = refused["request_id"].as_str().unwrap().to_string();
-    let sql = format!("SELECT reason AS value FROM refusals WHERE request_id = '{rid}'");
-    assert_eq!(env.wait_until("the unknown product is refused", move |c| text(c, &sql)).await, "unknown_product");
+    let sql = "SELECT reason AS value FROM refusals WHERE request_id = $1";
+    assert_eq!(
+        env.wait_until("the unknown product is refused", move |c| text(c, sql, &[&rid])).await,
+        "unknown_product"
+    );
     let sql = "SELECT reason AS value FROM dead_letters";
-    assert_eq!(env.wait_until("the malformed message is dead-lettered", move |c| text(c, sql)).await, "malformed");
+    assert_eq!(env.wait_until("the malformed message is dead-lettered", move |c| text(c, sql, &[])).await, "malformed");
 
     let n = N as f64;
     let rises: [Rise; 7] = [
@@ -345,11 +349,9 @@ async fn readyz_fails_when_the_broker_is_gone_and_recovers_when_it_is_back() {
     let order = purchase(&alice, "concert", 1, json!({}));
     env.send(&order).await;
     let rid = order["request_id"].as_str().unwrap().to_string();
-    let sql = format!(
-        "SELECT d.status AS value FROM deliveries d JOIN orders o ON o.id = d.order_id
-         WHERE o.request_id = '{rid}' AND d.kind = 'certificate' AND d.status = 'delivered'"
-    );
-    env.wait_until("the certificate is delivered after the reconnection", move |c| text(c, &sql)).await;
+    let sql = "SELECT d.status AS value FROM deliveries d JOIN orders o ON o.id = d.order_id
+               WHERE o.request_id = $1 AND d.kind = 'certificate' AND d.status = 'delivered'";
+    env.wait_until("the certificate is delivered after the reconnection", move |c| text(c, sql, &[&rid])).await;
 
     let after = scrape(&listen).await;
     let reconnects = [("target", "amqp")];

@@ -42,8 +42,29 @@ async fn publisher_lease(env: &Env) -> Duration {
     }
 }
 
-fn rows_with(conn: &mut diesel::PgConnection, message_id: uuid::Uuid, condition: &str) -> i64 {
-    count(conn, &format!("SELECT count(*) FROM outbox WHERE message_id = '{message_id}' AND {condition}"))
+/// Row is what a test looks for in a message's outbox row.
+enum Row {
+    /// The row, whatever its state.
+    Any,
+    /// The row as it was written: never tried, no error.
+    Untouched,
+    /// The row given back unconfirmed, due again within a minute, and tried by the relay too.
+    GivenBack,
+}
+
+/// rows_with counts the outbox rows of `message_id` that are as `row` says.
+fn rows_with(conn: &mut diesel::PgConnection, message_id: uuid::Uuid, row: Row) -> i64 {
+    let sql = match row {
+        Row::Any => "SELECT count(*) FROM outbox WHERE message_id = $1::uuid",
+        Row::Untouched => {
+            "SELECT count(*) FROM outbox WHERE message_id = $1::uuid AND attempts = 0 AND last_error IS NULL"
+        }
+        Row::GivenBack => {
+            "SELECT count(*) FROM outbox WHERE message_id = $1::uuid
+               AND attempts >= 2 AND last_error LIKE 'not confirmed%' AND available_at < now() + interval '1 minute'"
+        }
+    };
+    count(conn, sql, &[&message_id])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,7 +82,7 @@ async fn every_message_of_an_order_is_published_by_the_process_that_committed_it
     env.send(&order).await;
     delivered_certificate(&env, &request_id(&order)).await;
     // And each row is deleted once the broker has confirmed its message.
-    env.wait_until("the outbox is empty", |c| (count(c, "SELECT count(*) FROM outbox") == 0).then_some(())).await;
+    env.wait_until("the outbox is empty", |c| (count(c, "SELECT count(*) FROM outbox", &[]) == 0).then_some(())).await;
     env.stop().await;
 }
 
@@ -82,13 +103,12 @@ async fn a_relay_claims_a_leased_row_only_once_its_lease_has_ended() {
     env.start().await;
 
     env.wait_until("the due and the abandoned messages are published", move |c| {
-        (rows_with(c, a, "true") + rows_with(c, d, "true") == 0).then_some(())
+        (rows_with(c, a, Row::Any) + rows_with(c, d, Row::Any) == 0).then_some(())
     })
     .await;
     wait_for_queue(&env, &queue, "both reach the queue", |n| n >= 2).await;
     // The held row was the oldest and was due first in the claim's order, had its lease been ignored.
-    env.db(move |c| assert_eq!(rows_with(c, h, "attempts = 0 AND last_error IS NULL"), 1, "the held row is untouched"))
-        .await;
+    env.db(move |c| assert_eq!(rows_with(c, h, Row::Untouched), 1, "the held row is untouched")).await;
     assert_eq!(queued(&env, &queue).await, 2, "only the due and the abandoned messages were published");
     env.stop().await;
 }
@@ -108,16 +128,11 @@ async fn a_handed_message_the_broker_refuses_goes_back_to_the_relay() {
 
     // The publisher gives the row back, due a second later; the relay then tries it too.
     env.wait_until("the row is given back and the relay has tried it", move |c| {
-        (rows_with(
-            c,
-            id,
-            "attempts >= 2 AND last_error LIKE 'not confirmed%' AND available_at < now() + interval '1 minute'",
-        ) == 1)
-            .then_some(())
+        (rows_with(c, id, Row::GivenBack) == 1).then_some(())
     })
     .await;
     env.stop().await;
-    env.db(move |c| assert_eq!(rows_with(c, id, "true"), 1, "it is never dropped")).await;
+    env.db(move |c| assert_eq!(rows_with(c, id, Row::Any), 1, "it is never dropped")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,14 +151,13 @@ async fn a_publisher_publishes_what_it_is_handed_but_leaves_to_the_relay_what_wa
     handoff.close();
     outbox::Publisher::new(env.app.plumbing.db.clone(), env.broker.clone()).run(handed).await;
     wait_for_queue(&env, &queue, "the fresh message is published", |n| n >= 1).await;
-    env.db(move |c| assert_eq!(rows_with(c, f, "true"), 0, "its row is deleted")).await;
+    env.db(move |c| assert_eq!(rows_with(c, f, Row::Any), 0, "its row is deleted")).await;
 
     // Handed over more than half its lease ago (here a lease of nothing): left to the relay.
     let handed = handoff.open(Duration::ZERO);
     handoff.give(vec![stale]);
     handoff.close();
     outbox::Publisher::new(env.app.plumbing.db.clone(), env.broker.clone()).run(handed).await;
-    env.db(move |c| assert_eq!(rows_with(c, st, "attempts = 0 AND last_error IS NULL"), 1, "its row is untouched"))
-        .await;
+    env.db(move |c| assert_eq!(rows_with(c, st, Row::Untouched), 1, "its row is untouched")).await;
     assert_eq!(queued(&env, &queue).await, 1, "only the fresh message was published");
 }

@@ -107,7 +107,8 @@ fn all_final(c: &mut PgConnection, orders: i64, exchanges: i64) -> Option<Audit>
     let audit = audit(c, Some(orders)).expect("the audit runs");
     (audit.orders == orders
         && audit.lost == 0
-        && count(c, "SELECT count(*) FROM terminal_requests WHERE message_type = 'certificate.exchange'") == exchanges)
+        && count(c, "SELECT count(*) FROM terminal_requests WHERE message_type = 'certificate.exchange'", &[])
+            == exchanges)
         .then_some(audit)
 }
 
@@ -142,7 +143,7 @@ async fn two_processes_with_one_killed_mid_load_lose_nothing_and_do_nothing_twic
     }
     // Kill one process while the first orders are in flight, and bring it back.
     env.wait_until("some orders are issued", |c| {
-        (count(c, "SELECT count(*) FROM orders WHERE status = 'issued'") >= 5).then_some(())
+        (count(c, "SELECT count(*) FROM orders WHERE status = 'issued'", &[]) >= 5).then_some(())
     })
     .await;
     a.kill9();
@@ -164,7 +165,7 @@ async fn two_processes_with_one_killed_mid_load_lose_nothing_and_do_nothing_twic
     assert_nothing_twice(&audit);
     env.db(|c| {
         assert!(
-            count(c, "SELECT count(*) FROM assets WHERE status = 'delivered'") > 0,
+            count(c, "SELECT count(*) FROM assets WHERE status = 'delivered'", &[]) > 0,
             "some certificates were exchanged"
         );
     })
@@ -185,7 +186,7 @@ async fn sigterm_finishes_the_work_in_hand_and_exits_zero() {
         env.send(&order).await;
     }
     env.wait_until("the first order is settled", |c| {
-        (count(c, "SELECT count(*) FROM settlements WHERE status = 'settled'") >= 1).then_some(())
+        (count(c, "SELECT count(*) FROM settlements WHERE status = 'settled'", &[]) >= 1).then_some(())
     })
     .await;
     let status = tokio::task::spawn_blocking(move || node.terminate()).await.unwrap();
@@ -267,7 +268,9 @@ async fn the_simulators_register_their_terminals_before_the_app_has_recorded_the
     let terminals = register(&config, 3, &dir).await.expect("the terminals are registered");
     assert_eq!(terminals.len(), 3);
     let registered = env
-        .db(|c| count(c, "SELECT count(*) FROM terminals WHERE gateway_id = 'gw-late' AND partner_id = 'partner-late'"))
+        .db(|c| {
+            count(c, "SELECT count(*) FROM terminals WHERE gateway_id = 'gw-late' AND partner_id = 'partner-late'", &[])
+        })
         .await;
     assert_eq!(registered, 3);
     std::fs::remove_dir_all(&dir).ok();

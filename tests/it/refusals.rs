@@ -11,7 +11,7 @@ use diesel::prelude::*;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::harness::{Env, count, text};
+use crate::harness::{Env, count, execute, text};
 use crate::support::{request_id, settle_all};
 
 /// serving_env is an Env with a product on sale, a terminal that pays through `card-co`, and the
@@ -56,61 +56,66 @@ fn with_one_character_changed(text: &str, index: usize) -> String {
     String::from_utf8(bytes).expect("still ASCII")
 }
 
-/// rows runs a `SELECT count(*)` on the test database.
-async fn rows(env: &Env, sql: impl Into<String>) -> i64 {
-    let sql = sql.into();
-    env.db(move |c| count(c, &sql)).await
+/// rows runs a `SELECT count(*)` on the test database, with `values` bound (see `harness::query`).
+async fn rows(env: &Env, sql: &'static str, values: &[&dyn ToString]) -> i64 {
+    let values: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+    env.db(move |c| count(c, sql, &values.iter().map(|v| v as &dyn ToString).collect::<Vec<_>>())).await
 }
 
-/// value runs a query returning one text column `value` on the test database.
-async fn value(env: &Env, sql: impl Into<String>) -> Option<String> {
-    let sql = sql.into();
-    env.db(move |c| text(c, &sql)).await
+/// value runs a query returning one text column `value` on the test database, with `values`
+/// bound (see `harness::query`).
+async fn value(env: &Env, sql: &'static str, values: &[&dyn ToString]) -> Option<String> {
+    let values: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+    env.db(move |c| text(c, sql, &values.iter().map(|v| v as &dyn ToString).collect::<Vec<_>>())).await
 }
 
 /// refusal_reason waits for the `refusals` row of a request and returns its reason.
 async fn refusal_reason(env: &Env, request_id: &str) -> String {
-    let sql = format!("SELECT reason AS value FROM refusals WHERE request_id = '{request_id}'");
     let what = format!("request {request_id} is refused");
-    env.wait_until(&what, move |c| text(c, &sql)).await
+    let request_id = request_id.to_string();
+    env.wait_until(&what, move |c| {
+        text(c, "SELECT reason AS value FROM refusals WHERE request_id = $1", &[&request_id])
+    })
+    .await
 }
 
 /// delivered_refusal waits until the refusal of a request reached `terminal` through its gateway,
 /// and returns the reason the terminal was given.
 async fn delivered_refusal(env: &Env, terminal: &str, request_id: &str) -> String {
-    let sql = format!(
-        "SELECT content->>'reason' AS value FROM deliveries
-         WHERE kind = 'refusal' AND status = 'delivered' AND terminal_id = '{terminal}'
-           AND content->>'request_id' = '{request_id}'"
-    );
+    let sql = "SELECT content->>'reason' AS value FROM deliveries
+               WHERE kind = 'refusal' AND status = 'delivered' AND terminal_id = $1 AND content->>'request_id' = $2";
     let what = format!("{terminal} is told that request {request_id} was refused");
-    env.wait_until(&what, move |c| text(c, &sql)).await
+    let (terminal, request_id) = (terminal.to_string(), request_id.to_string());
+    env.wait_until(&what, move |c| text(c, sql, &[&terminal, &request_id])).await
 }
 
-/// dead_letter finds the dead letter whose payload is exactly `body`. Matching on the payload's
-/// hash is also the proof that the original bytes were kept.
-fn dead_letter(column: &str, body: &[u8]) -> String {
-    format!("SELECT {column} AS value FROM dead_letters WHERE sha256(payload) = decode('{}', 'hex')", sha256_hex(body))
-}
+// The dead letter whose payload is exactly a body is found by the payload's hash, bound as `$1`:
+// matching on it is also the proof that the original bytes were kept.
+
+/// DEAD_LETTER_REASON is the reason of the dead letter whose payload hashes to `$1`.
+const DEAD_LETTER_REASON: &str = "SELECT reason AS value FROM dead_letters WHERE sha256(payload) = decode($1, 'hex')";
+
+/// DEAD_LETTER_ROUTE is the pool and routing key of the dead letter whose payload hashes to `$1`.
+const DEAD_LETTER_ROUTE: &str =
+    "SELECT pool || ' ' || routing_key AS value FROM dead_letters WHERE sha256(payload) = decode($1, 'hex')";
 
 /// dead_letter_reason waits for the dead letter of `body` and returns its reason.
 async fn dead_letter_reason(env: &Env, what: &str, body: &[u8]) -> String {
-    let sql = dead_letter("reason", body);
+    let hash = sha256_hex(body);
     let what = format!("{what} is dead-lettered with its bytes");
-    env.wait_until(&what, move |c| text(c, &sql)).await
+    env.wait_until(&what, move |c| text(c, DEAD_LETTER_REASON, &[&hash])).await
 }
 
 /// delivered_certificates waits until `n` certificates of an order are delivered, and returns
 /// them as the gateway delivered them.
 async fn delivered_certificates(env: &Env, request_id: &str, n: i64) -> Vec<Value> {
-    let sql = format!(
-        "SELECT json_agg(d.content->'certificate' ORDER BY d.id)::text AS value
-         FROM deliveries d JOIN orders o ON o.id = d.order_id
-         WHERE o.request_id = '{request_id}' AND d.kind = 'certificate' AND d.status = 'delivered'
-         HAVING count(*) = {n}"
-    );
+    let sql = "SELECT json_agg(d.content->'certificate' ORDER BY d.id)::text AS value
+               FROM deliveries d JOIN orders o ON o.id = d.order_id
+               WHERE o.request_id = $1 AND d.kind = 'certificate' AND d.status = 'delivered'
+               HAVING count(*) = $2::int8";
     let what = format!("{n} certificates of {request_id} are delivered");
-    let text = env.wait_until(&what, move |c| text(c, &sql)).await;
+    let request_id = request_id.to_string();
+    let text = env.wait_until(&what, move |c| text(c, sql, &[&request_id, &n])).await;
     serde_json::from_str(&text).expect("a JSON array of certificates")
 }
 
@@ -130,8 +135,8 @@ async fn assert_still_serving(env: &Env, terminal: &SimTerminal) {
 /// assert_no_order_for asserts that a request created nothing: no order, so no settlement and no
 /// asset.
 async fn assert_no_order_for(env: &Env, request_id: &str) {
-    let orders = rows(env, format!("SELECT count(*) FROM orders WHERE request_id = '{request_id}'"));
-    assert_eq!(orders.await, 0, "request {request_id} created an order");
+    let orders = rows(env, "SELECT count(*) FROM orders WHERE request_id = $1", &[&request_id]).await;
+    assert_eq!(orders, 0, "request {request_id} created an order");
 }
 
 // Authenticity.
@@ -150,11 +155,8 @@ async fn a_request_signed_by_another_terminals_key_is_refused() {
     assert_eq!(refusal_reason(&env, &rid).await, "bad_signature");
     assert_eq!(delivered_refusal(&env, "alice", &rid).await, "bad_signature");
     assert_no_order_for(&env, &rid).await;
-    let others = format!(
-        "SELECT count(*) FROM deliveries
-         WHERE content->>'request_id' = '{rid}' AND terminal_id <> 'alice'"
-    );
-    assert_eq!(rows(&env, others).await, 0, "only the claimed terminal is told");
+    let others = "SELECT count(*) FROM deliveries WHERE content->>'request_id' = $1 AND terminal_id <> 'alice'";
+    assert_eq!(rows(&env, others, &[&rid]).await, 0, "only the claimed terminal is told");
 
     // The forgery did not burn Alice's request id: her own order with it still goes through.
     order_completes(&env, &genuine).await;
@@ -192,14 +194,20 @@ async fn a_request_from_an_unknown_terminal_is_refused_and_nobody_is_told() {
     env.send(&order).await;
 
     assert_eq!(refusal_reason(&env, &rid).await, "unknown_terminal");
-    let named = format!("SELECT terminal_id AS value FROM refusals WHERE request_id = '{rid}'");
-    assert_eq!(value(&env, named).await.as_deref(), Some("stranger"));
+    let named = "SELECT terminal_id AS value FROM refusals WHERE request_id = $1";
+    assert_eq!(value(&env, named, &[&rid]).await.as_deref(), Some("stranger"));
     // A refusal commits with its delivery, so a delivery that is not there now never will be.
-    let told = format!("SELECT count(*) FROM deliveries WHERE content->>'request_id' = '{rid}'");
-    assert_eq!(rows(&env, told).await, 0, "there is no terminal to tell");
-    let recorded = format!("SELECT count(*) FROM terminal_requests WHERE request_id = '{rid}'");
-    assert_eq!(rows(&env, recorded).await, 0, "a stranger cannot use up a request id");
+    let told = "SELECT count(*) FROM deliveries WHERE content->>'request_id' = $1";
+    assert_eq!(rows(&env, told, &[&rid]).await, 0, "there is no terminal to tell");
+    let recorded = "SELECT count(*) FROM terminal_requests WHERE request_id = $1";
+    assert_eq!(rows(&env, recorded, &[&rid]).await, 0, "a stranger cannot use up a request id");
     assert_no_order_for(&env, &rid).await;
+    // `assetflow status <request id>` shows the refusal, though the request was never recorded.
+    let id = rid.clone();
+    let view = env.db(move |c| assetflow::cli::status::lookup(c, &id).unwrap().expect("the refusal is known")).await;
+    let shown = assetflow::cli::status::render(&view);
+    assert!(shown.contains("refused before it was recorded"), "{shown}");
+    assert!(shown.contains("order.purchase from stranger: unknown_terminal"), "{shown}");
     assert_still_serving(&env, &alice).await;
     env.stop().await;
 }
@@ -241,25 +249,24 @@ async fn a_request_published_twice_has_one_effect_and_the_copy_is_answered_as_a_
     order_completes(&env, &order).await;
     env.send(&order).await;
 
-    let sql = format!(
-        "SELECT count(*) FROM deliveries
-         WHERE terminal_id = 'alice' AND kind = 'message' AND status = 'delivered'
-           AND content->>'code' = 'duplicate_request' AND content->>'request_id' = '{rid}'"
-    );
-    let answered = move |c: &mut PgConnection| (count(c, &sql) == 1).then_some(());
+    let sql = "SELECT count(*) FROM deliveries
+               WHERE terminal_id = 'alice' AND kind = 'message' AND status = 'delivered'
+                 AND content->>'code' = 'duplicate_request' AND content->>'request_id' = $1";
+    let r = rid.clone();
+    let answered = move |c: &mut PgConnection| (count(c, sql, &[&r]) == 1).then_some(());
     env.wait_until("the copy is answered as a duplicate", answered).await;
 
     // Whatever the copy had done would show by now: its effects commit with its answer.
-    let orders = format!("SELECT count(*) FROM orders WHERE request_id = '{rid}'");
-    assert_eq!(rows(&env, orders).await, 1, "one order");
-    assert_eq!(rows(&env, "SELECT count(*) FROM settlements").await, 1, "one settlement");
-    assert_eq!(rows(&env, "SELECT count(*) FROM assets").await, 1, "one asset");
+    let orders = "SELECT count(*) FROM orders WHERE request_id = $1";
+    assert_eq!(rows(&env, orders, &[&rid]).await, 1, "one order");
+    assert_eq!(rows(&env, "SELECT count(*) FROM settlements", &[]).await, 1, "one settlement");
+    assert_eq!(rows(&env, "SELECT count(*) FROM assets", &[]).await, 1, "one asset");
     let certificates = "SELECT count(*) FROM deliveries WHERE kind = 'certificate'";
-    assert_eq!(rows(&env, certificates).await, 1, "one certificate delivered");
-    assert_eq!(rows(&env, "SELECT count(*) FROM refusals").await, 0, "answered, not refused");
+    assert_eq!(rows(&env, certificates, &[]).await, 1, "one certificate delivered");
+    assert_eq!(rows(&env, "SELECT count(*) FROM refusals", &[]).await, 0, "answered, not refused");
 
     assert_still_serving(&env, &alice).await;
-    assert_eq!(rows(&env, "SELECT count(*) FROM assets").await, 2, "the copy issued nothing");
+    assert_eq!(rows(&env, "SELECT count(*) FROM assets", &[]).await, 2, "the copy issued nothing");
     env.stop().await;
 }
 
@@ -270,8 +277,10 @@ async fn a_request_id_reused_for_other_content_is_refused() {
     let order = purchase(&alice, "concert", 1, json!({}));
     let rid = request_id(&order);
     env.send(&order).await;
-    let sql = format!("SELECT count(*) FROM orders WHERE request_id = '{rid}'");
-    let placed = move |c: &mut PgConnection| (count(c, &sql) == 1).then_some(());
+    let r = rid.clone();
+    let placed = move |c: &mut PgConnection| {
+        (count(c, "SELECT count(*) FROM orders WHERE request_id = $1", &[&r]) == 1).then_some(())
+    };
     env.wait_until("the first order is placed", placed).await;
 
     // The same request id, now for two tickets, properly signed by the same terminal.
@@ -280,11 +289,11 @@ async fn a_request_id_reused_for_other_content_is_refused() {
 
     assert_eq!(refusal_reason(&env, &rid).await, "request_id_reused");
     assert_eq!(delivered_refusal(&env, "alice", &rid).await, "request_id_reused");
-    let first = format!("SELECT count(*) FROM orders WHERE request_id = '{rid}' AND quantity = 1");
-    assert_eq!(rows(&env, first).await, 1, "the first order stands");
-    assert_eq!(rows(&env, "SELECT count(*) FROM orders").await, 1, "still one order");
+    let first = "SELECT count(*) FROM orders WHERE request_id = $1 AND quantity = 1";
+    assert_eq!(rows(&env, first, &[&rid]).await, 1, "the first order stands");
+    assert_eq!(rows(&env, "SELECT count(*) FROM orders", &[]).await, 1, "still one order");
     let billed = "SELECT sum(amount_minor)::bigint AS count FROM settlements";
-    assert_eq!(rows(&env, billed).await, 1_000, "billed for one ticket");
+    assert_eq!(rows(&env, billed, &[]).await, 1_000, "billed for one ticket");
 
     delivered_certificates(&env, &rid, 1).await;
     assert_still_serving(&env, &alice).await;
@@ -325,8 +334,8 @@ async fn purchases_that_cannot_be_carried_out_are_refused_with_their_reason() {
         assert_eq!(delivered_refusal(&env, "alice", &rid).await, *reason, "{request}");
         assert_no_order_for(&env, &rid).await;
     }
-    assert_eq!(rows(&env, "SELECT count(*) FROM settlements").await, 0, "nothing is billed");
-    assert_eq!(rows(&env, "SELECT count(*) FROM assets").await, 0, "nothing is issued");
+    assert_eq!(rows(&env, "SELECT count(*) FROM settlements", &[]).await, 0, "nothing is billed");
+    assert_eq!(rows(&env, "SELECT count(*) FROM assets", &[]).await, 0, "nothing is issued");
     assert_still_serving(&env, &alice).await;
     env.stop().await;
 }
@@ -357,11 +366,8 @@ async fn forged_foreign_and_expired_certificates_are_refused_and_the_holder_stil
     // The holder's other certificate, once its time is up: the test plays the clock.
     let expired = to_expire["certificate_id"].as_str().unwrap().to_string();
     env.db(move |c| {
-        let sql = format!(
-            "UPDATE exchange_certificates SET expires_at = now() - interval '1 hour'
-             WHERE id = '{expired}'"
-        );
-        diesel::sql_query(sql).execute(c).unwrap()
+        let sql = "UPDATE exchange_certificates SET expires_at = now() - interval '1 hour' WHERE id = $1::uuid";
+        execute(c, sql, &[&expired])
     })
     .await;
 
@@ -384,19 +390,21 @@ async fn forged_foreign_and_expired_certificates_are_refused_and_the_holder_stil
         assert_eq!(delivered_refusal(&env, terminal, rid).await, *reason, "{what}");
     }
     let assets = "SELECT count(*) FROM deliveries WHERE kind = 'asset'";
-    assert_eq!(rows(&env, assets).await, 0, "no asset for a refused exchange");
+    assert_eq!(rows(&env, assets, &[]).await, 0, "no asset for a refused exchange");
     let exchanged = "SELECT count(*) FROM exchange_certificates WHERE exchanged_at IS NOT NULL";
-    assert_eq!(rows(&env, exchanged).await, 0, "no certificate counts as exchanged");
+    assert_eq!(rows(&env, exchanged, &[]).await, 0, "no certificate counts as exchanged");
 
     // The genuine holder's exchange still goes through, once.
     let asset_id = held["asset_id"].as_str().unwrap().to_string();
     env.send(&exchange_request("alice", held, &alice.key)).await;
-    let sql = format!("SELECT status AS value FROM assets WHERE id = '{asset_id}'");
-    let delivered = move |c: &mut PgConnection| text(c, &sql).filter(|s| s == "delivered");
+    let id = asset_id.clone();
+    let delivered = move |c: &mut PgConnection| {
+        text(c, "SELECT status AS value FROM assets WHERE id = $1::uuid", &[&id]).filter(|s| s == "delivered")
+    };
     env.wait_until("the holder's asset is delivered", delivered).await;
-    assert_eq!(rows(&env, assets).await, 1, "exactly one asset delivery");
-    let for_asset = format!("{assets} AND asset_id = '{asset_id}'");
-    assert_eq!(rows(&env, for_asset).await, 1, "for the exchanged asset");
+    assert_eq!(rows(&env, assets, &[]).await, 1, "exactly one asset delivery");
+    let for_asset = "SELECT count(*) FROM deliveries WHERE kind = 'asset' AND asset_id = $1::uuid";
+    assert_eq!(rows(&env, for_asset, &[&asset_id]).await, 1, "for the exchanged asset");
     env.stop().await;
 }
 
@@ -420,11 +428,11 @@ async fn bodies_that_are_not_a_json_object_are_dead_lettered_as_malformed() {
     }
     for (what, body) in &cases {
         assert_eq!(dead_letter_reason(&env, what, body).await, "malformed", "{what}");
-        let pool = value(&env, dead_letter("pool || ' ' || routing_key", body)).await;
+        let pool = value(&env, DEAD_LETTER_ROUTE, &[&sha256_hex(body)]).await;
         assert_eq!(pool.as_deref(), Some("settlement order.purchase"), "{what}");
     }
-    assert_eq!(rows(&env, "SELECT count(*) FROM orders").await, 0);
-    assert_eq!(rows(&env, "SELECT count(*) FROM refusals").await, 0, "no request was read");
+    assert_eq!(rows(&env, "SELECT count(*) FROM orders", &[]).await, 0);
+    assert_eq!(rows(&env, "SELECT count(*) FROM refusals", &[]).await, 0, "no request was read");
     assert_still_serving(&env, &alice).await;
     env.stop().await;
 }
@@ -455,10 +463,10 @@ async fn orders_that_fail_their_schema_are_dead_lettered() {
     for (what, body) in &cases {
         assert_eq!(dead_letter_reason(&env, what, body).await, "schema_violation", "{what}");
     }
-    assert_eq!(rows(&env, "SELECT count(*) FROM orders").await, 0);
-    assert_eq!(rows(&env, "SELECT count(*) FROM refusals").await, 0);
+    assert_eq!(rows(&env, "SELECT count(*) FROM orders", &[]).await, 0);
+    assert_eq!(rows(&env, "SELECT count(*) FROM refusals", &[]).await, 0);
     let recorded = "SELECT count(*) FROM terminal_requests";
-    assert_eq!(rows(&env, recorded).await, 0, "no request id is used up");
+    assert_eq!(rows(&env, recorded, &[]).await, 0, "no request id is used up");
     assert_still_serving(&env, &alice).await;
     env.stop().await;
 }
@@ -512,12 +520,12 @@ async fn messages_nothing_can_take_are_dead_lettered_with_their_reason() {
     for (reason, pool, routing_key, body) in &cases {
         let what = format!("a message on {routing_key}");
         assert_eq!(dead_letter_reason(&env, &what, body).await, *reason);
-        let recorded = value(&env, dead_letter("pool || ' ' || routing_key", body)).await;
+        let recorded = value(&env, DEAD_LETTER_ROUTE, &[&sha256_hex(body)]).await;
         assert_eq!(recorded, Some(format!("{pool} {routing_key}")), "{reason}");
     }
-    assert_eq!(rows(&env, "SELECT count(*) FROM orders").await, 0);
-    assert_eq!(rows(&env, "SELECT count(*) FROM settlements").await, 0);
-    assert_eq!(rows(&env, "SELECT count(*) FROM deliveries").await, 0);
+    assert_eq!(rows(&env, "SELECT count(*) FROM orders", &[]).await, 0);
+    assert_eq!(rows(&env, "SELECT count(*) FROM settlements", &[]).await, 0);
+    assert_eq!(rows(&env, "SELECT count(*) FROM deliveries", &[]).await, 0);
     assert_still_serving(&env, &alice).await;
     env.stop().await;
 }
@@ -531,14 +539,12 @@ async fn a_repeated_result_has_no_effect_and_a_contradicting_one_is_dead_lettere
     let order = purchase(&alice, "concert", 1, json!({}));
     let rid = request_id(&order);
     order_completes(&env, &order).await;
-    let settlement = |column: &str| {
-        format!(
-            "SELECT s.{column}::text AS value FROM settlements s JOIN orders o ON o.id = s.order_id
-             WHERE o.request_id = '{rid}'"
-        )
-    };
-    let settlement_id = value(&env, settlement("id")).await.expect("the order's settlement");
-    let partner_id = value(&env, settlement("partner_id")).await.expect("its partner");
+    let settlement_id = "SELECT s.id::text AS value FROM settlements s JOIN orders o ON o.id = s.order_id
+                         WHERE o.request_id = $1";
+    let settlement_id = value(&env, settlement_id, &[&rid]).await.expect("the order's settlement");
+    let partner_id = "SELECT s.partner_id::text AS value FROM settlements s JOIN orders o ON o.id = s.order_id
+                      WHERE o.request_id = $1";
+    let partner_id = value(&env, partner_id, &[&rid]).await.expect("its partner");
     let result = |outcome| SettlementResult {
         message_type: kinds::SETTLEMENT_RESULT.into(),
         settlement_id: Uuid::parse_str(&settlement_id).unwrap(),
@@ -549,16 +555,16 @@ async fn a_repeated_result_has_no_effect_and_a_contradicting_one_is_dead_lettere
         sent_at: Utc::now(),
     };
     let results = "SELECT count(*) FROM inbox WHERE message_type = 'settlement.result'";
-    assert_eq!(rows(&env, results).await, 1, "the partner answered once");
+    assert_eq!(rows(&env, results, &[]).await, 1, "the partner answered once");
 
     // The same answer again: processed (the inbox records it), with no effect and no dead letter.
     let repeated = serde_json::to_vec(&result(SettlementOutcome::Settled)).unwrap();
     env.publish(kinds::SETTLEMENT_RESULT, &repeated).await;
-    let processed = move |c: &mut PgConnection| (count(c, results) == 2).then_some(());
+    let processed = move |c: &mut PgConnection| (count(c, results, &[]) == 2).then_some(());
     env.wait_until("the repeated result is processed", processed).await;
-    assert_eq!(rows(&env, "SELECT count(*) FROM dead_letters").await, 0, "it is no error");
+    assert_eq!(rows(&env, "SELECT count(*) FROM dead_letters", &[]).await, 0, "it is no error");
     let first = "SELECT partner_reference AS value FROM settlements WHERE status = 'settled'";
-    let reference = value(&env, first).await.expect("the settlement is settled");
+    let reference = value(&env, first, &[]).await.expect("the settlement is settled");
     assert_ne!(reference, "REPEATED-1", "the first answer stands");
 
     // The opposite answer: dead-lettered, and the order stays issued.
@@ -567,18 +573,15 @@ async fn a_repeated_result_has_no_effect_and_a_contradicting_one_is_dead_lettere
     env.publish(kinds::SETTLEMENT_RESULT, &declined).await;
     let reason = dead_letter_reason(&env, "the contradicting result", &declined).await;
     assert_eq!(reason, "conflicting_result");
-    let status = format!("SELECT status AS value FROM orders WHERE request_id = '{rid}'");
-    assert_eq!(value(&env, status).await.as_deref(), Some("issued"), "the order stays issued");
+    let status = "SELECT status AS value FROM orders WHERE request_id = $1";
+    assert_eq!(value(&env, status, &[&rid]).await.as_deref(), Some("issued"), "the order stays issued");
     let settled = "SELECT count(*) FROM settlements WHERE status = 'settled'";
-    assert_eq!(rows(&env, settled).await, 1, "the settlement stays settled");
+    assert_eq!(rows(&env, settled, &[]).await, 1, "the settlement stays settled");
     let told = "SELECT count(*) FROM deliveries WHERE content->>'code' = 'order_declined'";
-    assert_eq!(rows(&env, told).await, 0, "the orderer is not told it was declined");
+    assert_eq!(rows(&env, told, &[]).await, 0, "the orderer is not told it was declined");
 
     assert_still_serving(&env, &alice).await;
-    let issued = format!(
-        "SELECT count(*) FROM assets a JOIN orders o ON o.id = a.order_id
-         WHERE o.request_id = '{rid}'"
-    );
-    assert_eq!(rows(&env, issued).await, 1, "no second issuance");
+    let issued = "SELECT count(*) FROM assets a JOIN orders o ON o.id = a.order_id WHERE o.request_id = $1";
+    assert_eq!(rows(&env, issued, &[&rid]).await, 1, "no second issuance");
     env.stop().await;
 }

@@ -29,7 +29,8 @@ async fn a_fixed_statement_is_prepared_once_and_binds_each_placeholder_to_its_va
         assert_eq!(
             count(
                 c,
-                "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'SELECT $1::int8 + $2::int8 AS sum%'"
+                "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'SELECT $1::int8 + $2::int8 AS sum%'",
+                &[]
             ),
             1,
             "prepared once on this connection, and used again"
@@ -43,7 +44,7 @@ async fn a_fixed_statement_is_prepared_once_and_binds_each_placeholder_to_its_va
             .unwrap();
         assert_eq!(plain, Sums { sum: 4, first: 5 });
         assert_eq!(
-            count(c, "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'SELECT $1::int8 - %'"),
+            count(c, "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'SELECT $1::int8 - %'", &[]),
             0
         );
 

@@ -10,7 +10,7 @@ use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::Value;
 
-use crate::harness::{Env, text};
+use crate::harness::{Env, failed, query, text};
 
 /// DEADLINE is how long a wait on the broker may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(60);
@@ -25,23 +25,24 @@ pub fn request_id(request: &Value) -> String {
     request["request_id"].as_str().expect("a request id").to_string()
 }
 
-/// timestamp runs a query returning one timestamp column `value`, or None when there is no row.
-pub fn timestamp(conn: &mut PgConnection, sql: &str) -> Option<DateTime<Utc>> {
+/// timestamp runs a query returning one timestamp column `value`, with `values` bound (see
+/// `harness::query`), or None when there is no row.
+pub fn timestamp(conn: &mut PgConnection, sql: &'static str, values: &[&dyn ToString]) -> Option<DateTime<Utc>> {
     #[derive(QueryableByName)]
-    struct Timestamp {
+    struct Row {
         #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
         value: Option<DateTime<Utc>>,
     }
-    diesel::sql_query(sql)
-        .get_result::<Timestamp>(conn)
+    query(sql, values)
+        .get_result::<Row>(conn)
         .optional()
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .unwrap_or_else(|e| panic!("{}", failed(sql, values, e)))
         .and_then(|t| t.value)
 }
 
 /// asset_status is the current status of an asset, which must exist.
 pub fn asset_status(conn: &mut PgConnection, asset_id: &str) -> String {
-    text(conn, &format!("SELECT status AS value FROM assets WHERE id = '{asset_id}'")).expect("the asset exists")
+    text(conn, "SELECT status AS value FROM assets WHERE id = $1::uuid", &[&asset_id]).expect("the asset exists")
 }
 
 /// DeliveryState is a delivery row as the tests read it.
@@ -59,8 +60,8 @@ pub struct DeliveryState {
 
 /// delivery_state reads a delivery's status, attempts, due time and last error.
 pub fn delivery_state(conn: &mut PgConnection, delivery_id: &str) -> DeliveryState {
-    let sql = format!("SELECT status, attempts, due_at, last_error FROM deliveries WHERE id = '{delivery_id}'");
-    diesel::sql_query(&sql).get_result(conn).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    let sql = "SELECT status, attempts, due_at, last_error FROM deliveries WHERE id = $1::uuid";
+    query(sql, &[&delivery_id]).get_result(conn).unwrap_or_else(|e| panic!("{}", failed(sql, &[&delivery_id], e)))
 }
 
 /// FirstAttempt is an order's asset delivery whose first attempt went out.
@@ -73,19 +74,19 @@ pub struct FirstAttempt {
 /// first_attempt waits until the asset delivery of the order placed with `request_id` has sent
 /// its first attempt, and no further.
 pub async fn first_attempt(env: &Env, request_id: &str) -> FirstAttempt {
-    let sql = format!(
-        "SELECT d.id::text AS value FROM deliveries d JOIN orders o ON o.id = d.order_id
-         WHERE o.request_id = '{request_id}' AND d.kind = 'asset' AND d.status = 'sent' AND d.attempts = 1"
-    );
-    let delivery = env.wait_until("the asset delivery sends attempt 1", move |c| text(c, &sql)).await;
+    let sql = "SELECT d.id::text AS value FROM deliveries d JOIN orders o ON o.id = d.order_id
+               WHERE o.request_id = $1 AND d.kind = 'asset' AND d.status = 'sent' AND d.attempts = 1";
+    let request_id = request_id.to_string();
+    let delivery = env.wait_until("the asset delivery sends attempt 1", move |c| text(c, sql, &[&request_id])).await;
     let id = delivery.clone();
     let (asset, sent_at) = env
         .db(move |c| {
-            let asset = text(c, &format!("SELECT asset_id::text AS value FROM deliveries WHERE id = '{id}'"))
+            let asset = text(c, "SELECT asset_id::text AS value FROM deliveries WHERE id = $1::uuid", &[&id])
                 .expect("an asset delivery names its asset");
             let sent_at = timestamp(
                 c,
-                &format!("SELECT sent_at AS value FROM delivery_attempts WHERE delivery_id = '{id}' AND attempt = 1"),
+                "SELECT sent_at AS value FROM delivery_attempts WHERE delivery_id = $1::uuid AND attempt = 1",
+                &[&id],
             )
             .expect("attempt 1 is recorded");
             (asset, sent_at)
@@ -128,7 +129,7 @@ pub async fn retransmitting(env: &mut Env) -> Retransmitting {
         .db(move |c| {
             assert_eq!(asset_status(c, &asset), "retransmitting");
             assert_eq!(delivery_state(c, &delivery).status, "failed");
-            timestamp(c, &format!("SELECT expires_at AS value FROM assets WHERE id = '{asset}'")).expect("an asset")
+            timestamp(c, "SELECT expires_at AS value FROM assets WHERE id = $1::uuid", &[&asset]).expect("an asset")
         })
         .await;
     Retransmitting { first, expires_at }
@@ -137,11 +138,10 @@ pub async fn retransmitting(env: &mut Env) -> Retransmitting {
 /// delivered_certificate waits until the certificate of the order placed with `request_id` is
 /// delivered, and returns it as the terminal received it.
 pub async fn delivered_certificate(env: &Env, request_id: &str) -> Value {
-    let sql = format!(
-        "SELECT d.content->>'certificate' AS value FROM deliveries d JOIN orders o ON o.id = d.order_id
-         WHERE o.request_id = '{request_id}' AND d.kind = 'certificate' AND d.status = 'delivered'"
-    );
-    let text = env.wait_until("the certificate is delivered", move |c| text(c, &sql)).await;
+    let sql = "SELECT d.content->>'certificate' AS value FROM deliveries d JOIN orders o ON o.id = d.order_id
+               WHERE o.request_id = $1 AND d.kind = 'certificate' AND d.status = 'delivered'";
+    let request_id = request_id.to_string();
+    let text = env.wait_until("the certificate is delivered", move |c| text(c, sql, &[&request_id])).await;
     serde_json::from_str(&text).expect("a JSON certificate")
 }
 

@@ -313,13 +313,16 @@ async fn an_order_flows_through_amqps_with_a_private_ca_and_a_client_certificate
     let rid = request_id.clone();
     env.db(move |c| {
         assert_eq!(
-            text(c, &format!("SELECT status AS value FROM orders WHERE request_id = '{rid}'")).as_deref(),
+            text(c, "SELECT status AS value FROM orders WHERE request_id = $1", &[&rid]).as_deref(),
             Some("issued")
         );
         // Every session of assetflow's database is encrypted, the test's own included.
-        let sessions = "FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname = current_database()";
-        assert_eq!(count(c, &format!("SELECT count(*) {sessions} AND NOT s.ssl")), 0, "an unencrypted session");
-        assert!(count(c, &format!("SELECT count(*) {sessions} AND s.ssl")) >= 2);
+        let unencrypted = "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+                           WHERE a.datname = current_database() AND NOT s.ssl";
+        assert_eq!(count(c, unencrypted, &[]), 0, "an unencrypted session");
+        let encrypted = "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+                         WHERE a.datname = current_database() AND s.ssl";
+        assert!(count(c, encrypted, &[]) >= 2);
         assert!(ssl_of(c).0);
     })
     .await;

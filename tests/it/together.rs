@@ -77,7 +77,7 @@ async fn together(env: &Env, handler: &Arc<Recorder>, messages: &[Incoming]) -> 
 }
 
 async fn rows(env: &Env, sql: &'static str) -> i64 {
-    env.db(move |c| count(c, sql)).await
+    env.db(move |c| count(c, sql, &[])).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,10 +155,13 @@ async fn orders_waiting_together_all_complete_and_a_bad_message_among_them_is_de
     env.gateway(GatewayOptions::default());
 
     let delivered = "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'delivered'";
-    env.wait_until("every order's certificate is delivered", move |c| (count(c, delivered) == orders).then_some(()))
-        .await;
+    env.wait_until("every order's certificate is delivered", move |c| {
+        (count(c, delivered, &[]) == orders).then_some(())
+    })
+    .await;
     let dead = "SELECT count(*) FROM dead_letters WHERE reason = 'unknown_settlement'";
-    env.wait_until("the three unknown answers are dead-lettered", move |c| (count(c, dead) == 3).then_some(())).await;
+    env.wait_until("the three unknown answers are dead-lettered", move |c| (count(c, dead, &[]) == 3).then_some(()))
+        .await;
 
     assert_eq!(rows(&env, "SELECT count(*) FROM orders").await, orders, "one order per request");
     assert_eq!(rows(&env, "SELECT count(*) FROM settlements").await, orders, "one settlement per order");
@@ -269,7 +272,7 @@ async fn three_certificates_sent() -> (Env, SimTerminal) {
     env.start().await;
     env.partner(settle_all());
     let sent = "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'sent'";
-    env.wait_until("three certificates are sent", move |c| (count(c, sent) == 3).then_some(())).await;
+    env.wait_until("three certificates are sent", move |c| (count(c, sent, &[]) == 3).then_some(())).await;
     (env, alice)
 }
 
@@ -289,9 +292,8 @@ fn outcome_of(conn: &mut diesel::PgConnection, request: &Value) -> Option<String
     let rid = crate::support::request_id(request);
     crate::harness::text(
         conn,
-        &format!(
-            "SELECT outcome || coalesce(':' || reason, '') AS value FROM terminal_requests WHERE request_id = '{rid}'"
-        ),
+        "SELECT outcome || coalesce(':' || reason, '') AS value FROM terminal_requests WHERE request_id = $1",
+        &[&rid],
     )
 }
 
@@ -332,24 +334,29 @@ async fn purchases_handled_together_each_have_the_effect_they_have_alone() {
     let price = concert.price_minor;
     let (two_id, both_id) = (crate::support::request_id(&two), crate::support::request_id(&for_both));
     env.db(move |c| {
-        assert_eq!(count(c, "SELECT count(*) FROM orders WHERE status = 'settling'"), 3, "the two new orders and the first");
+        assert_eq!(count(c, "SELECT count(*) FROM orders WHERE status = 'settling'", &[]), 3, "the two new orders and the first");
         assert_eq!(
-            count(c, &format!("SELECT amount_minor AS count FROM orders WHERE request_id = '{two_id}'")),
+            count(c, "SELECT amount_minor AS count FROM orders WHERE request_id = $1", &[&two_id]),
             2 * price,
             "quantity times price"
         );
         assert_eq!(
-            count(c, &format!("SELECT amount_minor AS count FROM orders WHERE request_id = '{both_id}' AND recipient_terminal_ids = ARRAY['alice', 'bob']")),
+            count(
+                c,
+                "SELECT amount_minor AS count FROM orders
+                 WHERE request_id = $1 AND recipient_terminal_ids = ARRAY['alice', 'bob']",
+                &[&both_id]
+            ),
             2 * price,
             "one each for two recipients"
         );
         assert_eq!(
-            count(c, "SELECT count(*) FROM settlements s JOIN orders o ON o.id = s.order_id WHERE s.status = 'instructed' AND s.amount_minor = o.amount_minor AND s.answer_due_at > s.instructed_at"),
+            count(c, "SELECT count(*) FROM settlements s JOIN orders o ON o.id = s.order_id WHERE s.status = 'instructed' AND s.amount_minor = o.amount_minor AND s.answer_due_at > s.instructed_at", &[]),
             3,
             "each order has its settlement, due to be answered"
         );
         assert_eq!(
-            count(c, "SELECT count(*) FROM terminal_requests r JOIN orders o ON o.request_id = r.request_id AND o.id = r.subject_id WHERE r.outcome = 'accepted'"),
+            count(c, "SELECT count(*) FROM terminal_requests r JOIN orders o ON o.request_id = r.request_id AND o.id = r.subject_id WHERE r.outcome = 'accepted'", &[]),
             3,
             "each accepted request names its order"
         );
@@ -358,21 +365,21 @@ async fn purchases_handled_together_each_have_the_effect_they_have_alone() {
         assert_eq!(outcome_of(c, &forged), None, "a forgery's request id is not recorded, so not burnt");
         assert_eq!(outcome_of(c, &unknown), None, "a stranger's request id is not recorded");
         for reason in ["bad_signature", "unknown_product", "no_payment_method", "unknown_terminal"] {
-            let sql = format!("SELECT count(*) FROM refusals WHERE reason = '{reason}'");
-            assert_eq!(count(c, &sql), 1, "refused once as {reason}");
+            let refused = count(c, "SELECT count(*) FROM refusals WHERE reason = $1", &[&reason]);
+            assert_eq!(refused, 1, "refused once as {reason}");
         }
         assert_eq!(
-            count(c, "SELECT count(*) FROM deliveries WHERE kind = 'refusal'"),
+            count(c, "SELECT count(*) FROM deliveries WHERE kind = 'refusal'", &[]),
             3,
             "the known terminals are told; the stranger is not"
         );
         assert_eq!(
-            count(c, "SELECT count(*) FROM deliveries WHERE kind = 'message' AND dedupe_key = 'duplicate:seen-again' AND terminal_id = 'alice'"),
+            count(c, "SELECT count(*) FROM deliveries WHERE kind = 'message' AND dedupe_key = 'duplicate:seen-again' AND terminal_id = 'alice'", &[]),
             1,
             "the repeated request is answered with the first one's outcome"
         );
         assert_eq!(
-            count(c, "SELECT count(*) FROM outbox WHERE message_type = 'settlement.instruction'"),
+            count(c, "SELECT count(*) FROM outbox WHERE message_type = 'settlement.instruction'", &[]),
             3,
             "one instruction per order, the repeated request's included once"
         );
@@ -431,27 +438,40 @@ async fn exchanges_handled_together_each_have_the_effect_they_have_alone() {
         (a["certificate_id"].as_str().unwrap().to_string(), a["asset_id"].as_str().unwrap().to_string());
     let a_rid = crate::support::request_id(&a_by_alice);
     env.db(move |conn| {
-        assert_eq!(count(conn, "SELECT count(*) FROM exchange_certificates WHERE exchanged_at IS NOT NULL"), 1);
+        assert_eq!(count(conn, "SELECT count(*) FROM exchange_certificates WHERE exchanged_at IS NOT NULL", &[]), 1);
         assert_eq!(
-            count(conn, &format!("SELECT count(*) FROM exchange_certificates c JOIN reminder_schedule r ON r.certificate_id = c.id WHERE c.id = '{a_id}' AND c.exchange_request_id = '{a_rid}' AND r.due_at IS NULL AND r.next_stage IS NULL")),
+            count(
+                conn,
+                "SELECT count(*) FROM exchange_certificates c JOIN reminder_schedule r ON r.certificate_id = c.id
+                 WHERE c.id = $1::uuid AND c.exchange_request_id = $2 AND r.due_at IS NULL AND r.next_stage IS NULL",
+                &[&a_id, &a_rid]
+            ),
             1,
             "the certificate names its exchange, and its reminders end"
         );
         assert_eq!(
-            count(conn, &format!("SELECT count(*) FROM terminal_requests WHERE request_id = '{a_rid}' AND outcome = 'accepted' AND subject_id = '{a_asset}'")),
+            count(
+                conn,
+                "SELECT count(*) FROM terminal_requests WHERE request_id = $1 AND outcome = 'accepted' AND subject_id = $2::uuid",
+                &[&a_rid, &a_asset]
+            ),
             1
         );
         assert_eq!(
-            count(conn, &format!("SELECT count(*) FROM deliveries WHERE kind = 'asset' AND asset_id = '{a_asset}' AND terminal_id = 'alice'")),
+            count(
+                conn,
+                "SELECT count(*) FROM deliveries WHERE kind = 'asset' AND asset_id = $1::uuid AND terminal_id = 'alice'",
+                &[&a_asset]
+            ),
             1,
             "the asset goes to its holder"
         );
-        assert_eq!(count(conn, "SELECT count(*) FROM deliveries WHERE kind = 'asset'"), 1);
+        assert_eq!(count(conn, "SELECT count(*) FROM deliveries WHERE kind = 'asset'", &[]), 1);
         for reason in ["certificate_not_held", "certificate_forged", "certificate_unknown"] {
-            let sql = format!("SELECT count(*) FROM refusals WHERE reason = '{reason}'");
-            assert_eq!(count(conn, &sql), 1, "refused once as {reason}");
+            let refused = count(conn, "SELECT count(*) FROM refusals WHERE reason = $1", &[&reason]);
+            assert_eq!(refused, 1, "refused once as {reason}");
         }
-        assert_eq!(count(conn, "SELECT count(*) FROM terminal_requests WHERE message_type = 'certificate.exchange' AND outcome = 'refused'"), 3);
+        assert_eq!(count(conn, "SELECT count(*) FROM terminal_requests WHERE message_type = 'certificate.exchange' AND outcome = 'refused'", &[]), 3);
     })
     .await;
 
@@ -466,12 +486,16 @@ async fn exchanges_handled_together_each_have_the_effect_they_have_alone() {
     assert_eq!(handled(&env, Pool::Issuance, handler, batch).await, vec![true; 3]);
     let c_rid = crate::support::request_id(&c_by_alice);
     env.db(move |conn| {
-        assert_eq!(count(conn, "SELECT count(*) FROM refusals WHERE reason = 'certificate_already_exchanged'"), 2);
+        assert_eq!(count(conn, "SELECT count(*) FROM refusals WHERE reason = 'certificate_already_exchanged'", &[]), 2);
         assert_eq!(
-            count(conn, &format!("SELECT count(*) FROM exchange_certificates WHERE exchange_request_id = '{c_rid}'")),
+            count(conn, "SELECT count(*) FROM exchange_certificates WHERE exchange_request_id = $1", &[&c_rid]),
             1
         );
-        assert_eq!(count(conn, "SELECT count(*) FROM deliveries WHERE kind = 'asset'"), 2, "each asset delivered once");
+        assert_eq!(
+            count(conn, "SELECT count(*) FROM deliveries WHERE kind = 'asset'", &[]),
+            2,
+            "each asset delivered once"
+        );
     })
     .await;
     env.stop().await;
