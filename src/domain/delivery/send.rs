@@ -1,0 +1,216 @@
+//! Sending: the next attempt of a delivery, checked against its asset's validity, recorded with
+//! the hash of the bytes it sends, and the handler of `delivery.requested` that makes it.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use uuid::Uuid;
+
+use super::{Deliveries, Row, expire_if_due};
+use crate::contracts::dead_letter::DeadLetterReason;
+use crate::contracts::messages::{DeliveryKind, DeliveryRequested, GatewayDelivery, kinds};
+use crate::domain::metrics;
+use crate::domain::status::Status;
+use crate::runtime::consumer::{Cx, Failure, Handler, Received};
+use crate::runtime::db::schema::deliveries;
+use crate::runtime::outbox::Outgoing;
+
+/// Sent is what [`send_attempt`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    Attempt(u32),
+    /// Already sent, delivered, dead or cancelled: nothing to do.
+    Skipped,
+    /// The asset is no longer valid (`docs/product.md#validity-is-checked-first`): cancelled, never delivered.
+    Cancelled,
+}
+
+/// send_attempt makes the next attempt of a pending or failed delivery, as [`send_attempts`] does
+/// for several; a delivery that does not exist is a permanent failure.
+pub fn send_attempt(
+    conn: &mut PgConnection,
+    deliveries: &Deliveries,
+    delivery_id: Uuid,
+    now: DateTime<Utc>,
+    sending: &mut Vec<Outgoing>,
+) -> Result<Sent, Failure> {
+    match send_attempts(conn, deliveries, &[delivery_id], now, sending)?.pop() {
+        Some((_, sent)) => Ok(sent),
+        None => {
+            Err(Failure::permanent(DeadLetterReason::UnknownDelivery, format!("delivery {delivery_id} does not exist")))
+        }
+    }
+}
+
+/// Due is a delivery locked for its next attempt, with the state of the asset it carries.
+#[derive(QueryableByName)]
+struct Due {
+    #[diesel(embed)]
+    delivery: Row,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    asset_status: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
+    asset_expires_at: Option<DateTime<Utc>>,
+}
+
+/// send_attempts makes the next attempt of each pending or failed delivery among `ids`: it
+/// re-checks the validity of the asset it carries (`docs/product.md#validity-is-checked-first`), records the
+/// attempt with the hash of the bytes, and adds them to `sending`, for the caller to write to the
+/// outbox in its transaction. The deliveries are read in one statement and their attempts recorded
+/// in another, whatever their number. It returns what it did with each delivery that exists; an id
+/// named twice is attempted once.
+pub fn send_attempts(
+    conn: &mut PgConnection,
+    deliveries: &Deliveries,
+    ids: &[Uuid],
+    now: DateTime<Utc>,
+    sending: &mut Vec<Outgoing>,
+) -> Result<Vec<(Uuid, Sent)>, Failure> {
+    let mut ids = ids.to_vec();
+    // Locked in id order, so that two transactions naming the same deliveries cannot deadlock.
+    ids.sort_unstable();
+    ids.dedup();
+    let due: Vec<Due> = crate::runtime::db::prepared(
+        "SELECT d.*, a.status AS asset_status, a.expires_at AS asset_expires_at
+         FROM deliveries d LEFT JOIN assets a ON a.id = d.asset_id AND d.kind = 'asset'
+         WHERE d.id = ANY($ids)
+         ORDER BY d.id
+         FOR UPDATE OF d",
+    )
+    .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>("ids", &ids)
+    .load(conn)?;
+    let mut done = Vec::with_capacity(due.len());
+    let mut attempts = Vec::with_capacity(due.len());
+    for Due { delivery: row, asset_status, asset_expires_at } in &due {
+        if !matches!(row.status.as_str(), "pending" | "failed") {
+            done.push((row.id, Sent::Skipped));
+            continue;
+        }
+        let kind = DeliveryKind::parse(&row.kind).expect("the CHECK constraint admits only known kinds");
+        if let (DeliveryKind::Asset, Some(asset_id)) = (kind, row.asset_id) {
+            let (Some(status), Some(expires_at)) = (asset_status, asset_expires_at) else {
+                return Err(Failure::permanent(
+                    DeadLetterReason::Unprocessable,
+                    format!("delivery {} carries asset {asset_id}, which does not exist", row.id),
+                ));
+            };
+            let status = Status::parse(status).expect("the CHECK constraint admits only known statuses");
+            if *expires_at <= now || !status.is_before_delivery() {
+                cancel(conn, row, asset_id, now)?;
+                done.push((row.id, Sent::Cancelled));
+                continue;
+            }
+        }
+        let (attempt, outgoing) = next_attempt(deliveries, row, kind, now);
+        done.push((row.id, Sent::Attempt(attempt.number as u32)));
+        attempts.push(attempt);
+        sending.push(outgoing);
+        metrics::delivery_attempt(kind.as_str(), "sent");
+    }
+    let ack_timeout = chrono::Duration::from_std(deliveries.transmission.ack_timeout).expect("a sane timeout");
+    record_attempts(conn, &attempts, now, now + ack_timeout)?;
+    Ok(done)
+}
+
+/// cancel voids a delivery whose asset is no longer valid (`docs/product.md#validity-is-checked-first`): it is never sent, and
+/// the asset expires if its term is over.
+fn cancel(conn: &mut PgConnection, row: &Row, asset_id: Uuid, now: DateTime<Utc>) -> Result<(), Failure> {
+    diesel::update(deliveries::table.find(row.id))
+        .set((deliveries::status.eq("cancelled"), deliveries::last_error.eq("the asset is no longer valid")))
+        .execute(conn)?;
+    expire_if_due(conn, asset_id, now)?;
+    metrics::delivery_attempt(&row.kind, "cancelled");
+    Ok(())
+}
+
+/// Attempt is a delivery's next attempt, as [`record_attempts`] stores it.
+struct Attempt {
+    delivery_id: Uuid,
+    number: i32,
+    message_id: Uuid,
+    payload_sha256: String,
+}
+
+/// next_attempt builds a delivery's next attempt: the message to its gateway, and the record of
+/// the bytes it sends.
+fn next_attempt(deliveries: &Deliveries, row: &Row, kind: DeliveryKind, now: DateTime<Utc>) -> (Attempt, Outgoing) {
+    let number = row.attempts + 1;
+    let message_id = Uuid::now_v7();
+    let message = GatewayDelivery {
+        message_type: kinds::DELIVERY.into(),
+        delivery_id: row.id,
+        attempt: u32::try_from(number).expect("attempts are positive"),
+        kind,
+        terminal_id: row.terminal_id.clone(),
+        gateway_id: row.gateway_id.clone(),
+        sent_at: now,
+        content: row.content.clone(),
+    };
+    let outgoing = Outgoing::json(deliveries.names.gateways(), row.gateway_id.as_str(), kinds::DELIVERY, &message)
+        .with_message_id(message_id)
+        .correlated(row.order_id.unwrap_or(row.id).to_string());
+    let payload_sha256 = crate::crypto::sha256_hex(&outgoing.payload);
+    (Attempt { delivery_id: row.id, number, message_id, payload_sha256 }, outgoing)
+}
+
+/// record_attempts records attempts with the hashes of the bytes they send, and marks their
+/// deliveries sent until `receipt_due_at`: one round trip, whatever their number.
+fn record_attempts(
+    conn: &mut PgConnection,
+    attempts: &[Attempt],
+    now: DateTime<Utc>,
+    receipt_due_at: DateTime<Utc>,
+) -> QueryResult<()> {
+    use diesel::sql_types::{Array, Int4, Text, Timestamptz, Uuid as SqlUuid};
+    if attempts.is_empty() {
+        return Ok(());
+    }
+    crate::runtime::db::prepared(
+        "WITH attempt AS (
+           INSERT INTO delivery_attempts (delivery_id, attempt, message_id, payload_sha256, sent_at, outcome)
+           SELECT delivery_id, attempt, message_id, payload_sha256, $now, 'sent'
+           FROM unnest($delivery_id::uuid[], $number::int4[], $message_id::uuid[], $payload_sha256::text[]) AS t(delivery_id, attempt, message_id, payload_sha256)
+         )
+         UPDATE deliveries d SET status = 'sent', attempts = t.attempt, due_at = $receipt_due_at
+         FROM unnest($delivery_id::uuid[], $number::int4[]) AS t(id, attempt)
+         WHERE d.id = t.id",
+    )
+    .bind::<Array<SqlUuid>, _>("delivery_id", attempts.iter().map(|a| a.delivery_id).collect::<Vec<_>>())
+    .bind::<Array<Int4>, _>("number", attempts.iter().map(|a| a.number).collect::<Vec<_>>())
+    .bind::<Array<SqlUuid>, _>("message_id", attempts.iter().map(|a| a.message_id).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>("payload_sha256", attempts.iter().map(|a| a.payload_sha256.as_str()).collect::<Vec<_>>())
+    .bind::<Timestamptz, _>("now", now)
+    .bind::<Timestamptz, _>("receipt_due_at", receipt_due_at)
+    .execute(conn)?;
+    Ok(())
+}
+
+/// RequestedHandler sends the next attempt of each delivery a `delivery.requested` names. Requests
+/// handled together are sent together: their deliveries are read in one statement and their
+/// attempts recorded in another.
+pub struct RequestedHandler {
+    pub deliveries: Arc<Deliveries>,
+}
+
+impl Handler for RequestedHandler {
+    type Message = DeliveryRequested;
+    const MESSAGE_TYPE: &'static str = kinds::DELIVERY_REQUESTED;
+
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
+
+    fn handle(&self, cx: &mut Cx<'_>, batch: &[Received<'_, DeliveryRequested>]) -> Result<(), Failure> {
+        let ids: Vec<Uuid> = batch.iter().flat_map(|r| r.message.delivery_ids.iter().copied()).collect();
+        let done = send_attempts(cx.conn, &self.deliveries, &ids, cx.now, cx.outgoing)?;
+        for delivery_id in ids {
+            match done.iter().find(|(id, _)| *id == delivery_id) {
+                Some((_, sent)) => tracing::debug!(%delivery_id, ?sent, "delivery requested"),
+                // One unknown id does not hold up the others; the rest of the message stands.
+                None => tracing::warn!(%delivery_id, "skipped: no such delivery"),
+            }
+        }
+        Ok(())
+    }
+}
