@@ -11,7 +11,12 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+mod amqp;
+mod redact;
 pub mod workers;
+
+pub use amqp::{AmqpConfig, QueueType};
+pub use redact::redact_url;
 
 use workers::PoolDefinitions;
 
@@ -47,80 +52,6 @@ pub struct DatabaseConfig {
     pub pool_size: u32,
     #[serde(with = "humantime_serde")]
     pub connection_timeout: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QueueType {
-    Quorum,
-    Classic,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AmqpConfig {
-    pub url: String,
-    pub prefix: String,
-    pub queue_type: QueueType,
-    pub delivery_limit: u32,
-    #[serde(with = "humantime_serde")]
-    pub reconnect_min: Duration,
-    #[serde(with = "humantime_serde")]
-    pub reconnect_max: Duration,
-    /// A PEM file of CA certificates trusted for `amqps://`, in addition to the system's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_ca_file: Option<PathBuf>,
-    /// A PEM client certificate (with its chain) for mutual TLS; needs `tls_key_file`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_cert_file: Option<PathBuf>,
-    /// The PEM private key (PKCS#8, no passphrase) of `tls_cert_file`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_key_file: Option<PathBuf>,
-}
-
-impl AmqpConfig {
-    /// AmqpConfig::uses_tls says whether the URL asks for TLS.
-    pub fn uses_tls(&self) -> bool {
-        self.url.trim_start().to_ascii_lowercase().starts_with("amqps://")
-    }
-
-    /// AmqpConfig::tls reads the CA and client certificate files into lapin's TLS settings. The
-    /// files are read on every connection attempt, so a renewed certificate is picked up at the
-    /// next reconnect. With no files set, the system trust store (OpenSSL defaults) is used.
-    pub fn tls(&self) -> anyhow::Result<lapin::tcp::OwnedTLSConfig> {
-        let read = |key: &str, path: &Path| {
-            std::fs::read(path).map_err(|e| anyhow::anyhow!("amqp.{key} {}: {e}", path.display()))
-        };
-        let cert_chain = match &self.tls_ca_file {
-            Some(path) => {
-                let pem = read("tls_ca_file", path)?;
-                openssl::x509::X509::stack_from_pem(&pem)
-                    .ok()
-                    .filter(|certs| !certs.is_empty())
-                    .ok_or_else(|| anyhow::anyhow!("amqp.tls_ca_file {}: no PEM certificate in it", path.display()))?;
-                Some(
-                    String::from_utf8(pem)
-                        .map_err(|_| anyhow::anyhow!("amqp.tls_ca_file {}: not a PEM text file", path.display()))?,
-                )
-            }
-            None => None,
-        };
-        let identity = match (&self.tls_cert_file, &self.tls_key_file) {
-            (Some(cert), Some(key)) => {
-                let pem = read("tls_cert_file", cert)?;
-                openssl::x509::X509::from_pem(&pem)
-                    .map_err(|_| anyhow::anyhow!("amqp.tls_cert_file {}: not a PEM certificate", cert.display()))?;
-                let key_pem = read("tls_key_file", key)?;
-                openssl::pkey::PKey::private_key_from_pem(&key_pem).map_err(|_| {
-                    anyhow::anyhow!("amqp.tls_key_file {}: not a PEM private key without a passphrase", key.display())
-                })?;
-                Some(lapin::tcp::OwnedIdentity::PKCS8 { pem, key: key_pem })
-            }
-            (None, None) => None,
-            _ => anyhow::bail!("configuration: amqp.tls_cert_file and amqp.tls_key_file go together"),
-        };
-        Ok(lapin::tcp::OwnedTLSConfig { identity, cert_chain })
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -298,138 +229,6 @@ pub fn is_name(s: &str) -> bool {
     (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
-/// redact_url hides the passwords in a connection string, in every form assetflow accepts or
-/// libpq does: the user info of a URL (`amqp://user:secret@host/`), `password` and `sslpassword`
-/// query parameters (`postgres://h/db?password=secret`), and the `password` and `sslpassword`
-/// keys of a libpq `key=value` string (`host=h password='se cret'`). Whatever it cannot read is
-/// hidden whole rather than shown.
-pub fn redact_url(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            // The user info ends at the last `@` before the query. A password with an unencoded
-            // `?` or `#` (invalid, but typed by people) still ends at an `@` with no `/` before it.
-            let query_at = rest.find(['?', '#']).unwrap_or(rest.len());
-            let at = rest[..query_at].rfind('@').or_else(|| rest.rfind('@').filter(|&at| !rest[..at].contains('/')));
-            let (userinfo, host) = match at {
-                Some(at) => {
-                    let userinfo = &rest[..at];
-                    match userinfo.split_once(':') {
-                        Some((user, _)) => (format!("{user}:***"), &rest[at..]),
-                        None => (userinfo.to_string(), &rest[at..]),
-                    }
-                }
-                None => (String::new(), rest),
-            };
-            let (host, query) = host.split_at(host.find(['?', '#']).unwrap_or(host.len()));
-            format!("{scheme}://{userinfo}{host}{}", redact_query(query))
-        }
-        None if url.contains('=') => redact_key_values(url).unwrap_or_else(|| "*** (unreadable, hidden)".to_string()),
-        None => url.to_string(),
-    }
-}
-
-/// is_secret_key says whether a connection parameter holds a secret.
-fn is_secret_key(key: &str) -> bool {
-    let key = key.trim().to_ascii_lowercase();
-    key == "password" || key == "sslpassword" || key == "passwd" || key == "pass"
-}
-
-/// redact_query masks the values of secret parameters in `?a=b&password=c#frag`.
-fn redact_query(query: &str) -> String {
-    let Some(params) = query.strip_prefix('?') else {
-        return query.to_string();
-    };
-    let (params, fragment) = match params.find('#') {
-        Some(i) => params.split_at(i),
-        None => (params, ""),
-    };
-    let params: Vec<String> = params
-        .split('&')
-        .map(|param| match param.split_once('=') {
-            Some((key, _)) if is_secret_key(&percent_decoded(key)) => format!("{key}=***"),
-            _ => param.to_string(),
-        })
-        .collect();
-    format!("?{}{fragment}", params.join("&"))
-}
-
-fn percent_decoded(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(byte) = s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(byte);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// redact_key_values masks the secret values of a libpq keyword/value connection string
-/// (`host=h password = 'it''s \' secret' dbname=x`); None when it is not one.
-fn redact_key_values(dsn: &str) -> Option<String> {
-    let chars: Vec<char> = dsn.chars().collect();
-    let mut out = String::with_capacity(dsn.len());
-    let mut i = 0;
-    let skip_spaces = |i: &mut usize, out: &mut String| {
-        while *i < chars.len() && chars[*i].is_whitespace() {
-            out.push(chars[*i]);
-            *i += 1;
-        }
-    };
-    loop {
-        skip_spaces(&mut i, &mut out);
-        if i == chars.len() {
-            return Some(out);
-        }
-        let start = i;
-        while i < chars.len() && chars[i] != '=' && !chars[i].is_whitespace() {
-            i += 1;
-        }
-        let key: String = chars[start..i].iter().collect();
-        out.push_str(&key);
-        skip_spaces(&mut i, &mut out);
-        if key.is_empty() || chars.get(i) != Some(&'=') {
-            return None;
-        }
-        out.push('=');
-        i += 1;
-        skip_spaces(&mut i, &mut out);
-        let value_start = i;
-        if chars.get(i) == Some(&'\'') {
-            i += 1;
-            loop {
-                match chars.get(i) {
-                    None => return None,
-                    Some('\\') => i += 2,
-                    Some('\'') => {
-                        i += 1;
-                        break;
-                    }
-                    Some(_) => i += 1,
-                }
-            }
-        } else {
-            while i < chars.len() && !chars[i].is_whitespace() {
-                i += if chars[i] == '\\' { 2 } else { 1 };
-            }
-        }
-        let i_end = i.min(chars.len());
-        i = i_end;
-        if is_secret_key(&key) {
-            out.push_str("***");
-        } else {
-            out.extend(&chars[value_start..i_end]);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,38 +255,6 @@ mod tests {
         let config =
             Config::with_overrides(serde_json::json!({"database": {"url": "postgres://a:secret@h/db"}})).unwrap();
         assert!(!config.redacted().contains("secret"));
-    }
-
-    #[test]
-    fn every_form_of_password_is_redacted() {
-        let cases = [
-            ("amqps://u:pa/ss@h:5671/vh", "amqps://u:***@h:5671/vh"),
-            ("amqp://u:p@ss@h/", "amqp://u:***@h/"),
-            ("amqp://u:pa#ss@h/vh", "amqp://u:***@h/vh"),
-            ("amqp://u:p?ss@h/vh?heartbeat=5", "amqp://u:***@h/vh?heartbeat=5"),
-            (
-                "postgres://u:secret@h/db?sslmode=verify-full&password=two",
-                "postgres://u:***@h/db?sslmode=verify-full&password=***",
-            ),
-            ("postgres://h/db?PassWord=x#frag", "postgres://h/db?PassWord=***#frag"),
-            ("postgres://h/db?pass%77ord=x&sslpassword=y", "postgres://h/db?pass%77ord=***&sslpassword=***"),
-            ("host=h user=u password=secret dbname=db", "host=h user=u password=*** dbname=db"),
-            ("host=h password = 'se cr\\'et' sslmode=require", "host=h password = *** sslmode=require"),
-            ("password=secret", "password=***"),
-            ("host=h sslpassword=s dbname=d", "host=h sslpassword=*** dbname=d"),
-            ("host=h password='unterminated", "*** (unreadable, hidden)"),
-            ("postgres://postgres@127.0.0.1/x", "postgres://postgres@127.0.0.1/x"),
-        ];
-        for (url, shown) in cases {
-            assert_eq!(redact_url(url), shown, "{url}");
-        }
-        for secret in ["secret", "two", "se cr"] {
-            for (url, _) in cases {
-                if url.contains(secret) {
-                    assert!(!redact_url(url).contains(secret), "{url}");
-                }
-            }
-        }
     }
 
     #[test]
