@@ -1,12 +1,13 @@
 //! Regression tests for the fuzz targets in `fuzz/` (run by `ops/fuzz`): the hard inputs of the
 //! corpus, fed to the same entry points the targets and the pools use
-//! (`messages::parse_body`, `messages::decode`, `requests::check_signature`, `crypto`), each
+//! (`messages::parse_body`, `schema::decode`, `requests::check_signature`, `crypto`), each
 //! asserting a clean, specific error. An input that once crashed a target belongs here too, with
 //! the target's name and what it did.
 
 use assetflow::contracts::messages::{
     self, DeliveryReceipt, ExchangeRequest, MAX_BODY, PurchaseRequest, SettlementResult, kinds,
 };
+use assetflow::contracts::schema;
 use assetflow::crypto;
 use serde_json::{Value, json};
 
@@ -21,7 +22,7 @@ fn body_error(body: &[u8]) -> String {
 /// purchase_error is the error for a purchase request body that parses but is not a valid request.
 fn purchase_error(body: &str) -> String {
     let (message_type, json) = messages::parse_body(body.as_bytes()).expect("the body parses");
-    match messages::decode::<PurchaseRequest>(&message_type, &json) {
+    match schema::decode::<PurchaseRequest>(&message_type, &json) {
         Ok(_) => panic!("accepted: {body}"),
         Err(e) => e,
     }
@@ -44,7 +45,7 @@ fn huge_bodies_are_refused_by_their_size_before_they_are_parsed() {
     let at_limit = format!(r#"{{"type":"order.purchase","x":"{}"}}"#, "a".repeat(padding));
     assert_eq!(at_limit.len(), MAX_BODY);
     let (message_type, json) = messages::parse_body(at_limit.as_bytes()).unwrap();
-    let err = messages::decode::<PurchaseRequest>(&message_type, &json).unwrap_err();
+    let err = schema::decode::<PurchaseRequest>(&message_type, &json).unwrap_err();
     assert!(err.contains("\"request_id\" is a required property"), "{err}");
     // A huge signature inside the limit is refused by the schema's maxLength, not verified.
     let signature = "A".repeat(200_000);
@@ -90,7 +91,7 @@ fn deep_nesting_is_refused_or_handled_without_exhausting_the_stack() {
             "certificate":{nested},"signature":"MEUCIB99h6BZF5PF"}}"#
     );
     let (message_type, json) = messages::parse_body(body.as_bytes()).unwrap();
-    messages::decode::<ExchangeRequest>(&message_type, &json).expect("a deep certificate fits the schema");
+    schema::decode::<ExchangeRequest>(&message_type, &json).expect("a deep certificate fits the schema");
     let key = crypto::generate_key_pair().unwrap();
     let pem = crypto::public_key_pem(&key).unwrap();
     let err = assetflow::domain::requests::check_signature(&pem, &json).unwrap_err();
@@ -118,7 +119,7 @@ fn overflowing_negative_zero_and_fractional_quantities_are_refused() {
     }
     // In range, it is read.
     let (t, json) = messages::parse_body(purchase("10000").as_bytes()).unwrap();
-    assert_eq!(messages::decode::<PurchaseRequest>(&t, &json).unwrap().quantity, 10_000);
+    assert_eq!(schema::decode::<PurchaseRequest>(&t, &json).unwrap().quantity, 10_000);
 }
 
 #[test]
@@ -142,7 +143,7 @@ fn bodies_without_a_string_type_are_refused() {
     }
     // An unknown type has no schema, and says so.
     let (t, json) = messages::parse_body(br#"{"type":"order.refund"}"#).unwrap();
-    assert!(messages::decode::<Value>(&t, &json).unwrap_err().contains("no schema for message type \"order.refund\""));
+    assert!(schema::decode::<Value>(&t, &json).unwrap_err().contains("no schema for message type \"order.refund\""));
     // A duplicated key keeps its last value, the one the schema then checks.
     let (t, _) = messages::parse_body(br#"{"type":"order.purchase","type":"delivery.receipt"}"#).unwrap();
     assert_eq!(t, kinds::DELIVERY_RECEIPT);
@@ -218,7 +219,7 @@ fn bad_partner_results_and_gateway_receipts_are_refused_naming_the_field() {
                 "partner_id":"card-co","outcome":"settled","partner_reference":"x","sent_at":"2026-11-21T09:30:01Z"{change}}}"#
         );
         let (_, json) = messages::parse_body(body.as_bytes()).unwrap();
-        messages::decode::<SettlementResult>(kinds::SETTLEMENT_RESULT, &json)
+        schema::decode::<SettlementResult>(kinds::SETTLEMENT_RESULT, &json)
     };
     result("").expect("the control is a valid result");
     for (change, expected) in [
@@ -242,7 +243,7 @@ fn bad_partner_results_and_gateway_receipts_are_refused_naming_the_field() {
             "ab".repeat(32)
         );
         let (_, json) = messages::parse_body(body.as_bytes()).unwrap();
-        messages::decode::<DeliveryReceipt>(kinds::DELIVERY_RECEIPT, &json)
+        schema::decode::<DeliveryReceipt>(kinds::DELIVERY_RECEIPT, &json)
     };
     receipt("").expect("the control is a valid receipt");
     for (change, expected) in [

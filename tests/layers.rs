@@ -33,43 +33,68 @@ fn module_of(relative: &Path) -> Vec<String> {
     parts
 }
 
-/// references are the module paths a file names after `crate::`, at most two segments deep, in
-/// plain paths and in grouped imports (`use crate::{a::b, c}`). Comments are skipped.
-fn references(text: &str) -> BTreeSet<Vec<String>> {
-    let code: String = text
-        .lines()
-        .map(|line| match line.find("//") {
-            Some(at) => &line[..at],
-            None => line,
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
+/// references are the module paths a file names, at most two segments deep below `crate`: after
+/// `crate::`, in plain paths and in grouped imports (`use crate::{a::b, c}`), and after `super::`
+/// and `self::`, resolved against the file's own module path. Comments are skipped.
+fn references(module: &[String], text: &str) -> BTreeSet<Vec<String>> {
+    let code: String = text.lines().map(without_comment).collect::<Vec<_>>().join("\n");
     let mut out = BTreeSet::new();
     let segment = |s: &str| -> Option<String> {
         let name: String =
             s.chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_').collect();
         (!name.is_empty()).then_some(name)
     };
-    let mut rest = code.as_str();
-    while let Some(at) = rest.find("crate::") {
-        let after = &rest[at + "crate::".len()..];
-        if let Some(group) = after.strip_prefix('{') {
-            let inner = &group[..group.find("};").or_else(|| group.find('}')).unwrap_or(group.len())];
-            for item in inner.split(',') {
-                let mut parts = item.trim().split("::");
-                if let Some(first) = parts.next().and_then(segment) {
-                    let path: Vec<String> = std::iter::once(first).chain(parts.next().and_then(segment)).collect();
-                    out.insert(path);
-                }
+    // A path below `base`, as far as it names modules, cut to two segments below `crate`.
+    let mut add = |base: &[String], rest: &str| {
+        let mut path = base.to_vec();
+        let mut parts = rest.split("::");
+        while path.len() < 2 {
+            match parts.next().and_then(|p| segment(p.trim())) {
+                Some(name) if name != "self" => path.push(name),
+                _ => break,
             }
-        } else if let Some(first) = segment(after) {
-            let tail = &after[first.len()..];
-            let second = tail.strip_prefix("::").and_then(segment);
-            out.insert(std::iter::once(first).chain(second).collect());
         }
-        rest = after;
+        path.truncate(2);
+        if !path.is_empty() {
+            out.insert(path);
+        }
+    };
+    for (prefix, base) in [
+        ("crate::", Vec::new()),
+        ("super::", module[..module.len().saturating_sub(1)].to_vec()),
+        ("self::", module.to_vec()),
+    ] {
+        let mut rest = code.as_str();
+        while let Some(at) = rest.find(prefix) {
+            let preceded = rest[..at].chars().next_back();
+            let after = &rest[at + prefix.len()..];
+            rest = after;
+            // `crate::` inside a longer path (`assetflow::crate::`) or `super::super::`, once.
+            if preceded.is_some_and(|c| c.is_alphanumeric() || c == '_')
+                || (prefix == "super::" && after.starts_with("super::"))
+            {
+                continue;
+            }
+            if let Some(group) = after.strip_prefix('{') {
+                let inner = &group[..group.find('}').unwrap_or(group.len())];
+                for item in inner.split(',') {
+                    add(&base, item.trim());
+                }
+            } else {
+                add(&base, after);
+            }
+        }
     }
     out
+}
+
+/// without_comment is a line without its `//` comment; a `//` right after a `:` is a URL in a
+/// string, not a comment.
+fn without_comment(line: &str) -> &str {
+    let bytes = line.as_bytes();
+    (0..bytes.len().saturating_sub(1))
+        .find(|&i| bytes[i] == b'/' && bytes[i + 1] == b'/' && (i == 0 || bytes[i - 1] != b':'))
+        .map_or(line, |at| &line[..at])
 }
 
 /// circles are the strongly connected components of more than one node (Tarjan's algorithm).
@@ -140,7 +165,7 @@ fn violations(files: &[File], floors: &BTreeMap<String, u32>) -> Vec<String> {
             out.push(format!("src/{}: module {top} is on no floor of the table in src/lib.rs", module.join("/")));
             continue;
         };
-        for reference in references(text) {
+        for reference in references(module, text) {
             let target = &reference[0];
             if target == top {
                 if let (Some(child), Some(other)) = (module.get(1), reference.get(1))
@@ -215,7 +240,7 @@ fn file(path: &str, text: &str) -> File {
 
 fn table() -> BTreeMap<String, u32> {
     floors(
-        "//! | 4 | `service` | x |\n//! | 3 | `domain` | x |\n//! | 2 | `runtime` | x |\n//! | 0 | `config` | x |\n//! | 0 | `crypto` | x |",
+        "//! | 4 | `service` | x |\n//! | 3 | `domain` | x |\n//! | 2 | `runtime` | x |\n//! | 1 | `contracts` | x |\n//! | 0 | `config` | x |\n//! | 0 | `crypto` | x |",
     )
 }
 
@@ -256,6 +281,15 @@ fn a_circle_between_two_modules_of_one_floor_is_found() {
         file("domain/issuance/mod.rs", "use crate::domain::delivery;"),
     ];
     assert_eq!(violations(&files, &table()), vec!["circle inside domain/: delivery settlement"]);
+}
+
+#[test]
+fn a_circle_through_super_is_found_too() {
+    let files = [
+        file("contracts/messages.rs", "fn decode() { super::schema::validate(); }"),
+        file("contracts/schema.rs", "use super::messages::kinds;\nconst URL: &str = \"amqp://x\"; // crate::domain"),
+    ];
+    assert_eq!(violations(&files, &table()), vec!["circle inside contracts/: messages schema"]);
 }
 
 #[test]

@@ -444,3 +444,19 @@ fn metric_names_are_found_in_expressions() {
     assert!(!selects_job(r#"x{job="retentionx"}"#, "retention"));
     assert!(!selects_job(r#"up{job="assetflow"}"#, "retention"));
 }
+
+/// The shipped broker configuration refuses messages much larger than assetflow's body limit, and
+/// still takes one at the limit with its properties.
+#[test]
+fn the_shipped_broker_configuration_limits_messages_near_the_body_limit() {
+    let conf = read("ops/rabbitmq/rabbitmq.conf");
+    let limit: usize = conf
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .find_map(|line| line.split_once('=').filter(|(key, _)| key.trim() == "max_message_size"))
+        .map(|(_, value)| value.trim().parse().expect("a number of bytes"))
+        .expect("ops/rabbitmq/rabbitmq.conf sets max_message_size");
+    let body = assetflow::contracts::messages::MAX_BODY;
+    assert!(limit > body, "{limit} refuses a body at the {body}-byte limit");
+    assert!(limit <= body + body / 8, "{limit} is far above the {body}-byte body limit");
+}

@@ -1,12 +1,13 @@
 //! Terminal requests and every other message on the requests exchange, from raw bytes: the body
 //! check a pool makes first (`messages::parse_body`), the schema check and the typed read
-//! (`messages::decode`), then the signature check of a terminal request
+//! (`schema::decode`), then the signature check of a terminal request
 //! (`requests::check_signature`) against a registered key. None of it may panic, whatever the
 //! bytes, and no fuzzed request may pass the signature check.
 #![no_main]
 
 use std::sync::OnceLock;
 
+use assetflow::contracts::schema;
 use assetflow::contracts::messages::{self, ExchangeRequest, PurchaseRequest, kinds};
 use libfuzzer_sys::fuzz_target;
 
@@ -24,8 +25,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let terminal_request = match message_type.as_str() {
-        kinds::ORDER_PURCHASE => messages::decode::<PurchaseRequest>(&message_type, &json).is_ok(),
-        kinds::CERTIFICATE_EXCHANGE => messages::decode::<ExchangeRequest>(&message_type, &json).is_ok(),
+        kinds::ORDER_PURCHASE => schema::decode::<PurchaseRequest>(&message_type, &json).is_ok(),
+        kinds::CERTIFICATE_EXCHANGE => schema::decode::<ExchangeRequest>(&message_type, &json).is_ok(),
         other => {
             // Any other type: its schema when it has one, as the pool checks it.
             let _ = messages::schema::validate(other, &json);

@@ -38,7 +38,7 @@ CREATE TABLE products (
     -- The exchange certificate's term, fixed or from issue.
     certificate_expires_at  TIMESTAMPTZ,
     certificate_validity_secs BIGINT CHECK (certificate_validity_secs > 0),
-    -- Near-expiry reminder offsets before the certificate expires (seed 000 section 3.6).
+    -- Near-expiry reminder offsets before the certificate expires (docs/product.md#near-expiry-reminders).
     reminder_stage1_secs    BIGINT NOT NULL DEFAULT 172800 CHECK (reminder_stage1_secs > 0),
     reminder_stage2_secs    BIGINT NOT NULL DEFAULT 86400 CHECK (reminder_stage2_secs > 0),
     stage2_policy           TEXT NOT NULL DEFAULT 'download_request'
@@ -109,7 +109,7 @@ CREATE TABLE settlements (
 );
 CREATE INDEX settlements_answer_due_idx ON settlements (answer_due_at) WHERE status = 'instructed';
 
--- The status database of seed 000 FIG. 3, one row per electronic asset.
+-- The asset record (docs/product.md#the-asset-record), one row per electronic asset.
 CREATE TABLE assets (
     id                       UUID PRIMARY KEY,                 -- 300a
     order_id                 UUID NOT NULL REFERENCES orders (id),

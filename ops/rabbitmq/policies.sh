@@ -9,7 +9,7 @@
 # The same policies are in ops/rabbitmq/definitions.json (for a fresh broker); this script is for
 # a broker that already runs, and is idempotent (set_policy replaces a policy of the same name).
 #
-# assetflow already declares all of this as queue arguments (src/broker/topology.rs; see
+# assetflow already declares all of this as queue arguments (src/contracts/topology.rs; see
 # `assetflow topology`), on every connection. The policies are the operator's override and safety
 # net, within what RabbitMQ lets a policy do (https://www.rabbitmq.com/docs/policies):
 #

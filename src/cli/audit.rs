@@ -13,8 +13,8 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::contracts::dead_letter::DeadLetterReason;
+use crate::contracts::topology::{Names, Pool};
 use crate::domain::status::{Status, is_legal_path};
-use crate::runtime::broker::{Names, Pool};
 
 /// DUPLICATE_CHECKS are the "done twice" queries: each counts the subjects that got an effect more
 /// than once. Several are also unique constraints in the schema; the audit does not assume them.
@@ -327,8 +327,8 @@ pub fn work_queues(config: &Config) -> Vec<String> {
     let names = Names { prefix: config.amqp.prefix.clone() };
     let mut queues = vec![names.unrouted()];
     for pool in Pool::ALL {
-        queues.push(names.pool_queue(pool));
-        queues.push(names.dead_letter_queue(pool));
+        queues.push(names.pool_queue(pool.as_str()));
+        queues.push(names.dead_letter_queue(pool.as_str()));
     }
     queues.extend(config.partners.keys().map(|p| names.partner_queue(p)));
     queues.extend(config.gateways.keys().map(|g| names.gateway_queue(g)));

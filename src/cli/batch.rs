@@ -129,7 +129,7 @@ pub async fn execute(config: Config, command: BatchCommand) -> anyhow::Result<()
         _ => {}
     }
     let app = std::sync::Arc::new(App::for_operations(config)?);
-    crate::service::app::prepare(&app).await?;
+    crate::service::app::prepare(&app, crate::service::app::Patience::Operator).await?;
     match command {
         BatchCommand::List { json } => {
             let app2 = app.clone();

@@ -107,7 +107,7 @@ pub async fn execute(config: Config, command: DlqCommand) -> anyhow::Result<()> 
         _ => {}
     }
     let app = Arc::new(App::for_operations(config)?);
-    crate::service::app::prepare(&app).await?;
+    crate::service::app::prepare(&app, crate::service::app::Patience::Operator).await?;
     match command {
         DlqCommand::List { filter: args, all, limit, json } => {
             let f = filter(Vec::new(), args, all);
@@ -169,7 +169,7 @@ pub async fn execute(config: Config, command: DlqCommand) -> anyhow::Result<()> 
                     _ => println!("  subject      {subject}"),
                 }
             }
-            if let Some(id) = &letter.message_id {
+            if let Some(id) = &letter.summary.message_id {
                 println!("  message id   {id}");
             }
             if let (Some(exchange), Some(key)) = (&letter.exchange, &letter.routing_key) {

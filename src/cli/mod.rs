@@ -17,8 +17,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::contracts::topology::{Pool, Topology};
 use crate::crypto::KeyRing;
-use crate::runtime::broker::{Pool, Topology};
 use crate::service::app::{self, App, RunOptions};
 
 #[derive(Debug, Parser)]

@@ -13,10 +13,12 @@ use serde::{Deserialize, Serialize};
 
 mod amqp;
 mod redact;
+mod transport;
 pub mod workers;
 
 pub use amqp::{AmqpConfig, QueueType};
 pub use redact::redact_url;
+pub use transport::warnings as transport_warnings;
 
 use workers::PoolDefinitions;
 

@@ -6,7 +6,6 @@
 //! cannot overwrite newer state.
 
 use chrono::{DateTime, Utc};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -37,14 +36,6 @@ pub fn parse_body(body: &[u8]) -> Result<(String, Value), String> {
     Ok((message_type, json))
 }
 
-/// decode checks a message against its type's schema, then deserializes it: the schema check a
-/// pool makes before the handler runs, and the handler's own read. The error names the offending
-/// field.
-pub fn decode<T: DeserializeOwned>(message_type: &str, json: &Value) -> Result<T, String> {
-    super::schema::validate(message_type, json)?;
-    T::deserialize(json).map_err(|e| format!("{message_type}: {e}"))
-}
-
 /// The `type` of every message, which is also its routing key and its AMQP `type` property.
 pub mod kinds {
     pub const ORDER_PURCHASE: &str = "order.purchase";
@@ -62,7 +53,7 @@ pub mod kinds {
     pub const INTERNAL: [&str; 3] = [ISSUANCE_REQUESTED, DELIVERY_REQUESTED, CERTIFICATE_NOTICES];
 }
 
-/// DeliveryMode is how an order's assets reach their recipients.
+/// DeliveryModeKind is how an order's assets reach their recipients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryModeKind {
@@ -245,15 +236,15 @@ pub enum NoticeKind {
     DownloadRequest,
     /// Stage 2 for products that say so: the asset itself, forced.
     ForcedTransmission,
-    /// Expired unexchanged (revoked) while the asset awaited exchange: the asset goes to past-due
-    /// processing, and if still valid at `as_of` its holder gets a past-due message, a forced
-    /// transmission of the asset and a revocation request; if not, it expires.
+    /// Expired unexchanged (revoked): its holder gets a revocation request. An asset that still
+    /// awaited exchange goes to past-due processing, and if still valid at `as_of` its holder also
+    /// gets a past-due message and a forced transmission of the asset; if not, it expires.
     PastDue,
 }
 
 impl NoticeKind {
-    /// deliveries is how many deliveries the notice makes (a past-due notice for an asset that is
-    /// no longer valid makes none).
+    /// deliveries is how many deliveries the notice makes at most (a past-due notice for an asset
+    /// that went another way, or is no longer valid, makes one: the revocation request).
     pub fn deliveries(self) -> u64 {
         match self {
             NoticeKind::PastDue => 3,

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::messages::kinds;
@@ -61,4 +62,12 @@ pub fn validate(message_type: &str, message: &Value) -> Result<(), String> {
         })
         .collect();
     if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
+}
+
+/// decode checks a message against its type's schema, then deserializes it: the schema check a
+/// pool makes before the handler runs, and the handler's own read. The error names the offending
+/// field.
+pub fn decode<T: DeserializeOwned>(message_type: &str, json: &Value) -> Result<T, String> {
+    validate(message_type, json)?;
+    T::deserialize(json).map_err(|e| format!("{message_type}: {e}"))
 }

@@ -4,9 +4,7 @@
 //! References: quorum queues <https://www.rabbitmq.com/docs/quorum-queues>, dead-lettering
 //! <https://www.rabbitmq.com/docs/dlx>, alternate exchanges <https://www.rabbitmq.com/docs/ae>.
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::ExchangeKind;
 
 use crate::config::{Config, QueueType};
 use crate::contracts::messages::kinds;
@@ -71,13 +69,13 @@ impl Names {
         format!("{}.dlx", self.prefix)
     }
     /// The internal routing key of a pool's replayed dead letters.
-    pub fn replay_key(&self, pool: impl std::fmt::Display) -> String {
+    pub fn replay_key(&self, pool: &str) -> String {
         format!("replay.{pool}")
     }
-    pub fn pool_queue(&self, pool: impl std::fmt::Display) -> String {
+    pub fn pool_queue(&self, pool: &str) -> String {
         format!("{}.{}", self.prefix, pool)
     }
-    pub fn dead_letter_queue(&self, pool: impl std::fmt::Display) -> String {
+    pub fn dead_letter_queue(&self, pool: &str) -> String {
         format!("{}.{}.dlq", self.prefix, pool)
     }
     pub fn partner_queue(&self, partner: &str) -> String {
@@ -215,16 +213,16 @@ impl Topology {
         };
         for pool in Pool::ALL {
             queues.push(Queue {
-                name: n.pool_queue(pool),
+                name: n.pool_queue(pool.as_str()),
                 arguments: queue_args(pool.as_str()),
                 why: format!("the {pool} pool's work; competing consumers in every process"),
             });
             queues.push(Queue {
-                name: n.dead_letter_queue(pool),
+                name: n.dead_letter_queue(pool.as_str()),
                 arguments: plain_queue_args(),
                 why: format!("what the {pool} pool gave up on; also recorded in dead_letters"),
             });
-            bind(n.dlx(), pool.as_str(), n.dead_letter_queue(pool));
+            bind(n.dlx(), pool.as_str(), n.dead_letter_queue(pool.as_str()));
         }
         queues.push(Queue {
             name: n.unrouted(),
@@ -233,16 +231,16 @@ impl Topology {
         });
         bind(n.unrouted(), "", n.unrouted());
 
-        bind(n.requests(), kinds::ORDER_PURCHASE, n.pool_queue(Pool::Settlement));
-        bind(n.requests(), kinds::SETTLEMENT_RESULT, n.pool_queue(Pool::Settlement));
-        bind(n.requests(), kinds::CERTIFICATE_EXCHANGE, n.pool_queue(Pool::Issuance));
-        bind(n.internal(), kinds::ISSUANCE_REQUESTED, n.pool_queue(Pool::Issuance));
-        bind(n.requests(), kinds::DELIVERY_RECEIPT, n.pool_queue(Pool::Delivery));
-        bind(n.internal(), kinds::DELIVERY_REQUESTED, n.pool_queue(Pool::Delivery));
-        bind(n.internal(), kinds::CERTIFICATE_NOTICES, n.pool_queue(Pool::Delivery));
+        bind(n.requests(), kinds::ORDER_PURCHASE, n.pool_queue(Pool::Settlement.as_str()));
+        bind(n.requests(), kinds::SETTLEMENT_RESULT, n.pool_queue(Pool::Settlement.as_str()));
+        bind(n.requests(), kinds::CERTIFICATE_EXCHANGE, n.pool_queue(Pool::Issuance.as_str()));
+        bind(n.internal(), kinds::ISSUANCE_REQUESTED, n.pool_queue(Pool::Issuance.as_str()));
+        bind(n.requests(), kinds::DELIVERY_RECEIPT, n.pool_queue(Pool::Delivery.as_str()));
+        bind(n.internal(), kinds::DELIVERY_REQUESTED, n.pool_queue(Pool::Delivery.as_str()));
+        bind(n.internal(), kinds::CERTIFICATE_NOTICES, n.pool_queue(Pool::Delivery.as_str()));
         // Replayed dead letters re-enter their pool here, where no gateway may publish.
         for pool in Pool::ALL {
-            bind(n.internal(), &n.replay_key(pool), n.pool_queue(pool));
+            bind(n.internal(), &n.replay_key(pool.as_str()), n.pool_queue(pool.as_str()));
         }
 
         for partner in config.partners.keys() {
@@ -264,42 +262,6 @@ impl Topology {
         }
 
         Topology { names, exchanges, queues, bindings }
-    }
-
-    /// Topology::declare declares everything. Declaring what exists with the same arguments is a
-    /// no-op, so this runs on every connection.
-    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
-        for exchange in &self.exchanges {
-            channel
-                .exchange_declare(
-                    exchange.name.as_str().into(),
-                    exchange.kind.clone(),
-                    ExchangeDeclareOptions { durable: true, ..Default::default() },
-                    field_table(&exchange.arguments),
-                )
-                .await?;
-        }
-        for queue in &self.queues {
-            channel
-                .queue_declare(
-                    queue.name.as_str().into(),
-                    QueueDeclareOptions { durable: true, ..Default::default() },
-                    field_table(&queue.arguments),
-                )
-                .await?;
-        }
-        for binding in &self.bindings {
-            channel
-                .queue_bind(
-                    binding.queue.as_str().into(),
-                    binding.exchange.as_str().into(),
-                    binding.routing_key.as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-        }
-        Ok(())
     }
 
     /// Topology::render is the human-readable table printed by `assetflow topology`.
@@ -328,18 +290,6 @@ impl Topology {
         }
         out
     }
-}
-
-fn field_table(arguments: &[(&'static str, Arg)]) -> FieldTable {
-    let mut table = FieldTable::default();
-    for (key, value) in arguments {
-        let value = match value {
-            Arg::Str(s) => AMQPValue::LongString(s.as_str().into()),
-            Arg::Int(i) => AMQPValue::LongLongInt(*i),
-        };
-        table.insert(ShortString::from(*key), value);
-    }
-    table
 }
 
 #[cfg(test)]

@@ -22,13 +22,14 @@ pub fn settlement_answered(partner: &str, outcome: &'static str, elapsed: Durati
     });
 }
 
-/// delivery_attempted counts a delivery attempt's outcome by delivery kind.
+/// delivery_attempt counts a delivery attempt's outcome by delivery kind.
 pub fn delivery_attempt(kind: &str, outcome: &'static str) {
     let kind = kind.to_string();
     record(move || counter!("assetflow_delivery_attempts_total", "kind" => kind, "outcome" => outcome).increment(1));
 }
 
-/// order_to_certificate records the end-to-end latency from a purchase to its acknowledged delivery.
+/// end_to_end records an end-to-end latency: `order_to_certificate` (an order placed to its
+/// certificate acknowledged) or `exchange_to_asset` (an exchange to its asset acknowledged).
 pub fn end_to_end(stage: &'static str, elapsed: Duration) {
     record(move || histogram!("assetflow_end_to_end_seconds", "stage" => stage).record(elapsed.as_secs_f64()));
 }

@@ -61,54 +61,6 @@ pub struct Authentic {
     pub content_sha256: String,
 }
 
-/// authenticate checks who sent a request, its signature and its freshness as of `received_at`
-/// (when it first reached this pool), without looking its request id up: a set-based handler
-/// looks a batch's ids up together, with [`originals`].
-pub fn authenticate(
-    req: &Requests,
-    cx: &mut Cx<'_>,
-    header: &Header<'_>,
-    json: &Value,
-    received_at: DateTime<Utc>,
-) -> Result<Result<Authentic, (Option<Terminal>, Refused)>, Failure> {
-    let Some(terminal) = cx.terminal(header.terminal_id)? else {
-        return Ok(Err((
-            None,
-            Refused::new(
-                RefusalReason::UnknownTerminal,
-                format!("terminal {:?} is not registered", header.terminal_id),
-            ),
-        )));
-    };
-    if let Err(e) = check_signature(&terminal.public_key_pem, json) {
-        metrics::signature_failure("terminal_request");
-        return Ok(Err((
-            Some(terminal),
-            Refused::new(RefusalReason::BadSignature, format!("the request's signature is not the terminal's: {e}")),
-        )));
-    }
-    let auth = &req.auth;
-    let age = received_at.signed_duration_since(header.sent_at);
-    if age > chrono::Duration::from_std(auth.freshness_window).expect("a sane window") {
-        return Ok(Err((
-            Some(terminal),
-            Refused::new(
-                RefusalReason::StaleRequest,
-                format!("sent_at {} is older than the {:?} freshness window", header.sent_at, auth.freshness_window),
-            ),
-        )));
-    }
-    if -age > chrono::Duration::from_std(auth.max_clock_skew).expect("a sane skew") {
-        return Ok(Err((
-            Some(terminal),
-            Refused::new(RefusalReason::StaleRequest, format!("sent_at {} is in the future", header.sent_at)),
-        )));
-    }
-    let content_sha256 =
-        crypto::sha256_hex(&crypto::signed_bytes(json).map_err(|e| Failure::Transient(e.to_string()))?);
-    Ok(Ok(Authentic { terminal, content_sha256 }))
-}
-
 /// originals are the first requests with these request ids, by request id, in one statement.
 pub fn originals(conn: &mut PgConnection, request_ids: &[&str]) -> QueryResult<HashMap<String, Original>> {
     let rows: Vec<(String, Original)> = terminal_requests::table
@@ -128,7 +80,7 @@ pub fn originals(conn: &mut PgConnection, request_ids: &[&str]) -> QueryResult<H
 }
 
 /// check_signature checks a terminal request's `signature` against the terminal's registered PEM
-/// public key: the cryptographic half of [`authenticate`]. Any request and any registered text may
+/// public key: the cryptographic half of [`Requests::authenticate`]. Any request and any registered text may
 /// reach it, so it returns an error, never panics (fuzzed by `fuzz/`, the `signature` target).
 pub fn check_signature(public_key_pem: &str, request: &Value) -> Result<(), crypto::CryptoError> {
     let key = terminal_key(public_key_pem)?;
@@ -181,94 +133,150 @@ fn record(
     Ok(())
 }
 
-/// refuse answers a request with a refusal: a `refusals` row, the request's idempotency record
-/// when the request was authentic and fresh, and a `refusal` delivery when the terminal is known.
-pub fn refuse(
-    req: &Requests,
-    cx: &mut Cx<'_>,
-    message: &Incoming,
-    header: &Header<'_>,
-    terminal: Option<&Terminal>,
-    fresh_sha256: Option<&str>,
-    refused: Refused,
-) -> Result<(), Failure> {
-    tracing::info!(request_id = header.request_id, terminal_id = header.terminal_id, reason = %refused.reason, detail = %refused.detail, "refused");
-    metrics::refused(refused.reason);
-    diesel::insert_into(refusals::table)
-        .values((
-            refusals::id.eq(Uuid::now_v7()),
-            refusals::request_id.eq(Some(header.request_id)),
-            refusals::terminal_id.eq(Some(header.terminal_id)),
-            refusals::message_type.eq(header.message_type),
-            refusals::reason.eq(refused.reason.as_str()),
-            refusals::detail.eq(&refused.detail),
-            refusals::created_at.eq(cx.now),
-        ))
-        .execute(cx.conn)?;
-    if let Some(sha) = fresh_sha256 {
-        record(cx, header, sha, "refused", Some(refused.reason), None)?;
+impl Requests {
+    /// Requests::authenticate checks who sent a request, its signature and its freshness as of `received_at`
+    /// (when it first reached this pool), without looking its request id up: a set-based handler
+    /// looks a batch's ids up together, with [`originals`].
+    pub fn authenticate(
+        &self,
+        cx: &mut Cx<'_>,
+        header: &Header<'_>,
+        json: &Value,
+        received_at: DateTime<Utc>,
+    ) -> Result<Result<Authentic, (Option<Terminal>, Refused)>, Failure> {
+        let Some(terminal) = cx.terminal(header.terminal_id)? else {
+            return Ok(Err((
+                None,
+                Refused::new(
+                    RefusalReason::UnknownTerminal,
+                    format!("terminal {:?} is not registered", header.terminal_id),
+                ),
+            )));
+        };
+        if let Err(e) = check_signature(&terminal.public_key_pem, json) {
+            metrics::signature_failure("terminal_request");
+            return Ok(Err((
+                Some(terminal),
+                Refused::new(
+                    RefusalReason::BadSignature,
+                    format!("the request's signature is not the terminal's: {e}"),
+                ),
+            )));
+        }
+        let auth = &self.auth;
+        let age = received_at.signed_duration_since(header.sent_at);
+        if age > chrono::Duration::from_std(auth.freshness_window).expect("a sane window") {
+            return Ok(Err((
+                Some(terminal),
+                Refused::new(
+                    RefusalReason::StaleRequest,
+                    format!(
+                        "sent_at {} is older than the {:?} freshness window",
+                        header.sent_at, auth.freshness_window
+                    ),
+                ),
+            )));
+        }
+        if -age > chrono::Duration::from_std(auth.max_clock_skew).expect("a sane skew") {
+            return Ok(Err((
+                Some(terminal),
+                Refused::new(RefusalReason::StaleRequest, format!("sent_at {} is in the future", header.sent_at)),
+            )));
+        }
+        let content_sha256 =
+            crypto::sha256_hex(&crypto::signed_bytes(json).map_err(|e| Failure::Transient(e.to_string()))?);
+        Ok(Ok(Authentic { terminal, content_sha256 }))
     }
-    if let Some(terminal) = terminal {
-        let content = Refusal {
-            request_id: header.request_id.to_string(),
-            request_type: header.message_type.to_string(),
-            reason: refused.reason,
-            detail: refused.detail,
+
+    /// Requests::refuse answers a request with a refusal: a `refusals` row, the request's idempotency record
+    /// when the request was authentic and fresh, and a `refusal` delivery when the terminal is known.
+    pub fn refuse(
+        &self,
+        cx: &mut Cx<'_>,
+        message: &Incoming,
+        header: &Header<'_>,
+        terminal: Option<&Terminal>,
+        fresh_sha256: Option<&str>,
+        refused: Refused,
+    ) -> Result<(), Failure> {
+        tracing::info!(request_id = header.request_id, terminal_id = header.terminal_id, reason = %refused.reason, detail = %refused.detail, "refused");
+        metrics::refused(refused.reason);
+        diesel::insert_into(refusals::table)
+            .values((
+                refusals::id.eq(Uuid::now_v7()),
+                refusals::request_id.eq(Some(header.request_id)),
+                refusals::terminal_id.eq(Some(header.terminal_id)),
+                refusals::message_type.eq(header.message_type),
+                refusals::reason.eq(refused.reason.as_str()),
+                refusals::detail.eq(&refused.detail),
+                refusals::created_at.eq(cx.now),
+            ))
+            .execute(cx.conn)?;
+        if let Some(sha) = fresh_sha256 {
+            record(cx, header, sha, "refused", Some(refused.reason), None)?;
+        }
+        if let Some(terminal) = terminal {
+            let content = Refusal {
+                request_id: header.request_id.to_string(),
+                request_type: header.message_type.to_string(),
+                reason: refused.reason,
+                detail: refused.detail,
+            };
+            delivery::enqueue(
+                cx,
+                &self.deliveries,
+                NewDelivery::now(
+                    DeliveryKind::Refusal,
+                    format!("refusal:{}", message.message_id),
+                    terminal,
+                    serde_json::to_value(content).expect("serializes"),
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Requests::answer_duplicate tells the terminal the original outcome of a repeated request id, or refuses
+    /// it when the id was used for other content.
+    pub fn answer_duplicate(
+        &self,
+        cx: &mut Cx<'_>,
+        message: &Incoming,
+        header: &Header<'_>,
+        terminal: &Terminal,
+        original: &Original,
+        content_sha256: &str,
+    ) -> Result<(), Failure> {
+        if original.terminal_id != terminal.id || original.content_sha256 != content_sha256 {
+            let refused = Refused::new(
+                RefusalReason::RequestIdReused,
+                format!("request id {:?} was already used for another request", header.request_id),
+            );
+            return self.refuse(cx, message, header, Some(terminal), None, refused);
+        }
+        let outcome = match (&original.reason, original.subject_id) {
+            (Some(reason), _) => format!("refused ({reason})"),
+            (None, Some(subject)) => format!("accepted ({subject})"),
+            (None, None) => original.outcome.clone(),
+        };
+        let notice = Notice {
+            code: "duplicate_request".into(),
+            text: format!("request {} was already received: {outcome}; it has no second effect", header.request_id),
+            order_id: None,
+            asset_id: None,
+            certificate_id: None,
+            request_id: Some(header.request_id.to_string()),
         };
         delivery::enqueue(
             cx,
-            &req.deliveries,
+            &self.deliveries,
             NewDelivery::now(
-                DeliveryKind::Refusal,
-                format!("refusal:{}", message.message_id),
+                DeliveryKind::Message,
+                format!("duplicate:{}", message.message_id),
                 terminal,
-                serde_json::to_value(content).expect("serializes"),
+                serde_json::to_value(notice).expect("serializes"),
             ),
         )?;
+        Ok(())
     }
-    Ok(())
-}
-
-/// answer_duplicate tells the terminal the original outcome of a repeated request id, or refuses
-/// it when the id was used for other content.
-pub fn answer_duplicate(
-    req: &Requests,
-    cx: &mut Cx<'_>,
-    message: &Incoming,
-    header: &Header<'_>,
-    terminal: &Terminal,
-    original: &Original,
-    content_sha256: &str,
-) -> Result<(), Failure> {
-    if original.terminal_id != terminal.id || original.content_sha256 != content_sha256 {
-        let refused = Refused::new(
-            RefusalReason::RequestIdReused,
-            format!("request id {:?} was already used for another request", header.request_id),
-        );
-        return refuse(req, cx, message, header, Some(terminal), None, refused);
-    }
-    let outcome = match (&original.reason, original.subject_id) {
-        (Some(reason), _) => format!("refused ({reason})"),
-        (None, Some(subject)) => format!("accepted ({subject})"),
-        (None, None) => original.outcome.clone(),
-    };
-    let notice = Notice {
-        code: "duplicate_request".into(),
-        text: format!("request {} was already received: {outcome}; it has no second effect", header.request_id),
-        order_id: None,
-        asset_id: None,
-        certificate_id: None,
-        request_id: Some(header.request_id.to_string()),
-    };
-    delivery::enqueue(
-        cx,
-        &req.deliveries,
-        NewDelivery::now(
-            DeliveryKind::Message,
-            format!("duplicate:{}", message.message_id),
-            terminal,
-            serde_json::to_value(notice).expect("serializes"),
-        ),
-    )?;
-    Ok(())
 }

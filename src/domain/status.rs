@@ -1,9 +1,11 @@
 //! The status machine: the only code that changes an asset's status
 //! (`docs/product.md#only-the-status-machine-changes-a-status`, `#the-transition-table`).
 //!
-//! Every change is checked against [`allowed`], made as a compare-and-set on the current status,
-//! and appended to `asset_status_history` with its cause in the same statement. The history
-//! table refuses updates and deletes, so the record of what happened cannot be rewritten.
+//! Every change is checked against [`allowed`] and appended to `asset_status_history` with its
+//! cause; the database makes the move from the history entry, as a compare-and-set on the current
+//! status, and checks it against its own copy of the table (`status_transitions`). It refuses any
+//! other change of `assets.status`, and any update or delete of the history, so the record of what
+//! happened cannot be rewritten and nothing but this module moves an asset.
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -114,6 +116,8 @@ pub fn allowed(from: Status, to: Status) -> bool {
         (AwaitingExchange | AwaitingDesignatedDelivery, Delivered | Retransmitting | ExpiredCertificateProcessing) => {
             true
         }
+        // A stage-2 forced transmission, acknowledged or failed.
+        (AwaitingExchange, ForceDelivered | ForcedRetransmitting) => true,
         // The certificate expired unexchanged (past-due processing).
         (ExpiredCertificateProcessing, Expired | ForceDelivered | ForcedRetransmitting) => true,
         // Retransmission, completed as a forced delivery.
@@ -187,13 +191,11 @@ pub fn transition(
         return Err(TransitionError::Illegal { asset, from, to });
     }
     use diesel::sql_types::{Nullable, Text, Timestamptz, Uuid as SqlUuid};
-    // One statement: the compare-and-set, and the history entry of the move it made.
+    // One statement: the history entry, whose trigger makes the move as a compare-and-set on the
+    // current status (migration 000007); when another change won, no entry is written.
     let changed = crate::runtime::db::prepared(
-        "WITH moved AS (
-           UPDATE assets SET status = $to, status_changed_at = $at WHERE id = $asset AND status = $from RETURNING id
-         )
-         INSERT INTO asset_status_history (asset_id, from_status, to_status, cause, detail, at)
-         SELECT id, $from, $to, $cause, $detail, $at FROM moved",
+        "INSERT INTO asset_status_history (asset_id, from_status, to_status, cause, detail, at)
+         VALUES ($asset, $from, $to, $cause, $detail, $at)",
     )
     .bind::<SqlUuid, _>("asset", asset)
     .bind::<Text, _>("from", from.as_str())
@@ -231,15 +233,13 @@ pub fn transition_many(
         #[diesel(sql_type = SqlUuid)]
         id: Uuid,
     }
-    // One statement: the assets still in `from` move, and each move is written to the history.
+    // One statement: a history entry for each asset, whose trigger moves the asset if it is still
+    // in `from` (and writes no entry when it is not). In id order, so that two transactions
+    // moving the same assets lock them in the same order.
     let moved: Vec<Uuid> = crate::runtime::db::prepared(
-        "WITH moved AS (
-           UPDATE assets SET status = $to, status_changed_at = $at WHERE id = ANY($assets) AND status = $from RETURNING id
-         ), recorded AS (
-           INSERT INTO asset_status_history (asset_id, from_status, to_status, cause, at)
-           SELECT id, $from, $to, $cause, $at FROM moved
-         )
-         SELECT id FROM moved",
+        "INSERT INTO asset_status_history (asset_id, from_status, to_status, cause, at)
+         SELECT id, $from, $to, $cause, $at FROM unnest($assets::uuid[]) AS a(id) ORDER BY id
+         RETURNING asset_id AS id",
     )
     .bind::<Text, _>("to", to.as_str())
     .bind::<Timestamptz, _>("at", at)
@@ -268,7 +268,7 @@ pub fn current_many_for_update(conn: &mut PgConnection, ids: &[Uuid]) -> QueryRe
         .collect())
 }
 
-/// current reads an asset's status, locking the row for the rest of the transaction.
+/// current_for_update reads an asset's status, locking the row for the rest of the transaction.
 pub fn current_for_update(conn: &mut PgConnection, asset: Uuid) -> QueryResult<Status> {
     let s: String = assets::table.filter(assets::id.eq(asset)).select(assets::status).for_update().first(conn)?;
     Ok(Status::parse(&s).expect("the CHECK constraint admits only known statuses"))
@@ -304,6 +304,8 @@ mod tests {
             (AwaitingExchange, Delivered),
             (AwaitingExchange, Retransmitting),
             (AwaitingExchange, ExpiredCertificateProcessing),
+            (AwaitingExchange, ForceDelivered),
+            (AwaitingExchange, ForcedRetransmitting),
             (AwaitingExchange, Refunded),
             (AwaitingDesignatedDelivery, Delivered),
             (AwaitingDesignatedDelivery, Retransmitting),

@@ -10,14 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::contracts::topology::{Names, Pool, Topology};
-
 use crate::config::{AmqpConfig, Config};
+use crate::contracts::topology::{Arg, Topology};
 use crate::runtime::metrics;
 
 /// How long a channel operation (opening, set-up, an acknowledgement) may take before the broker is
@@ -162,7 +162,7 @@ pub async fn connect(amqp: &AmqpConfig) -> anyhow::Result<Connection> {
 async fn connect_and_declare(amqp: &AmqpConfig, topology: &Topology) -> anyhow::Result<Connection> {
     let conn = connect(amqp).await?;
     let channel = conn.create_channel().await?;
-    topology.declare(&channel).await?;
+    declare(topology, &channel).await?;
     let _ = channel.close(200, "declared".into()).await;
     Ok(conn)
 }
@@ -303,4 +303,52 @@ async fn settle_simulated(acker: lapin::Acker, done: bool) {
         bounded("basic.nack", acker.nack(lapin::options::BasicNackOptions { requeue: true, ..Default::default() }))
             .await
     };
+}
+
+/// declare declares a whole topology. Declaring what exists with the same arguments is a
+/// no-op, so this runs on every connection.
+pub async fn declare(topology: &Topology, channel: &Channel) -> lapin::Result<()> {
+    for exchange in &topology.exchanges {
+        channel
+            .exchange_declare(
+                exchange.name.as_str().into(),
+                exchange.kind.clone(),
+                ExchangeDeclareOptions { durable: true, ..Default::default() },
+                field_table(&exchange.arguments),
+            )
+            .await?;
+    }
+    for queue in &topology.queues {
+        channel
+            .queue_declare(
+                queue.name.as_str().into(),
+                QueueDeclareOptions { durable: true, ..Default::default() },
+                field_table(&queue.arguments),
+            )
+            .await?;
+    }
+    for binding in &topology.bindings {
+        channel
+            .queue_bind(
+                binding.queue.as_str().into(),
+                binding.exchange.as_str().into(),
+                binding.routing_key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+fn field_table(arguments: &[(&'static str, Arg)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (key, value) in arguments {
+        let value = match value {
+            Arg::Str(s) => AMQPValue::LongString(s.as_str().into()),
+            Arg::Int(i) => AMQPValue::LongLongInt(*i),
+        };
+        table.insert(ShortString::from(*key), value);
+    }
+    table
 }

@@ -20,8 +20,8 @@ use tokio::sync::Notify;
 use crate::contracts::topology::Names;
 
 /// Plumbing is what the runtime's parts of one process share: the database, the names on the
-/// broker, the two ways out of the outbox, and the progress readiness reads. Consumers, the
-/// dead-letter recorder and the relay are built with it; handlers never see it.
+/// broker, the two ways out of the outbox, and the progress readiness reads. Consumers and the
+/// dead-letter recorder are built with it; handlers never see it.
 #[derive(Clone)]
 pub struct Plumbing {
     pub db: db::Db,
@@ -37,9 +37,9 @@ pub struct Plumbing {
 }
 
 impl Plumbing {
-    /// Plumbing::committed tells the relay that a transaction wrote to the outbox, unless its
-    /// messages were handed to this process's publisher (their rows are leased: a relay woken
-    /// now would find none of them).
+    /// Plumbing::committed tells the relay that a handler's transaction wrote to the outbox, unless
+    /// its messages were handed to this process's publisher (their rows are leased: a relay woken
+    /// now would find none of them). What is written for the relay alone wakes it directly.
     pub fn committed(&self) {
         if self.handoff.lease().is_none() {
             self.outbox_wake.notify_one();

@@ -18,15 +18,16 @@ impl Progress {
     }
 
     /// Progress::consumer_started notes that a pool consumer subscribed.
-    pub fn consumer_started(&self, _pool: &str) {
+    pub fn consumer_started(&self) {
         self.consumers.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Progress::consumer_stopped notes that a subscription ended, for whatever reason.
-    pub fn consumer_stopped(&self, _pool: &str) {
+    pub fn consumer_stopped(&self) {
         let _ = self.consumers.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
+    /// Progress::relay_age is how long ago the relay last completed a round.
     pub fn relay_age(&self) -> Duration {
         let last = self.relay_tick_ms.load(Ordering::Relaxed);
         Duration::from_millis((chrono::Utc::now().timestamp_millis() - last).max(0) as u64)

@@ -126,9 +126,9 @@ impl App {
     pub fn registry(&self) -> anyhow::Result<Registry> {
         let (names, domain) = (&self.plumbing.names, &self.domain);
         let mut registry = Registry::default();
-        let settlement = names.pool_queue(Pool::Settlement);
-        let issuance = names.pool_queue(Pool::Issuance);
-        let delivery = names.pool_queue(Pool::Delivery);
+        let settlement = names.pool_queue(Pool::Settlement.as_str());
+        let issuance = names.pool_queue(Pool::Issuance.as_str());
+        let delivery = names.pool_queue(Pool::Delivery.as_str());
         let (requests, settlements) = (domain.requests.clone(), domain.settlements.clone());
         registry.register(&settlement, PurchaseHandler { requests, settlements })?;
         registry.register(&settlement, ResultHandler { settlements: domain.settlements.clone() })?;
@@ -138,7 +138,7 @@ impl App {
         registry.register(&delivery, NoticesHandler { deliveries: domain.deliveries.clone() })?;
         registry.register(&delivery, ReceiptHandler { deliveries: domain.deliveries.clone() })?;
         // Everything here is dead-lettered as unroutable.
-        registry.queue(&names.unrouted());
+        registry.unrouted(&names.unrouted());
         Ok(registry)
     }
 
@@ -146,7 +146,8 @@ impl App {
     /// letters of each source are replayed.
     pub fn replayers(&self) -> anyhow::Result<Replayers> {
         let mut replayers = Replayers::default();
-        replayers.register(MessageReplayer { names: self.plumbing.names.clone() })?;
+        let pools = Pool::ALL.iter().map(|p| p.as_str()).collect();
+        replayers.register(MessageReplayer { names: self.plumbing.names.clone(), pools })?;
         replayers.register(DeliveryReplayer { deliveries: self.domain.deliveries.clone() })?;
         replayers.register(SettlementReplayer { settlements: self.domain.settlements.clone() })?;
         Ok(replayers)
@@ -171,12 +172,26 @@ impl Default for RunOptions {
     }
 }
 
-/// prepare creates and migrates the database and records the configured partners and gateways.
-pub async fn prepare(app: &App) -> anyhow::Result<()> {
+/// Patience is how long [`prepare`] waits for a database that does not answer.
+#[derive(Debug, Clone, Copy)]
+pub enum Patience {
+    /// The service starting: the database may be starting too, so wait about 50 s.
+    Service,
+    /// An operator command: say at once (within a few seconds) that the database is not there.
+    Operator,
+}
+
+/// prepare creates and migrates the database and records the configured partners and gateways,
+/// retrying with a backoff from 200 ms for as long as `patience` allows.
+pub async fn prepare(app: &App, patience: Patience) -> anyhow::Result<()> {
     let url = app.config.database.url.clone();
     let partners: Vec<String> = app.config.partners.keys().cloned().collect();
     let gateways: Vec<String> = app.config.gateways.keys().cloned().collect();
     let mut delay = std::time::Duration::from_millis(200);
+    let last_delay = match patience {
+        Patience::Service => std::time::Duration::from_secs(30),
+        Patience::Operator => std::time::Duration::from_secs(1),
+    };
     loop {
         let (url, partners, gateways) = (url.clone(), partners.clone(), gateways.clone());
         let result = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
@@ -188,7 +203,7 @@ pub async fn prepare(app: &App) -> anyhow::Result<()> {
         .await?;
         match result {
             Ok(()) => return Ok(()),
-            Err(e) if delay < std::time::Duration::from_secs(30) => {
+            Err(e) if delay < last_delay => {
                 tracing::warn!(error = %e, retry_in = ?delay, "database not ready");
                 tokio::time::sleep(delay).await;
                 delay *= 2;
@@ -202,10 +217,13 @@ pub async fn prepare(app: &App) -> anyhow::Result<()> {
 /// outbox, stop.
 pub async fn run(app: Arc<App>, options: RunOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     crate::service::metrics::register();
+    for warning in crate::config::transport_warnings(&app.config) {
+        tracing::warn!(warning, "a connection crosses the network without verified TLS");
+    }
     if options.scheduler {
         crate::service::scheduler::validate(&app.scheduler)?;
     }
-    prepare(&app).await?;
+    prepare(&app, Patience::Service).await?;
     let topology = Topology::new(&app.config);
     let broker_stop = CancellationToken::new();
     let broker = Broker::start(&app.config, topology.clone(), broker_stop.clone());

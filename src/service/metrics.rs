@@ -20,7 +20,7 @@ pub fn job_finished(job: &str, outcome: &'static str, elapsed: Duration, scanned
 }
 
 /// register_jobs creates each job's run counters at zero, as [`register`] does for the rest.
-pub fn register_jobs<'j>(jobs: impl IntoIterator<Item = &'j str>) {
+fn register_jobs<'j>(jobs: impl IntoIterator<Item = &'j str>) {
     for job in jobs {
         for outcome in ["succeeded", "failed"] {
             counter!("assetflow_job_runs_total", "job" => job.to_string(), "outcome" => outcome).absolute(0);
@@ -32,7 +32,8 @@ pub fn register_jobs<'j>(jobs: impl IntoIterator<Item = &'j str>) {
 /// known in advance at zero: a counter that first appears at its first increment hides that
 /// increment from rate() and increase().
 pub fn register() {
-    crate::runtime::metrics::register();
+    let pools: Vec<&'static str> = crate::contracts::topology::Pool::ALL.iter().map(|p| p.as_str()).collect();
+    crate::runtime::metrics::register(&pools);
     crate::domain::metrics::register();
     crate::runtime::metrics::describe(CATALOGUE);
     register_jobs(super::jobs::JOBS.iter().map(|job| job.name));

@@ -208,7 +208,7 @@ async fn the_patents_worked_example_reminds_on_dec_23_asks_for_a_download_on_dec
                AND (content->'forced')::boolean AND forced AND status = 'delivered'",
             &[],
         ) == 1
-            && asset_status(c, &asset) == "delivered")
+            && asset_status(c, &asset) == "force_delivered")
             .then_some(())
     })
     .await;
@@ -232,7 +232,7 @@ async fn the_patents_worked_example_reminds_on_dec_23_asks_for_a_download_on_dec
     // message, a forced transmission and a revocation request; the certificate is revoked.
     let dec26 = dec(26, 12);
     let past_due = env.run_job("past_due", dec26).await;
-    assert_eq!(past_due.enqueued, 3, "three transmissions for alice, none for bob: {past_due:?}");
+    assert_eq!(past_due.enqueued, 4, "three transmissions for alice, a revocation request for bob: {past_due:?}");
     let (asset, cert) = (alice_asset.clone(), alice_cert.clone());
     env.wait_until("alice's past-due transmissions are acknowledged", move |c| {
         (asset_status(c, &asset) == "force_delivered"
@@ -267,12 +267,15 @@ async fn the_patents_worked_example_reminds_on_dec_23_asks_for_a_download_on_dec
         assert_eq!(causes(c, &asset), "issued, certificate_past_due, delivery_acknowledged");
         let revoked = "SELECT revoked_at AS value FROM exchange_certificates WHERE id = $1::uuid";
         assert_eq!(timestamp(c, revoked, &[&cert]), Some(dec26), "revoked as of the run's intended time");
-        // Bob's asset was delivered on Dec 24: past-due sends him nothing, and closes his
-        // certificate quietly.
-        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE terminal_id = 'bob'", &[]), bob_sent);
-        assert_eq!(asset_status(c, &b_asset), "delivered");
-        assert_eq!(history(c, &b_asset), "(new)→awaiting_exchange, awaiting_exchange→delivered");
-        assert!(timestamp(c, revoked, &[&b_cert]).is_some(), "bob's void certificate is closed");
+        // Bob's asset was force-delivered on Dec 24: past-due revokes his certificate and sends
+        // him the revocation request, and nothing else.
+        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE terminal_id = 'bob'", &[]), bob_sent + 1);
+        let bob_revocation = "SELECT count(*) FROM deliveries WHERE terminal_id = 'bob' AND kind = 'revocation_request'
+                                AND content->>'certificate_id' = $1";
+        assert_eq!(count(c, bob_revocation, &[&b_cert]), 1);
+        assert_eq!(asset_status(c, &b_asset), "force_delivered");
+        assert_eq!(history(c, &b_asset), "(new)→awaiting_exchange, awaiting_exchange→force_delivered");
+        assert!(timestamp(c, revoked, &[&b_cert]).is_some(), "bob's certificate is closed");
     })
     .await;
     let again = env.run_job("past_due", dec26 + TimeDelta::days(1)).await;
@@ -284,7 +287,7 @@ async fn the_patents_worked_example_reminds_on_dec_23_asks_for_a_download_on_dec
     env.send(&exchange).await;
     let sql = "SELECT reason AS value FROM refusals WHERE request_id = $1";
     let reason = env.wait_until("the late exchange is refused", move |c| text(c, sql, &[&xid])).await;
-    assert!(matches!(reason.as_str(), "certificate_revoked" | "certificate_expired"), "refused as {reason}");
+    assert_eq!(reason, "certificate_revoked", "the certificate was revoked before it expired");
     let asset = alice_asset.clone();
     env.db(move |c| {
         assert_eq!(
@@ -298,7 +301,7 @@ async fn the_patents_worked_example_reminds_on_dec_23_asks_for_a_download_on_dec
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn past_due_processing_of_an_asset_that_is_no_longer_valid_expires_it_and_sends_nothing() {
+async fn past_due_processing_of_an_asset_that_is_no_longer_valid_expires_it_and_sends_only_the_revocation_request() {
     // Whole seconds: the database keeps microseconds, and the test compares times it wrote.
     let now = Utc::now().trunc_subsecs(0);
     let mut env = Env::new().await;
@@ -323,7 +326,7 @@ async fn past_due_processing_of_an_asset_that_is_no_longer_valid_expires_it_and_
     // By the run's time both the certificate and the asset are past their terms (`docs/product.md#validity-is-checked-first`).
     let as_of = now + TimeDelta::days(5);
     let report = env.run_job("past_due", as_of).await;
-    assert_eq!((report.rows_scanned, report.enqueued), (1, 0), "{report:?}");
+    assert_eq!((report.rows_scanned, report.enqueued), (1, 1), "{report:?}");
     // The job revokes and publishes; the delivery pool moves the asset.
     let a = asset.clone();
     env.wait_until("the asset expires", move |c| (asset_status(c, &a) == "expired").then_some(())).await;
@@ -334,17 +337,16 @@ async fn past_due_processing_of_an_asset_that_is_no_longer_valid_expires_it_and_
             "(new)→awaiting_exchange, awaiting_exchange→expired_certificate_processing, expired_certificate_processing→expired"
         );
         assert_eq!(causes(c, &a), "issued, certificate_past_due, asset_expired");
+        let sent = "SELECT string_agg(kind, ', ' ORDER BY kind) AS value FROM deliveries
+                    WHERE (asset_id = $1::uuid OR content->>'asset_id' = $1) AND kind <> 'certificate'";
         assert_eq!(
-            count(
-                c,
-                "SELECT count(*) FROM deliveries
-                 WHERE (asset_id = $1::uuid OR content->>'asset_id' = $1) AND kind <> 'certificate'",
-                &[&a]
-            ),
-            0,
-            "no message, no forced transmission, no revocation request for a void asset"
+            text(c, sent, &[&a]).as_deref(),
+            Some("revocation_request"),
+            "no past-due message and no forced transmission for a void asset, but the revocation request"
         );
-        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE terminal_id = 'alice'", &[]), 1, "only the certificate");
+        let revocation = "SELECT count(*) FROM deliveries WHERE terminal_id = 'alice' AND kind = 'revocation_request'
+                            AND content->>'certificate_id' = $1";
+        assert_eq!(count(c, revocation, &[&c2]), 1);
         let revoked = "SELECT revoked_at AS value FROM exchange_certificates WHERE id = $1::uuid";
         assert_eq!(timestamp(c, revoked, &[&c2]), Some(as_of), "the certificate is closed");
     })
@@ -632,9 +634,16 @@ async fn a_replayed_malformed_message_is_dead_lettered_again_as_a_new_dead_lette
         let audit = "SELECT count(*) FROM dead_letter_audit
                      WHERE dead_letter_id = $1::uuid AND action = 'replay' AND operator = 'test-operator'";
         assert_eq!(count(c, audit, &[&first]), 1);
-        let listed: Vec<uuid::Uuid> =
-            dead_letter::list(c, &Filter::default(), 100).expect("listed").into_iter().map(|l| l.id).collect();
-        assert_eq!(listed, vec![second], "only the new dead letter waits for an operator");
+        let listed = dead_letter::list(c, &Filter::default(), 100).expect("listed");
+        let ids: Vec<uuid::Uuid> = listed.iter().map(|l| l.id).collect();
+        assert_eq!(ids, vec![second], "only the new dead letter waits for an operator");
+        // `dlq list --json` carries the original's AMQP message id and type, so that a publisher
+        // can match the dead letter to what it published.
+        let shown = serde_json::to_value(&listed[0]).unwrap();
+        let stored = "SELECT message_id AS value FROM dead_letters WHERE id = $1::uuid";
+        assert!(shown["message_id"].is_string(), "{shown}");
+        assert_eq!(shown["message_id"].as_str(), text(c, stored, &[&second]).as_deref());
+        assert!(shown["message_type"].is_string(), "{shown}");
     })
     .await;
     env.stop().await;
@@ -870,7 +879,7 @@ async fn a_message_the_broker_dead_letters_by_itself_is_recorded_from_the_dead_l
 
     // What the broker does when a quorum queue's delivery limit is reached: the message goes to
     // the dead-letter exchange under the queue's dead-letter key, with an x-death header.
-    let queue = env.app.plumbing.names.pool_queue(assetflow::contracts::topology::Pool::Settlement);
+    let queue = env.app.plumbing.names.pool_queue(assetflow::contracts::topology::Pool::Settlement.as_str());
     let mut death = FieldTable::default();
     death.insert("reason".into(), AMQPValue::LongString("delivery_limit".into()));
     death.insert("queue".into(), AMQPValue::LongString(queue.as_str().into()));
@@ -927,7 +936,7 @@ async fn a_message_the_broker_dead_letters_by_itself_is_recorded_from_the_dead_l
     // queue: nothing is left there, ready or unacknowledged.
     env.wait_until("the notice is published", |c| (count(c, "SELECT count(*) FROM outbox", &[]) == 0).then_some(()))
         .await;
-    let dlq = env.app.plumbing.names.dead_letter_queue(assetflow::contracts::topology::Pool::Settlement);
+    let dlq = env.app.plumbing.names.dead_letter_queue(assetflow::contracts::topology::Pool::Settlement.as_str());
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let mut poll = tokio::time::interval(Duration::from_millis(200));
     loop {

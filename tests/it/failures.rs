@@ -569,7 +569,7 @@ async fn the_outbox_holds_messages_while_the_app_is_stopped_and_empties_once_it_
     env.send(&later).await;
     wait_for_queue(
         &env,
-        &env.app.plumbing.names.pool_queue(assetflow::contracts::topology::Pool::Settlement),
+        &env.app.plumbing.names.pool_queue(assetflow::contracts::topology::Pool::Settlement.as_str()),
         "the order waits in its queue",
         |n| n >= 1,
     )

@@ -85,7 +85,7 @@ impl Env {
         let config = Config::with_overrides(settings).expect("test configuration");
         config.validate().expect("valid test configuration");
         let app = Arc::new(App::new(config.clone(), pools, KeyRing::ephemeral(&[ISSUER])));
-        app::prepare(&app).await.expect("database prepared");
+        app::prepare(&app, app::Patience::Service).await.expect("database prepared");
         let shutdown = CancellationToken::new();
         let broker = Broker::declaring(&config, shutdown.clone());
         let publisher = ConfirmedSender::new(broker.clone());

@@ -302,7 +302,7 @@ async fn a_short_workload_moves_the_key_series_by_the_expected_amounts() {
 
     // The sampled gauges: the broker's queue depths, the dead letters an operator owes, the
     // subscriptions held.
-    let settlement_queue = env.app.plumbing.names.pool_queue(Pool::Settlement);
+    let settlement_queue = env.app.plumbing.names.pool_queue(Pool::Settlement.as_str());
     let sampled = wait_for_metrics(&listen, "the sampled gauges are current", |s| {
         s.get("assetflow_queue_messages", &[("queue", &settlement_queue)]).is_some()
             && s.get("assetflow_queue_consumers", &[("queue", &settlement_queue)]).is_some_and(|n| n >= 1.0)

@@ -18,8 +18,9 @@ use super::partner::fraction;
 use super::publisher::{ConfirmedSender, consume};
 use crate::config::Config;
 use crate::contracts::messages::{DeliveryKind, DeliveryReceipt, GatewayDelivery, kinds};
+use crate::contracts::topology::Names;
 use crate::crypto;
-use crate::runtime::broker::{Broker, Names};
+use crate::runtime::broker::Broker;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GatewayOptions {

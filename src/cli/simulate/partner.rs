@@ -14,7 +14,8 @@ use super::Stats;
 use super::publisher::{ConfirmedSender, consume};
 use crate::config::Config;
 use crate::contracts::messages::{SettlementInstruction, SettlementOutcome, SettlementResult, kinds};
-use crate::runtime::broker::{Broker, Names};
+use crate::contracts::topology::Names;
+use crate::runtime::broker::Broker;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct PartnerOptions {

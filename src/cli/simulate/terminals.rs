@@ -20,9 +20,10 @@ use super::publisher::ConfirmedSender;
 use crate::cli::admin::register_terminal;
 use crate::config::Config;
 use crate::contracts::messages::kinds;
+use crate::contracts::topology::Names;
 use crate::crypto;
 use crate::domain::catalogue::{Product, upsert_product};
-use crate::runtime::broker::{Broker, Names};
+use crate::runtime::broker::Broker;
 use crate::runtime::db::schema::products;
 
 #[derive(Debug, Clone, clap::Args)]

@@ -69,6 +69,8 @@ pub fn fail_attempt(
     if let Some(asset_id) = row.asset_id.filter(|_| row.kind == DeliveryKind::Asset.as_str()) {
         let status = status::current_for_update(conn, asset_id)?;
         let next = match status {
+            // A stage-2 forced transmission that failed is retried as a forced one.
+            Status::AwaitingExchange if row.forced => Some(Status::ForcedRetransmitting),
             Status::AwaitingExchange | Status::AwaitingDesignatedDelivery => Some(Status::Retransmitting),
             Status::ExpiredCertificateProcessing => Some(Status::ForcedRetransmitting),
             _ => None,

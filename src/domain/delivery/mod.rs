@@ -17,7 +17,7 @@ pub mod retry;
 mod send;
 
 pub use failure::{DeliveryReplayer, expire_if_due, fail_attempt};
-pub use send::{RequestedHandler, Sent, send_attempt, send_attempts};
+pub use send::{RequestedHandler, Sent, send_attempts};
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;

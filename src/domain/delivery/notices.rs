@@ -52,6 +52,8 @@ impl NoticesHandler {
                 continue;
             };
             if notice.notice == NoticeKind::PastDue && !past_due.contains(&open.asset_id) {
+                // The asset went another way, or is no longer valid: only the revocation request.
+                deliveries.push(revocation_request(open));
                 continue;
             }
             deliveries.extend(render(open, notice.notice)?);
@@ -186,15 +188,22 @@ fn render(open: &Open, notice: NoticeKind) -> Result<Vec<NewDelivery>, Failure> 
                 ),
             ),
             forced_asset(open)?,
-            message(
-                open,
-                DeliveryKind::RevocationRequest,
-                format!("revoke:{certificate}"),
-                "certificate_revoked",
-                format!("Exchange certificate {certificate} has expired: please delete it."),
-            ),
+            revocation_request(open),
         ],
     })
+}
+
+/// revocation_request asks the holder to delete its revoked certificate. Keyed per certificate,
+/// it is sent once whatever path led to it.
+fn revocation_request(open: &Open) -> NewDelivery {
+    let certificate = open.certificate_id;
+    message(
+        open,
+        DeliveryKind::RevocationRequest,
+        format!("revoke:{certificate}"),
+        "certificate_revoked",
+        format!("Exchange certificate {certificate} has expired: please delete it."),
+    )
 }
 
 fn message(open: &Open, kind: DeliveryKind, key: String, code: &str, text: String) -> NewDelivery {

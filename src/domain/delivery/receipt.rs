@@ -163,7 +163,9 @@ fn complete(cx: &mut Cx<'_>, acknowledged: &[(&Row, i32)]) -> Result<(), Failure
         metrics::delivery_attempt(&row.kind, "acknowledged");
         let times = delivered.iter().find(|d| d.id == row.id);
         match (DeliveryKind::parse(&row.kind).expect("known kind"), row.asset_id) {
-            (DeliveryKind::Asset, Some(asset_id)) => assets.push((asset_id, times.and_then(|t| t.exchanged_at))),
+            (DeliveryKind::Asset, Some(asset_id)) => {
+                assets.push(Handed { asset_id, exchanged_at: times.and_then(|t| t.exchanged_at), forced: row.forced })
+            }
             (DeliveryKind::Certificate, _) => {
                 if let Some(placed) = times.and_then(|t| t.placed_at) {
                     metrics::end_to_end("order_to_certificate", elapsed(placed, now));
@@ -175,15 +177,24 @@ fn complete(cx: &mut Cx<'_>, acknowledged: &[(&Row, i32)]) -> Result<(), Failure
     hand_over(cx, &assets)
 }
 
+/// Handed is an asset whose delivery was acknowledged.
+struct Handed {
+    asset_id: Uuid,
+    /// When its holder exchanged the certificate, if it was exchanged.
+    exchanged_at: Option<DateTime<Utc>>,
+    /// Whether it went out as a forced transmission (stage 2, or past-due processing).
+    forced: bool,
+}
+
 /// hand_over moves assets whose delivery was acknowledged to delivered, or to force-delivered when
-/// they went out as past-due processing or a retransmission (`docs/product.md#the-transition-table`). An asset refunded or
-/// expired meanwhile keeps its status: the receipt is recorded, and that is all. `assets` pairs
-/// each with its holder's exchange time, if any.
-fn hand_over(cx: &mut Cx<'_>, assets: &[(Uuid, Option<DateTime<Utc>>)]) -> Result<(), Failure> {
+/// they went out as a forced transmission, past-due processing or a retransmission
+/// (`docs/product.md#the-transition-table`). An asset refunded or expired meanwhile keeps its
+/// status: the receipt is recorded, and that is all.
+fn hand_over(cx: &mut Cx<'_>, assets: &[Handed]) -> Result<(), Failure> {
     if assets.is_empty() {
         return Ok(());
     }
-    let ids: Vec<Uuid> = assets.iter().map(|(id, _)| *id).collect();
+    let ids: Vec<Uuid> = assets.iter().map(|a| a.asset_id).collect();
     let current = status::current_many_for_update(cx.conn, &ids)?;
     if let Some(missing) = ids.iter().find(|id| !current.iter().any(|(asset, _)| asset == *id)) {
         return Err(Failure::permanent(
@@ -193,14 +204,16 @@ fn hand_over(cx: &mut Cx<'_>, assets: &[(Uuid, Option<DateTime<Utc>>)]) -> Resul
     }
     let mut moves: Vec<(Status, Status, Vec<Uuid>)> = Vec::new();
     for (asset_id, status) in current {
+        let forced = assets.iter().any(|a| a.asset_id == asset_id && a.forced);
         let next = match status {
+            Status::AwaitingExchange if forced => Status::ForceDelivered,
             Status::AwaitingExchange | Status::AwaitingDesignatedDelivery => Status::Delivered,
             Status::ExpiredCertificateProcessing | Status::Retransmitting | Status::ForcedRetransmitting => {
                 Status::ForceDelivered
             }
             _ => continue,
         };
-        match moves.iter_mut().find(|(from, _, _)| *from == status) {
+        match moves.iter_mut().find(|(from, to, _)| *from == status && *to == next) {
             Some((_, _, ids)) => ids.push(asset_id),
             None => moves.push((status, next, vec![asset_id])),
         }
@@ -208,9 +221,9 @@ fn hand_over(cx: &mut Cx<'_>, assets: &[(Uuid, Option<DateTime<Utc>>)]) -> Resul
     for (from, to, ids) in moves {
         let moved = status::transition_many(cx.conn, &ids, from, to, Cause::DeliveryAcknowledged, cx.now)?;
         // From the holder's exchange to the asset in hand; direct deliveries have no exchange.
-        for (_, exchanged) in assets.iter().filter(|(id, _)| moved.contains(id)) {
-            if let Some(exchanged) = exchanged {
-                metrics::end_to_end("exchange_to_asset", elapsed(*exchanged, cx.now));
+        for handed in assets.iter().filter(|a| moved.contains(&a.asset_id)) {
+            if let Some(exchanged) = handed.exchanged_at {
+                metrics::end_to_end("exchange_to_asset", elapsed(exchanged, cx.now));
             }
         }
     }

@@ -16,34 +16,19 @@ use crate::runtime::consumer::{Cx, Failure, Handler, Received};
 use crate::runtime::db::schema::deliveries;
 use crate::runtime::outbox::Outgoing;
 
-/// Sent is what [`send_attempt`] did.
+/// Sent is what [`send_attempts`] did with a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sent {
     Attempt(u32),
     /// Already sent, delivered, dead or cancelled: nothing to do.
     Skipped,
-    /// The asset is no longer valid (`docs/product.md#validity-is-checked-first`): cancelled, never delivered.
+    /// No longer owed (`docs/product.md#validity-is-checked-first`): the asset is no longer valid,
+    /// or the certificate the delivery is about was closed. Cancelled, never sent.
     Cancelled,
 }
 
-/// send_attempt makes the next attempt of a pending or failed delivery, as [`send_attempts`] does
-/// for several; a delivery that does not exist is a permanent failure.
-pub fn send_attempt(
-    conn: &mut PgConnection,
-    deliveries: &Deliveries,
-    delivery_id: Uuid,
-    now: DateTime<Utc>,
-    sending: &mut Vec<Outgoing>,
-) -> Result<Sent, Failure> {
-    match send_attempts(conn, deliveries, &[delivery_id], now, sending)?.pop() {
-        Some((_, sent)) => Ok(sent),
-        None => {
-            Err(Failure::permanent(DeadLetterReason::UnknownDelivery, format!("delivery {delivery_id} does not exist")))
-        }
-    }
-}
-
-/// Due is a delivery locked for its next attempt, with the state of the asset it carries.
+/// Due is a delivery locked for its next attempt, with the state of the asset it is about and of
+/// that asset's certificate.
 #[derive(QueryableByName)]
 struct Due {
     #[diesel(embed)]
@@ -52,10 +37,27 @@ struct Due {
     asset_status: Option<String>,
     #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
     asset_expires_at: Option<DateTime<Utc>>,
+    /// Whether the asset's certificate was exchanged, revoked or has expired.
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Bool>)]
+    certificate_closed: Option<bool>,
+}
+
+/// owed_to_the_certificate_holder says whether a delivery only makes sense while the certificate
+/// is open: the certificate itself, a stage-1 reminder, a download request. Once the asset was
+/// exchanged, delivered, expired or refunded, or the certificate revoked, it is not sent again.
+fn owed_to_the_certificate_holder(row: &Row, kind: DeliveryKind) -> bool {
+    match kind {
+        DeliveryKind::Certificate | DeliveryKind::DownloadRequest => true,
+        DeliveryKind::Message => {
+            row.content.get("code").and_then(serde_json::Value::as_str) == Some("certificate_expiring")
+        }
+        _ => false,
+    }
 }
 
 /// send_attempts makes the next attempt of each pending or failed delivery among `ids`: it
-/// re-checks the validity of the asset it carries (`docs/product.md#validity-is-checked-first`), records the
+/// re-checks that the delivery is still owed (`docs/product.md#validity-is-checked-first`: an asset
+/// still valid, a certificate, reminder or download request still open), records the
 /// attempt with the hash of the bytes, and adds them to `sending`, for the caller to write to the
 /// outbox in its transaction. The deliveries are read in one statement and their attempts recorded
 /// in another, whatever their number. It returns what it did with each delivery that exists; an id
@@ -72,17 +74,21 @@ pub fn send_attempts(
     ids.sort_unstable();
     ids.dedup();
     let due: Vec<Due> = crate::runtime::db::prepared(
-        "SELECT d.*, a.status AS asset_status, a.expires_at AS asset_expires_at
-         FROM deliveries d LEFT JOIN assets a ON a.id = d.asset_id AND d.kind = 'asset'
+        "SELECT d.*, a.status AS asset_status, a.expires_at AS asset_expires_at,
+                (c.exchanged_at IS NOT NULL OR c.revoked_at IS NOT NULL OR c.expires_at <= $now) AS certificate_closed
+         FROM deliveries d
+         LEFT JOIN assets a ON a.id = d.asset_id
+         LEFT JOIN exchange_certificates c ON c.asset_id = d.asset_id
          WHERE d.id = ANY($ids)
          ORDER BY d.id
          FOR UPDATE OF d",
     )
     .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>("ids", &ids)
+    .bind::<diesel::sql_types::Timestamptz, _>("now", now)
     .load(conn)?;
     let mut done = Vec::with_capacity(due.len());
     let mut attempts = Vec::with_capacity(due.len());
-    for Due { delivery: row, asset_status, asset_expires_at } in &due {
+    for Due { delivery: row, asset_status, asset_expires_at, certificate_closed } in &due {
         if !matches!(row.status.as_str(), "pending" | "failed") {
             done.push((row.id, Sent::Skipped));
             continue;
@@ -98,6 +104,19 @@ pub fn send_attempts(
             let status = Status::parse(status).expect("the CHECK constraint admits only known statuses");
             if *expires_at <= now || !status.is_before_delivery() {
                 cancel(conn, row, asset_id, now)?;
+                done.push((row.id, Sent::Cancelled));
+                continue;
+            }
+        }
+        if owed_to_the_certificate_holder(row, kind) {
+            let awaiting = asset_status.as_deref() == Some(Status::AwaitingExchange.as_str());
+            let valid = asset_expires_at.is_some_and(|at| at > now);
+            if !awaiting || !valid || *certificate_closed == Some(true) {
+                void(
+                    conn,
+                    row,
+                    "the certificate is closed: exchanged, revoked or expired, or its asset went another way",
+                )?;
                 done.push((row.id, Sent::Cancelled));
                 continue;
             }
@@ -120,6 +139,15 @@ fn cancel(conn: &mut PgConnection, row: &Row, asset_id: Uuid, now: DateTime<Utc>
         .set((deliveries::status.eq("cancelled"), deliveries::last_error.eq("the asset is no longer valid")))
         .execute(conn)?;
     expire_if_due(conn, asset_id, now)?;
+    metrics::delivery_attempt(&row.kind, "cancelled");
+    Ok(())
+}
+
+/// void cancels a delivery that is owed no more, and sends nothing.
+fn void(conn: &mut PgConnection, row: &Row, why: &str) -> Result<(), Failure> {
+    diesel::update(deliveries::table.find(row.id))
+        .set((deliveries::status.eq("cancelled"), deliveries::last_error.eq(why)))
+        .execute(conn)?;
     metrics::delivery_attempt(&row.kind, "cancelled");
     Ok(())
 }

@@ -94,10 +94,8 @@ fn take(h: &ExchangeHandler, cx: &mut Cx<'_>, batch: &[Received<'_, ExchangeRequ
     cx.read_terminals(batch.iter().map(|r| r.message.terminal_id.as_str()))?;
     let mut authentic = Vec::with_capacity(batch.len());
     for Received { message: request, incoming: message } in batch {
-        match requests::authenticate(req, cx, &header(request), &message.json, message.first_received_at)? {
-            Err((terminal, refused)) => {
-                requests::refuse(req, cx, message, &header(request), terminal.as_ref(), None, refused)?
-            }
+        match req.authenticate(cx, &header(request), &message.json, message.first_received_at)? {
+            Err((terminal, refused)) => req.refuse(cx, message, &header(request), terminal.as_ref(), None, refused)?,
             Ok(a) => authentic.push((*message, request, a)),
         }
     }
@@ -106,7 +104,7 @@ fn take(h: &ExchangeHandler, cx: &mut Cx<'_>, batch: &[Received<'_, ExchangeRequ
     let mut presented = Vec::with_capacity(authentic.len());
     for (message, request, Authentic { terminal, content_sha256 }) in authentic {
         if let Some(original) = originals.remove(&request.request_id) {
-            requests::answer_duplicate(req, cx, message, &header(request), &terminal, &original, &content_sha256)?;
+            req.answer_duplicate(cx, message, &header(request), &terminal, &original, &content_sha256)?;
             continue;
         }
         let p = Presented { message, request, terminal, content_sha256 };
@@ -149,15 +147,7 @@ fn take(h: &ExchangeHandler, cx: &mut Cx<'_>, batch: &[Received<'_, ExchangeRequ
 
 /// refuse answers an authentic, fresh request with a refusal, and records its request id.
 fn refuse(h: &ExchangeHandler, cx: &mut Cx<'_>, p: &Presented<'_>, refused: Refused) -> Result<(), Failure> {
-    requests::refuse(
-        &h.requests,
-        cx,
-        p.message,
-        &header(p.request),
-        Some(&p.terminal),
-        Some(&p.content_sha256),
-        refused,
-    )
+    h.requests.refuse(cx, p.message, &header(p.request), Some(&p.terminal), Some(&p.content_sha256), refused)
 }
 
 /// genuine checks that a presented certificate is signed by the service provider, and returns its

@@ -206,13 +206,12 @@ fn near_expiry(
     })
 }
 
-/// past_due handles certificates that expired unexchanged (`docs/product.md#past-due-processing`): each is revoked, and each
-/// whose asset still awaits exchange gets a past-due notice. The delivery pool moves that asset to
-/// past-due processing and, if the asset is still valid, sends its holder a past-due message, a
-/// forced transmission of the asset and a revocation request; if not, the asset expires. A
-/// certificate whose asset already left awaiting_exchange another way (a forced stage-2
-/// transmission, a refund) is void and is closed quietly. The revocation is what makes each
-/// certificate's past-due processing happen once.
+/// past_due handles certificates that expired unexchanged (`docs/product.md#past-due-processing`):
+/// each is revoked and gets a past-due notice. The delivery pool moves an asset that still awaits
+/// exchange to past-due processing and, if it is still valid, sends its holder a past-due message
+/// and a forced transmission of the asset; if not, the asset expires. Every holder gets a
+/// revocation request, whatever happened to the asset (a forced stage-2 transmission, a refund,
+/// its expiry). The revocation is what makes each certificate's past-due processing happen once.
 fn past_due(
     conn: &mut PgConnection,
     names: &Names,
@@ -252,15 +251,14 @@ fn past_due(
         .bind::<Timestamptz, _>("as_of", as_of)
         .bind::<Array<SqlUuid>, _>("ids", &ids)
         .load(conn)?;
-        let notices: Vec<CertificateNotice> = revoked
-            .iter()
-            .filter(|r| r.awaiting)
-            .map(|r| CertificateNotice { certificate_id: r.id, notice: NoticeKind::PastDue })
-            .collect();
+        // Every revoked certificate is followed by a revocation request to its holder, whatever
+        // happened to its asset; one whose asset still awaits exchange, and is valid, is owed the
+        // past-due message and the forced transmission too.
+        let notices: Vec<CertificateNotice> =
+            revoked.iter().map(|r| CertificateNotice { certificate_id: r.id, notice: NoticeKind::PastDue }).collect();
         publish(conn, names, &notices, as_of)?;
-        // What the holders are owed: nothing for an asset that is no longer valid.
         let enqueued =
-            revoked.iter().filter(|r| r.awaiting && r.valid).count() as u64 * NoticeKind::PastDue.deliveries();
+            revoked.iter().map(|r| if r.awaiting && r.valid { NoticeKind::PastDue.deliveries() } else { 1 }).sum();
         Ok(Swept { scanned: revoked.len() as u64, enqueued })
     })
 }

@@ -12,7 +12,7 @@ use crate::runtime::db::schema::deliveries;
 use crate::runtime::scan::{Scan, Swept, Watermark, into_query_error};
 
 /// DesignatedDeliveries sends the deliveries whose designated time has come
-/// (`docs/product.md`, "Designated-date delivery").
+/// (`docs/product.md#designated-delivery`).
 pub struct DesignatedDeliveries {
     pub deliveries: Arc<Deliveries>,
 }

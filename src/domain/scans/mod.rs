@@ -1,4 +1,4 @@
-//! The scans: the scheduler's work, each a function that claims due rows in batches and acts on
+//! The scans: the scheduler's work, each a [`Scan`] that claims due rows in batches and acts on
 //! them as of the run's intended time.
 
 pub mod certificates;

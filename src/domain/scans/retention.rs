@@ -7,7 +7,7 @@ use crate::config::RetentionConfig;
 use crate::runtime::db::prepared;
 use crate::runtime::scan::{Scan, Swept, Watermark};
 
-/// retention deletes, a batch at a time, bookkeeping rows older than their retention at `as_of`.
+/// Retention deletes, a batch at a time, bookkeeping rows older than their retention at `as_of`.
 /// Orders, assets, histories, deliveries and dead letters are records, not bookkeeping: kept.
 pub struct Retention {
     pub retention: RetentionConfig,

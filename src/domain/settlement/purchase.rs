@@ -70,9 +70,9 @@ impl PurchaseHandler {
         }))?;
         let mut authentic = Vec::with_capacity(batch.len());
         for Received { message: purchase, incoming: message } in batch {
-            match requests::authenticate(req, cx, &header(purchase), &message.json, message.first_received_at)? {
+            match req.authenticate(cx, &header(purchase), &message.json, message.first_received_at)? {
                 Err((terminal, refused)) => {
-                    requests::refuse(req, cx, message, &header(purchase), terminal.as_ref(), None, refused)?
+                    req.refuse(cx, message, &header(purchase), terminal.as_ref(), None, refused)?
                 }
                 Ok(a) => authentic.push((*message, purchase, a)),
             }
@@ -83,11 +83,11 @@ impl PurchaseHandler {
         for (message, purchase, Authentic { terminal, content_sha256: sha }) in authentic {
             let header = header(purchase);
             if let Some(original) = originals.remove(&purchase.request_id) {
-                requests::answer_duplicate(req, cx, message, &header, &terminal, &original, &sha)?;
+                req.answer_duplicate(cx, message, &header, &terminal, &original, &sha)?;
                 continue;
             }
             match self.plan(cx, purchase, &terminal)? {
-                Err(refused) => requests::refuse(req, cx, message, &header, Some(&terminal), Some(&sha), refused)?,
+                Err(refused) => req.refuse(cx, message, &header, Some(&terminal), Some(&sha), refused)?,
                 Ok(plan) => placing.push(cx, &self.settlements, purchase, plan, sha),
             }
         }

@@ -151,7 +151,7 @@ impl Consumer {
         let handler = match self.registry.lookup(&incoming.queue, &incoming.message_type) {
             Some(h) => h,
             None => {
-                let (reason, detail) = if incoming.queue.ends_with(".unrouted") {
+                let (reason, detail) = if self.registry.is_unrouted(&incoming.queue) {
                     (
                         DeadLetterReason::Unroutable,
                         format!(

@@ -83,8 +83,8 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
-/// Dispatch is a [`Handler`] with its message type erased, as the registry keeps it. Every
-/// handler is one; nothing else implements it.
+/// Dispatch is a [`Handler`] with its message type erased, as the registry keeps it: every
+/// handler is one.
 pub trait Dispatch: Send + Sync {
     /// Dispatch::max_batch is [`Handler::max_batch`], at least one.
     fn max_batch(&self) -> usize;
@@ -134,6 +134,8 @@ where
 #[derive(Default)]
 pub struct Registry {
     handlers: HashMap<String, HashMap<&'static str, Arc<dyn Dispatch>>>,
+    /// Queues that take what no binding routed: everything there is dead-lettered as unroutable.
+    unrouted: HashSet<String>,
 }
 
 impl Registry {
@@ -149,9 +151,15 @@ impl Registry {
         Ok(())
     }
 
-    /// Registry::queue declares a queue whose every message is dead-lettered (the unrouted queue).
-    pub fn queue(&mut self, queue: &str) {
+    /// Registry::unrouted declares a queue of messages no binding routed (the requests exchange's
+    /// alternate exchange): every one is dead-lettered as unroutable.
+    pub fn unrouted(&mut self, queue: &str) {
         self.handlers.entry(queue.to_string()).or_default();
+        self.unrouted.insert(queue.to_string());
+    }
+
+    pub(super) fn is_unrouted(&self, queue: &str) -> bool {
+        self.unrouted.contains(queue)
     }
 
     pub(super) fn lookup(&self, queue: &str, message_type: &str) -> Option<Arc<dyn Dispatch>> {

@@ -56,7 +56,7 @@ impl Consumer {
             let mut subscribed = false;
             let result = self.consume_on(&conn, &queue, &permits, &in_flight, &shutdown, &mut subscribed).await;
             if subscribed {
-                self.plumbing.progress.consumer_stopped(self.pool);
+                self.plumbing.progress.consumer_stopped();
             }
             if let Err(e) = result {
                 tracing::warn!(pool = %self.pool, queue = %queue, error = %e, "consumer stopped; starting again");
@@ -91,7 +91,7 @@ impl Consumer {
             channel.basic_consume(queue.into(), tag.as_str().into(), options, FieldTable::default()),
         )
         .await?;
-        self.plumbing.progress.consumer_started(self.pool);
+        self.plumbing.progress.consumer_started();
         *subscribed = true;
         tracing::info!(pool = %self.pool, queue, "consuming");
         let mut arrivals = Arrivals::default();

@@ -113,6 +113,12 @@ fn pieces(sql: &str) -> Result<Vec<Piece<'_>>, String> {
             Some(q) if b == q => quote = None,
             Some(_) => {}
             None if b == b'\'' || b == b'"' => quote = Some(b),
+            // A `--` comment runs to the end of its line: what it says is no parameter, and an
+            // apostrophe in it opens no literal.
+            None if b == b'-' && bytes.get(i + 1) == Some(&b'-') => {
+                i = bytes[i..].iter().position(|c| *c == b'\n').map_or(bytes.len(), |n| i + n);
+                continue;
+            }
             None if b == b'$' => {
                 let rest = &bytes[i + 1..];
                 let len =
@@ -195,6 +201,11 @@ mod tests {
         // A dollar sign without a name, or inside a literal, is not a parameter.
         assert_eq!(pieces("SELECT '$' || $b"), Ok(vec![Piece::Sql("SELECT '$' || "), Piece::Parameter("b")]));
         assert_eq!(pieces("SELECT '$x'"), Ok(vec![Piece::Sql("SELECT '$x'")]));
+        // Nor is one in a comment, whose apostrophe opens no literal either.
+        assert_eq!(
+            pieces("SELECT 1 -- the asset's $id\n, $b"),
+            Ok(vec![Piece::Sql("SELECT 1 -- the asset's $id\n, "), Piece::Parameter("b")])
+        );
     }
 
     #[test]

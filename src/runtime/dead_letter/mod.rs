@@ -102,13 +102,15 @@ pub struct Filter {
     pub replayed: bool,
 }
 
-/// Summary is a dead letter as `dlq list` shows it.
+/// Summary is a dead letter as `dlq list` shows it: with the original's AMQP message id and
+/// type, so that a publisher can match it to what it sent.
 #[derive(Debug, Clone, Serialize, Queryable, Selectable)]
 #[diesel(table_name = dead_letters)]
 pub struct Summary {
     pub id: Uuid,
     pub pool: String,
     pub source: String,
+    pub message_id: Option<String>,
     pub message_type: String,
     pub reason: String,
     pub detail: String,
@@ -123,7 +125,6 @@ pub struct Summary {
 pub struct Full {
     #[serde(flatten)]
     pub summary: Summary,
-    pub message_id: Option<String>,
     pub exchange: Option<String>,
     pub routing_key: Option<String>,
     pub headers: Value,
@@ -164,24 +165,17 @@ pub fn show(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Full>> {
     else {
         return Ok(None);
     };
-    let (message_id, exchange, routing_key, headers, attempts, payload): (
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Value,
-        Value,
-        Vec<u8>,
-    ) = dead_letters::table
-        .find(id)
-        .select((
-            dead_letters::message_id,
-            dead_letters::exchange,
-            dead_letters::routing_key,
-            dead_letters::headers,
-            dead_letters::attempts,
-            dead_letters::payload,
-        ))
-        .first(conn)?;
+    let (exchange, routing_key, headers, attempts, payload): (Option<String>, Option<String>, Value, Value, Vec<u8>) =
+        dead_letters::table
+            .find(id)
+            .select((
+                dead_letters::exchange,
+                dead_letters::routing_key,
+                dead_letters::headers,
+                dead_letters::attempts,
+                dead_letters::payload,
+            ))
+            .first(conn)?;
     let audit = dead_letter_audit::table
         .filter(dead_letter_audit::dead_letter_id.eq(id))
         .order(dead_letter_audit::id)
@@ -195,7 +189,7 @@ pub fn show(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Full>> {
         .into_iter()
         .map(|(action, operator, note, at)| json!({"action": action, "operator": operator, "note": note, "at": at}))
         .collect();
-    Ok(Some(Full { summary, message_id, exchange, routing_key, headers, attempts, payload: readable(&payload), audit }))
+    Ok(Some(Full { summary, exchange, routing_key, headers, attempts, payload: readable(&payload), audit }))
 }
 
 fn readable(payload: &[u8]) -> Value {

@@ -80,7 +80,7 @@ fn x_death(props: &lapin::BasicProperties) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// Recorder consumes the pools' dead-letter queues, so that what the broker dead-letters by
+/// run_recorder consumes a pool's dead-letter queue, so that what the broker dead-letters by
 /// itself also lands in the dead_letters table.
 pub async fn run_recorder(
     plumbing: Plumbing,
@@ -89,17 +89,17 @@ pub async fn run_recorder(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let queue = plumbing.names.dead_letter_queue(pool);
-    let handler_app = plumbing.clone();
+    let handler_plumbing = plumbing.clone();
     let stopping = shutdown.clone();
     crate::runtime::broker::consume(broker, queue, 16, shutdown, move |delivery| {
-        let (app, stopping) = (handler_app.clone(), stopping.clone());
+        let (plumbing, stopping) = (handler_plumbing.clone(), stopping.clone());
         async move {
-            let names = app.names.clone();
+            let names = plumbing.names.clone();
             let mut delay = std::time::Duration::from_millis(200);
             let (props, data) = (delivery.properties.clone(), delivery.data.clone());
             loop {
                 let (names2, props2, data2) = (names.clone(), props.clone(), data.clone());
-                let recorded = app
+                let recorded = plumbing
                     .db
                     .run(move |conn| {
                         record_from_broker(conn, &names2, pool, &props2, &data2)
@@ -107,8 +107,9 @@ pub async fn run_recorder(
                     })
                     .await;
                 match recorded {
+                    // Its notice was written for the relay (nothing is handed off here): wake it.
                     Ok(true) => {
-                        app.committed();
+                        plumbing.outbox_wake.notify_one();
                         return true;
                     }
                     Ok(false) => return true,

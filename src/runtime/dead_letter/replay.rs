@@ -91,6 +91,8 @@ impl Replayers {
 /// dead-lettered (an instruction to a partner, a delivery to a gateway), back where it was going.
 pub struct MessageReplayer {
     pub names: Names,
+    /// The pools whose messages may be replayed; a letter naming another pool is refused.
+    pub pools: Vec<&'static str>,
 }
 
 impl Replayer for MessageReplayer {
@@ -106,10 +108,12 @@ impl Replayer for MessageReplayer {
             .map(str::to_string)
             .unwrap_or_else(|| letter.summary.created_at.to_rfc3339());
         let names = &self.names;
+        let pool = letter.summary.pool.as_str();
+        anyhow::ensure!(self.pools.contains(&pool), "dead letter {id} names pool {pool:?}, which does not exist");
         let outbound = letter.exchange.as_deref().filter(|e| *e == names.partners() || *e == names.gateways());
         let (exchange, routing_key) = match (outbound, &letter.routing_key) {
             (Some(exchange), Some(key)) => (exchange.to_string(), key.clone()),
-            _ => (names.internal(), names.replay_key(&letter.summary.pool)),
+            _ => (names.internal(), names.replay_key(pool)),
         };
         let message = Outgoing {
             message_id: Uuid::now_v7(),
