@@ -9,7 +9,7 @@ use diesel::prelude::*;
 use crate::config::Config;
 use crate::crypto::{self, KeyRing};
 use crate::domain::catalogue::{Product, upsert_product};
-use crate::runtime::db::schema::{products, terminals};
+use crate::domain::schema::{products, terminals};
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {

@@ -239,7 +239,7 @@ pub fn audit(conn: &mut PgConnection, sent: Option<i64>) -> QueryResult<Audit> {
 /// illegal_paths checks every asset's status history against the status machine, and that it
 /// ends at the asset's current status.
 fn illegal_paths(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
-    use crate::runtime::db::schema::{asset_status_history as h, assets};
+    use crate::domain::schema::{asset_status_history as h, assets};
     let history: Vec<(uuid::Uuid, Option<String>, String)> =
         h::table.order((h::asset_id, h::id)).select((h::asset_id, h::from_status, h::to_status)).load(conn)?;
     let current: BTreeMap<uuid::Uuid, String> =

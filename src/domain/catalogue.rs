@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use std::collections::HashMap;
 
+use crate::domain::schema::{gateways, partners, products, terminals};
 use crate::runtime::consumer::Cx;
-use crate::runtime::db::schema::{gateways, partners, products, terminals};
 
 /// Product is a thing for sale.
 #[derive(Debug, Clone, Queryable, Selectable, Insertable, AsChangeset, Serialize, Deserialize)]

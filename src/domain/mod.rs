@@ -8,5 +8,6 @@ pub mod issuance;
 pub mod metrics;
 pub mod requests;
 pub mod scans;
+pub mod schema;
 pub mod settlement;
 pub mod status;

@@ -21,8 +21,8 @@ use crate::crypto;
 use crate::domain::catalogue::{Catalogue, Terminal};
 use crate::domain::delivery::Deliveries;
 use crate::domain::delivery::{self, NewDelivery};
+use crate::domain::schema::{refusals, terminal_requests};
 use crate::runtime::consumer::{Cx, Failure, Incoming};
-use crate::runtime::db::schema::{refusals, terminal_requests};
 
 /// Requests is what answering terminal requests needs: the freshness rules, and the deliveries
 /// that carry refusals and duplicate notices back to the terminal.

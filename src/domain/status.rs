@@ -12,7 +12,7 @@ use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::runtime::db::schema::assets;
+use crate::domain::schema::assets;
 
 /// Status is an asset's status (`docs/product.md#statuses`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -85,7 +85,7 @@ async fn show_an_exchanged_asset(config: &Config) -> anyhow::Result<()> {
     use diesel::prelude::*;
     let url = config.database.url.clone();
     let view = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<crate::cli::status::View>> {
-        use crate::runtime::db::schema::exchange_certificates as x;
+        use crate::domain::schema::exchange_certificates as x;
         let mut conn = crate::runtime::db::establish(&url)?;
         let asset: Option<uuid::Uuid> = x::table
             .filter(x::exchanged_at.is_not_null())

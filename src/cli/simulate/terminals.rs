@@ -23,8 +23,8 @@ use crate::contracts::messages::kinds;
 use crate::contracts::topology::Names;
 use crate::crypto;
 use crate::domain::catalogue::{Product, upsert_product};
+use crate::domain::schema::products;
 use crate::runtime::broker::Broker;
-use crate::runtime::db::schema::products;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct TerminalOptions {

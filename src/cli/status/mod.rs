@@ -14,7 +14,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::runtime::db::schema::{
+use crate::domain::schema::{
     asset_status_history, assets, deliveries, exchange_certificates, orders, refusals, settlements, terminal_requests,
 };
 

@@ -13,9 +13,9 @@ use crate::contracts::dead_letter::DeadLetterReason;
 use crate::contracts::messages::{DeliveryKind, kinds};
 use crate::contracts::topology::Pool;
 use crate::domain::metrics;
+use crate::domain::schema::{assets, deliveries, delivery_attempts};
 use crate::domain::status::{self, Cause, Status};
 use crate::runtime::consumer::Failure;
-use crate::runtime::db::schema::{assets, deliveries, delivery_attempts};
 use crate::runtime::dead_letter::{self, Full, NewDeadLetter, Replayer};
 
 /// expire_if_due moves an asset past its term to `expired`. An asset still awaiting its

@@ -28,8 +28,8 @@ use crate::config::workers::TransmissionPolicy;
 use crate::contracts::messages::{DeliveryKind, DeliveryRequested, kinds};
 use crate::contracts::topology::Names;
 use crate::domain::catalogue::Terminal;
+use crate::domain::schema::deliveries;
 use crate::runtime::consumer::{Cx, Failure};
-use crate::runtime::db::schema::deliveries;
 use crate::runtime::outbox::Outgoing;
 
 /// Deliveries is what sending to terminals needs: the names on the broker, and the transmission

@@ -10,9 +10,9 @@ use super::{Deliveries, Row, fail_attempt};
 use crate::contracts::dead_letter::DeadLetterReason;
 use crate::contracts::messages::{DeliveryKind, DeliveryReceipt, kinds};
 use crate::domain::metrics;
+use crate::domain::schema::delivery_attempts;
 use crate::domain::status::{self, Cause, Status};
 use crate::runtime::consumer::{Cx, Failure, Handler, Received, together_unless_repeated};
-use crate::runtime::db::schema::delivery_attempts;
 
 /// ReceiptHandler completes a delivery on a receipt with the right hash (`delivery.receipt`).
 /// Receipts handled together are read in one statement and completed in one more (two when they

@@ -11,9 +11,9 @@ use super::{Deliveries, Row, expire_if_due};
 use crate::contracts::dead_letter::DeadLetterReason;
 use crate::contracts::messages::{DeliveryKind, DeliveryRequested, GatewayDelivery, kinds};
 use crate::domain::metrics;
+use crate::domain::schema::deliveries;
 use crate::domain::status::Status;
 use crate::runtime::consumer::{Cx, Failure, Handler, Received};
-use crate::runtime::db::schema::deliveries;
 use crate::runtime::outbox::Outgoing;
 
 /// Sent is what [`send_attempts`] did with a delivery.

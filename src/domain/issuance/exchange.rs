@@ -21,9 +21,9 @@ use crate::domain::catalogue::{Catalogue, Terminal};
 use crate::domain::delivery::{self, Deliveries, NewDelivery};
 use crate::domain::metrics;
 use crate::domain::requests::{self, Authentic, Header, Requests};
+use crate::domain::schema::{asset_documents, assets, certificate_documents, exchange_certificates};
 use crate::domain::status::Status;
 use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received, together_unless_repeated};
-use crate::runtime::db::schema::{asset_documents, assets, certificate_documents, exchange_certificates};
 
 /// ExchangeHandler takes `certificate.exchange`.
 pub struct ExchangeHandler {

@@ -20,9 +20,9 @@ use crate::contracts::messages::{DeliveryKind, IssuanceRequested, kinds};
 use crate::crypto::KeyRing;
 use crate::domain::catalogue::{Catalogue, Product};
 use crate::domain::delivery::{self, Deliveries, NewDelivery};
+use crate::domain::schema::orders;
 use crate::domain::status::{self, Status};
 use crate::runtime::consumer::{Cx, Failure, Handler, Received};
-use crate::runtime::db::schema::orders;
 
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = orders)]

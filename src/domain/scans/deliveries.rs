@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::domain::delivery::{self, Deliveries, Row};
 use crate::domain::metrics;
-use crate::runtime::db::schema::deliveries;
+use crate::domain::schema::deliveries;
 use crate::runtime::scan::{Scan, Swept, Watermark, into_query_error};
 
 /// DesignatedDeliveries sends the deliveries whose designated time has come

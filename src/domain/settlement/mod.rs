@@ -28,7 +28,7 @@ use crate::domain::catalogue::load_terminal;
 use crate::domain::delivery::Deliveries;
 use crate::domain::delivery::{self, NewDelivery};
 use crate::domain::metrics;
-use crate::runtime::db::schema::{orders, settlements};
+use crate::domain::schema::{orders, settlements};
 use crate::runtime::dead_letter::{self, Full, NewDeadLetter, Replayer};
 use crate::runtime::outbox::{self, Outgoing};
 use crate::runtime::scan::Swept;

@@ -11,8 +11,8 @@ use super::{Settlement, Settlements, notify_orderer};
 use crate::contracts::dead_letter::DeadLetterReason;
 use crate::contracts::messages::{IssuanceRequested, SettlementOutcome, SettlementResult, kinds};
 use crate::domain::metrics;
+use crate::domain::schema::settlements;
 use crate::runtime::consumer::{Cx, Failure, Handler, Received, together_unless_repeated};
-use crate::runtime::db::schema::settlements;
 use crate::runtime::outbox::Outgoing;
 
 /// ResultHandler takes `settlement.result`. Answers handled together are read in one statement and
