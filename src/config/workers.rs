@@ -82,6 +82,11 @@ pub struct TransmissionPolicy {
     /// revocation_request, refusal).
     #[serde(default)]
     pub kinds: BTreeMap<String, KindPolicy>,
+    /// Overrides by the kind of the receiving terminal (mobile, stationary, pos, gate), which win
+    /// over the delivery kind's: a stationary terminal may be offline for days, and everything
+    /// sent to it is worth waiting for.
+    #[serde(default)]
+    pub terminal_kinds: BTreeMap<String, KindPolicy>,
 }
 
 /// KindPolicy overrides the transmission policy for one kind of delivery.
@@ -95,14 +100,32 @@ pub struct KindPolicy {
 }
 
 impl TransmissionPolicy {
-    /// TransmissionPolicy::schedule_for is the retry schedule of a delivery kind.
-    pub fn schedule_for(&self, kind: &str) -> &[Duration] {
-        self.kinds.get(kind).and_then(|k| k.schedule.as_deref()).unwrap_or(&self.schedule)
+    /// TransmissionPolicy::overrides are the overrides that apply, the most specific first.
+    fn overrides<'p>(&'p self, kind: &str, terminal_kind: Option<&str>) -> impl Iterator<Item = &'p KindPolicy> {
+        terminal_kind.and_then(|t| self.terminal_kinds.get(t)).into_iter().chain(self.kinds.get(kind))
     }
 
-    /// TransmissionPolicy::max_attempts_for is the attempts allowed for a delivery kind.
-    pub fn max_attempts_for(&self, kind: &str) -> u32 {
-        self.kinds.get(kind).and_then(|k| k.max_attempts).unwrap_or(self.max_attempts)
+    /// TransmissionPolicy::schedule_for is the retry schedule of a delivery kind to a terminal
+    /// kind.
+    pub fn schedule_for(&self, kind: &str, terminal_kind: Option<&str>) -> &[Duration] {
+        self.overrides(kind, terminal_kind).find_map(|k| k.schedule.as_deref()).unwrap_or(&self.schedule)
+    }
+
+    /// TransmissionPolicy::max_attempts_for is the attempts allowed for a delivery kind to a
+    /// terminal kind.
+    pub fn max_attempts_for(&self, kind: &str, terminal_kind: Option<&str>) -> u32 {
+        self.overrides(kind, terminal_kind).find_map(|k| k.max_attempts).unwrap_or(self.max_attempts)
+    }
+
+    /// TransmissionPolicy::horizon is how long a delivery kind to a terminal kind is retried at
+    /// the least, from its first attempt to its last: every wait of the schedule before the last
+    /// attempt, each shortened by the jitter as much as it may be.
+    pub fn horizon(&self, kind: &str, terminal_kind: Option<&str>) -> Duration {
+        let schedule = self.schedule_for(kind, terminal_kind);
+        let waits = self.max_attempts_for(kind, terminal_kind).saturating_sub(1) as usize;
+        let last = schedule.last().copied().unwrap_or_default();
+        let total: Duration = (0..waits).map(|i| schedule.get(i).copied().unwrap_or(last)).sum();
+        total.mul_f64((1.0 - self.jitter).max(0.0))
     }
 }
 
@@ -242,9 +265,31 @@ mod tests {
             "refusal".into(),
             KindPolicy { schedule: Some(vec![Duration::from_secs(5)]), max_attempts: Some(2) },
         );
-        assert_eq!(policy.schedule_for("refusal"), &[Duration::from_secs(5)]);
-        assert_eq!(policy.max_attempts_for("refusal"), 2);
-        assert_eq!(policy.schedule_for("asset").len(), 7);
-        assert_eq!(policy.max_attempts_for("asset"), 10);
+        assert_eq!(policy.schedule_for("refusal", None), &[Duration::from_secs(5)]);
+        assert_eq!(policy.max_attempts_for("refusal", Some("mobile")), 2);
+        assert_eq!(policy.schedule_for("asset", None).len(), 7);
+        // A terminal kind's override wins over the delivery kind's.
+        policy.terminal_kinds.insert("gate".into(), KindPolicy { schedule: None, max_attempts: Some(3) });
+        assert_eq!(policy.max_attempts_for("refusal", Some("gate")), 3);
+        assert_eq!(
+            policy.schedule_for("refusal", Some("gate")),
+            &[Duration::from_secs(5)],
+            "its own schedule is unset"
+        );
+    }
+
+    /// A terminal may be offline for a week (`docs/product.md#parties-and-terminals`): what it
+    /// paid for is retried for longer than that, whatever its kind, at the shortest jitter.
+    #[test]
+    fn the_built_in_retry_horizon_outlasts_a_week_long_absence_for_assets_and_certificates() {
+        let policy = PoolDefinitions::built_in().delivery.transmission;
+        let week = Duration::from_secs(7 * 86_400);
+        for kind in ["asset", "certificate"] {
+            for terminal in [None, Some("mobile"), Some("stationary"), Some("pos"), Some("gate")] {
+                let horizon = policy.horizon(kind, terminal);
+                assert!(horizon > week, "{kind} to {terminal:?}: retried for {horizon:?} only");
+            }
+        }
+        assert!(policy.horizon("asset", Some("stationary")) >= policy.horizon("asset", Some("mobile")));
     }
 }

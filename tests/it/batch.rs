@@ -476,6 +476,7 @@ async fn a_delivery_dead_lettered_by_a_failing_gateway_is_replayed_by_an_operato
     let mut env = Env::new().await;
     env.product("ppv", |p| p.kind = "ppv_ticket".into()).await;
     let carol = env.terminal("carol", "gw-1", Some("card-co")).await;
+    let limit = env.app.pools.delivery.transmission.max_attempts_for("asset", Some("mobile")) as i32;
     env.start().await;
     env.partner(settle_all());
     // No gateway simulator yet: no attempt is ever acknowledged.
@@ -493,7 +494,7 @@ async fn a_delivery_dead_lettered_by_a_failing_gateway_is_replayed_by_an_operato
         if before.status == "dead" {
             break;
         }
-        assert!(runs < 20, "still not dead after {runs} runs: {before:?}");
+        assert!(runs < 2 * limit, "still not dead after {runs} runs: {before:?}");
         let report = env.run_job("retransmission", before.due_at).await;
         assert_eq!(report.rows_scanned, 1, "{before:?}: {report:?}");
         if before.status == "sent" {
@@ -525,7 +526,7 @@ async fn a_delivery_dead_lettered_by_a_failing_gateway_is_replayed_by_an_operato
     let letter = env
         .db(move |c| {
             let state = delivery_state(c, &delivery);
-            assert_eq!((state.status.as_str(), state.attempts), ("dead", 10));
+            assert_eq!((state.status.as_str(), state.attempts), ("dead", limit));
             assert_eq!(asset_status(c, &asset), "retransmitting");
             let sql = "SELECT id::text AS value FROM dead_letters
                        WHERE source = 'delivery' AND reason = 'retries_exhausted' AND subject_id = $1::uuid";
@@ -536,7 +537,7 @@ async fn a_delivery_dead_lettered_by_a_failing_gateway_is_replayed_by_an_operato
 
     // The gateway comes back. What it missed was lost with it: it sees only what is sent now.
     let gateway_queue = env.app.plumbing.names.gateway_queue("gw-1");
-    wait_for_queue(&env, &gateway_queue, "the ten attempts reach the gateway's queue", |n| n >= 10).await;
+    wait_for_queue(&env, &gateway_queue, "every attempt reaches the gateway's queue", |n| n >= limit as u32).await;
     channel(&env).await.queue_purge(gateway_queue.as_str().into(), QueuePurgeOptions::default()).await.expect("purged");
     env.gateway(GatewayOptions::default());
 
@@ -560,9 +561,9 @@ async fn a_delivery_dead_lettered_by_a_failing_gateway_is_replayed_by_an_operato
     let (delivery, asset) = (first.delivery.clone(), first.asset.clone());
     env.db(move |c| {
         let state = delivery_state(c, &delivery);
-        assert_eq!((state.status.as_str(), state.attempts), ("delivered", 11));
-        let outcome = "SELECT outcome AS value FROM delivery_attempts WHERE delivery_id = $1::uuid AND attempt = 11";
-        assert_eq!(text(c, outcome, &[&delivery]).as_deref(), Some("acknowledged"));
+        assert_eq!((state.status.as_str(), state.attempts), ("delivered", limit + 1));
+        let outcome = "SELECT outcome AS value FROM delivery_attempts WHERE delivery_id = $1::uuid AND attempt = $2::int4";
+        assert_eq!(text(c, outcome, &[&delivery, &(limit + 1)]).as_deref(), Some("acknowledged"));
         assert_eq!(
             history(c, &asset),
             "(new)→awaiting_designated_delivery, awaiting_designated_delivery→retransmitting, retransmitting→force_delivered"

@@ -13,7 +13,7 @@ use crate::contracts::dead_letter::DeadLetterReason;
 use crate::contracts::messages::{DeliveryKind, kinds};
 use crate::contracts::topology::Pool;
 use crate::domain::metrics;
-use crate::domain::schema::{assets, deliveries, delivery_attempts};
+use crate::domain::schema::{assets, deliveries, delivery_attempts, terminals};
 use crate::domain::status::{self, Cause, Status};
 use crate::runtime::consumer::Failure;
 use crate::runtime::dead_letter::{self, Full, NewDeadLetter, Replayer};
@@ -79,7 +79,11 @@ pub fn fail_attempt(
             status::transition(conn, asset_id, status, next, Cause::DeliveryFailed, Some(error), now)?;
         }
     }
-    let limit = row.attempt_limit.map(|l| l as u32).unwrap_or_else(|| policy.max_attempts_for(&row.kind));
+    let terminal_kind: Option<String> =
+        terminals::table.find(&row.terminal_id).select(terminals::kind).first(conn).optional()?;
+    let terminal_kind = terminal_kind.as_deref();
+    let limit =
+        row.attempt_limit.map(|l| l as u32).unwrap_or_else(|| policy.max_attempts_for(&row.kind, terminal_kind));
     if attempt as u32 >= limit {
         diesel::update(deliveries::table.find(row.id))
             .set((deliveries::status.eq("dead"), deliveries::last_error.eq(error)))
@@ -118,7 +122,8 @@ pub fn fail_attempt(
             },
         )?;
     } else {
-        let wait = retry::delay(&policy.schedule, attempt as u32, policy.jitter, &mut rand::rng());
+        let schedule = policy.schedule_for(&row.kind, terminal_kind);
+        let wait = retry::delay(schedule, attempt as u32, policy.jitter, &mut rand::rng());
         diesel::update(deliveries::table.find(row.id))
             .set((deliveries::status.eq("failed"), deliveries::due_at.eq(now + wait), deliveries::last_error.eq(error)))
             .execute(conn)?;
@@ -139,12 +144,13 @@ impl Replayer for DeliveryReplayer {
         let id = letter.summary.id;
         let delivery =
             letter.summary.subject_id.ok_or_else(|| anyhow::anyhow!("dead letter {id} names no delivery"))?;
-        let (kind, attempts, status): (String, i32, String) = deliveries::table
-            .find(delivery)
-            .select((deliveries::kind, deliveries::attempts, deliveries::status))
+        let (kind, attempts, status, terminal_kind): (String, i32, String, Option<String>) = deliveries::table
+            .left_join(terminals::table.on(terminals::id.eq(deliveries::terminal_id)))
+            .filter(deliveries::id.eq(delivery))
+            .select((deliveries::kind, deliveries::attempts, deliveries::status, terminals::kind.nullable()))
             .first(conn)?;
         anyhow::ensure!(status == "dead", "delivery {delivery} is {status}, not dead: nothing to replay");
-        let budget = self.deliveries.transmission.max_attempts_for(&kind) as i32;
+        let budget = self.deliveries.transmission.max_attempts_for(&kind, terminal_kind.as_deref()) as i32;
         diesel::update(deliveries::table.find(delivery))
             .set((
                 deliveries::status.eq("failed"),
