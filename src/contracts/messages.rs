@@ -298,6 +298,10 @@ pub struct GatewayDelivery {
     pub terminal_id: String,
     pub gateway_id: String,
     pub sent_at: DateTime<Utc>,
+    /// The terminal request this delivery answers, if it answers one (a purchase for an order's
+    /// certificates, assets and notices; an exchange for its asset; a refused or repeated request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
     pub content: Value,
 }
 

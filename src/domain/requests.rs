@@ -230,7 +230,8 @@ impl Requests {
                     format!("refusal:{}", message.message_id),
                     terminal,
                     serde_json::to_value(content).expect("serializes"),
-                ),
+                )
+                .answering(header.request_id),
             )?;
         }
         Ok(())
@@ -275,7 +276,8 @@ impl Requests {
                 format!("duplicate:{}", message.message_id),
                 terminal,
                 serde_json::to_value(notice).expect("serializes"),
-            ),
+            )
+            .answering(header.request_id),
         )?;
         Ok(())
     }

@@ -201,6 +201,7 @@ diesel::table! {
         created_at -> Timestamptz,
         delivered_at -> Nullable<Timestamptz>,
         attempt_limit -> Nullable<Int4>,
+        request_id -> Nullable<Text>,
     }
 }
 

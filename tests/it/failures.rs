@@ -529,6 +529,10 @@ async fn every_publish_carries_the_amqp_properties_and_a_valid_body() {
     let body: Value = serde_json::from_slice(&message.data).expect("a JSON body");
     assetflow::contracts::schema::validate("delivery", &body).expect("the body honours the delivery schema");
     assert_eq!(body["kind"], "certificate", "{body}");
+    // The certificate answers the purchase: the gateway matches it to its request by the
+    // correlation id and the body's request_id.
+    assert_eq!(correlation_id, rid, "the correlation id is the purchase's request id");
+    assert_eq!(body["request_id"], rid.as_str(), "{body}");
     // The ids name what the database recorded: the attempt's message id, and the order.
     let (mid, did) = (message_id.clone(), body["delivery_id"].as_str().expect("a delivery id").to_string());
     env.db(move |c| {
@@ -539,7 +543,7 @@ async fn every_publish_carries_the_amqp_properties_and_a_valid_body() {
         );
         assert_eq!(recorded.as_deref(), Some(mid.as_str()));
         let order = text(c, "SELECT id::text AS value FROM orders WHERE request_id = $1", &[&rid]);
-        assert_eq!(order.as_deref(), Some(correlation_id.as_str()));
+        assert_eq!(order.as_deref(), body["content"]["order_id"].as_str(), "the content names the order");
     })
     .await;
     env.stop().await;

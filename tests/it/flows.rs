@@ -59,11 +59,22 @@ async fn a_certificate_purchase_is_settled_issued_delivered_and_exchanged_once()
     assert_eq!(certificate["transmission"], "not_yet_transmitted");
 
     let asset_id = certificate["asset_id"].as_str().unwrap().to_string();
-    env.send(&exchange_request("alice", certificate.clone(), &alice.key)).await;
+    let exchange = exchange_request("alice", certificate.clone(), &alice.key);
+    let exchange_id = exchange["request_id"].as_str().unwrap().to_string();
+    env.send(&exchange).await;
     let aid = asset_id.clone();
     env.wait_until("the asset is delivered", move |c| {
         (text(c, "SELECT status AS value FROM assets WHERE id = $1::uuid", &[&aid]).as_deref() == Some("delivered"))
             .then_some(())
+    })
+    .await;
+    // Each delivery names the request it answers: the certificates the purchase, the asset the
+    // exchange that handed it over.
+    let (aid, rid) = (asset_id.clone(), request_id.clone());
+    env.db(move |c| {
+        let answering = "SELECT request_id AS value FROM deliveries WHERE asset_id = $1::uuid AND kind = $2";
+        assert_eq!(text(c, answering, &[&aid, &"certificate"]).as_deref(), Some(rid.as_str()));
+        assert_eq!(text(c, answering, &[&aid, &"asset"]).as_deref(), Some(exchange_id.as_str()));
     })
     .await;
 

@@ -54,6 +54,9 @@ pub struct NewDelivery {
     pub content: Value,
     /// None: now. A time: the designated-delivery scan sends it then.
     pub due_at: Option<DateTime<Utc>>,
+    /// The terminal request this delivery answers, if it answers one: the gateway matches the
+    /// answer to its request by it.
+    pub request_id: Option<String>,
 }
 
 impl NewDelivery {
@@ -69,7 +72,14 @@ impl NewDelivery {
             forced: false,
             content,
             due_at: None,
+            request_id: None,
         }
+    }
+
+    /// NewDelivery::answering marks the delivery as the answer to a terminal request.
+    pub fn answering(mut self, request_id: impl Into<String>) -> NewDelivery {
+        self.request_id = Some(request_id.into());
+        self
     }
 }
 
@@ -104,6 +114,7 @@ pub fn enqueue_with(
             deliveries::content.eq(&delivery.content),
             deliveries::status.eq("pending"),
             deliveries::due_at.eq(due_at),
+            deliveries::request_id.eq(&delivery.request_id),
             deliveries::created_at.eq(now),
         ))
         .on_conflict(deliveries::dedupe_key)
@@ -148,10 +159,10 @@ pub fn insert_many(conn: &mut PgConnection, batch: &[NewDelivery], now: DateTime
     let ids: Vec<Uuid> = batch.iter().map(|_| Uuid::now_v7()).collect();
     let column = |f: fn(&NewDelivery) -> String| batch.iter().map(f).collect::<Vec<String>>();
     crate::runtime::db::prepared(
-        "INSERT INTO deliveries (id, dedupe_key, kind, terminal_id, gateway_id, order_id, asset_id, forced, content, status, due_at, created_at)
-         SELECT id, dedupe_key, kind, terminal_id, gateway_id, order_id, asset_id, forced, content, 'pending', due_at, $now
-         FROM unnest($ids::uuid[], $dedupe_key::text[], $kind::text[], $terminal_id::text[], $gateway_id::text[], $order_id::uuid[], $asset_id::uuid[], $forced::bool[], $content::jsonb[], $due_at::timestamptz[])
-              AS t(id, dedupe_key, kind, terminal_id, gateway_id, order_id, asset_id, forced, content, due_at)
+        "INSERT INTO deliveries (id, dedupe_key, kind, terminal_id, gateway_id, order_id, asset_id, forced, content, status, due_at, created_at, request_id)
+         SELECT id, dedupe_key, kind, terminal_id, gateway_id, order_id, asset_id, forced, content, 'pending', due_at, $now, request_id
+         FROM unnest($ids::uuid[], $dedupe_key::text[], $kind::text[], $terminal_id::text[], $gateway_id::text[], $order_id::uuid[], $asset_id::uuid[], $forced::bool[], $content::jsonb[], $due_at::timestamptz[], $request_id::text[])
+              AS t(id, dedupe_key, kind, terminal_id, gateway_id, order_id, asset_id, forced, content, due_at, request_id)
          ON CONFLICT (dedupe_key) DO NOTHING
          RETURNING id, due_at",
     )
@@ -165,6 +176,7 @@ pub fn insert_many(conn: &mut PgConnection, batch: &[NewDelivery], now: DateTime
     .bind::<Array<Bool>, _>("forced", batch.iter().map(|d| d.forced).collect::<Vec<_>>())
     .bind::<Array<Jsonb>, _>("content", batch.iter().map(|d| d.content.clone()).collect::<Vec<_>>())
     .bind::<Array<Timestamptz>, _>("due_at", batch.iter().map(|d| d.due_at.unwrap_or(now)).collect::<Vec<_>>())
+    .bind::<Array<Nullable<Text>>, _>("request_id", batch.iter().map(|d| d.request_id.as_deref()).collect::<Vec<_>>())
     .bind::<Timestamptz, _>("now", now)
     .load(conn)
 }
@@ -193,4 +205,5 @@ pub struct Row {
     pub due_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub attempt_limit: Option<i32>,
+    pub request_id: Option<String>,
 }

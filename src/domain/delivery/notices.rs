@@ -241,6 +241,7 @@ fn to_holder(open: &Open, kind: DeliveryKind, dedupe_key: String, content: Value
         forced,
         content,
         due_at: None,
+        request_id: None,
     }
 }
 

@@ -173,11 +173,15 @@ fn next_attempt(deliveries: &Deliveries, row: &Row, kind: DeliveryKind, now: Dat
         terminal_id: row.terminal_id.clone(),
         gateway_id: row.gateway_id.clone(),
         sent_at: now,
+        request_id: row.request_id.clone(),
         content: row.content.clone(),
     };
+    // A gateway matches an answer to its request by the correlation id: the request id when the
+    // delivery answers one, else the order (or the delivery itself).
+    let correlation = row.request_id.clone().unwrap_or_else(|| row.order_id.unwrap_or(row.id).to_string());
     let outgoing = Outgoing::json(deliveries.names.gateways(), row.gateway_id.as_str(), kinds::DELIVERY, &message)
         .with_message_id(message_id)
-        .correlated(row.order_id.unwrap_or(row.id).to_string());
+        .correlated(correlation);
     let payload_sha256 = crate::crypto::sha256_hex(&outgoing.payload);
     (Attempt { delivery_id: row.id, number, message_id, payload_sha256 }, outgoing)
 }

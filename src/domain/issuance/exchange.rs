@@ -257,7 +257,8 @@ impl Exchanged {
             format!("asset:{}", asset.id),
             &p.terminal,
             json!({"order_id": asset.order_id, "forced": false, "asset": document}),
-        );
+        )
+        .answering(p.request.request_id.clone());
         d.asset_id = Some(asset.id);
         d.order_id = Some(asset.order_id);
         self.deliveries.push(d);

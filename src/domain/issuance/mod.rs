@@ -28,6 +28,7 @@ use crate::runtime::consumer::{Cx, Failure, Handler, Received};
 #[diesel(table_name = orders)]
 struct Order {
     id: Uuid,
+    request_id: String,
     product_id: String,
     quantity: i32,
     recipient_terminal_ids: Vec<String>,
@@ -181,6 +182,7 @@ fn sign(cx: &mut Cx<'_>, issuer: &Issuer, order: &Order, issue: &mut Issue) -> R
             };
             delivery.asset_id = Some(asset_id);
             delivery.order_id = Some(order.id);
+            delivery.request_id = Some(order.request_id.clone());
             issue.deliveries.push(delivery);
             count += 1;
         }

@@ -121,7 +121,8 @@ pub fn notify_orderer(
     now: DateTime<Utc>,
     sending: &mut Vec<Outgoing>,
 ) -> QueryResult<()> {
-    let orderer: String = orders::table.find(order_id).select(orders::orderer_terminal_id).first(conn)?;
+    let (orderer, request_id): (String, String) =
+        orders::table.find(order_id).select((orders::orderer_terminal_id, orders::request_id)).first(conn)?;
     let Some(terminal) = load_terminal(conn, &orderer)? else {
         return Ok(());
     };
@@ -131,14 +132,15 @@ pub fn notify_orderer(
         order_id: Some(order_id),
         asset_id: None,
         certificate_id: None,
-        request_id: None,
+        request_id: Some(request_id.clone()),
     };
     let mut d = NewDelivery::now(
         DeliveryKind::Message,
         format!("order:{order_id}:{code}"),
         &terminal,
         serde_json::to_value(notice).expect("serializes"),
-    );
+    )
+    .answering(request_id);
     d.order_id = Some(order_id);
     delivery::enqueue_with(conn, &settlements.deliveries, d, now, sending)?;
     Ok(())
