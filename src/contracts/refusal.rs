@@ -38,10 +38,12 @@ pub enum RefusalReason {
     CertificateNotHeld,
     /// The asset can no longer be delivered (expired, refunded).
     AssetNotDeliverable,
+    /// The request fails its schema: the detail names the field at fault.
+    InvalidRequest,
 }
 
 impl RefusalReason {
-    pub const ALL: [RefusalReason; 17] = [
+    pub const ALL: [RefusalReason; 18] = [
         Self::UnknownTerminal,
         Self::BadSignature,
         Self::StaleRequest,
@@ -59,6 +61,7 @@ impl RefusalReason {
         Self::CertificateRevoked,
         Self::CertificateNotHeld,
         Self::AssetNotDeliverable,
+        Self::InvalidRequest,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +83,7 @@ impl RefusalReason {
             Self::CertificateRevoked => "certificate_revoked",
             Self::CertificateNotHeld => "certificate_not_held",
             Self::AssetNotDeliverable => "asset_not_deliverable",
+            Self::InvalidRequest => "invalid_request",
         }
     }
 }

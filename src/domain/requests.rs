@@ -281,4 +281,48 @@ impl Requests {
         )?;
         Ok(())
     }
+
+    /// Requests::answer_invalid answers a request that failed its schema with a refusal naming
+    /// the field at fault, when a registered terminal sent it and its signature over the request
+    /// verifies; nobody else (an unknown terminal, a forger) is answered, and no request id is
+    /// recorded. A quantity out of range is `invalid_amount`, anything else `invalid_request`.
+    pub fn answer_invalid(
+        &self,
+        cx: &mut Cx<'_>,
+        incoming: &Incoming,
+        message_type: &'static str,
+        detail: &str,
+    ) -> Result<(), Failure> {
+        let json = &incoming.json;
+        let field = |name: &str| json.get(name).and_then(Value::as_str);
+        let (Some(terminal_id), Some(request_id)) = (field("terminal_id"), field("request_id")) else {
+            return Ok(());
+        };
+        if !is_id(request_id) || !is_id(terminal_id) {
+            return Ok(()); // no answer can name the request
+        }
+        let Some(terminal) = cx.terminal(terminal_id)? else { return Ok(()) };
+        if check_signature(&terminal.public_key_pem, json).is_err() {
+            metrics::signature_failure("terminal_request");
+            return Ok(());
+        }
+        let out_of_range = detail.contains("minimum") || detail.contains("maximum");
+        let reason = if detail.starts_with("/quantity") && out_of_range {
+            RefusalReason::InvalidAmount
+        } else {
+            RefusalReason::InvalidRequest
+        };
+        let sent_at = field("sent_at")
+            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+            .map_or(cx.now, |t| t.with_timezone(&Utc));
+        let header = Header { message_type, request_id, terminal_id, sent_at };
+        let detail: String = detail.chars().take(500).collect();
+        self.refuse(cx, incoming, &header, Some(&terminal), None, Refused::new(reason, detail))
+    }
+}
+
+/// is_id accepts the request and terminal ids the schemas accept: 1 to 64 characters of letters,
+/// digits, '.', '_', ':' and '-'.
+fn is_id(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
 }

@@ -438,33 +438,46 @@ async fn bodies_that_are_not_a_json_object_are_dead_lettered_as_malformed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn orders_that_fail_their_schema_are_dead_lettered() {
+async fn orders_that_fail_their_schema_are_dead_lettered_and_their_signed_senders_told_why() {
     let (mut env, alice) = serving_env().await;
 
     // Each but the unsigned one is properly signed: the schema is the only thing wrong with it.
     let variant = |change: fn(&mut Value)| {
         let request = re_signed(&alice, &purchase(&alice, "concert", 1, json!({})), change);
-        serde_json::to_vec(&request).unwrap()
+        (Some(request_id(&request)), serde_json::to_vec(&request).unwrap())
     };
     let mut unsigned = purchase(&alice, "concert", 1, json!({}));
     unsigned.as_object_mut().unwrap().remove("signature");
+    // What each signed sender is told: the reason, and the field the detail names.
     let cases = [
-        ("a quantity that is a string", variant(|r| r["quantity"] = json!("1"))),
-        ("a product id that is a number", variant(|r| r["product_id"] = json!(42))),
-        ("a missing product id", variant(|r| _ = r.as_object_mut().unwrap().remove("product_id"))),
-        ("a missing signature", serde_json::to_vec(&unsigned).unwrap()),
-        ("an extra field", variant(|r| r["discount_minor"] = json!(500))),
-        ("a negative quantity", variant(|r| r["quantity"] = json!(-1))),
-        ("a zero quantity", variant(|r| r["quantity"] = json!(0))),
+        ("a quantity that is a string", variant(|r| r["quantity"] = json!("1")), "invalid_request", "/quantity"),
+        ("a product id that is a number", variant(|r| r["product_id"] = json!(42)), "invalid_request", "/product_id"),
+        (
+            "a missing product id",
+            variant(|r| _ = r.as_object_mut().unwrap().remove("product_id")),
+            "invalid_request",
+            "product_id",
+        ),
+        ("a missing signature", (None, serde_json::to_vec(&unsigned).unwrap()), "", ""),
+        ("an extra field", variant(|r| r["discount_minor"] = json!(500)), "invalid_request", "discount_minor"),
+        ("a negative quantity", variant(|r| r["quantity"] = json!(-1)), "invalid_amount", "/quantity"),
+        ("a zero quantity", variant(|r| r["quantity"] = json!(0)), "invalid_amount", "/quantity"),
     ];
-    for (_, body) in &cases {
+    for (_, (_, body), _, _) in &cases {
         env.publish(kinds::ORDER_PURCHASE, body).await;
     }
-    for (what, body) in &cases {
+    for (what, (request, body), reason, field) in &cases {
+        // The operator's record, whatever the sender is told.
         assert_eq!(dead_letter_reason(&env, what, body).await, "schema_violation", "{what}");
+        let Some(request) = request else { continue };
+        assert_eq!(delivered_refusal(&env, "alice", request).await, *reason, "{what}");
+        let detail =
+            "SELECT content->>'detail' AS value FROM deliveries WHERE kind = 'refusal' AND content->>'request_id' = $1";
+        let told = value(&env, detail, &[request]).await.unwrap_or_default();
+        assert!(told.contains(field), "{what}: the detail {told:?} names {field}");
     }
     assert_eq!(rows(&env, "SELECT count(*) FROM orders", &[]).await, 0);
-    assert_eq!(rows(&env, "SELECT count(*) FROM refusals", &[]).await, 0);
+    assert_eq!(rows(&env, "SELECT count(*) FROM refusals", &[]).await, 6, "all but the unsigned one are answered");
     let recorded = "SELECT count(*) FROM terminal_requests";
     assert_eq!(rows(&env, recorded, &[]).await, 0, "no request id is used up");
     assert_still_serving(&env, &alice).await;

@@ -69,6 +69,10 @@ impl Handler for ExchangeHandler {
         };
         together_unless_repeated(cx, batch, keys, |cx, batch| take(self, cx, batch))
     }
+
+    fn answer_invalid(&self, cx: &mut Cx<'_>, incoming: &Incoming, detail: &str) -> Result<(), Failure> {
+        self.requests.answer_invalid(cx, incoming, kinds::CERTIFICATE_EXCHANGE, detail)
+    }
 }
 
 fn header(request: &ExchangeRequest) -> Header<'_> {

@@ -16,7 +16,7 @@ use crate::contracts::messages::{DeliveryModeKind, PurchaseRequest, kinds};
 use crate::contracts::refusal::{RefusalReason, Refused};
 use crate::domain::catalogue::{Catalogue, Product, Terminal};
 use crate::domain::requests::{self, Authentic, Header, Requests};
-use crate::runtime::consumer::{Cx, Failure, Handler, Received, together_unless_repeated};
+use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received, together_unless_repeated};
 
 /// PurchaseHandler takes `order.purchase`.
 pub struct PurchaseHandler {
@@ -34,6 +34,10 @@ impl Handler for PurchaseHandler {
 
     fn handle(&self, cx: &mut Cx<'_>, batch: &[Received<'_, PurchaseRequest>]) -> Result<(), Failure> {
         together_unless_repeated(cx, batch, |r| [r.request_id.clone()], |cx, batch| self.take(cx, batch))
+    }
+
+    fn answer_invalid(&self, cx: &mut Cx<'_>, incoming: &Incoming, detail: &str) -> Result<(), Failure> {
+        self.requests.answer_invalid(cx, incoming, kinds::ORDER_PURCHASE, detail)
     }
 }
 

@@ -169,9 +169,8 @@ impl Consumer {
             }
         };
         if let Err(detail) = crate::contracts::schema::validate(&incoming.message_type, &incoming.json) {
-            return self
-                .report(&incoming, Err(Failure::permanent(DeadLetterReason::SchemaViolation, detail)), &[])
-                .await;
+            // Dead-lettered for the operator, and answered where the handler knows whom to tell.
+            return self.dead_letter(&incoming, DeadLetterReason::SchemaViolation, detail, &[], Some(handler)).await;
         }
 
         let mut errors = Vec::new();

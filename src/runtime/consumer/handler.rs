@@ -81,6 +81,15 @@ pub trait Handler: Send + Sync + 'static {
     fn max_batch(&self) -> usize {
         1
     }
+
+    /// Handler::answer_invalid answers a message of this type that failed its schema, in the
+    /// transaction that dead-letters it, where there is someone to answer: a terminal request
+    /// signed by a registered terminal gets a refusal naming the field at fault. By default
+    /// nobody is answered; the dead letter is the operator's record either way.
+    fn answer_invalid(&self, cx: &mut Cx<'_>, incoming: &Incoming, detail: &str) -> Result<(), Failure> {
+        let _ = (cx, incoming, detail);
+        Ok(())
+    }
 }
 
 /// Dispatch is a [`Handler`] with its message type erased, as the registry keeps it: every
@@ -90,6 +99,8 @@ pub trait Dispatch: Send + Sync {
     fn max_batch(&self) -> usize;
     /// Dispatch::dispatch decodes the messages and hands them to the handler.
     fn dispatch(&self, cx: &mut Cx<'_>, messages: &[&Incoming]) -> Result<(), Failure>;
+    /// Dispatch::answer_invalid is [`Handler::answer_invalid`].
+    fn answer_invalid(&self, cx: &mut Cx<'_>, incoming: &Incoming, detail: &str) -> Result<(), Failure>;
 }
 
 impl<H: Handler> Dispatch for H {
@@ -103,6 +114,10 @@ impl<H: Handler> Dispatch for H {
             .map(|incoming| Ok(Received { message: incoming.decode::<H::Message>()?, incoming }))
             .collect::<Result<Vec<_>, Failure>>()?;
         self.handle(cx, &batch)
+    }
+
+    fn answer_invalid(&self, cx: &mut Cx<'_>, incoming: &Incoming, detail: &str) -> Result<(), Failure> {
+        Handler::answer_invalid(self, cx, incoming, detail)
     }
 }
 

@@ -2,6 +2,7 @@
 //! database state. Acknowledged, returned to the queue, deferred, or dead-lettered with its
 //! evidence; never dropped.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
@@ -11,8 +12,9 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use serde_json::{Value, json};
 
+use super::handler::Dispatch;
 use super::transaction::claim_inbox;
-use super::{Consumer, Failure, Incoming};
+use super::{Consumer, Cx, Failure, Incoming};
 use crate::contracts::dead_letter::DeadLetterReason;
 use crate::runtime::broker;
 use crate::runtime::db::DbError;
@@ -36,12 +38,14 @@ impl Consumer {
         match result {
             Ok(true) => Action::Ack("acked"),
             Ok(false) => Action::Ack("duplicate"),
-            Err(Failure::Permanent { reason, detail }) => self.dead_letter(incoming, reason, detail, errors).await,
+            Err(Failure::Permanent { reason, detail }) => {
+                self.dead_letter(incoming, reason, detail, errors, None).await
+            }
             Err(Failure::Transient(error) | Failure::Unavailable(error)) => {
                 // One delivery before the broker's own limit, give up here, where the evidence is.
                 if incoming.delivery_count + 2 >= self.plumbing.delivery_limit {
                     let detail = format!("still failing after {} deliveries: {error}", incoming.delivery_count + 1);
-                    self.dead_letter(incoming, DeadLetterReason::HandlerFailed, detail, errors).await
+                    self.dead_letter(incoming, DeadLetterReason::HandlerFailed, detail, errors, None).await
                 } else {
                     tracing::warn!(pool = %self.pool, message_id = %incoming.message_id, error = %error, "transient failure; returning the message to the queue");
                     Action::Requeue
@@ -84,12 +88,15 @@ impl Consumer {
         }
     }
 
-    async fn dead_letter(
+    /// dead_letter records a message's dead letter with its evidence; `answer`, the message's
+    /// handler, may answer its sender in the same transaction ([`Dispatch::answer_invalid`]).
+    pub(super) async fn dead_letter(
         &self,
         incoming: &Incoming,
         reason: DeadLetterReason,
         detail: String,
         errors: &[Value],
+        answer: Option<Arc<dyn Dispatch>>,
     ) -> Action {
         let mut attempts = errors.to_vec();
         if attempts.is_empty() {
@@ -97,9 +104,10 @@ impl Consumer {
         }
         // A pooled connection that died with a database restart fails its first statement: one
         // more try, on another connection, before the message goes back to the queue.
-        let mut recorded = self.record_dead_letter(incoming, reason, detail.clone(), attempts.clone()).await;
+        let mut recorded =
+            self.record_dead_letter(incoming, reason, detail.clone(), attempts.clone(), answer.clone()).await;
         if matches!(&recorded, Err(e) if e.is_connection_lost()) {
-            recorded = self.record_dead_letter(incoming, reason, detail, attempts).await;
+            recorded = self.record_dead_letter(incoming, reason, detail, attempts, answer).await;
         }
         match recorded {
             Ok(()) => {
@@ -122,6 +130,7 @@ impl Consumer {
         reason: DeadLetterReason,
         detail: String,
         attempts: Vec<Value>,
+        answer: Option<Arc<dyn Dispatch>>,
     ) -> Result<(), DbError> {
         let (pool, incoming2, app) = (self.pool, incoming.clone(), self.plumbing.clone());
         self.plumbing
@@ -149,11 +158,14 @@ impl Consumer {
                                     "received_at": incoming2.first_received_at,
                                 }),
                                 reason,
-                                detail,
+                                detail: detail.clone(),
                                 attempts: Value::Array(attempts),
                                 subject_id: None,
                             },
                         )?;
+                        if let Some(handler) = &answer {
+                            answer_sender(conn, handler.as_ref(), &incoming2, &detail)?;
+                        }
                         Ok(())
                     })
                 })
@@ -192,4 +204,25 @@ impl Consumer {
         };
         metrics::message_handled(self.pool, &incoming.message_type, outcome, started.elapsed());
     }
+}
+
+/// answer_sender lets a message's handler answer its sender, inside the dead letter's transaction
+/// but in a savepoint of its own: an answer that fails is rolled back alone, and the dead letter,
+/// the operator's record, stays.
+fn answer_sender(
+    conn: &mut PgConnection,
+    handler: &dyn Dispatch,
+    incoming: &Incoming,
+    detail: &str,
+) -> Result<(), DbError> {
+    let answered = conn.transaction::<_, Failure, _>(|conn| {
+        let (mut extensions, mut outgoing) = (http::Extensions::new(), Vec::new());
+        handler.answer_invalid(&mut Cx::new(conn, incoming, &mut extensions, &mut outgoing), incoming, detail)?;
+        outbox::enqueue_all(conn, &outgoing)?;
+        Ok(())
+    });
+    if let Err(e) = answered {
+        tracing::warn!(message_id = %incoming.message_id, error = %e, "could not answer the sender of a dead letter");
+    }
+    Ok(())
 }
