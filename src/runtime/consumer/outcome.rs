@@ -194,6 +194,10 @@ impl Consumer {
                 broker::bounded("basic.nack", delivery.acker.nack(options)).await
             }
         };
+        // lapin answers false for a delivery tag it had already settled or given up on.
+        let result = result.and_then(|settled| {
+            if settled { Ok(()) } else { Err(anyhow::anyhow!("its delivery tag was already settled")) }
+        });
         if let Err(e) = result {
             // The channel died: the broker redelivers the message, and the inbox makes that harmless.
             tracing::warn!(pool = %self.pool, error = %e, "could not settle the message with the broker");

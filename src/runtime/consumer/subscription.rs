@@ -98,8 +98,12 @@ impl Consumer {
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => {
-                    // Stop taking new messages; the ones already prefetched return to the queue
-                    // when the channel closes.
+                    // Finish what is in hand first, on this channel: its acknowledgements must
+                    // reach the broker before the channel closes, or the messages return to the
+                    // queue as if never handled. Then stop taking new ones; those already
+                    // prefetched return to the queue when the channel closes.
+                    in_flight.close();
+                    in_flight.wait().await;
                     let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
                     let _ = broker::bounded("basic.cancel", cancel).await;
                     return Ok(());

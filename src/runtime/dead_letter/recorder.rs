@@ -27,11 +27,12 @@ pub fn record_from_broker(
     let message_id =
         props.message_id().as_ref().map(|id| id.to_string()).unwrap_or_else(|| crate::crypto::sha256_hex(data));
     let death = x_death(props);
+    // The dead-lettered copy carries no delivery count: the x-death entry's reason (for example
+    // delivery_limit) says why it left its queue.
     let detail = format!(
-        "the broker dead-lettered it ({}) from {} after {} deliveries, while assetflow could not record it",
+        "the broker dead-lettered it ({}) from {}, while assetflow could not record it",
         death.get("reason").and_then(Value::as_str).unwrap_or("unknown reason"),
         death.get("queue").and_then(Value::as_str).unwrap_or("its queue"),
-        crate::runtime::broker::header_u32(props, "x-delivery-count").unwrap_or(0)
     );
     let recorded = record(
         conn,
