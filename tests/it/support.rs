@@ -199,3 +199,36 @@ pub async fn wait_for_queue(env: &Env, queue: &str, what: &str, done: impl Fn(u3
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what} ({queue} holds {messages})");
     }
 }
+
+/// QueueCounts is what `rabbitmqctl list_queues` reports of one queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueCounts {
+    pub ready: u64,
+    pub unacknowledged: u64,
+}
+
+/// queue_counts is the number of messages in `queue`, ready and delivered but not yet
+/// acknowledged, as `rabbitmqctl list_queues` reports them (a passive declare counts only the
+/// ready ones).
+pub async fn queue_counts(env: &Env, queue: &str) -> QueueCounts {
+    let vhost = env.config.amqp.url.rsplit('/').next().expect("the test URL names its vhost").to_string();
+    let queue = queue.to_string();
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args(["list_queues", "-p", &vhost, "--quiet", "--no-table-headers"])
+            .args(["name", "messages_ready", "messages_unacknowledged"])
+            .output()
+            .expect("rabbitmqctl runs");
+        assert!(out.status.success(), "rabbitmqctl list_queues: {}", String::from_utf8_lossy(&out.stderr));
+        let listed = String::from_utf8_lossy(&out.stdout).to_string();
+        let row = listed
+            .lines()
+            .map(|line| line.split('\t').map(str::trim).collect::<Vec<_>>())
+            .find(|fields| fields.first() == Some(&queue.as_str()))
+            .unwrap_or_else(|| panic!("rabbitmqctl lists no queue {queue}: {listed}"));
+        let number = |i: usize| row.get(i).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{row:?}"));
+        QueueCounts { ready: number(1), unacknowledged: number(2) }
+    })
+    .await
+    .unwrap()
+}
