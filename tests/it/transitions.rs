@@ -390,3 +390,50 @@ async fn near_expiry_reminders_follow_each_products_own_offsets_and_not_the_defa
     .await;
     env.stop().await;
 }
+
+/// An asset with no certificate (designated or immediate) that expires before it was delivered
+/// goes through past-due processing to `expired` when the next attempt finds it past its term: it
+/// is never sent (`docs/product.md#the-transition-table`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_designated_asset_that_expires_undelivered_goes_through_past_due_processing_to_expired() {
+    let mut env = Env::new().await;
+    env.product("ppv", |p| {
+        p.kind = "ppv_ticket".into();
+        p.asset_validity_secs = Some(3_600);
+    })
+    .await;
+    let dora = env.terminal("dora", "gw-1", Some("card-co")).await;
+    env.start().await;
+    env.partner(settle_all());
+
+    let at = Utc::now() + TimeDelta::minutes(30);
+    let order = purchase(&dora, "ppv", 1, json!({"delivery": {"mode": "designated", "at": at}}));
+    let rid = request_id(&order);
+    env.send(&order).await;
+    let sql = "SELECT a.id::text AS value FROM assets a JOIN orders o ON o.id = a.order_id
+               WHERE o.request_id = $1 AND a.status = 'awaiting_designated_delivery'";
+    let asset = env.wait_until("the designated asset is issued", move |c| text(c, sql, &[&rid])).await;
+    let id = asset.clone();
+    let expires_at = env
+        .db(move |c| {
+            timestamp(c, "SELECT expires_at AS value FROM assets WHERE id = $1::uuid", &[&id]).expect("an asset")
+        })
+        .await;
+
+    // Nothing ran at the designated time; the first run comes after the asset's term.
+    let late = env.run_job("designated_delivery", expires_at + TimeDelta::minutes(1)).await;
+    assert_eq!((late.rows_scanned, late.enqueued), (1, 0), "found, and not sent: {late:?}");
+    env.db(move |c| {
+        assert_eq!(
+            history(c, &asset),
+            "(new)→awaiting_designated_delivery, awaiting_designated_delivery→expired_certificate_processing, \
+             expired_certificate_processing→expired"
+        );
+        let delivery = "SELECT id::text AS value FROM deliveries WHERE asset_id = $1::uuid AND kind = 'asset'";
+        let delivery = text(c, delivery, &[&asset]).expect("the asset's delivery");
+        let state = delivery_state(c, &delivery);
+        assert_eq!((state.status.as_str(), state.attempts), ("cancelled", 0), "{state:?}");
+    })
+    .await;
+    env.stop().await;
+}
