@@ -28,35 +28,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::harness::{Env, ISSUER, count, execute, text};
 use crate::support::{
-    DEADLINE, Retransmitting, asset_status, channel, delivered_certificate, delivery_state, first_attempt, queued,
-    request_id, retransmitting, settle_all, timestamp, wait_for_queue,
+    DEADLINE, Retransmitting, asset_status, causes, channel, delivered_certificate, delivery_state, first_attempt,
+    history, queued, request_id, retransmitting, settle_all, timestamp, wait_for_queue,
 };
 
 /// job_names are the scheduled jobs, for the configuration that gives each a schedule of its own.
 fn job_names() -> Vec<&'static str> {
     assetflow::service::scheduler::JOBS.iter().map(|j| j.name).collect()
-}
-
-/// history is an asset's status history, oldest first, as "from→to" steps with "(new)" for the
-/// first.
-fn history(conn: &mut PgConnection, asset_id: &str) -> String {
-    text(
-        conn,
-        "SELECT string_agg(coalesce(from_status, '(new)') || '→' || to_status, ', ' ORDER BY id) AS value
-         FROM asset_status_history WHERE asset_id = $1::uuid",
-        &[&asset_id],
-    )
-    .unwrap_or_default()
-}
-
-/// causes is the causes of an asset's status changes, oldest first.
-fn causes(conn: &mut PgConnection, asset_id: &str) -> String {
-    text(
-        conn,
-        "SELECT string_agg(cause, ', ' ORDER BY id) AS value FROM asset_status_history WHERE asset_id = $1::uuid",
-        &[&asset_id],
-    )
-    .unwrap_or_default()
 }
 
 /// deliveries counts what was sent to a terminal, of one kind.

@@ -54,7 +54,7 @@ impl Drop for Node {
 }
 
 /// cluster writes a configuration file and signing keys the processes share with `env`.
-fn cluster(env: &Env) -> PathBuf {
+pub fn cluster(env: &Env) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("assetflow-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     KeyRing::generate(&dir.join("keys"), &[ISSUER.to_string()], true).unwrap();

@@ -4,7 +4,7 @@
 //! queue untouched; never both, and never lost.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -14,13 +14,13 @@ use assetflow::cli::simulate::publisher::publish_burst;
 use assetflow::cli::simulate::terminals::{purchase, register};
 use assetflow::contracts::messages::kinds;
 use assetflow::contracts::topology::Pool;
-use assetflow::crypto::KeyRing;
 use diesel::connection::SimpleConnection;
 use lapin::options::BasicGetOptions;
 use serde_json::json;
 
 use crate::chaos::assert_guarantees;
-use crate::harness::{Env, ISSUER, count, text};
+use crate::harness::{Env, count, text};
+use crate::processes::cluster;
 use crate::support::{DEADLINE, QueueCounts, channel, queue_counts, settle_all};
 
 /// BURST is how many orders arrive at once, ten times a second.
@@ -87,40 +87,6 @@ impl Drop for Node {
             let _ = child.wait();
         }
     }
-}
-
-/// cluster writes a configuration file and signing keys for processes sharing `env`'s database
-/// and vhost.
-fn cluster(env: &Env) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("assetflow-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    KeyRing::generate(&dir.join("keys"), &[ISSUER.to_string()], true).unwrap();
-    let config = format!(
-        r#"
-[database]
-url = "{db}"
-pool_size = 6
-[amqp]
-url = "{amqp}"
-reconnect_min = "50ms"
-reconnect_max = "1s"
-[keys]
-dir = "{keys}"
-[outbox]
-poll_interval = "50ms"
-[http]
-listen = ""
-[partners.card-co]
-[partners.bank-a]
-[gateways.gw-1]
-[gateways.gw-2]
-"#,
-        db = env.config.database.url,
-        amqp = env.config.amqp.url,
-        keys = dir.join("keys").display(),
-    );
-    std::fs::write(dir.join("assetflow.toml"), config).unwrap();
-    dir
 }
 
 /// Ready is what waits, ready, in a pool's queue: each message's id and type.

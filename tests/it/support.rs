@@ -232,3 +232,25 @@ pub async fn queue_counts(env: &Env, queue: &str) -> QueueCounts {
     .await
     .unwrap()
 }
+
+/// history is an asset's status history, oldest first, as "from→to" steps with "(new)" for the
+/// first.
+pub fn history(conn: &mut PgConnection, asset_id: &str) -> String {
+    text(
+        conn,
+        "SELECT string_agg(coalesce(from_status, '(new)') || '→' || to_status, ', ' ORDER BY id) AS value
+         FROM asset_status_history WHERE asset_id = $1::uuid",
+        &[&asset_id],
+    )
+    .unwrap_or_default()
+}
+
+/// causes is the causes of an asset's status changes, oldest first.
+pub fn causes(conn: &mut PgConnection, asset_id: &str) -> String {
+    text(
+        conn,
+        "SELECT string_agg(cause, ', ' ORDER BY id) AS value FROM asset_status_history WHERE asset_id = $1::uuid",
+        &[&asset_id],
+    )
+    .unwrap_or_default()
+}

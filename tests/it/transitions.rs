@@ -17,7 +17,9 @@ use lapin::options::BasicGetOptions;
 use serde_json::{Value, json};
 
 use crate::harness::{Env, count, text};
-use crate::support::{DEADLINE, asset_status, channel, delivery_state, request_id, settle_all, timestamp};
+use crate::support::{
+    DEADLINE, asset_status, causes, channel, delivery_state, history, request_id, settle_all, timestamp,
+};
 
 /// Taken is a delivery as the gateway took it off its queue: the message and its exact bytes.
 struct Taken {
@@ -77,28 +79,6 @@ async fn wait_for_delivery_status(env: &Env, delivery: &GatewayDelivery, status:
 async fn wait_for_asset_status(env: &Env, asset: &str, status: &'static str) {
     let id = asset.to_string();
     env.wait_until(&format!("asset {id} is {status}"), move |c| (asset_status(c, &id) == status).then_some(())).await;
-}
-
-/// history is an asset's status history, oldest first, as "from→to" steps with "(new)" for the
-/// first.
-fn history(conn: &mut PgConnection, asset_id: &str) -> String {
-    text(
-        conn,
-        "SELECT string_agg(coalesce(from_status, '(new)') || '→' || to_status, ', ' ORDER BY id) AS value
-         FROM asset_status_history WHERE asset_id = $1::uuid",
-        &[&asset_id],
-    )
-    .unwrap_or_default()
-}
-
-/// causes is the causes of an asset's status changes, oldest first.
-fn causes(conn: &mut PgConnection, asset_id: &str) -> String {
-    text(
-        conn,
-        "SELECT string_agg(cause, ', ' ORDER BY id) AS value FROM asset_status_history WHERE asset_id = $1::uuid",
-        &[&asset_id],
-    )
-    .unwrap_or_default()
 }
 
 /// attempt_outcomes is a delivery's attempts' outcomes, in order.
