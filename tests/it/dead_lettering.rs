@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use assetflow::cli::simulate::gateway::GatewayOptions;
-use assetflow::cli::simulate::terminals::purchase;
+use assetflow::cli::simulate::terminals::{SimTerminal, purchase};
 use assetflow::config::workers::PoolDefinitions;
 use assetflow::contracts::topology::Pool;
 use diesel::connection::SimpleConnection;
@@ -111,6 +111,35 @@ async fn orders_issued(env: &Env, request_ids: Vec<String>) {
     .await;
 }
 
+/// one_failing_order_between_two places an order the test's trigger refuses between two that go
+/// through, one at a time (so that the failing message is never tried in a batch with another),
+/// and waits for the failing one's dead letter and for the pool to go on with the next order. It
+/// returns the failing order's request id and its dead letter's id.
+async fn one_failing_order_between_two(env: &Env, terminal: &SimTerminal, dead_lettered: &str) -> (String, String) {
+    let before = purchase(terminal, "concert", 1, json!({}));
+    let failing = purchase(terminal, "concert", 1, json!({}));
+    let after = purchase(terminal, "concert", 1, json!({}));
+    let rid = request_id(&failing);
+    refuse(env, &rid).await;
+    env.send(&before).await;
+    orders_issued(env, vec![request_id(&before)]).await;
+    env.send(&failing).await;
+    let r = rid.clone();
+    let letter = env
+        .wait_until(dead_lettered, move |c| {
+            text(
+                c,
+                "SELECT id::text AS value FROM dead_letters
+                 WHERE convert_from(payload, 'UTF8')::jsonb ->> 'request_id' = $1",
+                &[&r],
+            )
+        })
+        .await;
+    env.send(&after).await;
+    orders_issued(env, vec![request_id(&after)]).await;
+    (rid, letter)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_that_fails_at_every_delivery_is_dead_lettered_as_handler_failed_with_its_attempts() {
     let mut env = failing_env(&[REFUSE_ORDERS]).await;
@@ -121,30 +150,7 @@ async fn a_handler_that_fails_at_every_delivery_is_dead_lettered_as_handler_fail
     env.partner(settle_all());
     env.gateway(GatewayOptions::default());
 
-    let before = purchase(&nina, "concert", 1, json!({}));
-    let failing = purchase(&nina, "concert", 1, json!({}));
-    let after = purchase(&nina, "concert", 1, json!({}));
-    let rid = request_id(&failing);
-    refuse(&env, &rid).await;
-    // One at a time, so that the failing message is never tried in a batch with another.
-    env.send(&before).await;
-    orders_issued(&env, vec![request_id(&before)]).await;
-    env.send(&failing).await;
-
-    let r = rid.clone();
-    let letter = env
-        .wait_until("the failing order is dead-lettered", move |c| {
-            text(
-                c,
-                "SELECT id::text AS value FROM dead_letters
-                 WHERE convert_from(payload, 'UTF8')::jsonb ->> 'request_id' = $1",
-                &[&r],
-            )
-        })
-        .await;
-    // The pool goes on with the next message.
-    env.send(&after).await;
-    orders_issued(&env, vec![request_id(&after)]).await;
+    let (rid, letter) = one_failing_order_between_two(&env, &nina, "the failing order is dead-lettered").await;
 
     let (l, r) = (letter.clone(), rid.clone());
     let (deliveries, attempts) = env
@@ -228,29 +234,7 @@ async fn a_message_assetflow_cannot_dead_letter_is_dead_lettered_by_the_broker_a
     env.partner(settle_all());
     env.gateway(GatewayOptions::default());
 
-    let before = purchase(&olga, "concert", 1, json!({}));
-    let failing = purchase(&olga, "concert", 1, json!({}));
-    let after = purchase(&olga, "concert", 1, json!({}));
-    let rid = request_id(&failing);
-    refuse(&env, &rid).await;
-    // One at a time, so that the failing message is never tried in a batch with another.
-    env.send(&before).await;
-    orders_issued(&env, vec![request_id(&before)]).await;
-    env.send(&failing).await;
-
-    let r = rid.clone();
-    let letter = env
-        .wait_until("the broker's dead letter is recorded", move |c| {
-            text(
-                c,
-                "SELECT id::text AS value FROM dead_letters
-                 WHERE convert_from(payload, 'UTF8')::jsonb ->> 'request_id' = $1",
-                &[&r],
-            )
-        })
-        .await;
-    env.send(&after).await;
-    orders_issued(&env, vec![request_id(&after)]).await;
+    let (rid, letter) = one_failing_order_between_two(&env, &olga, "the broker's dead letter is recorded").await;
 
     let queue = env.app.plumbing.names.pool_queue(Pool::Settlement.as_str());
     let (l, r, q) = (letter.clone(), rid.clone(), queue.clone());
