@@ -45,13 +45,13 @@ impl<'f> Prepared<'f> {
         self
     }
 
-    /// Prepared::check says whether every parameter the text names is bound once, and every bound
-    /// value is used.
-    fn check(&self) -> Result<(), String> {
-        let used: Vec<&str> = pieces(self.sql)?
-            .into_iter()
+    /// Prepared::check says whether every parameter the text's `pieces` name is bound once, and
+    /// every bound value is used.
+    fn check(&self, pieces: &[Piece<'_>]) -> Result<(), String> {
+        let used: Vec<&str> = pieces
+            .iter()
             .filter_map(|p| match p {
-                Piece::Parameter(name) => Some(name),
+                Piece::Parameter(name) => Some(*name),
                 Piece::Sql(_) => None,
             })
             .collect();
@@ -149,8 +149,9 @@ fn pieces(sql: &str) -> Result<Vec<Piece<'_>>, String> {
 impl QueryFragment<Pg> for Prepared<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         let error = |e: String| diesel::result::Error::QueryBuilderError(format!("{e} in {:?}", self.sql).into());
-        self.check().map_err(error)?;
-        for piece in pieces(self.sql).map_err(error)? {
+        let pieces = pieces(self.sql).map_err(error)?;
+        self.check(&pieces).map_err(error)?;
+        for piece in pieces {
             match piece {
                 Piece::Sql(sql) => out.push_sql(sql),
                 Piece::Parameter(name) => {
@@ -216,12 +217,12 @@ mod tests {
     #[test]
     fn every_parameter_must_be_bound_once_and_every_bound_value_used() {
         let ok = prepared("SELECT $a, $b, $a").bind::<Int4, _>("b", 2).bind::<Text, _>("a", "x");
-        assert_eq!(ok.check(), Ok(()), "bound in any order");
+        assert_eq!(ok.check(&pieces(ok.sql).unwrap()), Ok(()), "bound in any order");
         let missing = prepared("SELECT $a, $b").bind::<Int4, _>("a", 1);
-        assert_eq!(missing.check(), Err("$b has no bound value".into()));
+        assert_eq!(missing.check(&pieces(missing.sql).unwrap()), Err("$b has no bound value".into()));
         let unused = prepared("SELECT $a").bind::<Int4, _>("a", 1).bind::<Int4, _>("c", 3);
-        assert_eq!(unused.check(), Err("$c is bound but not used".into()));
+        assert_eq!(unused.check(&pieces(unused.sql).unwrap()), Err("$c is bound but not used".into()));
         let twice = prepared("SELECT $a").bind::<Int4, _>("a", 1).bind::<Int4, _>("a", 2);
-        assert_eq!(twice.check(), Err("$a is bound twice".into()));
+        assert_eq!(twice.check(&pieces(twice.sql).unwrap()), Err("$a is bound twice".into()));
     }
 }
