@@ -22,17 +22,22 @@ struct Node {
     child: Child,
 }
 
+/// spawn_node starts `assetflow run` with the cluster configuration in `dir`, its log in
+/// `<name>.log` there.
+pub fn spawn_node(dir: &Path, name: &str) -> Child {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_assetflow"))
+        .args(["--config", dir.join("assetflow.toml").to_str().unwrap(), "run"])
+        .env("RUST_LOG", "info,lapin=off")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("assetflow starts")
+}
+
 impl Node {
     fn start(dir: &Path, name: &str) -> Node {
-        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_assetflow"))
-            .args(["--config", dir.join("assetflow.toml").to_str().unwrap(), "run"])
-            .env("RUST_LOG", "info,lapin=off")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("assetflow starts");
-        Node { child }
+        Node { child: spawn_node(dir, name) }
     }
 
     fn kill9(&mut self) {

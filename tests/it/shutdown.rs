@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::time::Duration;
 
 use assetflow::cli::audit::audit;
@@ -20,7 +20,7 @@ use serde_json::json;
 
 use crate::chaos::assert_guarantees;
 use crate::harness::{Env, count, text};
-use crate::processes::cluster;
+use crate::processes::{cluster, spawn_node};
 use crate::support::{DEADLINE, QueueCounts, channel, queue_counts, settle_all};
 
 /// BURST is how many orders arrive at once, ten times a second.
@@ -45,15 +45,7 @@ struct Node {
 
 impl Node {
     fn start(dir: &Path, name: &str) -> Node {
-        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_assetflow"))
-            .args(["--config", dir.join("assetflow.toml").to_str().unwrap(), "run"])
-            .env("RUST_LOG", "info,lapin=off")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("assetflow starts");
-        Node { child: Some(child) }
+        Node { child: Some(spawn_node(dir, name)) }
     }
 
     /// Node::terminate sends SIGTERM and waits for the process to exit, at most `DRAIN_DEADLINE`.
