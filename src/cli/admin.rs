@@ -7,25 +7,9 @@ use clap::Subcommand;
 use diesel::prelude::*;
 
 use crate::config::Config;
-use crate::crypto::{self, KeyRing};
+use crate::crypto;
 use crate::domain::catalogue::{Product, upsert_product};
 use crate::domain::schema::{products, terminals};
-
-#[derive(Debug, Subcommand)]
-pub enum KeysCommand {
-    /// Write development keys: the service provider's and one per issuer, under keys.dir.
-    Generate {
-        /// An issuer to make a key for (repeatable).
-        #[arg(long = "issuer")]
-        issuers: Vec<String>,
-        /// Replace keys that already exist.
-        #[arg(long)]
-        force: bool,
-    },
-    /// Replace the service provider key. Its public half is kept in retired/, so certificates it
-    /// signed still verify. Restart assetflow to use the new key.
-    Rotate,
-}
 
 #[derive(Debug, Subcommand)]
 pub enum TerminalsCommand {
@@ -114,6 +98,11 @@ pub struct ProductArgs {
     /// Tagged information as a JSON object: title, date, place, seat class, conditions.
     #[arg(long, default_value = "{}")]
     pub tags: String,
+    /// What completes a delivery of its certificates and assets: terminal (the terminal's signed
+    /// acknowledgement, relayed in the receipt) or gateway (the gateway's receipt alone, for
+    /// terminals that cannot sign).
+    #[arg(long, default_value = "terminal")]
+    pub proof_of_delivery: String,
 }
 
 impl ProductArgs {
@@ -133,6 +122,10 @@ impl ProductArgs {
         anyhow::ensure!(
             ["download_request", "forced_transmission"].contains(&self.stage2_policy.as_str()),
             "--stage2-policy must be download_request or forced_transmission"
+        );
+        anyhow::ensure!(
+            ["terminal", "gateway"].contains(&self.proof_of_delivery.as_str()),
+            "--proof-of-delivery must be terminal or gateway"
         );
         // Terms are added to the time of issue later, in the issuance pool: bound them here, so that
         // an operator's typo is refused now instead of overflowing a date there.
@@ -172,13 +165,14 @@ impl ProductArgs {
             transferable: self.transferable,
             on_sale: !self.off_sale,
             tags,
+            proof_of_delivery: self.proof_of_delivery,
         })
     }
 }
 
 /// read_small_text reads a PEM file given on the command line, refusing anything larger than a key
 /// could be (a wrong path such as /dev/zero must not fill the memory).
-fn read_small_text(path: &std::path::Path) -> anyhow::Result<String> {
+pub(crate) fn read_small_text(path: &std::path::Path) -> anyhow::Result<String> {
     use std::io::Read;
     const LIMIT: u64 = 64 * 1024;
     let file = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("--public-key {}: {e}", path.display()))?;
@@ -205,29 +199,7 @@ fn term_secs(flag: &str, term: std::time::Duration) -> anyhow::Result<i64> {
     Ok(secs as i64)
 }
 
-pub fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
-    match command {
-        KeysCommand::Generate { issuers, force } => {
-            let written = KeyRing::generate(&config.keys.dir, &issuers, force)?;
-            if written.is_empty() {
-                println!("the keys already exist in {} (use --force to replace them)", config.keys.dir.display());
-            }
-            for path in written {
-                println!("wrote {}", path.display());
-            }
-        }
-        KeysCommand::Rotate => {
-            let retired = KeyRing::rotate_provider(&config.keys.dir)?;
-            println!(
-                "retired the provider key to {}; wrote a new provider.pem; restart assetflow to sign with it",
-                retired.display()
-            );
-        }
-    }
-    Ok(())
-}
-
-async fn with_db<T: Send + 'static>(
+pub(crate) async fn with_db<T: Send + 'static>(
     config: &Config,
     f: impl FnOnce(&mut PgConnection) -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {

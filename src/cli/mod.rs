@@ -5,6 +5,8 @@ pub mod audit;
 pub mod batch;
 pub mod bench;
 pub mod dlq;
+pub mod keys;
+pub mod parties;
 pub mod simulate;
 pub mod status;
 pub mod time;
@@ -77,7 +79,12 @@ pub enum Command {
     /// Signing keys.
     Keys {
         #[command(subcommand)]
-        command: admin::KeysCommand,
+        command: keys::KeysCommand,
+    },
+    /// Partners and gateways: how each proves who it is.
+    Parties {
+        #[command(subcommand)]
+        command: parties::PartiesCommand,
     },
     /// Terminals.
     Terminals {
@@ -159,7 +166,9 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = load_config(cli.config.as_deref())?;
     match cli.command {
         Command::Run { pools, no_scheduler, scheduler_only } => {
-            let keys = KeyRing::load(&config.keys.dir)?;
+            // Private keys are loaded by the processes that sign, and by no other.
+            let signs = !scheduler_only && (pools.is_empty() || pools.contains(&Pool::Issuance));
+            let keys = if signs { KeyRing::load(&config.keys.dir)? } else { KeyRing::none() };
             let definitions = config.pools()?;
             let app = Arc::new(App::new(config, definitions, keys));
             let shutdown = CancellationToken::new();
@@ -188,7 +197,8 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Topology => print!("{}", Topology::new(&config).render()),
         Command::Status { id, json } => return status::run(&config, &id, json).await,
-        Command::Keys { command } => admin::keys(&config, command)?,
+        Command::Keys { command } => keys::run(&config, command)?,
+        Command::Parties { command } => parties::run(&config, command).await?,
         Command::Terminals { command } => admin::terminals(&config, command).await?,
         Command::Products { command } => admin::products(&config, command).await?,
         Command::Audit { sent, json, no_queues } => return audit::run(&config, sent, json, no_queues).await,

@@ -118,11 +118,21 @@ pub struct PartnerConfig {
     pub answer_timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
+    /// The RabbitMQ user the partner publishes as: its results must carry it as their AMQP
+    /// `user_id` (`docs/security.md#who-may-answer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_user: Option<String>,
 }
 
+/// GatewayConfig is one gateway.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct GatewayConfig {}
+pub struct GatewayConfig {
+    /// The RabbitMQ user the gateway publishes as: its receipts must carry it as their AMQP
+    /// `user_id` (`docs/security.md#who-may-answer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_user: Option<String>,
+}
 
 impl Config {
     /// Config::load layers the defaults, the file (if any) and the environment.
@@ -205,10 +215,34 @@ impl Config {
                 );
             }
         }
+        self.check_broker_users()?;
         anyhow::ensure!(
             self.retention.terminal_requests > self.auth.freshness_window,
             "configuration: retention.terminal_requests must be longer than auth.freshness_window"
         );
+        Ok(())
+    }
+
+    /// Config::check_broker_users refuses broker users that would prove nothing: one shared by two
+    /// parties (either could answer for the other) or assetflow's own (which may publish anywhere).
+    fn check_broker_users(&self) -> anyhow::Result<()> {
+        let own = amqp_user(&self.amqp.url);
+        let mut seen: BTreeMap<&str, String> = BTreeMap::new();
+        let parties = self.partners.iter().map(|(id, p)| (format!("partners.{id}"), p.broker_user.as_deref()));
+        let parties = parties.chain(self.gateways.iter().map(|(id, g)| (format!("gateways.{id}"), g.broker_user.as_deref())));
+        for (party, user) in parties {
+            let Some(user) = user else { continue };
+            anyhow::ensure!(!user.is_empty(), "configuration: {party}.broker_user is empty");
+            anyhow::ensure!(
+                own.as_deref() != Some(user),
+                "configuration: {party}.broker_user {user:?} is assetflow's own broker user: give the party a user of its own"
+            );
+            if let Some(other) = seen.insert(user, party.clone()) {
+                anyhow::bail!(
+                    "configuration: {other} and {party} share broker_user {user:?}: either could answer for the other; give each its own user"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -224,6 +258,12 @@ impl Config {
         shown.amqp.url = redact_url(&shown.amqp.url);
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
+}
+
+/// amqp_user is the user an AMQP URL connects as (`guest` when it names none, as the broker's
+/// default), or None when the URL does not parse.
+fn amqp_user(url: &str) -> Option<String> {
+    url.parse::<lapin::uri::AMQPUri>().ok().map(|uri| uri.authority.userinfo.username)
 }
 
 /// is_name accepts ids that are safe as AMQP names, routing keys and log fields.
@@ -277,5 +317,23 @@ mod tests {
         }}))
         .unwrap();
         assert!(config.validate().unwrap_err().to_string().contains("go together"));
+    }
+
+    #[test]
+    fn a_broker_user_proves_one_party_only() {
+        let with = |parties: serde_json::Value| Config::with_overrides(parties).unwrap().validate();
+        with(serde_json::json!({
+            "partners": {"card-co": {"broker_user": "partner-card-co"}},
+            "gateways": {"gw-1": {"broker_user": "gateway-gw-1"}, "gw-2": {}},
+        }))
+        .unwrap();
+        let shared = with(serde_json::json!({
+            "partners": {"card-co": {"broker_user": "shared"}},
+            "gateways": {"gw-1": {"broker_user": "shared"}},
+        }))
+        .unwrap_err();
+        assert!(shared.to_string().contains("partners.card-co and gateways.gw-1 share broker_user \"shared\""), "{shared}");
+        let own = with(serde_json::json!({"gateways": {"gw-1": {"broker_user": "guest"}}})).unwrap_err();
+        assert!(own.to_string().contains("assetflow's own broker user"), "{own}");
     }
 }

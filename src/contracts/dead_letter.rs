@@ -26,13 +26,20 @@ pub enum DeadLetterReason {
     SettlementTimeout,
     /// A transmission whose retries ran out.
     RetriesExhausted,
+    /// A settlement result or delivery receipt whose sender is not proven to be the partner or
+    /// gateway it answers for: no or another broker user (`user_id`), or no or a bad signature by
+    /// the party's registered key (`docs/security.md#who-may-answer`).
+    UnauthenticatedParty,
+    /// A delivery receipt without the terminal's signed acknowledgement its product requires, or
+    /// with one that is not the terminal's or does not name the attempt it acknowledges.
+    InvalidProof,
     /// The broker dead-lettered it itself (its delivery limit, a rejection) while assetflow could
     /// not record it; the dead-letter recorder found it in the dead-letter queue.
     BrokerDeadLettered,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 12] = [
+    pub const ALL: [DeadLetterReason; 14] = [
         DeadLetterReason::Malformed,
         DeadLetterReason::UnknownMessageType,
         DeadLetterReason::SchemaViolation,
@@ -44,6 +51,8 @@ impl DeadLetterReason {
         DeadLetterReason::UnknownDelivery,
         DeadLetterReason::SettlementTimeout,
         DeadLetterReason::RetriesExhausted,
+        DeadLetterReason::UnauthenticatedParty,
+        DeadLetterReason::InvalidProof,
         DeadLetterReason::BrokerDeadLettered,
     ];
 
@@ -60,6 +69,8 @@ impl DeadLetterReason {
             DeadLetterReason::UnknownDelivery => "unknown_delivery",
             DeadLetterReason::SettlementTimeout => "settlement_timeout",
             DeadLetterReason::RetriesExhausted => "retries_exhausted",
+            DeadLetterReason::UnauthenticatedParty => "unauthenticated_party",
+            DeadLetterReason::InvalidProof => "invalid_proof",
             DeadLetterReason::BrokerDeadLettered => "broker_dead_lettered",
         }
     }

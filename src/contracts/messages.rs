@@ -14,6 +14,11 @@ use uuid::Uuid;
 /// malformed.
 pub const MAX_BODY: usize = 256 * 1024;
 
+/// REPLAY_USER_ID is the header that carries a replayed message's original AMQP `user_id`: the
+/// broker user that published it, which proves who a partner's or gateway's answer came from.
+/// Trusted only on the internal exchange, where only assetflow publishes.
+pub const REPLAY_USER_ID: &str = "x-assetflow-user-id";
+
 /// REPLAY_RECEIVED_AT is the header that carries a replayed message's original receipt time.
 /// Only assetflow publishes on the internal exchange, so only there is it trusted.
 pub const REPLAY_RECEIVED_AT: &str = "x-assetflow-received-at";
@@ -173,6 +178,10 @@ pub struct SettlementResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub sent_at: DateTime<Utc>,
+    /// The partner's signature, when it signs: base64 DER ECDSA P-256/SHA-256 over the canonical
+    /// JSON (RFC 8785) of this message without this field, by its registered key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// IssuanceRequested is internal: a settled order is ready to be issued.
@@ -318,6 +327,31 @@ pub struct DeliveryReceipt {
     /// Lowercase hex SHA-256 of the delivery message body as received.
     pub sha256: String,
     pub received_at: DateTime<Utc>,
+    /// The terminal's own signed acknowledgement, relayed by the gateway: the proof of delivery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acknowledgement: Option<Acknowledgement>,
+    /// The gateway's signature, when it signs: as [`SettlementResult::signature`], by the
+    /// gateway's registered key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+/// Acknowledgement is a terminal's signed statement that it received and verified a delivery
+/// (`docs/product.md#a-round-ends-with-an-acknowledgement`): which attempt (its AMQP message id),
+/// and the SHA-256 of the document it holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Acknowledgement {
+    pub terminal_id: String,
+    pub delivery_id: Uuid,
+    /// The AMQP `message_id` of the attempt the terminal received.
+    pub message_id: Uuid,
+    /// Lowercase hex SHA-256 of the canonical JSON (RFC 8785) of the delivery's `content`.
+    pub content_sha256: String,
+    pub verified_at: DateTime<Utc>,
+    /// The terminal's signature over the canonical JSON of this object without this field, by the
+    /// key it signs its requests with.
+    pub signature: String,
 }
 
 /// Refusal is the content of a `refusal` delivery: why a terminal's request was not carried out.

@@ -30,13 +30,44 @@ pub fn load_private_key(path: &Path) -> anyhow::Result<PKey<Private>> {
     PKey::private_key_from_pem(&pem).map_err(|e| anyhow::anyhow!("{} is not a PEM private key: {e}", path.display()))
 }
 
-/// KeyRing holds the signing keys assetflow uses, loaded once at start-up.
+/// KeyRing holds the signing keys assetflow uses, loaded once at start-up by the processes that
+/// sign (the issuance pool), and by nobody else ([`KeyRing::none`]). Each key comes with its key
+/// id ([`super::key_id`]), which the documents it signs carry.
 pub struct KeyRing {
-    pub provider: PKey<Private>,
-    issuers: HashMap<String, PKey<Private>>,
-    /// Public halves of provider keys rotated out: what they signed still verifies.
-    retired: Vec<PKey<Public>>,
+    provider: Option<Signing>,
+    issuers: HashMap<String, Signing>,
+    /// Public halves of provider keys rotated out, with their key ids: what they signed still
+    /// verifies.
+    retired: Vec<(PKey<Public>, String)>,
 }
+
+/// Signing is a private key, its public half and its key id.
+pub struct Signing {
+    pub key: PKey<Private>,
+    pub public: PKey<Public>,
+    pub key_id: String,
+}
+
+impl Signing {
+    fn new(key: PKey<Private>) -> anyhow::Result<Signing> {
+        let key_id = super::key_id(&key)?;
+        let public = PKey::public_key_from_pem(&key.public_key_to_pem()?)?;
+        Ok(Signing { key, public, key_id })
+    }
+}
+
+/// Published is a public key as `assetflow keys publish` lists it.
+pub struct Published {
+    pub key: PKey<Public>,
+    pub key_id: String,
+    /// "provider" or "issuer".
+    pub role: &'static str,
+    pub issuer_id: Option<String>,
+    /// "current" (it signs now) or "retired" (what it signed still verifies).
+    pub status: &'static str,
+}
+
+
 
 impl KeyRing {
     /// KeyRing::load reads `provider.pem` and every `issuers/*.pem` under `dir`.
@@ -50,7 +81,7 @@ impl KeyRing {
                 let path = entry?.path();
                 if path.extension().is_some_and(|e| e == "pem") {
                     let id = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
-                    issuers.insert(id, load_private_key(&path)?);
+                    issuers.insert(id, Signing::new(load_private_key(&path)?)?);
                 }
             }
         }
@@ -61,27 +92,72 @@ impl KeyRing {
                 let path = entry?.path();
                 if path.extension().is_some_and(|e| e == "pem") {
                     let pem = fs::read(&path)?;
-                    retired
-                        .push(PKey::public_key_from_pem(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?);
+                    let key =
+                        PKey::public_key_from_pem(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                    let key_id = super::key_id(&key)?;
+                    retired.push((key, key_id));
                 }
             }
         }
-        Ok(KeyRing { provider, issuers, retired })
+        Ok(KeyRing { provider: Some(Signing::new(provider)?), issuers, retired })
     }
 
-    /// KeyRing::verify_provider checks a document signed by the service provider, with the
-    /// current key or any retired one.
+    /// KeyRing::none is the ring of a process that signs nothing: it holds no key at all.
+    pub fn none() -> KeyRing {
+        KeyRing { provider: None, issuers: HashMap::new(), retired: Vec::new() }
+    }
+
+    /// KeyRing::provider is the service provider's signing key, if this process holds it.
+    pub fn provider(&self) -> Option<&Signing> {
+        self.provider.as_ref()
+    }
+
+    /// KeyRing::verify_provider checks a document signed by the service provider: with the key its
+    /// `key_id` names, current or retired, or, for a document that names none, with any of them.
     pub fn verify_provider(&self, document: &serde_json::Value) -> Result<(), super::CryptoError> {
-        let current = super::verify_document(&self.provider, document);
-        if current.is_ok() {
-            return current;
-        }
-        for key in &self.retired {
-            if super::verify_document(key, document).is_ok() {
-                return Ok(());
+        let current = self.provider.iter().map(|s| (&s.public, s.key_id.as_str()));
+        let keys: Vec<(&PKey<Public>, &str)> =
+            current.chain(self.retired.iter().map(|(key, id)| (key, id.as_str()))).collect();
+        let named = document.get("key_id").and_then(serde_json::Value::as_str);
+        let mut verdict = Err(super::CryptoError::BadSignature);
+        for (key, _) in keys.iter().filter(|(_, id)| named.is_none_or(|n| n == *id)) {
+            verdict = super::verify_document(key, document);
+            if verdict.is_ok() {
+                return verdict;
             }
         }
-        current
+        verdict
+    }
+
+    /// KeyRing::published is every public key a terminal may need to verify what assetflow signed:
+    /// the provider's, current and retired, and each issuer's.
+    pub fn published(&self) -> anyhow::Result<Vec<Published>> {
+        let mut keys = Vec::new();
+        if let Some(provider) = &self.provider {
+            keys.push(Published {
+                key: provider.public.clone(),
+                key_id: provider.key_id.clone(),
+                role: "provider",
+                issuer_id: None,
+                status: "current",
+            });
+        }
+        for (key, key_id) in &self.retired {
+            let (key, key_id) = (key.clone(), key_id.clone());
+            keys.push(Published { key, key_id, role: "provider", issuer_id: None, status: "retired" });
+        }
+        let mut issuers: Vec<(&String, &Signing)> = self.issuers.iter().collect();
+        issuers.sort_by_key(|(id, _)| *id);
+        for (id, signing) in issuers {
+            keys.push(Published {
+                key: signing.public.clone(),
+                key_id: signing.key_id.clone(),
+                role: "issuer",
+                issuer_id: Some(id.clone()),
+                status: "current",
+            });
+        }
+        Ok(keys)
     }
 
     /// KeyRing::rotate_provider retires the provider key (its public half moves to `retired/`)
@@ -100,8 +176,8 @@ impl KeyRing {
     }
 
     /// KeyRing::issuer is the signing key of an issuer, if assetflow holds it.
-    pub fn issuer(&self, issuer_id: &str) -> Option<&PKeyRef<Private>> {
-        self.issuers.get(issuer_id).map(|k| k.as_ref())
+    pub fn issuer(&self, issuer_id: &str) -> Option<&Signing> {
+        self.issuers.get(issuer_id)
     }
 
     /// KeyRing::generate writes development keys: the provider key and one key per named issuer.
@@ -130,9 +206,10 @@ impl KeyRing {
 
     /// KeyRing::ephemeral is a ring of fresh keys that never touches the disk.
     pub fn ephemeral(issuers: &[&str]) -> KeyRing {
+        let fresh = || Signing::new(generate_key_pair().expect("key generation")).expect("a P-256 key");
         KeyRing {
-            provider: generate_key_pair().expect("key generation"),
-            issuers: issuers.iter().map(|id| (id.to_string(), generate_key_pair().expect("key generation"))).collect(),
+            provider: Some(fresh()),
+            issuers: issuers.iter().map(|id| (id.to_string(), fresh())).collect(),
             retired: Vec::new(),
         }
     }
@@ -168,17 +245,25 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("assetflow-keys-{}", uuid::Uuid::new_v4().simple()));
         KeyRing::generate(&dir, &["issuer".into()], false).unwrap();
         let before = KeyRing::load(&dir).unwrap();
-        let mut old = json!({"certificate_id": "c-1"});
-        crate::crypto::sign_document(&before.provider, &mut old).unwrap();
+        let mut old = json!({"certificate_id": "c-1", "key_id": before.provider().unwrap().key_id});
+        crate::crypto::sign_document(&before.provider().unwrap().key, &mut old).unwrap();
 
         KeyRing::rotate_provider(&dir).unwrap();
         let after = KeyRing::load(&dir).unwrap();
         let mut new = json!({"certificate_id": "c-2"});
-        crate::crypto::sign_document(&after.provider, &mut new).unwrap();
+        crate::crypto::sign_document(&after.provider().unwrap().key, &mut new).unwrap();
 
-        after.verify_provider(&old).expect("signed by the retired key");
-        after.verify_provider(&new).expect("signed by the current key");
-        assert!(crate::crypto::verify_document(&after.provider, &old).is_err(), "the key did change");
+        after.verify_provider(&old).expect("signed by the retired key, which its key id names");
+        after.verify_provider(&new).expect("signed by the current key, named by no key id");
+        assert!(crate::crypto::verify_document(&after.provider().unwrap().key, &old).is_err(), "the key did change");
+        let mut misnamed = old.clone();
+        misnamed["key_id"] = json!(after.provider().unwrap().key_id);
+        crate::crypto::sign_document(&before.provider().unwrap().key, &mut misnamed).unwrap();
+        assert!(after.verify_provider(&misnamed).is_err(), "only the key its id names is tried");
+        let published = after.published().unwrap();
+        let roles: Vec<(&str, &str)> = published.iter().map(|p| (p.role, p.status)).collect();
+        assert_eq!(roles, [("provider", "current"), ("provider", "retired"), ("issuer", "current")]);
+        assert_eq!(published[1].key_id, before.provider().unwrap().key_id);
         let mut forged = old.clone();
         forged["certificate_id"] = json!("c-3");
         assert!(after.verify_provider(&forged).is_err());

@@ -6,7 +6,7 @@
 
 mod keys;
 
-pub use keys::{KeyRing, generate_key_pair, load_private_key, public_key_pem, write_private_key};
+pub use keys::{KeyRing, Published, Signing, generate_key_pair, load_private_key, public_key_pem, write_private_key};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -85,6 +85,108 @@ pub fn parse_public_key(pem: &str) -> Result<PKey<openssl::pkey::Public>, Crypto
     PKey::public_key_from_pem(pem.as_bytes()).map_err(|e| CryptoError::BadPublicKey(e.to_string()))
 }
 
+/// parse_public_keys reads one or more PEM public keys from one text, as registered for a partner
+/// or a gateway (a key being rotated in beside the one being rotated out). A text with no key in
+/// it, or with one that is not a public key, is refused.
+pub fn parse_public_keys(pem: &str) -> Result<Vec<PKey<openssl::pkey::Public>>, CryptoError> {
+    const END: &str = "-----END PUBLIC KEY-----";
+    let mut keys = Vec::new();
+    let mut rest = pem;
+    while let Some(start) = rest.find("-----BEGIN") {
+        let block = &rest[start..];
+        let end = block.find(END).ok_or_else(|| CryptoError::BadPublicKey("a PEM block is not closed".into()))?;
+        keys.push(parse_public_key(&block[..end + END.len()])?);
+        rest = &block[end + END.len()..];
+    }
+    if keys.is_empty() {
+        return Err(CryptoError::BadPublicKey("no PEM public key in it".into()));
+    }
+    Ok(keys)
+}
+
+/// The most registered key texts kept parsed; past it the cache starts again, empty.
+const REGISTERED_KEYS_MAX: usize = 10_000;
+
+/// registered_keys parses a registered PEM text (a terminal's, a partner's or a gateway's key, or
+/// several) once per process: OpenSSL 3 looks its decoders up at every parse, which costs more than
+/// checking the signature. The cache is keyed by the text itself, so a key that is rotated or
+/// revoked is never checked against again.
+pub fn registered_keys(pem: &str) -> Result<Vec<PKey<openssl::pkey::Public>>, CryptoError> {
+    use std::collections::HashMap;
+    use std::sync::{LazyLock, Mutex};
+    type Parsed = HashMap<String, Vec<PKey<openssl::pkey::Public>>>;
+    static KEYS: LazyLock<Mutex<Parsed>> = LazyLock::new(Mutex::default);
+    if let Some(keys) = KEYS.lock().expect("never poisoned").get(pem) {
+        return Ok(keys.clone());
+    }
+    let keys = parse_public_keys(pem)?;
+    let mut cache = KEYS.lock().expect("never poisoned");
+    if cache.len() >= REGISTERED_KEYS_MAX {
+        cache.clear();
+    }
+    cache.insert(pem.to_string(), keys.clone());
+    Ok(keys)
+}
+
+/// verify_registered checks a document's `signature` with a registered PEM text: any of the keys
+/// in it may have signed.
+pub fn verify_registered(pem: &str, document: &Value) -> Result<(), CryptoError> {
+    let mut verdict = Err(CryptoError::BadSignature);
+    for key in registered_keys(pem)? {
+        verdict = verify_document(&key, document);
+        if verdict.is_ok() {
+            break;
+        }
+    }
+    verdict
+}
+
+/// key_id names a P-256 public key: its JWK thumbprint (RFC 7638), the base64url SHA-256 of the
+/// canonical JWK `{"crv","kty","x","y"}`. Signed documents carry it, so that a verifier picks the
+/// right key from the published ones (`assetflow keys publish`).
+pub fn key_id<T: HasPublic>(key: &PKeyRef<T>) -> Result<String, CryptoError> {
+    let jwk = public_jwk(key)?;
+    let members = serde_json::json!({"crv": jwk["crv"], "kty": jwk["kty"], "x": jwk["x"], "y": jwk["y"]});
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(openssl::sha::sha256(canonical_json(&members).as_bytes())))
+}
+
+/// public_jwk is a P-256 public key as a JSON Web Key (RFC 7517, 7518): `kty`, `crv`, `x`, `y`.
+pub fn public_jwk<T: HasPublic>(key: &PKeyRef<T>) -> Result<Value, CryptoError> {
+    use openssl::bn::{BigNum, BigNumContext};
+    let ec = key.ec_key().map_err(|_| CryptoError::BadPublicKey("not an EC key".into()))?;
+    let group = ec.group();
+    if group.curve_name() != Some(openssl::nid::Nid::X9_62_PRIME256V1) {
+        return Err(CryptoError::BadPublicKey("not a P-256 key".into()));
+    }
+    let (mut x, mut y) = (BigNum::new()?, BigNum::new()?);
+    let mut context = BigNumContext::new()?;
+    ec.public_key().affine_coordinates(group, &mut x, &mut y, &mut context)?;
+    let b64 = |n: &BigNum| -> Result<String, CryptoError> {
+        Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(n.to_vec_padded(32)?))
+    };
+    Ok(serde_json::json!({"kty": "EC", "crv": "P-256", "x": b64(&x)?, "y": b64(&y)?}))
+}
+
+/// public_key_from_jwk reads a P-256 public key from a JSON Web Key, as `assetflow keys publish`
+/// writes them: what a terminal does with the published keys.
+pub fn public_key_from_jwk(jwk: &Value) -> Result<PKey<openssl::pkey::Public>, CryptoError> {
+    use openssl::bn::BigNum;
+    let bad = |why: &str| CryptoError::BadPublicKey(why.to_string());
+    if jwk.get("kty").and_then(Value::as_str) != Some("EC") || jwk.get("crv").and_then(Value::as_str) != Some("P-256") {
+        return Err(bad("not a P-256 EC key"));
+    }
+    let coordinate = |name: &str| -> Result<BigNum, CryptoError> {
+        let text = jwk.get(name).and_then(Value::as_str).ok_or_else(|| bad("a coordinate is missing"))?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).map_err(|_| bad("not base64url"))?;
+        Ok(BigNum::from_slice(&bytes)?)
+    };
+    let group = openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1)?;
+    let (x, y) = (coordinate("x")?, coordinate("y")?);
+    let ec = openssl::ec::EcKey::from_public_key_affine_coordinates(&group, &x, &y)
+        .map_err(|_| bad("the point is not on the curve"))?;
+    Ok(PKey::from_ec_key(ec)?)
+}
+
 /// sha256_hex is the lowercase hex SHA-256 of `bytes`: the digest a delivery receipt carries.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(openssl::sha::sha256(bytes))
@@ -150,6 +252,48 @@ mod tests {
         let signature = sign(&key, b"bytes").unwrap();
         verify(&public, b"bytes", &signature).unwrap();
         assert!(parse_public_key("-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----").is_err());
+    }
+
+    #[test]
+    fn key_ids_are_rfc_7638_thumbprints() {
+        // RFC 7517 appendix A.1's P-256 key; its thumbprint was computed apart from this code
+        // (Python's hashlib over the sorted, compact members, as RFC 7638 section 3 says).
+        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode("MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4")
+            .unwrap();
+        let y = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode("4Etl6SRW2YiLUrN5vfvVHuhp7x8PxltmWWlbbM4IFyM")
+            .unwrap();
+        let group = openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1).unwrap();
+        let ec = openssl::ec::EcKey::from_public_key_affine_coordinates(
+            &group,
+            &openssl::bn::BigNum::from_slice(&x).unwrap(),
+            &openssl::bn::BigNum::from_slice(&y).unwrap(),
+        )
+        .unwrap();
+        let key = PKey::from_ec_key(ec).unwrap();
+        assert_eq!(key_id(&key).unwrap(), "cn-I_WNMClehiVp51i_0VpOENW1upEerA8sEam5hn-s");
+        let other = generate_key_pair().unwrap();
+        assert_ne!(key_id(&other).unwrap(), key_id(&key).unwrap());
+        let public = parse_public_key(&public_key_pem(&other).unwrap()).unwrap();
+        assert_eq!(key_id(&public).unwrap(), key_id(&other).unwrap(), "the same id from either half");
+        let round_trip = public_key_from_jwk(&public_jwk(&other).unwrap()).unwrap();
+        assert!(round_trip.public_eq(&other), "a published key reads back as itself");
+        let mut off_curve = public_jwk(&other).unwrap();
+        off_curve["y"] = off_curve["x"].clone();
+        assert!(public_key_from_jwk(&off_curve).is_err());
+    }
+
+    #[test]
+    fn a_pem_bundle_holds_several_keys() {
+        let (a, b) = (generate_key_pair().unwrap(), generate_key_pair().unwrap());
+        let bundle = format!("# rotating in\n{}\n{}", public_key_pem(&a).unwrap(), public_key_pem(&b).unwrap());
+        let keys = parse_public_keys(&bundle).unwrap();
+        assert_eq!(keys.len(), 2);
+        let signature = sign(&b, b"bytes").unwrap();
+        assert!(verify(&keys[1], b"bytes", &signature).is_ok());
+        assert!(parse_public_keys("no key here").is_err());
+        assert!(parse_public_keys("-----BEGIN PUBLIC KEY-----\nAAAA").is_err());
     }
 
     #[test]

@@ -33,6 +33,10 @@ pub struct Product {
     pub transferable: bool,
     pub on_sale: bool,
     pub tags: serde_json::Value,
+    /// What completes the delivery of its certificates and assets: "terminal", the terminal's
+    /// signed acknowledgement, or "gateway", the gateway's receipt alone (for terminals that
+    /// cannot sign).
+    pub proof_of_delivery: String,
 }
 
 impl Product {
@@ -84,6 +88,35 @@ pub fn sync_parties(conn: &mut PgConnection, partner_ids: &[String], gateway_ids
     Ok(())
 }
 
+/// register_party_key records the public key (PEM, one or more) a partner or a gateway signs
+/// with, replacing any earlier one; None removes it. The party must be configured.
+pub fn register_party_key(conn: &mut PgConnection, party: PartyKind, id: &str, pem: Option<&str>) -> QueryResult<usize> {
+    match party {
+        PartyKind::Partner => {
+            diesel::update(partners::table.find(id)).set(partners::public_key_pem.eq(pem)).execute(conn)
+        }
+        PartyKind::Gateway => {
+            diesel::update(gateways::table.find(id)).set(gateways::public_key_pem.eq(pem)).execute(conn)
+        }
+    }
+}
+
+/// PartyKind is which kind of party answers assetflow: a payment partner or a gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartyKind {
+    Partner,
+    Gateway,
+}
+
+impl PartyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PartyKind::Partner => "partner",
+            PartyKind::Gateway => "gateway",
+        }
+    }
+}
+
 /// Terminal is a registered terminal.
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = terminals)]
@@ -111,6 +144,8 @@ pub fn load_terminals(conn: &mut PgConnection, ids: &[&str]) -> QueryResult<Vec<
 struct Lookups {
     products: HashMap<String, Option<Product>>,
     terminals: HashMap<String, Option<Terminal>>,
+    /// Registered public keys (PEM) of partners ("partner:<id>") and gateways ("gateway:<id>").
+    party_keys: HashMap<String, Option<String>>,
 }
 
 /// remembered is what `seen` holds for `id`, or what `load` reads, kept for the next time.
@@ -133,6 +168,10 @@ pub trait Catalogue {
     fn product(&mut self, id: &str) -> QueryResult<Option<Product>>;
     /// Catalogue::terminal reads a terminal.
     fn terminal(&mut self, id: &str) -> QueryResult<Option<Terminal>>;
+    /// Catalogue::partner_key is the partner's registered public key (PEM), if it has one.
+    fn partner_key(&mut self, id: &str) -> QueryResult<Option<String>>;
+    /// Catalogue::gateway_key is the gateway's registered public key (PEM), if it has one.
+    fn gateway_key(&mut self, id: &str) -> QueryResult<Option<String>>;
     /// Catalogue::read_terminals reads, in one statement, those of `ids` this transaction has not
     /// read yet, so that [`Catalogue::terminal`] finds each of them (or that it does not exist)
     /// without another.
@@ -148,6 +187,20 @@ impl Catalogue for Cx<'_> {
     fn terminal(&mut self, id: &str) -> QueryResult<Option<Terminal>> {
         let lookups = self.extensions.get_or_insert_default::<Lookups>();
         remembered(&mut lookups.terminals, id, || load_terminal(self.conn, id))
+    }
+
+    fn partner_key(&mut self, id: &str) -> QueryResult<Option<String>> {
+        let lookups = self.extensions.get_or_insert_default::<Lookups>();
+        remembered(&mut lookups.party_keys, &format!("partner:{id}"), || {
+            Ok(partners::table.find(id).select(partners::public_key_pem).first(self.conn).optional()?.flatten())
+        })
+    }
+
+    fn gateway_key(&mut self, id: &str) -> QueryResult<Option<String>> {
+        let lookups = self.extensions.get_or_insert_default::<Lookups>();
+        remembered(&mut lookups.party_keys, &format!("gateway:{id}"), || {
+            Ok(gateways::table.find(id).select(gateways::public_key_pem).first(self.conn).optional()?.flatten())
+        })
     }
 
     fn read_terminals<'i>(&mut self, ids: impl IntoIterator<Item = &'i str>) -> QueryResult<()> {

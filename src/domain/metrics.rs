@@ -48,6 +48,12 @@ pub fn signature_failure(subject: &'static str) {
     record(move || counter!("assetflow_signature_failures_total", "subject" => subject).increment(1));
 }
 
+/// delivery_proof counts completed deliveries by the proof they have: "terminal" (the terminal's
+/// signed acknowledgement) or "gateway" (the gateway's receipt alone).
+pub fn delivery_proof(proof: &'static str) {
+    record(move || counter!("assetflow_delivery_proofs_total", "proof" => proof).increment(1));
+}
+
 /// due_pickup_lag records how late due work was picked up (due time to enqueue).
 pub fn due_pickup_lag(job: &str, lag: Duration) {
     let job = job.to_string();
@@ -58,7 +64,7 @@ pub fn due_pickup_lag(job: &str, lag: Duration) {
 /// advance at zero.
 pub fn register() {
     crate::runtime::metrics::describe(CATALOGUE);
-    for subject in ["terminal_request", "certificate"] {
+    for subject in ["terminal_request", "certificate", "delivery_acknowledgement"] {
         counter!("assetflow_signature_failures_total", "subject" => subject).absolute(0);
     }
     for reason in crate::contracts::refusal::RefusalReason::ALL {
@@ -73,7 +79,13 @@ pub const CATALOGUE: &[Metric] = &[
         "assetflow_signature_failures_total",
         "counter",
         &["subject"],
-        "Signatures that did not verify: terminal_request or certificate.",
+        "Signatures that did not verify: terminal_request, certificate or delivery_acknowledgement.",
+    ),
+    m(
+        "assetflow_delivery_proofs_total",
+        "counter",
+        &["proof"],
+        "Deliveries completed, by their proof: terminal (its signed acknowledgement) or gateway (its receipt alone).",
     ),
     m("assetflow_settlements_total", "counter", &["partner", "outcome"], "Partner answers: settled or declined."),
     m(

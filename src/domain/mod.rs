@@ -6,6 +6,7 @@ pub mod catalogue;
 pub mod delivery;
 pub mod issuance;
 pub mod metrics;
+pub mod parties;
 pub mod requests;
 pub mod scans;
 pub mod schema;

@@ -7,11 +7,10 @@
 //! its idempotency record was pruned still has no effect.
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use openssl::pkey::{PKey, Public};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -83,28 +82,7 @@ pub fn originals(conn: &mut PgConnection, request_ids: &[&str]) -> QueryResult<H
 /// public key: the cryptographic half of [`Requests::authenticate`]. Any request and any registered text may
 /// reach it, so it returns an error, never panics (fuzzed by `fuzz/`, the `signature` target).
 pub fn check_signature(public_key_pem: &str, request: &Value) -> Result<(), crypto::CryptoError> {
-    let key = terminal_key(public_key_pem)?;
-    crypto::verify_document(&key, request)
-}
-
-/// The most parsed terminal keys kept; past it the cache starts again, empty.
-const TERMINAL_KEYS_MAX: usize = 10_000;
-
-/// terminal_key parses a registered PEM public key, once per process: OpenSSL 3 looks its decoders
-/// up at every parse, which costs more than checking the signature. The cache is keyed by the PEM
-/// text itself, so a terminal whose key is rotated or revoked is never checked against the old one.
-fn terminal_key(pem: &str) -> Result<PKey<Public>, crypto::CryptoError> {
-    static KEYS: LazyLock<Mutex<HashMap<String, PKey<Public>>>> = LazyLock::new(Mutex::default);
-    if let Some(key) = KEYS.lock().expect("never poisoned").get(pem) {
-        return Ok(key.clone());
-    }
-    let key = crypto::parse_public_key(pem)?;
-    let mut keys = KEYS.lock().expect("never poisoned");
-    if keys.len() >= TERMINAL_KEYS_MAX {
-        keys.clear();
-    }
-    keys.insert(pem.to_string(), key.clone());
-    Ok(key)
+    crypto::verify_registered(public_key_pem, request)
 }
 
 fn record(

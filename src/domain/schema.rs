@@ -5,6 +5,7 @@ diesel::table! {
     partners (id) {
         id -> Text,
         created_at -> Timestamptz,
+        public_key_pem -> Nullable<Text>,
     }
 }
 
@@ -12,6 +13,7 @@ diesel::table! {
     gateways (id) {
         id -> Text,
         created_at -> Timestamptz,
+        public_key_pem -> Nullable<Text>,
     }
 }
 
@@ -47,6 +49,7 @@ diesel::table! {
         on_sale -> Bool,
         tags -> Jsonb,
         created_at -> Timestamptz,
+        proof_of_delivery -> Text,
     }
 }
 
@@ -202,6 +205,8 @@ diesel::table! {
         delivered_at -> Nullable<Timestamptz>,
         attempt_limit -> Nullable<Int4>,
         request_id -> Nullable<Text>,
+        proof -> Nullable<Text>,
+        acknowledgement -> Nullable<Jsonb>,
     }
 }
 

@@ -9,6 +9,7 @@ use assetflow::cli::simulate::gateway::GatewayOptions;
 use assetflow::cli::simulate::partner::PartnerOptions;
 use assetflow::cli::simulate::terminals::purchase;
 use assetflow::contracts::messages::{DeliveryRequested, SettlementOutcome, SettlementResult, kinds};
+use assetflow::domain::catalogue::PartyKind;
 use assetflow::runtime::outbox::{self, Outgoing};
 use chrono::{TimeDelta, Utc};
 use diesel::prelude::*;
@@ -393,8 +394,9 @@ async fn a_partner_that_never_answers_fails_the_order_and_a_late_answer_still_is
         partner_reference: "LATE-1".into(),
         reason: None,
         sent_at: Utc::now(),
+        signature: None,
     };
-    env.publish(kinds::SETTLEMENT_RESULT, &serde_json::to_vec(&late).unwrap()).await;
+    env.publish(kinds::SETTLEMENT_RESULT, &env.signed_by(PartyKind::Partner, "card-co", &late).await).await;
     let oid = order_id.clone();
     env.wait_until("the late answer issues the order and its certificate is delivered", move |c| {
         (text(c, "SELECT status AS value FROM orders WHERE id = $1::uuid", &[&oid]).as_deref() == Some("issued")

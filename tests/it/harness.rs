@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use assetflow::cli::simulate::publisher::ConfirmedSender;
 use assetflow::cli::simulate::terminals::SimTerminal;
-use assetflow::cli::simulate::{Stats, gateway, partner};
+use assetflow::cli::simulate::{self, Stats, gateway, partner};
 use assetflow::config::Config;
 use assetflow::config::workers::PoolDefinitions;
 use assetflow::crypto::{self, KeyRing};
-use assetflow::domain::catalogue::{Product, upsert_product};
+use assetflow::domain::catalogue::{PartyKind, Product, upsert_product};
 use assetflow::runtime::broker::Broker;
 use assetflow::service::app::{self, App, RunOptions};
 use assetflow::service::scheduler::{self, Job, RunReport, Trigger};
@@ -39,6 +39,9 @@ pub struct Env {
     sims: CancellationToken,
     vhost: String,
     database: String,
+    /// The test's private keys: its terminals' (`terminals/`), so that the gateway simulator can
+    /// sign their acknowledgements, and its partners' and gateways' (`parties/`).
+    pub keys: std::path::PathBuf,
 }
 
 /// rabbitmqctl runs `rabbitmqctl` with `args` and fails the test if it fails. It blocks: call it
@@ -100,6 +103,7 @@ impl Env {
             sims: shutdown,
             vhost,
             database,
+            keys: std::env::temp_dir().join(format!("assetflow-test-{id}")),
         }
     }
 
@@ -126,6 +130,7 @@ impl Env {
 
     /// Env::partner runs the partner simulator.
     pub fn partner(&self, options: partner::PartnerOptions) {
+        let options = partner::PartnerOptions { party_keys: self.keys.join("parties"), ..options };
         tokio::spawn(partner::run_owned(
             self.config.clone(),
             self.broker.clone(),
@@ -137,7 +142,12 @@ impl Env {
 
     /// Env::gateway runs the gateway simulator (it exchanges no certificates: tests do that).
     pub fn gateway(&self, options: gateway::GatewayOptions) {
-        let options = gateway::GatewayOptions { exchange_rate: 0.0, ..options };
+        let options = gateway::GatewayOptions {
+            exchange_rate: 0.0,
+            keys: self.keys.join("terminals"),
+            party_keys: self.keys.join("parties"),
+            ..options
+        };
         tokio::spawn(gateway::run_owned(
             self.config.clone(),
             self.broker.clone(),
@@ -147,10 +157,14 @@ impl Env {
         ));
     }
 
-    /// Env::terminal registers a terminal with a fresh key pair.
+    /// Env::terminal registers a terminal with a fresh key pair, and keeps its private key where
+    /// the gateway simulator finds it.
     pub async fn terminal(&self, id: &str, gateway: &str, partner: Option<&str>) -> SimTerminal {
         let key = crypto::generate_key_pair().unwrap();
         let pem = crypto::public_key_pem(&key).unwrap();
+        let dir = self.keys.join("terminals");
+        std::fs::create_dir_all(&dir).unwrap();
+        crypto::write_private_key(&dir.join(format!("{id}.pem")), &key.private_key_to_pem_pkcs8().unwrap()).unwrap();
         let (id2, gateway, partner) = (id.to_string(), gateway.to_string(), partner.map(str::to_string));
         self.db(move |conn| {
             assetflow::cli::admin::register_terminal(conn, &id2, "mobile", &gateway, partner.as_deref(), &pem).unwrap()
@@ -180,11 +194,24 @@ impl Env {
             transferable: false,
             on_sale: true,
             tags: json!({"place": "Test Hall"}),
+            proof_of_delivery: "terminal".into(),
         };
         change(&mut product);
         let saved = product.clone();
         self.db(move |conn| upsert_product(conn, &saved).unwrap()).await;
         product
+    }
+
+    /// Env::terminal_key is the private key of a terminal registered by [`Env::terminal`].
+    pub fn terminal_key(&self, id: &str) -> openssl::pkey::PKey<openssl::pkey::Private> {
+        crypto::load_private_key(&self.keys.join("terminals").join(format!("{id}.pem"))).expect("the terminal's key")
+    }
+
+    /// Env::signed_by is `message` signed by a partner or a gateway, as its answers are: with the
+    /// key the simulators use for it (made and registered when missing).
+    pub async fn signed_by(&self, kind: PartyKind, id: &str, message: &impl serde::Serialize) -> Vec<u8> {
+        let key = simulate::party_key(&self.config, kind, id, &self.keys.join("parties")).await.expect("party key");
+        partner::signed(message, &key)
     }
 
     /// Env::publish publishes a message on the requests exchange, as a gateway or partner would.
@@ -217,7 +244,7 @@ impl Env {
     }
 
     /// Env::wait_until polls `check` until it returns Some, or fails the test after the deadline
-    /// naming what it was waiting for.
+    /// naming what it was waiting for, and the dead letters recorded meanwhile (often the why).
     pub async fn wait_until<T: Send + 'static>(
         &self,
         what: &str,
@@ -237,7 +264,10 @@ impl Env {
             if let Some(found) = found {
                 return found;
             }
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+            if tokio::time::Instant::now() >= deadline {
+                let letters = self.db(dead_letters).await;
+                panic!("timed out waiting until {what}; dead letters: {letters:?}");
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -255,6 +285,7 @@ impl Drop for Env {
         self.sims.cancel();
         // Clean up without waiting: the next test does not depend on it, and ops/test sweeps
         // whatever a crashed run left behind.
+        let _ = std::fs::remove_dir_all(&self.keys);
         let _ = Command::new("rabbitmqctl")
             .args(["delete_vhost", &self.vhost])
             .stdout(std::process::Stdio::null())
@@ -275,6 +306,19 @@ impl Drop for Env {
             .stderr(std::process::Stdio::null())
             .spawn();
     }
+}
+
+/// dead_letters are the first dead letters of a test's database, as "reason: detail".
+fn dead_letters(conn: &mut PgConnection) -> Vec<String> {
+    #[derive(QueryableByName)]
+    struct Letter {
+        #[diesel(sql_type = Text)]
+        letter: String,
+    }
+    diesel::sql_query("SELECT reason || ': ' || detail AS letter FROM dead_letters ORDER BY created_at LIMIT 5")
+        .load::<Letter>(conn)
+        .map(|letters| letters.into_iter().map(|l| l.letter).collect())
+        .unwrap_or_else(|e| vec![format!("(unreadable: {e})")])
 }
 
 fn merge(base: &mut Value, overrides: Value) {

@@ -11,6 +11,7 @@ mod monitoring;
 mod operator_input;
 mod outbox;
 mod owed;
+mod parties;
 mod processes;
 mod refusals;
 mod shutdown;

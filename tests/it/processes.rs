@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::chaos::assert_guarantees;
 use crate::harness::{Env, ISSUER, count};
-use crate::support::settle_all;
+use crate::support::{DEADLINE, settle_all};
 
 /// Node is one `assetflow run` process.
 struct Node {
@@ -183,7 +183,8 @@ async fn sigterm_finishes_the_work_in_hand_and_exits_zero() {
     let env = Env::new().await;
     env.product("ticket", |_| {}).await;
     let dir = cluster(&env);
-    let terminals = register(&env.config, 3, &dir.join("terminals")).await.unwrap();
+    // Their keys where the test's gateway finds them: it relays their signed acknowledgements.
+    let terminals = register(&env.config, 3, &env.keys.join("terminals")).await.unwrap();
     let mut node = Node::start(&dir, "node");
     env.partner(settle_all());
     env.gateway(GatewayOptions::default());
@@ -278,5 +279,51 @@ async fn the_simulators_register_their_terminals_before_the_app_has_recorded_the
         })
         .await;
     assert_eq!(registered, 3);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// run_with runs `assetflow run` with `args` against a cluster's configuration.
+fn run_with(dir: &Path, name: &str, args: &[&str]) -> Child {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_assetflow"))
+        .args(["--config", dir.join("assetflow.toml").to_str().unwrap(), "run"])
+        .args(args)
+        .env("RUST_LOG", "info,lapin=off")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("assetflow starts")
+}
+
+/// Private keys are loaded by the processes that sign (the issuance pool) and by no other: a
+/// settlement and delivery process, or a scheduler, runs where no key exists at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_process_running_the_issuance_pool_loads_the_signing_keys() {
+    let env = Env::new().await;
+    let dir = cluster(&env);
+    std::fs::remove_dir_all(dir.join("keys")).unwrap();
+
+    let mut node = Node { child: run_with(&dir, "no-signing", &["--pool", "settlement", "--pool", "delivery"]) };
+    let log = dir.join("no-signing.log");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("assetflow is running") {
+            assert!(text.contains("pool=settlement") && text.contains("pool=delivery"), "{text}");
+            assert!(!text.contains("pool=issuance"), "{text}");
+            break;
+        }
+        assert!(node.child.try_wait().unwrap().is_none(), "it stopped without its keys:\n{text}");
+        assert!(tokio::time::Instant::now() < deadline, "it never started:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(node.terminate().success(), "it stops cleanly");
+
+    for (name, args) in [("issuance", &["--pool", "issuance"][..]), ("all", &[][..])] {
+        let status = run_with(&dir, name, args).wait().unwrap();
+        let text = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap();
+        assert!(!status.success(), "{name}: a signing process needs its keys");
+        assert!(text.contains("provider.pem") && text.contains("assetflow keys generate"), "{name}: {text}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

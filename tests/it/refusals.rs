@@ -5,6 +5,7 @@
 use assetflow::cli::simulate::gateway::{GatewayOptions, exchange_request};
 use assetflow::cli::simulate::terminals::{SimTerminal, purchase};
 use assetflow::contracts::messages::{DeliveryReceipt, SettlementOutcome, SettlementResult, kinds};
+use assetflow::domain::catalogue::PartyKind;
 use assetflow::crypto::{self, sha256_hex, sign_document};
 use chrono::{Duration, Utc};
 use diesel::prelude::*;
@@ -505,6 +506,7 @@ async fn messages_nothing_can_take_are_dead_lettered_with_their_reason() {
         partner_reference: "CC-1".into(),
         reason: None,
         sent_at: Utc::now(),
+        signature: None,
     };
     let unknown_delivery = DeliveryReceipt {
         message_type: kinds::DELIVERY_RECEIPT.into(),
@@ -514,6 +516,8 @@ async fn messages_nothing_can_take_are_dead_lettered_with_their_reason() {
         terminal_id: "alice".into(),
         sha256: sha256_hex(b"a delivery that never was"),
         received_at: Utc::now(),
+        acknowledgement: None,
+        signature: None,
     };
     let cases = [
         ("unknown_message_type", "settlement", kinds::ORDER_PURCHASE, cancel(1)),
@@ -566,12 +570,13 @@ async fn a_repeated_result_has_no_effect_and_a_contradicting_one_is_dead_lettere
         partner_reference: "REPEATED-1".into(),
         reason: None,
         sent_at: Utc::now(),
+        signature: None,
     };
     let results = "SELECT count(*) FROM inbox WHERE message_type = 'settlement.result'";
     assert_eq!(rows(&env, results, &[]).await, 1, "the partner answered once");
 
     // The same answer again: processed (the inbox records it), with no effect and no dead letter.
-    let repeated = serde_json::to_vec(&result(SettlementOutcome::Settled)).unwrap();
+    let repeated = env.signed_by(PartyKind::Partner, &partner_id, &result(SettlementOutcome::Settled)).await;
     env.publish(kinds::SETTLEMENT_RESULT, &repeated).await;
     let processed = move |c: &mut PgConnection| (count(c, results, &[]) == 2).then_some(());
     env.wait_until("the repeated result is processed", processed).await;
@@ -582,7 +587,7 @@ async fn a_repeated_result_has_no_effect_and_a_contradicting_one_is_dead_lettere
 
     // The opposite answer: dead-lettered, and the order stays issued.
     let declined = SettlementResult { reason: Some("changed its mind".into()), ..result(SettlementOutcome::Declined) };
-    let declined = serde_json::to_vec(&declined).unwrap();
+    let declined = env.signed_by(PartyKind::Partner, &partner_id, &declined).await;
     env.publish(kinds::SETTLEMENT_RESULT, &declined).await;
     let reason = dead_letter_reason(&env, "the contradicting result", &declined).await;
     assert_eq!(reason, "conflicting_result");

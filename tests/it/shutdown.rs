@@ -107,7 +107,8 @@ async fn sigterm_mid_burst_acknowledges_or_returns_every_message_in_hand_and_flu
     let env = Env::new().await;
     env.product("ticket", |_| {}).await;
     let dir = cluster(&env);
-    let terminals = register(&env.config, 6, &dir.join("terminals")).await.unwrap();
+    // Their keys where the test's gateway finds them: it relays their signed acknowledgements.
+    let terminals = register(&env.config, 6, &env.keys.join("terminals")).await.unwrap();
     // Every batch of orders takes a while to store, so that whenever the SIGTERM comes the
     // settlement pool has a batch in its hands, and more prefetched behind it.
     env.db(|c| c.batch_execute(SLOW_ORDERS).expect("the test's trigger is installed")).await;

@@ -1,7 +1,8 @@
-//! Issued documents, as a terminal receives them, verified with the public keys
-//! (`docs/product.md#issued-documents`): the issuer signs an asset's information, the service
-//! provider signs the whole asset and every exchange certificate. A signature verifies with the
-//! right key only, and over exactly the bytes that were signed.
+//! Issued documents, as a terminal receives them, verified with the public keys assetflow
+//! publishes (`assetflow keys publish`, `docs/security.md#keys`), each found by the key id the
+//! document names: the issuer signs an asset's information, the service provider signs the whole
+//! asset and every exchange certificate. A signature verifies with the right key only, and over
+//! exactly the bytes that were signed.
 
 use std::time::Duration;
 
@@ -19,6 +20,20 @@ use crate::support::{DEADLINE, bind_queue, channel, request_id, settle_all};
 /// public is the public half of a signing key, as a terminal would hold it: through its PEM.
 fn public(key: &PKeyRef<Private>) -> PKey<Public> {
     crypto::parse_public_key(&crypto::public_key_pem(key).expect("a PEM public key")).expect("parses")
+}
+
+/// published is the published key (JWKS) a document names by `key_id`, with its role, as a
+/// terminal finds it.
+fn published(jwks: &Value, key_id: &Value) -> (PKey<Public>, String) {
+    let kid = key_id.as_str().unwrap_or_else(|| panic!("the document names its key: {key_id}"));
+    let jwk = jwks["keys"]
+        .as_array()
+        .expect("a key set")
+        .iter()
+        .find(|k| k["kid"] == kid)
+        .unwrap_or_else(|| panic!("key {kid} is published"));
+    let role = format!("{} {}", jwk["assetflow_role"].as_str().unwrap(), jwk["assetflow_status"].as_str().unwrap());
+    (crypto::public_key_from_jwk(jwk).expect("a P-256 JWK"), role)
 }
 
 /// next_delivery waits for the next message in `queue` (a copy of what the gateway receives) and
@@ -69,8 +84,9 @@ async fn issued_assets_and_certificates_verify_with_the_issuers_and_the_provider
     env.partner(settle_all());
     env.gateway(GatewayOptions::default());
 
-    let provider = public(&env.app.keys.provider);
-    let issuer = public(env.app.keys.issuer(ISSUER).expect("the test ring holds the issuer's key"));
+    // The keys as a terminal gets them: published, through JSON.
+    let jwks = assetflow::cli::keys::jwks(&env.app.keys, "assetflow").expect("the keys publish");
+    let jwks: Value = serde_json::from_str(&serde_json::to_string(&jwks).unwrap()).unwrap();
     let stranger = public(&crypto::generate_key_pair().expect("a fresh key"));
 
     // The exchange certificate, signed by the service provider.
@@ -79,6 +95,10 @@ async fn issued_assets_and_certificates_verify_with_the_issuers_and_the_provider
     let delivered = next_delivery(&env, &copy, "certificate").await;
     let certificate = delivered.content["certificate"].clone();
     assert_eq!(certificate["holder_terminal_id"], "ivy", "{certificate}");
+    let (provider, role) = published(&jwks, &certificate["key_id"]);
+    assert_eq!(role, "provider current", "a certificate names the provider's key");
+    let issuer_jwk = jwks["keys"].as_array().unwrap().iter().find(|k| k["assetflow_issuer_id"] == ISSUER).unwrap();
+    let issuer = crypto::public_key_from_jwk(issuer_jwk).unwrap();
     crypto::verify_document(&provider, &certificate).expect("the provider's key verifies the certificate");
     for (who, key) in [("a fresh key", &stranger), ("the issuer's key", &issuer)] {
         assert!(
@@ -128,6 +148,12 @@ async fn issued_assets_and_certificates_verify_with_the_issuers_and_the_provider
     assert_eq!(information["title"], "Spring recital");
     assert_eq!(information["tags"], product.tags);
 
+    let (named_issuer, role) = published(&jwks, &asset["issuer_key_id"]);
+    assert_eq!(role, "issuer current");
+    assert!(named_issuer.public_eq(&issuer), "the asset names its issuer's key");
+    let (named_provider, role) = published(&jwks, &asset["key_id"]);
+    assert_eq!(role, "provider current");
+    assert!(named_provider.public_eq(&provider), "the asset names the provider's key");
     let issuer_signature = asset["issuer_signature"].as_str().expect("the issuer's signature").to_string();
     let information_bytes = crypto::canonical_json(information).into_bytes();
     every_byte_changed("the asset information", &information_bytes, |bytes| {

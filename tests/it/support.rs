@@ -6,7 +6,8 @@ use std::time::Duration;
 use assetflow::cli::simulate::partner::PartnerOptions;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use assetflow::contracts::messages::GatewayDelivery;
+use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::Value;
 
@@ -253,4 +254,33 @@ pub fn causes(conn: &mut PgConnection, asset_id: &str) -> String {
         &[&asset_id],
     )
     .unwrap_or_default()
+}
+
+/// Taken is a delivery as the gateway took it off its queue: the message and its exact bytes.
+pub struct Taken {
+    pub message: GatewayDelivery,
+    pub bytes: Vec<u8>,
+    /// The AMQP message id of the attempt, which the terminal's acknowledgement names.
+    pub message_id: uuid::Uuid,
+}
+
+/// take waits for the next delivery in a gateway's queue, takes it, and checks its kind and attempt.
+pub async fn take(env: &Env, gateway: &str, kind: &str, attempt: u32) -> Taken {
+    let queue = env.app.plumbing.names.gateway_queue(gateway);
+    let channel = channel(env).await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let got = channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }).await.expect("basic.get");
+        if let Some(message) = got {
+            let _ = channel.close(200, "taken".into()).await;
+            let bytes = message.delivery.data.clone();
+            let message_id = message.delivery.properties.message_id().as_ref().expect("a message id");
+            let message_id = message_id.as_str().parse().expect("a UUID message id");
+            let message: GatewayDelivery = serde_json::from_slice(&bytes).expect("a delivery");
+            assert_eq!((message.kind.as_str(), message.attempt), (kind, attempt), "{message:?}");
+            return Taken { message, bytes, message_id };
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for a {kind} delivery (attempt {attempt})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -6,11 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use assetflow::cli::simulate::gateway::GatewayOptions;
+use assetflow::cli::simulate;
 use assetflow::cli::simulate::terminals::{SimTerminal, purchase};
 use assetflow::config::workers::PoolDefinitions;
 use assetflow::contracts::dead_letter::DeadLetterReason;
 use assetflow::contracts::messages::{SettlementOutcome, SettlementResult, kinds};
 use assetflow::contracts::topology::Pool;
+use assetflow::domain::catalogue::PartyKind;
 use assetflow::runtime::consumer::{Cx, Dispatch, Failure, Handler, Incoming, Received, Work, handle_together};
 use assetflow::runtime::outbox::Outgoing;
 use chrono::Utc;
@@ -61,6 +63,7 @@ fn incoming(message_id: &str, json: Value) -> Incoming {
         exchange: String::new(),
         routing_key: String::new(),
         correlation_id: None,
+        user_id: None,
         body: serde_json::to_vec(&json).unwrap(),
         json,
         delivery_count: 0,
@@ -146,6 +149,7 @@ async fn orders_waiting_together_all_complete_and_a_bad_message_among_them_is_de
                 partner_reference: format!("UNKNOWN-{n}"),
                 reason: None,
                 sent_at: Utc::now(),
+                signature: None,
             };
             env.publish(kinds::SETTLEMENT_RESULT, &serde_json::to_vec(&unknown).unwrap()).await;
         }
@@ -205,16 +209,16 @@ async fn receipts_handled_together_each_have_the_effect_they_have_alone() {
             .unwrap()
         })
         .await;
+    let gateway = simulate::party_key(&env.config, PartyKind::Gateway, "gw-1", &env.keys.join("parties")).await.unwrap();
     let receipt = |n: usize, message_id: &str, sha256: &str| {
         let a = &attempts[n];
-        incoming(
-            message_id,
-            json!({
-                "type": kinds::DELIVERY_RECEIPT, "delivery_id": a.delivery_id, "attempt": 1,
-                "gateway_id": a.gateway_id, "terminal_id": a.terminal_id, "sha256": sha256,
-                "received_at": Utc::now(),
-            }),
-        )
+        let mut receipt = json!({
+            "type": kinds::DELIVERY_RECEIPT, "delivery_id": a.delivery_id, "attempt": 1,
+            "gateway_id": a.gateway_id, "terminal_id": a.terminal_id, "sha256": sha256,
+            "received_at": Utc::now(),
+        });
+        assetflow::crypto::sign_document(&gateway, &mut receipt).unwrap();
+        incoming(message_id, receipt)
     };
     // The first right; the second right twice, by two messages (a gateway that sent it again);
     // the third with the hash of other bytes.
@@ -264,7 +268,8 @@ async fn receipts_handled_together_each_have_the_effect_they_have_alone() {
 /// acknowledges nothing: what happens to them next is the test's.
 async fn three_certificates_sent() -> (Env, SimTerminal) {
     let mut env = Env::new().await;
-    env.product("concert", |_| {}).await;
+    // The gateway's receipt alone completes them: these tests are about receipts, not proofs.
+    env.product("concert", |p| p.proof_of_delivery = "gateway".into()).await;
     let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
     for _ in 0..3 {
         env.send(&purchase(&alice, "concert", 1, json!({}))).await;
@@ -418,7 +423,7 @@ async fn exchanges_handled_together_each_have_the_effect_they_have_alone() {
     tampered["holder_terminal_id"] = json!("bob");
     let mut never_issued = c.clone();
     never_issued["certificate_id"] = json!(Uuid::now_v7());
-    assetflow::crypto::sign_document(&env.app.keys.provider, &mut never_issued).unwrap();
+    assetflow::crypto::sign_document(&env.app.keys.provider().unwrap().key, &mut never_issued).unwrap();
     let handler: Arc<dyn Dispatch> =
         Arc::new(ExchangeHandler { requests: env.app.domain.requests.clone(), keys: env.app.keys.clone() });
 

@@ -6,54 +6,28 @@
 //! In the first two tests the test itself is the gateway: it takes each delivery off gw-1's queue
 //! and answers it (or not) as the flow needs, so every attempt's fate is chosen, not drawn.
 
-use std::time::Duration;
-
-use assetflow::cli::simulate::gateway::{GatewayOptions, exchange_request};
+use assetflow::cli::simulate::gateway::{GatewayOptions, acknowledge, exchange_request};
 use assetflow::cli::simulate::terminals::purchase;
 use assetflow::contracts::messages::{DeliveryReceipt, GatewayDelivery, kinds};
+use assetflow::domain::catalogue::PartyKind;
 use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
 use diesel::prelude::*;
-use lapin::options::BasicGetOptions;
 use serde_json::{Value, json};
 
 use crate::harness::{Env, count, text};
-use crate::support::{
-    DEADLINE, asset_status, causes, channel, delivery_state, history, request_id, settle_all, timestamp,
-};
+use crate::support::{Taken, asset_status, causes, delivery_state, history, request_id, settle_all, take, timestamp};
 
-/// Taken is a delivery as the gateway took it off its queue: the message and its exact bytes.
-struct Taken {
-    message: GatewayDelivery,
-    bytes: Vec<u8>,
-}
-
-/// take waits for the next delivery in gw-1's queue, takes it, and checks its kind and attempt.
-async fn take(env: &Env, kind: &str, attempt: u32) -> Taken {
-    let queue = env.app.plumbing.names.gateway_queue("gw-1");
-    let channel = channel(env).await;
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let got = channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }).await.expect("basic.get");
-        if let Some(message) = got {
-            let _ = channel.close(200, "taken".into()).await;
-            let bytes = message.delivery.data.clone();
-            let message: GatewayDelivery = serde_json::from_slice(&bytes).expect("a delivery");
-            assert_eq!((message.kind.as_str(), message.attempt), (kind, attempt), "{message:?}");
-            return Taken { message, bytes };
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for a {kind} delivery (attempt {attempt})");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// answer sends the gateway's receipt for a delivery: with the SHA-256 of the bytes received, or,
-/// when `intact` is false, of other bytes (a transmission corrupted on its way).
+/// answer sends the gateway's receipt for a delivery, signed by gw-1 and carrying the terminal's
+/// signed acknowledgement: with the SHA-256 of the bytes received, or, when `intact` is false, of
+/// other bytes (a transmission corrupted on its way).
 async fn answer(env: &Env, taken: &Taken, intact: bool) {
     let sha256 = if intact {
         assetflow::crypto::sha256_hex(&taken.bytes)
     } else {
         assetflow::crypto::sha256_hex(b"corrupted in transit")
     };
+    let content = if intact { taken.message.content.clone() } else { json!("corrupted in transit") };
+    let acknowledgement = acknowledge(&taken.message, taken.message_id, &content, &env.terminal_key(&taken.message.terminal_id));
     let receipt = DeliveryReceipt {
         message_type: kinds::DELIVERY_RECEIPT.into(),
         delivery_id: taken.message.delivery_id,
@@ -62,8 +36,10 @@ async fn answer(env: &Env, taken: &Taken, intact: bool) {
         terminal_id: taken.message.terminal_id.clone(),
         sha256,
         received_at: Utc::now(),
+        acknowledgement: Some(acknowledgement),
+        signature: None,
     };
-    env.publish(kinds::DELIVERY_RECEIPT, &serde_json::to_vec(&receipt).unwrap()).await;
+    env.publish(kinds::DELIVERY_RECEIPT, &env.signed_by(PartyKind::Gateway, "gw-1", &receipt).await).await;
 }
 
 /// wait_for_delivery_status waits until a delivery has `status`.
@@ -110,7 +86,7 @@ async fn certificate_taken(
 ) -> Value {
     let order = purchase(terminal, product, 1, json!({}));
     env.send(&order).await;
-    let certificate = take(env, "certificate", 1).await;
+    let certificate = take(env, "gw-1", "certificate", 1).await;
     assert_eq!(certificate.message.request_id.as_deref(), Some(request_id(&order).as_str()));
     answer(env, &certificate, true).await;
     wait_for_delivery_status(env, &certificate.message, "delivered").await;
@@ -139,7 +115,7 @@ async fn an_exchanged_asset_whose_delivery_fails_is_retransmitted_and_then_force
 
     // The holder exchanges; the asset's delivery reaches the gateway corrupted.
     env.send(&exchange_request("jack", certificate.clone(), &jack.key)).await;
-    let first = take(&env, "asset", 1).await;
+    let first = take(&env, "gw-1", "asset", 1).await;
     assert_eq!(first.message.content["asset"]["asset_id"].as_str(), Some(asset.as_str()));
     assert_eq!(first.message.content["forced"], false, "an exchange is not a forced transmission");
     answer(&env, &first, false).await;
@@ -172,7 +148,7 @@ async fn an_exchanged_asset_whose_delivery_fails_is_retransmitted_and_then_force
     // Retransmitted at its due time, and acknowledged this time: force_delivered.
     let retry = env.run_job("retransmission", due).await;
     assert_eq!(retry.enqueued, 1, "{retry:?}");
-    let second = take(&env, "asset", 2).await;
+    let second = take(&env, "gw-1", "asset", 2).await;
     assert_eq!(second.message.delivery_id, first.message.delivery_id);
     answer(&env, &second, true).await;
     wait_for_asset_status(&env, &asset, "force_delivered").await;
@@ -218,7 +194,7 @@ async fn an_unacknowledged_forced_stage_2_transmission_is_force_retransmitted_an
     // Stage 1: the reminder message, acknowledged.
     let stage1 = env.run_job("near_expiry", stage1_at + TimeDelta::minutes(1)).await;
     assert_eq!((stage1.rows_scanned, stage1.enqueued), (1, 1), "{stage1:?}");
-    let reminder = take(&env, "message", 1).await;
+    let reminder = take(&env, "gw-1", "message", 1).await;
     assert_eq!(reminder.message.content["code"], "certificate_expiring", "{:?}", reminder.message);
     answer(&env, &reminder, true).await;
     wait_for_delivery_status(&env, &reminder.message, "delivered").await;
@@ -226,7 +202,7 @@ async fn an_unacknowledged_forced_stage_2_transmission_is_force_retransmitted_an
     // Stage 2, by the product's policy: the asset itself, forced. Nobody answers it.
     let stage2 = env.run_job("near_expiry", stage2_at + TimeDelta::minutes(1)).await;
     assert_eq!((stage2.rows_scanned, stage2.enqueued), (1, 1), "{stage2:?}");
-    let first = take(&env, "asset", 1).await;
+    let first = take(&env, "gw-1", "asset", 1).await;
     assert_eq!(first.message.content["forced"], true, "{:?}", first.message);
     assert_eq!(first.message.content["asset"]["asset_id"].as_str(), Some(asset.as_str()));
     let delivery = first.message.delivery_id.to_string();
@@ -257,7 +233,7 @@ async fn an_unacknowledged_forced_stage_2_transmission_is_force_retransmitted_an
     // The retransmission is acknowledged: force_delivered.
     let retry = env.run_job("retransmission", due).await;
     assert_eq!(retry.enqueued, 1, "{retry:?}");
-    let second = take(&env, "asset", 2).await;
+    let second = take(&env, "gw-1", "asset", 2).await;
     assert_eq!(second.message.delivery_id, first.message.delivery_id);
     assert_eq!(second.message.content["forced"], true, "a forced transmission is retried as one");
     answer(&env, &second, true).await;

@@ -17,9 +17,11 @@ use super::Stats;
 use super::partner::fraction;
 use super::publisher::{ConfirmedSender, consume};
 use crate::config::Config;
-use crate::contracts::messages::{DeliveryKind, DeliveryReceipt, GatewayDelivery, kinds};
+use crate::contracts::messages::{Acknowledgement, DeliveryKind, DeliveryReceipt, GatewayDelivery, kinds};
 use crate::contracts::topology::Names;
 use crate::crypto;
+use crate::domain::catalogue::PartyKind;
+use crate::domain::delivery::receipt::content_sha256;
 use crate::runtime::broker::Broker;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -42,9 +44,13 @@ pub struct GatewayOptions {
     /// Share of certificates their holders exchange, when their keys are in --keys.
     #[arg(long, default_value_t = 0.5)]
     pub exchange_rate: f64,
-    /// Where the simulated terminals' private keys are.
+    /// Where the simulated terminals' private keys are: a terminal whose key is here signs an
+    /// acknowledgement of what it received, which the gateway relays in its receipt.
     #[arg(long, default_value_os_t = super::default_keys_dir())]
     pub keys: PathBuf,
+    /// Where the simulated gateways' signing keys are (made and registered when missing).
+    #[arg(long, default_value_os_t = super::default_party_keys_dir())]
+    pub party_keys: PathBuf,
 }
 
 impl Default for GatewayOptions {
@@ -57,6 +63,7 @@ impl Default for GatewayOptions {
             latency: Duration::ZERO,
             exchange_rate: 0.5,
             keys: super::default_keys_dir(),
+            party_keys: super::default_party_keys_dir(),
         }
     }
 }
@@ -110,11 +117,13 @@ pub async fn run(
     let mut tasks = Vec::new();
     for gateway in gateways {
         let queue = names.gateway_queue(&gateway);
+        // Its receipts are signed: assetflow takes a receipt only from the gateway it sent through.
+        let own = Arc::new(super::party_key(config, PartyKind::Gateway, &gateway, &options.party_keys).await?);
         let (publisher, stats, options, requests, keys) =
             (publisher.clone(), stats.clone(), options.clone(), names.requests(), keys.clone());
         tasks.push(tokio::spawn(consume(broker.clone(), queue, 128, shutdown.clone(), move |delivery| {
-            let (publisher, stats, options, requests, keys) =
-                (publisher.clone(), stats.clone(), options.clone(), requests.clone(), keys.clone());
+            let (publisher, stats, options, requests, keys, own) =
+                (publisher.clone(), stats.clone(), options.clone(), requests.clone(), keys.clone(), own.clone());
             async move {
                 let bytes = delivery.data.clone();
                 let Ok(message) = serde_json::from_slice::<GatewayDelivery>(&bytes) else {
@@ -133,10 +142,17 @@ pub async fn run(
                 if rand::random::<f64>() < options.silence_rate {
                     return true;
                 }
-                let mut sha256 = crypto::sha256_hex(&bytes);
-                if rand::random::<f64>() < options.failure_rate {
-                    sha256 = crypto::sha256_hex(b"corrupted in transit");
-                }
+                let corrupted = rand::random::<f64>() < options.failure_rate;
+                let sha256 = crypto::sha256_hex(if corrupted { b"corrupted in transit" } else { &bytes });
+                // The terminal checks what it holds and signs its acknowledgement, when it can.
+                let message_id = delivery.properties.message_id().as_ref().and_then(|id| id.as_str().parse().ok());
+                let acknowledgement = match (keys.get(&message.terminal_id).await, message_id) {
+                    (Some(key), Some(message_id)) => {
+                        let content = if corrupted { serde_json::json!("corrupted in transit") } else { message.content.clone() };
+                        Some(acknowledge(&message, message_id, &content, &key))
+                    }
+                    _ => None,
+                };
                 let receipt = DeliveryReceipt {
                     message_type: kinds::DELIVERY_RECEIPT.into(),
                     delivery_id: message.delivery_id,
@@ -145,8 +161,10 @@ pub async fn run(
                     terminal_id: message.terminal_id.clone(),
                     sha256,
                     received_at: Utc::now(),
+                    acknowledgement,
+                    signature: None,
                 };
-                let body = serde_json::to_vec(&receipt).expect("serializes");
+                let body = super::partner::signed(&receipt, &own);
                 let copies = if rand::random::<f64>() < options.duplicate_rate { 2 } else { 1 };
                 // Whether the holder will exchange it is known before the receipt goes, so that
                 // whoever waits for the exchanges (the benchmark) never sees neither.
@@ -218,6 +236,25 @@ impl Drop for Waiting {
     fn drop(&mut self) {
         self.0.exchanges_waiting.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// acknowledge is a terminal's signed acknowledgement of a delivery: the attempt it received (its
+/// AMQP message id) and the SHA-256 of the content it holds.
+pub fn acknowledge(
+    message: &GatewayDelivery,
+    message_id: Uuid,
+    content: &serde_json::Value,
+    key: &PKey<Private>,
+) -> Acknowledgement {
+    let mut ack = serde_json::json!({
+        "terminal_id": message.terminal_id,
+        "delivery_id": message.delivery_id,
+        "message_id": message_id,
+        "content_sha256": content_sha256(content),
+        "verified_at": Utc::now(),
+    });
+    crypto::sign_document(key, &mut ack).expect("signing works");
+    serde_json::from_value(ack).expect("an acknowledgement")
 }
 
 /// exchange_request builds a signed `certificate.exchange`.

@@ -7,7 +7,8 @@ pub mod partner;
 pub mod publisher;
 pub mod terminals;
 
-use std::path::PathBuf;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -15,7 +16,11 @@ use std::time::Duration;
 use clap::Subcommand;
 use tokio_util::sync::CancellationToken;
 
+use openssl::pkey::{PKey, Private};
+
 use crate::config::Config;
+use crate::crypto;
+use crate::domain::catalogue::PartyKind;
 use crate::runtime::broker::Broker;
 
 #[derive(Debug, Subcommand)]
@@ -125,6 +130,46 @@ pub(crate) async fn answer_after(latency: Duration, answer: impl Future<Output =
 /// default_keys_dir is where simulated terminals keep their private keys.
 pub fn default_keys_dir() -> PathBuf {
     PathBuf::from(".assetflow/sim/terminals")
+}
+
+/// default_party_keys_dir is where simulated partners and gateways keep their private keys.
+pub fn default_party_keys_dir() -> PathBuf {
+    PathBuf::from(".assetflow/sim/parties")
+}
+
+/// party_key is the signing key of a simulated partner or gateway: read from `dir`, or made and
+/// written there by whoever comes first (a simulator and a test may both ask), then registered
+/// with assetflow, as the real party's operator does with `assetflow parties key`.
+pub async fn party_key(config: &Config, kind: PartyKind, id: &str, dir: &Path) -> anyhow::Result<PKey<Private>> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(format!("{}-{id}.pem", kind.as_str()));
+    let key = match crypto::load_private_key(&path) {
+        Ok(key) => key,
+        Err(_) => {
+            let key = crypto::generate_key_pair()?;
+            let new = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path);
+            match new {
+                Ok(mut file) => {
+                    std::io::Write::write_all(&mut file, &key.private_key_to_pem_pkcs8()?)?;
+                    key
+                }
+                // Someone else made it meanwhile: theirs is the key.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => crypto::load_private_key(&path)?,
+                Err(e) => return Err(anyhow::anyhow!("cannot write {}: {e}", path.display())),
+            }
+        }
+    };
+    let (url, id, pem) = (config.database.url.clone(), id.to_string(), crypto::public_key_pem(&key)?);
+    let (partners, gateways): (Vec<String>, Vec<String>) =
+        (config.partners.keys().cloned().collect(), config.gateways.keys().cloned().collect());
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut conn = crate::runtime::db::establish(&url)?;
+        crate::domain::catalogue::sync_parties(&mut conn, &partners, &gateways)?;
+        crate::domain::catalogue::register_party_key(&mut conn, kind, &id, Some(&pem))?;
+        Ok(())
+    })
+    .await??;
+    Ok(key)
 }
 
 pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()> {

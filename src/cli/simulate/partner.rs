@@ -15,6 +15,7 @@ use super::publisher::{ConfirmedSender, consume};
 use crate::config::Config;
 use crate::contracts::messages::{SettlementInstruction, SettlementOutcome, SettlementResult, kinds};
 use crate::contracts::topology::Names;
+use crate::domain::catalogue::PartyKind;
 use crate::runtime::broker::Broker;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -34,6 +35,9 @@ pub struct PartnerOptions {
     /// Share of answers sent twice.
     #[arg(long, default_value_t = 0.0)]
     pub duplicate_rate: f64,
+    /// Where the simulated partners' signing keys are (made and registered when missing).
+    #[arg(long, default_value_os_t = super::default_party_keys_dir())]
+    pub party_keys: std::path::PathBuf,
 }
 
 impl Default for PartnerOptions {
@@ -44,6 +48,7 @@ impl Default for PartnerOptions {
             latency: Duration::from_millis(20),
             silence_rate: 0.0,
             duplicate_rate: 0.0,
+            party_keys: super::default_party_keys_dir(),
         }
     }
 }
@@ -79,11 +84,13 @@ pub async fn run(
     let mut tasks = Vec::new();
     for partner in partners {
         let queue = names.partner_queue(&partner);
+        // Its answers are signed: assetflow takes a result only from the partner it instructed.
+        let key = Arc::new(super::party_key(config, PartyKind::Partner, &partner, &options.party_keys).await?);
         let (publisher, stats, options, requests) =
             (publisher.clone(), stats.clone(), options.clone(), names.requests());
         tasks.push(tokio::spawn(consume(broker.clone(), queue, 64, shutdown.clone(), move |delivery| {
-            let (publisher, stats, options, requests) =
-                (publisher.clone(), stats.clone(), options.clone(), requests.clone());
+            let (publisher, stats, options, requests, key) =
+                (publisher.clone(), stats.clone(), options.clone(), requests.clone(), key.clone());
             async move {
                 let Ok(instruction) = serde_json::from_slice::<SettlementInstruction>(&delivery.data) else {
                     tracing::warn!("partner simulator: not a settlement instruction");
@@ -106,8 +113,9 @@ pub async fn run(
                     partner_reference: format!("SIM-{}", &id[id.len() - 12..]),
                     reason: (outcome == SettlementOutcome::Declined).then(|| "insufficient funds (simulated)".into()),
                     sent_at: Utc::now(),
+                    signature: None,
                 };
-                let body = serde_json::to_vec(&result).expect("serializes");
+                let body = signed(&result, &key);
                 let copies = if rand::random::<f64>() < options.duplicate_rate { 2 } else { 1 };
                 let answer = async move {
                     for _ in 0..copies {
@@ -133,4 +141,12 @@ pub async fn run(
         task.await?;
     }
     Ok(())
+}
+
+/// signed is a message as a party that signs sends it: its JSON with a `signature` by `key` over
+/// the canonical JSON of the rest.
+pub fn signed(message: &impl serde::Serialize, key: &openssl::pkey::PKeyRef<openssl::pkey::Private>) -> Vec<u8> {
+    let mut value = serde_json::to_value(message).expect("serializes");
+    crate::crypto::sign_document(key, &mut value).expect("signing works");
+    serde_json::to_vec(&value).expect("serializes")
 }

@@ -222,6 +222,7 @@ pub fn demo_catalogue() -> Vec<Product> {
         transferable: false,
         on_sale: true,
         tags: json!({}),
+        proof_of_delivery: "terminal".into(),
     };
     vec![
         Product {
@@ -245,6 +246,11 @@ pub fn demo_catalogue() -> Vec<Product> {
             stage2_policy: "forced_transmission".into(),
             ..base("ppv-movie", "ppv_ticket", "Pay-per-view: the late show", "cinema-net", 400)
         },
-        Product { uses: Some(1), ..base("coffee-coupon", "coupon", "One coffee", "assetflow-pay", 300) },
+        // Redeemed at shop tills that cannot sign: the gateway's receipt is its proof of delivery.
+        Product {
+            uses: Some(1),
+            proof_of_delivery: "gateway".into(),
+            ..base("coffee-coupon", "coupon", "One coffee", "assetflow-pay", 300)
+        },
     ]
 }

@@ -36,6 +36,9 @@ pub struct DeliveryView {
     pub attempts: i32,
     pub last_error: Option<String>,
     pub delivered_at: Option<DateTime<Utc>>,
+    /// What proves a delivered delivery: "terminal" (its signed acknowledgement, kept in
+    /// `deliveries.acknowledgement`) or "gateway" (the gateway's receipt alone).
+    pub proof: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -187,6 +190,7 @@ fn deliveries_where(
             deliveries::attempts,
             deliveries::last_error,
             deliveries::delivered_at,
+            deliveries::proof,
         ))
         .load(conn)
 }

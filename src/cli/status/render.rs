@@ -100,11 +100,16 @@ fn render_asset(out: &mut String, a: &AssetView, indent: &str) {
         *out += &format!("{indent}  deliveries\n");
         for d in &a.deliveries {
             *out += &format!(
-                "{indent}    {:<12} to {:<16} {:<10} {} attempt(s){}\n",
+                "{indent}    {:<12} to {:<16} {:<10} {} attempt(s){}{}\n",
                 d.kind,
                 d.terminal_id,
                 d.status,
                 d.attempts,
+                match d.proof.as_deref() {
+                    Some("terminal") => ", proof: the terminal's signed acknowledgement",
+                    Some(_) => ", proof: the gateway's receipt",
+                    None => "",
+                },
                 d.last_error.as_ref().map(|e| format!(", last error: {e}")).unwrap_or_default()
             );
         }

@@ -24,6 +24,9 @@ use diesel::prelude::*;
 use serde_json::Value;
 use uuid::Uuid;
 
+use std::collections::BTreeMap;
+
+use crate::config::GatewayConfig;
 use crate::config::workers::TransmissionPolicy;
 use crate::contracts::messages::{DeliveryKind, DeliveryRequested, kinds};
 use crate::contracts::topology::Names;
@@ -38,6 +41,8 @@ use crate::runtime::outbox::Outgoing;
 pub struct Deliveries {
     pub names: Names,
     pub transmission: TransmissionPolicy,
+    /// The configured gateways: who may acknowledge what was sent through each.
+    pub gateways: BTreeMap<String, GatewayConfig>,
 }
 
 /// NewDelivery is something to send to a terminal.

@@ -8,8 +8,10 @@ use std::sync::Arc;
 
 use super::{Deliveries, Row, fail_attempt};
 use crate::contracts::dead_letter::DeadLetterReason;
-use crate::contracts::messages::{DeliveryKind, DeliveryReceipt, kinds};
-use crate::domain::metrics;
+use crate::contracts::messages::{Acknowledgement, DeliveryKind, DeliveryReceipt, kinds};
+use crate::crypto;
+use crate::domain::catalogue::{Catalogue, PartyKind};
+use crate::domain::{metrics, parties};
 use crate::domain::schema::delivery_attempts;
 use crate::domain::status::{self, Cause, Status};
 use crate::runtime::consumer::{Cx, Failure, Handler, Received, together_unless_repeated};
@@ -30,25 +32,19 @@ impl Handler for ReceiptHandler {
     }
 
     fn handle(&self, cx: &mut Cx<'_>, batch: &[Received<'_, DeliveryReceipt>]) -> Result<(), Failure> {
-        together_unless_repeated(
-            cx,
-            batch,
-            |r| [r.delivery_id],
-            |cx, batch| {
-                let receipts: Vec<&DeliveryReceipt> = batch.iter().map(|r| &r.message).collect();
-                take(cx, &self.deliveries, &receipts)
-            },
-        )
+        together_unless_repeated(cx, batch, |r| [r.delivery_id], |cx, batch| take(cx, &self.deliveries, batch))
     }
 }
 
-/// take carries out receipts for distinct deliveries.
-fn take(cx: &mut Cx<'_>, deliveries: &Deliveries, receipts: &[&DeliveryReceipt]) -> Result<(), Failure> {
-    let rows = receipted(cx.conn, receipts)?;
+/// take carries out receipts for distinct deliveries, each only from the gateway its delivery went
+/// to (`docs/security.md#who-may-answer`) and with the proof its product asks for.
+fn take(cx: &mut Cx<'_>, deliveries: &Deliveries, batch: &[Received<'_, DeliveryReceipt>]) -> Result<(), Failure> {
+    let receipts: Vec<&DeliveryReceipt> = batch.iter().map(|r| &r.message).collect();
+    let rows = receipted(cx.conn, &receipts)?;
     let mut matching = Vec::with_capacity(receipts.len());
-    for receipt in receipts {
+    for Received { message: receipt, incoming } in batch {
         let attempt = i32::try_from(receipt.attempt).unwrap_or(i32::MAX);
-        let Some(Receipted { delivery: row, payload_sha256, attempt_outcome }) =
+        let Some(Receipted { delivery: row, payload_sha256, attempt_outcome, message_id, proof_required }) =
             rows.iter().find(|r| r.delivery.id == receipt.delivery_id)
         else {
             return Err(Failure::permanent(
@@ -56,6 +52,8 @@ fn take(cx: &mut Cx<'_>, deliveries: &Deliveries, receipts: &[&DeliveryReceipt])
                 format!("no delivery {}", receipt.delivery_id),
             ));
         };
+        let broker_user = deliveries.gateways.get(&row.gateway_id).and_then(|g| g.broker_user.as_deref());
+        parties::prove(cx, PartyKind::Gateway, &row.gateway_id, broker_user, incoming)?;
         if row.gateway_id != receipt.gateway_id || row.terminal_id != receipt.terminal_id {
             return Err(Failure::permanent(
                 DeadLetterReason::UnknownDelivery,
@@ -65,7 +63,7 @@ fn take(cx: &mut Cx<'_>, deliveries: &Deliveries, receipts: &[&DeliveryReceipt])
                 ),
             ));
         }
-        let (Some(expected), Some(outcome)) = (payload_sha256, attempt_outcome) else {
+        let (Some(expected), Some(outcome), Some(message_id)) = (payload_sha256, attempt_outcome, message_id) else {
             return Err(Failure::permanent(
                 DeadLetterReason::UnknownDelivery,
                 format!("delivery {} has no attempt {}", row.id, receipt.attempt),
@@ -82,25 +80,84 @@ fn take(cx: &mut Cx<'_>, deliveries: &Deliveries, receipts: &[&DeliveryReceipt])
             }
             _ => {}
         }
-        if *expected != receipt.sha256 {
+        let proof = proof(cx, row, *message_id, proof_required == "terminal", receipt.acknowledgement.as_ref())?;
+        if *expected != receipt.sha256 || proof.is_none() {
             // Corrupted or tampered in transit: a failed transmission, retried like a lost one.
             if outcome == "sent" && row.status == "sent" && row.attempts == attempt {
-                let error = format!("receipt hash {} does not match the {} sent", receipt.sha256, expected);
+                let error = if *expected != receipt.sha256 {
+                    format!("receipt hash {} does not match the {} sent", receipt.sha256, expected)
+                } else {
+                    "the terminal acknowledged content whose hash is not that of the content sent".to_string()
+                };
                 fail_attempt(cx.conn, deliveries, row, attempt, "hash_mismatch", &error, cx.now)?;
             }
             continue;
         }
-        matching.push((row, attempt));
+        matching.push((row, attempt, proof.and_then(|p| p)));
     }
     complete(cx, &matching)
 }
 
+/// proof checks the proof of delivery a receipt carries: Some(Some(acknowledgement)) when the
+/// terminal's signed acknowledgement names this attempt and the content sent, Some(None) when the
+/// gateway's receipt alone is enough and no acknowledgement came, and None when the terminal
+/// acknowledged other content (a corrupted transmission). An acknowledgement that is not the
+/// terminal's, or names another delivery or attempt, or is missing where the product requires
+/// one, is refused as an `invalid_proof` dead letter.
+fn proof<'r>(
+    cx: &mut Cx<'_>,
+    row: &Row,
+    message_id: Uuid,
+    required: bool,
+    acknowledgement: Option<&'r Acknowledgement>,
+) -> Result<Option<Option<&'r Acknowledgement>>, Failure> {
+    let invalid = |detail: String| Err(Failure::permanent(DeadLetterReason::InvalidProof, detail));
+    let Some(ack) = acknowledgement else {
+        if required {
+            return invalid(format!(
+                "delivery {} needs the terminal's signed acknowledgement (its product's proof_of_delivery is \"terminal\"); the receipt has none",
+                row.id
+            ));
+        }
+        return Ok(Some(None));
+    };
+    if ack.terminal_id != row.terminal_id || ack.delivery_id != row.id || ack.message_id != message_id {
+        return invalid(format!(
+            "the acknowledgement names {} / delivery {} / message {}, not {} / delivery {} / message {message_id}",
+            ack.terminal_id, ack.delivery_id, ack.message_id, row.terminal_id, row.id
+        ));
+    }
+    let Some(terminal) = cx.terminal(&row.terminal_id)? else {
+        return invalid(format!("terminal {} is no longer registered", row.terminal_id));
+    };
+    let document = serde_json::to_value(ack).expect("serializes");
+    if crypto::verify_registered(&terminal.public_key_pem, &document).is_err() {
+        metrics::signature_failure("delivery_acknowledgement");
+        return invalid(format!("the acknowledgement of delivery {} is not signed by terminal {}", row.id, terminal.id));
+    }
+    if ack.content_sha256 != content_sha256(&row.content) {
+        return Ok(None);
+    }
+    Ok(Some(Some(ack)))
+}
+
+/// content_sha256 is what a terminal's acknowledgement carries for a delivery's content: the
+/// SHA-256 of its canonical JSON (RFC 8785), whatever white space or key order reached the terminal.
+pub fn content_sha256(content: &serde_json::Value) -> String {
+    crypto::sha256_hex(crypto::canonical_json(content).as_bytes())
+}
+
 /// receipted reads, and locks in id order, the deliveries that receipts name, each with the
-/// attempt its receipt names if that attempt was made: one round trip.
+/// attempt its receipt names if that attempt was made, and the proof of delivery its product
+/// asks for: one round trip.
 fn receipted(conn: &mut PgConnection, receipts: &[&DeliveryReceipt]) -> QueryResult<Vec<Receipted>> {
     use diesel::sql_types::{Array, Int4, Uuid as SqlUuid};
     crate::runtime::db::prepared(
-        "SELECT d.*, a.payload_sha256, a.outcome AS attempt_outcome
+        "SELECT d.*, a.payload_sha256, a.outcome AS attempt_outcome, a.message_id,
+                CASE WHEN d.kind IN ('certificate', 'asset')
+                     THEN COALESCE((SELECT p.proof_of_delivery FROM assets x JOIN products p ON p.id = x.product_id
+                                    WHERE x.id = d.asset_id), 'gateway')
+                     ELSE 'gateway' END AS proof_required
          FROM unnest($delivery_id::uuid[], $attempts::int4[]) AS r(delivery_id, attempt)
          JOIN deliveries d ON d.id = r.delivery_id
          LEFT JOIN delivery_attempts a ON a.delivery_id = d.id AND a.attempt = r.attempt
@@ -117,8 +174,8 @@ fn receipted(conn: &mut PgConnection, receipts: &[&DeliveryReceipt]) -> QueryRes
 
 /// complete marks deliveries delivered on their acknowledged attempts, and moves the assets they
 /// carried on (`docs/product.md#the-transition-table`).
-fn complete(cx: &mut Cx<'_>, acknowledged: &[(&Row, i32)]) -> Result<(), Failure> {
-    use diesel::sql_types::{Array, Int4, Timestamptz, Uuid as SqlUuid};
+fn complete(cx: &mut Cx<'_>, acknowledged: &[(&Row, i32, Option<&Acknowledgement>)]) -> Result<(), Failure> {
+    use diesel::sql_types::{Array, Int4, Jsonb, Nullable, Timestamptz, Uuid as SqlUuid};
     if acknowledged.is_empty() {
         return Ok(());
     }
@@ -126,7 +183,7 @@ fn complete(cx: &mut Cx<'_>, acknowledged: &[(&Row, i32)]) -> Result<(), Failure
     // A late receipt for an earlier attempt completes the delivery: a newer attempt still in
     // flight is closed, so that nothing waits on a receipt that no longer matters. (With one
     // attempt made there is no other.)
-    for (row, attempt) in acknowledged.iter().filter(|(row, _)| row.attempts > 1) {
+    for (row, attempt, _) in acknowledged.iter().filter(|(row, _, _)| row.attempts > 1) {
         diesel::update(
             delivery_attempts::table
                 .filter(delivery_attempts::delivery_id.eq(row.id))
@@ -149,17 +206,29 @@ fn complete(cx: &mut Cx<'_>, acknowledged: &[(&Row, i32)]) -> Result<(), Failure
            FROM unnest($delivery_ids::uuid[], $attempts::int4[]) AS t(delivery_id, attempt)
            WHERE a.delivery_id = t.delivery_id AND a.attempt = t.attempt
          )
-         UPDATE deliveries d SET status = 'delivered', delivered_at = $now WHERE d.id = ANY($delivery_ids)
+         UPDATE deliveries d SET status = 'delivered', delivered_at = $now,
+                proof = CASE WHEN t.acknowledgement IS NULL THEN 'gateway' ELSE 'terminal' END,
+                acknowledgement = t.acknowledgement
+         FROM unnest($delivery_ids::uuid[], $acknowledgements::jsonb[]) AS t(id, acknowledgement)
+         WHERE d.id = t.id
          RETURNING d.id,
                    (SELECT o.created_at FROM orders o WHERE o.id = d.order_id) AS placed_at,
                    (SELECT c.exchanged_at FROM exchange_certificates c WHERE c.asset_id = d.asset_id) AS exchanged_at",
     )
     .bind::<Timestamptz, _>("now", now)
-    .bind::<Array<SqlUuid>, _>("delivery_ids", acknowledged.iter().map(|(row, _)| row.id).collect::<Vec<_>>())
-    .bind::<Array<Int4>, _>("attempts", acknowledged.iter().map(|(_, attempt)| *attempt).collect::<Vec<_>>())
+    .bind::<Array<SqlUuid>, _>("delivery_ids", acknowledged.iter().map(|(row, _, _)| row.id).collect::<Vec<_>>())
+    .bind::<Array<Int4>, _>("attempts", acknowledged.iter().map(|(_, attempt, _)| *attempt).collect::<Vec<_>>())
+    .bind::<Array<Nullable<Jsonb>>, _>(
+        "acknowledgements",
+        acknowledged
+            .iter()
+            .map(|(_, _, ack)| ack.map(|a| serde_json::to_value(a).expect("serializes")))
+            .collect::<Vec<_>>(),
+    )
     .load(cx.conn)?;
     let mut assets = Vec::new();
-    for (row, _) in acknowledged {
+    for (row, _, ack) in acknowledged {
+        metrics::delivery_proof(if ack.is_some() { "terminal" } else { "gateway" });
         metrics::delivery_attempt(&row.kind, "acknowledged");
         let times = delivered.iter().find(|d| d.id == row.id);
         match (DeliveryKind::parse(&row.kind).expect("known kind"), row.asset_id) {
@@ -239,6 +308,11 @@ struct Receipted {
     payload_sha256: Option<String>,
     #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
     attempt_outcome: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Uuid>)]
+    message_id: Option<Uuid>,
+    /// "terminal" or "gateway": the proof of delivery the delivery's product asks for.
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    proof_required: String,
 }
 
 /// Delivered is a delivery just completed, with the times its latencies are measured from.

@@ -3,15 +3,15 @@
 //! "settled", status "not yet transmitted").
 
 use chrono::{DateTime, Utc};
-use openssl::pkey::{PKeyRef, Private};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::crypto::{self, CryptoError};
+use crate::crypto::{self, CryptoError, Signing};
 use crate::domain::catalogue::Product;
 
 /// asset_document builds and signs an asset: the issuer signs the asset information, and the
-/// service provider signs the whole, the issuer's signature included.
+/// service provider signs the whole, the issuer's signature included. Each signature's key is
+/// named by its key id (`issuer_key_id`, `key_id`), as `assetflow keys publish` lists it.
 #[allow(clippy::too_many_arguments)]
 pub fn asset_document(
     product: &Product,
@@ -20,8 +20,8 @@ pub fn asset_document(
     issued_at: DateTime<Utc>,
     expires_at: DateTime<Utc>,
     provider_id: &str,
-    issuer_key: &PKeyRef<Private>,
-    provider_key: &PKeyRef<Private>,
+    issuer_key: &Signing,
+    provider_key: &Signing,
 ) -> Result<Value, CryptoError> {
     let mut information = json!({
         "asset_id": asset_id,
@@ -38,7 +38,7 @@ pub fn asset_document(
     if let Some(uses) = product.uses {
         information["uses"] = json!(uses);
     }
-    let issuer_signature = crypto::sign(issuer_key, crypto::canonical_json(&information).as_bytes())?;
+    let issuer_signature = crypto::sign(&issuer_key.key, crypto::canonical_json(&information).as_bytes())?;
     let mut document = json!({
         "asset_id": asset_id,
         "holder_terminal_id": holder,
@@ -47,8 +47,10 @@ pub fn asset_document(
         "service_provider_id": provider_id,
         "information": information,
         "issuer_signature": issuer_signature,
+        "issuer_key_id": issuer_key.key_id,
+        "key_id": provider_key.key_id,
     });
-    crypto::sign_document(provider_key, &mut document)?;
+    crypto::sign_document(&provider_key.key, &mut document)?;
     Ok(document)
 }
 
@@ -62,7 +64,7 @@ pub fn certificate_document(
     issued_at: DateTime<Utc>,
     expires_at: DateTime<Utc>,
     provider_id: &str,
-    provider_key: &PKeyRef<Private>,
+    provider_key: &Signing,
 ) -> Result<Value, CryptoError> {
     let mut document = json!({
         "certificate_id": certificate_id,
@@ -74,7 +76,8 @@ pub fn certificate_document(
         "settlement": "settled",
         "transmission": "not_yet_transmitted",
         "service_provider_id": provider_id,
+        "key_id": provider_key.key_id,
     });
-    crypto::sign_document(provider_key, &mut document)?;
+    crypto::sign_document(&provider_key.key, &mut document)?;
     Ok(document)
 }

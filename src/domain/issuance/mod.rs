@@ -109,6 +109,12 @@ fn sign(cx: &mut Cx<'_>, issuer: &Issuer, order: &Order, issue: &mut Issue) -> R
             format!("assetflow holds no signing key for issuer {:?}", product.issuer_id),
         )
     })?;
+    // Only the processes that sign hold the keys (`assetflow run` loads them for the issuance
+    // pool alone): another process has no business here, and the message goes back to the queue.
+    let provider_key = issuer
+        .keys
+        .provider()
+        .ok_or_else(|| Failure::Transient("this process holds no signing keys: it does not run the issuance pool".into()))?;
     let provider = &issuer.service_provider_id;
     let with_certificate = order.delivery_mode == "certificate";
     let status = if with_certificate { Status::AwaitingExchange } else { Status::AwaitingDesignatedDelivery };
@@ -133,7 +139,7 @@ fn sign(cx: &mut Cx<'_>, issuer: &Issuer, order: &Order, issue: &mut Issue) -> R
                 expires_at,
                 provider,
                 issuer_key,
-                &issuer.keys.provider,
+                provider_key,
             )
             .map_err(|e| Failure::permanent(DeadLetterReason::Unprocessable, format!("signing asset: {e}")))?;
             issued.asset(NewAsset {
@@ -157,7 +163,7 @@ fn sign(cx: &mut Cx<'_>, issuer: &Issuer, order: &Order, issue: &mut Issue) -> R
                     now,
                     cert_expiry,
                     provider,
-                    &issuer.keys.provider,
+                    provider_key,
                 )
                 .map_err(|e| {
                     Failure::permanent(DeadLetterReason::Unprocessable, format!("signing certificate: {e}"))

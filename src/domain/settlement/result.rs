@@ -10,7 +10,8 @@ use std::sync::Arc;
 use super::{Settlement, Settlements, notify_orderer};
 use crate::contracts::dead_letter::DeadLetterReason;
 use crate::contracts::messages::{IssuanceRequested, SettlementOutcome, SettlementResult, kinds};
-use crate::domain::metrics;
+use crate::domain::catalogue::PartyKind;
+use crate::domain::{metrics, parties};
 use crate::domain::schema::settlements;
 use crate::runtime::consumer::{Cx, Failure, Handler, Received, together_unless_repeated};
 use crate::runtime::outbox::Outgoing;
@@ -34,17 +35,15 @@ impl Handler for ResultHandler {
             cx,
             batch,
             |r| [r.settlement_id],
-            |cx, batch| {
-                let results: Vec<&SettlementResult> = batch.iter().map(|r| &r.message).collect();
-                take(cx, &self.settlements, &results)
-            },
+            |cx, batch| take(cx, &self.settlements, batch),
         )
     }
 }
 
-/// take carries out answers for distinct settlements.
-fn take(cx: &mut Cx<'_>, settled: &Settlements, results: &[&SettlementResult]) -> Result<(), Failure> {
-    let mut ids: Vec<Uuid> = results.iter().map(|r| r.settlement_id).collect();
+/// take carries out answers for distinct settlements, each only from the partner its settlement
+/// went to (`docs/security.md#who-may-answer`).
+fn take(cx: &mut Cx<'_>, settled: &Settlements, batch: &[Received<'_, SettlementResult>]) -> Result<(), Failure> {
+    let mut ids: Vec<Uuid> = batch.iter().map(|r| r.message.settlement_id).collect();
     // Locked in id order, so that two transactions naming the same settlements cannot deadlock.
     ids.sort_unstable();
     let settlements: Vec<Settlement> = settlements::table
@@ -56,13 +55,15 @@ fn take(cx: &mut Cx<'_>, settled: &Settlements, results: &[&SettlementResult]) -
     let now = cx.now;
     let mut answers = Answers::default();
     let mut declined = Vec::new();
-    for result in results {
+    for Received { message: result, incoming } in batch {
         let Some(s) = settlements.iter().find(|s| s.id == result.settlement_id) else {
             return Err(Failure::permanent(
                 DeadLetterReason::UnknownSettlement,
                 format!("no settlement {}", result.settlement_id),
             ));
         };
+        let broker_user = settled.partners.get(&s.partner_id).and_then(|p| p.broker_user.as_deref());
+        parties::prove(cx, PartyKind::Partner, &s.partner_id, broker_user, incoming)?;
         if s.partner_id != result.partner_id {
             return Err(Failure::permanent(
                 DeadLetterReason::UnknownSettlement,

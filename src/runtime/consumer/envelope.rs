@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::Failure;
 use crate::contracts::dead_letter::DeadLetterReason;
-use crate::contracts::messages::REPLAY_RECEIVED_AT;
+use crate::contracts::messages::{REPLAY_RECEIVED_AT, REPLAY_USER_ID};
 use crate::runtime::broker;
 
 /// Incoming is a consumed message, as the handlers see it.
@@ -19,6 +19,10 @@ pub struct Incoming {
     pub exchange: String,
     pub routing_key: String,
     pub correlation_id: Option<String>,
+    /// The broker user that published it: the AMQP `user_id` property, which RabbitMQ refuses
+    /// unless it names the publishing connection's user. None when the publisher set none. For a
+    /// replayed dead letter, the original's.
+    pub user_id: Option<String>,
     pub body: Vec<u8>,
     pub json: Value,
     /// Deliveries of this message before this one (the quorum queue's `x-delivery-count`).
@@ -51,18 +55,24 @@ impl Incoming {
             exchange: delivery.exchange.to_string(),
             routing_key: delivery.routing_key.to_string(),
             correlation_id: props.correlation_id().as_ref().map(|c| c.to_string()),
+            user_id: props.user_id().as_ref().map(|u| u.to_string()),
             body,
             json: Value::Null,
             delivery_count: broker::header_u32(props, "x-delivery-count").unwrap_or(0),
             received_at: Utc::now(),
             first_received_at: Utc::now(),
         };
-        // Only assetflow publishes on the internal exchange, so only there is the header trusted.
-        if incoming.exchange == internal_exchange
-            && let Some(first) = broker::header_str(props, REPLAY_RECEIVED_AT)
-            && let Ok(first) = DateTime::parse_from_rfc3339(&first)
-        {
-            incoming.first_received_at = first.with_timezone(&Utc);
+        // Only assetflow publishes on the internal exchange, so only there are the replay headers
+        // trusted: a replayed message is judged as the original was (its age, its sender).
+        if incoming.exchange == internal_exchange {
+            if let Some(first) = broker::header_str(props, REPLAY_RECEIVED_AT)
+                && let Ok(first) = DateTime::parse_from_rfc3339(&first)
+            {
+                incoming.first_received_at = first.with_timezone(&Utc);
+            }
+            if broker::header_str(props, REPLAY_RECEIVED_AT).is_some() {
+                incoming.user_id = broker::header_str(props, REPLAY_USER_ID);
+            }
         }
         // The same check the fuzz targets exercise (`fuzz/`).
         let verdict = match crate::contracts::messages::parse_body(&incoming.body) {

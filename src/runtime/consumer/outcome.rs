@@ -156,6 +156,7 @@ impl Consumer {
                                     "delivery_count": incoming2.delivery_count,
                                     "queue": incoming2.queue,
                                     "received_at": incoming2.first_received_at,
+                                    "user_id": incoming2.user_id,
                                 }),
                                 reason,
                                 detail: detail.clone(),

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use std::collections::HashMap;
 
 use super::{Full, audit, show};
-use crate::contracts::messages::REPLAY_RECEIVED_AT;
+use crate::contracts::messages::{REPLAY_RECEIVED_AT, REPLAY_USER_ID};
 use crate::contracts::topology::Names;
 use crate::runtime::db::schema::dead_letters;
 use crate::runtime::outbox::{self, Outgoing};
@@ -121,11 +121,21 @@ impl Replayer for MessageReplayer {
             routing_key,
             message_type: letter.summary.message_type.clone(),
             correlation_id: Some(id.to_string()),
-            headers: json!({REPLAY_RECEIVED_AT: received_at, "x-assetflow-replay-of": id.to_string()}),
+            headers: replay_headers(&received_at, letter.headers.get("user_id").and_then(Value::as_str), id),
             payload,
             available_at: None,
         };
         outbox::enqueue(conn, &message)?;
         Ok(format!("re-published to {} / {}", message.exchange, message.routing_key))
     }
+}
+
+/// replay_headers are the headers of a replayed message: when the original reached assetflow, the
+/// broker user that published it (if it named one), and which dead letter it replays.
+fn replay_headers(received_at: &str, user_id: Option<&str>, id: Uuid) -> Value {
+    let mut headers = json!({REPLAY_RECEIVED_AT: received_at, "x-assetflow-replay-of": id.to_string()});
+    if let Some(user) = user_id {
+        headers[REPLAY_USER_ID] = json!(user);
+    }
+    headers
 }
