@@ -77,8 +77,10 @@ pub async fn run(config: &Config, command: PartiesCommand) -> anyhow::Result<()>
                 keys.iter().find(|(k, _)| k == id).and_then(|(_, pem)| pem.clone())
             };
             println!("{:<8} {:<24} {:<28} key ids", "party", "id", "broker user");
-            let partners = config.partners.iter().map(|(id, p)| ("partner", id, p.broker_user.as_deref(), key(&partner_keys, id)));
-            let gateways = config.gateways.iter().map(|(id, g)| ("gateway", id, g.broker_user.as_deref(), key(&gateway_keys, id)));
+            let partners =
+                config.partners.iter().map(|(id, p)| ("partner", id, p.broker_user.as_deref(), key(&partner_keys, id)));
+            let gateways =
+                config.gateways.iter().map(|(id, g)| ("gateway", id, g.broker_user.as_deref(), key(&gateway_keys, id)));
             for (kind, id, user, pem) in partners.chain(gateways) {
                 let ids = match pem.as_deref().map(crypto::parse_public_keys) {
                     Some(Ok(keys)) => keys.iter().filter_map(|k| crypto::key_id(k).ok()).collect::<Vec<_>>().join(", "),
@@ -86,7 +88,8 @@ pub async fn run(config: &Config, command: PartiesCommand) -> anyhow::Result<()>
                     None => "-".into(),
                 };
                 let user = user.unwrap_or("-");
-                let warning = if user == "-" && ids == "-" { "   <- proves nothing: its answers are refused" } else { "" };
+                let warning =
+                    if user == "-" && ids == "-" { "   <- proves nothing: its answers are refused" } else { "" };
                 println!("{kind:<8} {id:<24} {user:<28} {ids}{warning}");
             }
         }

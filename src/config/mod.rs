@@ -229,7 +229,8 @@ impl Config {
         let own = amqp_user(&self.amqp.url);
         let mut seen: BTreeMap<&str, String> = BTreeMap::new();
         let parties = self.partners.iter().map(|(id, p)| (format!("partners.{id}"), p.broker_user.as_deref()));
-        let parties = parties.chain(self.gateways.iter().map(|(id, g)| (format!("gateways.{id}"), g.broker_user.as_deref())));
+        let parties =
+            parties.chain(self.gateways.iter().map(|(id, g)| (format!("gateways.{id}"), g.broker_user.as_deref())));
         for (party, user) in parties {
             let Some(user) = user else { continue };
             anyhow::ensure!(!user.is_empty(), "configuration: {party}.broker_user is empty");
@@ -332,7 +333,10 @@ mod tests {
             "gateways": {"gw-1": {"broker_user": "shared"}},
         }))
         .unwrap_err();
-        assert!(shared.to_string().contains("partners.card-co and gateways.gw-1 share broker_user \"shared\""), "{shared}");
+        assert!(
+            shared.to_string().contains("partners.card-co and gateways.gw-1 share broker_user \"shared\""),
+            "{shared}"
+        );
         let own = with(serde_json::json!({"gateways": {"gw-1": {"broker_user": "guest"}}})).unwrap_err();
         assert!(own.to_string().contains("assetflow's own broker user"), "{own}");
     }

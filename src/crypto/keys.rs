@@ -67,8 +67,6 @@ pub struct Published {
     pub status: &'static str,
 }
 
-
-
 impl KeyRing {
     /// KeyRing::load reads `provider.pem` and every `issuers/*.pem` under `dir`.
     pub fn load(dir: &Path) -> anyhow::Result<KeyRing> {

@@ -147,7 +147,8 @@ pub fn verify_registered(pem: &str, document: &Value) -> Result<(), CryptoError>
 pub fn key_id<T: HasPublic>(key: &PKeyRef<T>) -> Result<String, CryptoError> {
     let jwk = public_jwk(key)?;
     let members = serde_json::json!({"crv": jwk["crv"], "kty": jwk["kty"], "x": jwk["x"], "y": jwk["y"]});
-    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(openssl::sha::sha256(canonical_json(&members).as_bytes())))
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(openssl::sha::sha256(canonical_json(&members).as_bytes())))
 }
 
 /// public_jwk is a P-256 public key as a JSON Web Key (RFC 7517, 7518): `kty`, `crv`, `x`, `y`.

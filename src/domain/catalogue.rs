@@ -90,7 +90,12 @@ pub fn sync_parties(conn: &mut PgConnection, partner_ids: &[String], gateway_ids
 
 /// register_party_key records the public key (PEM, one or more) a partner or a gateway signs
 /// with, replacing any earlier one; None removes it. The party must be configured.
-pub fn register_party_key(conn: &mut PgConnection, party: PartyKind, id: &str, pem: Option<&str>) -> QueryResult<usize> {
+pub fn register_party_key(
+    conn: &mut PgConnection,
+    party: PartyKind,
+    id: &str,
+    pem: Option<&str>,
+) -> QueryResult<usize> {
     match party {
         PartyKind::Partner => {
             diesel::update(partners::table.find(id)).set(partners::public_key_pem.eq(pem)).execute(conn)

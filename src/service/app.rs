@@ -53,12 +53,11 @@ pub struct Domain {
 impl Domain {
     /// Domain::new builds the domain's dependencies from the configuration and the keys.
     pub fn new(config: &Config, pools: &PoolDefinitions, names: &Names, keys: Arc<KeyRing>) -> Domain {
-        let deliveries =
-            Arc::new(Deliveries {
-                names: names.clone(),
-                transmission: pools.delivery.transmission.clone(),
-                gateways: config.gateways.clone(),
-            });
+        let deliveries = Arc::new(Deliveries {
+            names: names.clone(),
+            transmission: pools.delivery.transmission.clone(),
+            gateways: config.gateways.clone(),
+        });
         let settlements = Arc::new(Settlements {
             names: names.clone(),
             partners: config.partners.clone(),

@@ -54,7 +54,8 @@ async fn a_certificate_purchase_is_settled_issued_delivered_and_exchanged_once()
     })
     .await;
     // The certificate verifies with the service provider's key, as a terminal would check it.
-    assetflow::crypto::verify_document(&env.app.keys.provider().unwrap().key, &certificate).expect("a genuine certificate");
+    assetflow::crypto::verify_document(&env.app.keys.provider().unwrap().key, &certificate)
+        .expect("a genuine certificate");
     assert_eq!(certificate["settlement"], "settled");
     assert_eq!(certificate["transmission"], "not_yet_transmitted");
 

@@ -7,9 +7,7 @@
 
 use assetflow::cli::simulate::gateway::acknowledge;
 use assetflow::cli::simulate::terminals::purchase;
-use assetflow::contracts::messages::{
-    Acknowledgement, DeliveryReceipt, SettlementOutcome, SettlementResult, kinds,
-};
+use assetflow::contracts::messages::{Acknowledgement, DeliveryReceipt, SettlementOutcome, SettlementResult, kinds};
 use assetflow::crypto;
 use assetflow::domain::catalogue::PartyKind;
 use chrono::Utc;
@@ -77,7 +75,8 @@ fn altered(body: &[u8], field: &str, value: Value) -> Vec<u8> {
 
 /// delivery_of is an order's delivery of `kind`: its status and proof.
 async fn delivery_of(env: &Env, request_id: &str, kind: &str) -> String {
-    let sql = "SELECT d.status || ' ' || coalesce(d.proof, '-') AS value FROM deliveries d JOIN orders o ON o.id = d.order_id
+    let sql =
+        "SELECT d.status || ' ' || coalesce(d.proof, '-') AS value FROM deliveries d JOIN orders o ON o.id = d.order_id
                WHERE o.request_id = $1 AND d.kind = $2";
     let (rid, kind) = (request_id.to_string(), kind.to_string());
     env.db(move |c| text(c, sql, &[&rid, &kind]).expect("the delivery")).await
@@ -100,8 +99,14 @@ async fn results_and_receipts_not_proven_to_come_from_their_party_are_refused_an
     // card-co's own answer, signed with its registered key; kept back until the forgeries failed.
     let genuine = env.signed_by(PartyKind::Partner, "card-co", &settled(settlement, "card-co", "CC-1")).await;
     let forgeries = [
-        ("a result signed by another partner", env.signed_by(PartyKind::Partner, "bank-a", &settled(settlement, "card-co", "BA-1")).await),
-        ("another partner answering in its own name", env.signed_by(PartyKind::Partner, "bank-a", &settled(settlement, "bank-a", "BA-2")).await),
+        (
+            "a result signed by another partner",
+            env.signed_by(PartyKind::Partner, "bank-a", &settled(settlement, "card-co", "BA-1")).await,
+        ),
+        (
+            "another partner answering in its own name",
+            env.signed_by(PartyKind::Partner, "bank-a", &settled(settlement, "bank-a", "BA-2")).await,
+        ),
         ("an unsigned result", serde_json::to_vec(&settled(settlement, "card-co", "CC-2")).unwrap()),
         ("a signed result altered after signing", altered(&genuine, "partner_reference", json!("CC-3"))),
     ];
@@ -125,11 +130,31 @@ async fn results_and_receipts_not_proven_to_come_from_their_party_are_refused_an
     let other_attempt = acknowledge(&certificate.message, Uuid::now_v7(), &certificate.message.content, &alice.key);
     let genuine = env.signed_by(PartyKind::Gateway, "gw-1", &receipt(&certificate, Some(by_alice.clone()))).await;
     let forgeries = [
-        ("a receipt signed by another gateway", env.signed_by(PartyKind::Gateway, "gw-2", &receipt(&certificate, Some(by_alice.clone()))).await, "unauthenticated_party"),
-        ("an unsigned receipt", serde_json::to_vec(&receipt(&certificate, Some(by_alice.clone()))).unwrap(), "unauthenticated_party"),
-        ("a receipt without the terminal's acknowledgement", env.signed_by(PartyKind::Gateway, "gw-1", &receipt(&certificate, None)).await, "invalid_proof"),
-        ("an acknowledgement signed by another terminal", env.signed_by(PartyKind::Gateway, "gw-1", &receipt(&certificate, Some(by_mallory))).await, "invalid_proof"),
-        ("an acknowledgement of another attempt", env.signed_by(PartyKind::Gateway, "gw-1", &receipt(&certificate, Some(other_attempt))).await, "invalid_proof"),
+        (
+            "a receipt signed by another gateway",
+            env.signed_by(PartyKind::Gateway, "gw-2", &receipt(&certificate, Some(by_alice.clone()))).await,
+            "unauthenticated_party",
+        ),
+        (
+            "an unsigned receipt",
+            serde_json::to_vec(&receipt(&certificate, Some(by_alice.clone()))).unwrap(),
+            "unauthenticated_party",
+        ),
+        (
+            "a receipt without the terminal's acknowledgement",
+            env.signed_by(PartyKind::Gateway, "gw-1", &receipt(&certificate, None)).await,
+            "invalid_proof",
+        ),
+        (
+            "an acknowledgement signed by another terminal",
+            env.signed_by(PartyKind::Gateway, "gw-1", &receipt(&certificate, Some(by_mallory))).await,
+            "invalid_proof",
+        ),
+        (
+            "an acknowledgement of another attempt",
+            env.signed_by(PartyKind::Gateway, "gw-1", &receipt(&certificate, Some(other_attempt))).await,
+            "invalid_proof",
+        ),
     ];
     for (what, body, reason) in &forgeries {
         assert_eq!(refused(&env, what, kinds::DELIVERY_RECEIPT, body).await, *reason, "{what}");
@@ -153,9 +178,8 @@ async fn results_and_receipts_not_proven_to_come_from_their_party_are_refused_an
     assert!(shown.contains("proof: the terminal's signed acknowledgement"), "assetflow status shows it:\n{shown}");
 
     let letters = "SELECT count(*) FROM dead_letters WHERE reason = $1";
-    let (unauthenticated, invalid) = env
-        .db(move |c| (count(c, letters, &[&"unauthenticated_party"]), count(c, letters, &[&"invalid_proof"])))
-        .await;
+    let (unauthenticated, invalid) =
+        env.db(move |c| (count(c, letters, &[&"unauthenticated_party"]), count(c, letters, &[&"invalid_proof"]))).await;
     assert_eq!((unauthenticated, invalid), (6, 3), "each refusal is recorded once, with its reason");
     env.stop().await;
 }
@@ -261,7 +285,13 @@ impl Drop for BrokerUsers {
 
 /// publish_as publishes one message as a broker user and waits for the broker's confirm: the
 /// broker's refusal (it closes the channel) is the error.
-async fn publish_as(url: &str, exchange: &str, routing_key: &str, body: &[u8], user_id: Option<&str>) -> Result<(), String> {
+async fn publish_as(
+    url: &str,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    user_id: Option<&str>,
+) -> Result<(), String> {
     let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -319,18 +349,47 @@ async fn the_shipped_broker_definitions_keep_each_party_to_its_own_messages_and_
     // What the broker itself refuses.
     let gateway = url("gateway-gw-mobile");
     let refusals = [
-        ("a gateway publishing a settlement result", publish_as(&gateway, &requests, kinds::SETTLEMENT_RESULT, &result_body, None).await, "ACCESS_REFUSED"),
-        ("a gateway publishing to the internal exchange", publish_as(&gateway, &internal, "replay.settlement", &result_body, None).await, "ACCESS_REFUSED"),
-        ("a partner publishing a delivery receipt", publish_as(&url("partner-card-co"), &requests, kinds::DELIVERY_RECEIPT, &receipt_body, None).await, "ACCESS_REFUSED"),
-        ("a gateway claiming a partner's user_id", publish_as(&gateway, &requests, kinds::DELIVERY_RECEIPT, &receipt_body, Some(&users.user("partner-card-co"))).await, "PRECONDITION_FAILED"),
+        (
+            "a gateway publishing a settlement result",
+            publish_as(&gateway, &requests, kinds::SETTLEMENT_RESULT, &result_body, None).await,
+            "ACCESS_REFUSED",
+        ),
+        (
+            "a gateway publishing to the internal exchange",
+            publish_as(&gateway, &internal, "replay.settlement", &result_body, None).await,
+            "ACCESS_REFUSED",
+        ),
+        (
+            "a partner publishing a delivery receipt",
+            publish_as(&url("partner-card-co"), &requests, kinds::DELIVERY_RECEIPT, &receipt_body, None).await,
+            "ACCESS_REFUSED",
+        ),
+        (
+            "a gateway claiming a partner's user_id",
+            publish_as(
+                &gateway,
+                &requests,
+                kinds::DELIVERY_RECEIPT,
+                &receipt_body,
+                Some(&users.user("partner-card-co")),
+            )
+            .await,
+            "PRECONDITION_FAILED",
+        ),
     ];
     for (what, outcome, code) in &refusals {
         let error = outcome.as_ref().err().unwrap_or_else(|| panic!("the broker let through {what}"));
         assert!(error.contains(code), "{what}: {error}");
     }
-    publish_as(&gateway, &requests, "order.purchase", &serde_json::to_vec(&purchase(&alice, "concert", 1, json!({}))).unwrap(), Some(&users.user("gateway-gw-mobile")))
-        .await
-        .expect("a gateway may publish a purchase, under its own user_id");
+    publish_as(
+        &gateway,
+        &requests,
+        "order.purchase",
+        &serde_json::to_vec(&purchase(&alice, "concert", 1, json!({}))).unwrap(),
+        Some(&users.user("gateway-gw-mobile")),
+    )
+    .await
+    .expect("a gateway may publish a purchase, under its own user_id");
 
     // What assetflow refuses: answers the broker let through, from the wrong party.
     let rid = {
@@ -346,26 +405,34 @@ async fn the_shipped_broker_definitions_keep_each_party_to_its_own_messages_and_
     publish_as(&card, &requests, kinds::SETTLEMENT_RESULT, &unnamed, None).await.unwrap();
     for (what, body) in [("a result from bank-a's user", &result), ("a result without a user_id", &unnamed)] {
         let hash = crypto::sha256_hex(body);
-        let reason = env.wait_until(&format!("{what} is dead-lettered"), move |c| text(c, DEAD_LETTER_REASON, &[&hash])).await;
+        let reason =
+            env.wait_until(&format!("{what} is dead-lettered"), move |c| text(c, DEAD_LETTER_REASON, &[&hash])).await;
         assert_eq!(reason, "unauthenticated_party", "{what}");
     }
     let genuine = altered(&result, "partner_reference", json!("CC-3"));
-    publish_as(&card, &requests, kinds::SETTLEMENT_RESULT, &genuine, Some(&users.user("partner-card-co"))).await.unwrap();
+    publish_as(&card, &requests, kinds::SETTLEMENT_RESULT, &genuine, Some(&users.user("partner-card-co")))
+        .await
+        .unwrap();
     let certificate = take(&env, "gw-mobile", "certificate", 1).await;
 
     let ack = acknowledge(&certificate.message, certificate.message_id, &certificate.message.content, &alice.key);
     let receipt = serde_json::to_vec(&receipt(&certificate, Some(ack))).unwrap();
     let home = url("gateway-gw-home");
-    publish_as(&home, &requests, kinds::DELIVERY_RECEIPT, &receipt, Some(&users.user("gateway-gw-home"))).await.unwrap();
+    publish_as(&home, &requests, kinds::DELIVERY_RECEIPT, &receipt, Some(&users.user("gateway-gw-home")))
+        .await
+        .unwrap();
     let hash = crypto::sha256_hex(&receipt);
-    let reason = env.wait_until("gw-home's receipt for gw-mobile's delivery is dead-lettered", move |c| {
-        text(c, DEAD_LETTER_REASON, &[&hash])
-    })
-    .await;
+    let reason = env
+        .wait_until("gw-home's receipt for gw-mobile's delivery is dead-lettered", move |c| {
+            text(c, DEAD_LETTER_REASON, &[&hash])
+        })
+        .await;
     assert_eq!(reason, "unauthenticated_party");
     assert_eq!(delivery_of(&env, &rid, "certificate").await, "sent -");
     let again = altered(&receipt, "received_at", json!(Utc::now()));
-    publish_as(&gateway, &requests, kinds::DELIVERY_RECEIPT, &again, Some(&users.user("gateway-gw-mobile"))).await.unwrap();
+    publish_as(&gateway, &requests, kinds::DELIVERY_RECEIPT, &again, Some(&users.user("gateway-gw-mobile")))
+        .await
+        .unwrap();
     let r = rid.clone();
     env.wait_until("gw-mobile's own receipt completes the delivery", move |c| {
         let sql = "SELECT d.proof AS value FROM deliveries d JOIN orders o ON o.id = d.order_id

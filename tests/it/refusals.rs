@@ -5,8 +5,8 @@
 use assetflow::cli::simulate::gateway::{GatewayOptions, exchange_request};
 use assetflow::cli::simulate::terminals::{SimTerminal, purchase};
 use assetflow::contracts::messages::{DeliveryReceipt, SettlementOutcome, SettlementResult, kinds};
-use assetflow::domain::catalogue::PartyKind;
 use assetflow::crypto::{self, sha256_hex, sign_document};
+use assetflow::domain::catalogue::PartyKind;
 use chrono::{Duration, Utc};
 use diesel::prelude::*;
 use serde_json::{Value, json};

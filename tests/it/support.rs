@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use assetflow::cli::simulate::partner::PartnerOptions;
+use assetflow::contracts::messages::GatewayDelivery;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use assetflow::contracts::messages::GatewayDelivery;
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::Value;

@@ -309,7 +309,8 @@ async fn an_order_flows_through_amqps_with_a_private_ca_and_a_client_certificate
     let request_id = order["request_id"].as_str().unwrap().to_string();
     env.send(&order).await;
     let certificate = delivered_certificate(&env, &request_id).await;
-    assetflow::crypto::verify_document(&env.app.keys.provider().unwrap().key, &certificate).expect("a genuine certificate");
+    assetflow::crypto::verify_document(&env.app.keys.provider().unwrap().key, &certificate)
+        .expect("a genuine certificate");
     let rid = request_id.clone();
     env.db(move |c| {
         assert_eq!(

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use assetflow::cli::simulate::gateway::GatewayOptions;
 use assetflow::cli::simulate;
+use assetflow::cli::simulate::gateway::GatewayOptions;
 use assetflow::cli::simulate::terminals::{SimTerminal, purchase};
 use assetflow::config::workers::PoolDefinitions;
 use assetflow::contracts::dead_letter::DeadLetterReason;
@@ -209,7 +209,8 @@ async fn receipts_handled_together_each_have_the_effect_they_have_alone() {
             .unwrap()
         })
         .await;
-    let gateway = simulate::party_key(&env.config, PartyKind::Gateway, "gw-1", &env.keys.join("parties")).await.unwrap();
+    let gateway =
+        simulate::party_key(&env.config, PartyKind::Gateway, "gw-1", &env.keys.join("parties")).await.unwrap();
     let receipt = |n: usize, message_id: &str, sha256: &str| {
         let a = &attempts[n];
         let mut receipt = json!({

@@ -27,7 +27,8 @@ async fn answer(env: &Env, taken: &Taken, intact: bool) {
         assetflow::crypto::sha256_hex(b"corrupted in transit")
     };
     let content = if intact { taken.message.content.clone() } else { json!("corrupted in transit") };
-    let acknowledgement = acknowledge(&taken.message, taken.message_id, &content, &env.terminal_key(&taken.message.terminal_id));
+    let acknowledgement =
+        acknowledge(&taken.message, taken.message_id, &content, &env.terminal_key(&taken.message.terminal_id));
     let receipt = DeliveryReceipt {
         message_type: kinds::DELIVERY_RECEIPT.into(),
         delivery_id: taken.message.delivery_id,

@@ -148,7 +148,8 @@ pub async fn run(
                 let message_id = delivery.properties.message_id().as_ref().and_then(|id| id.as_str().parse().ok());
                 let acknowledgement = match (keys.get(&message.terminal_id).await, message_id) {
                     (Some(key), Some(message_id)) => {
-                        let content = if corrupted { serde_json::json!("corrupted in transit") } else { message.content.clone() };
+                        let content =
+                            if corrupted { serde_json::json!("corrupted in transit") } else { message.content.clone() };
                         Some(acknowledge(&message, message_id, &content, &key))
                     }
                     _ => None,

@@ -11,9 +11,9 @@ use crate::contracts::dead_letter::DeadLetterReason;
 use crate::contracts::messages::{Acknowledgement, DeliveryKind, DeliveryReceipt, kinds};
 use crate::crypto;
 use crate::domain::catalogue::{Catalogue, PartyKind};
-use crate::domain::{metrics, parties};
 use crate::domain::schema::delivery_attempts;
 use crate::domain::status::{self, Cause, Status};
+use crate::domain::{metrics, parties};
 use crate::runtime::consumer::{Cx, Failure, Handler, Received, together_unless_repeated};
 
 /// ReceiptHandler completes a delivery on a receipt with the right hash (`delivery.receipt`).
@@ -133,7 +133,10 @@ fn proof<'r>(
     let document = serde_json::to_value(ack).expect("serializes");
     if crypto::verify_registered(&terminal.public_key_pem, &document).is_err() {
         metrics::signature_failure("delivery_acknowledgement");
-        return invalid(format!("the acknowledgement of delivery {} is not signed by terminal {}", row.id, terminal.id));
+        return invalid(format!(
+            "the acknowledgement of delivery {} is not signed by terminal {}",
+            row.id, terminal.id
+        ));
     }
     if ack.content_sha256 != content_sha256(&row.content) {
         return Ok(None);

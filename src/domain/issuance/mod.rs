@@ -111,10 +111,9 @@ fn sign(cx: &mut Cx<'_>, issuer: &Issuer, order: &Order, issue: &mut Issue) -> R
     })?;
     // Only the processes that sign hold the keys (`assetflow run` loads them for the issuance
     // pool alone): another process has no business here, and the message goes back to the queue.
-    let provider_key = issuer
-        .keys
-        .provider()
-        .ok_or_else(|| Failure::Transient("this process holds no signing keys: it does not run the issuance pool".into()))?;
+    let provider_key = issuer.keys.provider().ok_or_else(|| {
+        Failure::Transient("this process holds no signing keys: it does not run the issuance pool".into())
+    })?;
     let provider = &issuer.service_provider_id;
     let with_certificate = order.delivery_mode == "certificate";
     let status = if with_certificate { Status::AwaitingExchange } else { Status::AwaitingDesignatedDelivery };
@@ -131,17 +130,9 @@ fn sign(cx: &mut Cx<'_>, issuer: &Issuer, order: &Order, issue: &mut Issue) -> R
         })?;
         for ordinal in 0..order.quantity {
             let asset_id = Uuid::now_v7();
-            let document = asset_document(
-                &product,
-                asset_id,
-                &recipient.id,
-                now,
-                expires_at,
-                provider,
-                issuer_key,
-                provider_key,
-            )
-            .map_err(|e| Failure::permanent(DeadLetterReason::Unprocessable, format!("signing asset: {e}")))?;
+            let document =
+                asset_document(&product, asset_id, &recipient.id, now, expires_at, provider, issuer_key, provider_key)
+                    .map_err(|e| Failure::permanent(DeadLetterReason::Unprocessable, format!("signing asset: {e}")))?;
             issued.asset(NewAsset {
                 id: asset_id,
                 order,

@@ -11,8 +11,8 @@ use super::{Settlement, Settlements, notify_orderer};
 use crate::contracts::dead_letter::DeadLetterReason;
 use crate::contracts::messages::{IssuanceRequested, SettlementOutcome, SettlementResult, kinds};
 use crate::domain::catalogue::PartyKind;
-use crate::domain::{metrics, parties};
 use crate::domain::schema::settlements;
+use crate::domain::{metrics, parties};
 use crate::runtime::consumer::{Cx, Failure, Handler, Received, together_unless_repeated};
 use crate::runtime::outbox::Outgoing;
 
@@ -31,12 +31,7 @@ impl Handler for ResultHandler {
     }
 
     fn handle(&self, cx: &mut Cx<'_>, batch: &[Received<'_, SettlementResult>]) -> Result<(), Failure> {
-        together_unless_repeated(
-            cx,
-            batch,
-            |r| [r.settlement_id],
-            |cx, batch| take(cx, &self.settlements, batch),
-        )
+        together_unless_repeated(cx, batch, |r| [r.settlement_id], |cx, batch| take(cx, &self.settlements, batch))
     }
 }
 
