@@ -442,3 +442,62 @@ async fn the_shipped_broker_definitions_keep_each_party_to_its_own_messages_and_
     .await;
     env.stop().await;
 }
+
+/// publish_with_headers publishes on the requests exchange, as an outsider, with AMQP headers of
+/// its choosing.
+async fn publish_with_headers(env: &Env, routing_key: &str, body: &[u8], headers: &[(&str, &str)]) {
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    let mut table = FieldTable::default();
+    for (key, value) in headers {
+        table.insert((*key).into(), AMQPValue::LongString(LongString::from(value.as_bytes().to_vec())));
+    }
+    let channel = crate::support::channel(env).await;
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let properties = BasicProperties::default()
+        .with_message_id(Uuid::now_v7().to_string().into())
+        .with_type(routing_key.into())
+        .with_headers(table);
+    let requests = env.app.plumbing.names.requests();
+    let confirm = channel
+        .basic_publish(requests.as_str().into(), routing_key.into(), BasicPublishOptions::default(), body, properties)
+        .await
+        .unwrap();
+    assert!(confirm.await.unwrap().is_ack(), "the broker took it");
+    let _ = channel.close(200, "published".into()).await;
+}
+
+/// The replay headers (`x-assetflow-received-at`, `x-assetflow-user-id`) carry an operator-replayed
+/// message's original arrival and sender; set by an outsider on the requests exchange they change
+/// nothing: a stale request stays stale, and a result is still judged by who really published it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_headers_set_from_outside_are_ignored() {
+    let mut env = Env::with(json!({"partners": {"card-co": {"broker_user": "partner-card-co-elsewhere"}}})).await;
+    env.product("concert", |_| {}).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    env.start().await;
+    let now = Utc::now().to_rfc3339();
+
+    let mut stale = purchase(&alice, "concert", 1, json!({}));
+    stale["sent_at"] = json!(Utc::now() - chrono::Duration::minutes(10));
+    crypto::sign_document(&alice.key, &mut stale).unwrap();
+    let body = serde_json::to_vec(&stale).unwrap();
+    publish_with_headers(&env, kinds::ORDER_PURCHASE, &body, &[("x-assetflow-received-at", &now)]).await;
+    let rid = request_id(&stale);
+    let reason = env
+        .wait_until("the stale request is refused", move |c| {
+            text(c, "SELECT reason AS value FROM refusals WHERE request_id = $1", &[&rid])
+        })
+        .await;
+    assert_eq!(reason, "stale_request", "its age is its real one");
+
+    let order = purchase(&alice, "concert", 1, json!({}));
+    env.send(&order).await;
+    let (settlement, _) = instructed(&env, &request_id(&order)).await;
+    let result = serde_json::to_vec(&settled(settlement, "card-co", "CC-1")).unwrap();
+    let claimed = [("x-assetflow-user-id", "partner-card-co-elsewhere"), ("x-assetflow-received-at", now.as_str())];
+    publish_with_headers(&env, kinds::SETTLEMENT_RESULT, &result, &claimed).await;
+    let hash = crypto::sha256_hex(&result);
+    let reason = env.wait_until("the result is dead-lettered", move |c| text(c, DEAD_LETTER_REASON, &[&hash])).await;
+    assert_eq!(reason, "unauthenticated_party", "its sender is who published it");
+    env.stop().await;
+}
