@@ -128,7 +128,16 @@ async fn results_and_receipts_not_proven_to_come_from_their_party_are_refused_an
     let by_mallory =
         acknowledge(&certificate.message, certificate.message_id, &certificate.message.content, &mallory.key);
     let other_attempt = acknowledge(&certificate.message, Uuid::now_v7(), &certificate.message.content, &alice.key);
-    let genuine = env.signed_by(PartyKind::Gateway, "gw-1", &receipt(&certificate, Some(by_alice.clone()))).await;
+    // alice writes her acknowledgement her own way (an upper-case id, her local time): what she
+    // signed is the text she sent, and that is what is checked and kept.
+    let mut as_alice_wrote = serde_json::to_value(&by_alice).unwrap();
+    as_alice_wrote["delivery_id"] = json!(certificate.message.delivery_id.to_string().to_uppercase());
+    as_alice_wrote["verified_at"] =
+        json!(Utc::now().with_timezone(&chrono::FixedOffset::east_opt(9 * 3600).unwrap()).to_rfc3339());
+    crypto::sign_document(&alice.key, &mut as_alice_wrote).unwrap();
+    let mut genuine = serde_json::to_value(receipt(&certificate, None)).unwrap();
+    genuine["acknowledgement"] = as_alice_wrote.clone();
+    let genuine = env.signed_by(PartyKind::Gateway, "gw-1", &genuine).await;
     let forgeries = [
         (
             "a receipt signed by another gateway",
@@ -166,8 +175,9 @@ async fn results_and_receipts_not_proven_to_come_from_their_party_are_refused_an
                WHERE o.request_id = $1 AND d.kind = 'certificate' AND d.status = 'delivered'";
     let r = rid.clone();
     let kept = env.wait_until("the genuine receipt completes the delivery", move |c| text(c, sql, &[&r])).await;
-    let kept: Acknowledgement = serde_json::from_str(&kept).unwrap();
-    assert_eq!(kept, by_alice, "the terminal's acknowledgement is kept as the proof of delivery");
+    let kept: Value = serde_json::from_str(&kept).unwrap();
+    assert_eq!(kept, as_alice_wrote, "the terminal's acknowledgement is kept as the proof of delivery, as signed");
+    crypto::verify_document(&alice.key, &kept).expect("the kept proof still verifies");
     assert_eq!(delivery_of(&env, &rid, "certificate").await, "delivered terminal");
     let shown = env
         .db(move |c| {

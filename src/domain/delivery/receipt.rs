@@ -80,7 +80,10 @@ fn take(cx: &mut Cx<'_>, deliveries: &Deliveries, batch: &[Received<'_, Delivery
             }
             _ => {}
         }
-        let proof = proof(cx, row, *message_id, proof_required == "terminal", receipt.acknowledgement.as_ref())?;
+        // The acknowledgement as it arrived is what its signature covers (a re-serialised copy may
+        // spell a UUID or a time otherwise), and what is kept as the proof.
+        let acknowledgement = receipt.acknowledgement.as_ref().zip(incoming.json.get("acknowledgement"));
+        let proof = proof(cx, row, *message_id, proof_required == "terminal", acknowledgement)?;
         if *expected != receipt.sha256 || proof.is_none() {
             // Corrupted or tampered in transit: a failed transmission, retried like a lost one.
             if outcome == "sent" && row.status == "sent" && row.attempts == attempt {
@@ -109,10 +112,10 @@ fn proof<'r>(
     row: &Row,
     message_id: Uuid,
     required: bool,
-    acknowledgement: Option<&'r Acknowledgement>,
-) -> Result<Option<Option<&'r Acknowledgement>>, Failure> {
+    acknowledgement: Option<(&Acknowledgement, &'r serde_json::Value)>,
+) -> Result<Option<Option<&'r serde_json::Value>>, Failure> {
     let invalid = |detail: String| Err(Failure::permanent(DeadLetterReason::InvalidProof, detail));
-    let Some(ack) = acknowledgement else {
+    let Some((ack, signed)) = acknowledgement else {
         if required {
             return invalid(format!(
                 "delivery {} needs the terminal's signed acknowledgement (its product's proof_of_delivery is \"terminal\"); the receipt has none",
@@ -130,8 +133,7 @@ fn proof<'r>(
     let Some(terminal) = cx.terminal(&row.terminal_id)? else {
         return invalid(format!("terminal {} is no longer registered", row.terminal_id));
     };
-    let document = serde_json::to_value(ack).expect("serializes");
-    if crypto::verify_registered(&terminal.public_key_pem, &document).is_err() {
+    if crypto::verify_registered(&terminal.public_key_pem, signed).is_err() {
         metrics::signature_failure("delivery_acknowledgement");
         return invalid(format!(
             "the acknowledgement of delivery {} is not signed by terminal {}",
@@ -141,7 +143,7 @@ fn proof<'r>(
     if ack.content_sha256 != content_sha256(&row.content) {
         return Ok(None);
     }
-    Ok(Some(Some(ack)))
+    Ok(Some(Some(signed)))
 }
 
 /// content_sha256 is what a terminal's acknowledgement carries for a delivery's content: the
@@ -177,7 +179,7 @@ fn receipted(conn: &mut PgConnection, receipts: &[&DeliveryReceipt]) -> QueryRes
 
 /// complete marks deliveries delivered on their acknowledged attempts, and moves the assets they
 /// carried on (`docs/product.md#the-transition-table`).
-fn complete(cx: &mut Cx<'_>, acknowledged: &[(&Row, i32, Option<&Acknowledgement>)]) -> Result<(), Failure> {
+fn complete(cx: &mut Cx<'_>, acknowledged: &[(&Row, i32, Option<&serde_json::Value>)]) -> Result<(), Failure> {
     use diesel::sql_types::{Array, Int4, Jsonb, Nullable, Timestamptz, Uuid as SqlUuid};
     if acknowledged.is_empty() {
         return Ok(());
@@ -223,10 +225,7 @@ fn complete(cx: &mut Cx<'_>, acknowledged: &[(&Row, i32, Option<&Acknowledgement
     .bind::<Array<Int4>, _>("attempts", acknowledged.iter().map(|(_, attempt, _)| *attempt).collect::<Vec<_>>())
     .bind::<Array<Nullable<Jsonb>>, _>(
         "acknowledgements",
-        acknowledged
-            .iter()
-            .map(|(_, _, ack)| ack.map(|a| serde_json::to_value(a).expect("serializes")))
-            .collect::<Vec<_>>(),
+        acknowledged.iter().map(|(_, _, ack)| ack.cloned()).collect::<Vec<_>>(),
     )
     .load(cx.conn)?;
     let mut assets = Vec::new();
