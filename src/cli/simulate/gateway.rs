@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Stats;
+use super::ledger::{self, Ledger};
 use super::partner::fraction;
 use super::publisher::{ConfirmedSender, consume};
 use crate::config::Config;
@@ -45,6 +46,14 @@ pub struct GatewayOptions {
     /// Where the simulated terminals' private keys are.
     #[arg(long, default_value_os_t = super::default_keys_dir())]
     pub keys: PathBuf,
+    /// A JSON-lines file to append every delivery message received to (the gateway's ledger,
+    /// for `assetflow audit --gateway-ledger`).
+    #[arg(long = "gateway-ledger")]
+    pub ledger: Option<PathBuf>,
+    /// Share of deliveries returned to the queue unanswered the first time they arrive (a gateway
+    /// that fails before its acknowledgement): the broker delivers them again.
+    #[arg(long, default_value_t = 0.0)]
+    pub requeue_rate: f64,
 }
 
 impl Default for GatewayOptions {
@@ -57,6 +66,8 @@ impl Default for GatewayOptions {
             latency: Duration::ZERO,
             exchange_rate: 0.5,
             keys: super::default_keys_dir(),
+            ledger: None,
+            requeue_rate: 0.0,
         }
     }
 }
@@ -107,12 +118,15 @@ pub async fn run(
     anyhow::ensure!(!gateways.is_empty(), "no gateways configured: add [gateways.<id>] to the configuration");
     let publisher = Arc::new(ConfirmedSender::new(broker.clone()));
     let keys = TerminalKeys::new(options.keys.clone());
+    let ledger = options.ledger.as_deref().map(Ledger::open).transpose()?;
     let mut tasks = Vec::new();
     for gateway in gateways {
         let queue = names.gateway_queue(&gateway);
+        let ledger = ledger.clone();
         let (publisher, stats, options, requests, keys) =
             (publisher.clone(), stats.clone(), options.clone(), names.requests(), keys.clone());
         tasks.push(tokio::spawn(consume(broker.clone(), queue, 128, shutdown.clone(), move |delivery| {
+            let ledger = ledger.clone();
             let (publisher, stats, options, requests, keys) =
                 (publisher.clone(), stats.clone(), options.clone(), requests.clone(), keys.clone());
             async move {
@@ -121,6 +135,9 @@ pub async fn run(
                     tracing::warn!("gateway simulator: not a delivery");
                     return true;
                 };
+                if !ledger::received(ledger.as_ref(), &delivery, &message, options.requeue_rate).await {
+                    return false;
+                }
                 let counter = match message.kind {
                     DeliveryKind::Certificate => &stats.certificates,
                     DeliveryKind::Asset => &stats.assets,
