@@ -21,3 +21,4 @@ mod support;
 mod tls;
 mod together;
 mod transitions;
+mod wire;
