@@ -107,11 +107,16 @@ pub enum Command {
         command: dlq::DlqCommand,
     },
     /// Check the guarantees after a run: nothing lost, nothing done twice, legal status paths,
-    /// dead letters exactly what could not be processed, queues drained. Exits 1 if one broke.
+    /// dead letters exactly what could not be processed, queues drained; with a gateway ledger,
+    /// nothing received twice on the wire. Exits 1 if one broke.
     Audit {
         /// The orders the caller published: any that reached no table counts as lost.
         #[arg(long)]
         sent: Option<i64>,
+        /// A gateway's ledger (`simulate … --gateway-ledger`): count what reached the gateways
+        /// twice, and what they received that assetflow has no record of.
+        #[arg(long)]
+        gateway_ledger: Option<PathBuf>,
         /// Print the audit as JSON.
         #[arg(long)]
         json: bool,
@@ -201,7 +206,9 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Parties { command } => parties::run(&config, command).await?,
         Command::Terminals { command } => admin::terminals(&config, command).await?,
         Command::Products { command } => admin::products(&config, command).await?,
-        Command::Audit { sent, json, no_queues } => return audit::run(&config, sent, json, no_queues).await,
+        Command::Audit { sent, gateway_ledger, json, no_queues } => {
+            return audit::run(&config, sent, gateway_ledger, json, no_queues).await;
+        }
         Command::Batch { command } => batch::execute(config, command).await?,
         Command::Dlq { command } => dlq::execute(config, command).await?,
         Command::Bench { command } => crate::cli::bench::run(config, command).await?,

@@ -1,13 +1,15 @@
 //! Fault tests: a broker restart and a database restart under load, simulated by cutting a TCP
 //! proxy between the app and RabbitMQ or PostgreSQL, so that the rest of the suite, running in
 //! parallel against the same services, sees nothing. After each, the same audit as `ops/chaos`
-//! (`assetflow audit`): nothing lost, nothing done twice, every status history legal.
+//! (`assetflow audit --gateway-ledger`): nothing lost, nothing done twice, every status history
+//! legal, and nothing received twice by the gateway.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use assetflow::cli::audit::{Audit, audit};
+use assetflow::cli::audit::{Audit, audit, wire};
 use assetflow::cli::simulate::gateway::GatewayOptions;
 use assetflow::cli::simulate::partner::PartnerOptions;
 use assetflow::cli::simulate::terminals::{SimTerminal, purchase};
@@ -110,6 +112,8 @@ struct Proxied {
     postgres: Proxy,
     rabbitmq: Proxy,
     terminals: Vec<SimTerminal>,
+    /// The gateway's ledger: every delivery message it received.
+    ledger: PathBuf,
     stop: CancellationToken,
     run: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -132,15 +136,23 @@ impl Proxied {
             let partner = if i % 2 == 0 { "card-co" } else { "bank-a" };
             terminals.push(env.terminal(&format!("term-{i}"), gateway, Some(partner)).await);
         }
-        // A partner and a gateway that send some answers twice, as real ones do after a timeout.
+        // A partner and a gateway that send some answers twice, as real ones do after a timeout;
+        // the gateway also fails before acknowledging a tenth of what it receives, which the
+        // broker delivers again, and keeps a ledger of everything it received.
         env.partner(PartnerOptions {
             decline_rate: 0.1,
             duplicate_rate: 0.2,
             latency: Duration::from_millis(2),
             ..PartnerOptions::default()
         });
-        env.gateway(GatewayOptions { duplicate_rate: 0.2, ..GatewayOptions::default() });
-        Proxied { env, postgres, rabbitmq, terminals, stop, run }
+        let ledger = std::env::temp_dir().join(format!("assetflow-ledger-{}.jsonl", uuid::Uuid::now_v7()));
+        env.gateway(GatewayOptions {
+            duplicate_rate: 0.2,
+            requeue_rate: 0.1,
+            ledger: Some(ledger.clone()),
+            ..GatewayOptions::default()
+        });
+        Proxied { env, postgres, rabbitmq, terminals, ledger, stop, run }
     }
 
     /// Proxied::order places `n` orders, a fifth of them immediate and a fifth gifts.
@@ -168,11 +180,12 @@ impl Proxied {
     }
 
     /// Proxied::settled waits until every one of `orders` orders reached a final state and every
-    /// transmission is closed, then audits.
+    /// transmission is closed, then audits, the gateway's ledger too.
     /// Each new state of the audit is printed, so that a failed wait shows where it stalled.
     async fn settled(&self, orders: i64) -> Audit {
         let last = Mutex::new(String::new());
-        self.env
+        let mut audit = self
+            .env
             .wait_until("every order and transmission is final", move |c| {
                 let audit = audit(c, Some(orders)).expect("the audit runs");
                 let summary = format!("{}open: {:?}", audit.summary(), audit.open);
@@ -182,7 +195,10 @@ impl Proxied {
                 }
                 (audit.orders == orders && audit.lost == 0).then_some(audit)
             })
-            .await
+            .await;
+        let ledger = self.ledger.clone();
+        audit.wire = Some(self.env.db(move |c| wire::audit_ledger(c, &ledger).expect("the ledger is audited")).await);
+        audit
     }
 
     async fn stop(mut self) {
@@ -190,14 +206,20 @@ impl Proxied {
         if let Some(run) = self.run.take() {
             run.await.expect("the app did not panic").expect("the app stopped cleanly");
         }
+        let _ = std::fs::remove_file(&self.ledger);
     }
 }
 
 /// assert_guarantees fails the test on any broken guarantee: lost, duplicated, an illegal path,
-/// a dead letter without its reason or caused by the outage.
+/// a dead letter without its reason or caused by the outage, and, when the audit read a gateway
+/// ledger, anything received twice or unaccounted for on the wire.
 pub fn assert_guarantees(audit: &Audit) {
     assert_eq!(audit.lost, 0, "nothing lost: {audit:#?}");
     assert_eq!(audit.duplicated, 0, "nothing done twice: {audit:#?}");
+    if let Some(wire) = &audit.wire {
+        assert_eq!((wire.duplicated, wire.unaccounted), (0, 0), "nothing twice on the wire: {}", audit.summary());
+        assert!(wire.messages > 0, "the gateway's ledger holds what it received: {}", audit.summary());
+    }
     assert!(audit.problems().is_empty(), "{}", audit.summary());
 }
 

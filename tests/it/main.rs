@@ -22,3 +22,4 @@ mod support;
 mod tls;
 mod together;
 mod transitions;
+mod wire;

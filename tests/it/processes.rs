@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use assetflow::cli::audit::{Audit, audit};
+use assetflow::cli::audit::{Audit, audit, wire};
 use assetflow::cli::simulate::gateway::GatewayOptions;
 use assetflow::cli::simulate::partner::PartnerOptions;
 use assetflow::cli::simulate::terminals::{SimTerminal, purchase, register};
@@ -133,11 +133,19 @@ async fn two_processes_with_one_killed_mid_load_lose_nothing_and_do_nothing_twic
     let mut a = Node::start(&dir, "a");
     let _b = Node::start(&dir, "b");
     env.partner(PartnerOptions { decline_rate: 0.1, latency: Duration::from_millis(5), ..PartnerOptions::default() });
-    // This gateway holds the terminals' keys, so half of the holders exchange their certificates.
+    // This gateway holds the terminals' keys, so half of the holders exchange their certificates,
+    // and keeps a ledger of what it received: the process killed may have published messages
+    // whose publication it never recorded, which the next one publishes again.
+    let ledger = dir.join("gateway-ledger.jsonl");
     tokio::spawn(assetflow::cli::simulate::gateway::run_owned(
         env.config.clone(),
         env.broker.clone(),
-        GatewayOptions { keys: dir.join("terminals"), exchange_rate: 0.5, ..GatewayOptions::default() },
+        GatewayOptions {
+            keys: dir.join("terminals"),
+            exchange_rate: 0.5,
+            ledger: Some(ledger.clone()),
+            ..GatewayOptions::default()
+        },
         env.stats.clone(),
         tokio_util::sync::CancellationToken::new(),
     ));
@@ -162,11 +170,12 @@ async fn two_processes_with_one_killed_mid_load_lose_nothing_and_do_nothing_twic
     }
 
     let stats = env.stats.clone();
-    let audit = env
+    let mut audit = env
         .wait_until("every order and transmission is final", move |c| {
             all_final(c, 80, stats.exchanges.load(std::sync::atomic::Ordering::Relaxed) as i64)
         })
         .await;
+    audit.wire = Some(env.db(move |c| wire::audit_ledger(c, &ledger).expect("the ledger is audited")).await);
     assert_nothing_twice(&audit);
     env.db(|c| {
         assert!(

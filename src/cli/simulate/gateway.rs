@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Stats;
+use super::ledger::{self, Ledger};
 use super::partner::fraction;
 use super::publisher::{ConfirmedSender, consume};
 use crate::config::Config;
@@ -51,6 +52,14 @@ pub struct GatewayOptions {
     /// Where the simulated gateways' signing keys are (made and registered when missing).
     #[arg(long, default_value_os_t = super::default_party_keys_dir())]
     pub party_keys: PathBuf,
+    /// A JSON-lines file to append every delivery message received to (the gateway's ledger,
+    /// for `assetflow audit --gateway-ledger`).
+    #[arg(long = "gateway-ledger")]
+    pub ledger: Option<PathBuf>,
+    /// Share of deliveries returned to the queue unanswered the first time they arrive (a gateway
+    /// that fails before its acknowledgement): the broker delivers them again.
+    #[arg(long, default_value_t = 0.0)]
+    pub requeue_rate: f64,
 }
 
 impl Default for GatewayOptions {
@@ -64,6 +73,8 @@ impl Default for GatewayOptions {
             exchange_rate: 0.5,
             keys: super::default_keys_dir(),
             party_keys: super::default_party_keys_dir(),
+            ledger: None,
+            requeue_rate: 0.0,
         }
     }
 }
@@ -114,14 +125,17 @@ pub async fn run(
     anyhow::ensure!(!gateways.is_empty(), "no gateways configured: add [gateways.<id>] to the configuration");
     let publisher = Arc::new(ConfirmedSender::new(broker.clone()));
     let keys = TerminalKeys::new(options.keys.clone());
+    let ledger = options.ledger.as_deref().map(Ledger::open).transpose()?;
     let mut tasks = Vec::new();
     for gateway in gateways {
         let queue = names.gateway_queue(&gateway);
         // Its receipts are signed: assetflow takes a receipt only from the gateway it sent through.
         let own = Arc::new(super::party_key(config, PartyKind::Gateway, &gateway, &options.party_keys).await?);
+        let ledger = ledger.clone();
         let (publisher, stats, options, requests, keys) =
             (publisher.clone(), stats.clone(), options.clone(), names.requests(), keys.clone());
         tasks.push(tokio::spawn(consume(broker.clone(), queue, 128, shutdown.clone(), move |delivery| {
+            let ledger = ledger.clone();
             let (publisher, stats, options, requests, keys, own) =
                 (publisher.clone(), stats.clone(), options.clone(), requests.clone(), keys.clone(), own.clone());
             async move {
@@ -130,6 +144,9 @@ pub async fn run(
                     tracing::warn!("gateway simulator: not a delivery");
                     return true;
                 };
+                if !ledger::received(ledger.as_ref(), &delivery, &message, options.requeue_rate).await {
+                    return false;
+                }
                 let counter = match message.kind {
                     DeliveryKind::Certificate => &stats.certificates,
                     DeliveryKind::Asset => &stats.assets,

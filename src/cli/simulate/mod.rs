@@ -3,6 +3,7 @@
 //! through RabbitMQ, exactly as the real parties do; the tests and the benchmark use them too.
 
 pub mod gateway;
+pub mod ledger;
 pub mod partner;
 pub mod publisher;
 pub mod terminals;
@@ -45,6 +46,10 @@ pub enum SimulateCommand {
         /// of an exchanged asset and stop. Without it, run until interrupted.
         #[arg(long, value_parser = humantime::parse_duration)]
         linger: Option<Duration>,
+        /// A JSON-lines file the gateway appends every delivery message it receives to (for
+        /// `assetflow audit --gateway-ledger`).
+        #[arg(long = "gateway-ledger")]
+        gateway_ledger: Option<PathBuf>,
     },
 }
 
@@ -210,12 +215,13 @@ pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()>
         SimulateCommand::Terminals(options) => {
             terminals::run(&config, broker, options, stats, shutdown.clone()).await?
         }
-        SimulateCommand::All { terminals: options, decline_rate, exchange_rate, linger } => {
+        SimulateCommand::All { terminals: options, decline_rate, exchange_rate, linger, gateway_ledger } => {
             terminals::ensure_demo_catalogue(&config).await?;
             let partner_options = partner::PartnerOptions { decline_rate, ..partner::PartnerOptions::default() };
             let gateway_options = gateway::GatewayOptions {
                 exchange_rate,
                 keys: options.keys.clone(),
+                ledger: gateway_ledger,
                 ..gateway::GatewayOptions::default()
             };
             let p = tokio::spawn(partner::run_owned(

@@ -3,9 +3,13 @@
 //! settlement, issue, asset delivery, acknowledgement, exchange or reminder stage twice), every
 //! status history a legal path, and the dead letters exactly what could not be processed, each
 //! with its reason. `ops/chaos` and the fault tests (`tests/it/chaos.rs`, `tests/it/processes.rs`)
-//! run these same checks.
+//! run these same checks. Given a gateway ledger, it also checks what reached the gateways twice
+//! ([`wire`]).
+
+pub mod wire;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use diesel::prelude::*;
@@ -116,6 +120,8 @@ pub struct Audit {
     pub dead_letter_mismatches: BTreeMap<String, i64>,
     /// Messages still in assetflow's queues, by queue (filled by [`queue_depths`]).
     pub queued: BTreeMap<String, u32>,
+    /// What the gateways received, when a gateway ledger is given (filled by [`wire::audit_ledger`]).
+    pub wire: Option<wire::Wire>,
 }
 
 impl Audit {
@@ -142,6 +148,7 @@ impl Audit {
         for (queue, n) in self.queued.iter().filter(|(_, n)| **n > 0) {
             problems.push(format!("{n} message(s) left in {queue}"));
         }
+        problems.extend(self.wire.iter().flat_map(wire::Wire::problems));
         problems
     }
 
@@ -168,6 +175,9 @@ impl Audit {
             self.duplicated,
             self.illegal_paths.len()
         ));
+        if let Some(wire) = &self.wire {
+            out.push_str(&wire.summary());
+        }
         if !self.dead_lettered.is_empty() {
             let reasons: Vec<String> = self.dead_lettered.iter().map(|(r, n)| format!("{r} {n}")).collect();
             out.push_str(&format!("dead letters by reason: {}\n", reasons.join(", ")));
@@ -353,13 +363,24 @@ pub async fn queue_depths(connection: &lapin::Connection, queues: &[String]) -> 
     Ok(depths)
 }
 
-/// run is `assetflow audit`: it prints the audit (or its JSON) and fails when a guarantee broke.
-pub async fn run(config: &Config, sent: Option<i64>, json: bool, no_queues: bool) -> anyhow::Result<ExitCode> {
+/// run is `assetflow audit`: it prints the audit (or its JSON) and fails when a guarantee broke,
+/// or, with `gateway_ledger`, when something reached a gateway twice.
+pub async fn run(
+    config: &Config,
+    sent: Option<i64>,
+    gateway_ledger: Option<PathBuf>,
+    json: bool,
+    no_queues: bool,
+) -> anyhow::Result<ExitCode> {
     let url = config.database.url.clone();
     let mut report = tokio::task::spawn_blocking(move || -> anyhow::Result<Audit> {
         let mut conn = crate::runtime::db::establish(&url)
             .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", crate::config::redact_url(&url)))?;
-        Ok(audit(&mut conn, sent)?)
+        let mut audit = audit(&mut conn, sent)?;
+        if let Some(ledger) = gateway_ledger {
+            audit.wire = Some(wire::audit_ledger(&mut conn, &ledger)?);
+        }
+        Ok(audit)
     })
     .await??;
     if !no_queues {
