@@ -140,8 +140,8 @@ impl AmqpConfig {
                 for intermediate in chain {
                     builder.add_extra_chain_cert(intermediate)?;
                 }
-                builder.set_private_key(&private_key)?;
-                builder.check_private_key().map_err(|_| {
+                // OpenSSL refuses a key that is not the certificate's as soon as it is set.
+                builder.set_private_key(&private_key).and_then(|()| builder.check_private_key()).map_err(|_| {
                     anyhow::anyhow!("amqp.tls_key_file {}: not the key of amqp.tls_cert_file", key.display())
                 })?;
             }

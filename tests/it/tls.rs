@@ -546,6 +546,9 @@ async fn amqps_refuses_an_untrusted_broker_and_a_broker_refuses_a_missing_client
     assert!(connect(&amqp(proxy.port, &vhost.0, Some(&ca), None)).await.is_err());
     let (other_cert, other_key) = (stranger.path("client.pem"), stranger.path("client.key"));
     assert!(connect(&amqp(proxy.port, &vhost.0, Some(&ca), Some((&other_cert, &other_key)))).await.is_err());
+    // A key that is not the certificate's is refused before anything is sent.
+    let err = connect(&amqp(proxy.port, &vhost.0, Some(&ca), Some((&cert, &other_key)))).await.unwrap_err();
+    assert!(format!("{err:#}").contains("not the key of amqp.tls_cert_file"), "{err:#}");
     assert_eq!(proxy.traffic.handshakes(), 0, "a refused client got through");
     // With both, it connects: the refusals above are the TLS checks, not a broken proxy.
     let conn = connect(&amqp(proxy.port, &vhost.0, Some(&ca), Some((&cert, &key)))).await.expect("connects");
