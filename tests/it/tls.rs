@@ -26,7 +26,7 @@ use openssl::ec::{EcGroup, EcKey};
 use openssl::hash::MessageDigest;
 use openssl::nid::Nid;
 use openssl::pkey::{PKey, Private};
-use openssl::ssl::{Ssl, SslAcceptor, SslMethod, SslVerifyMode};
+use openssl::ssl::{Ssl, SslAcceptor, SslMethod, SslVerifyMode, SslVersion};
 use openssl::x509::extension::{BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName};
 use openssl::x509::{X509, X509NameBuilder};
 use serde_json::json;
@@ -218,9 +218,16 @@ impl Traffic {
 
 impl Proxy {
     /// Proxy::start serves `server` (certificate and key) in front of `upstream`; with `client_ca`,
-    /// it demands a client certificate issued by that CA (mutual TLS).
-    async fn start(upstream: Upstream, server: &(X509, PKey<Private>), client_ca: Option<&X509>) -> Proxy {
+    /// it demands a client certificate issued by that CA (mutual TLS), and with `newest`, it offers
+    /// no TLS version newer than that (TLS 1.2 and 1.3 otherwise).
+    async fn start(
+        upstream: Upstream,
+        server: &(X509, PKey<Private>),
+        client_ca: Option<&X509>,
+        newest: Option<SslVersion>,
+    ) -> Proxy {
         let mut acceptor = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
+        acceptor.set_max_proto_version(newest).unwrap();
         acceptor.set_certificate(&server.0).unwrap();
         acceptor.set_private_key(&server.1).unwrap();
         acceptor.check_private_key().unwrap();
@@ -392,8 +399,8 @@ async fn postgres_verify_full_checks_the_ca_and_the_host_name_and_nothing_passes
     let server = pki.issue("postgres.test", Kind::Server(LOCAL), "server");
     let misnamed = pki.issue("db.example", Kind::Server(&["db.example"]), "misnamed");
     let stranger = Pki::new("pg-stranger");
-    let proxy = Proxy::start(Upstream::Postgres, &server, None).await;
-    let elsewhere = Proxy::start(Upstream::Postgres, &misnamed, None).await;
+    let proxy = Proxy::start(Upstream::Postgres, &server, None, None).await;
+    let elsewhere = Proxy::start(Upstream::Postgres, &misnamed, None, None).await;
     let verify = |mode: &str, ca: &str| format!("sslmode={mode}&sslrootcert={ca}");
     let (ca, other_ca) = (pki.path("ca.pem"), stranger.path("ca.pem"));
 
@@ -441,8 +448,9 @@ async fn an_order_flows_through_amqps_with_a_private_ca_and_a_client_certificate
     let pki = Pki::new("flow");
     let server = pki.issue("rabbitmq.test", Kind::Server(LOCAL), "server");
     pki.issue("assetflow-test-client", Kind::Client, "client");
-    let proxy = Proxy::start(Upstream::RabbitMq, &server, Some(&pki.ca)).await;
-    let pg = Proxy::start(Upstream::Postgres, &pki.issue("postgres.test", Kind::Server(LOCAL), "postgres"), None).await;
+    let proxy = Proxy::start(Upstream::RabbitMq, &server, Some(&pki.ca), None).await;
+    let pg_server = pki.issue("postgres.test", Kind::Server(LOCAL), "postgres");
+    let pg = Proxy::start(Upstream::Postgres, &pg_server, None, None).await;
     let vhost = Vhost::new().await;
     let database = format!("assetflow_test_tls{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
 
@@ -530,7 +538,7 @@ async fn amqps_refuses_an_untrusted_broker_and_a_broker_refuses_a_missing_client
     pki.issue("assetflow-test-client", Kind::Client, "client");
     let stranger = Pki::new("stranger");
     stranger.issue("someone-else", Kind::Client, "client");
-    let proxy = Proxy::start(Upstream::RabbitMq, &server, Some(&pki.ca)).await;
+    let proxy = Proxy::start(Upstream::RabbitMq, &server, Some(&pki.ca), None).await;
     let vhost = Vhost::new().await;
     let (ca, cert, key) = (pki.path("ca.pem"), pki.path("client.pem"), pki.path("client.key"));
 
@@ -556,6 +564,66 @@ async fn amqps_refuses_an_untrusted_broker_and_a_broker_refuses_a_missing_client
     let _ = conn.close(200, "done".into()).await;
     assert_eq!(proxy.traffic.handshakes(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_with_tls_min_version_1_3_refuses_a_broker_that_offers_tls_1_2_at_most() {
+    let pki = Pki::new("amqp-version");
+    let server = pki.issue("rabbitmq.test", Kind::Server(LOCAL), "server");
+    let tls12 = Proxy::start(Upstream::RabbitMq, &server, None, Some(SslVersion::TLS1_2)).await;
+    let any = Proxy::start(Upstream::RabbitMq, &server, None, None).await;
+    let vhost = Vhost::new().await;
+    let ca = pki.path("ca.pem");
+    let at_least = |port: u16, version: &str| {
+        let mut amqp = amqp(port, &vhost.0, Some(&ca), None);
+        amqp.tls_min_version = serde_json::from_value(json!(version)).unwrap();
+        amqp
+    };
+
+    let Err(err) = connect(&at_least(tls12.port, "1.3")).await else {
+        panic!("a broker that offers TLS 1.2 at most was taken with tls_min_version = \"1.3\"");
+    };
+    assert!(format!("{err:#}").contains(VERSION_REFUSED), "{err:#}");
+    tls12.traffic.settled("the proxy saw the handshake fail", |t| t.refused() == 1).await;
+    assert_eq!(tls12.traffic.handshakes(), 0);
+    // The same broker is taken with "1.2", which is the default, so the refusal was the version's.
+    for config in [at_least(tls12.port, "1.2"), amqp(tls12.port, &vhost.0, Some(&ca), None)] {
+        let conn = connect(&config).await.expect("TLS 1.2 is taken");
+        let _ = conn.close(200, "done".into()).await;
+    }
+    assert_eq!(tls12.traffic.seen(), [(String::new(), "TLSv1.2".to_string()), (String::new(), "TLSv1.2".to_string())]);
+    // And "1.3" connects where TLS 1.3 is offered.
+    let conn = connect(&at_least(any.port, "1.3")).await.expect("TLS 1.3 is taken");
+    let _ = conn.close(200, "done".into()).await;
+    assert_eq!(any.traffic.seen(), [(String::new(), "TLSv1.3".to_string())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_honours_ssl_min_protocol_version_in_the_database_url() {
+    let pki = Pki::new("pg-version");
+    let server = pki.issue("postgres.test", Kind::Server(LOCAL), "server");
+    let tls12 = Proxy::start(Upstream::Postgres, &server, None, Some(SslVersion::TLS1_2)).await;
+    let any = Proxy::start(Upstream::Postgres, &server, None, None).await;
+    let at_least = |version: &str| {
+        format!("sslmode=verify-full&sslrootcert={}&ssl_min_protocol_version={version}", pki.path("ca.pem"))
+    };
+
+    let err = pg_session(pg_url(tls12.port, &at_least("TLSv1.3")))
+        .await
+        .expect_err("a server that offers TLS 1.2 at most is refused with ssl_min_protocol_version=TLSv1.3");
+    assert!(err.contains(VERSION_REFUSED), "{err}");
+    tls12.traffic.settled("the proxy saw the handshake fail", |t| t.refused() == 1).await;
+    assert_eq!(tls12.traffic.handshakes(), 0);
+    // The same server is taken with TLSv1.2 (libpq's default), so the refusal was the version's.
+    pg_session(pg_url(tls12.port, &at_least("TLSv1.2"))).await.expect("TLS 1.2 is taken");
+    assert_eq!(tls12.traffic.seen(), [(String::new(), "TLSv1.2".to_string())]);
+    // And TLSv1.3 connects where TLS 1.3 is offered.
+    pg_session(pg_url(any.port, &at_least("TLSv1.3"))).await.expect("TLS 1.3 is taken");
+    assert_eq!(any.traffic.seen(), [(String::new(), "TLSv1.3".to_string())]);
+}
+
+/// The alert a server sends a client with which it shares no TLS version (protocol_version, 70),
+/// as OpenSSL reports it to the client.
+const VERSION_REFUSED: &str = "alert protocol version";
 
 /// secret makes a recognisable secret that appears nowhere else.
 fn secret(what: &str) -> String {
