@@ -6,13 +6,15 @@
 //! the outbox relay wait on [`Broker::connection`] and start over with a fresh channel; delivery
 //! tags from a dead channel are void, and the messages behind them are redelivered by the broker.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::uri::AMQPUri;
+use lapin::{AsyncTcpStream, BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -150,13 +152,29 @@ async fn supervise(
 }
 
 /// connect opens a connection to the broker in `amqp.url`. For `amqps://` it trusts the system's
-/// CA certificates and `amqp.tls_ca_file`, presents `amqp.tls_cert_file` when set, and checks that
-/// the broker's certificate names the URL's host (OpenSSL's hostname verification).
+/// CA certificates and `amqp.tls_ca_file`, presents `amqp.tls_cert_file` when set, offers no TLS
+/// version older than `amqp.tls_min_version`, and checks that the broker's certificate names the
+/// URL's host (OpenSSL's hostname verification).
+///
+/// lapin's own TLS set-up (tcp-stream's `openssl_connector`, fed by an `OwnedTLSConfig`) has no way
+/// to set a minimum protocol version, so for `amqps://` assetflow builds the OpenSSL connector
+/// itself ([`AmqpConfig::tls`]) and hands lapin the TLS stream through `Connection::connector`,
+/// lapin's entry point for a transport of one's own.
 pub async fn connect(amqp: &AmqpConfig) -> anyhow::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name("assetflow".into());
-    let tls = if amqp.uses_tls() { amqp.tls()? } else { lapin::tcp::OwnedTLSConfig::default() };
     let runtime = lapin::runtime::default_runtime()?;
-    Ok(Connection::connect_with_config(&amqp.url, props, tls, runtime).await?)
+    if !amqp.uses_tls() {
+        return Ok(Connection::connect_with_runtime(&amqp.url, props, runtime).await?);
+    }
+    let connector = amqp.tls()?;
+    let uri: AMQPUri = amqp.url.parse().map_err(|e| anyhow::anyhow!("amqp.url: {e}"))?;
+    let tls_stream = async move |uri: AMQPUri, runtime| {
+        let host = uri.authority.host.as_str();
+        let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host, uri.authority.port)).await?.collect();
+        let tcp = AsyncTcpStream::connect(&runtime, addresses).await?;
+        Ok(tcp.into_openssl(&connector, host).await?)
+    };
+    Ok(Connection::connector(uri, runtime, tls_stream, props).await?)
 }
 
 async fn connect_and_declare(amqp: &AmqpConfig, topology: &Topology) -> anyhow::Result<Connection> {
