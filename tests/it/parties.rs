@@ -17,16 +17,12 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::harness::{Env, count, rabbitmqctl, text};
-use crate::support::{Taken, request_id, take};
-
-/// DEAD_LETTER_REASON is the reason of the dead letter whose payload hashes to `$1`.
-const DEAD_LETTER_REASON: &str = "SELECT reason AS value FROM dead_letters WHERE sha256(payload) = decode($1, 'hex')";
+use crate::support::{DEAD_LETTER_REASON, Taken, dead_letter_reason, request_id, take};
 
 /// refused publishes `body` and waits for its dead letter; it returns the reason.
 async fn refused(env: &Env, what: &str, routing_key: &str, body: &[u8]) -> String {
     env.publish(routing_key, body).await;
-    let hash = crypto::sha256_hex(body);
-    env.wait_until(&format!("{what} is dead-lettered"), move |c| text(c, DEAD_LETTER_REASON, &[&hash])).await
+    dead_letter_reason(env, what, body).await
 }
 
 /// instructed waits until an order's settlement is instructed, and returns its id and partner.

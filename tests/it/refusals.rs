@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::harness::{Env, count, execute, text};
-use crate::support::{request_id, settle_all};
+use crate::support::{dead_letter_reason, request_id, settle_all};
 
 /// serving_env is an Env with a product on sale, a terminal that pays through `card-co`, and the
 /// partner (settling everything) and gateway simulators running.
@@ -93,19 +93,9 @@ async fn delivered_refusal(env: &Env, terminal: &str, request_id: &str) -> Strin
 // The dead letter whose payload is exactly a body is found by the payload's hash, bound as `$1`:
 // matching on it is also the proof that the original bytes were kept.
 
-/// DEAD_LETTER_REASON is the reason of the dead letter whose payload hashes to `$1`.
-const DEAD_LETTER_REASON: &str = "SELECT reason AS value FROM dead_letters WHERE sha256(payload) = decode($1, 'hex')";
-
 /// DEAD_LETTER_ROUTE is the pool and routing key of the dead letter whose payload hashes to `$1`.
 const DEAD_LETTER_ROUTE: &str =
     "SELECT pool || ' ' || routing_key AS value FROM dead_letters WHERE sha256(payload) = decode($1, 'hex')";
-
-/// dead_letter_reason waits for the dead letter of `body` and returns its reason.
-async fn dead_letter_reason(env: &Env, what: &str, body: &[u8]) -> String {
-    let hash = sha256_hex(body);
-    let what = format!("{what} is dead-lettered with its bytes");
-    env.wait_until(&what, move |c| text(c, DEAD_LETTER_REASON, &[&hash])).await
-}
 
 /// delivered_certificates waits until `n` certificates of an order are delivered, and returns
 /// them as the gateway delivered them.

@@ -284,3 +284,15 @@ pub async fn take(env: &Env, gateway: &str, kind: &str, attempt: u32) -> Taken {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// DEAD_LETTER_REASON is the reason of the dead letter whose payload hashes to `$1`: matching on
+/// it is also the proof that the original bytes were kept.
+pub const DEAD_LETTER_REASON: &str =
+    "SELECT reason AS value FROM dead_letters WHERE sha256(payload) = decode($1, 'hex')";
+
+/// dead_letter_reason waits for the dead letter of `body` and returns its reason.
+pub async fn dead_letter_reason(env: &Env, what: &str, body: &[u8]) -> String {
+    let hash = assetflow::crypto::sha256_hex(body);
+    let what = format!("{what} is dead-lettered with its bytes");
+    env.wait_until(&what, move |c| text(c, DEAD_LETTER_REASON, &[&hash])).await
+}
