@@ -64,7 +64,7 @@ pub fn due_pickup_lag(job: &str, lag: Duration) {
 /// advance at zero.
 pub fn register() {
     crate::runtime::metrics::describe(CATALOGUE);
-    for subject in ["terminal_request", "certificate", "delivery_acknowledgement"] {
+    for subject in ["terminal_request", "certificate"] {
         counter!("assetflow_signature_failures_total", "subject" => subject).absolute(0);
     }
     for reason in crate::contracts::refusal::RefusalReason::ALL {
@@ -79,7 +79,7 @@ pub const CATALOGUE: &[Metric] = &[
         "assetflow_signature_failures_total",
         "counter",
         &["subject"],
-        "Signatures that did not verify: terminal_request, certificate or delivery_acknowledgement.",
+        "Signatures that did not verify: terminal_request or certificate.",
     ),
     m(
         "assetflow_delivery_proofs_total",

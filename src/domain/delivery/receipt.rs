@@ -84,7 +84,7 @@ fn take(cx: &mut Cx<'_>, deliveries: &Deliveries, batch: &[Received<'_, Delivery
         // spell a UUID or a time otherwise), and what is kept as the proof.
         let acknowledgement = receipt.acknowledgement.as_ref().zip(incoming.json.get("acknowledgement"));
         let proof = proof(cx, row, *message_id, proof_required == "terminal", acknowledgement)?;
-        if *expected != receipt.sha256 || proof.is_none() {
+        if *expected != receipt.sha256 || matches!(proof, Proof::OtherContent) {
             // Corrupted or tampered in transit: a failed transmission, retried like a lost one.
             if outcome == "sent" && row.status == "sent" && row.attempts == attempt {
                 let error = if *expected != receipt.sha256 {
@@ -96,24 +96,36 @@ fn take(cx: &mut Cx<'_>, deliveries: &Deliveries, batch: &[Received<'_, Delivery
             }
             continue;
         }
-        matching.push((row, attempt, proof.and_then(|p| p)));
+        let acknowledgement = match proof {
+            Proof::Terminal(signed) => Some(signed),
+            _ => None,
+        };
+        matching.push((row, attempt, acknowledgement));
     }
     complete(cx, &matching)
 }
 
-/// proof checks the proof of delivery a receipt carries: Some(Some(acknowledgement)) when the
-/// terminal's signed acknowledgement names this attempt and the content sent, Some(None) when the
-/// gateway's receipt alone is enough and no acknowledgement came, and None when the terminal
-/// acknowledged other content (a corrupted transmission). An acknowledgement that is not the
+/// Proof is the proof of delivery a receipt carries.
+enum Proof<'r> {
+    /// The terminal's signed acknowledgement of this attempt and the content sent, as it arrived.
+    Terminal(&'r serde_json::Value),
+    /// The gateway's receipt alone, where that is enough.
+    Gateway,
+    /// The terminal acknowledged other content: a corrupted transmission.
+    OtherContent,
+}
+
+/// proof checks the proof of delivery a receipt carries. An acknowledgement that is not the
 /// terminal's, or names another delivery or attempt, or is missing where the product requires
-/// one, is refused as an `invalid_proof` dead letter.
+/// one, is refused as an `invalid_proof` dead letter (which is what counts it: a refused
+/// transaction leaves no metric of its own).
 fn proof<'r>(
     cx: &mut Cx<'_>,
     row: &Row,
     message_id: Uuid,
     required: bool,
     acknowledgement: Option<(&Acknowledgement, &'r serde_json::Value)>,
-) -> Result<Option<Option<&'r serde_json::Value>>, Failure> {
+) -> Result<Proof<'r>, Failure> {
     let invalid = |detail: String| Err(Failure::permanent(DeadLetterReason::InvalidProof, detail));
     let Some((ack, signed)) = acknowledgement else {
         if required {
@@ -122,7 +134,7 @@ fn proof<'r>(
                 row.id
             ));
         }
-        return Ok(Some(None));
+        return Ok(Proof::Gateway);
     };
     if ack.terminal_id != row.terminal_id || ack.delivery_id != row.id || ack.message_id != message_id {
         return invalid(format!(
@@ -134,16 +146,15 @@ fn proof<'r>(
         return invalid(format!("terminal {} is no longer registered", row.terminal_id));
     };
     if crypto::verify_registered(&terminal.public_key_pem, signed).is_err() {
-        metrics::signature_failure("delivery_acknowledgement");
         return invalid(format!(
             "the acknowledgement of delivery {} is not signed by terminal {}",
             row.id, terminal.id
         ));
     }
     if ack.content_sha256 != content_sha256(&row.content) {
-        return Ok(None);
+        return Ok(Proof::OtherContent);
     }
-    Ok(Some(Some(signed)))
+    Ok(Proof::Terminal(signed))
 }
 
 /// content_sha256 is what a terminal's acknowledgement carries for a delivery's content: the
