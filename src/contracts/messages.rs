@@ -184,17 +184,45 @@ pub struct SettlementResult {
     pub signature: Option<String>,
 }
 
-/// IssuanceRequested is internal: a settled order is ready to be issued.
+/// IssuanceRequested is internal: settled orders are ready to be issued. The settlement pool
+/// sends one for each transaction that records `settled` answers, naming all of their orders (up
+/// to [`IssuanceRequested::MAX`]), so that an order costs a fraction of a message.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IssuanceRequested {
     #[serde(rename = "type")]
     pub message_type: String,
-    pub order_id: Uuid,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub order_ids: Vec<Uuid>,
+    /// One order, as the builds before `order_ids` named it: a message still queued across an
+    /// upgrade is issued, not refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<Uuid>,
 }
 
-/// DeliveryRequested is internal: delivery rows are ready for their next attempt. A handler asks
-/// for one; up to [`DeliveryRequested::MAX`] are allowed in one message.
+impl IssuanceRequested {
+    /// The most orders one message may name (its schema's `maxItems`).
+    pub const MAX: usize = 1000;
+
+    /// IssuanceRequested::for_orders is the messages that ask for these orders: as few as
+    /// [`IssuanceRequested::MAX`] allows.
+    pub fn for_orders(order_ids: &[Uuid]) -> impl Iterator<Item = IssuanceRequested> + '_ {
+        order_ids.chunks(Self::MAX).map(|chunk| IssuanceRequested {
+            message_type: kinds::ISSUANCE_REQUESTED.into(),
+            order_ids: chunk.to_vec(),
+            order_id: None,
+        })
+    }
+
+    /// IssuanceRequested::orders is every order the message names, in either form.
+    pub fn orders(&self) -> impl Iterator<Item = Uuid> + '_ {
+        self.order_ids.iter().copied().chain(self.order_id)
+    }
+}
+
+/// DeliveryRequested is internal: delivery rows are ready for their next attempt. A transaction
+/// that makes several deliveries asks for all of them in one message, up to
+/// [`DeliveryRequested::MAX`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryRequested {
@@ -206,6 +234,15 @@ pub struct DeliveryRequested {
 impl DeliveryRequested {
     /// The most deliveries one message may name (its schema's `maxItems`).
     pub const MAX: usize = 1000;
+
+    /// DeliveryRequested::for_deliveries is the messages that ask for these deliveries: as few as
+    /// [`DeliveryRequested::MAX`] allows.
+    pub fn for_deliveries(delivery_ids: &[Uuid]) -> impl Iterator<Item = DeliveryRequested> + '_ {
+        delivery_ids.chunks(Self::MAX).map(|chunk| DeliveryRequested {
+            message_type: kinds::DELIVERY_REQUESTED.into(),
+            delivery_ids: chunk.to_vec(),
+        })
+    }
 }
 
 /// CertificateNotices is internal: the certificate scans decided that these holders are owed a

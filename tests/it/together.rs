@@ -506,3 +506,128 @@ async fn exchanges_handled_together_each_have_the_effect_they_have_alone() {
     .await;
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_settled_together_are_handed_on_in_one_message_at_each_hop() {
+    use assetflow::contracts::messages::{DeliveryRequested, IssuanceRequested};
+    use assetflow::domain::delivery::RequestedHandler;
+    use assetflow::domain::issuance::IssueHandler;
+    use assetflow::domain::settlement::{PurchaseHandler, ResultHandler};
+
+    // Not started: the test hands each hop's outbox message to the next pool's handler.
+    let env = Env::new().await;
+    env.product("concert", |_| {}).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    let domain = &env.app.domain;
+    let purchases: Vec<Incoming> =
+        (0..3).map(|n| request(&format!("order-{n}"), &purchase(&alice, "concert", 1, json!({})))).collect();
+    let handler =
+        Arc::new(PurchaseHandler { requests: domain.requests.clone(), settlements: domain.settlements.clone() });
+    handled(&env, Pool::Settlement, handler, purchases).await;
+
+    let settlements: Vec<String> = env
+        .db(|c| {
+            crate::harness::text(c, "SELECT string_agg(id::text, ',' ORDER BY id) AS value FROM settlements", &[])
+                .unwrap()
+                .split(',')
+                .map(str::to_string)
+                .collect()
+        })
+        .await;
+    assert_eq!(settlements.len(), 3, "three settlements instructed");
+    let mut results = Vec::new();
+    for (n, settlement) in settlements.iter().enumerate() {
+        let result = SettlementResult {
+            message_type: kinds::SETTLEMENT_RESULT.into(),
+            settlement_id: settlement.parse().unwrap(),
+            partner_id: "card-co".into(),
+            outcome: SettlementOutcome::Settled,
+            partner_reference: format!("ref-{n}"),
+            reason: None,
+            sent_at: Utc::now(),
+            signature: None,
+        };
+        let signed = env.signed_by(PartyKind::Partner, "card-co", &result).await;
+        results.push(request(&format!("result-{n}"), &serde_json::from_slice(&signed).unwrap()));
+    }
+    let handler = Arc::new(ResultHandler { settlements: domain.settlements.clone() });
+    handled(&env, Pool::Settlement, handler, results).await;
+
+    // next takes the one message of `message_type` waiting in the outbox, as its pool would.
+    async fn next<T: serde::de::DeserializeOwned>(env: &Env, message_type: &'static str) -> (Incoming, T) {
+        let payloads: Vec<Value> = env
+            .db(move |c| {
+                #[derive(diesel::QueryableByName)]
+                struct Payload {
+                    #[diesel(sql_type = diesel::sql_types::Jsonb)]
+                    payload: Value,
+                }
+                use diesel::RunQueryDsl;
+                diesel::sql_query(
+                    "SELECT convert_from(payload, 'UTF8')::jsonb AS payload FROM outbox WHERE message_type = $1",
+                )
+                .bind::<diesel::sql_types::Text, _>(message_type)
+                .load::<Payload>(c)
+                .unwrap()
+                .into_iter()
+                .map(|p| p.payload)
+                .collect()
+            })
+            .await;
+        let [payload] = payloads.as_slice() else { panic!("one {message_type} for the whole batch, not {payloads:?}") };
+        (request(message_type, payload), serde_json::from_value(payload.clone()).unwrap())
+    }
+
+    let (issuance, asked): (_, IssuanceRequested) = next(&env, kinds::ISSUANCE_REQUESTED).await;
+    assert_eq!(asked.order_ids.len(), 3, "the three orders settled together are named by one message");
+    let handler = Arc::new(IssueHandler { issuer: domain.issuer.clone() });
+    handled(&env, Pool::Issuance, handler, vec![issuance]).await;
+
+    let (sending, asked): (_, DeliveryRequested) = next(&env, kinds::DELIVERY_REQUESTED).await;
+    assert_eq!(asked.delivery_ids.len(), 3, "the three certificates issued together are sent for by one message");
+    let handler = Arc::new(RequestedHandler { deliveries: domain.deliveries.clone() });
+    handled(&env, Pool::Delivery, handler, vec![sending]).await;
+    env.db(|c| {
+        assert_eq!(count(c, "SELECT count(*) FROM orders WHERE status = 'issued'", &[]), 3, "every order issued");
+        assert_eq!(count(c, "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'sent'", &[]), 3);
+        assert_eq!(
+            count(c, "SELECT count(*) FROM outbox WHERE message_type = 'delivery'", &[]),
+            3,
+            "one to each terminal"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issuance_request_in_the_one_order_form_is_still_issued() {
+    // A message queued by a build that named one order (`order_id`) before an upgrade.
+    let mut env = Env::new().await;
+    env.product("concert", |p| p.proof_of_delivery = "gateway".into()).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    env.send(&purchase(&alice, "concert", 1, json!({}))).await;
+    env.start().await;
+    // The partner never answers: the test settles the order and asks for its issuance itself.
+    let settling = "SELECT count(*) FROM orders WHERE status = 'settling'";
+    env.wait_until("the order waits for its payment", move |c| (count(c, settling, &[]) == 1).then_some(())).await;
+    let order_id = env
+        .db(|c| {
+            use diesel::RunQueryDsl;
+            diesel::sql_query("UPDATE orders SET status = 'issuing'").execute(c).unwrap();
+            crate::harness::text(c, "SELECT id::text AS value FROM orders", &[]).unwrap()
+        })
+        .await;
+    let old = json!({"type": kinds::ISSUANCE_REQUESTED, "order_id": order_id});
+    env.publisher
+        .publish(
+            &env.app.plumbing.names.internal(),
+            kinds::ISSUANCE_REQUESTED,
+            kinds::ISSUANCE_REQUESTED,
+            &serde_json::to_vec(&old).unwrap(),
+        )
+        .await
+        .unwrap();
+    let issued = "SELECT count(*) FROM orders WHERE status = 'issued'";
+    env.wait_until("the order is issued", move |c| (count(c, issued, &[]) == 1).then_some(())).await;
+    env.stop().await;
+}

@@ -137,11 +137,10 @@ pub fn enqueue_with(
 /// enqueue_many is [`enqueue`] for several deliveries, recorded in one statement: each whose key
 /// is new and that is due now is handed to the delivery pool.
 pub fn enqueue_many(cx: &mut Cx<'_>, deliveries: &Deliveries, batch: &[NewDelivery]) -> QueryResult<()> {
-    for inserted in insert_many(cx.conn, batch, cx.now)? {
-        if inserted.due_at <= cx.now {
-            cx.publish(request_send(deliveries, inserted.id));
-        }
-    }
+    let now = cx.now;
+    let due: Vec<Uuid> =
+        insert_many(cx.conn, batch, now)?.into_iter().filter(|d| d.due_at <= now).map(|d| d.id).collect();
+    cx.outgoing.extend(request_sends(deliveries, &due));
     Ok(())
 }
 
@@ -188,9 +187,17 @@ pub fn insert_many(conn: &mut PgConnection, batch: &[NewDelivery], now: DateTime
 
 /// request_send is the message that hands a delivery to the delivery pool.
 pub fn request_send(deliveries: &Deliveries, delivery_id: Uuid) -> Outgoing {
-    let message = DeliveryRequested { message_type: kinds::DELIVERY_REQUESTED.into(), delivery_ids: vec![delivery_id] };
-    Outgoing::json(deliveries.names.internal(), kinds::DELIVERY_REQUESTED, kinds::DELIVERY_REQUESTED, &message)
-        .correlated(delivery_id.to_string())
+    request_sends(deliveries, &[delivery_id]).next().expect("one delivery makes one message")
+}
+
+/// request_sends is the messages that hand these deliveries to the delivery pool: as few as a
+/// message's limit allows, so that a batch's deliveries cost one message and not one each.
+pub fn request_sends<'a>(deliveries: &'a Deliveries, delivery_ids: &'a [Uuid]) -> impl Iterator<Item = Outgoing> + 'a {
+    DeliveryRequested::for_deliveries(delivery_ids).map(|message| {
+        let first = message.delivery_ids[0];
+        Outgoing::json(deliveries.names.internal(), kinds::DELIVERY_REQUESTED, kinds::DELIVERY_REQUESTED, &message)
+            .correlated(first.to_string())
+    })
 }
 
 /// Row is a delivery as stored.

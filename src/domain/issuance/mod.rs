@@ -38,7 +38,9 @@ struct Order {
 }
 
 /// IssueHandler takes `issuance.requested`. Requests handled together are issued together: their
-/// orders are read in one statement and everything they issue is written in three.
+/// orders are read in one statement and everything they issue is written in three. A message that
+/// cannot be carried out is dead-lettered with all of its orders; replayed, it issues those still
+/// waiting and skips the rest.
 pub struct IssueHandler {
     pub issuer: Arc<Issuer>,
 }
@@ -61,7 +63,7 @@ impl Handler for IssueHandler {
 
     fn handle(&self, cx: &mut Cx<'_>, batch: &[Received<'_, IssuanceRequested>]) -> Result<(), Failure> {
         let issuer = &*self.issuer;
-        let mut ids: Vec<Uuid> = batch.iter().map(|r| r.message.order_id).collect();
+        let mut ids: Vec<Uuid> = batch.iter().flat_map(|r| r.message.orders()).collect();
         // Locked in id order, so that two batches naming the same orders cannot deadlock.
         ids.sort_unstable();
         ids.dedup();

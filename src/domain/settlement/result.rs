@@ -50,6 +50,7 @@ fn take(cx: &mut Cx<'_>, settled: &Settlements, batch: &[Received<'_, Settlement
     let now = cx.now;
     let mut answers = Answers::default();
     let mut declined = Vec::new();
+    let mut issuing = Vec::new();
     for Received { message: result, incoming } in batch {
         let Some(s) = settlements.iter().find(|s| s.id == result.settlement_id) else {
             return Err(Failure::permanent(
@@ -80,16 +81,7 @@ fn take(cx: &mut Cx<'_>, settled: &Settlements, batch: &[Received<'_, Settlement
         match result.outcome {
             SettlementOutcome::Settled => {
                 answers.push(s, result, "issuing", None);
-                let next = IssuanceRequested { message_type: kinds::ISSUANCE_REQUESTED.into(), order_id: s.order_id };
-                cx.publish(
-                    Outgoing::json(
-                        settled.names.internal(),
-                        kinds::ISSUANCE_REQUESTED,
-                        kinds::ISSUANCE_REQUESTED,
-                        &next,
-                    )
-                    .correlated(s.order_id.to_string()),
-                );
+                issuing.push(s.order_id);
             }
             SettlementOutcome::Declined => {
                 let reason = result.reason.clone().unwrap_or_else(|| "declined by the partner".into());
@@ -101,6 +93,14 @@ fn take(cx: &mut Cx<'_>, settled: &Settlements, batch: &[Received<'_, Settlement
         tracing::info!(order_id = %s.order_id, settlement_id = %s.id, outcome, "settlement answered");
     }
     answers.write(cx.conn, now)?;
+    // The orders settled together are issued together: one message for all of them.
+    for next in IssuanceRequested::for_orders(&issuing) {
+        let first = next.order_ids[0];
+        cx.publish(
+            Outgoing::json(settled.names.internal(), kinds::ISSUANCE_REQUESTED, kinds::ISSUANCE_REQUESTED, &next)
+                .correlated(first.to_string()),
+        );
+    }
     for (order_id, reason) in declined {
         let text = format!("your payment was declined: {reason}");
         notify_orderer(cx.conn, settled, order_id, "order_declined", text, now, cx.outgoing)?;
