@@ -28,6 +28,16 @@ const DATABASE_CHECK_MAX: Duration = Duration::from_secs(5);
 /// It bounds the wait for a failure that only looks like an outage.
 const UNAVAILABLE_WHILE_HEALTHY: u32 = 3;
 
+/// Door is how far a message got through the checks at the door: each is made once.
+enum Door {
+    /// Not carried out, for this reason.
+    Refused(DeadLetterReason, String),
+    /// Well formed; its type and schema not checked yet.
+    Parsed,
+    /// Of a type this queue takes, and valid against its schema.
+    Valid,
+}
+
 /// DatabaseWait is how a wait for the database ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DatabaseWait {
@@ -56,18 +66,21 @@ impl Consumer {
         for delivery in batch {
             let (incoming, verdict) = Incoming::parse(queue, &self.plumbing.names.internal(), &delivery);
             metrics::message_received(self.pool, &incoming.message_type);
-            match (&verdict, self.registry.lookup(&incoming.queue, &incoming.message_type)) {
+            match (verdict, self.registry.lookup(&incoming.queue, &incoming.message_type)) {
                 (Ok(()), Some(handler))
                     if crate::contracts::schema::validate(&incoming.message_type, &incoming.json).is_ok() =>
                 {
                     ready.push((delivery, incoming, handler))
                 }
-                _ => self.process(channel, delivery, incoming, verdict, shutdown).await,
+                (Ok(()), _) => self.process(channel, delivery, incoming, Door::Parsed, shutdown).await,
+                (Err((reason, detail)), _) => {
+                    self.process(channel, delivery, incoming, Door::Refused(reason, detail), shutdown).await
+                }
             }
         }
         if ready.len() == 1 {
             let (delivery, incoming, _) = ready.pop().expect("one");
-            return self.process(channel, delivery, incoming, Ok(()), shutdown).await;
+            return self.process(channel, delivery, incoming, Door::Valid, shutdown).await;
         }
         if ready.is_empty() {
             return;
@@ -86,7 +99,7 @@ impl Consumer {
             Err(e) => {
                 tracing::info!(pool = %self.pool, messages = ready.len(), error = %e, "a batch failed; handling its messages one by one");
                 for (delivery, incoming, _) in ready {
-                    self.process(channel, delivery, incoming, Ok(()), shutdown).await;
+                    self.process(channel, delivery, incoming, Door::Valid, shutdown).await;
                 }
             }
         }
@@ -124,12 +137,12 @@ impl Consumer {
         channel: &ChannelStatus,
         delivery: Delivery,
         incoming: Incoming,
-        verdict: Result<(), (DeadLetterReason, String)>,
+        door: Door,
         shutdown: &CancellationToken,
     ) {
         let started = Instant::now();
         let span = self.span(&incoming);
-        let action = tracing::Instrument::instrument(self.execute(incoming.clone(), verdict, shutdown), span).await;
+        let action = tracing::Instrument::instrument(self.execute(incoming.clone(), door, shutdown), span).await;
         self.answer(channel, &delivery, &incoming, action, started).await;
     }
 
@@ -139,13 +152,8 @@ impl Consumer {
     /// the pool's permit, so consumption pauses once `concurrency` are held and `prefetch` bounds
     /// the rest) until a health check finds the database back, and then handled again without
     /// spending a retry or a delivery. Only shutdown returns a held message to the queue.
-    async fn execute(
-        &self,
-        incoming: Incoming,
-        verdict: Result<(), (DeadLetterReason, String)>,
-        shutdown: &CancellationToken,
-    ) -> Action {
-        if let Err((reason, detail)) = verdict {
+    async fn execute(&self, incoming: Incoming, door: Door, shutdown: &CancellationToken) -> Action {
+        if let Door::Refused(reason, detail) = door {
             return self.report(&incoming, Err(Failure::Permanent { reason, detail }), &[]).await;
         }
         let handler = match self.registry.lookup(&incoming.queue, &incoming.message_type) {
@@ -168,7 +176,9 @@ impl Consumer {
                 return self.report(&incoming, Err(Failure::Permanent { reason, detail }), &[]).await;
             }
         };
-        if let Err(detail) = crate::contracts::schema::validate(&incoming.message_type, &incoming.json) {
+        if let Door::Parsed = door
+            && let Err(detail) = crate::contracts::schema::validate(&incoming.message_type, &incoming.json)
+        {
             // Dead-lettered for the operator, and answered where the handler knows whom to tell.
             return self.dead_letter(&incoming, DeadLetterReason::SchemaViolation, detail, &[], Some(handler)).await;
         }

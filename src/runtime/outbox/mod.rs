@@ -56,10 +56,13 @@ impl Outgoing {
         message_type: &str,
         message: &impl Serialize,
     ) -> Outgoing {
-        let value = serde_json::to_value(message).expect("messages always serialize");
+        let payload = serde_json::to_vec(message).expect("messages always serialize");
         #[cfg(debug_assertions)]
-        if let Err(e) = crate::contracts::schema::validate(message_type, &value) {
-            panic!("assetflow published a {message_type} that breaks its schema: {e}\n{value}");
+        {
+            let value: serde_json::Value = serde_json::from_slice(&payload).expect("what was written reads back");
+            if let Err(e) = crate::contracts::schema::validate(message_type, &value) {
+                panic!("assetflow published a {message_type} that breaks its schema: {e}\n{value}");
+            }
         }
         Outgoing {
             message_id: Uuid::now_v7(),
@@ -68,7 +71,7 @@ impl Outgoing {
             message_type: message_type.to_string(),
             correlation_id: None,
             headers: serde_json::json!({}),
-            payload: serde_json::to_vec(&value).expect("a JSON value always serializes"),
+            payload,
             available_at: None,
         }
     }
