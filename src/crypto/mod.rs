@@ -37,15 +37,64 @@ pub enum CryptoError {
 
 /// canonical_json renders a JSON value as RFC 8785 canonical JSON.
 pub fn canonical_json(value: &Value) -> String {
-    serde_jcs::to_string(value).expect("a serde_json::Value always serializes")
+    let mut out = Vec::with_capacity(512);
+    write_canonical(value, &mut out);
+    String::from_utf8(out).expect("JSON text is UTF-8")
 }
 
 /// signed_bytes is what a signature over `document` covers: its canonical JSON without the
-/// signature field.
+/// signature field. The document is written as it is, not copied without the field first.
 pub fn signed_bytes(document: &Value) -> Result<Vec<u8>, CryptoError> {
-    let mut object = document.as_object().ok_or(CryptoError::NotAnObject)?.clone();
-    object.remove(SIGNATURE_FIELD);
-    Ok(canonical_json(&Value::Object(object)).into_bytes())
+    let object = document.as_object().ok_or(CryptoError::NotAnObject)?;
+    let mut out = Vec::with_capacity(512);
+    write_object(object, Some(SIGNATURE_FIELD), &mut out);
+    Ok(out)
+}
+
+/// write_canonical writes `value` as RFC 8785 canonical JSON. Strings and integers are written as
+/// serde_json writes them, which is what RFC 8785 asks (no white space; only `"`, `\` and control
+/// characters escaped, those with lower-case hex): the documents signed here hold nothing else.
+/// A number that is not an integer below 2^53 is written by serde_jcs, in ECMAScript's form.
+fn write_canonical(value: &Value, out: &mut Vec<u8>) {
+    const EXACT: u64 = 1 << 53;
+    match value {
+        Value::Object(map) => write_object(map, None, out),
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(b']');
+        }
+        Value::Number(n) if !n.as_i64().is_some_and(|i| i.unsigned_abs() <= EXACT) => {
+            out.extend_from_slice(serde_jcs::to_string(n).expect("a number always serializes").as_bytes());
+        }
+        other => serde_json::to_writer(&mut *out, other).expect("writing JSON to memory cannot fail"),
+    }
+}
+
+/// write_object writes an object's members, but `skip`, in RFC 8785's order: by the UTF-16 code
+/// units of their names. A serde_json map keeps its names in byte order, which is the same unless
+/// a name holds characters beyond U+FFFF; only then are they sorted again.
+fn write_object(map: &serde_json::Map<String, Value>, skip: Option<&str>, out: &mut Vec<u8>) {
+    let utf16 = |a: &str, b: &str| a.encode_utf16().cmp(b.encode_utf16());
+    let mut members: Vec<(&String, &Value)> = map.iter().filter(|(name, _)| Some(name.as_str()) != skip).collect();
+    if !members.is_sorted_by(|a, b| utf16(a.0, b.0).is_le()) {
+        members.sort_by(|a, b| utf16(a.0, b.0));
+    }
+    out.push(b'{');
+    for (i, (name, value)) in members.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut *out, name).expect("writing JSON to memory cannot fail");
+        out.push(b':');
+        write_canonical(value, out);
+    }
+    out.push(b'}');
 }
 
 /// sign returns the base64 DER ECDSA signature of `bytes` with SHA-256.
@@ -202,6 +251,28 @@ mod tests {
     fn canonical_json_sorts_keys_and_drops_white_space() {
         let value: Value = serde_json::from_str(r#"{ "b": 1, "a": {"d": [1, 2], "c": "x"} }"#).unwrap();
         assert_eq!(canonical_json(&value), r#"{"a":{"c":"x","d":[1,2]},"b":1}"#);
+    }
+
+    #[test]
+    fn canonical_json_is_what_serde_jcs_writes() {
+        let documents = [
+            json!({"b": 1, "a": {"d": [1, 2.5, -0.0, 1e21, 1e-7], "c": null}, "e": [true, false, []], "f": {}}),
+            json!({"big": 9_007_199_254_740_993_u64, "edge": 9_007_199_254_740_992_u64, "neg": -9_007_199_254_740_993_i64}),
+            json!({"\u{1F600}": 1, "\u{FB01}": 2, "a": 3, "é": 4, "A": 5, "": 6}),
+            json!({"s": "\u{0}\u{8}\t\n\u{b}\u{c}\r\u{1f}\u{7f}\"\\/é\u{2028}\u{1F600}"}),
+            json!([{"z": {"y": {"x": [0.1, 100, 1.5e300]}}}]),
+            json!("text"),
+            json!(42),
+        ];
+        for document in documents {
+            assert_eq!(canonical_json(&document), serde_jcs::to_string(&document).unwrap(), "{document}");
+        }
+    }
+
+    #[test]
+    fn signed_bytes_are_the_canonical_json_without_the_signature() {
+        let document = json!({"signature": "x", "b": {"signature": "kept"}, "a": 1});
+        assert_eq!(signed_bytes(&document).unwrap(), br#"{"a":1,"b":{"signature":"kept"}}"#);
     }
 
     #[test]
