@@ -191,6 +191,7 @@ pub async fn run(
                     .get("certificate")
                     .filter(|_| message.kind == DeliveryKind::Certificate)
                     .filter(|_| fraction(&message.delivery_id.to_string(), "exchange") < options.exchange_rate)
+                    .filter(|_| stats.exchange_decided.lock().expect("not poisoned").insert(message.delivery_id))
                     .cloned();
                 let answer = async move {
                     let _waiting = certificate.as_ref().map(|_| Waiting::on(&stats));

@@ -71,6 +71,9 @@ pub struct Stats {
     /// clock for exchange-to-asset latency). Off by default: a long demo would only grow it.
     pub log_exchanges: std::sync::atomic::AtomicBool,
     pub exchange_log: std::sync::Mutex<Vec<(String, chrono::DateTime<chrono::Utc>)>>,
+    /// The deliveries whose certificate a holder decided to exchange: a holder exchanges a
+    /// certificate once, even when it is sent again (a receipt that came too late for its timeout).
+    pub exchange_decided: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
 }
 
 impl Stats {
