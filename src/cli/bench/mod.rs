@@ -2,6 +2,7 @@
 
 pub mod lifecycle;
 pub mod limits;
+pub mod machine;
 pub mod scan;
 
 use clap::Subcommand;
