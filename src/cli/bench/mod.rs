@@ -16,7 +16,7 @@ pub enum BenchCommand {
     Scan(scan::ScanOptions),
     /// Run the whole loop with the simulators against a real `assetflow run` process and report
     /// throughput, latency percentiles, CPU, memory, and messages and commits per order, with the
-    /// ratio to what the broker and the database allow.
+    /// ratio to what the broker and the database allow, measured before and after each run.
     Lifecycle(lifecycle::LifecycleOptions),
     /// Measure what RabbitMQ and PostgreSQL do on this machine, the way assetflow uses them.
     Limits(limits::LimitsOptions),
@@ -27,11 +27,11 @@ pub async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Scan(options) => scan::run(config, options).await,
         BenchCommand::Lifecycle(options) => {
             let json = options.json;
-            let figures = lifecycle::run(config, options).await?;
+            let report = lifecycle::run(config, options).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&figures)?);
+                println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                lifecycle::print(&figures);
+                lifecycle::print(&report);
             }
             Ok(())
         }
