@@ -213,8 +213,9 @@ async fn sigterm_finishes_the_work_in_hand_and_exits_zero() {
     assert_nothing_twice(&audit);
 }
 
-/// A small run of the lifecycle benchmark, through the real binary: two runs, and every order each
-/// run places completes. Its figures are printed, never asserted against a speed.
+/// A small run of the lifecycle benchmark, through the real binary: two runs, each over a copy of
+/// a seeded database, and every order each run places completes, counted apart from the seeded
+/// ones. Its figures are printed, never asserted against a speed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lifecycle_benchmark_completes_every_order_it_places() {
     let env = Env::new().await;
@@ -231,6 +232,8 @@ async fn the_lifecycle_benchmark_completes_every_order_it_places() {
                 "10",
                 "--repeat",
                 "2",
+                "--seed-orders",
+                "300",
                 "--no-limits",
                 "--timeout",
                 "3m",
@@ -244,6 +247,8 @@ async fn the_lifecycle_benchmark_completes_every_order_it_places() {
     .unwrap();
     assert!(output.status.success(), "the benchmark failed: {}", String::from_utf8_lossy(&output.stderr));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("a JSON report");
+    assert_eq!(report["seeded"]["orders"], 300, "the seed is reported: {report}");
+    assert_eq!(report["seeded"]["exchanged"], 90, "{report}");
     let runs = report["runs"].as_array().expect("runs");
     assert_eq!(runs.len(), 2, "{report}");
     for (n, run) in runs.iter().enumerate() {
@@ -262,7 +267,7 @@ async fn the_lifecycle_benchmark_completes_every_order_it_places() {
         ] {
             assert!(figures[figure].as_f64().is_some_and(|v| v > 0.0), "{figure} is measured: {figures}");
         }
-        // Every order is followed through every stage of its way to the certificate.
+        // Every order of the run, and none of the seeded ones, is followed through every stage.
         let stages = figures["stages"].as_array().expect("stages");
         assert_eq!(stages.len(), 5, "{figures}");
         for stage in stages {

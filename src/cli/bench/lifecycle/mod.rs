@@ -9,20 +9,22 @@
 //! limits`): the limits between two runs are the after of one and the before of the next. Each
 //! run is set against the higher of each engine's two measurements around it (`report.rs`).
 //!
-//! This file is the sequence: the setup the runs share, the runs and the limits between them. One
-//! run is `run.rs`; what is reported and printed, `figures.rs` (a run's own) and `report.rs`
-//! (against the limits, over the runs); what is read from the benchmark's database, `queries.rs`;
-//! from the assetflow process, `process.rs`.
+//! This file is the sequence: the setup the runs share, the seeded database, the runs and the
+//! limits between them. One run is `run.rs`; what is reported and printed, `figures.rs` (a run's
+//! own) and `report.rs` (against the limits, over the runs); the seed, `seed.rs`; what is read from
+//! the benchmark's database, `queries.rs`; from the assetflow process, `process.rs`.
 
 mod figures;
 mod process;
 mod queries;
 mod report;
 mod run;
+mod seed;
 
 pub use figures::{Figures, Percentiles};
 pub use queries::Stage;
 pub use report::{Bound, LimitsTaken, Report, Run, Spread, Summary, print};
+pub use seed::Seeded;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -57,6 +59,9 @@ pub struct LifecycleOptions {
     /// Runs, each with its own database and AMQP prefix, with the limits measured between them.
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
+    /// Completed orders, with their whole history, in each run's database before it begins.
+    #[arg(long, default_value_t = 0)]
+    pub seed_orders: i64,
     /// Give up waiting for completion after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
     pub timeout: Duration,
@@ -65,7 +70,7 @@ pub struct LifecycleOptions {
 }
 
 /// Shared is what the runs share: the configuration (each run changes the AMQP prefix and the
-/// HTTP port) and the keys.
+/// HTTP port), the keys, and the seeded database each run's is copied from.
 pub(super) struct Shared {
     /// The configuration as given, for the limits (they work in databases and queues of their own).
     base: Config,
@@ -73,14 +78,22 @@ pub(super) struct Shared {
     config: Config,
     dir: PathBuf,
     terminal_keys: PathBuf,
+    /// The seeded database, if any: each run's database is a copy of it.
+    template: Option<String>,
 }
 
 pub async fn run(config: Config, options: LifecycleOptions) -> anyhow::Result<Report> {
     anyhow::ensure!(options.repeat >= 1, "--repeat must be at least 1");
+    anyhow::ensure!(options.seed_orders >= 0, "--seed-orders cannot be negative");
     let dir = std::env::temp_dir().join(format!("assetflow-bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir)?;
-    let mut shared =
-        Shared { base: config.clone(), config: config.clone(), terminal_keys: dir.join("terminals"), dir: dir.clone() };
+    let mut shared = Shared {
+        base: config.clone(),
+        config: config.clone(),
+        terminal_keys: dir.join("terminals"),
+        dir: dir.clone(),
+        template: None,
+    };
     let c = &mut shared.config;
     c.database.url = super::bench_database_url(&config.database.url, "bench_lifecycle");
     c.keys.dir = dir.join("keys");
@@ -89,13 +102,26 @@ pub async fn run(config: Config, options: LifecycleOptions) -> anyhow::Result<Re
         [("bench-gw-1".to_string(), Default::default()), ("bench-gw-2".to_string(), Default::default())].into();
     KeyRing::generate(&c.keys.dir, &["bench-issuer".to_string()], true)?;
 
-    let outcome = repeat(&shared, &options).await;
+    let seeded = if options.seed_orders > 0 {
+        let url = super::bench_database_url(&config.database.url, "bench_lifecycle_seed");
+        shared.template = Some(url.clone());
+        seed_template(&shared, &options, &url).await
+    } else {
+        Ok(Seeded { orders: 0, exchanged: 0, seconds: 0.0 })
+    };
+    let outcome = match seeded {
+        Ok(seeded) => repeat(&shared, &options, seeded).await,
+        Err(e) => Err(e),
+    };
+    if let Some(url) = shared.template.clone() {
+        let _ = tokio::task::spawn_blocking(move || super::drop_database(&url)).await;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     outcome
 }
 
 /// repeat makes the runs, with the limits measured before the first and after each.
-async fn repeat(shared: &Shared, options: &LifecycleOptions) -> anyhow::Result<Report> {
+async fn repeat(shared: &Shared, options: &LifecycleOptions, seeded: Seeded) -> anyhow::Result<Report> {
     let mut before = limits(shared, options, "before run 1").await?;
     let mut runs = Vec::with_capacity(options.repeat);
     for n in 1..=options.repeat {
@@ -108,7 +134,7 @@ async fn repeat(shared: &Shared, options: &LifecycleOptions) -> anyhow::Result<R
         runs.push(Run::new(n, figures, busy, before, after.clone()));
         before = after;
     }
-    Ok(Report::new(runs))
+    Ok(Report::new(seeded, runs))
 }
 
 /// limits measures the limits as `bench limits` does with its defaults, and what else the machine
@@ -143,4 +169,33 @@ fn catalogue(url: &str) -> anyhow::Result<()> {
     )?;
     upsert_product(&mut conn, &bench_product())?;
     Ok(())
+}
+
+/// seed_template makes the seeded database the runs' databases are copied from: migrated, with
+/// the catalogue and the terminals, and `--seed-orders` completed orders.
+async fn seed_template(shared: &Shared, options: &LifecycleOptions, url: &str) -> anyhow::Result<Seeded> {
+    let mut config = shared.config.clone();
+    config.database.url = url.to_string();
+    tokio::task::spawn_blocking({
+        let url = url.to_string();
+        move || -> anyhow::Result<()> {
+            super::drop_database(&url)?;
+            crate::runtime::db::prepare(&url)?;
+            catalogue(&url)
+        }
+    })
+    .await??;
+    let sims = terminals::register(&config, options.terminals, &shared.terminal_keys).await?;
+    let sim = sims.first().ok_or_else(|| anyhow::anyhow!("--terminals must be at least 1"))?;
+    let product = bench_product();
+    let templates =
+        seed::Templates::new(&KeyRing::load(&config.keys.dir)?, &product, &config.service_provider_id, &sim.key)?;
+    let ack_timeout = crate::config::workers::PoolDefinitions::built_in().delivery.transmission.ack_timeout;
+    let (url, orders, exchange_rate) = (url.to_string(), options.seed_orders, options.exchange_rate);
+    eprintln!("seeding {orders} completed orders…");
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Seeded> {
+        let mut conn = crate::runtime::db::establish(&url)?;
+        seed::seed(&mut conn, &templates, &product, orders, exchange_rate, ack_timeout, chrono::Utc::now())
+    })
+    .await?
 }

@@ -9,6 +9,7 @@
 use serde::Serialize;
 
 use super::figures::{self, Figures};
+use super::seed::Seeded;
 use crate::cli::bench::limits::Limits;
 use crate::cli::bench::machine::Busy;
 
@@ -145,13 +146,15 @@ pub struct Summary {
 /// Report is the benchmark's result.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The completed orders each run's database held before it began (`--seed-orders`).
+    pub seeded: Seeded,
     pub runs: Vec<Run>,
     pub summary: Summary,
 }
 
 impl Report {
     /// Report::new summarises the runs (at least one).
-    pub fn new(runs: Vec<Run>) -> Report {
+    pub fn new(seeded: Seeded, runs: Vec<Run>) -> Report {
         let of = |f: fn(&Run) -> Option<f64>| Spread::of(&runs.iter().filter_map(f).collect::<Vec<_>>());
         let summary = Summary {
             runs: runs.len(),
@@ -164,7 +167,7 @@ impl Report {
             ratio_to_shared_bound: of(|r| r.bound.as_ref().map(|b| b.ratio_to_shared_bound)),
             busy_runs: runs.iter().filter(|r| r.was_busy()).map(|r| r.run).collect(),
         };
-        Report { runs, summary }
+        Report { seeded, runs, summary }
     }
 }
 
@@ -175,6 +178,12 @@ fn percent(share: Option<f64>) -> String {
 /// print shows the report: a single run's figures in full, then every run's in a table, the
 /// summary over several, and a warning for each time the machine was busy.
 pub fn print(report: &Report) {
+    if report.seeded.orders > 0 {
+        println!(
+            "each run's database held {} completed orders before it ({} exchanged), seeded in {:.1}s",
+            report.seeded.orders, report.seeded.exchanged, report.seeded.seconds
+        );
+    }
     if let [run] = report.runs.as_slice() {
         figures::print(&run.figures);
         println!();
@@ -368,7 +377,7 @@ mod tests {
             Run::new(1, figures(900.0, 10.0, 0.5), None, Some(l0), Some(l1.clone())),
             Run::new(2, figures(750.0, 10.0, 0.5), None, Some(l1), Some(l2)),
         ];
-        let report = Report::new(runs);
+        let report = Report::new(Seeded { orders: 0, exchanged: 0, seconds: 0.0 }, runs);
         let s = &report.summary;
         assert_eq!(s.orders_per_second, Spread { median: 825.0, min: 750.0, max: 900.0 });
         // Run 1 against 18,000 (1,800 a second): 50%; run 2 against 15,000 (1,500): 50%.
@@ -380,7 +389,10 @@ mod tests {
         assert_eq!(lines.len(), 1, "{lines:?}");
         assert!(lines[0].contains("while the limits before run 2 were measured"), "{lines:?}");
 
-        let unmeasured = Report::new(vec![Run::new(1, figures(900.0, 10.0, 0.5), None, None, None)]);
+        let unmeasured = Report::new(
+            Seeded { orders: 0, exchanged: 0, seconds: 0.0 },
+            vec![Run::new(1, figures(900.0, 10.0, 0.5), None, None, None)],
+        );
         assert!(unmeasured.summary.ratio_to_bound.is_none() && unmeasured.runs[0].bound.is_none());
     }
 }

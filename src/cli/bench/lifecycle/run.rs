@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::figures::{Figures, Percentiles, broker_messages, is_internal};
 use super::process::{cpu_seconds, free_port, peak_rss_kb, scrape, wait_ready};
-use super::queries::{acknowledged, commits, exchanged_done, last_receipt, progress, stages};
+use super::queries::{acknowledged, commits, exchanged_done, id_floor, last_receipt, progress, stages};
 use super::{LifecycleOptions, Shared};
 use crate::cli::bench::machine::{Busy, Watch};
 use crate::cli::simulate::{Stats, gateway, partner, terminals};
@@ -21,7 +21,8 @@ use crate::contracts::messages::kinds;
 use crate::contracts::topology::Topology;
 use crate::runtime::broker::Broker;
 
-/// once makes run `n`: a database of its own, migrated afresh, an AMQP prefix of its own, `assetflow run` started as a child process and stopped after. It
+/// once makes run `n`: a database of its own (a copy of the seeded one, or migrated afresh), an
+/// AMQP prefix of its own, `assetflow run` started as a child process and stopped after. It
 /// returns the run's figures, and what else the machine did while the orders went through.
 pub(super) async fn once(
     shared: &Shared,
@@ -36,13 +37,21 @@ pub(super) async fn once(
     std::fs::write(&config_path, toml::to_string(&config)?)?;
 
     let url = config.database.url.clone();
+    let template = shared.template.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        crate::cli::bench::drop_database(&url)?;
-        crate::runtime::db::prepare(&url)?;
-        super::catalogue(&url)
+        match template {
+            // A file copy of the seeded database: every run starts from the same state, and none
+            // pays for seeding or for writing the copy out (FILE_COPY checkpoints before and after).
+            Some(template) => crate::cli::bench::copy_database(&template, &url),
+            None => {
+                crate::cli::bench::drop_database(&url)?;
+                crate::runtime::db::prepare(&url)?;
+                super::catalogue(&url)
+            }
+        }
     })
     .await??;
-    // The terminals' keys are the same in every run.
+    // The terminals' keys are the same in every run; registering them again on a copy changes nothing.
     let sims = terminals::register(&config, options.terminals, &shared.terminal_keys).await?;
 
     eprintln!("starting assetflow…");
@@ -104,6 +113,8 @@ async fn measure(
     let watch = tokio::task::spawn_blocking(move || Watch::start(&[pid])).await?;
     let started = Instant::now();
     let started_at = Utc::now();
+    // The run's rows are those with ids from here on (see queries.rs).
+    let since = id_floor(started_at);
     let orders = match options.rate {
         None => {
             eprintln!("placing {} orders…", options.orders);
@@ -153,8 +164,8 @@ async fn measure(
         let waiting = stats.exchanges_waiting.load(Ordering::SeqCst);
         let exchanged = stats.exchanges.load(Ordering::SeqCst);
         if certificates >= orders as u64 && waiting == 0 && stats.assets.load(Ordering::SeqCst) >= exchanged {
-            let (done, pending) = progress(&url).await?;
-            if done >= orders as i64 && pending == 0 && exchanged_done(&url).await? >= exchanged as i64 {
+            let (done, pending) = progress(&url, since).await?;
+            if done >= orders as i64 && pending == 0 && exchanged_done(&url, since).await? >= exchanged as i64 {
                 break done;
             }
         }
@@ -166,7 +177,7 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let busy = tokio::task::spawn_blocking(move || watch.stop()).await?;
-    let seconds = last_receipt(&url)
+    let seconds = last_receipt(&url, since)
         .await?
         .map(|t| (t - started_at).num_milliseconds() as f64 / 1000.0)
         .unwrap_or(started.elapsed().as_secs_f64());
@@ -183,7 +194,7 @@ async fn measure(
     let received_internal = rise(|k| k.starts_with("assetflow_messages_received_total") && is_internal(k));
 
     let certificate_latencies = {
-        let acked = acknowledged(&url, "certificate").await?;
+        let acked = acknowledged(&url, "certificate", since).await?;
         acked
             .into_iter()
             .filter_map(|(request, at)| {
@@ -194,7 +205,7 @@ async fn measure(
     let exchange_log: HashMap<String, DateTime<Utc>> =
         stats.exchange_log.lock().expect("not poisoned").iter().cloned().collect();
     let asset_latencies: Vec<f64> = {
-        let acked = acknowledged(&url, "asset").await?;
+        let acked = acknowledged(&url, "asset", since).await?;
         acked
             .into_iter()
             .filter_map(|(request, at)| {
@@ -210,7 +221,7 @@ async fn measure(
         orders_per_second: completed as f64 / seconds,
         order_to_certificate: Percentiles::of(certificate_latencies),
         exchange_to_asset: Percentiles::of(asset_latencies),
-        stages: stages(&url).await?,
+        stages: stages(&url, since).await?,
         cpu_seconds: cpu,
         peak_rss_mb,
         messages_per_order: broker_messages(published, received, received_internal) / orders.max(1) as f64,
