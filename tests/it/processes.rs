@@ -213,8 +213,9 @@ async fn sigterm_finishes_the_work_in_hand_and_exits_zero() {
     assert_nothing_twice(&audit);
 }
 
-/// A small run of the lifecycle benchmark, through the real binary: it works, and every order it
-/// places completes. Its figures are printed, never asserted against a speed.
+/// A small run of the lifecycle benchmark, through the real binary: two runs, each over a copy of
+/// a seeded database, and every order each run places completes, counted apart from the seeded
+/// ones. Its figures are printed, never asserted against a speed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lifecycle_benchmark_completes_every_order_it_places() {
     let env = Env::new().await;
@@ -229,6 +230,10 @@ async fn the_lifecycle_benchmark_completes_every_order_it_places() {
                 "200",
                 "--terminals",
                 "10",
+                "--repeat",
+                "2",
+                "--seed-orders",
+                "300",
                 "--no-limits",
                 "--timeout",
                 "3m",
@@ -241,31 +246,47 @@ async fn the_lifecycle_benchmark_completes_every_order_it_places() {
     .await
     .unwrap();
     assert!(output.status.success(), "the benchmark failed: {}", String::from_utf8_lossy(&output.stderr));
-    let figures: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON figures");
-    assert_eq!(figures["orders"], 200, "{figures}");
-    assert_eq!(figures["completed"], 200, "every order completed: {figures}");
-    assert_eq!(figures["order_to_certificate"]["samples"], 200, "{figures}");
-    for figure in [
-        "orders_per_second",
-        "messages_per_order",
-        "handled_per_order",
-        "commits_per_order",
-        "cpu_seconds",
-        "peak_rss_mb",
-    ] {
-        assert!(figures[figure].as_f64().is_some_and(|v| v > 0.0), "{figure} is measured: {figures}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("a JSON report");
+    assert_eq!(report["seeded"]["orders"], 300, "the seed is reported: {report}");
+    assert_eq!(report["seeded"]["exchanged"], 90, "{report}");
+    let runs = report["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2, "{report}");
+    for (n, run) in runs.iter().enumerate() {
+        assert_eq!(run["run"], n + 1, "{run}");
+        let figures = &run["figures"];
+        assert_eq!(figures["orders"], 200, "{figures}");
+        assert_eq!(figures["completed"], 200, "every order completed: {figures}");
+        assert_eq!(figures["order_to_certificate"]["samples"], 200, "{figures}");
+        for figure in [
+            "orders_per_second",
+            "messages_per_order",
+            "handled_per_order",
+            "commits_per_order",
+            "cpu_seconds",
+            "peak_rss_mb",
+        ] {
+            assert!(figures[figure].as_f64().is_some_and(|v| v > 0.0), "{figure} is measured: {figures}");
+        }
+        // Every order of the run, and none of the seeded ones, is followed through every stage.
+        let stages = figures["stages"].as_array().expect("stages");
+        assert_eq!(stages.len(), 5, "{figures}");
+        for stage in stages {
+            assert_eq!(stage["samples"], 200, "{stage}");
+            let (p50, p99) = (stage["p50_ms"].as_f64().unwrap(), stage["p99_ms"].as_f64().unwrap());
+            assert!(0.0 <= p50 && p50 <= p99, "{stage}");
+        }
+        // A message between pools is one broker message but two of assetflow's (published, consumed).
+        let (broker, handled) = (figures["messages_per_order"].as_f64(), figures["handled_per_order"].as_f64());
+        assert!(broker < handled, "internal messages are counted once for the broker: {figures}");
+        // What else the machine did is read; without the limits there is no bound.
+        assert!(run["busy"]["other_cpu_share"].as_f64().is_some(), "{run}");
+        assert!(run["limits_before"].is_null() && run["bound"].is_null(), "{run}");
     }
-    // Every order is followed through every stage of its way to the certificate.
-    let stages = figures["stages"].as_array().expect("stages");
-    assert_eq!(stages.len(), 5, "{figures}");
-    for stage in stages {
-        assert_eq!(stage["samples"], 200, "{stage}");
-        let (p50, p99) = (stage["p50_ms"].as_f64().unwrap(), stage["p99_ms"].as_f64().unwrap());
-        assert!(0.0 <= p50 && p50 <= p99, "{stage}");
-    }
-    // A message between pools is one broker message but two of assetflow's (published, consumed).
-    let (broker, handled) = (figures["messages_per_order"].as_f64(), figures["handled_per_order"].as_f64());
-    assert!(broker < handled, "internal messages are counted once for the broker: {figures}");
+    let summary = &report["summary"];
+    assert_eq!(summary["runs"], 2, "{summary}");
+    let throughput = |at: &str| summary["orders_per_second"][at].as_f64().expect("a throughput");
+    assert!(throughput("min") <= throughput("median") && throughput("median") <= throughput("max"), "{summary}");
+    assert!(summary["ratio_to_bound"].is_null(), "{summary}");
 }
 
 /// `ops/run` starts the simulators beside a starting `assetflow run`: on a fresh database they may

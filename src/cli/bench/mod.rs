@@ -2,6 +2,7 @@
 
 pub mod lifecycle;
 pub mod limits;
+pub mod machine;
 pub mod scan;
 
 use clap::Subcommand;
@@ -15,7 +16,7 @@ pub enum BenchCommand {
     Scan(scan::ScanOptions),
     /// Run the whole loop with the simulators against a real `assetflow run` process and report
     /// throughput, latency percentiles, CPU, memory, and messages and commits per order, with the
-    /// ratio to what the broker and the database allow.
+    /// ratio to what the broker and the database allow, measured before and after each run.
     Lifecycle(lifecycle::LifecycleOptions),
     /// Measure what RabbitMQ and PostgreSQL do on this machine, the way assetflow uses them.
     Limits(limits::LimitsOptions),
@@ -26,11 +27,11 @@ pub async fn run(config: Config, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Scan(options) => scan::run(config, options).await,
         BenchCommand::Lifecycle(options) => {
             let json = options.json;
-            let figures = lifecycle::run(config, options).await?;
+            let report = lifecycle::run(config, options).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&figures)?);
+                println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                lifecycle::print(&figures);
+                lifecycle::print(&report);
             }
             Ok(())
         }
@@ -56,12 +57,31 @@ pub fn bench_database_url(url: &str, suffix: &str) -> String {
     format!("{base}_{suffix}{query}")
 }
 
+/// server_and_name splits a database URL into its server's URL and the database's name.
+fn server_and_name(url: &str) -> anyhow::Result<(&str, &str)> {
+    let (base, _) = url.split_once('?').unwrap_or((url, ""));
+    base.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("no database name in the URL"))
+}
+
 /// admin_connection connects to the `postgres` database of the server in `url`, and returns the
 /// name of the database `url` names.
 fn admin_connection(url: &str) -> anyhow::Result<(diesel::PgConnection, String)> {
-    let (base, _) = url.split_once('?').unwrap_or((url, ""));
-    let (server, name) = base.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("no database name in the URL"))?;
+    let (server, name) = server_and_name(url)?;
     Ok((crate::runtime::db::establish(&format!("{server}/postgres"))?, name.to_string()))
+}
+
+/// copy_database replaces the database `url` names with a copy of the one `template` names, on
+/// the same server. The copy is made file by file (`STRATEGY FILE_COPY`, PostgreSQL 15), with a
+/// checkpoint before and after: it is written out before anything measures, and its tables keep
+/// the template's statistics and visibility map.
+pub fn copy_database(template: &str, url: &str) -> anyhow::Result<()> {
+    use diesel::RunQueryDsl;
+    drop_database(url)?;
+    let (_, template) = server_and_name(template)?;
+    let (mut admin, name) = admin_connection(url)?;
+    diesel::sql_query(format!("CREATE DATABASE \"{name}\" TEMPLATE \"{template}\" STRATEGY FILE_COPY"))
+        .execute(&mut admin)?;
+    Ok(())
 }
 
 /// recreate_database drops the database `url` names, if it exists, and creates it empty.

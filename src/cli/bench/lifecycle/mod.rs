@@ -4,37 +4,37 @@
 //! certificates. Latencies are taken from the simulators' publish times to the moment assetflow
 //! recorded the receipt.
 //!
-//! This file is the run: the process started, the orders offered, the wait for completion and the
-//! cleanup. What is reported, and how it is printed, is `figures.rs`; what is read from the
-//! benchmark's database, `queries.rs`; what is read from the assetflow process, `process.rs`.
+//! With `--repeat N` there are N runs, each with a database and an AMQP prefix of its own, and the
+//! limits are measured before the first and after each (`limits, run 1, limits, run 2, …,
+//! limits`): the limits between two runs are the after of one and the before of the next. Each
+//! run is set against the higher of each engine's two measurements around it (`report.rs`).
+//!
+//! This file is the sequence: the setup the runs share, the seeded database, the runs and the
+//! limits between them. One run is `run.rs`; what is reported and printed, `figures.rs` (a run's
+//! own) and `report.rs` (against the limits, over the runs); the seed, `seed.rs`; what is read from
+//! the benchmark's database, `queries.rs`; from the assetflow process, `process.rs`.
 
 mod figures;
 mod process;
 mod queries;
+mod report;
+mod run;
+mod seed;
 
-pub use figures::{Figures, Percentiles, print};
+pub use figures::{Figures, Percentiles};
 pub use queries::Stage;
+pub use report::{Bound, LimitsTaken, Report, Run, Spread, Summary, print};
+pub use seed::Seeded;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
-
-use chrono::{DateTime, Utc};
-use tokio_util::sync::CancellationToken;
+use std::time::Duration;
 
 use super::limits::LimitsOptions;
-use crate::cli::simulate::{Stats, gateway, partner, terminals};
+use super::machine::Watch;
+use crate::cli::simulate::terminals;
 use crate::config::Config;
-use crate::contracts::messages::kinds;
-use crate::contracts::topology::Topology;
 use crate::crypto::KeyRing;
 use crate::domain::catalogue::{Product, upsert_product};
-use crate::runtime::broker::Broker;
-use figures::{bounds, broker_messages, is_internal};
-use process::{cpu_seconds, free_port, peak_rss_kb, scrape, wait_ready};
-use queries::{acknowledged, commits, exchanged_done, last_receipt, progress, stages};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LifecycleOptions {
@@ -56,6 +56,12 @@ pub struct LifecycleOptions {
     /// Skip measuring the limits (the ratio is then not shown).
     #[arg(long)]
     pub no_limits: bool,
+    /// Runs, each with its own database and AMQP prefix, with the limits measured between them.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// Completed orders, with their whole history, in each run's database before it begins.
+    #[arg(long, default_value_t = 0)]
+    pub seed_orders: i64,
     /// Give up waiting for completion after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
     pub timeout: Duration,
@@ -63,253 +69,133 @@ pub struct LifecycleOptions {
     pub json: bool,
 }
 
-pub async fn run(config: Config, options: LifecycleOptions) -> anyhow::Result<Figures> {
-    let limits = if options.no_limits {
-        None
-    } else {
-        eprintln!("measuring the limits…");
-        Some(super::limits::measure(&config, &LimitsOptions::default()).await?)
-    };
+/// Shared is what the runs share: the configuration (each run changes the AMQP prefix and the
+/// HTTP port), the keys, and the seeded database each run's is copied from.
+pub(super) struct Shared {
+    /// The configuration as given, for the limits (they work in databases and queues of their own).
+    base: Config,
+    /// The runs' configuration: the benchmark's database, fresh keys, the simulators' parties.
+    config: Config,
+    dir: PathBuf,
+    terminal_keys: PathBuf,
+    /// The seeded database, if any: each run's database is a copy of it.
+    template: Option<String>,
+}
+
+pub async fn run(config: Config, options: LifecycleOptions) -> anyhow::Result<Report> {
+    anyhow::ensure!(options.repeat >= 1, "--repeat must be at least 1");
+    anyhow::ensure!(options.seed_orders >= 0, "--seed-orders cannot be negative");
     let dir = std::env::temp_dir().join(format!("assetflow-bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir)?;
-    let port = free_port()?;
-    let mut config = config;
-    config.database.url = super::bench_database_url(&config.database.url, "bench_lifecycle");
-    config.amqp.prefix = format!("afbench{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    config.keys.dir = dir.join("keys");
-    config.http.listen = format!("127.0.0.1:{port}");
-    config.partners = [("bench-card".to_string(), Default::default())].into();
-    config.gateways =
+    let mut shared = Shared {
+        base: config.clone(),
+        config: config.clone(),
+        terminal_keys: dir.join("terminals"),
+        dir: dir.clone(),
+        template: None,
+    };
+    let c = &mut shared.config;
+    c.database.url = super::bench_database_url(&config.database.url, "bench_lifecycle");
+    c.keys.dir = dir.join("keys");
+    c.partners = [("bench-card".to_string(), Default::default())].into();
+    c.gateways =
         [("bench-gw-1".to_string(), Default::default()), ("bench-gw-2".to_string(), Default::default())].into();
-    KeyRing::generate(&config.keys.dir, &["bench-issuer".to_string()], true)?;
-    std::fs::write(dir.join("assetflow.toml"), toml::to_string(&config)?)?;
+    KeyRing::generate(&c.keys.dir, &["bench-issuer".to_string()], true)?;
 
-    let url = config.database.url.clone();
+    let seeded = if options.seed_orders > 0 {
+        let url = super::bench_database_url(&config.database.url, "bench_lifecycle_seed");
+        shared.template = Some(url.clone());
+        seed_template(&shared, &options, &url).await
+    } else {
+        Ok(Seeded { orders: 0, exchanged: 0, seconds: 0.0 })
+    };
+    let outcome = match seeded {
+        Ok(seeded) => repeat(&shared, &options, seeded).await,
+        Err(e) => Err(e),
+    };
+    if let Some(url) = shared.template.clone() {
+        let _ = tokio::task::spawn_blocking(move || super::drop_database(&url)).await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    outcome
+}
+
+/// repeat makes the runs, with the limits measured before the first and after each.
+async fn repeat(shared: &Shared, options: &LifecycleOptions, seeded: Seeded) -> anyhow::Result<Report> {
+    let mut before = limits(shared, options, "before run 1").await?;
+    let mut runs = Vec::with_capacity(options.repeat);
+    for n in 1..=options.repeat {
+        eprintln!("run {n} of {}…", options.repeat);
+        let (figures, busy) = run::once(shared, options, n).await?;
+        if let Some(warning) = busy.as_ref().and_then(|b| b.warning(&format!("during run {n}"))) {
+            eprintln!("{warning}");
+        }
+        let after = limits(shared, options, &format!("after run {n}")).await?;
+        runs.push(Run::new(n, figures, busy, before, after.clone()));
+        before = after;
+    }
+    Ok(Report::new(seeded, runs))
+}
+
+/// limits measures the limits as `bench limits` does with its defaults, and what else the machine
+/// did meanwhile; nothing with `--no-limits`.
+async fn limits(shared: &Shared, options: &LifecycleOptions, when: &str) -> anyhow::Result<Option<LimitsTaken>> {
+    if options.no_limits {
+        return Ok(None);
+    }
+    eprintln!("measuring the limits {when}…");
+    let watch = tokio::task::spawn_blocking(|| Watch::start(&[])).await?;
+    let limits = super::limits::measure(&shared.base, &LimitsOptions::default()).await?;
+    let busy = tokio::task::spawn_blocking(move || watch.stop()).await?;
+    if let Some(warning) = busy.as_ref().and_then(|b| b.warning(&format!("while measuring the limits {when}"))) {
+        eprintln!("{warning}");
+    }
+    Ok(Some(LimitsTaken { limits, busy }))
+}
+
+/// bench_product is the product every benchmark order buys: the demo catalogue's first.
+fn bench_product() -> Product {
+    let product = terminals::demo_catalogue().remove(0);
+    Product { id: "bench-ticket".into(), issuer_id: "bench-issuer".into(), ..product }
+}
+
+/// catalogue records the benchmark's partner, gateways and product in a migrated database.
+fn catalogue(url: &str) -> anyhow::Result<()> {
+    let mut conn = crate::runtime::db::establish(url)?;
+    crate::domain::catalogue::sync_parties(
+        &mut conn,
+        &["bench-card".into()],
+        &["bench-gw-1".into(), "bench-gw-2".into()],
+    )?;
+    upsert_product(&mut conn, &bench_product())?;
+    Ok(())
+}
+
+/// seed_template makes the seeded database the runs' databases are copied from: migrated, with
+/// the catalogue and the terminals, and `--seed-orders` completed orders.
+async fn seed_template(shared: &Shared, options: &LifecycleOptions, url: &str) -> anyhow::Result<Seeded> {
+    let mut config = shared.config.clone();
+    config.database.url = url.to_string();
     tokio::task::spawn_blocking({
-        let url = url.clone();
+        let url = url.to_string();
         move || -> anyhow::Result<()> {
             super::drop_database(&url)?;
             crate::runtime::db::prepare(&url)?;
-            let mut conn = crate::runtime::db::establish(&url)?;
-            crate::domain::catalogue::sync_parties(
-                &mut conn,
-                &["bench-card".into()],
-                &["bench-gw-1".into(), "bench-gw-2".into()],
-            )?;
-            let mut product = terminals::demo_catalogue().remove(0);
-            product = Product { id: "bench-ticket".into(), issuer_id: "bench-issuer".into(), ..product };
-            upsert_product(&mut conn, &product)?;
-            Ok(())
+            catalogue(&url)
         }
     })
     .await??;
-    let terminal_keys = dir.join("terminals");
-    let sims = terminals::register(&config, options.terminals, &terminal_keys).await?;
-
-    eprintln!("starting assetflow…");
-    let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args(["--config", dir.join("assetflow.toml").to_str().expect("UTF-8 path"), "run", "--no-scheduler"])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.join("assetflow.log"))?)
-        .spawn()?;
-    let pid = child.id();
-    let outcome = measure(&config, &options, &sims, &terminal_keys, pid, port).await;
-    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-    let _ = child.wait();
-    cleanup(&config).await;
-    let mut figures = outcome?;
-    if let Some(limits) = &limits {
-        let (bound, shared) = bounds(limits, figures.messages_per_order, figures.commits_per_order);
-        figures.bound_orders_per_second = Some(bound);
-        figures.ratio_to_bound = Some(figures.orders_per_second / bound);
-        figures.shared_bound_orders_per_second = Some(shared);
-        figures.ratio_to_shared_bound = Some(figures.orders_per_second / shared);
-    }
-    figures.limits = limits;
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(figures)
-}
-
-async fn measure(
-    config: &Config,
-    options: &LifecycleOptions,
-    sims: &[terminals::SimTerminal],
-    terminal_keys: &std::path::Path,
-    pid: u32,
-    port: u16,
-) -> anyhow::Result<Figures> {
-    wait_ready(port, Duration::from_secs(60)).await?;
-    let shutdown = CancellationToken::new();
-    let _stop = shutdown.clone().drop_guard();
-    let broker = Broker::declaring(config, shutdown.clone());
-    let stats = Arc::new(Stats::default());
-    stats.log_exchanges.store(true, Ordering::Relaxed);
-    let partner_options = partner::PartnerOptions { decline_rate: 0.0, latency: Duration::ZERO, ..Default::default() };
-    tokio::spawn(partner::run_owned(config.clone(), broker.clone(), partner_options, stats.clone(), shutdown.clone()));
-    let gateway_options = gateway::GatewayOptions {
-        exchange_rate: options.exchange_rate,
-        keys: PathBuf::from(terminal_keys),
-        ..Default::default()
-    };
-    tokio::spawn(gateway::run_owned(config.clone(), broker.clone(), gateway_options, stats.clone(), shutdown.clone()));
-
-    let url = config.database.url.clone();
-    let commits_before = commits(&url).await?;
-    let cpu_before = cpu_seconds(pid)?;
-    let metrics_before = scrape(port).await?;
-    let mut sent: HashMap<String, DateTime<Utc>> = HashMap::new();
-    let requests = crate::contracts::topology::Names { prefix: config.amqp.prefix.clone() }.requests();
-    // A burst's orders are signed before the clock starts: they are the terminals' work, done
-    // before the burst arrives, and while they were signed assetflow had nothing to do.
-    let burst = match options.rate {
-        Some(_) => Vec::new(),
-        None => {
-            eprintln!("signing {} orders…", options.orders);
-            (0..options.orders)
-                .map(|i| terminals::purchase(&sims[i % sims.len()], "bench-ticket", 1, serde_json::json!({})))
-                .collect()
-        }
-    };
-    let started = Instant::now();
-    let started_at = Utc::now();
-    let orders = match options.rate {
-        None => {
-            eprintln!("placing {} orders…", options.orders);
-            let mut bodies = Vec::with_capacity(burst.len());
-            for order in &burst {
-                sent.insert(order["request_id"].as_str().expect("an id").to_string(), started_at);
-                bodies.push(serde_json::to_vec(order)?);
-            }
-            crate::cli::simulate::publisher::publish_burst(
-                &broker,
-                &requests,
-                kinds::ORDER_PURCHASE,
-                kinds::ORDER_PURCHASE,
-                bodies,
-                256,
-            )
-            .await?;
-            options.orders
-        }
-        Some(rate) => {
-            eprintln!("offering {rate} orders a second for {:?}…", options.duration);
-            let publisher = crate::cli::simulate::publisher::ConfirmedSender::new(broker.clone());
-            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
-            let mut i = 0;
-            while started.elapsed() < options.duration {
-                tick.tick().await;
-                let order = terminals::purchase(&sims[i % sims.len()], "bench-ticket", 1, serde_json::json!({}));
-                sent.insert(order["request_id"].as_str().expect("an id").to_string(), Utc::now());
-                publisher
-                    .publish(&requests, kinds::ORDER_PURCHASE, kinds::ORDER_PURCHASE, &serde_json::to_vec(&order)?)
-                    .await?;
-                i += 1;
-            }
-            i
-        }
-    };
-
-    eprintln!("waiting for every order to complete…");
-    let deadline = Instant::now() + options.timeout;
-    let completed = loop {
-        // The database is asked only once the gateway has had every certificate and asset:
-        // counting over the tables while they fill cost PostgreSQL about a twentieth of its CPU in a
-        // burst, on the same cores as what is measured.
-        // `waiting` before `exchanged`: an exchange is counted before it stops waiting, so none is
-        // missed between the two.
-        let certificates = stats.certificates.load(Ordering::SeqCst);
-        let waiting = stats.exchanges_waiting.load(Ordering::SeqCst);
-        let exchanged = stats.exchanges.load(Ordering::SeqCst);
-        if certificates >= orders as u64 && waiting == 0 && stats.assets.load(Ordering::SeqCst) >= exchanged {
-            let (done, pending) = progress(&url).await?;
-            if done >= orders as i64 && pending == 0 && exchanged_done(&url).await? >= exchanged as i64 {
-                break done;
-            }
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "only {certificates} of {orders} orders' certificates reached the gateway within {:?}",
-            options.timeout
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let seconds = last_receipt(&url)
-        .await?
-        .map(|t| (t - started_at).num_milliseconds() as f64 / 1000.0)
-        .unwrap_or(started.elapsed().as_secs_f64());
-    let cpu = cpu_seconds(pid)? - cpu_before;
-    let peak_rss_mb = peak_rss_kb(pid)? as f64 / 1024.0;
-    let metrics_after = scrape(port).await?;
-    let commits_after = commits(&url).await?;
-    let rise = |series: fn(&str) -> bool| {
-        let total = |m: &HashMap<String, f64>| m.iter().filter(|(k, _)| series(k)).map(|(_, v)| v).sum::<f64>();
-        total(&metrics_after) - total(&metrics_before)
-    };
-    let published = rise(|k| k.starts_with("assetflow_outbox_published_total"));
-    let received = rise(|k| k.starts_with("assetflow_messages_received_total"));
-    let received_internal = rise(|k| k.starts_with("assetflow_messages_received_total") && is_internal(k));
-
-    let certificate_latencies = {
-        let acked = acknowledged(&url, "certificate").await?;
-        acked
-            .into_iter()
-            .filter_map(|(request, at)| {
-                sent.get(&request).map(|s| (at - *s).num_microseconds().unwrap_or(0) as f64 / 1000.0)
-            })
-            .collect()
-    };
-    let exchange_log: HashMap<String, DateTime<Utc>> =
-        stats.exchange_log.lock().expect("not poisoned").iter().cloned().collect();
-    let asset_latencies: Vec<f64> = {
-        let acked = acknowledged(&url, "asset").await?;
-        acked
-            .into_iter()
-            .filter_map(|(request, at)| {
-                exchange_log.get(&request).map(|s| (at - *s).num_microseconds().unwrap_or(0) as f64 / 1000.0)
-            })
-            .collect()
-    };
-    Ok(Figures {
-        orders,
-        completed,
-        exchanged: exchange_log.len(),
-        seconds,
-        orders_per_second: completed as f64 / seconds,
-        order_to_certificate: Percentiles::of(certificate_latencies),
-        exchange_to_asset: Percentiles::of(asset_latencies),
-        stages: stages(&url).await?,
-        cpu_seconds: cpu,
-        peak_rss_mb,
-        messages_per_order: broker_messages(published, received, received_internal) / orders.max(1) as f64,
-        handled_per_order: (published + received) / orders.max(1) as f64,
-        commits_per_order: (commits_after - commits_before) as f64 / orders.max(1) as f64,
-        limits: None,
-        bound_orders_per_second: None,
-        ratio_to_bound: None,
-        shared_bound_orders_per_second: None,
-        ratio_to_shared_bound: None,
+    let sims = terminals::register(&config, options.terminals, &shared.terminal_keys).await?;
+    let sim = sims.first().ok_or_else(|| anyhow::anyhow!("--terminals must be at least 1"))?;
+    let product = bench_product();
+    let templates =
+        seed::Templates::new(&KeyRing::load(&config.keys.dir)?, &product, &config.service_provider_id, &sim.key)?;
+    let ack_timeout = crate::config::workers::PoolDefinitions::built_in().delivery.transmission.ack_timeout;
+    let (url, orders, exchange_rate) = (url.to_string(), options.seed_orders, options.exchange_rate);
+    eprintln!("seeding {orders} completed orders…");
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Seeded> {
+        let mut conn = crate::runtime::db::establish(&url)?;
+        seed::seed(&mut conn, &templates, &product, orders, exchange_rate, ack_timeout, chrono::Utc::now())
     })
-}
-
-/// cleanup drops the benchmark's database and the broker objects it declared.
-async fn cleanup(config: &Config) {
-    let shutdown = CancellationToken::new();
-    let declared = Topology::new(config);
-    let queues: Vec<String> = declared.queues.iter().map(|q| q.name.clone()).collect();
-    let exchanges: Vec<String> = declared.exchanges.iter().map(|e| e.name.clone()).collect();
-    let broker = Broker::undeclared(config, shutdown.clone());
-    if let Ok(Some(conn)) = tokio::time::timeout(Duration::from_secs(10), broker.connection()).await
-        && let Ok(channel) = conn.create_channel().await
-    {
-        for queue in queues {
-            let _ = channel.queue_delete(queue.as_str().into(), Default::default()).await;
-        }
-        for exchange in exchanges {
-            let _ = channel.exchange_delete(exchange.as_str().into(), Default::default()).await;
-        }
-    }
-    shutdown.cancel();
-    let url = config.database.url.clone();
-    let _ = tokio::task::spawn_blocking(move || super::drop_database(&url)).await;
+    .await?
 }
