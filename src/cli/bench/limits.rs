@@ -115,6 +115,7 @@ async fn broker_limit(config: &Config, options: &LimitsOptions) -> anyhow::Resul
 }
 
 fn db_limit(url: &str, duration: Duration, connections: usize, size: usize) -> anyhow::Result<f64> {
+    let _exclusive = super::exclusive(url)?;
     super::recreate_database(url)?;
     {
         let mut conn = crate::runtime::db::establish(url)?;

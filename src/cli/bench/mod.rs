@@ -57,6 +57,31 @@ pub fn bench_database_url(url: &str, suffix: &str) -> String {
     format!("{base}_{suffix}{query}")
 }
 
+/// Exclusive is a session lock on a benchmark's database names, held on a connection of its own
+/// for as long as the value lives: two benchmarks with the same configuration would otherwise
+/// drop and recreate each other's databases under each other's feet.
+pub struct Exclusive(#[allow(dead_code)] diesel::PgConnection);
+
+/// exclusive takes the lock for the databases named after `url`, or says that another benchmark
+/// holds it.
+pub fn exclusive(url: &str) -> anyhow::Result<Exclusive> {
+    use diesel::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Taken {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        taken: bool,
+    }
+    let (mut admin, name) = admin_connection(url)?;
+    let Taken { taken } = diesel::sql_query("SELECT pg_try_advisory_lock(hashtext('assetflow bench ' || $1)) AS taken")
+        .bind::<diesel::sql_types::Text, _>(&name)
+        .get_result(&mut admin)?;
+    anyhow::ensure!(
+        taken,
+        "another benchmark is using the databases named after {name:?} on this server; wait for it to finish, or give this one a configuration with another database name"
+    );
+    Ok(Exclusive(admin))
+}
+
 /// server_and_name splits a database URL into its server's URL and the database's name.
 fn server_and_name(url: &str) -> anyhow::Result<(&str, &str)> {
     let (base, _) = url.split_once('?').unwrap_or((url, ""));

@@ -61,6 +61,7 @@ pub async fn run(config: Config, options: ScanOptions) -> anyhow::Result<()> {
     config.database.url = url.clone();
     let (keep, n, batch, workers) = (options.keep, options.certificates, options.batch, options.workers);
     let figures = tokio::task::spawn_blocking(move || -> anyhow::Result<ScanFigures> {
+        let _exclusive = super::exclusive(&url)?;
         super::recreate_database(&url)?;
         crate::runtime::db::prepare(&url)?;
         let mut app = App::for_operations(config)?;

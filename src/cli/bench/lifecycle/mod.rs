@@ -85,6 +85,8 @@ pub(super) struct Shared {
 pub async fn run(config: Config, options: LifecycleOptions) -> anyhow::Result<Report> {
     anyhow::ensure!(options.repeat >= 1, "--repeat must be at least 1");
     anyhow::ensure!(options.seed_orders >= 0, "--seed-orders cannot be negative");
+    let url = super::bench_database_url(&config.database.url, "bench_lifecycle");
+    let _exclusive = tokio::task::spawn_blocking(move || super::exclusive(&url)).await??;
     let dir = std::env::temp_dir().join(format!("assetflow-bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir)?;
     let mut shared = Shared {
