@@ -69,7 +69,7 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
             }
             out.push(b']');
         }
-        Value::Number(n) if !n.as_i64().is_some_and(|i| i.unsigned_abs() <= EXACT) => {
+        Value::Number(n) if n.as_i64().is_none_or(|i| i.unsigned_abs() > EXACT) => {
             out.extend_from_slice(serde_jcs::to_string(n).expect("a number always serializes").as_bytes());
         }
         other => serde_json::to_writer(&mut *out, other).expect("writing JSON to memory cannot fail"),
