@@ -336,15 +336,9 @@ pub fn seed(
     while from < orders {
         let to = (from + CHUNK).min(orders);
         let expected = exchanged_among(from, to, permille);
+        let chunk = |query| in_chunk(query, (from, to), orders, (start_ms, span_ms), permille);
         conn.transaction::<_, anyhow::Error, _>(|conn| {
-            crate::runtime::db::prepared(SEED)
-                .bind::<BigInt, _>("from", from)
-                .bind::<BigInt, _>("to", to)
-                .bind::<BigInt, _>("orders", orders)
-                .bind::<BigInt, _>("start_ms", start_ms)
-                .bind::<BigInt, _>("span_ms", span_ms)
-                .bind::<BigInt, _>("stride", EXCHANGE_STRIDE)
-                .bind::<Int4, _>("exchange_permille", permille)
+            chunk(crate::runtime::db::prepared(SEED))
                 .bind::<BigInt, _>("asset_validity_secs", asset_validity_secs)
                 .bind::<BigInt, _>("certificate_validity_secs", certificate_validity_secs)
                 .bind::<BigInt, _>("reminder_stage1_secs", product.reminder_stage1_secs)
@@ -366,15 +360,7 @@ pub fn seed(
                 .bind::<Text, _>("asset_content", &templates.asset_content)
                 .bind::<Text, _>("acknowledgement", &templates.acknowledgement)
                 .execute(conn)?;
-            let moved = crate::runtime::db::prepared(DELIVERED)
-                .bind::<BigInt, _>("from", from)
-                .bind::<BigInt, _>("to", to)
-                .bind::<BigInt, _>("orders", orders)
-                .bind::<BigInt, _>("start_ms", start_ms)
-                .bind::<BigInt, _>("span_ms", span_ms)
-                .bind::<BigInt, _>("stride", EXCHANGE_STRIDE)
-                .bind::<Int4, _>("exchange_permille", permille)
-                .execute(conn)?;
+            let moved = chunk(crate::runtime::db::prepared(DELIVERED)).execute(conn)?;
             // The history's trigger refuses an illegal move and skips a stale one: every
             // exchanged asset must have moved.
             anyhow::ensure!(moved as i64 == expected, "{moved} of {expected} exchanged assets moved to delivered");
@@ -396,6 +382,27 @@ pub fn seed(
     conn.batch_execute("VACUUM ANALYZE")?;
     conn.batch_execute("CHECKPOINT")?;
     Ok(Seeded { orders, exchanged, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// in_chunk binds what both of a chunk's statements number its orders by and choose the exchanged
+/// ones with: the chunk's range of orders, their number in all, the span of time they are spread
+/// over, and the exchanged share.
+fn in_chunk<'f>(
+    query: crate::runtime::db::prepared::Prepared<'f>,
+    (from, to): (i64, i64),
+    orders: i64,
+    (start_ms, span_ms): (i64, i64),
+    permille: i32,
+) -> crate::runtime::db::prepared::Prepared<'f> {
+    use diesel::sql_types::{BigInt, Int4};
+    query
+        .bind::<BigInt, _>("from", from)
+        .bind::<BigInt, _>("to", to)
+        .bind::<BigInt, _>("orders", orders)
+        .bind::<BigInt, _>("start_ms", start_ms)
+        .bind::<BigInt, _>("span_ms", span_ms)
+        .bind::<BigInt, _>("stride", EXCHANGE_STRIDE)
+        .bind::<Int4, _>("exchange_permille", permille)
 }
 
 #[cfg(test)]
