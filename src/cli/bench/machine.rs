@@ -27,12 +27,11 @@ pub const OTHER_CPU_THRESHOLD: f64 = 0.05;
 /// before a run is reported as taken on a busy machine.
 pub const STEAL_THRESHOLD: f64 = 0.02;
 
-/// SERVICE_NAMES are the processes of RabbitMQ (the Erlang VM and its helpers) and PostgreSQL,
-/// found by name when they do not run as the `rabbitmq` or `postgres` user.
-const SERVICE_NAMES: &[&str] =
-    &["beam.smp", "erl_child_setup", "epmd", "inet_gethost", "heart", "rabbitmq-server", "postgres", "postmaster"];
-/// SERVICE_USERS are the users RabbitMQ and PostgreSQL run as.
-const SERVICE_USERS: &[&str] = &["rabbitmq", "postgres"];
+/// BROKER_NAMES are the processes of RabbitMQ (the Erlang VM and its helpers), found by name when
+/// they do not run as the `rabbitmq` user.
+const BROKER_NAMES: &[&str] = &["beam.smp", "erl_child_setup", "epmd", "inet_gethost", "heart", "rabbitmq-server"];
+/// DATABASE_NAMES are PostgreSQL's processes, found by name when they do not run as `postgres`.
+const DATABASE_NAMES: &[&str] = &["postgres", "postmaster"];
 /// PF_KTHREAD is the flag of a kernel thread in /proc/<pid>/stat (`include/linux/sched.h`).
 const PF_KTHREAD: u64 = 0x0020_0000;
 
@@ -108,27 +107,59 @@ pub fn parse_users(passwd: &str) -> HashMap<u32, String> {
 /// Class is whose a process's time is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Class {
-    /// A process being measured: assetflow, the benchmark, RabbitMQ, PostgreSQL, and their children.
-    Measured,
+    /// A process being measured, of one of the parties, or a child of one.
+    Measured(Party),
     Kernel,
     Other,
 }
 
-/// classify tells each process's class: measured if it is one of `measured`, runs as a service
-/// user (`owners` has the user of each pid) or has a service's name, or descends from a measured
-/// process; a kernel thread; or other.
-pub fn classify(processes: &[ProcessStat], owners: &HashMap<u32, String>, measured: &[u32]) -> HashMap<u32, Class> {
+/// Party is one of the measured parties that share the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Party {
+    Assetflow,
+    Database,
+    Broker,
+    /// The benchmark itself, with the simulators it runs.
+    Benchmark,
+}
+
+impl Party {
+    pub const ALL: [Party; 4] = [Party::Assetflow, Party::Database, Party::Broker, Party::Benchmark];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Party::Assetflow => "assetflow",
+            Party::Database => "PostgreSQL",
+            Party::Broker => "RabbitMQ",
+            Party::Benchmark => "the benchmark",
+        }
+    }
+}
+
+/// classify tells each process's class: measured if it is the benchmark, one of `assetflow`, runs
+/// as a service's user (`owners` has the user of each pid) or has a service's name, or descends from
+/// a measured process; a kernel thread; or other.
+pub fn classify(
+    processes: &[ProcessStat],
+    owners: &HashMap<u32, String>,
+    assetflow: &[u32],
+    benchmark: Option<u32>,
+) -> HashMap<u32, Class> {
     let mut class: HashMap<u32, Class> = processes
         .iter()
         .map(|p| {
             let user = owners.get(&p.pid).map(String::as_str).unwrap_or("");
             let c = if p.flags & PF_KTHREAD != 0 {
                 Class::Kernel
-            } else if measured.contains(&p.pid)
-                || SERVICE_USERS.contains(&user)
-                || SERVICE_NAMES.contains(&p.name.as_str())
-            {
-                Class::Measured
+            } else if Some(p.pid) == benchmark {
+                Class::Measured(Party::Benchmark)
+            } else if assetflow.contains(&p.pid) {
+                Class::Measured(Party::Assetflow)
+            } else if user == "rabbitmq" || BROKER_NAMES.contains(&p.name.as_str()) {
+                Class::Measured(Party::Broker)
+            } else if user == "postgres" || DATABASE_NAMES.contains(&p.name.as_str()) {
+                Class::Measured(Party::Database)
             } else {
                 Class::Other
             };
@@ -140,8 +171,10 @@ pub fn classify(processes: &[ProcessStat], owners: &HashMap<u32, String>, measur
     while changed {
         changed = false;
         for p in processes {
-            if class.get(&p.pid) == Some(&Class::Other) && class.get(&p.ppid) == Some(&Class::Measured) {
-                class.insert(p.pid, Class::Measured);
+            if class.get(&p.pid) == Some(&Class::Other)
+                && let Some(&Class::Measured(party)) = class.get(&p.ppid)
+            {
+                class.insert(p.pid, Class::Measured(party));
                 changed = true;
             }
         }
@@ -166,9 +199,9 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Snapshot::take reads /proc now. `measured` are the pids being measured besides RabbitMQ's
-    /// and PostgreSQL's (the benchmark itself is always one).
-    pub fn take(measured: &[u32]) -> anyhow::Result<Snapshot> {
+    /// Snapshot::take reads /proc now. `assetflow` are the assetflow processes being measured; the
+    /// benchmark itself, RabbitMQ and PostgreSQL are always measured.
+    pub fn take(assetflow: &[u32]) -> anyhow::Result<Snapshot> {
         let cpu = parse_cpu_totals(&std::fs::read_to_string("/proc/stat")?)
             .ok_or_else(|| anyhow::anyhow!("/proc/stat has no cpu line"))?;
         let users = parse_users(&std::fs::read_to_string("/etc/passwd").unwrap_or_default());
@@ -187,9 +220,7 @@ impl Snapshot {
             }
             processes.push(stat);
         }
-        let mut measured = measured.to_vec();
-        measured.push(std::process::id());
-        Ok(Snapshot::of(cpu, processes, &owners, &measured))
+        Ok(Snapshot::of(cpu, processes, &owners, assetflow, Some(std::process::id())))
     }
 
     /// Snapshot::of is a snapshot of what was read, with the user of each pid.
@@ -197,9 +228,10 @@ impl Snapshot {
         cpu: CpuTotals,
         processes: Vec<ProcessStat>,
         owners: &HashMap<u32, String>,
-        measured: &[u32],
+        assetflow: &[u32],
+        benchmark: Option<u32>,
     ) -> Snapshot {
-        let class = classify(&processes, owners, measured);
+        let class = classify(&processes, owners, assetflow, benchmark);
         let processes = processes
             .into_iter()
             .map(|p| {
@@ -224,6 +256,8 @@ pub struct Busy {
     pub steal_share: f64,
     /// The other processes that used the most, by name, with their share (at most five).
     pub top_others: Vec<Other>,
+    /// The CPU seconds (user and system) each measured party used, children included.
+    pub parties: Vec<PartyCpu>,
     /// Whether other processes or steal passed their threshold.
     pub busy: bool,
 }
@@ -233,6 +267,13 @@ pub struct Busy {
 pub struct Other {
     pub name: String,
     pub share: f64,
+}
+
+/// PartyCpu is the CPU time one measured party used over the interval.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PartyCpu {
+    pub party: Party,
+    pub cpu_seconds: f64,
 }
 
 /// busy compares two snapshots of the same machine.
@@ -256,6 +297,14 @@ pub fn busy(before: &Snapshot, after: &Snapshot, seconds: f64) -> Busy {
     top_others.sort_by(|a, b| b.share.total_cmp(&a.share).then_with(|| a.name.cmp(&b.name)));
     top_others.truncate(5);
     let other_cpu_share = share(Class::Other);
+    // Ticks are USER_HZ, 1/100 s on Linux.
+    let parties = Party::ALL
+        .into_iter()
+        .map(|party| PartyCpu {
+            party,
+            cpu_seconds: *by_class.get(&Class::Measured(party)).unwrap_or(&0) as f64 / 100.0,
+        })
+        .collect();
     let steal_share = after.cpu.steal.saturating_sub(before.cpu.steal) as f64 / capacity;
     Busy {
         seconds,
@@ -263,6 +312,7 @@ pub fn busy(before: &Snapshot, after: &Snapshot, seconds: f64) -> Busy {
         kernel_cpu_share: share(Class::Kernel),
         steal_share,
         top_others,
+        parties,
         busy: other_cpu_share > OTHER_CPU_THRESHOLD || steal_share > STEAL_THRESHOLD,
     }
 }
@@ -291,18 +341,22 @@ impl Busy {
 pub struct Watch {
     started: std::time::Instant,
     before: Option<Snapshot>,
-    measured: Vec<u32>,
+    assetflow: Vec<u32>,
 }
 
 impl Watch {
     /// Watch::start takes the first snapshot. Where /proc cannot be read, nothing is reported.
-    pub fn start(measured: &[u32]) -> Watch {
-        Watch { started: std::time::Instant::now(), before: Snapshot::take(measured).ok(), measured: measured.to_vec() }
+    pub fn start(assetflow: &[u32]) -> Watch {
+        Watch {
+            started: std::time::Instant::now(),
+            before: Snapshot::take(assetflow).ok(),
+            assetflow: assetflow.to_vec(),
+        }
     }
 
     /// Watch::stop takes the second snapshot and compares.
     pub fn stop(self) -> Option<Busy> {
-        let after = Snapshot::take(&self.measured).ok()?;
+        let after = Snapshot::take(&self.assetflow).ok()?;
         Some(busy(&self.before?, &after, self.started.elapsed().as_secs_f64()))
     }
 }
@@ -369,9 +423,17 @@ ctxt 99
             process(60, "rustc", 1, 0, 0),
         ];
         let users: HashMap<u32, String> = [(40, "postgres".to_string()), (60, "root".to_string())].into();
-        let class = classify(&processes, &users, &[9, 10]);
-        for pid in [9, 10, 11, 20, 21, 30, 40] {
-            assert_eq!(class[&pid], Class::Measured, "{pid}");
+        let class = classify(&processes, &users, &[10], Some(9));
+        for (pid, party) in [
+            (9, Party::Benchmark),
+            (10, Party::Assetflow),
+            (11, Party::Benchmark),
+            (20, Party::Broker),
+            (21, Party::Broker),
+            (30, Party::Database),
+            (40, Party::Database),
+        ] {
+            assert_eq!(class[&pid], Class::Measured(party), "{pid}");
         }
         assert_eq!(class[&50], Class::Kernel);
         assert_eq!(class[&60], Class::Other);
@@ -385,6 +447,7 @@ ctxt 99
             vec![process(9, "assetflow", 1, 0, 500), process(60, "rustc", 1, 0, 1_000), process(70, "sshd", 1, 0, 5)],
             &users,
             &[9],
+            None,
         );
         // 2,000 ticks of capacity: 2 cores for 10 s at 100 ticks a second.
         let after = Snapshot::of(
@@ -398,6 +461,7 @@ ctxt 99
             ],
             &users,
             &[9],
+            None,
         );
         let b = busy(&before, &after, 10.0);
         assert!((b.other_cpu_share - 0.07).abs() < 1e-9, "{b:?}");
@@ -405,6 +469,8 @@ ctxt 99
         assert!((b.steal_share - 0.03).abs() < 1e-9, "{b:?}");
         let top: Vec<(&str, f64)> = b.top_others.iter().map(|o| (o.name.as_str(), o.share)).collect();
         assert_eq!(top, vec![("rustc", 0.05), ("cc1", 0.02)]);
+        let assetflow = b.parties.iter().find(|p| p.party == Party::Assetflow).expect("assetflow");
+        assert!((assetflow.cpu_seconds - 10.0).abs() < 1e-9, "{b:?}");
         assert!(b.busy);
         let warning = b.warning("during run 1").expect("a warning");
         assert!(warning.starts_with("the machine was busy during run 1: other processes used 7.0%"), "{warning}");
@@ -413,9 +479,10 @@ ctxt 99
     #[test]
     fn a_quiet_machine_is_not_busy_and_says_nothing() {
         let users = HashMap::new();
-        let before = Snapshot::of(CpuTotals { total: 0, steal: 0 }, vec![process(60, "sshd", 1, 0, 0)], &users, &[]);
+        let before =
+            Snapshot::of(CpuTotals { total: 0, steal: 0 }, vec![process(60, "sshd", 1, 0, 0)], &users, &[], None);
         let after =
-            Snapshot::of(CpuTotals { total: 2_000, steal: 20 }, vec![process(60, "sshd", 1, 0, 60)], &users, &[]);
+            Snapshot::of(CpuTotals { total: 2_000, steal: 20 }, vec![process(60, "sshd", 1, 0, 60)], &users, &[], None);
         let b = busy(&before, &after, 10.0);
         assert!(!b.busy, "{b:?}");
         assert_eq!(b.warning("during run 1"), None);

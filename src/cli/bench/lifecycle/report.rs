@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::figures::{self, Figures};
 use super::seed::Seeded;
 use crate::cli::bench::limits::Limits;
-use crate::cli::bench::machine::Busy;
+use crate::cli::bench::machine::{Busy, Party};
 
 /// LimitsTaken is one measurement of the limits, with what else the machine did meanwhile.
 #[derive(Debug, Clone, Serialize)]
@@ -206,6 +206,26 @@ pub fn print(report: &Report) {
             percent(r.busy.as_ref().map(|b| b.other_cpu_share)),
             percent(r.busy.as_ref().map(|b| b.steal_share)),
         );
+    }
+    if report.runs.iter().any(|r| r.busy.is_some()) {
+        println!();
+        println!("CPU an order, ms, from the first order placed to the last completed (children included):");
+        println!("{:<4} {:>10} {:>11} {:>9} {:>10}", "RUN", "ASSETFLOW", "POSTGRESQL", "RABBITMQ", "BENCHMARK");
+        for r in &report.runs {
+            let Some(busy) = &r.busy else { continue };
+            let per_order = |party| {
+                let seconds = busy.parties.iter().find(|p| p.party == party).map_or(0.0, |p| p.cpu_seconds);
+                seconds * 1000.0 / r.figures.completed.max(1) as f64
+            };
+            println!(
+                "{:<4} {:>10.3} {:>11.3} {:>9.3} {:>10.3}",
+                r.run,
+                per_order(Party::Assetflow),
+                per_order(Party::Database),
+                per_order(Party::Broker),
+                per_order(Party::Benchmark),
+            );
+        }
     }
     if let Some(limits) = report.runs.iter().find_map(|r| r.limits_before.as_ref()) {
         let l = &limits.limits;
