@@ -60,7 +60,9 @@ pub fn bench_database_url(url: &str, suffix: &str) -> String {
 /// Exclusive is a session lock on a benchmark's database names, held on a connection of its own
 /// for as long as the value lives: two benchmarks with the same configuration would otherwise
 /// drop and recreate each other's databases under each other's feet.
-pub struct Exclusive(#[allow(dead_code)] diesel::PgConnection);
+pub struct Exclusive {
+    _session: diesel::PgConnection,
+}
 
 /// exclusive takes the lock for the databases named after `url`, or says that another benchmark
 /// holds it.
@@ -79,7 +81,7 @@ pub fn exclusive(url: &str) -> anyhow::Result<Exclusive> {
         taken,
         "another benchmark is using the databases named after {name:?} on this server; wait for it to finish, or give this one a configuration with another database name"
     );
-    Ok(Exclusive(admin))
+    Ok(Exclusive { _session: admin })
 }
 
 /// server_and_name splits a database URL into its server's URL and the database's name.

@@ -40,14 +40,13 @@ pub(super) async fn scrape(port: u16) -> anyhow::Result<HashMap<String, f64>> {
         .collect())
 }
 
-/// cpu_seconds is a process's user and system time, from /proc.
+/// cpu_seconds is a process's user and system time, from /proc (read as the busy figures read it,
+/// in clock ticks of 1/100 s, USER_HZ).
 pub(super) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-    // Linux reports in clock ticks of 1/100 s (USER_HZ).
-    Ok(ticks / 100.0)
+    let stat = crate::cli::bench::machine::parse_process_stat(&stat)
+        .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/stat is not as expected"))?;
+    Ok(stat.ticks as f64 / 100.0)
 }
 
 /// peak_rss_kb is a process's peak resident set (VmHWM), from /proc.
