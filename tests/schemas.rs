@@ -10,9 +10,9 @@
 use std::collections::BTreeSet;
 
 use assetflow::contracts::messages::{
-    CertificateNotices, DeadLetterMessage, DeliveryKind, DeliveryReceipt, DeliveryRequested, ExchangeRequest,
-    GatewayDelivery, IssuanceRequested, Notice, PurchaseRequest, Refusal, SettlementInstruction, SettlementResult,
-    kinds,
+    CertificateNotices, DeadLetterMessage, DeferRequest, DeliveryKind, DeliveryReceipt, DeliveryRequested,
+    ExchangeRequest, GatewayDelivery, IssuanceRequested, Notice, PurchaseRequest, RefundRequest, Refusal,
+    SettlementInstruction, SettlementResult, kinds,
 };
 use assetflow::contracts::refusal::RefusalReason;
 use assetflow::contracts::schema::{SCHEMAS, validate};
@@ -51,6 +51,8 @@ fn deserialize(kind: &str, message: &Value) -> Result<(), serde_json::Error> {
         kinds::DELIVERY => serde_json::from_value::<GatewayDelivery>(message).map(drop),
         kinds::DELIVERY_RECEIPT => serde_json::from_value::<DeliveryReceipt>(message).map(drop),
         kinds::DEAD_LETTER => serde_json::from_value::<DeadLetterMessage>(message).map(drop),
+        kinds::ASSET_REFUND => serde_json::from_value::<RefundRequest>(message).map(drop),
+        kinds::ASSET_DEFER => serde_json::from_value::<DeferRequest>(message).map(drop),
         other => panic!("message type {other:?} has a schema but no Rust type in this test"),
     }
 }

@@ -53,6 +53,8 @@ pub mod kinds {
     pub const DELIVERY: &str = "delivery";
     pub const DELIVERY_RECEIPT: &str = "delivery.receipt";
     pub const DEAD_LETTER: &str = "dead_letter";
+    pub const ASSET_REFUND: &str = "asset.refund";
+    pub const ASSET_DEFER: &str = "asset.defer";
 
     /// The messages assetflow sends itself, on its internal exchange, from one pool to another.
     pub const INTERNAL: [&str; 3] = [ISSUANCE_REQUESTED, DELIVERY_REQUESTED, CERTIFICATE_NOTICES];
@@ -128,6 +130,38 @@ pub struct ExchangeRequest {
     pub signature: String,
 }
 
+/// RefundRequest is `asset.refund`: the holder asks for its money back for an asset not yet
+/// delivered (`docs/product.md#refunds`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefundRequest {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub request_id: String,
+    /// The holder: the terminal that signed the request.
+    pub terminal_id: String,
+    pub sent_at: DateTime<Utc>,
+    pub asset_id: Uuid,
+    pub signature: String,
+}
+
+/// DeferRequest is `asset.defer`: the holder asks for its asset at a later time, before the
+/// asset expires (`docs/product.md#deferrals`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeferRequest {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub request_id: String,
+    /// The holder: the terminal that signed the request.
+    pub terminal_id: String,
+    pub sent_at: DateTime<Utc>,
+    pub asset_id: Uuid,
+    /// When the asset is to be delivered.
+    pub deliver_at: DateTime<Utc>,
+    pub signature: String,
+}
+
 /// SettlementInstruction is published to the payer's partner queue.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -136,6 +170,7 @@ pub struct SettlementInstruction {
     pub message_type: String,
     pub settlement_id: Uuid,
     pub order_id: Uuid,
+    /// `purchase`: charge the payer. `refund`: pay back (part of) a purchase this partner settled.
     pub kind: String,
     pub partner_id: String,
     pub payer_terminal_id: String,

@@ -40,10 +40,20 @@ pub enum RefusalReason {
     AssetNotDeliverable,
     /// The request fails its schema: the detail names the field at fault.
     InvalidRequest,
+    /// No asset with that id was issued.
+    AssetUnknown,
+    /// The requesting terminal does not hold the asset.
+    AssetNotHeld,
+    /// The asset cannot be refunded: delivered, expired, already refunded, or being delivered.
+    RefundNotAllowed,
+    /// A refund of the asset is already under way.
+    RefundPending,
+    /// The asset cannot be deferred: it is delivered, being delivered, or not awaiting a delivery.
+    DeferNotAllowed,
 }
 
 impl RefusalReason {
-    pub const ALL: [RefusalReason; 18] = [
+    pub const ALL: [RefusalReason; 23] = [
         Self::UnknownTerminal,
         Self::BadSignature,
         Self::StaleRequest,
@@ -62,6 +72,11 @@ impl RefusalReason {
         Self::CertificateNotHeld,
         Self::AssetNotDeliverable,
         Self::InvalidRequest,
+        Self::AssetUnknown,
+        Self::AssetNotHeld,
+        Self::RefundNotAllowed,
+        Self::RefundPending,
+        Self::DeferNotAllowed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -84,6 +99,11 @@ impl RefusalReason {
             Self::CertificateNotHeld => "certificate_not_held",
             Self::AssetNotDeliverable => "asset_not_deliverable",
             Self::InvalidRequest => "invalid_request",
+            Self::AssetUnknown => "asset_unknown",
+            Self::AssetNotHeld => "asset_not_held",
+            Self::RefundNotAllowed => "refund_not_allowed",
+            Self::RefundPending => "refund_pending",
+            Self::DeferNotAllowed => "defer_not_allowed",
         }
     }
 }

@@ -20,6 +20,8 @@ pub const SCHEMAS: &[(&str, &str)] = &[
     (kinds::DELIVERY, include_str!("../../schemas/delivery.schema.json")),
     (kinds::DELIVERY_RECEIPT, include_str!("../../schemas/delivery.receipt.schema.json")),
     (kinds::DEAD_LETTER, include_str!("../../schemas/dead_letter.schema.json")),
+    (kinds::ASSET_REFUND, include_str!("../../schemas/asset.refund.schema.json")),
+    (kinds::ASSET_DEFER, include_str!("../../schemas/asset.defer.schema.json")),
 ];
 
 fn validators() -> &'static HashMap<&'static str, jsonschema::Validator> {

@@ -60,6 +60,13 @@ pub fn due_pickup_lag(job: &str, lag: Duration) {
     record(move || histogram!("assetflow_due_pickup_lag_seconds", "job" => job).record(lag.as_secs_f64()));
 }
 
+/// refund counts refunds by partner and what became of them: `requested` of the partner,
+/// `refunded` or `failed` (refused by the partner).
+pub fn refund(partner: &str, outcome: &'static str) {
+    let partner = partner.to_string();
+    record(move || counter!("assetflow_refunds_total", "partner" => partner, "outcome" => outcome).increment(1));
+}
+
 /// register describes the domain's metrics and creates its counters whose label sets are known in
 /// advance at zero.
 pub fn register() {
@@ -113,6 +120,12 @@ pub const CATALOGUE: &[Metric] = &[
         "order_to_certificate: order placed to certificate receipt; exchange_to_asset: exchange to asset receipt.",
     ),
     m("assetflow_due_pickup_lag_seconds", "histogram", &["job"], "Delay from a delivery's due time to its sending."),
+    m(
+        "assetflow_refunds_total",
+        "counter",
+        &["partner", "outcome"],
+        "Refunds: requested of the partner, then refunded or failed (refused by the partner).",
+    ),
 ];
 
 #[cfg(test)]

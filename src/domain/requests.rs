@@ -166,6 +166,43 @@ impl Requests {
         Ok(Ok(Authentic { terminal, content_sha256 }))
     }
 
+    /// Requests::admit runs, for a handler that takes its requests one at a time, the checks every
+    /// terminal request passes first, in their order: who sent it, its signature, its freshness,
+    /// then its request id. A request that fails one is answered here (refused, or told its
+    /// original outcome) and `None` is returned; a new request is returned to be carried out, and
+    /// then recorded with [`Requests::accept`] or [`Requests::refuse`].
+    pub fn admit(
+        &self,
+        cx: &mut Cx<'_>,
+        incoming: &Incoming,
+        header: &Header<'_>,
+    ) -> Result<Option<Authentic>, Failure> {
+        let authentic = match self.authenticate(cx, header, &incoming.json, incoming.first_received_at)? {
+            Err((terminal, refused)) => {
+                self.refuse(cx, incoming, header, terminal.as_ref(), None, refused)?;
+                return Ok(None);
+            }
+            Ok(authentic) => authentic,
+        };
+        if let Some(original) = originals(cx.conn, &[header.request_id])?.remove(header.request_id) {
+            self.answer_duplicate(cx, incoming, header, &authentic.terminal, &original, &authentic.content_sha256)?;
+            return Ok(None);
+        }
+        Ok(Some(authentic))
+    }
+
+    /// Requests::accept records an admitted request as carried out, naming what it acted on: its
+    /// request id now answers a repeat with this outcome.
+    pub fn accept(
+        &self,
+        cx: &mut Cx<'_>,
+        header: &Header<'_>,
+        content_sha256: &str,
+        subject: Uuid,
+    ) -> Result<(), Failure> {
+        record(cx, header, content_sha256, "accepted", None, Some(subject))
+    }
+
     /// Requests::refuse answers a request with a refusal: a `refusals` row, the request's idempotency record
     /// when the request was authentic and fresh, and a `refusal` delivery when the terminal is known.
     pub fn refuse(

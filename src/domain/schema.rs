@@ -235,6 +235,23 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    refunds (id) {
+        id -> Uuid,
+        settlement_id -> Uuid,
+        order_id -> Uuid,
+        asset_id -> Nullable<Uuid>,
+        cause -> Text,
+        request_id -> Nullable<Text>,
+        amount_minor -> Int8,
+        currency -> Text,
+        status -> Text,
+        reason -> Nullable<Text>,
+        requested_at -> Timestamptz,
+        answered_at -> Nullable<Timestamptz>,
+    }
+}
+
 diesel::joinable!(asset_documents -> assets (asset_id));
 diesel::joinable!(certificate_documents -> exchange_certificates (certificate_id));
 
@@ -255,4 +272,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     deliveries,
     delivery_attempts,
     refusals,
+    refunds,
 );

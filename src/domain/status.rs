@@ -93,6 +93,8 @@ pub enum Cause {
     AssetExpired,
     /// The refund settled.
     RefundSettled,
+    /// The holder deferred the download to a designated time.
+    Deferred,
 }
 
 impl Cause {
@@ -104,6 +106,7 @@ impl Cause {
             Cause::CertificatePastDue => "certificate_past_due",
             Cause::AssetExpired => "asset_expired",
             Cause::RefundSettled => "refund_settled",
+            Cause::Deferred => "deferred",
         }
     }
 }
@@ -118,6 +121,8 @@ pub fn allowed(from: Status, to: Status) -> bool {
         }
         // A stage-2 forced transmission, acknowledged or failed.
         (AwaitingExchange, ForceDelivered | ForcedRetransmitting) => true,
+        // The holder deferred the download to a designated time (`asset.defer`).
+        (AwaitingExchange, AwaitingDesignatedDelivery) => true,
         // The certificate expired unexchanged (past-due processing).
         (ExpiredCertificateProcessing, Expired | ForceDelivered | ForcedRetransmitting) => true,
         // Retransmission, completed as a forced delivery.
@@ -307,6 +312,7 @@ mod tests {
             (AwaitingExchange, ForceDelivered),
             (AwaitingExchange, ForcedRetransmitting),
             (AwaitingExchange, Refunded),
+            (AwaitingExchange, AwaitingDesignatedDelivery),
             (AwaitingDesignatedDelivery, Delivered),
             (AwaitingDesignatedDelivery, Retransmitting),
             (AwaitingDesignatedDelivery, ExpiredCertificateProcessing),

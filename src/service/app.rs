@@ -14,13 +14,13 @@ use crate::crypto::KeyRing;
 use crate::domain::delivery::notices::NoticesHandler;
 use crate::domain::delivery::receipt::ReceiptHandler;
 use crate::domain::delivery::{Deliveries, DeliveryReplayer, RequestedHandler};
-use crate::domain::issuance::{ExchangeHandler, IssueHandler, Issuer};
+use crate::domain::issuance::{DeferHandler, ExchangeHandler, IssueHandler, Issuer};
 use crate::domain::requests::Requests;
 use crate::domain::scans::SettlementTimeouts;
 use crate::domain::scans::certificates::{AssetExpiry, NearExpiry, PastDue};
 use crate::domain::scans::deliveries::{DesignatedDeliveries, Retransmissions};
 use crate::domain::scans::retention::Retention;
-use crate::domain::settlement::{PurchaseHandler, ResultHandler, SettlementReplayer, Settlements};
+use crate::domain::settlement::{PurchaseHandler, RefundHandler, ResultHandler, SettlementReplayer, Settlements};
 use crate::runtime::Plumbing;
 use crate::runtime::broker::Broker;
 use crate::runtime::consumer::{Consumer, Registry};
@@ -135,8 +135,13 @@ impl App {
         let (requests, settlements) = (domain.requests.clone(), domain.settlements.clone());
         registry.register(&settlement, PurchaseHandler { requests, settlements })?;
         registry.register(&settlement, ResultHandler { settlements: domain.settlements.clone() })?;
+        registry.register(
+            &settlement,
+            RefundHandler { requests: domain.requests.clone(), settlements: domain.settlements.clone() },
+        )?;
         registry.register(&issuance, IssueHandler { issuer: domain.issuer.clone() })?;
         registry.register(&issuance, ExchangeHandler { requests: domain.requests.clone(), keys: self.keys.clone() })?;
+        registry.register(&issuance, DeferHandler { requests: domain.requests.clone() })?;
         registry.register(&delivery, RequestedHandler { deliveries: domain.deliveries.clone() })?;
         registry.register(&delivery, NoticesHandler { deliveries: domain.deliveries.clone() })?;
         registry.register(&delivery, ReceiptHandler { deliveries: domain.deliveries.clone() })?;

@@ -13,6 +13,7 @@ mod outbox;
 mod owed;
 mod parties;
 mod processes;
+mod refunds;
 mod refusals;
 mod shutdown;
 mod signatures;

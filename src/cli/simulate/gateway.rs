@@ -1,5 +1,6 @@
 //! The gateway simulator: receives deliveries for its terminals, returns receipts with the SHA-256
-//! of the bytes received, and has some holders exchange their certificates.
+//! of the bytes received, and has some holders exchange their certificates, and some of the others
+//! ask for a refund or defer the download instead.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -45,6 +46,12 @@ pub struct GatewayOptions {
     /// Share of certificates their holders exchange, when their keys are in --keys.
     #[arg(long, default_value_t = 0.5)]
     pub exchange_rate: f64,
+    /// Share of the certificates not exchanged whose holders ask for a refund instead.
+    #[arg(long, default_value_t = 0.1)]
+    pub refund_rate: f64,
+    /// Share of the certificates not exchanged whose holders defer the download by a few seconds.
+    #[arg(long, default_value_t = 0.1)]
+    pub defer_rate: f64,
     /// Where the simulated terminals' private keys are: a terminal whose key is here signs an
     /// acknowledgement of what it received, which the gateway relays in its receipt.
     #[arg(long, default_value_os_t = super::default_keys_dir())]
@@ -71,6 +78,9 @@ impl Default for GatewayOptions {
             duplicate_rate: 0.0,
             latency: Duration::ZERO,
             exchange_rate: 0.5,
+            // The simulators' command line has holders refund and defer; a test asks for it.
+            refund_rate: 0.0,
+            defer_rate: 0.0,
             keys: super::default_keys_dir(),
             party_keys: super::default_party_keys_dir(),
             ledger: None,
@@ -193,6 +203,17 @@ pub async fn run(
                     .filter(|_| fraction(&message.delivery_id.to_string(), "exchange") < options.exchange_rate)
                     .filter(|_| stats.exchange_decided.lock().expect("not poisoned").insert(message.delivery_id))
                     .cloned();
+                // A holder who does not exchange may answer otherwise: a refund, or "later".
+                let answer_otherwise = match message.content.get("certificate") {
+                    Some(c)
+                        if certificate.is_none()
+                            && message.kind == DeliveryKind::Certificate
+                            && message.attempt == 1 =>
+                    {
+                        holder_answer(&options, &message.delivery_id.to_string(), c)
+                    }
+                    _ => None,
+                };
                 let answer = async move {
                     let _waiting = certificate.as_ref().map(|_| Waiting::on(&stats));
                     for _ in 0..copies {
@@ -204,6 +225,28 @@ pub async fn run(
                         }
                     }
                     stats.receipts.fetch_add(1, Ordering::Relaxed);
+                    if let Some((kind, asset_id)) = answer_otherwise
+                        && let Some(key) = keys.get(&message.terminal_id).await
+                    {
+                        let request = match kind {
+                            HolderAnswer::Refund => refund_request(&message.terminal_id, asset_id, &key),
+                            HolderAnswer::Defer => defer_request(
+                                &message.terminal_id,
+                                asset_id,
+                                Utc::now() + chrono::Duration::seconds(5),
+                                &key,
+                            ),
+                        };
+                        let routing_key = request["type"].as_str().unwrap_or_default().to_string();
+                        let body = serde_json::to_vec(&request).expect("serializes");
+                        if publisher.publish(&requests, &routing_key, &routing_key, &body).await.is_ok() {
+                            let counter = match kind {
+                                HolderAnswer::Refund => &stats.refunds_asked,
+                                HolderAnswer::Defer => &stats.deferrals,
+                            };
+                            counter.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                     if let Some(certificate) = certificate
                         && let Some(key) = keys.get(&message.terminal_id).await
                     {
@@ -284,6 +327,62 @@ pub fn exchange_request(terminal_id: &str, certificate: serde_json::Value, key: 
         "terminal_id": terminal_id,
         "sent_at": Utc::now(),
         "certificate": certificate,
+    });
+    crypto::sign_document(key, &mut request).expect("signing works");
+    request
+}
+
+/// HolderAnswer is how a holder who does not exchange its certificate answers instead.
+#[derive(Debug, Clone, Copy)]
+enum HolderAnswer {
+    Refund,
+    Defer,
+}
+
+/// holder_answer decides, as a pure function of the delivery, whether the holder of a certificate
+/// it does not exchange asks for a refund or defers the download, and of which asset.
+fn holder_answer(
+    options: &GatewayOptions,
+    delivery: &str,
+    certificate: &serde_json::Value,
+) -> Option<(HolderAnswer, Uuid)> {
+    let asset: Uuid = certificate.get("asset_id")?.as_str()?.parse().ok()?;
+    if fraction(delivery, "refund") < options.refund_rate {
+        Some((HolderAnswer::Refund, asset))
+    } else if fraction(delivery, "defer") < options.defer_rate {
+        Some((HolderAnswer::Defer, asset))
+    } else {
+        None
+    }
+}
+
+/// refund_request builds a signed `asset.refund`.
+pub fn refund_request(terminal_id: &str, asset_id: Uuid, key: &PKey<Private>) -> serde_json::Value {
+    let mut request = serde_json::json!({
+        "type": kinds::ASSET_REFUND,
+        "request_id": format!("r-{}", Uuid::now_v7()),
+        "terminal_id": terminal_id,
+        "sent_at": Utc::now(),
+        "asset_id": asset_id,
+    });
+    crypto::sign_document(key, &mut request).expect("signing works");
+    request
+}
+
+/// defer_request builds a signed `asset.defer` to `deliver_at`.
+pub fn defer_request(
+    terminal_id: &str,
+    asset_id: Uuid,
+    deliver_at: chrono::DateTime<Utc>,
+    key: &PKey<Private>,
+) -> serde_json::Value {
+    let mut request = serde_json::json!({
+        "type": kinds::ASSET_DEFER,
+        "request_id": format!("d-{}", Uuid::now_v7()),
+        "terminal_id": terminal_id,
+        "sent_at": Utc::now(),
+        "asset_id": asset_id,
+        "deliver_at": deliver_at,
     });
     crypto::sign_document(key, &mut request).expect("signing works");
     request

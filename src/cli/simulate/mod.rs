@@ -42,6 +42,15 @@ pub enum SimulateCommand {
         /// Share of certificates their holders exchange.
         #[arg(long, default_value_t = 0.5)]
         exchange_rate: f64,
+        /// Share of the certificates not exchanged whose holders ask for a refund.
+        #[arg(long, default_value_t = 0.1)]
+        refund_rate: f64,
+        /// Share of the certificates not exchanged whose holders defer the download.
+        #[arg(long, default_value_t = 0.1)]
+        defer_rate: f64,
+        /// Share of refunds the partner refuses.
+        #[arg(long, default_value_t = 0.1)]
+        refund_refusal_rate: f64,
         /// With --orders: keep answering this long after the last order, then show the history
         /// of an exchanged asset and stop. Without it, run until interrupted.
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -67,6 +76,11 @@ pub struct Stats {
     pub notices: AtomicU64,
     pub refusals: AtomicU64,
     pub receipts: AtomicU64,
+    /// Refunds and deferrals the holders asked for, and the partners' answers to refunds.
+    pub refunds_asked: AtomicU64,
+    pub refunded: AtomicU64,
+    pub refunds_refused: AtomicU64,
+    pub deferrals: AtomicU64,
     /// When on, the gateway simulator logs when it published each exchange (the benchmark's
     /// clock for exchange-to-asset latency). Off by default: a long demo would only grow it.
     pub log_exchanges: std::sync::atomic::AtomicBool,
@@ -80,7 +94,7 @@ impl Stats {
     pub fn line(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "orders {} · settled {} · declined {} · certificates {} · exchanges {} · assets {} · notices {} · refusals {}",
+            "orders {} · settled {} · declined {} · certificates {} · exchanges {} · assets {} · notices {} · refusals {} · refunds asked {} (refunded {}, refused {}) · deferrals {}",
             g(&self.orders),
             g(&self.settled),
             g(&self.declined),
@@ -88,7 +102,11 @@ impl Stats {
             g(&self.exchanges),
             g(&self.assets),
             g(&self.notices),
-            g(&self.refusals)
+            g(&self.refusals),
+            g(&self.refunds_asked),
+            g(&self.refunded),
+            g(&self.refunds_refused),
+            g(&self.deferrals)
         )
     }
 }
@@ -218,11 +236,23 @@ pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()>
         SimulateCommand::Terminals(options) => {
             terminals::run(&config, broker, options, stats, shutdown.clone()).await?
         }
-        SimulateCommand::All { terminals: options, decline_rate, exchange_rate, linger, gateway_ledger } => {
+        SimulateCommand::All {
+            terminals: options,
+            decline_rate,
+            exchange_rate,
+            refund_rate,
+            defer_rate,
+            refund_refusal_rate,
+            linger,
+            gateway_ledger,
+        } => {
             terminals::ensure_demo_catalogue(&config).await?;
-            let partner_options = partner::PartnerOptions { decline_rate, ..partner::PartnerOptions::default() };
+            let partner_options =
+                partner::PartnerOptions { decline_rate, refund_refusal_rate, ..partner::PartnerOptions::default() };
             let gateway_options = gateway::GatewayOptions {
                 exchange_rate,
+                refund_rate,
+                defer_rate,
                 keys: options.keys.clone(),
                 ledger: gateway_ledger,
                 ..gateway::GatewayOptions::default()

@@ -1,4 +1,5 @@
-//! The payment-partner simulator: answers settlement instructions from its queue.
+//! The payment-partner simulator: answers settlement instructions from its queue, purchases and
+//! refunds alike.
 //!
 //! Its answer for a settlement is a pure function of the settlement id, so a repeated
 //! instruction always gets the same answer, as from a real partner.
@@ -26,6 +27,9 @@ pub struct PartnerOptions {
     /// Share of settlements declined.
     #[arg(long, default_value_t = 0.1)]
     pub decline_rate: f64,
+    /// Share of refunds refused.
+    #[arg(long, default_value_t = 0.1)]
+    pub refund_refusal_rate: f64,
     /// Time taken to answer.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "20ms")]
     pub latency: Duration,
@@ -45,6 +49,8 @@ impl Default for PartnerOptions {
         PartnerOptions {
             partners: Vec::new(),
             decline_rate: 0.1,
+            // The simulators' command line refuses some refunds; a test asks for it.
+            refund_refusal_rate: 0.0,
             latency: Duration::from_millis(20),
             silence_rate: 0.0,
             duplicate_rate: 0.0,
@@ -100,10 +106,17 @@ pub async fn run(
                 if rand::random::<f64>() < options.silence_rate {
                     return true;
                 }
-                let outcome = if fraction(&id, "decline") < options.decline_rate {
-                    SettlementOutcome::Declined
+                let refund = instruction.kind == "refund";
+                let refused = if refund {
+                    fraction(&id, "refuse") < options.refund_refusal_rate
                 } else {
-                    SettlementOutcome::Settled
+                    fraction(&id, "decline") < options.decline_rate
+                };
+                let outcome = if refused { SettlementOutcome::Declined } else { SettlementOutcome::Settled };
+                let reason = match (outcome, refund) {
+                    (SettlementOutcome::Settled, _) => None,
+                    (SettlementOutcome::Declined, false) => Some("insufficient funds (simulated)".into()),
+                    (SettlementOutcome::Declined, true) => Some("card account closed (simulated)".into()),
                 };
                 let result = SettlementResult {
                     message_type: kinds::SETTLEMENT_RESULT.into(),
@@ -111,7 +124,7 @@ pub async fn run(
                     partner_id: instruction.partner_id.clone(),
                     outcome,
                     partner_reference: format!("SIM-{}", &id[id.len() - 12..]),
-                    reason: (outcome == SettlementOutcome::Declined).then(|| "insufficient funds (simulated)".into()),
+                    reason,
                     sent_at: Utc::now(),
                     signature: None,
                 };
@@ -127,9 +140,11 @@ pub async fn run(
                             return;
                         }
                     }
-                    match outcome {
-                        SettlementOutcome::Settled => stats.settled.fetch_add(1, Ordering::Relaxed),
-                        SettlementOutcome::Declined => stats.declined.fetch_add(1, Ordering::Relaxed),
+                    match (outcome, refund) {
+                        (SettlementOutcome::Settled, false) => stats.settled.fetch_add(1, Ordering::Relaxed),
+                        (SettlementOutcome::Declined, false) => stats.declined.fetch_add(1, Ordering::Relaxed),
+                        (SettlementOutcome::Settled, true) => stats.refunded.fetch_add(1, Ordering::Relaxed),
+                        (SettlementOutcome::Declined, true) => stats.refunds_refused.fetch_add(1, Ordering::Relaxed),
                     };
                 };
                 super::answer_after(options.latency, answer).await;

@@ -22,6 +22,9 @@ pub enum Sent {
     Attempt(u32),
     /// Already sent, delivered, dead or cancelled: nothing to do.
     Skipped,
+    /// Not sent yet: a refund of its asset awaits the partner's answer. It comes due again later,
+    /// and is sent then if the refund failed, or cancelled if it was refunded.
+    Held,
     /// No longer owed (`docs/product.md#validity-is-checked-first`): the asset is no longer valid,
     /// or the certificate the delivery is about was closed. Cancelled, never sent.
     Cancelled,
@@ -40,7 +43,14 @@ struct Due {
     /// Whether the asset's certificate was exchanged, revoked or has expired.
     #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Bool>)]
     certificate_closed: Option<bool>,
+    /// Whether a refund of the asset awaits its partner's answer.
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    refund_requested: bool,
 }
+
+/// REFUND_HOLD is how long an asset's delivery waits, each time it comes due, while a refund of
+/// the asset awaits its partner: sent meanwhile, the asset could be both delivered and refunded.
+const REFUND_HOLD: chrono::Duration = chrono::Duration::minutes(1);
 
 /// owed_to_the_certificate_holder says whether a delivery only makes sense while the certificate
 /// is open: the certificate itself, a stage-1 reminder, a download request. Once the asset was
@@ -75,7 +85,9 @@ pub fn send_attempts(
     ids.dedup();
     let due: Vec<Due> = crate::runtime::db::prepared(
         "SELECT d.*, a.status AS asset_status, a.expires_at AS asset_expires_at,
-                (c.exchanged_at IS NOT NULL OR c.revoked_at IS NOT NULL OR c.expires_at <= $now) AS certificate_closed
+                (c.exchanged_at IS NOT NULL OR c.revoked_at IS NOT NULL OR c.expires_at <= $now) AS certificate_closed,
+                (d.kind = 'asset' AND EXISTS (SELECT 1 FROM refunds r WHERE r.asset_id = d.asset_id AND r.status = 'requested'))
+                  AS refund_requested
          FROM deliveries d
          LEFT JOIN assets a ON a.id = d.asset_id
          LEFT JOIN exchange_certificates c ON c.asset_id = d.asset_id
@@ -88,7 +100,7 @@ pub fn send_attempts(
     .load(conn)?;
     let mut done = Vec::with_capacity(due.len());
     let mut attempts = Vec::with_capacity(due.len());
-    for Due { delivery: row, asset_status, asset_expires_at, certificate_closed } in &due {
+    for Due { delivery: row, asset_status, asset_expires_at, certificate_closed, refund_requested } in &due {
         if !matches!(row.status.as_str(), "pending" | "failed") {
             done.push((row.id, Sent::Skipped));
             continue;
@@ -105,6 +117,13 @@ pub fn send_attempts(
             if *expires_at <= now || !status.is_before_delivery() {
                 cancel(conn, row, asset_id, now)?;
                 done.push((row.id, Sent::Cancelled));
+                continue;
+            }
+            if *refund_requested {
+                diesel::update(deliveries::table.find(row.id))
+                    .set(deliveries::due_at.eq(now + REFUND_HOLD))
+                    .execute(conn)?;
+                done.push((row.id, Sent::Held));
                 continue;
             }
         }

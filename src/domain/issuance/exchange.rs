@@ -21,7 +21,7 @@ use crate::domain::catalogue::{Catalogue, Terminal};
 use crate::domain::delivery::{self, Deliveries, NewDelivery};
 use crate::domain::metrics;
 use crate::domain::requests::{self, Authentic, Header, Requests};
-use crate::domain::schema::{asset_documents, assets, certificate_documents, exchange_certificates};
+use crate::domain::schema::{asset_documents, assets, certificate_documents, exchange_certificates, refunds};
 use crate::domain::status::Status;
 use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received, together_unless_repeated};
 
@@ -50,6 +50,8 @@ struct Asset {
     expires_at: DateTime<Utc>,
     document: String,
     order_id: Uuid,
+    /// A refund of the asset awaits its partner's answer.
+    refund_requested: bool,
 }
 
 impl Handler for ExchangeHandler {
@@ -144,6 +146,11 @@ fn take(h: &ExchangeHandler, cx: &mut Cx<'_>, batch: &[Received<'_, ExchangeRequ
             refuse(h, cx, &p, Refused::new(RefusalReason::AssetNotDeliverable, detail))?;
             continue;
         }
+        if asset.refund_requested {
+            let detail = format!("a refund of asset {} awaits its partner's answer", asset.id);
+            refuse(h, cx, &p, Refused::new(RefusalReason::RefundPending, detail))?;
+            continue;
+        }
         exchanged.push(&p, &certificate, asset)?;
     }
     exchanged.write(cx, &h.requests.deliveries)
@@ -233,7 +240,18 @@ fn assets(conn: &mut PgConnection, mut ids: Vec<Uuid>) -> QueryResult<HashMap<Uu
         .inner_join(asset_documents::table)
         .filter(assets::id.eq_any(&ids))
         .order(assets::id)
-        .select((assets::id, assets::status, assets::expires_at, asset_documents::document, assets::order_id))
+        .select((
+            assets::id,
+            assets::status,
+            assets::expires_at,
+            asset_documents::document,
+            assets::order_id,
+            diesel::dsl::exists(
+                refunds::table
+                    .filter(refunds::asset_id.eq(assets::id.nullable()))
+                    .filter(refunds::status.eq("requested")),
+            ),
+        ))
         .for_update()
         .load(conn)?;
     Ok(rows.into_iter().map(|a| (a.id, a)).collect())

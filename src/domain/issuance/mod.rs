@@ -2,9 +2,11 @@
 //! by assetflow (`docs/product.md#retaining`), signed by the issuer and the service provider,
 //! and handed to the delivery pool.
 
+mod defer;
 mod documents;
 mod exchange;
 
+pub use defer::DeferHandler;
 pub use documents::{asset_document, certificate_document};
 pub use exchange::ExchangeHandler;
 

@@ -3,9 +3,11 @@
 //! supply: `docs/product.md#payment-before-supply`).
 
 mod purchase;
+pub mod refund;
 mod result;
 
 pub use purchase::PurchaseHandler;
+pub use refund::RefundHandler;
 pub use result::ResultHandler;
 
 use std::time::Duration;
@@ -185,8 +187,10 @@ fn sweep_batch(
             continue;
         }
         metrics::settlement_timed_out(&s.partner_id, "abandoned");
-        let detail =
-            format!("partner {} did not answer settlement {} after {attempts} instructions", s.partner_id, s.id);
+        let detail = format!(
+            "partner {} did not answer {} settlement {} after {attempts} instructions",
+            s.partner_id, s.kind, s.id
+        );
         diesel::update(settlements::table.find(s.id))
             .set((
                 settlements::status.eq("abandoned"),
@@ -194,13 +198,7 @@ fn sweep_batch(
                 settlements::answer_due_at.eq(None::<DateTime<Utc>>),
             ))
             .execute(conn)?;
-        diesel::update(orders::table.find(s.order_id))
-            .set((
-                orders::status.eq("failed"),
-                orders::status_reason.eq("settlement_timeout"),
-                orders::updated_at.eq(as_of),
-            ))
-            .execute(conn)?;
+        let refunding = s.kind == "refund";
         dead_letter::record(
             conn,
             &settlements.names,
@@ -211,23 +209,36 @@ fn sweep_batch(
                 message_id: Some(format!("settlement:{}:{attempts}", s.id)),
                 exchange: Some(settlements.names.partners()),
                 routing_key: Some(s.partner_id.clone()),
-                payload: serde_json::to_vec(&json!({"settlement_id": s.id, "order_id": s.order_id, "partner_id": s.partner_id, "amount_minor": s.amount_minor, "currency": s.currency})).expect("serializes"),
+                payload: serde_json::to_vec(&json!({"settlement_id": s.id, "order_id": s.order_id, "kind": s.kind, "partner_id": s.partner_id, "amount_minor": s.amount_minor, "currency": s.currency})).expect("serializes"),
                 headers: json!({}),
                 reason: DeadLetterReason::SettlementTimeout,
                 detail: detail.clone(),
                 attempts: json!([{"at": as_of, "error": detail}]),
-                subject_id: Some(s.order_id),
+                // A purchase is known by its order, a refund by its own settlement.
+                subject_id: Some(if refunding { s.id } else { s.order_id }),
             },
         )?;
-        notify_orderer(conn, settlements, s.order_id, "order_failed", "your payment partner did not answer, so your order is on hold; if the partner confirms the payment later, the order is completed then".into(), as_of, &mut sending)?;
         swept.enqueued += 1;
+        if refunding {
+            // The refund stays requested: the partner may still pay it, and its answer counts.
+            refund::abandoned(conn, settlements, &s, as_of, &mut sending)?;
+            continue;
+        }
+        diesel::update(orders::table.find(s.order_id))
+            .set((
+                orders::status.eq("failed"),
+                orders::status_reason.eq("settlement_timeout"),
+                orders::updated_at.eq(as_of),
+            ))
+            .execute(conn)?;
+        notify_orderer(conn, settlements, s.order_id, "order_failed", "your payment partner did not answer, so your order is on hold; if the partner confirms the payment later, the order is completed then".into(), as_of, &mut sending)?;
     }
     outbox::enqueue_all(conn, &sending)?;
     Ok(swept)
 }
 
 /// SettlementReplayer replays a settlement its partner never answered: it is instructed again,
-/// with a fresh budget of attempts, and its order is settling again.
+/// with a fresh budget of attempts, and a purchase's order is settling again.
 pub struct SettlementReplayer {
     pub settlements: Arc<Settlements>,
 }
@@ -237,10 +248,13 @@ impl Replayer for SettlementReplayer {
 
     fn replay(&self, conn: &mut PgConnection, letter: &Full, now: DateTime<Utc>) -> anyhow::Result<String> {
         let id = letter.summary.id;
-        let order = letter.summary.subject_id.ok_or_else(|| anyhow::anyhow!("dead letter {id} names no order"))?;
+        let subject =
+            letter.summary.subject_id.ok_or_else(|| anyhow::anyhow!("dead letter {id} names no settlement"))?;
+        // A refund's dead letter names its settlement; a purchase's, its order.
         let settlement: Settlement = settlements::table
-            .filter(settlements::order_id.eq(order))
-            .filter(settlements::kind.eq("purchase"))
+            .filter(
+                settlements::id.eq(subject).or(settlements::order_id.eq(subject).and(settlements::kind.eq("purchase"))),
+            )
             .select(Settlement::as_select())
             .first(conn)?;
         anyhow::ensure!(
@@ -253,9 +267,15 @@ impl Replayer for SettlementReplayer {
         diesel::update(settlements::table.find(settlement.id))
             .set((settlements::status.eq("instructed"), settlements::attempt_limit.eq(settlement.attempts + budget)))
             .execute(conn)?;
-        diesel::update(orders::table.find(order))
-            .set((orders::status.eq("settling"), orders::status_reason.eq(None::<String>), orders::updated_at.eq(now)))
-            .execute(conn)?;
+        if settlement.kind == "purchase" {
+            diesel::update(orders::table.find(settlement.order_id))
+                .set((
+                    orders::status.eq("settling"),
+                    orders::status_reason.eq(None::<String>),
+                    orders::updated_at.eq(now),
+                ))
+                .execute(conn)?;
+        }
         let mut sending = Vec::new();
         instruct(conn, &self.settlements, &settlement, settlement.attempts as u32 + 1, now, &mut sending)?;
         outbox::enqueue_all(conn, &sending)?;

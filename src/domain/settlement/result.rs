@@ -1,5 +1,5 @@
 //! `settlement.result`: a partner's answer. Settled orders go on to issuance; declined orders
-//! end, and the orderer is told.
+//! end, and the orderer is told. An answer to a refund goes to [`refund::answered`].
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use std::sync::Arc;
 
-use super::{Settlement, Settlements, notify_orderer};
+use super::{Settlement, Settlements, notify_orderer, refund};
 use crate::contracts::dead_letter::DeadLetterReason;
 use crate::contracts::messages::{IssuanceRequested, SettlementOutcome, SettlementResult, kinds};
 use crate::domain::catalogue::PartyKind;
@@ -51,6 +51,7 @@ fn take(cx: &mut Cx<'_>, settled: &Settlements, batch: &[Received<'_, Settlement
     let mut answers = Answers::default();
     let mut declined = Vec::new();
     let mut issuing = Vec::new();
+    let mut refunds = Vec::new();
     for Received { message: result, incoming } in batch {
         let Some(s) = settlements.iter().find(|s| s.id == result.settlement_id) else {
             return Err(Failure::permanent(
@@ -78,6 +79,10 @@ fn take(cx: &mut Cx<'_>, settled: &Settlements, batch: &[Received<'_, Settlement
             }
         }
         let outcome: &'static str = result.outcome.as_str();
+        if s.kind == "refund" {
+            refunds.push((s, result));
+            continue;
+        }
         match result.outcome {
             SettlementOutcome::Settled => {
                 answers.push(s, result, "issuing", None);
@@ -93,6 +98,14 @@ fn take(cx: &mut Cx<'_>, settled: &Settlements, batch: &[Received<'_, Settlement
         tracing::info!(order_id = %s.order_id, settlement_id = %s.id, outcome, "settlement answered");
     }
     answers.write(cx.conn, now)?;
+    for (s, result) in refunds {
+        metrics::settlement_answered(
+            &s.partner_id,
+            result.outcome.as_str(),
+            (now - s.instructed_at).to_std().unwrap_or_default(),
+        );
+        refund::answered(cx.conn, settled, s, result, now, cx.outgoing)?;
+    }
     // The orders settled together are issued together: one message for all of them.
     for next in IssuanceRequested::for_orders(&issuing) {
         let first = next.order_ids[0];
