@@ -10,9 +10,9 @@
 use std::collections::BTreeSet;
 
 use assetflow::contracts::messages::{
-    CertificateNotices, DeadLetterMessage, DeferRequest, DeliveryKind, DeliveryReceipt, DeliveryRequested,
-    ExchangeRequest, GatewayDelivery, IssuanceRequested, Notice, PurchaseRequest, RefundRequest, Refusal,
-    SettlementInstruction, SettlementResult, kinds,
+    BookingRequest, BookingsDecide, CertificateNotices, DeadLetterMessage, DeferRequest, DeliveryKind, DeliveryReceipt,
+    DeliveryRequested, ExchangeRequest, GatewayDelivery, IssuanceRequested, Notice, PurchaseRequest, RefundRequest,
+    Refusal, SettlementInstruction, SettlementResult, SubmitRequest, kinds,
 };
 use assetflow::contracts::refusal::RefusalReason;
 use assetflow::contracts::schema::{SCHEMAS, validate};
@@ -53,6 +53,9 @@ fn deserialize(kind: &str, message: &Value) -> Result<(), serde_json::Error> {
         kinds::DEAD_LETTER => serde_json::from_value::<DeadLetterMessage>(message).map(drop),
         kinds::ASSET_REFUND => serde_json::from_value::<RefundRequest>(message).map(drop),
         kinds::ASSET_DEFER => serde_json::from_value::<DeferRequest>(message).map(drop),
+        kinds::ORDER_BOOKING => serde_json::from_value::<BookingRequest>(message).map(drop),
+        kinds::RECEIPT_SUBMIT => serde_json::from_value::<SubmitRequest>(message).map(drop),
+        kinds::BOOKINGS_DECIDE => serde_json::from_value::<BookingsDecide>(message).map(drop),
         other => panic!("message type {other:?} has a schema but no Rust type in this test"),
     }
 }
@@ -146,8 +149,9 @@ fn delivery_examples_cover_every_kind() {
             DeliveryKind::Message | DeliveryKind::DownloadRequest | DeliveryKind::RevocationRequest => {
                 let _: Notice = serde_json::from_value(content).expect("a notice's content is a Notice");
             }
-            // The certificate and asset documents have no Rust type: the schema is their contract.
-            DeliveryKind::Certificate | DeliveryKind::Asset => {}
+            // The certificate, asset and receipt certificate documents have no Rust type: the schema
+            // is their contract.
+            DeliveryKind::Certificate | DeliveryKind::Asset | DeliveryKind::ReceiptCertificate => {}
         }
         seen.insert(kind.as_str());
     }

@@ -55,9 +55,12 @@ pub mod kinds {
     pub const DEAD_LETTER: &str = "dead_letter";
     pub const ASSET_REFUND: &str = "asset.refund";
     pub const ASSET_DEFER: &str = "asset.defer";
+    pub const ORDER_BOOKING: &str = "order.booking";
+    pub const RECEIPT_SUBMIT: &str = "receipt.submit";
+    pub const BOOKINGS_DECIDE: &str = "bookings.decide";
 
     /// The messages assetflow sends itself, on its internal exchange, from one pool to another.
-    pub const INTERNAL: [&str; 3] = [ISSUANCE_REQUESTED, DELIVERY_REQUESTED, CERTIFICATE_NOTICES];
+    pub const INTERNAL: [&str; 4] = [ISSUANCE_REQUESTED, DELIVERY_REQUESTED, CERTIFICATE_NOTICES, BOOKINGS_DECIDE];
 }
 
 /// DeliveryModeKind is how an order's assets reach their recipients.
@@ -160,6 +163,49 @@ pub struct DeferRequest {
     /// When the asset is to be delivered.
     pub deliver_at: DateTime<Utc>,
     pub signature: String,
+}
+
+/// BookingRequest is `order.booking`: a terminal books a product sold by booking, and gets a
+/// receipt certificate, the right to buy it later (`docs/product.md#receipt-certificates`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BookingRequest {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub request_id: String,
+    /// The booking terminal, which holds the certificate.
+    pub terminal_id: String,
+    pub sent_at: DateTime<Utc>,
+    pub product_id: String,
+    /// Who will be billed on submission. Defaults to the booking terminal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payer_terminal_id: Option<String>,
+    pub signature: String,
+}
+
+/// SubmitRequest is `receipt.submit`: the holder presents its receipt certificate to buy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub request_id: String,
+    pub terminal_id: String,
+    pub sent_at: DateTime<Utc>,
+    /// The signed receipt certificate exactly as it was delivered.
+    pub certificate: Value,
+    pub signature: String,
+}
+
+/// BookingsDecide is internal: the `bookings` scan found these products' lotteries or threshold
+/// sales due at `as_of`; the issuance pool decides each once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BookingsDecide {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub as_of: DateTime<Utc>,
+    pub product_ids: Vec<String>,
 }
 
 /// SettlementInstruction is published to the payer's partner queue.
@@ -344,11 +390,19 @@ pub enum DeliveryKind {
     DownloadRequest,
     RevocationRequest,
     Refusal,
+    ReceiptCertificate,
 }
 
 impl DeliveryKind {
-    pub const ALL: [DeliveryKind; 6] =
-        [Self::Certificate, Self::Asset, Self::Message, Self::DownloadRequest, Self::RevocationRequest, Self::Refusal];
+    pub const ALL: [DeliveryKind; 7] = [
+        Self::Certificate,
+        Self::Asset,
+        Self::Message,
+        Self::DownloadRequest,
+        Self::RevocationRequest,
+        Self::Refusal,
+        Self::ReceiptCertificate,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -358,6 +412,7 @@ impl DeliveryKind {
             Self::DownloadRequest => "download_request",
             Self::RevocationRequest => "revocation_request",
             Self::Refusal => "refusal",
+            Self::ReceiptCertificate => "receipt_certificate",
         }
     }
 

@@ -50,10 +50,16 @@ pub enum RefusalReason {
     RefundPending,
     /// The asset cannot be deferred: it is delivered, being delivered, or not awaiting a delivery.
     DeferNotAllowed,
+    /// The product is not sold by booking.
+    NotSoldByBooking,
+    /// The product's lottery was drawn or its threshold sale closed.
+    BookingClosed,
+    /// The receipt certificate's condition is not met: not drawn, not produced, or not decided yet.
+    ConditionNotMet,
 }
 
 impl RefusalReason {
-    pub const ALL: [RefusalReason; 23] = [
+    pub const ALL: [RefusalReason; 26] = [
         Self::UnknownTerminal,
         Self::BadSignature,
         Self::StaleRequest,
@@ -77,6 +83,9 @@ impl RefusalReason {
         Self::RefundNotAllowed,
         Self::RefundPending,
         Self::DeferNotAllowed,
+        Self::NotSoldByBooking,
+        Self::BookingClosed,
+        Self::ConditionNotMet,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -104,6 +113,9 @@ impl RefusalReason {
             Self::RefundNotAllowed => "refund_not_allowed",
             Self::RefundPending => "refund_pending",
             Self::DeferNotAllowed => "defer_not_allowed",
+            Self::NotSoldByBooking => "not_sold_by_booking",
+            Self::BookingClosed => "booking_closed",
+            Self::ConditionNotMet => "condition_not_met",
         }
     }
 }

@@ -236,6 +236,9 @@ impl Topology {
         bind(n.requests(), kinds::CERTIFICATE_EXCHANGE, n.pool_queue(Pool::Issuance.as_str()));
         bind(n.requests(), kinds::ASSET_REFUND, n.pool_queue(Pool::Settlement.as_str()));
         bind(n.requests(), kinds::ASSET_DEFER, n.pool_queue(Pool::Issuance.as_str()));
+        bind(n.requests(), kinds::ORDER_BOOKING, n.pool_queue(Pool::Issuance.as_str()));
+        bind(n.requests(), kinds::RECEIPT_SUBMIT, n.pool_queue(Pool::Issuance.as_str()));
+        bind(n.internal(), kinds::BOOKINGS_DECIDE, n.pool_queue(Pool::Issuance.as_str()));
         bind(n.internal(), kinds::ISSUANCE_REQUESTED, n.pool_queue(Pool::Issuance.as_str()));
         bind(n.requests(), kinds::DELIVERY_RECEIPT, n.pool_queue(Pool::Delivery.as_str()));
         bind(n.internal(), kinds::DELIVERY_REQUESTED, n.pool_queue(Pool::Delivery.as_str()));

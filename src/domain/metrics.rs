@@ -67,6 +67,13 @@ pub fn refund(partner: &str, outcome: &'static str) {
     record(move || counter!("assetflow_refunds_total", "partner" => partner, "outcome" => outcome).increment(1));
 }
 
+/// booking counts what happened to receipt certificates, by condition (or request): `booked`,
+/// `submitted`, `refused`, `drawn`, `produced`, `failed`, `passed_on`, `lapsed`, `expired`.
+pub fn booking(condition: &str, outcome: &'static str) {
+    let condition = condition.to_string();
+    record(move || counter!("assetflow_bookings_total", "condition" => condition, "outcome" => outcome).increment(1));
+}
+
 /// register describes the domain's metrics and creates its counters whose label sets are known in
 /// advance at zero.
 pub fn register() {
@@ -125,6 +132,12 @@ pub const CATALOGUE: &[Metric] = &[
         "counter",
         &["partner", "outcome"],
         "Refunds: requested of the partner, then refunded or failed (refused by the partner).",
+    ),
+    m(
+        "assetflow_bookings_total",
+        "counter",
+        &["condition", "outcome"],
+        "Receipt certificates: booked, submitted, refused; lotteries drawn and places passed_on; threshold sales produced or failed; certificates lapsed or expired.",
     ),
 ];
 

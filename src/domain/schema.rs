@@ -84,6 +84,7 @@ diesel::table! {
         status_reason -> Nullable<Text>,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        reserved_asset_id -> Nullable<Uuid>,
     }
 }
 
@@ -252,6 +253,50 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    booking_terms (product_id) {
+        product_id -> Text,
+        condition -> Text,
+        places -> Nullable<Int4>,
+        decided_at -> Nullable<Timestamptz>,
+        window_secs -> Int8,
+    }
+}
+
+diesel::table! {
+    receipt_certificates (id) {
+        id -> Uuid,
+        request_id -> Text,
+        product_id -> Text,
+        holder_terminal_id -> Text,
+        payer_terminal_id -> Text,
+        asset_id -> Uuid,
+        condition -> Text,
+        status -> Text,
+        issued_at -> Timestamptz,
+        expires_at -> Timestamptz,
+        submit_by -> Nullable<Timestamptz>,
+        reminder_due_at -> Nullable<Timestamptz>,
+        document -> Text,
+        rank -> Nullable<Int4>,
+        order_id -> Nullable<Uuid>,
+        submit_request_id -> Nullable<Text>,
+        status_reason -> Nullable<Text>,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    booking_decisions (product_id) {
+        product_id -> Text,
+        condition -> Text,
+        decided_at -> Timestamptz,
+        applicants -> Int4,
+        outcome -> Text,
+        draw -> Nullable<Text>,
+    }
+}
+
 diesel::joinable!(asset_documents -> assets (asset_id));
 diesel::joinable!(certificate_documents -> exchange_certificates (certificate_id));
 
@@ -273,4 +318,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     delivery_attempts,
     refusals,
     refunds,
+    booking_terms,
+    receipt_certificates,
+    booking_decisions,
 );

@@ -11,12 +11,14 @@ use crate::config::Config;
 use crate::config::workers::PoolDefinitions;
 use crate::contracts::topology::{Names, Pool, Topology};
 use crate::crypto::KeyRing;
+use crate::domain::bookings::{BookingHandler, DecideHandler, SubmitHandler};
 use crate::domain::delivery::notices::NoticesHandler;
 use crate::domain::delivery::receipt::ReceiptHandler;
 use crate::domain::delivery::{Deliveries, DeliveryReplayer, RequestedHandler};
 use crate::domain::issuance::{DeferHandler, ExchangeHandler, IssueHandler, Issuer};
 use crate::domain::requests::Requests;
 use crate::domain::scans::SettlementTimeouts;
+use crate::domain::scans::bookings::Bookings;
 use crate::domain::scans::certificates::{AssetExpiry, NearExpiry, PastDue};
 use crate::domain::scans::deliveries::{DesignatedDeliveries, Retransmissions};
 use crate::domain::scans::retention::Retention;
@@ -89,6 +91,7 @@ impl App {
             asset_expiry: AssetExpiry,
             retention: Retention { retention: config.retention.clone() },
             retransmission: Retransmissions { deliveries: domain.deliveries.clone() },
+            bookings: Bookings { names: names.clone(), deliveries: domain.deliveries.clone() },
         };
         let plumbing = Plumbing {
             db,
@@ -142,6 +145,32 @@ impl App {
         registry.register(&issuance, IssueHandler { issuer: domain.issuer.clone() })?;
         registry.register(&issuance, ExchangeHandler { requests: domain.requests.clone(), keys: self.keys.clone() })?;
         registry.register(&issuance, DeferHandler { requests: domain.requests.clone() })?;
+        let provider = domain.issuer.service_provider_id.clone();
+        registry.register(
+            &issuance,
+            BookingHandler {
+                requests: domain.requests.clone(),
+                settlements: domain.settlements.clone(),
+                keys: self.keys.clone(),
+                service_provider_id: provider.clone(),
+            },
+        )?;
+        registry.register(
+            &issuance,
+            SubmitHandler {
+                requests: domain.requests.clone(),
+                settlements: domain.settlements.clone(),
+                keys: self.keys.clone(),
+            },
+        )?;
+        registry.register(
+            &issuance,
+            DecideHandler {
+                deliveries: domain.deliveries.clone(),
+                keys: self.keys.clone(),
+                service_provider_id: provider,
+            },
+        )?;
         registry.register(&delivery, RequestedHandler { deliveries: domain.deliveries.clone() })?;
         registry.register(&delivery, NoticesHandler { deliveries: domain.deliveries.clone() })?;
         registry.register(&delivery, ReceiptHandler { deliveries: domain.deliveries.clone() })?;

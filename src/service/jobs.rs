@@ -3,6 +3,7 @@
 //! through the same functions the pools use, so a scan and a message never disagree.
 
 use crate::domain::scans::SettlementTimeouts;
+use crate::domain::scans::bookings::Bookings;
 use crate::domain::scans::certificates::{AssetExpiry, NearExpiry, PastDue};
 use crate::domain::scans::deliveries::{DesignatedDeliveries, Retransmissions};
 use crate::domain::scans::retention::Retention;
@@ -39,6 +40,7 @@ pub struct Scans {
     pub asset_expiry: AssetExpiry,
     pub retention: Retention,
     pub retransmission: Retransmissions,
+    pub bookings: Bookings,
 }
 
 /// JOBS is every scheduled job.
@@ -77,6 +79,11 @@ pub static JOBS: &[Job] = &[
         name: "retransmission",
         about: "unacknowledged transmissions fail; failed ones are sent again on the backoff schedule",
         scan: |s| &s.retransmission,
+    },
+    Job {
+        name: "bookings",
+        about: "receipt certificates: stage-1 reminders, lotteries and threshold sales due for their decision, winners who did not submit in time (their place passes on), and certificates that expired unsubmitted (revoked)",
+        scan: |s| &s.bookings,
     },
 ];
 

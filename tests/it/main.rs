@@ -3,6 +3,7 @@
 mod harness;
 
 mod batch;
+mod bookings;
 mod chaos;
 mod dead_lettering;
 mod failures;

@@ -227,6 +227,7 @@ fn subject(r: &Reception) -> Option<String> {
     match r.kind {
         DeliveryKind::Asset => r.asset_id.map(|id| format!("asset {id}")),
         DeliveryKind::Certificate => r.certificate_id.map(|id| format!("certificate {id}")),
+        DeliveryKind::ReceiptCertificate => r.certificate_id.map(|id| format!("receipt certificate {id}")),
         DeliveryKind::Message | DeliveryKind::DownloadRequest | DeliveryKind::RevocationRequest => {
             let (code, certificate) = (r.code.as_deref()?, r.certificate_id?);
             Some(format!("{} {code} about certificate {certificate}", r.kind.as_str()))

@@ -387,3 +387,29 @@ pub fn defer_request(
     crypto::sign_document(key, &mut request).expect("signing works");
     request
 }
+
+/// booking_request builds a signed `order.booking` of `product_id`.
+pub fn booking_request(terminal_id: &str, product_id: &str, key: &PKey<Private>) -> serde_json::Value {
+    let mut request = serde_json::json!({
+        "type": kinds::ORDER_BOOKING,
+        "request_id": format!("b-{}", Uuid::now_v7()),
+        "terminal_id": terminal_id,
+        "sent_at": Utc::now(),
+        "product_id": product_id,
+    });
+    crypto::sign_document(key, &mut request).expect("signing works");
+    request
+}
+
+/// submit_request builds a signed `receipt.submit` presenting `certificate`.
+pub fn submit_request(terminal_id: &str, certificate: serde_json::Value, key: &PKey<Private>) -> serde_json::Value {
+    let mut request = serde_json::json!({
+        "type": kinds::RECEIPT_SUBMIT,
+        "request_id": format!("s-{}", Uuid::now_v7()),
+        "terminal_id": terminal_id,
+        "sent_at": Utc::now(),
+        "certificate": certificate,
+    });
+    crypto::sign_document(key, &mut request).expect("signing works");
+    request
+}

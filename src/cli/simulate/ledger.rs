@@ -62,7 +62,11 @@ impl Reception {
             terminal_id: message.terminal_id.clone(),
             sent_at: message.sent_at,
             asset_id: id(&["/asset/asset_id", "/certificate/asset_id", "/asset_id"]),
-            certificate_id: id(&["/certificate/certificate_id", "/certificate_id"]),
+            certificate_id: id(&[
+                "/certificate/certificate_id",
+                "/receipt_certificate/receipt_certificate_id",
+                "/certificate_id",
+            ]),
             code: content.get("code").and_then(Value::as_str).map(str::to_string),
         }
     }

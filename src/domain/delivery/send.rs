@@ -46,6 +46,9 @@ struct Due {
     /// Whether a refund of the asset awaits its partner's answer.
     #[diesel(sql_type = diesel::sql_types::Bool)]
     refund_requested: bool,
+    /// For a receipt certificate: whether it was revoked or has expired.
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Bool>)]
+    receipt_closed: Option<bool>,
 }
 
 /// REFUND_HOLD is how long an asset's delivery waits, each time it comes due, while a refund of
@@ -87,7 +90,11 @@ pub fn send_attempts(
         "SELECT d.*, a.status AS asset_status, a.expires_at AS asset_expires_at,
                 (c.exchanged_at IS NOT NULL OR c.revoked_at IS NOT NULL OR c.expires_at <= $now) AS certificate_closed,
                 (d.kind = 'asset' AND EXISTS (SELECT 1 FROM refunds r WHERE r.asset_id = d.asset_id AND r.status = 'requested'))
-                  AS refund_requested
+                  AS refund_requested,
+                CASE WHEN d.kind = 'receipt_certificate' THEN
+                  (SELECT rc.status = 'revoked' OR rc.expires_at <= $now FROM receipt_certificates rc
+                   WHERE rc.id = substr(d.dedupe_key, 9)::uuid)
+                END AS receipt_closed
          FROM deliveries d
          LEFT JOIN assets a ON a.id = d.asset_id
          LEFT JOIN exchange_certificates c ON c.asset_id = d.asset_id
@@ -100,7 +107,9 @@ pub fn send_attempts(
     .load(conn)?;
     let mut done = Vec::with_capacity(due.len());
     let mut attempts = Vec::with_capacity(due.len());
-    for Due { delivery: row, asset_status, asset_expires_at, certificate_closed, refund_requested } in &due {
+    for Due { delivery: row, asset_status, asset_expires_at, certificate_closed, refund_requested, receipt_closed } in
+        &due
+    {
         if !matches!(row.status.as_str(), "pending" | "failed") {
             done.push((row.id, Sent::Skipped));
             continue;
@@ -126,6 +135,11 @@ pub fn send_attempts(
                 done.push((row.id, Sent::Held));
                 continue;
             }
+        }
+        if *receipt_closed == Some(true) {
+            void(conn, row, "the receipt certificate was revoked or has expired")?;
+            done.push((row.id, Sent::Cancelled));
+            continue;
         }
         if owed_to_the_certificate_holder(row, kind) {
             let awaiting = asset_status.as_deref() == Some(Status::AwaitingExchange.as_str());

@@ -37,6 +37,8 @@ struct Order {
     delivery_mode: String,
     designated_at: Option<DateTime<Utc>>,
     status: String,
+    /// The asset a submitted receipt certificate reserved: the order's one asset has this id.
+    reserved_asset_id: Option<Uuid>,
 }
 
 /// IssueHandler takes `issuance.requested`. Requests handled together are issued together: their
@@ -133,7 +135,7 @@ fn sign(cx: &mut Cx<'_>, issuer: &Issuer, order: &Order, issue: &mut Issue) -> R
             Failure::permanent(DeadLetterReason::Unprocessable, format!("recipient {recipient_id} vanished"))
         })?;
         for ordinal in 0..order.quantity {
-            let asset_id = Uuid::now_v7();
+            let asset_id = order.reserved_asset_id.filter(|_| count == 0).unwrap_or_else(Uuid::now_v7);
             let document =
                 asset_document(&product, asset_id, &recipient.id, now, expires_at, provider, issuer_key, provider_key)
                     .map_err(|e| Failure::permanent(DeadLetterReason::Unprocessable, format!("signing asset: {e}")))?;

@@ -1,6 +1,7 @@
 //! The scans: the scheduler's work, each a [`Scan`] that claims due rows in batches and acts on
 //! them as of the run's intended time.
 
+pub mod bookings;
 pub mod certificates;
 pub mod deliveries;
 pub mod retention;

@@ -98,6 +98,7 @@ fn take(cx: &mut Cx<'_>, settled: &Settlements, batch: &[Received<'_, Settlement
         tracing::info!(order_id = %s.order_id, settlement_id = %s.id, outcome, "settlement answered");
     }
     answers.write(cx.conn, now)?;
+    let issuing = not_revoked(cx, settled, &settlements, issuing)?;
     for (s, result) in refunds {
         metrics::settlement_answered(
             &s.partner_id,
@@ -179,4 +180,66 @@ impl Answers {
         .execute(conn)?;
         Ok(())
     }
+}
+
+/// not_revoked keeps the settled orders that may be issued. An order placed by submitting a
+/// receipt certificate is issued only if the certificate was not revoked meanwhile (it expired
+/// while its payment was on its way): then the payment bought nothing, is refunded at once, and
+/// the order fails (`docs/product.md#receipt-certificates`). The certificates are locked, so the
+/// `bookings` scan revoking one waits for this transaction, or this one sees the revocation.
+fn not_revoked(
+    cx: &mut Cx<'_>,
+    settled: &Settlements,
+    settlements: &[Settlement],
+    issuing: Vec<Uuid>,
+) -> Result<Vec<Uuid>, Failure> {
+    use crate::domain::schema::{orders, receipt_certificates};
+    if issuing.is_empty() {
+        return Ok(issuing);
+    }
+    let receipts: Vec<(Uuid, Uuid, String)> = receipt_certificates::table
+        .filter(receipt_certificates::order_id.eq_any(&issuing))
+        .order(receipt_certificates::id)
+        .select((
+            receipt_certificates::id,
+            receipt_certificates::order_id.assume_not_null(),
+            receipt_certificates::status,
+        ))
+        .for_update()
+        .load(cx.conn)?;
+    if receipts.is_empty() {
+        return Ok(issuing);
+    }
+    let mut revoked = Vec::new();
+    for (id, order_id, status) in &receipts {
+        if status != "revoked" {
+            diesel::update(receipt_certificates::table.find(id))
+                .set((receipt_certificates::status.eq("issued"), receipt_certificates::updated_at.eq(cx.now)))
+                .execute(cx.conn)?;
+            continue;
+        }
+        let paid = settlements.iter().find(|s| s.order_id == *order_id).expect("the order was settled here");
+        diesel::update(orders::table.find(order_id))
+            .set((
+                orders::status.eq("failed"),
+                orders::status_reason.eq("receipt_certificate_revoked"),
+                orders::updated_at.eq(cx.now),
+            ))
+            .execute(cx.conn)?;
+        let late = refund::NewRefund {
+            paid,
+            asset_id: None,
+            cause: refund::RefundCause::LateSettlement,
+            request_id: None,
+            amount_minor: paid.amount_minor,
+        };
+        refund::request(cx.conn, settled, late, cx.now, cx.outgoing)?;
+        let text = format!(
+            "receipt certificate {id} was revoked before your payment settled: nothing is issued, and the payment is refunded"
+        );
+        notify_orderer(cx.conn, settled, *order_id, "payment_refunded", text, cx.now, cx.outgoing)?;
+        tracing::info!(receipt_certificate_id = %id, %order_id, "a payment settled after its receipt certificate was revoked: refunded");
+        revoked.push(*order_id);
+    }
+    Ok(issuing.into_iter().filter(|o| !revoked.contains(o)).collect())
 }
