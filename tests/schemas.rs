@@ -10,9 +10,9 @@
 use std::collections::BTreeSet;
 
 use assetflow::contracts::messages::{
-    CertificateNotices, DeadLetterMessage, DeliveryKind, DeliveryReceipt, DeliveryRequested, ExchangeRequest,
-    GatewayDelivery, IssuanceRequested, Notice, PurchaseRequest, Refusal, SettlementInstruction, SettlementResult,
-    kinds,
+    CertificateNotices, ConfirmRequest, ConfirmationRequest, DeadLetterMessage, DeliveryKind, DeliveryReceipt,
+    DeliveryRequested, ExchangeRequest, GatewayDelivery, IssuanceRequested, Notice, PurchaseRequest, Refusal,
+    SettlementInstruction, SettlementResult, kinds,
 };
 use assetflow::contracts::refusal::RefusalReason;
 use assetflow::contracts::schema::{SCHEMAS, validate};
@@ -43,6 +43,7 @@ fn deserialize(kind: &str, message: &Value) -> Result<(), serde_json::Error> {
     match kind {
         kinds::ORDER_PURCHASE => serde_json::from_value::<PurchaseRequest>(message).map(drop),
         kinds::CERTIFICATE_EXCHANGE => serde_json::from_value::<ExchangeRequest>(message).map(drop),
+        kinds::ORDER_CONFIRM => serde_json::from_value::<ConfirmRequest>(message).map(drop),
         kinds::SETTLEMENT_INSTRUCTION => serde_json::from_value::<SettlementInstruction>(message).map(drop),
         kinds::SETTLEMENT_RESULT => serde_json::from_value::<SettlementResult>(message).map(drop),
         kinds::ISSUANCE_REQUESTED => serde_json::from_value::<IssuanceRequested>(message).map(drop),
@@ -145,6 +146,10 @@ fn delivery_examples_cover_every_kind() {
                 let _: Notice = serde_json::from_value(content).expect("a notice's content is a Notice");
             }
             // The certificate and asset documents have no Rust type: the schema is their contract.
+            DeliveryKind::ConfirmationRequest => {
+                let _: ConfirmationRequest =
+                    serde_json::from_value(content).expect("a confirmation request's content is a ConfirmationRequest");
+            }
             DeliveryKind::Certificate | DeliveryKind::Asset => {}
         }
         seen.insert(kind.as_str());

@@ -40,10 +40,18 @@ pub enum RefusalReason {
     AssetNotDeliverable,
     /// The request fails its schema: the detail names the field at fault.
     InvalidRequest,
+    /// The order a confirmation names does not exist.
+    UnknownOrder,
+    /// The terminal confirming an order is not its payer.
+    NotThePayer,
+    /// The order is not waiting for its payer's confirmation (it needs none, or was answered).
+    OrderNotAwaitingConfirmation,
+    /// The confirmation window has ended: the order is, or is about to be, `unconfirmed`.
+    ConfirmationExpired,
 }
 
 impl RefusalReason {
-    pub const ALL: [RefusalReason; 18] = [
+    pub const ALL: [RefusalReason; 22] = [
         Self::UnknownTerminal,
         Self::BadSignature,
         Self::StaleRequest,
@@ -62,6 +70,10 @@ impl RefusalReason {
         Self::CertificateNotHeld,
         Self::AssetNotDeliverable,
         Self::InvalidRequest,
+        Self::UnknownOrder,
+        Self::NotThePayer,
+        Self::OrderNotAwaitingConfirmation,
+        Self::ConfirmationExpired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -84,6 +96,10 @@ impl RefusalReason {
             Self::CertificateNotHeld => "certificate_not_held",
             Self::AssetNotDeliverable => "asset_not_deliverable",
             Self::InvalidRequest => "invalid_request",
+            Self::UnknownOrder => "unknown_order",
+            Self::NotThePayer => "not_the_payer",
+            Self::OrderNotAwaitingConfirmation => "order_not_awaiting_confirmation",
+            Self::ConfirmationExpired => "confirmation_expired",
         }
     }
 }
