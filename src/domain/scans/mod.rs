@@ -2,6 +2,7 @@
 //! them as of the run's intended time.
 
 pub mod certificates;
+pub mod confirmations;
 pub mod deliveries;
 pub mod retention;
 
