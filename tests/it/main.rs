@@ -4,6 +4,7 @@ mod harness;
 
 mod batch;
 mod chaos;
+mod confirmations;
 mod dead_lettering;
 mod failures;
 mod flows;
