@@ -10,9 +10,10 @@
 use std::collections::BTreeSet;
 
 use assetflow::contracts::messages::{
-    BookingRequest, BookingsDecide, CertificateNotices, DeadLetterMessage, DeferRequest, DeliveryKind, DeliveryReceipt,
-    DeliveryRequested, ExchangeRequest, GatewayDelivery, IssuanceRequested, Notice, PurchaseRequest, RefundRequest,
-    Refusal, SettlementInstruction, SettlementResult, SubmitRequest, kinds,
+    BookingRequest, BookingsDecide, CertificateNotices, ConfirmRequest, ConfirmationRequest, DeadLetterMessage,
+    DeferRequest, DeliveryKind, DeliveryReceipt, DeliveryRequested, ExchangeRequest, GatewayDelivery,
+    IssuanceRequested, Notice, PurchaseRequest, RefundRequest, Refusal, SettlementInstruction, SettlementResult,
+    SubmitRequest, kinds,
 };
 use assetflow::contracts::refusal::RefusalReason;
 use assetflow::contracts::schema::{SCHEMAS, validate};
@@ -43,6 +44,7 @@ fn deserialize(kind: &str, message: &Value) -> Result<(), serde_json::Error> {
     match kind {
         kinds::ORDER_PURCHASE => serde_json::from_value::<PurchaseRequest>(message).map(drop),
         kinds::CERTIFICATE_EXCHANGE => serde_json::from_value::<ExchangeRequest>(message).map(drop),
+        kinds::ORDER_CONFIRM => serde_json::from_value::<ConfirmRequest>(message).map(drop),
         kinds::SETTLEMENT_INSTRUCTION => serde_json::from_value::<SettlementInstruction>(message).map(drop),
         kinds::SETTLEMENT_RESULT => serde_json::from_value::<SettlementResult>(message).map(drop),
         kinds::ISSUANCE_REQUESTED => serde_json::from_value::<IssuanceRequested>(message).map(drop),
@@ -152,6 +154,10 @@ fn delivery_examples_cover_every_kind() {
             // The certificate, asset and receipt certificate documents have no Rust type: the schema
             // is their contract.
             DeliveryKind::Certificate | DeliveryKind::Asset | DeliveryKind::ReceiptCertificate => {}
+            DeliveryKind::ConfirmationRequest => {
+                let _: ConfirmationRequest =
+                    serde_json::from_value(content).expect("a confirmation request's content is a ConfirmationRequest");
+            }
         }
         seen.insert(kind.as_str());
     }

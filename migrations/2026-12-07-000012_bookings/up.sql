@@ -70,4 +70,4 @@ CREATE TABLE booking_decisions (
 ALTER TABLE deliveries DROP CONSTRAINT deliveries_kind_check;
 ALTER TABLE deliveries ADD CONSTRAINT deliveries_kind_check CHECK (kind IN (
     'certificate', 'asset', 'message', 'download_request', 'revocation_request', 'refusal',
-    'receipt_certificate'));
+    'confirmation_request', 'receipt_certificate'));

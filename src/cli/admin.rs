@@ -31,6 +31,9 @@ pub enum TerminalsCommand {
         /// Make a new key pair and write the private key here (development and simulation).
         #[arg(long)]
         generate_key: Option<PathBuf>,
+        /// As a payer, it waives confirmation of the orders other terminals bill to it.
+        #[arg(long)]
+        waives_confirmation: bool,
     },
     /// List the registered terminals.
     List,
@@ -103,6 +106,12 @@ pub struct ProductArgs {
     /// terminals that cannot sign).
     #[arg(long, default_value = "terminal")]
     pub proof_of_delivery: String,
+    /// How long a payer other than the orderer has to confirm an order, such as 15m.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "15m")]
+    pub confirmation_window: std::time::Duration,
+    /// Its orders need no confirmation by a payer other than the orderer.
+    #[arg(long)]
+    pub confirmation_waived: bool,
 }
 
 impl ProductArgs {
@@ -134,6 +143,7 @@ impl ProductArgs {
             self.certificate_validity.map(|d| term_secs("--certificate-validity", d)).transpose()?;
         let reminder_stage1 = term_secs("--reminder-stage1", self.reminder_stage1)?;
         let reminder_stage2 = term_secs("--reminder-stage2", self.reminder_stage2)?;
+        let confirmation_window = term_secs("--confirmation-window", self.confirmation_window)?;
         anyhow::ensure!(reminder_stage1 > reminder_stage2, "--reminder-stage1 must be longer than --reminder-stage2");
         anyhow::ensure!(
             self.asset_validity.is_some() || self.asset_expires_at.is_some(),
@@ -166,6 +176,8 @@ impl ProductArgs {
             on_sale: !self.off_sale,
             tags,
             proof_of_delivery: self.proof_of_delivery,
+            confirmation_window_secs: confirmation_window,
+            confirmation_waived: self.confirmation_waived,
         })
     }
 }
@@ -246,9 +258,20 @@ pub fn register_terminal(
     Ok(())
 }
 
+/// waive_confirmation records whether a registered terminal, as a payer, waives confirmation of
+/// the orders other terminals bill to it (`docs/product.md#payer-confirmation`).
+pub fn waive_confirmation(conn: &mut PgConnection, id: &str, waives: bool) -> anyhow::Result<()> {
+    let changed = diesel::update(terminals::table.find(id))
+        .set(terminals::waives_confirmation.eq(waives))
+        .execute(conn)
+        .map_err(|e| anyhow::anyhow!("cannot change terminal {id}: {e}"))?;
+    anyhow::ensure!(changed == 1, "terminal {id} is not registered");
+    Ok(())
+}
+
 pub async fn terminals(config: &Config, command: TerminalsCommand) -> anyhow::Result<()> {
     match command {
-        TerminalsCommand::Register { id, kind, gateway, partner, public_key, generate_key } => {
+        TerminalsCommand::Register { id, kind, gateway, partner, public_key, generate_key, waives_confirmation } => {
             anyhow::ensure!(crate::config::is_name(&id), "--id must be 1-64 characters of [A-Za-z0-9._-]");
             anyhow::ensure!(
                 ["mobile", "stationary", "pos", "gate"].contains(&kind.as_str()),
@@ -280,8 +303,11 @@ pub async fn terminals(config: &Config, command: TerminalsCommand) -> anyhow::Re
                 _ => anyhow::bail!("give --public-key FILE or --generate-key FILE"),
             };
             let id2 = id.clone();
-            with_db(config, move |conn| register_terminal(conn, &id2, &kind, &gateway, partner.as_deref(), &pem))
-                .await?;
+            with_db(config, move |conn| {
+                register_terminal(conn, &id2, &kind, &gateway, partner.as_deref(), &pem)?;
+                waive_confirmation(conn, &id2, waives_confirmation)
+            })
+            .await?;
             println!("registered terminal {id}");
         }
         TerminalsCommand::List => {

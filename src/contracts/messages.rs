@@ -45,6 +45,7 @@ pub fn parse_body(body: &[u8]) -> Result<(String, Value), String> {
 pub mod kinds {
     pub const ORDER_PURCHASE: &str = "order.purchase";
     pub const CERTIFICATE_EXCHANGE: &str = "certificate.exchange";
+    pub const ORDER_CONFIRM: &str = "order.confirm";
     pub const SETTLEMENT_INSTRUCTION: &str = "settlement.instruction";
     pub const SETTLEMENT_RESULT: &str = "settlement.result";
     pub const ISSUANCE_REQUESTED: &str = "issuance.requested";
@@ -206,6 +207,42 @@ pub struct BookingsDecide {
     pub message_type: String,
     pub as_of: DateTime<Utc>,
     pub product_ids: Vec<String>,
+}
+
+/// ConfirmAnswer is a payer's answer to an order it was asked to confirm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfirmAnswer {
+    /// Charge the payer: the order goes on to settlement.
+    Confirm,
+    /// Charge nothing: the order ends declined.
+    Decline,
+}
+
+impl ConfirmAnswer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Confirm => "confirm",
+            Self::Decline => "decline",
+        }
+    }
+}
+
+/// ConfirmRequest is `order.confirm`: the payer's terminal confirms or declines an order billed
+/// to it by another terminal (`docs/product.md#payer-confirmation`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfirmRequest {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub request_id: String,
+    /// The payer: the terminal that signed the request.
+    pub terminal_id: String,
+    pub sent_at: DateTime<Utc>,
+    /// The order named in the `confirmation_request` delivery.
+    pub order_id: Uuid,
+    pub answer: ConfirmAnswer,
+    pub signature: String,
 }
 
 /// SettlementInstruction is published to the payer's partner queue.
@@ -391,10 +428,11 @@ pub enum DeliveryKind {
     RevocationRequest,
     Refusal,
     ReceiptCertificate,
+    ConfirmationRequest,
 }
 
 impl DeliveryKind {
-    pub const ALL: [DeliveryKind; 7] = [
+    pub const ALL: [DeliveryKind; 8] = [
         Self::Certificate,
         Self::Asset,
         Self::Message,
@@ -402,6 +440,7 @@ impl DeliveryKind {
         Self::RevocationRequest,
         Self::Refusal,
         Self::ReceiptCertificate,
+        Self::ConfirmationRequest,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -413,6 +452,7 @@ impl DeliveryKind {
             Self::RevocationRequest => "revocation_request",
             Self::Refusal => "refusal",
             Self::ReceiptCertificate => "receipt_certificate",
+            Self::ConfirmationRequest => "confirmation_request",
         }
     }
 
@@ -505,6 +545,24 @@ pub struct Notice {
     pub certificate_id: Option<Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+}
+
+/// ConfirmationRequest is the content of a `confirmation_request` delivery: an order billed to
+/// the terminal by another, which it confirms or declines with `order.confirm` by `confirm_by`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfirmationRequest {
+    pub order_id: Uuid,
+    /// The terminal that placed the order.
+    pub orderer_terminal_id: String,
+    pub product_id: String,
+    /// Assets for each recipient.
+    pub quantity: u32,
+    /// What the payer is charged if it confirms, in minor units.
+    pub amount_minor: i64,
+    pub currency: String,
+    /// An answer after this time is refused, and the order ends `unconfirmed`.
+    pub confirm_by: DateTime<Utc>,
 }
 
 /// DeadLetterMessage is what is published to a pool's dead-letter queue when assetflow gives up.

@@ -56,10 +56,18 @@ pub enum RefusalReason {
     BookingClosed,
     /// The receipt certificate's condition is not met: not drawn, not produced, or not decided yet.
     ConditionNotMet,
+    /// The order a confirmation names does not exist.
+    UnknownOrder,
+    /// The terminal confirming an order is not its payer.
+    NotThePayer,
+    /// The order is not waiting for its payer's confirmation (it needs none, or was answered).
+    OrderNotAwaitingConfirmation,
+    /// The confirmation window has ended: the order is, or is about to be, `unconfirmed`.
+    ConfirmationExpired,
 }
 
 impl RefusalReason {
-    pub const ALL: [RefusalReason; 26] = [
+    pub const ALL: [RefusalReason; 30] = [
         Self::UnknownTerminal,
         Self::BadSignature,
         Self::StaleRequest,
@@ -86,6 +94,10 @@ impl RefusalReason {
         Self::NotSoldByBooking,
         Self::BookingClosed,
         Self::ConditionNotMet,
+        Self::UnknownOrder,
+        Self::NotThePayer,
+        Self::OrderNotAwaitingConfirmation,
+        Self::ConfirmationExpired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -116,6 +128,10 @@ impl RefusalReason {
             Self::NotSoldByBooking => "not_sold_by_booking",
             Self::BookingClosed => "booking_closed",
             Self::ConditionNotMet => "condition_not_met",
+            Self::UnknownOrder => "unknown_order",
+            Self::NotThePayer => "not_the_payer",
+            Self::OrderNotAwaitingConfirmation => "order_not_awaiting_confirmation",
+            Self::ConfirmationExpired => "confirmation_expired",
         }
     }
 }

@@ -12,6 +12,7 @@ use super::messages::kinds;
 pub const SCHEMAS: &[(&str, &str)] = &[
     (kinds::ORDER_PURCHASE, include_str!("../../schemas/order.purchase.schema.json")),
     (kinds::CERTIFICATE_EXCHANGE, include_str!("../../schemas/certificate.exchange.schema.json")),
+    (kinds::ORDER_CONFIRM, include_str!("../../schemas/order.confirm.schema.json")),
     (kinds::SETTLEMENT_INSTRUCTION, include_str!("../../schemas/settlement.instruction.schema.json")),
     (kinds::SETTLEMENT_RESULT, include_str!("../../schemas/settlement.result.schema.json")),
     (kinds::ISSUANCE_REQUESTED, include_str!("../../schemas/issuance.requested.schema.json")),

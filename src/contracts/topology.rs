@@ -232,6 +232,8 @@ impl Topology {
         bind(n.unrouted(), "", n.unrouted());
 
         bind(n.requests(), kinds::ORDER_PURCHASE, n.pool_queue(Pool::Settlement.as_str()));
+        // A payer's confirmation decides whether its order is settled: the settlement pool's.
+        bind(n.requests(), kinds::ORDER_CONFIRM, n.pool_queue(Pool::Settlement.as_str()));
         bind(n.requests(), kinds::SETTLEMENT_RESULT, n.pool_queue(Pool::Settlement.as_str()));
         bind(n.requests(), kinds::CERTIFICATE_EXCHANGE, n.pool_queue(Pool::Issuance.as_str()));
         bind(n.requests(), kinds::ASSET_REFUND, n.pool_queue(Pool::Settlement.as_str()));

@@ -37,9 +37,26 @@ pub struct Product {
     /// signed acknowledgement, or "gateway", the gateway's receipt alone (for terminals that
     /// cannot sign).
     pub proof_of_delivery: String,
+    /// How long a payer other than the orderer has to confirm an order
+    /// (`docs/product.md#payer-confirmation`).
+    pub confirmation_window_secs: i64,
+    /// Whether its orders need no payer confirmation at all.
+    pub confirmation_waived: bool,
 }
 
 impl Product {
+    /// Product::needs_confirmation says whether an order billed to `payer` by `orderer` waits for
+    /// the payer's `order.confirm`: only where they differ and neither the product nor the payer
+    /// waives it.
+    pub fn needs_confirmation(&self, orderer: &Terminal, payer: &Terminal) -> bool {
+        orderer.id != payer.id && !self.confirmation_waived && !payer.waives_confirmation
+    }
+
+    /// Product::confirm_by is when a payer asked at `asked_at` must have answered.
+    pub fn confirm_by(&self, asked_at: DateTime<Utc>) -> DateTime<Utc> {
+        asked_at + chrono::Duration::seconds(self.confirmation_window_secs)
+    }
+
     /// Product::asset_expiry is when an asset issued at `issued_at` expires.
     pub fn asset_expiry(&self, issued_at: DateTime<Utc>) -> DateTime<Utc> {
         match (self.asset_expires_at, self.asset_validity_secs) {
@@ -131,6 +148,8 @@ pub struct Terminal {
     pub gateway_id: String,
     pub partner_id: Option<String>,
     pub public_key_pem: String,
+    /// Whether, as a payer, it waives confirmation of the orders other terminals bill to it.
+    pub waives_confirmation: bool,
 }
 
 /// load_terminal reads a terminal by id.

@@ -43,6 +43,12 @@ pub fn settlement_timed_out(partner: &str, outcome: &'static str) {
     });
 }
 
+/// confirmation counts how a payer's confirmation of an order ended: "confirmed", "declined" or
+/// "unconfirmed" (no answer in the product's window).
+pub fn confirmation(outcome: &'static str) {
+    record(move || counter!("assetflow_confirmations_total", "outcome" => outcome).increment(1));
+}
+
 /// signature_failure counts a signature that did not verify, by what was being verified.
 pub fn signature_failure(subject: &'static str) {
     record(move || counter!("assetflow_signature_failures_total", "subject" => subject).increment(1));
@@ -81,10 +87,16 @@ pub fn register() {
     for subject in ["terminal_request", "certificate"] {
         counter!("assetflow_signature_failures_total", "subject" => subject).absolute(0);
     }
+    for outcome in CONFIRMATION_OUTCOMES {
+        counter!("assetflow_confirmations_total", "outcome" => outcome).absolute(0);
+    }
     for reason in crate::contracts::refusal::RefusalReason::ALL {
         counter!("assetflow_refusals_total", "reason" => reason.as_str()).absolute(0);
     }
 }
+
+/// CONFIRMATION_OUTCOMES are the outcomes [`confirmation`] counts.
+pub const CONFIRMATION_OUTCOMES: [&str; 3] = ["confirmed", "declined", "unconfirmed"];
 
 /// CATALOGUE is every metric the domain emits.
 pub const CATALOGUE: &[Metric] = &[
@@ -102,6 +114,12 @@ pub const CATALOGUE: &[Metric] = &[
         "Deliveries completed, by their proof: terminal (its signed acknowledgement) or gateway (its receipt alone).",
     ),
     m("assetflow_settlements_total", "counter", &["partner", "outcome"], "Partner answers: settled or declined."),
+    m(
+        "assetflow_confirmations_total",
+        "counter",
+        &["outcome"],
+        "Payer confirmations of orders billed by another terminal: confirmed, declined or unconfirmed (no answer in time).",
+    ),
     m(
         "assetflow_settlement_duration_seconds",
         "histogram",

@@ -85,6 +85,12 @@ pub fn check_signature(public_key_pem: &str, request: &Value) -> Result<(), cryp
     crypto::verify_registered(public_key_pem, request)
 }
 
+/// accept records an authentic, fresh request as accepted, with what it acted on: its
+/// idempotency record, for a handler that takes its requests one at a time.
+pub fn accept(cx: &mut Cx<'_>, header: &Header<'_>, content_sha256: &str, subject: Uuid) -> Result<(), Failure> {
+    record(cx, header, content_sha256, "accepted", None, Some(subject))
+}
+
 fn record(
     cx: &mut Cx<'_>,
     header: &Header<'_>,

@@ -25,6 +25,7 @@ diesel::table! {
         partner_id -> Nullable<Text>,
         public_key_pem -> Text,
         registered_at -> Timestamptz,
+        waives_confirmation -> Bool,
     }
 }
 
@@ -50,6 +51,8 @@ diesel::table! {
         tags -> Jsonb,
         created_at -> Timestamptz,
         proof_of_delivery -> Text,
+        confirmation_window_secs -> Int8,
+        confirmation_waived -> Bool,
     }
 }
 
@@ -85,6 +88,9 @@ diesel::table! {
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
         reserved_asset_id -> Nullable<Uuid>,
+        confirm_due_at -> Nullable<Timestamptz>,
+        confirmed_at -> Nullable<Timestamptz>,
+        confirmation_request_id -> Nullable<Text>,
     }
 }
 

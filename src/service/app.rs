@@ -20,9 +20,12 @@ use crate::domain::requests::Requests;
 use crate::domain::scans::SettlementTimeouts;
 use crate::domain::scans::bookings::Bookings;
 use crate::domain::scans::certificates::{AssetExpiry, NearExpiry, PastDue};
+use crate::domain::scans::confirmations::ConfirmationTimeouts;
 use crate::domain::scans::deliveries::{DesignatedDeliveries, Retransmissions};
 use crate::domain::scans::retention::Retention;
-use crate::domain::settlement::{PurchaseHandler, RefundHandler, ResultHandler, SettlementReplayer, Settlements};
+use crate::domain::settlement::{
+    ConfirmHandler, PurchaseHandler, RefundHandler, ResultHandler, SettlementReplayer, Settlements,
+};
 use crate::runtime::Plumbing;
 use crate::runtime::broker::Broker;
 use crate::runtime::consumer::{Consumer, Registry};
@@ -85,6 +88,7 @@ impl App {
         let domain = Domain::new(&config, &pools, &names, keys.clone());
         let scans = Scans {
             settlement_timeout: SettlementTimeouts { settlements: domain.settlements.clone() },
+            confirmation_timeout: ConfirmationTimeouts { settlements: domain.settlements.clone() },
             designated_delivery: DesignatedDeliveries { deliveries: domain.deliveries.clone() },
             near_expiry: NearExpiry { names: names.clone() },
             past_due: PastDue { names: names.clone() },
@@ -142,6 +146,8 @@ impl App {
             &settlement,
             RefundHandler { requests: domain.requests.clone(), settlements: domain.settlements.clone() },
         )?;
+        let (requests, settlements) = (domain.requests.clone(), domain.settlements.clone());
+        registry.register(&settlement, ConfirmHandler { requests, settlements })?;
         registry.register(&issuance, IssueHandler { issuer: domain.issuer.clone() })?;
         registry.register(&issuance, ExchangeHandler { requests: domain.requests.clone(), keys: self.keys.clone() })?;
         registry.register(&issuance, DeferHandler { requests: domain.requests.clone() })?;

@@ -5,6 +5,7 @@
 use crate::domain::scans::SettlementTimeouts;
 use crate::domain::scans::bookings::Bookings;
 use crate::domain::scans::certificates::{AssetExpiry, NearExpiry, PastDue};
+use crate::domain::scans::confirmations::ConfirmationTimeouts;
 use crate::domain::scans::deliveries::{DesignatedDeliveries, Retransmissions};
 use crate::domain::scans::retention::Retention;
 use crate::runtime::scan::Scan;
@@ -34,6 +35,7 @@ impl Job {
 /// Scans are the scheduled jobs' scans, each built with what it needs.
 pub struct Scans {
     pub settlement_timeout: SettlementTimeouts,
+    pub confirmation_timeout: ConfirmationTimeouts,
     pub designated_delivery: DesignatedDeliveries,
     pub near_expiry: NearExpiry,
     pub past_due: PastDue,
@@ -49,6 +51,11 @@ pub static JOBS: &[Job] = &[
         name: "settlement_timeout",
         about: "settlement instructions past their answer time: sent again, or abandoned and dead-lettered",
         scan: |s| &s.settlement_timeout,
+    },
+    Job {
+        name: "confirmation_timeout",
+        about: "orders whose payer did not confirm them within the product's window end unconfirmed; orderer and payer are told",
+        scan: |s| &s.confirmation_timeout,
     },
     Job {
         name: "designated_delivery",

@@ -195,6 +195,8 @@ impl Env {
             on_sale: true,
             tags: json!({"place": "Test Hall"}),
             proof_of_delivery: "terminal".into(),
+            confirmation_window_secs: 900,
+            confirmation_waived: false,
         };
         change(&mut product);
         let saved = product.clone();

@@ -5,6 +5,7 @@ mod harness;
 mod batch;
 mod bookings;
 mod chaos;
+mod confirmations;
 mod dead_lettering;
 mod failures;
 mod flows;

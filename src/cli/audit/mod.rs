@@ -71,6 +71,12 @@ const DUPLICATE_CHECKS: &[(&str, &str)] = &[
 const OPEN_CHECKS: &[(&str, &str)] = &[
     ("open_orders", "SELECT count(*) FROM orders WHERE status IN ('settling', 'issuing')"),
     (
+        // An order waits for its payer until its window ends, then the confirmation_timeout job
+        // (every 5 s) ends it: one still waiting a minute later was not picked up.
+        "overdue_confirmations",
+        "SELECT count(*) FROM orders WHERE status = 'confirming' AND confirm_due_at < now() - interval '1 minute'",
+    ),
+    (
         "issued_orders_short_of_assets",
         "SELECT count(*) FROM orders o WHERE o.status = 'issued' AND (SELECT count(*) FROM assets a WHERE a.order_id = o.id) < o.quantity * cardinality(o.recipient_terminal_ids)",
     ),

@@ -232,7 +232,7 @@ fn subject(r: &Reception) -> Option<String> {
             let (code, certificate) = (r.code.as_deref()?, r.certificate_id?);
             Some(format!("{} {code} about certificate {certificate}", r.kind.as_str()))
         }
-        DeliveryKind::Refusal => None,
+        DeliveryKind::Refusal | DeliveryKind::ConfirmationRequest => None,
     }
 }
 

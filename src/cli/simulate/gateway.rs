@@ -1,6 +1,7 @@
 //! The gateway simulator: receives deliveries for its terminals, returns receipts with the SHA-256
-//! of the bytes received, and has some holders exchange their certificates, and some of the others
-//! ask for a refund or defer the download instead.
+//! of the bytes received, has some holders exchange their certificates and some of the others ask
+//! for a refund or defer the download instead, and has payers answer the orders they are asked to
+//! confirm: most confirm, some decline, some never answer.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,7 +20,9 @@ use super::ledger::{self, Ledger};
 use super::partner::fraction;
 use super::publisher::{ConfirmedSender, consume};
 use crate::config::Config;
-use crate::contracts::messages::{Acknowledgement, DeliveryKind, DeliveryReceipt, GatewayDelivery, kinds};
+use crate::contracts::messages::{
+    Acknowledgement, ConfirmAnswer, DeliveryKind, DeliveryReceipt, GatewayDelivery, kinds,
+};
 use crate::contracts::topology::Names;
 use crate::crypto;
 use crate::domain::catalogue::PartyKind;
@@ -67,6 +70,14 @@ pub struct GatewayOptions {
     /// that fails before its acknowledgement): the broker delivers them again.
     #[arg(long, default_value_t = 0.0)]
     pub requeue_rate: f64,
+    /// Share of orders their payers are asked to confirm that they decline (the others confirm,
+    /// when their keys are in --keys).
+    #[arg(long, default_value_t = 0.0)]
+    pub confirm_decline_rate: f64,
+    /// Share of orders their payers are asked to confirm that they never answer (they end
+    /// unconfirmed when the product's window has passed).
+    #[arg(long, default_value_t = 0.0)]
+    pub confirm_ignore_rate: f64,
 }
 
 impl Default for GatewayOptions {
@@ -85,6 +96,8 @@ impl Default for GatewayOptions {
             party_keys: super::default_party_keys_dir(),
             ledger: None,
             requeue_rate: 0.0,
+            confirm_decline_rate: 0.0,
+            confirm_ignore_rate: 0.0,
         }
     }
 }
@@ -214,6 +227,23 @@ pub async fn run(
                     }
                     _ => None,
                 };
+                // The payer answers an order it is asked to confirm once, even when the request
+                // is sent again.
+                let confirmation = (message.kind == DeliveryKind::ConfirmationRequest)
+                    .then(|| message.content.get("order_id").and_then(|id| id.as_str()).and_then(|id| id.parse().ok()))
+                    .flatten()
+                    .filter(|order: &Uuid| stats.confirm_decided.lock().expect("not poisoned").insert(*order))
+                    .and_then(|order| {
+                        let roll = fraction(&order.to_string(), "confirm");
+                        let answer = if roll < options.confirm_ignore_rate {
+                            return None;
+                        } else if roll < options.confirm_ignore_rate + options.confirm_decline_rate {
+                            ConfirmAnswer::Decline
+                        } else {
+                            ConfirmAnswer::Confirm
+                        };
+                        Some((order, answer))
+                    });
                 let answer = async move {
                     let _waiting = certificate.as_ref().map(|_| Waiting::on(&stats));
                     for _ in 0..copies {
@@ -245,6 +275,18 @@ pub async fn run(
                                 HolderAnswer::Defer => &stats.deferrals,
                             };
                             counter.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    if let Some((order, answer)) = confirmation
+                        && let Some(key) = keys.get(&message.terminal_id).await
+                    {
+                        let request = confirm_request(&message.terminal_id, order, answer, &key);
+                        let body = serde_json::to_vec(&request).expect("serializes");
+                        match publisher.publish(&requests, kinds::ORDER_CONFIRM, kinds::ORDER_CONFIRM, &body).await {
+                            Ok(()) => {
+                                stats.confirmations.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => tracing::warn!(error = %e, "gateway simulator could not send a confirmation"),
                         }
                     }
                     if let Some(certificate) = certificate
@@ -317,6 +359,25 @@ pub fn acknowledge(
     });
     crypto::sign_document(key, &mut ack).expect("signing works");
     serde_json::from_value(ack).expect("an acknowledgement")
+}
+
+/// confirm_request builds a payer's signed `order.confirm`.
+pub fn confirm_request(
+    terminal_id: &str,
+    order_id: Uuid,
+    answer: ConfirmAnswer,
+    key: &PKey<Private>,
+) -> serde_json::Value {
+    let mut request = serde_json::json!({
+        "type": kinds::ORDER_CONFIRM,
+        "request_id": format!("c-{}", Uuid::now_v7()),
+        "terminal_id": terminal_id,
+        "sent_at": Utc::now(),
+        "order_id": order_id,
+        "answer": answer,
+    });
+    crypto::sign_document(key, &mut request).expect("signing works");
+    request
 }
 
 /// exchange_request builds a signed `certificate.exchange`.

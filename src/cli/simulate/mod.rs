@@ -51,6 +51,12 @@ pub enum SimulateCommand {
         /// Share of refunds the partner refuses.
         #[arg(long, default_value_t = 0.1)]
         refund_refusal_rate: f64,
+        /// Share of orders billed to another terminal that the payer declines.
+        #[arg(long, default_value_t = 0.1)]
+        confirm_decline_rate: f64,
+        /// Share of orders billed to another terminal that the payer never answers.
+        #[arg(long, default_value_t = 0.05)]
+        confirm_ignore_rate: f64,
         /// With --orders: keep answering this long after the last order, then show the history
         /// of an exchanged asset and stop. Without it, run until interrupted.
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -88,14 +94,20 @@ pub struct Stats {
     /// The deliveries whose certificate a holder decided to exchange: a holder exchanges a
     /// certificate once, even when it is sent again (a receipt that came too late for its timeout).
     pub exchange_decided: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
+    /// Payers' answers to orders they were asked to confirm, published.
+    pub confirmations: AtomicU64,
+    /// The orders whose payer decided how to answer: a payer answers once, even when the request
+    /// to confirm is sent again.
+    pub confirm_decided: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
 }
 
 impl Stats {
     pub fn line(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "orders {} · settled {} · declined {} · certificates {} · exchanges {} · assets {} · notices {} · refusals {} · refunds asked {} (refunded {}, refused {}) · deferrals {}",
+            "orders {} · confirmations {} · settled {} · declined {} · certificates {} · exchanges {} · assets {} · notices {} · refusals {} · refunds asked {} (refunded {}, refused {}) · deferrals {}",
             g(&self.orders),
+            g(&self.confirmations),
             g(&self.settled),
             g(&self.declined),
             g(&self.certificates),
@@ -243,6 +255,8 @@ pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()>
             refund_rate,
             defer_rate,
             refund_refusal_rate,
+            confirm_decline_rate,
+            confirm_ignore_rate,
             linger,
             gateway_ledger,
         } => {
@@ -253,6 +267,8 @@ pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()>
                 exchange_rate,
                 refund_rate,
                 defer_rate,
+                confirm_decline_rate,
+                confirm_ignore_rate,
                 keys: options.keys.clone(),
                 ledger: gateway_ledger,
                 ..gateway::GatewayOptions::default()

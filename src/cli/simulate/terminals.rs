@@ -49,6 +49,9 @@ pub struct TerminalOptions {
     /// Share of orders for delivery at a designated time a few seconds ahead.
     #[arg(long, default_value_t = 0.1)]
     pub designated_rate: f64,
+    /// Share of orders billed to another terminal, whose payer is asked to confirm them.
+    #[arg(long, default_value_t = 0.1)]
+    pub payer_rate: f64,
 }
 
 /// SimTerminal is a registered terminal whose key the simulator holds.
@@ -164,6 +167,10 @@ pub async fn run(
                 let other = terminals.iter().filter(|t| t.id != terminal.id).collect::<Vec<_>>();
                 extra["recipient_terminal_ids"] = json!([other.choose(&mut rng).expect("another").id]);
             }
+            if rng.random::<f64>() < options.payer_rate && terminals.len() > 1 {
+                let other = terminals.iter().filter(|t| t.id != terminal.id).collect::<Vec<_>>();
+                extra["payer_terminal_id"] = json!(other.choose(&mut rng).expect("another").id);
+            }
             let roll = rng.random::<f64>();
             if roll < options.immediate_rate {
                 extra["delivery"] = json!({"mode": "immediate"});
@@ -223,6 +230,8 @@ pub fn demo_catalogue() -> Vec<Product> {
         on_sale: true,
         tags: json!({}),
         proof_of_delivery: "terminal".into(),
+        confirmation_window_secs: 900,
+        confirmation_waived: false,
     };
     vec![
         Product {
@@ -244,12 +253,16 @@ pub fn demo_catalogue() -> Vec<Product> {
             reminder_stage1_secs: day,
             reminder_stage2_secs: day / 2,
             stage2_policy: "forced_transmission".into(),
+            // The film starts soon: a payer asked to confirm has a minute to answer.
+            confirmation_window_secs: 60,
             ..base("ppv-movie", "ppv_ticket", "Pay-per-view: the late show", "cinema-net", 400)
         },
         // Redeemed at shop tills that cannot sign: the gateway's receipt is its proof of delivery.
+        // A coffee billed to another terminal needs no confirmation.
         Product {
             uses: Some(1),
             proof_of_delivery: "gateway".into(),
+            confirmation_waived: true,
             ..base("coffee-coupon", "coupon", "One coffee", "assetflow-pay", 300)
         },
     ]

@@ -1,4 +1,6 @@
 //! Delivery receipts: a gateway's acknowledgement, for its terminal, of the bytes it received.
+//! When the receipts complete what an order delivered to recipients other than its orderer, the
+//! orderer is told the order is complete (`docs/product.md#completion-notice`).
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -6,7 +8,7 @@ use uuid::Uuid;
 
 use std::sync::Arc;
 
-use super::{Deliveries, Row, fail_attempt};
+use super::{Deliveries, Inserted, Row, fail_attempt};
 use crate::contracts::dead_letter::DeadLetterReason;
 use crate::contracts::messages::{Acknowledgement, DeliveryKind, DeliveryReceipt, kinds};
 use crate::crypto;
@@ -18,7 +20,7 @@ use crate::runtime::consumer::{Cx, Failure, Handler, Received, together_unless_r
 
 /// ReceiptHandler completes a delivery on a receipt with the right hash (`delivery.receipt`).
 /// Receipts handled together are read in one statement and completed in one more (two when they
-/// complete assets).
+/// complete assets, two more when they deliver what an order bought for another terminal).
 pub struct ReceiptHandler {
     pub deliveries: Arc<Deliveries>,
 }
@@ -102,7 +104,7 @@ fn take(cx: &mut Cx<'_>, deliveries: &Deliveries, batch: &[Received<'_, Delivery
         };
         matching.push((row, attempt, acknowledgement));
     }
-    complete(cx, &matching)
+    complete(cx, deliveries, &matching)
 }
 
 /// Proof is the proof of delivery a receipt carries.
@@ -190,7 +192,11 @@ fn receipted(conn: &mut PgConnection, receipts: &[&DeliveryReceipt]) -> QueryRes
 
 /// complete marks deliveries delivered on their acknowledged attempts, and moves the assets they
 /// carried on (`docs/product.md#the-transition-table`).
-fn complete(cx: &mut Cx<'_>, acknowledged: &[(&Row, i32, Option<&serde_json::Value>)]) -> Result<(), Failure> {
+fn complete(
+    cx: &mut Cx<'_>,
+    deliveries: &Deliveries,
+    acknowledged: &[(&Row, i32, Option<&serde_json::Value>)],
+) -> Result<(), Failure> {
     use diesel::sql_types::{Array, Int4, Jsonb, Nullable, Timestamptz, Uuid as SqlUuid};
     if acknowledged.is_empty() {
         return Ok(());
@@ -215,7 +221,8 @@ fn complete(cx: &mut Cx<'_>, acknowledged: &[(&Row, i32, Option<&serde_json::Val
     }
     // The attempts acknowledged and their deliveries delivered in one statement. Each order's
     // placing time and each asset's exchange time come back with them, for the end-to-end
-    // latencies below.
+    // latencies below, and for a certificate or an asset whether its order has a recipient other
+    // than its orderer (who is then told when the order is complete).
     let delivered: Vec<Delivered> = crate::runtime::db::prepared(
         "WITH acknowledged AS (
            UPDATE delivery_attempts a SET outcome = 'acknowledged', finished_at = $now
@@ -227,9 +234,12 @@ fn complete(cx: &mut Cx<'_>, acknowledged: &[(&Row, i32, Option<&serde_json::Val
                 acknowledgement = t.acknowledgement
          FROM unnest($delivery_ids::uuid[], $acknowledgements::jsonb[]) AS t(id, acknowledgement)
          WHERE d.id = t.id
-         RETURNING d.id,
+         RETURNING d.id, d.order_id,
                    (SELECT o.created_at FROM orders o WHERE o.id = d.order_id) AS placed_at,
-                   (SELECT c.exchanged_at FROM exchange_certificates c WHERE c.asset_id = d.asset_id) AS exchanged_at",
+                   (SELECT c.exchanged_at FROM exchange_certificates c WHERE c.asset_id = d.asset_id) AS exchanged_at,
+                   d.kind IN ('certificate', 'asset')
+                     AND (SELECT NOT (o.recipient_terminal_ids <@ ARRAY[o.orderer_terminal_id])
+                          FROM orders o WHERE o.id = d.order_id) AS for_another",
     )
     .bind::<Timestamptz, _>("now", now)
     .bind::<Array<SqlUuid>, _>("delivery_ids", acknowledged.iter().map(|(row, _, _)| row.id).collect::<Vec<_>>())
@@ -256,7 +266,54 @@ fn complete(cx: &mut Cx<'_>, acknowledged: &[(&Row, i32, Option<&serde_json::Val
             _ => {}
         }
     }
-    hand_over(cx, &assets)
+    hand_over(cx, &assets)?;
+    let mut for_others: Vec<Uuid> =
+        delivered.iter().filter(|d| d.for_another == Some(true)).filter_map(|d| d.order_id).collect();
+    completed(cx, deliveries, &mut for_others)
+}
+
+/// completed tells the orderer of each of these orders, once, that the order is complete when
+/// every certificate and asset it delivered has been acknowledged. Only orders with a recipient
+/// other than the orderer are named: the orderer that is the only recipient acknowledged what it
+/// received itself (`docs/product.md#completion-notice`).
+///
+/// The orders are locked first, in id order, by a statement of their own: two transactions that
+/// complete the last two deliveries of one order then take turns, and the second, reading with a
+/// snapshot taken after the first committed, sees both delivered. (A single statement that waited
+/// for the lock would still read the deliveries as they were when it started.)
+fn completed(cx: &mut Cx<'_>, deliveries: &Deliveries, orders: &mut Vec<Uuid>) -> Result<(), Failure> {
+    use diesel::sql_types::{Array, Text, Timestamptz, Uuid as SqlUuid};
+    if orders.is_empty() {
+        return Ok(());
+    }
+    orders.sort_unstable();
+    orders.dedup();
+    crate::runtime::db::prepared("SELECT id FROM orders WHERE id = ANY($orders) ORDER BY id FOR UPDATE")
+        .bind::<Array<SqlUuid>, _>("orders", &*orders)
+        .execute(cx.conn)?;
+    let ids: Vec<Uuid> = orders.iter().map(|_| Uuid::now_v7()).collect();
+    let noticed: Vec<Inserted> = crate::runtime::db::prepared(
+        "INSERT INTO deliveries (id, dedupe_key, kind, terminal_id, gateway_id, order_id, content, status, due_at,
+                                 created_at, request_id)
+         SELECT n.id, 'order:' || o.id || ':order_completed', 'message', t.id, t.gateway_id, o.id,
+                jsonb_build_object('code', 'order_completed', 'text', $text, 'order_id', o.id, 'request_id', o.request_id),
+                'pending', $now, $now, o.request_id
+         FROM unnest($orders::uuid[], $ids::uuid[]) AS n(order_id, id)
+         JOIN orders o ON o.id = n.order_id
+         JOIN terminals t ON t.id = o.orderer_terminal_id
+         WHERE NOT EXISTS (SELECT 1 FROM deliveries d
+                           WHERE d.order_id = o.id AND d.kind IN ('certificate', 'asset') AND d.status <> 'delivered')
+         ON CONFLICT (dedupe_key) DO NOTHING
+         RETURNING id, due_at",
+    )
+    .bind::<Array<SqlUuid>, _>("orders", &*orders)
+    .bind::<Array<SqlUuid>, _>("ids", &ids)
+    .bind::<Text, _>("text", "Your order is complete: every recipient has received what you ordered.")
+    .bind::<Timestamptz, _>("now", cx.now)
+    .load(cx.conn)?;
+    let due: Vec<Uuid> = noticed.iter().map(|n| n.id).collect();
+    cx.outgoing.extend(super::request_sends(deliveries, &due));
+    Ok(())
 }
 
 /// Handed is an asset whose delivery was acknowledged.
@@ -333,10 +390,15 @@ struct Receipted {
 struct Delivered {
     #[diesel(sql_type = diesel::sql_types::Uuid)]
     id: Uuid,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Uuid>)]
+    order_id: Option<Uuid>,
     #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
     placed_at: Option<DateTime<Utc>>,
     #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
     exchanged_at: Option<DateTime<Utc>>,
+    /// For a certificate or an asset: whether its order has a recipient other than its orderer.
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Bool>)]
+    for_another: Option<bool>,
 }
 
 fn elapsed(from: DateTime<Utc>, to: DateTime<Utc>) -> std::time::Duration {

@@ -3,6 +3,7 @@
 
 pub mod bookings;
 pub mod certificates;
+pub mod confirmations;
 pub mod deliveries;
 pub mod retention;
 

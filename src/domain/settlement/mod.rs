@@ -1,11 +1,14 @@
 //! The settlement pool: orders in, settlement instructions out to the payer's partner, and the
 //! partner's answer decides whether anything is issued (instruction, then payment, then
-//! supply: `docs/product.md#payment-before-supply`).
+//! supply: `docs/product.md#payment-before-supply`). An order billed to a terminal other than its
+//! orderer waits for that payer's confirmation first (`confirm.rs`).
 
+mod confirm;
 mod purchase;
 pub mod refund;
 mod result;
 
+pub use confirm::ConfirmHandler;
 pub use purchase::PurchaseHandler;
 pub use refund::RefundHandler;
 pub use result::ResultHandler;
@@ -26,7 +29,7 @@ use crate::contracts::dead_letter::DeadLetterReason;
 use crate::contracts::messages::{DeliveryKind, Notice, SettlementInstruction, kinds};
 use crate::contracts::topology::Names;
 use crate::contracts::topology::Pool;
-use crate::domain::catalogue::load_terminal;
+use crate::domain::catalogue::{Terminal, load_terminal};
 use crate::domain::delivery::Deliveries;
 use crate::domain::delivery::{self, NewDelivery};
 use crate::domain::metrics;
@@ -128,24 +131,38 @@ pub fn notify_orderer(
     let Some(terminal) = load_terminal(conn, &orderer)? else {
         return Ok(());
     };
+    let d = order_notice(&terminal, order_id, Some(&request_id), format!("order:{order_id}:{code}"), code, text);
+    delivery::enqueue_with(conn, &settlements.deliveries, d, now, sending)?;
+    Ok(())
+}
+
+/// order_notice is a `message` delivery to `terminal` about an order, keyed by `dedupe_key`; a
+/// notice to the orderer answers its purchase (`request_id`).
+pub fn order_notice(
+    terminal: &Terminal,
+    order_id: Uuid,
+    request_id: Option<&str>,
+    dedupe_key: String,
+    code: &str,
+    text: String,
+) -> NewDelivery {
     let notice = Notice {
         code: code.into(),
         text,
         order_id: Some(order_id),
         asset_id: None,
         certificate_id: None,
-        request_id: Some(request_id.clone()),
+        request_id: request_id.map(str::to_string),
     };
     let mut d = NewDelivery::now(
         DeliveryKind::Message,
-        format!("order:{order_id}:{code}"),
-        &terminal,
+        dedupe_key,
+        terminal,
         serde_json::to_value(notice).expect("serializes"),
-    )
-    .answering(request_id);
+    );
+    d.request_id = request_id.map(str::to_string);
     d.order_id = Some(order_id);
-    delivery::enqueue_with(conn, &settlements.deliveries, d, now, sending)?;
-    Ok(())
+    d
 }
 
 /// sweep_timeouts handles settlement instructions whose answer is overdue at `as_of`: each is sent

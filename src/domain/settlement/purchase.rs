@@ -1,6 +1,9 @@
 //! `order.purchase`: validate the order and instruct the payer's partner. Purchases handled
 //! together are authenticated one by one (a signature each), then read in three statements (their
-//! parties, their request ids and the product) and placed in one.
+//! parties, their request ids and the product) and placed in one. An order billed to a terminal
+//! other than its orderer, unless the product or the payer waives it, is placed `confirming`
+//! instead, with no settlement: its payer is asked to confirm it (`confirm.rs`), in two more
+//! statements taken only by batches that hold such orders.
 
 use std::collections::HashMap;
 
@@ -12,9 +15,10 @@ use uuid::Uuid;
 use std::sync::Arc;
 
 use super::{Settlement, Settlements, answer_by, instruction};
-use crate::contracts::messages::{DeliveryModeKind, PurchaseRequest, kinds};
+use crate::contracts::messages::{ConfirmationRequest, DeliveryKind, DeliveryModeKind, PurchaseRequest, kinds};
 use crate::contracts::refusal::{RefusalReason, Refused};
 use crate::domain::catalogue::{Catalogue, Product, Terminal};
+use crate::domain::delivery::{self, Deliveries, NewDelivery};
 use crate::domain::requests::{self, Authentic, Header, Requests};
 use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received, together_unless_repeated};
 
@@ -59,6 +63,8 @@ struct Plan {
     amount_minor: i64,
     mode: DeliveryModeKind,
     designated_at: Option<DateTime<Utc>>,
+    /// When the payer must have confirmed the order, if it must confirm it.
+    confirm_by: Option<DateTime<Utc>>,
 }
 
 impl PurchaseHandler {
@@ -84,6 +90,7 @@ impl PurchaseHandler {
         let ids: Vec<&str> = authentic.iter().map(|(_, p, _)| p.request_id.as_str()).collect();
         let mut originals = if ids.is_empty() { HashMap::new() } else { requests::originals(cx.conn, &ids)? };
         let mut placing = Placing::default();
+        let mut confirming = Confirming::default();
         for (message, purchase, Authentic { terminal, content_sha256: sha }) in authentic {
             let header = header(purchase);
             if let Some(original) = originals.remove(&purchase.request_id) {
@@ -92,10 +99,12 @@ impl PurchaseHandler {
             }
             match self.plan(cx, purchase, &terminal)? {
                 Err(refused) => req.refuse(cx, message, &header, Some(&terminal), Some(&sha), refused)?,
+                Ok(plan) if plan.confirm_by.is_some() => confirming.push(purchase, plan, sha),
                 Ok(plan) => placing.push(cx, &self.settlements, purchase, plan, sha),
             }
         }
-        placing.write(cx)
+        placing.write(cx)?;
+        confirming.write(cx, &self.settlements.deliveries)
     }
 
     fn plan(
@@ -176,14 +185,15 @@ impl PurchaseHandler {
         if asset_expiry <= designated_at.unwrap_or(now) {
             refuse!(RefusalReason::InvalidDeliveryTime, "the asset would expire at {asset_expiry}, before its delivery")
         }
-        Ok(Ok(Plan { product, payer, partner_id, recipients, amount_minor, mode, designated_at }))
+        let confirm_by = product.needs_confirmation(orderer, &payer).then(|| product.confirm_by(now));
+        Ok(Ok(Plan { product, payer, partner_id, recipients, amount_minor, mode, designated_at, confirm_by }))
     }
 }
 
-/// Placing is the orders of a batch to place, column by column, for [`Placing::write`].
+/// Orders is the orders of a batch to place, column by column.
 #[derive(Default)]
-struct Placing {
-    orders: Vec<Uuid>,
+struct Orders {
+    ids: Vec<Uuid>,
     request_ids: Vec<String>,
     orderers: Vec<String>,
     content_sha256s: Vec<String>,
@@ -196,6 +206,31 @@ struct Placing {
     currencies: Vec<String>,
     modes: Vec<&'static str>,
     designated_at: Vec<Option<DateTime<Utc>>>,
+}
+
+impl Orders {
+    fn push(&mut self, order_id: Uuid, purchase: &PurchaseRequest, plan: Plan, content_sha256: String) {
+        tracing::info!(order_id = %order_id, request_id = %purchase.request_id, amount_minor = plan.amount_minor, confirming = plan.confirm_by.is_some(), "order placed");
+        self.ids.push(order_id);
+        self.request_ids.push(purchase.request_id.clone());
+        self.orderers.push(purchase.terminal_id.clone());
+        self.content_sha256s.push(content_sha256);
+        self.sent_at.push(purchase.sent_at);
+        self.payers.push(plan.payer.id);
+        self.recipients.push(Value::from(plan.recipients));
+        self.products.push(plan.product.id);
+        self.quantities.push(purchase.quantity as i32);
+        self.amounts.push(plan.amount_minor);
+        self.currencies.push(plan.product.currency);
+        self.modes.push(plan.mode.as_str());
+        self.designated_at.push(plan.designated_at);
+    }
+}
+
+/// Placing is the orders of a batch that go to settlement at once, for [`Placing::write`].
+#[derive(Default)]
+struct Placing {
+    orders: Orders,
     settlements: Vec<Uuid>,
     partners: Vec<String>,
     answer_by: Vec<DateTime<Utc>>,
@@ -218,33 +253,20 @@ impl Placing {
             id: Uuid::now_v7(),
             order_id,
             kind: "purchase".into(),
-            partner_id: plan.partner_id,
-            payer_terminal_id: plan.payer.id,
+            partner_id: plan.partner_id.clone(),
+            payer_terminal_id: plan.payer.id.clone(),
             amount_minor: plan.amount_minor,
-            currency: plan.product.currency,
+            currency: plan.product.currency.clone(),
             status: "instructed".into(),
             attempts: 1,
             instructed_at: cx.now,
             attempt_limit: None,
         };
         cx.publish(instruction(settlements, &settlement, 1, answer_by));
-        tracing::info!(order_id = %order_id, request_id = %purchase.request_id, amount_minor = plan.amount_minor, "order placed");
-        self.orders.push(order_id);
-        self.request_ids.push(purchase.request_id.clone());
-        self.orderers.push(purchase.terminal_id.clone());
-        self.content_sha256s.push(content_sha256);
-        self.sent_at.push(purchase.sent_at);
-        self.payers.push(settlement.payer_terminal_id);
-        self.recipients.push(Value::from(plan.recipients));
-        self.products.push(plan.product.id);
-        self.quantities.push(purchase.quantity as i32);
-        self.amounts.push(settlement.amount_minor);
-        self.currencies.push(settlement.currency);
-        self.modes.push(plan.mode.as_str());
-        self.designated_at.push(plan.designated_at);
         self.settlements.push(settlement.id);
         self.partners.push(settlement.partner_id);
         self.answer_by.push(answer_by);
+        self.orders.push(order_id, purchase, plan, content_sha256);
     }
 
     /// Placing::write records the requests as accepted and places their orders with their
@@ -253,7 +275,8 @@ impl Placing {
     /// transaction took meanwhile fails it as a whole (see `Failure::from` for unique violations).
     fn write(&self, cx: &mut Cx<'_>) -> Result<(), Failure> {
         use diesel::sql_types::{Array, Int4, Int8, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
-        if self.orders.is_empty() {
+        let orders = &self.orders;
+        if orders.ids.is_empty() {
             return Ok(());
         }
         crate::runtime::db::prepared(
@@ -283,23 +306,108 @@ impl Placing {
         )
         .bind::<Timestamptz, _>("now", cx.now)
         .bind::<Text, _>("message_type", kinds::ORDER_PURCHASE)
-        .bind::<Array<SqlUuid>, _>("orders", &self.orders)
-        .bind::<Array<Text>, _>("request_ids", &self.request_ids)
-        .bind::<Array<Text>, _>("orderers", &self.orderers)
-        .bind::<Array<Text>, _>("content_sha256s", &self.content_sha256s)
-        .bind::<Array<Timestamptz>, _>("sent_at", &self.sent_at)
-        .bind::<Array<Text>, _>("payers", &self.payers)
-        .bind::<Array<Jsonb>, _>("recipients", &self.recipients)
-        .bind::<Array<Text>, _>("products", &self.products)
-        .bind::<Array<Int4>, _>("quantities", &self.quantities)
-        .bind::<Array<Int8>, _>("amounts", &self.amounts)
-        .bind::<Array<Text>, _>("currencies", &self.currencies)
-        .bind::<Array<Text>, _>("modes", &self.modes)
-        .bind::<Array<Nullable<Timestamptz>>, _>("designated_at", &self.designated_at)
+        .bind::<Array<SqlUuid>, _>("orders", &orders.ids)
+        .bind::<Array<Text>, _>("request_ids", &orders.request_ids)
+        .bind::<Array<Text>, _>("orderers", &orders.orderers)
+        .bind::<Array<Text>, _>("content_sha256s", &orders.content_sha256s)
+        .bind::<Array<Timestamptz>, _>("sent_at", &orders.sent_at)
+        .bind::<Array<Text>, _>("payers", &orders.payers)
+        .bind::<Array<Jsonb>, _>("recipients", &orders.recipients)
+        .bind::<Array<Text>, _>("products", &orders.products)
+        .bind::<Array<Int4>, _>("quantities", &orders.quantities)
+        .bind::<Array<Int8>, _>("amounts", &orders.amounts)
+        .bind::<Array<Text>, _>("currencies", &orders.currencies)
+        .bind::<Array<Text>, _>("modes", &orders.modes)
+        .bind::<Array<Nullable<Timestamptz>>, _>("designated_at", &orders.designated_at)
         .bind::<Array<SqlUuid>, _>("settlements", &self.settlements)
         .bind::<Array<Text>, _>("partners", &self.partners)
         .bind::<Array<Timestamptz>, _>("answer_by", &self.answer_by)
         .execute(cx.conn)?;
+        Ok(())
+    }
+}
+
+/// Confirming is the orders of a batch that wait for their payer's confirmation, with the
+/// confirmation requests to their payers, for [`Confirming::write`].
+#[derive(Default)]
+struct Confirming {
+    orders: Orders,
+    confirm_by: Vec<DateTime<Utc>>,
+    requests: Vec<NewDelivery>,
+}
+
+impl Confirming {
+    /// Confirming::push adds an order billed to a payer that must confirm it, and the request to
+    /// confirm it that goes to the payer's terminal (`docs/product.md#payer-confirmation`).
+    fn push(&mut self, purchase: &PurchaseRequest, plan: Plan, content_sha256: String) {
+        let order_id = Uuid::now_v7();
+        let confirm_by = plan.confirm_by.expect("only orders to confirm are pushed");
+        let content = ConfirmationRequest {
+            order_id,
+            orderer_terminal_id: purchase.terminal_id.clone(),
+            product_id: plan.product.id.clone(),
+            quantity: purchase.quantity,
+            amount_minor: plan.amount_minor,
+            currency: plan.product.currency.clone(),
+            confirm_by,
+        };
+        let mut request = NewDelivery::now(
+            DeliveryKind::ConfirmationRequest,
+            format!("order:{order_id}:confirmation"),
+            &plan.payer,
+            serde_json::to_value(content).expect("serializes"),
+        );
+        request.order_id = Some(order_id);
+        self.requests.push(request);
+        self.confirm_by.push(confirm_by);
+        self.orders.push(order_id, purchase, plan, content_sha256);
+    }
+
+    /// Confirming::write records the requests as accepted and places their orders `confirming`,
+    /// due at the end of their windows, in one statement; then the confirmation requests to their
+    /// payers, in one more. Nothing is settled yet.
+    fn write(&self, cx: &mut Cx<'_>, deliveries: &Deliveries) -> Result<(), Failure> {
+        use diesel::sql_types::{Array, Int4, Int8, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+        let orders = &self.orders;
+        if orders.ids.is_empty() {
+            return Ok(());
+        }
+        crate::runtime::db::prepared(
+            "WITH recorded AS (
+               INSERT INTO terminal_requests (request_id, terminal_id, message_type, content_sha256, sent_at,
+                                              received_at, outcome, subject_id)
+               SELECT request_id, orderer, $message_type, sha, sent_at, $now, 'accepted', id
+               FROM unnest($orders::uuid[], $request_ids::text[], $orderers::text[], $content_sha256s::text[], $sent_at::timestamptz[])
+                    AS r(id, request_id, orderer, sha, sent_at)
+             )
+             INSERT INTO orders (id, request_id, orderer_terminal_id, payer_terminal_id, recipient_terminal_ids,
+                                 product_id, quantity, amount_minor, currency, delivery_mode, designated_at, status,
+                                 confirm_due_at, created_at, updated_at)
+             SELECT id, request_id, orderer, payer, ARRAY(SELECT jsonb_array_elements_text(recipients)),
+                    product_id, quantity, amount, currency, mode, designated_at, 'confirming', confirm_by, $now, $now
+             FROM unnest($orders::uuid[], $request_ids::text[], $orderers::text[], $payers::text[], $recipients::jsonb[], $products::text[], $quantities::int4[],
+                         $amounts::int8[], $currencies::text[], $modes::text[], $designated_at::timestamptz[], $confirm_by::timestamptz[])
+                  AS o(id, request_id, orderer, payer, recipients, product_id, quantity, amount, currency, mode,
+                       designated_at, confirm_by)",
+        )
+        .bind::<Timestamptz, _>("now", cx.now)
+        .bind::<Text, _>("message_type", kinds::ORDER_PURCHASE)
+        .bind::<Array<SqlUuid>, _>("orders", &orders.ids)
+        .bind::<Array<Text>, _>("request_ids", &orders.request_ids)
+        .bind::<Array<Text>, _>("orderers", &orders.orderers)
+        .bind::<Array<Text>, _>("content_sha256s", &orders.content_sha256s)
+        .bind::<Array<Timestamptz>, _>("sent_at", &orders.sent_at)
+        .bind::<Array<Text>, _>("payers", &orders.payers)
+        .bind::<Array<Jsonb>, _>("recipients", &orders.recipients)
+        .bind::<Array<Text>, _>("products", &orders.products)
+        .bind::<Array<Int4>, _>("quantities", &orders.quantities)
+        .bind::<Array<Int8>, _>("amounts", &orders.amounts)
+        .bind::<Array<Text>, _>("currencies", &orders.currencies)
+        .bind::<Array<Text>, _>("modes", &orders.modes)
+        .bind::<Array<Nullable<Timestamptz>>, _>("designated_at", &orders.designated_at)
+        .bind::<Array<Timestamptz>, _>("confirm_by", &self.confirm_by)
+        .execute(cx.conn)?;
+        delivery::enqueue_many(cx, deliveries, &self.requests)?;
         Ok(())
     }
 }
