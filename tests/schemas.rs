@@ -10,10 +10,10 @@
 use std::collections::BTreeSet;
 
 use assetflow::contracts::messages::{
-    BookingRequest, BookingsDecide, CertificateNotices, ConfirmRequest, ConfirmationRequest, DeadLetterMessage,
-    DeferRequest, DeliveryKind, DeliveryReceipt, DeliveryRequested, ExchangeRequest, GatewayDelivery,
-    IssuanceRequested, Notice, PurchaseRequest, RefundRequest, Refusal, SettlementInstruction, SettlementResult,
-    SubmitRequest, kinds,
+    BookingRequest, BookingsDecide, CertificateNotices, ChangeRequest, ConfirmRequest, ConfirmationRequest,
+    DeadLetterMessage, DeferRequest, DeliveryKind, DeliveryReceipt, DeliveryRequested, ExchangeRequest,
+    GatewayDelivery, IssuanceRequested, Notice, PurchaseRequest, RefundRequest, Refusal, SettlementInstruction,
+    SettlementResult, SubmitRequest, kinds,
 };
 use assetflow::contracts::refusal::RefusalReason;
 use assetflow::contracts::schema::{SCHEMAS, validate};
@@ -55,6 +55,7 @@ fn deserialize(kind: &str, message: &Value) -> Result<(), serde_json::Error> {
         kinds::DEAD_LETTER => serde_json::from_value::<DeadLetterMessage>(message).map(drop),
         kinds::ASSET_REFUND => serde_json::from_value::<RefundRequest>(message).map(drop),
         kinds::ASSET_DEFER => serde_json::from_value::<DeferRequest>(message).map(drop),
+        kinds::ASSET_CHANGE => serde_json::from_value::<ChangeRequest>(message).map(drop),
         kinds::ORDER_BOOKING => serde_json::from_value::<BookingRequest>(message).map(drop),
         kinds::RECEIPT_SUBMIT => serde_json::from_value::<SubmitRequest>(message).map(drop),
         kinds::BOOKINGS_DECIDE => serde_json::from_value::<BookingsDecide>(message).map(drop),

@@ -56,6 +56,7 @@ pub mod kinds {
     pub const DEAD_LETTER: &str = "dead_letter";
     pub const ASSET_REFUND: &str = "asset.refund";
     pub const ASSET_DEFER: &str = "asset.defer";
+    pub const ASSET_CHANGE: &str = "asset.change";
     pub const ORDER_BOOKING: &str = "order.booking";
     pub const RECEIPT_SUBMIT: &str = "receipt.submit";
     pub const BOOKINGS_DECIDE: &str = "bookings.decide";
@@ -163,6 +164,25 @@ pub struct DeferRequest {
     pub asset_id: Uuid,
     /// When the asset is to be delivered.
     pub deliver_at: DateTime<Utc>,
+    pub signature: String,
+}
+
+/// ChangeRequest is `asset.change`: the holder changes an asset not yet delivered for another
+/// product: a new purchase and a refund of the old asset, as one process
+/// (`docs/product.md#changes`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeRequest {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub request_id: String,
+    /// The holder: the terminal that signed the request.
+    pub terminal_id: String,
+    pub sent_at: DateTime<Utc>,
+    /// The asset given back.
+    pub asset_id: Uuid,
+    /// The product it is changed for.
+    pub product_id: String,
     pub signature: String,
 }
 

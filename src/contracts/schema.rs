@@ -23,6 +23,7 @@ pub const SCHEMAS: &[(&str, &str)] = &[
     (kinds::DEAD_LETTER, include_str!("../../schemas/dead_letter.schema.json")),
     (kinds::ASSET_REFUND, include_str!("../../schemas/asset.refund.schema.json")),
     (kinds::ASSET_DEFER, include_str!("../../schemas/asset.defer.schema.json")),
+    (kinds::ASSET_CHANGE, include_str!("../../schemas/asset.change.schema.json")),
     (kinds::ORDER_BOOKING, include_str!("../../schemas/order.booking.schema.json")),
     (kinds::RECEIPT_SUBMIT, include_str!("../../schemas/receipt.submit.schema.json")),
     (kinds::BOOKINGS_DECIDE, include_str!("../../schemas/bookings.decide.schema.json")),

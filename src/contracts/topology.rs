@@ -237,6 +237,7 @@ impl Topology {
         bind(n.requests(), kinds::SETTLEMENT_RESULT, n.pool_queue(Pool::Settlement.as_str()));
         bind(n.requests(), kinds::CERTIFICATE_EXCHANGE, n.pool_queue(Pool::Issuance.as_str()));
         bind(n.requests(), kinds::ASSET_REFUND, n.pool_queue(Pool::Settlement.as_str()));
+        bind(n.requests(), kinds::ASSET_CHANGE, n.pool_queue(Pool::Settlement.as_str()));
         bind(n.requests(), kinds::ASSET_DEFER, n.pool_queue(Pool::Issuance.as_str()));
         bind(n.requests(), kinds::ORDER_BOOKING, n.pool_queue(Pool::Issuance.as_str()));
         bind(n.requests(), kinds::RECEIPT_SUBMIT, n.pool_queue(Pool::Issuance.as_str()));

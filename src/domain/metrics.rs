@@ -80,6 +80,12 @@ pub fn booking(condition: &str, outcome: &'static str) {
     record(move || counter!("assetflow_bookings_total", "condition" => condition, "outcome" => outcome).increment(1));
 }
 
+/// change counts changes of product reaching each step: `purchasing`, `refunding`, `done`,
+/// `failed`, `compensating`, `compensated`, `stuck`.
+pub fn change(step: &'static str) {
+    record(move || counter!("assetflow_changes_total", "step" => step).increment(1));
+}
+
 /// register describes the domain's metrics and creates its counters whose label sets are known in
 /// advance at zero.
 pub fn register() {
@@ -156,6 +162,12 @@ pub const CATALOGUE: &[Metric] = &[
         "counter",
         &["condition", "outcome"],
         "Receipt certificates: booked, submitted, refused; lotteries drawn and places passed_on; threshold sales produced or failed; certificates lapsed or expired.",
+    ),
+    m(
+        "assetflow_changes_total",
+        "counter",
+        &["step"],
+        "Changes of product reaching each step: purchasing, refunding, done; failed; compensating, compensated, stuck.",
     ),
 ];
 

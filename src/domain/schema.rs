@@ -303,6 +303,23 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    changes (id) {
+        id -> Uuid,
+        request_id -> Text,
+        asset_id -> Uuid,
+        holder_terminal_id -> Text,
+        new_product_id -> Text,
+        new_order_id -> Uuid,
+        refund_id -> Nullable<Uuid>,
+        compensation_id -> Nullable<Uuid>,
+        step -> Text,
+        reason -> Nullable<Text>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
 diesel::joinable!(asset_documents -> assets (asset_id));
 diesel::joinable!(certificate_documents -> exchange_certificates (certificate_id));
 
@@ -327,4 +344,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     booking_terms,
     receipt_certificates,
     booking_decisions,
+    changes,
 );

@@ -24,7 +24,7 @@ use crate::domain::scans::confirmations::ConfirmationTimeouts;
 use crate::domain::scans::deliveries::{DesignatedDeliveries, Retransmissions};
 use crate::domain::scans::retention::Retention;
 use crate::domain::settlement::{
-    ConfirmHandler, PurchaseHandler, RefundHandler, ResultHandler, SettlementReplayer, Settlements,
+    ChangeHandler, ConfirmHandler, PurchaseHandler, RefundHandler, ResultHandler, SettlementReplayer, Settlements,
 };
 use crate::runtime::Plumbing;
 use crate::runtime::broker::Broker;
@@ -148,6 +148,10 @@ impl App {
         )?;
         let (requests, settlements) = (domain.requests.clone(), domain.settlements.clone());
         registry.register(&settlement, ConfirmHandler { requests, settlements })?;
+        registry.register(
+            &settlement,
+            ChangeHandler { requests: domain.requests.clone(), settlements: domain.settlements.clone() },
+        )?;
         registry.register(&issuance, IssueHandler { issuer: domain.issuer.clone() })?;
         registry.register(&issuance, ExchangeHandler { requests: domain.requests.clone(), keys: self.keys.clone() })?;
         registry.register(&issuance, DeferHandler { requests: domain.requests.clone() })?;

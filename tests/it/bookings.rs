@@ -282,7 +282,14 @@ async fn a_submission_racing_the_expiry_ends_in_exactly_one_outcome() {
     };
     let (_, run) = tokio::join!(send_all, env.run_job("bookings", instant));
     assert!(run.rows_scanned <= 6, "{run:?}");
-    // Whatever was not revoked by that run is revoked by a later one, or was submitted first.
+    // Every submission is answered (accepted, or refused as too late or revoked) before a later
+    // run revokes whatever the first one did not reach and no submission took.
+    let ids: Vec<String> = submissions.iter().map(request_id).collect();
+    env.wait_until("every submission is answered", move |c| {
+        let answered = "SELECT count(*) FROM terminal_requests WHERE request_id = ANY(string_to_array($1, ','))";
+        (count(c, answered, &[&ids.join(",")]) == 6).then_some(())
+    })
+    .await;
     env.run_job("bookings", instant + TimeDelta::seconds(1)).await;
     for (h, certificate) in holders.iter().zip(&certificates) {
         let (id, asset, holder) =

@@ -4,6 +4,7 @@ mod harness;
 
 mod batch;
 mod bookings;
+mod changes;
 mod chaos;
 mod confirmations;
 mod dead_lettering;

@@ -13,14 +13,14 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::Receipt;
-use crate::contracts::messages::{SubmitRequest, kinds};
+use crate::contracts::messages::{DeliveryModeKind, SubmitRequest, kinds};
 use crate::contracts::refusal::{RefusalReason, Refused};
 use crate::crypto::{self, KeyRing};
 use crate::domain::catalogue::{Catalogue, Terminal};
 use crate::domain::metrics;
 use crate::domain::requests::{Authentic, Header, Requests};
-use crate::domain::schema::{orders, receipt_certificates, settlements};
-use crate::domain::settlement::{Settlement, Settlements, answer_by, instruction};
+use crate::domain::schema::receipt_certificates;
+use crate::domain::settlement::{NewOrder, Settlements, place};
 use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received};
 
 /// SubmitHandler takes `receipt.submit`, one request at a time.
@@ -79,58 +79,18 @@ impl SubmitHandler {
             );
             return self.requests.refuse(cx, incoming, &header, Some(&terminal), Some(&content_sha256), refused);
         };
-        let order_id = Uuid::now_v7();
-        self.requests.accept(cx, &header, &content_sha256, order_id)?;
-        diesel::insert_into(orders::table)
-            .values((
-                orders::id.eq(order_id),
-                orders::request_id.eq(&submit.request_id),
-                orders::orderer_terminal_id.eq(&terminal.id),
-                orders::payer_terminal_id.eq(&receipt.payer_terminal_id),
-                orders::recipient_terminal_ids.eq(vec![terminal.id.clone()]),
-                orders::product_id.eq(&product.id),
-                orders::quantity.eq(1),
-                orders::amount_minor.eq(product.price_minor),
-                orders::currency.eq(&product.currency),
-                // The asset now, as for an immediate purchase.
-                orders::delivery_mode.eq("immediate"),
-                orders::designated_at.eq(Some(now)),
-                orders::status.eq("settling"),
-                orders::created_at.eq(now),
-                orders::updated_at.eq(now),
-                orders::reserved_asset_id.eq(Some(receipt.asset_id)),
-            ))
-            .execute(cx.conn)?;
-        let settlement = Settlement {
-            id: Uuid::now_v7(),
-            order_id,
-            kind: "purchase".into(),
-            partner_id,
-            payer_terminal_id: receipt.payer_terminal_id.clone(),
-            amount_minor: product.price_minor,
-            currency: product.currency.clone(),
-            status: "instructed".into(),
-            attempts: 1,
-            instructed_at: now,
-            attempt_limit: None,
+        let order = NewOrder {
+            request_id: &submit.request_id,
+            orderer: &terminal.id,
+            payer: &receipt.payer_terminal_id,
+            partner_id: &partner_id,
+            product: &product,
+            // The asset now, as for an immediate purchase.
+            mode: DeliveryModeKind::Immediate,
+            reserved_asset_id: Some(receipt.asset_id),
         };
-        let answer_by = answer_by(&self.settlements, &settlement.partner_id, now);
-        diesel::insert_into(settlements::table)
-            .values((
-                settlements::id.eq(settlement.id),
-                settlements::order_id.eq(order_id),
-                settlements::kind.eq("purchase"),
-                settlements::partner_id.eq(&settlement.partner_id),
-                settlements::payer_terminal_id.eq(&settlement.payer_terminal_id),
-                settlements::amount_minor.eq(settlement.amount_minor),
-                settlements::currency.eq(&settlement.currency),
-                settlements::status.eq("instructed"),
-                settlements::attempts.eq(1),
-                settlements::answer_due_at.eq(answer_by),
-                settlements::instructed_at.eq(now),
-            ))
-            .execute(cx.conn)?;
-        cx.publish(instruction(&self.settlements, &settlement, 1, answer_by));
+        let order_id = place(cx.conn, &self.settlements, order, now, cx.outgoing)?;
+        self.requests.accept(cx, &header, &content_sha256, order_id)?;
         diesel::update(receipt_certificates::table.find(receipt.id))
             .set((
                 receipt_certificates::status.eq("submitted"),

@@ -16,7 +16,9 @@ use crate::contracts::refusal::{RefusalReason, Refused};
 use crate::domain::catalogue::Terminal;
 use crate::domain::delivery::{self, NewDelivery};
 use crate::domain::requests::{Authentic, Header, Requests};
-use crate::domain::schema::{asset_documents, assets, deliveries, exchange_certificates, refunds, reminder_schedule};
+use crate::domain::schema::{
+    asset_documents, assets, changes, deliveries, exchange_certificates, refunds, reminder_schedule,
+};
 use crate::domain::status::{self, Cause, Status};
 use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received};
 
@@ -172,6 +174,14 @@ impl DeferHandler {
             .get_result(cx.conn)?;
         if refunding > 0 {
             refuse!(RefusalReason::RefundPending, "a refund of asset {id} awaits its partner's answer")
+        }
+        let changing: i64 = changes::table
+            .filter(changes::asset_id.eq(id))
+            .filter(changes::step.eq_any(["purchasing", "refunding", "compensating"]))
+            .count()
+            .get_result(cx.conn)?;
+        if changing > 0 {
+            refuse!(RefusalReason::RefundPending, "a change of asset {id} is under way")
         }
         let status = Status::parse(&asset.status).expect("the CHECK constraint admits only known statuses");
         let plan = match status {

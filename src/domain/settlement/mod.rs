@@ -3,11 +3,13 @@
 //! supply: `docs/product.md#payment-before-supply`). An order billed to a terminal other than its
 //! orderer waits for that payer's confirmation first (`confirm.rs`).
 
+pub mod change;
 mod confirm;
 mod purchase;
 pub mod refund;
 mod result;
 
+pub use change::ChangeHandler;
 pub use confirm::ConfirmHandler;
 pub use purchase::PurchaseHandler;
 pub use refund::RefundHandler;
@@ -114,6 +116,87 @@ pub fn instruction(settlements: &Settlements, s: &Settlement, attempt: u32, answ
     };
     Outgoing::json(settlements.names.partners(), s.partner_id.as_str(), kinds::SETTLEMENT_INSTRUCTION, &instruction)
         .correlated(s.order_id.to_string())
+}
+
+/// NewOrder is one order placed outside an `order.purchase`: a receipt certificate's submission,
+/// or a change's new purchase. It buys one asset of `product` for its orderer.
+pub struct NewOrder<'a> {
+    /// The terminal request that placed it.
+    pub request_id: &'a str,
+    pub orderer: &'a str,
+    pub payer: &'a str,
+    pub partner_id: &'a str,
+    pub product: &'a crate::domain::catalogue::Product,
+    /// `certificate` or `immediate`.
+    pub mode: crate::contracts::messages::DeliveryModeKind,
+    /// The asset a receipt certificate reserved: the order's asset has this id.
+    pub reserved_asset_id: Option<Uuid>,
+}
+
+/// place records one order of one asset with its purchase settlement, and adds the partner's
+/// first instruction to `sending`, for the caller to write to the outbox in its transaction. The
+/// request that placed it must be recorded in the same transaction. It returns the order's id.
+pub fn place(
+    conn: &mut PgConnection,
+    settlements: &Settlements,
+    order: NewOrder<'_>,
+    now: DateTime<Utc>,
+    sending: &mut Vec<Outgoing>,
+) -> QueryResult<Uuid> {
+    use crate::contracts::messages::DeliveryModeKind;
+    let id = Uuid::now_v7();
+    let product = order.product;
+    diesel::insert_into(orders::table)
+        .values((
+            orders::id.eq(id),
+            orders::request_id.eq(order.request_id),
+            orders::orderer_terminal_id.eq(order.orderer),
+            orders::payer_terminal_id.eq(order.payer),
+            orders::recipient_terminal_ids.eq(vec![order.orderer.to_string()]),
+            orders::product_id.eq(&product.id),
+            orders::quantity.eq(1),
+            orders::amount_minor.eq(product.price_minor),
+            orders::currency.eq(&product.currency),
+            orders::delivery_mode.eq(order.mode.as_str()),
+            orders::designated_at.eq((order.mode == DeliveryModeKind::Immediate).then_some(now)),
+            orders::status.eq("settling"),
+            orders::created_at.eq(now),
+            orders::updated_at.eq(now),
+            orders::reserved_asset_id.eq(order.reserved_asset_id),
+        ))
+        .execute(conn)?;
+    let settlement = Settlement {
+        id: Uuid::now_v7(),
+        order_id: id,
+        kind: "purchase".into(),
+        partner_id: order.partner_id.to_string(),
+        payer_terminal_id: order.payer.to_string(),
+        amount_minor: product.price_minor,
+        currency: product.currency.clone(),
+        status: "instructed".into(),
+        attempts: 1,
+        instructed_at: now,
+        attempt_limit: None,
+    };
+    let answer_by = answer_by(settlements, &settlement.partner_id, now);
+    diesel::insert_into(settlements::table)
+        .values((
+            settlements::id.eq(settlement.id),
+            settlements::order_id.eq(id),
+            settlements::kind.eq("purchase"),
+            settlements::partner_id.eq(&settlement.partner_id),
+            settlements::payer_terminal_id.eq(&settlement.payer_terminal_id),
+            settlements::amount_minor.eq(settlement.amount_minor),
+            settlements::currency.eq(&settlement.currency),
+            settlements::status.eq("instructed"),
+            settlements::attempts.eq(1),
+            settlements::answer_due_at.eq(answer_by),
+            settlements::instructed_at.eq(now),
+        ))
+        .execute(conn)?;
+    sending.push(instruction(settlements, &settlement, 1, answer_by));
+    tracing::info!(order_id = %id, request_id = order.request_id, amount_minor = product.price_minor, "order placed");
+    Ok(id)
 }
 
 /// notify_orderer sends a notice about an order to its orderer, once per `code`.

@@ -23,7 +23,7 @@ use crate::domain::delivery::{self, NewDelivery};
 use crate::domain::metrics;
 use crate::domain::requests::{Authentic, Header, Requests};
 use crate::domain::schema::{
-    assets, deliveries, exchange_certificates, orders, refunds, reminder_schedule, settlements,
+    assets, changes, deliveries, exchange_certificates, orders, refunds, reminder_schedule, settlements,
 };
 use crate::domain::status::{self, Cause, Status};
 use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received};
@@ -180,12 +180,13 @@ impl Handler for RefundHandler {
 
 /// Refundable is an asset as a refund checks it, locked.
 #[derive(Debug, Queryable)]
-struct Refundable {
-    id: Uuid,
-    order_id: Uuid,
-    holder_terminal_id: String,
-    status: String,
-    expires_at: DateTime<Utc>,
+pub struct Refundable {
+    pub id: Uuid,
+    pub order_id: Uuid,
+    pub product_id: String,
+    pub holder_terminal_id: String,
+    pub status: String,
+    pub expires_at: DateTime<Utc>,
 }
 
 impl RefundHandler {
@@ -199,7 +200,17 @@ impl RefundHandler {
         let Some(Authentic { terminal, content_sha256 }) = self.requests.admit(cx, incoming, &header)? else {
             return Ok(());
         };
-        match self.refundable(cx, asked)? {
+        let changing: i64 = changes::table
+            .filter(changes::asset_id.eq(asked.asset_id))
+            .filter(changes::step.eq_any(["purchasing", "refunding", "compensating"]))
+            .count()
+            .get_result(cx.conn)?;
+        if changing > 0 {
+            let detail = format!("a change of asset {} is under way", asked.asset_id);
+            let refused = Refused::new(RefusalReason::RefundPending, detail);
+            return self.requests.refuse(cx, incoming, &header, Some(&terminal), Some(&content_sha256), refused);
+        }
+        match refundable(cx, asked.asset_id, &asked.terminal_id)? {
             Err(refused) => {
                 self.requests.refuse(cx, incoming, &header, Some(&terminal), Some(&content_sha256), refused)
             }
@@ -217,68 +228,84 @@ impl RefundHandler {
             }
         }
     }
+}
 
-    /// refundable checks that the presenting holder may have its money back for the asset, and
-    /// returns the asset (locked), the payment to refund from, and how much.
-    fn refundable(
-        &self,
-        cx: &mut Cx<'_>,
-        request: &RefundRequest,
-    ) -> Result<Result<(Refundable, Settlement, i64), Refused>, Failure> {
-        macro_rules! refuse {
-            ($reason:expr, $($detail:tt)*) => { return Ok(Err(Refused::new($reason, format!($($detail)*)))) };
-        }
-        let id = request.asset_id;
-        let asset: Option<Refundable> = assets::table
-            .find(id)
-            .select((assets::id, assets::order_id, assets::holder_terminal_id, assets::status, assets::expires_at))
-            .for_update()
-            .first(cx.conn)
-            .optional()?;
-        let Some(asset) = asset else { refuse!(RefusalReason::AssetUnknown, "no asset {id} was issued") };
-        if asset.holder_terminal_id != request.terminal_id {
-            refuse!(RefusalReason::AssetNotHeld, "asset {id} is not held by terminal {}", request.terminal_id)
-        }
-        let status = Status::parse(&asset.status).expect("the CHECK constraint admits only known statuses");
-        if status == Status::Expired || asset.expires_at <= cx.now {
-            refuse!(RefusalReason::RefundNotAllowed, "asset {id} has expired: no refund is due for an expired asset")
-        }
-        if status == Status::Refunded {
-            refuse!(RefusalReason::RefundNotAllowed, "asset {id} was already refunded")
-        }
-        if !status.is_before_delivery() {
-            refuse!(RefusalReason::RefundNotAllowed, "asset {id} was already delivered ({status})")
-        }
-        let under_way: Option<String> = refunds::table
-            .filter(refunds::asset_id.eq(id))
-            .filter(refunds::status.eq("requested"))
-            .select(refunds::cause)
-            .first(cx.conn)
-            .optional()?;
-        if let Some(cause) = under_way {
-            refuse!(RefusalReason::RefundPending, "a refund of asset {id} is already under way ({cause})")
-        }
-        let in_transit: i64 = deliveries::table
-            .filter(deliveries::asset_id.eq(id))
-            .filter(deliveries::kind.eq(DeliveryKind::Asset.as_str()))
-            .filter(deliveries::status.eq("sent"))
-            .count()
-            .get_result(cx.conn)?;
-        if in_transit > 0 {
-            refuse!(
-                RefusalReason::RefundNotAllowed,
-                "asset {id} is being delivered; ask again if its delivery does not complete"
-            )
-        }
-        let Some(paid) = paid(cx.conn, asset.order_id)? else {
-            refuse!(RefusalReason::RefundNotAllowed, "the payment for asset {id} has not settled")
-        };
-        let amount = asset_price(cx.conn, asset.order_id)?;
-        if amount <= 0 {
-            refuse!(RefusalReason::RefundNotAllowed, "asset {id} was free: there is nothing to refund")
-        }
-        Ok(Ok((asset, paid, amount)))
+/// refundable checks that `holder` may have its money back for the asset, and returns the asset
+/// (locked), the payment to refund from, and how much.
+pub fn refundable(
+    cx: &mut Cx<'_>,
+    id: Uuid,
+    holder: &str,
+) -> Result<Result<(Refundable, Settlement, i64), Refused>, Failure> {
+    refundable_asset(cx.conn, cx.now, id, holder)
+}
+
+/// refundable_asset is [`refundable`] as of `now`, for callers that are not handed a [`Cx`].
+pub fn refundable_asset(
+    conn: &mut PgConnection,
+    now: DateTime<Utc>,
+    id: Uuid,
+    holder: &str,
+) -> Result<Result<(Refundable, Settlement, i64), Refused>, Failure> {
+    macro_rules! refuse {
+        ($reason:expr, $($detail:tt)*) => { return Ok(Err(Refused::new($reason, format!($($detail)*)))) };
     }
+    let asset: Option<Refundable> = assets::table
+        .find(id)
+        .select((
+            assets::id,
+            assets::order_id,
+            assets::product_id,
+            assets::holder_terminal_id,
+            assets::status,
+            assets::expires_at,
+        ))
+        .for_update()
+        .first(conn)
+        .optional()?;
+    let Some(asset) = asset else { refuse!(RefusalReason::AssetUnknown, "no asset {id} was issued") };
+    if asset.holder_terminal_id != holder {
+        refuse!(RefusalReason::AssetNotHeld, "asset {id} is not held by terminal {holder}")
+    }
+    let status = Status::parse(&asset.status).expect("the CHECK constraint admits only known statuses");
+    if status == Status::Expired || asset.expires_at <= now {
+        refuse!(RefusalReason::RefundNotAllowed, "asset {id} has expired: no refund is due for an expired asset")
+    }
+    if status == Status::Refunded {
+        refuse!(RefusalReason::RefundNotAllowed, "asset {id} was already refunded")
+    }
+    if !status.is_before_delivery() {
+        refuse!(RefusalReason::RefundNotAllowed, "asset {id} was already delivered ({status})")
+    }
+    let under_way: Option<String> = refunds::table
+        .filter(refunds::asset_id.eq(id))
+        .filter(refunds::status.eq("requested"))
+        .select(refunds::cause)
+        .first(conn)
+        .optional()?;
+    if let Some(cause) = under_way {
+        refuse!(RefusalReason::RefundPending, "a refund of asset {id} is already under way ({cause})")
+    }
+    let in_transit: i64 = deliveries::table
+        .filter(deliveries::asset_id.eq(id))
+        .filter(deliveries::kind.eq(DeliveryKind::Asset.as_str()))
+        .filter(deliveries::status.eq("sent"))
+        .count()
+        .get_result(conn)?;
+    if in_transit > 0 {
+        refuse!(
+            RefusalReason::RefundNotAllowed,
+            "asset {id} is being delivered; ask again if its delivery does not complete"
+        )
+    }
+    let Some(paid) = paid(conn, asset.order_id)? else {
+        refuse!(RefusalReason::RefundNotAllowed, "the payment for asset {id} has not settled")
+    };
+    let amount = asset_price(conn, asset.order_id)?;
+    if amount <= 0 {
+        refuse!(RefusalReason::RefundNotAllowed, "asset {id} was free: there is nothing to refund")
+    }
+    Ok(Ok((asset, paid, amount)))
 }
 
 /// answered records a partner's answer to a refund settlement `s` (not yet answered, or

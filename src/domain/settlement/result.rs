@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use std::sync::Arc;
 
-use super::{Settlement, Settlements, notify_orderer, refund};
+use super::{Settlement, Settlements, change, notify_orderer, refund};
 use crate::contracts::dead_letter::DeadLetterReason;
 use crate::contracts::messages::{IssuanceRequested, SettlementOutcome, SettlementResult, kinds};
 use crate::domain::catalogue::PartyKind;
@@ -99,13 +99,16 @@ fn take(cx: &mut Cx<'_>, settled: &Settlements, batch: &[Received<'_, Settlement
     }
     answers.write(cx.conn, now)?;
     let issuing = not_revoked(cx, settled, &settlements, issuing)?;
+    let declined_orders: Vec<Uuid> = declined.iter().map(|(order, _)| *order).collect();
+    let issuing = change::purchases_answered(cx.conn, settled, issuing, &declined_orders, now, cx.outgoing)?;
     for (s, result) in refunds {
         metrics::settlement_answered(
             &s.partner_id,
             result.outcome.as_str(),
             (now - s.instructed_at).to_std().unwrap_or_default(),
         );
-        refund::answered(cx.conn, settled, s, result, now, cx.outgoing)?;
+        let refund = refund::answered(cx.conn, settled, s, result, now, cx.outgoing)?;
+        change::refund_answered(cx.conn, settled, &refund, now, cx.outgoing)?;
     }
     // The orders settled together are issued together: one message for all of them.
     for next in IssuanceRequested::for_orders(&issuing) {
