@@ -43,6 +43,47 @@ pub enum TerminalsCommand {
 pub enum ProductsCommand {
     /// Add or replace a product.
     Add(Box<ProductArgs>),
+    /// Sell a product by booking (receipt certificates), under a condition.
+    Booking {
+        #[arg(long)]
+        product: String,
+        /// hold (held until the certificate expires), lottery or threshold.
+        #[arg(long)]
+        condition: String,
+        /// A lottery's winners, or a threshold sale's applicants needed.
+        #[arg(long)]
+        places: Option<i32>,
+        /// When the lottery is drawn, or the threshold sale closes (RFC 3339).
+        #[arg(long)]
+        decided_at: Option<DateTime<Utc>>,
+        /// How long a winner (or whoever a lapsed place passes to) has to submit.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1day")]
+        window: std::time::Duration,
+    },
+    /// Announce an issuer's change of a product's event: every holder of an asset not yet
+    /// delivered gets a modification notice, and answers accept or refund by the deadline.
+    Change {
+        #[arg(long)]
+        product: String,
+        /// What changed, in words for the holders.
+        #[arg(long)]
+        description: String,
+        /// The product's new title, from now on.
+        #[arg(long)]
+        title: Option<String>,
+        /// The product's new tags (a JSON object: the event's date, place...), from now on.
+        #[arg(long)]
+        tags: Option<String>,
+        /// The event's new end: its assets' new term.
+        #[arg(long)]
+        asset_expires_at: Option<DateTime<Utc>>,
+        /// The holders' deadline to answer (RFC 3339).
+        #[arg(long)]
+        reply_by: DateTime<Utc>,
+        /// What an unanswered notice gets at the deadline: accept or refund.
+        #[arg(long)]
+        default: String,
+    },
     /// List the products.
     List {
         #[arg(long)]
@@ -327,8 +368,65 @@ pub async fn terminals(config: &Config, command: TerminalsCommand) -> anyhow::Re
     Ok(())
 }
 
+/// announce_change records an issuer's change and its modification notices, and writes the
+/// notices' deliveries to the outbox, in one transaction: a running `assetflow run` sends them.
+/// It returns the change's id and the number of notices.
+pub fn announce_change(
+    conn: &mut PgConnection,
+    deliveries: &crate::domain::delivery::Deliveries,
+    change: &crate::domain::issuance::modification::IssuerChange,
+) -> anyhow::Result<(uuid::Uuid, usize)> {
+    let now = Utc::now();
+    Ok(conn.transaction(|conn| {
+        let mut sending = Vec::new();
+        let announced = crate::domain::issuance::modification::announce(conn, deliveries, change, now, &mut sending)?;
+        crate::runtime::outbox::enqueue_all(conn, &sending)?;
+        Ok::<_, diesel::result::Error>(announced)
+    })?)
+}
+
 pub async fn products(config: &Config, command: ProductsCommand) -> anyhow::Result<()> {
     match command {
+        ProductsCommand::Booking { product, condition, places, decided_at, window } => {
+            use crate::domain::bookings::{Condition, Terms, save_terms};
+            let parsed = Condition::parse(&condition)
+                .ok_or_else(|| anyhow::anyhow!("--condition must be hold, lottery or threshold, not {condition:?}"))?;
+            anyhow::ensure!(
+                parsed == Condition::Hold || (places.is_some() && decided_at.is_some()),
+                "a {condition} needs --places and --decided-at"
+            );
+            let terms = Terms {
+                product_id: product.clone(),
+                condition,
+                places,
+                decided_at,
+                window_secs: i64::try_from(window.as_secs()).unwrap_or(i64::MAX).max(1),
+            };
+            with_db(config, move |conn| Ok(save_terms(conn, &terms)?)).await?;
+            println!("product {product} is sold by booking");
+        }
+        ProductsCommand::Change { product, description, title, tags, asset_expires_at, reply_by, default } => {
+            use crate::contracts::messages::ModificationChoice;
+            use crate::domain::issuance::modification::IssuerChange;
+            let default_answer = ModificationChoice::parse(&default)
+                .ok_or_else(|| anyhow::anyhow!("--default must be accept or refund, not {default:?}"))?;
+            let tags =
+                tags.map(|t| serde_json::from_str(&t)).transpose().map_err(|e| anyhow::anyhow!("--tags: {e}"))?;
+            anyhow::ensure!(reply_by > Utc::now(), "--reply-by {reply_by} is in the past");
+            let change = IssuerChange {
+                product_id: product,
+                description,
+                title,
+                tags,
+                asset_expires_at,
+                reply_by,
+                default_answer,
+            };
+            let app = crate::service::app::App::for_operations(config.clone())?;
+            let deliveries = app.domain.deliveries.clone();
+            let (id, notices) = with_db(config, move |conn| announce_change(conn, &deliveries, &change)).await?;
+            println!("issuer change {id}: {notices} holders notified (sent by a running assetflow)");
+        }
         ProductsCommand::Add(args) => {
             let product = args.into_product()?;
             let id = product.id.clone();

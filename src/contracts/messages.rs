@@ -58,11 +58,14 @@ pub mod kinds {
     pub const ASSET_DEFER: &str = "asset.defer";
     pub const ASSET_CHANGE: &str = "asset.change";
     pub const ORDER_BOOKING: &str = "order.booking";
+    pub const MODIFICATION_ANSWER: &str = "modification.answer";
+    pub const MODIFICATIONS_DUE: &str = "modifications.due";
     pub const RECEIPT_SUBMIT: &str = "receipt.submit";
     pub const BOOKINGS_DECIDE: &str = "bookings.decide";
 
     /// The messages assetflow sends itself, on its internal exchange, from one pool to another.
-    pub const INTERNAL: [&str; 4] = [ISSUANCE_REQUESTED, DELIVERY_REQUESTED, CERTIFICATE_NOTICES, BOOKINGS_DECIDE];
+    pub const INTERNAL: [&str; 5] =
+        [ISSUANCE_REQUESTED, DELIVERY_REQUESTED, CERTIFICATE_NOTICES, BOOKINGS_DECIDE, MODIFICATIONS_DUE];
 }
 
 /// DeliveryModeKind is how an order's assets reach their recipients.
@@ -184,6 +187,57 @@ pub struct ChangeRequest {
     /// The product it is changed for.
     pub product_id: String,
     pub signature: String,
+}
+
+/// ModificationChoice is a holder's answer to an issuer's change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModificationChoice {
+    /// A new asset, with the changed information, replaces the old one.
+    Accept,
+    /// The asset is refunded.
+    Refund,
+}
+
+impl ModificationChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Accept => "accept",
+            Self::Refund => "refund",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ModificationChoice> {
+        [Self::Accept, Self::Refund].into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+/// ModificationAnswer is `modification.answer`: a holder answers the modification notice of an
+/// issuer's change (`docs/product.md#issuer-changes`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModificationAnswer {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub request_id: String,
+    /// The holder: the terminal that signed the request.
+    pub terminal_id: String,
+    pub sent_at: DateTime<Utc>,
+    /// The notice answered (the `certificate_id` of its `modification_notice` message).
+    pub notice_id: Uuid,
+    pub answer: ModificationChoice,
+    pub signature: String,
+}
+
+/// ModificationsDue is internal: the `issuer_changes` scan found these notices unanswered at their
+/// deadline; the issuance pool gives each its change's default answer, once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModificationsDue {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub as_of: DateTime<Utc>,
+    pub notice_ids: Vec<Uuid>,
 }
 
 /// BookingRequest is `order.booking`: a terminal books a product sold by booking, and gets a

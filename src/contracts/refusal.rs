@@ -64,10 +64,12 @@ pub enum RefusalReason {
     OrderNotAwaitingConfirmation,
     /// The confirmation window has ended: the order is, or is about to be, `unconfirmed`.
     ConfirmationExpired,
+    /// The modification notice does not exist, was answered, or its deadline passed.
+    ModificationNotOpen,
 }
 
 impl RefusalReason {
-    pub const ALL: [RefusalReason; 30] = [
+    pub const ALL: [RefusalReason; 31] = [
         Self::UnknownTerminal,
         Self::BadSignature,
         Self::StaleRequest,
@@ -98,6 +100,7 @@ impl RefusalReason {
         Self::NotThePayer,
         Self::OrderNotAwaitingConfirmation,
         Self::ConfirmationExpired,
+        Self::ModificationNotOpen,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -132,6 +135,7 @@ impl RefusalReason {
             Self::NotThePayer => "not_the_payer",
             Self::OrderNotAwaitingConfirmation => "order_not_awaiting_confirmation",
             Self::ConfirmationExpired => "confirmation_expired",
+            Self::ModificationNotOpen => "modification_not_open",
         }
     }
 }

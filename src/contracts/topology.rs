@@ -242,6 +242,8 @@ impl Topology {
         bind(n.requests(), kinds::ORDER_BOOKING, n.pool_queue(Pool::Issuance.as_str()));
         bind(n.requests(), kinds::RECEIPT_SUBMIT, n.pool_queue(Pool::Issuance.as_str()));
         bind(n.internal(), kinds::BOOKINGS_DECIDE, n.pool_queue(Pool::Issuance.as_str()));
+        bind(n.requests(), kinds::MODIFICATION_ANSWER, n.pool_queue(Pool::Issuance.as_str()));
+        bind(n.internal(), kinds::MODIFICATIONS_DUE, n.pool_queue(Pool::Issuance.as_str()));
         bind(n.internal(), kinds::ISSUANCE_REQUESTED, n.pool_queue(Pool::Issuance.as_str()));
         bind(n.requests(), kinds::DELIVERY_RECEIPT, n.pool_queue(Pool::Delivery.as_str()));
         bind(n.internal(), kinds::DELIVERY_REQUESTED, n.pool_queue(Pool::Delivery.as_str()));

@@ -86,6 +86,12 @@ pub fn change(step: &'static str) {
     record(move || counter!("assetflow_changes_total", "step" => step).increment(1));
 }
 
+/// issuer_change counts issuer's changes' modification notices: `announced`, then `answered` by
+/// the holder or `defaulted` at the deadline.
+pub fn issuer_change(outcome: &'static str, notices: u64) {
+    record(move || counter!("assetflow_modification_notices_total", "outcome" => outcome).increment(notices));
+}
+
 /// register describes the domain's metrics and creates its counters whose label sets are known in
 /// advance at zero.
 pub fn register() {
@@ -168,6 +174,12 @@ pub const CATALOGUE: &[Metric] = &[
         "counter",
         &["step"],
         "Changes of product reaching each step: purchasing, refunding, done; failed; compensating, compensated, stuck.",
+    ),
+    m(
+        "assetflow_modification_notices_total",
+        "counter",
+        &["outcome"],
+        "Modification notices of issuers' changes: announced, then answered by the holder or defaulted at the deadline.",
     ),
 ];
 

@@ -136,6 +136,8 @@ diesel::table! {
         remaining_uses -> Nullable<Int4>,
         currency -> Text,
         status_changed_at -> Timestamptz,
+        replaces_asset_id -> Nullable<Uuid>,
+        generation -> Int4,
     }
 }
 
@@ -320,6 +322,33 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    issuer_changes (id) {
+        id -> Uuid,
+        product_id -> Text,
+        description -> Text,
+        reply_by -> Timestamptz,
+        default_answer -> Text,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    modification_notices (id) {
+        id -> Uuid,
+        change_id -> Uuid,
+        asset_id -> Uuid,
+        holder_terminal_id -> Text,
+        reply_by -> Timestamptz,
+        answer -> Nullable<Text>,
+        answered_by -> Nullable<Text>,
+        request_id -> Nullable<Text>,
+        answered_at -> Nullable<Timestamptz>,
+        outcome -> Nullable<Text>,
+    }
+}
+
+diesel::joinable!(modification_notices -> issuer_changes (change_id));
 diesel::joinable!(asset_documents -> assets (asset_id));
 diesel::joinable!(certificate_documents -> exchange_certificates (certificate_id));
 
@@ -345,4 +374,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     receipt_certificates,
     booking_decisions,
     changes,
+    issuer_changes,
+    modification_notices,
 );

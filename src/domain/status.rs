@@ -27,10 +27,12 @@ pub enum Status {
     ForceDelivered,
     Expired,
     Refunded,
+    /// Replaced by a new asset: its holder accepted an issuer's change.
+    Replaced,
 }
 
 impl Status {
-    pub const ALL: [Status; 9] = [
+    pub const ALL: [Status; 10] = [
         Status::AwaitingExchange,
         Status::AwaitingDesignatedDelivery,
         Status::Delivered,
@@ -40,6 +42,7 @@ impl Status {
         Status::ForceDelivered,
         Status::Expired,
         Status::Refunded,
+        Status::Replaced,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +56,7 @@ impl Status {
             Status::ForceDelivered => "force_delivered",
             Status::Expired => "expired",
             Status::Refunded => "refunded",
+            Status::Replaced => "replaced",
         }
     }
 
@@ -62,7 +66,10 @@ impl Status {
 
     /// Status::is_final says whether nothing more can happen to the asset.
     pub fn is_final(self) -> bool {
-        matches!(self, Status::Delivered | Status::ForceDelivered | Status::Expired | Status::Refunded)
+        matches!(
+            self,
+            Status::Delivered | Status::ForceDelivered | Status::Expired | Status::Refunded | Status::Replaced
+        )
     }
 
     /// Status::is_before_delivery: the asset has not reached its holder yet.
@@ -95,6 +102,8 @@ pub enum Cause {
     RefundSettled,
     /// The holder deferred the download to a designated time.
     Deferred,
+    /// The holder accepted an issuer's change: a new asset replaces this one.
+    IssuerChangeAccepted,
 }
 
 impl Cause {
@@ -107,6 +116,7 @@ impl Cause {
             Cause::AssetExpired => "asset_expired",
             Cause::RefundSettled => "refund_settled",
             Cause::Deferred => "deferred",
+            Cause::IssuerChangeAccepted => "issuer_change_accepted",
         }
     }
 }
@@ -127,8 +137,9 @@ pub fn allowed(from: Status, to: Status) -> bool {
         (ExpiredCertificateProcessing, Expired | ForceDelivered | ForcedRetransmitting) => true,
         // Retransmission, completed as a forced delivery.
         (Retransmitting | ForcedRetransmitting, Expired | ForceDelivered) => true,
-        // Any status before delivery, once a refund settled.
-        (from, Refunded) => from.is_before_delivery(),
+        // Any status before delivery, once a refund settled, or once its holder accepted an
+        // issuer's change and a new asset replaced it.
+        (from, Refunded | Replaced) => from.is_before_delivery(),
         _ => false,
     }
 }
@@ -327,6 +338,11 @@ mod tests {
             (ForcedRetransmitting, Expired),
             (ForcedRetransmitting, ForceDelivered),
             (ForcedRetransmitting, Refunded),
+            (AwaitingExchange, Replaced),
+            (AwaitingDesignatedDelivery, Replaced),
+            (ExpiredCertificateProcessing, Replaced),
+            (Retransmitting, Replaced),
+            (ForcedRetransmitting, Replaced),
         ];
         for from in Status::ALL {
             for to in Status::ALL {
@@ -337,7 +353,7 @@ mod tests {
 
     #[test]
     fn final_statuses_go_nowhere() {
-        for from in [Delivered, ForceDelivered, Expired, Refunded] {
+        for from in [Delivered, ForceDelivered, Expired, Refunded, Replaced] {
             assert!(Status::ALL.iter().all(|to| !allowed(from, *to)), "{from} has a way out");
         }
     }

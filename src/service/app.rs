@@ -15,13 +15,16 @@ use crate::domain::bookings::{BookingHandler, DecideHandler, SubmitHandler};
 use crate::domain::delivery::notices::NoticesHandler;
 use crate::domain::delivery::receipt::ReceiptHandler;
 use crate::domain::delivery::{Deliveries, DeliveryReplayer, RequestedHandler};
-use crate::domain::issuance::{DeferHandler, ExchangeHandler, IssueHandler, Issuer};
+use crate::domain::issuance::{
+    AnswerHandler, DefaultsHandler, DeferHandler, ExchangeHandler, IssueHandler, Issuer, Modifications,
+};
 use crate::domain::requests::Requests;
 use crate::domain::scans::SettlementTimeouts;
 use crate::domain::scans::bookings::Bookings;
 use crate::domain::scans::certificates::{AssetExpiry, NearExpiry, PastDue};
 use crate::domain::scans::confirmations::ConfirmationTimeouts;
 use crate::domain::scans::deliveries::{DesignatedDeliveries, Retransmissions};
+use crate::domain::scans::modifications::ModificationDefaults;
 use crate::domain::scans::retention::Retention;
 use crate::domain::settlement::{
     ChangeHandler, ConfirmHandler, PurchaseHandler, RefundHandler, ResultHandler, SettlementReplayer, Settlements,
@@ -96,6 +99,7 @@ impl App {
             retention: Retention { retention: config.retention.clone() },
             retransmission: Retransmissions { deliveries: domain.deliveries.clone() },
             bookings: Bookings { names: names.clone(), deliveries: domain.deliveries.clone() },
+            issuer_changes: ModificationDefaults { names: names.clone() },
         };
         let plumbing = Plumbing {
             db,
@@ -173,6 +177,13 @@ impl App {
                 keys: self.keys.clone(),
             },
         )?;
+        let modifications =
+            Arc::new(Modifications { issuer: domain.issuer.clone(), settlements: domain.settlements.clone() });
+        registry.register(
+            &issuance,
+            AnswerHandler { requests: domain.requests.clone(), modifications: modifications.clone() },
+        )?;
+        registry.register(&issuance, DefaultsHandler { modifications })?;
         registry.register(
             &issuance,
             DecideHandler {

@@ -7,6 +7,7 @@ use crate::domain::scans::bookings::Bookings;
 use crate::domain::scans::certificates::{AssetExpiry, NearExpiry, PastDue};
 use crate::domain::scans::confirmations::ConfirmationTimeouts;
 use crate::domain::scans::deliveries::{DesignatedDeliveries, Retransmissions};
+use crate::domain::scans::modifications::ModificationDefaults;
 use crate::domain::scans::retention::Retention;
 use crate::runtime::scan::Scan;
 
@@ -43,6 +44,7 @@ pub struct Scans {
     pub retention: Retention,
     pub retransmission: Retransmissions,
     pub bookings: Bookings,
+    pub issuer_changes: ModificationDefaults,
 }
 
 /// JOBS is every scheduled job.
@@ -91,6 +93,11 @@ pub static JOBS: &[Job] = &[
         name: "bookings",
         about: "receipt certificates: stage-1 reminders, lotteries and threshold sales due for their decision, winners who did not submit in time (their place passes on), and certificates that expired unsubmitted (revoked)",
         scan: |s| &s.bookings,
+    },
+    Job {
+        name: "issuer_changes",
+        about: "modification notices of issuers' changes unanswered at their deadline get the change's default answer (a replacement or a refund)",
+        scan: |s| &s.issuer_changes,
     },
 ];
 

@@ -10,6 +10,7 @@ mod confirmations;
 mod dead_lettering;
 mod failures;
 mod flows;
+mod issuer_changes;
 mod monitoring;
 mod operator_input;
 mod outbox;

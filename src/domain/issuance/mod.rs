@@ -5,10 +5,12 @@
 mod defer;
 mod documents;
 mod exchange;
+pub mod modification;
 
 pub use defer::DeferHandler;
 pub use documents::{asset_document, certificate_document};
 pub use exchange::ExchangeHandler;
+pub use modification::{AnswerHandler, DefaultsHandler, Modifications};
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -237,6 +239,9 @@ struct Issued {
     reminders_due_at: Vec<Option<DateTime<Utc>>>,
     certificate_documents: Vec<String>,
     certificate_signatures: Vec<String>,
+    /// For each asset, the asset it replaces (an issuer's change accepted), and its generation.
+    replaces: Vec<Option<Uuid>>,
+    generations: Vec<i32>,
 }
 
 impl Issued {
@@ -259,6 +264,8 @@ impl Issued {
         self.asset_documents.push(crate::crypto::canonical_json(a.document));
         self.issuer_signatures.push(a.document["issuer_signature"].as_str().unwrap_or_default().to_string());
         self.provider_signatures.push(a.document["signature"].as_str().unwrap_or_default().to_string());
+        self.replaces.push(None);
+        self.generations.push(0);
     }
 
     fn certificate(
@@ -291,15 +298,17 @@ impl Issued {
                INSERT INTO assets (id, order_id, recipient_terminal_id, ordinal, product_id, kind, issuer_id,
                                    holder_terminal_id, issued_at, expires_at, has_exchange_certificate,
                                    certificate_expires_at, status, transferable, designated_at, value_minor,
-                                   remaining_minor, remaining_uses, currency, status_changed_at)
+                                   remaining_minor, remaining_uses, currency, status_changed_at, replaces_asset_id,
+                                   generation)
                SELECT id, order_id, recipient, ordinal, product_id, kind, issuer_id, recipient, $now, expires_at,
                       certificate_expires_at IS NOT NULL, certificate_expires_at, status, transferable,
-                      designated_at, value_minor, value_minor, uses, currency, $now
+                      designated_at, value_minor, value_minor, uses, currency, $now, replaces, generation
                FROM unnest($assets::uuid[], $asset_orders::uuid[], $recipients::text[], $ordinals::int4[], $products::text[], $kinds::text[], $issuers::text[],
                            $expires_at::timestamptz[], $certificate_expires_at::timestamptz[], $statuses::text[], $transferable::bool[], $designated_at::timestamptz[],
-                           $values::int8[], $uses::int4[], $currencies::text[])
+                           $values::int8[], $uses::int4[], $currencies::text[], $replaces::uuid[], $generations::int4[])
                     AS a(id, order_id, recipient, ordinal, product_id, kind, issuer_id, expires_at,
-                         certificate_expires_at, status, transferable, designated_at, value_minor, uses, currency)
+                         certificate_expires_at, status, transferable, designated_at, value_minor, uses, currency,
+                         replaces, generation)
              ), new_asset_documents AS (
                INSERT INTO asset_documents (asset_id, document, issuer_signature, provider_signature)
                SELECT * FROM unnest($assets::uuid[], $asset_documents::text[], $issuer_signatures::text[], $provider_signatures::text[])
@@ -344,6 +353,8 @@ impl Issued {
         .bind::<Array<Text>, _>("certificate_signatures", &self.certificate_signatures)
         .bind::<Array<Nullable<Timestamptz>>, _>("reminders_due_at", &self.reminders_due_at)
         .bind::<Array<SqlUuid>, _>("orders", &self.orders)
+        .bind::<Array<Nullable<SqlUuid>>, _>("replaces", &self.replaces)
+        .bind::<Array<Int4>, _>("generations", &self.generations)
         .execute(conn)?;
         Ok(())
     }

@@ -5,6 +5,7 @@ pub mod bookings;
 pub mod certificates;
 pub mod confirmations;
 pub mod deliveries;
+pub mod modifications;
 pub mod retention;
 
 use chrono::{DateTime, Utc};

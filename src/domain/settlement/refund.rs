@@ -38,6 +38,8 @@ pub enum RefundCause {
     Change,
     /// A payment that settled after what it paid for was revoked: it bought nothing.
     LateSettlement,
+    /// The holder answered an issuer's change with a refund (or it was the default).
+    IssuerChange,
 }
 
 impl RefundCause {
@@ -46,6 +48,7 @@ impl RefundCause {
             RefundCause::Holder => "holder",
             RefundCause::Change => "change",
             RefundCause::LateSettlement => "late_settlement",
+            RefundCause::IssuerChange => "issuer_change",
         }
     }
 }
@@ -353,7 +356,7 @@ pub fn answered(
             }
             Some(reason) => ("refund_refused", format!("the refund of asset {asset} was refused: {reason}")),
         };
-        if refund.cause == RefundCause::Holder.as_str()
+        if [RefundCause::Holder.as_str(), RefundCause::IssuerChange.as_str()].contains(&refund.cause.as_str())
             && let Some(terminal) = load_terminal(conn, &holder)?
         {
             let notice = Notice {
@@ -442,7 +445,8 @@ pub fn abandoned(
 ) -> QueryResult<()> {
     let refund: Refund =
         refunds::table.filter(refunds::settlement_id.eq(s.id)).select(Refund::as_select()).first(conn)?;
-    let (Some(asset), true) = (refund.asset_id, refund.cause == RefundCause::Holder.as_str()) else {
+    let told = [RefundCause::Holder.as_str(), RefundCause::IssuerChange.as_str()].contains(&refund.cause.as_str());
+    let (Some(asset), true) = (refund.asset_id, told) else {
         return Ok(());
     };
     let holder: String = assets::table.find(asset).select(assets::holder_terminal_id).first(conn)?;

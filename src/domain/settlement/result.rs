@@ -100,6 +100,7 @@ fn take(cx: &mut Cx<'_>, settled: &Settlements, batch: &[Received<'_, Settlement
     answers.write(cx.conn, now)?;
     let issuing = not_revoked(cx, settled, &settlements, issuing)?;
     let declined_orders: Vec<Uuid> = declined.iter().map(|(order, _)| *order).collect();
+    reopen_declined(cx, &declined_orders)?;
     let issuing = change::purchases_answered(cx.conn, settled, issuing, &declined_orders, now, cx.outgoing)?;
     for (s, result) in refunds {
         metrics::settlement_answered(
@@ -245,4 +246,25 @@ fn not_revoked(
         revoked.push(*order_id);
     }
     Ok(issuing.into_iter().filter(|o| !revoked.contains(o)).collect())
+}
+
+/// reopen_declined gives back the receipt certificates whose submission's payment was declined:
+/// the right to buy still stands, until the certificate expires, and may be submitted again.
+fn reopen_declined(cx: &mut Cx<'_>, declined: &[Uuid]) -> Result<(), Failure> {
+    use crate::domain::schema::receipt_certificates;
+    if declined.is_empty() {
+        return Ok(());
+    }
+    diesel::update(receipt_certificates::table)
+        .filter(receipt_certificates::order_id.eq_any(declined))
+        .filter(receipt_certificates::status.eq("submitted"))
+        .set((
+            receipt_certificates::status.eq("open"),
+            receipt_certificates::order_id.eq(None::<Uuid>),
+            receipt_certificates::submit_request_id.eq(None::<String>),
+            receipt_certificates::status_reason.eq("payment_declined"),
+            receipt_certificates::updated_at.eq(cx.now),
+        ))
+        .execute(cx.conn)?;
+    Ok(())
 }

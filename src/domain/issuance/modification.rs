@@ -1,0 +1,488 @@
+//! Issuer changes (`docs/product.md#issuer-changes`): an issuer changes an event (a new date, a
+//! correction). [`announce`] records the change and sends every holder of an asset not yet
+//! delivered a modification notice with a reply deadline. The holder answers with a signed
+//! `modification.answer`: `accept` (a new asset, signed with the product's information as it is
+//! now, replaces the old one, whose certificate is revoked) or `refund` (a refund through the
+//! partner that was paid). A notice still unanswered at its deadline gets the issuer's default,
+//! applied by the issuance pool (which holds the signing keys) when the `issuer_changes` job finds
+//! it due (`modifications.due`). Each notice is answered once: its row is locked and its answer
+//! recorded with what it did.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{Issue, Issued, Issuer, NewAsset, Order, asset_document, certificate_document};
+use crate::contracts::dead_letter::DeadLetterReason;
+use crate::contracts::messages::{
+    DeliveryKind, ModificationAnswer, ModificationChoice, ModificationsDue, Notice, kinds,
+};
+use crate::contracts::refusal::{RefusalReason, Refused};
+use crate::domain::catalogue::{Catalogue, Terminal, load_terminal};
+use crate::domain::delivery::{self, Deliveries, NewDelivery};
+use crate::domain::metrics;
+use crate::domain::requests::{Authentic, Header, Requests};
+use crate::domain::schema::{
+    assets, exchange_certificates, issuer_changes, modification_notices, orders, products, refunds, reminder_schedule,
+};
+use crate::domain::settlement::Settlements;
+use crate::domain::settlement::refund::{self, NewRefund, RefundCause};
+use crate::domain::status::{self, Cause, Status};
+use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received};
+use crate::runtime::outbox::Outgoing;
+
+/// IssuerChange is an issuer's change of a product's event, as an operator announces it.
+#[derive(Debug, Clone)]
+pub struct IssuerChange {
+    pub product_id: String,
+    /// What changed, in words for the holders.
+    pub description: String,
+    /// A new title, tags (the event's date, place...) or term for the product's assets from now on.
+    pub title: Option<String>,
+    pub tags: Option<serde_json::Value>,
+    pub asset_expires_at: Option<DateTime<Utc>>,
+    pub reply_by: DateTime<Utc>,
+    pub default_answer: ModificationChoice,
+}
+
+/// announce records an issuer's change, updates the product, and sends each holder of one of its
+/// assets not yet delivered (and not expired) a modification notice. It returns the change's id
+/// and the number of notices.
+pub fn announce(
+    conn: &mut PgConnection,
+    deliveries: &Deliveries,
+    change: &IssuerChange,
+    now: DateTime<Utc>,
+    sending: &mut Vec<Outgoing>,
+) -> QueryResult<(Uuid, usize)> {
+    let id = Uuid::now_v7();
+    if let Some(title) = &change.title {
+        diesel::update(products::table.find(&change.product_id)).set(products::title.eq(title)).execute(conn)?;
+    }
+    if let Some(tags) = &change.tags {
+        diesel::update(products::table.find(&change.product_id)).set(products::tags.eq(tags)).execute(conn)?;
+    }
+    if let Some(at) = change.asset_expires_at {
+        diesel::update(products::table.find(&change.product_id))
+            .set(products::asset_expires_at.eq(Some(at)))
+            .execute(conn)?;
+    }
+    diesel::insert_into(issuer_changes::table)
+        .values((
+            issuer_changes::id.eq(id),
+            issuer_changes::product_id.eq(&change.product_id),
+            issuer_changes::description.eq(&change.description),
+            issuer_changes::reply_by.eq(change.reply_by),
+            issuer_changes::default_answer.eq(change.default_answer.as_str()),
+            issuer_changes::created_at.eq(now),
+        ))
+        .execute(conn)?;
+    let held: Vec<(Uuid, String, Uuid)> = assets::table
+        .filter(assets::product_id.eq(&change.product_id))
+        .filter(assets::status.eq_any(Status::ALL.iter().filter(|s| s.is_before_delivery()).map(|s| s.as_str())))
+        .filter(assets::expires_at.gt(now))
+        .order(assets::id)
+        .select((assets::id, assets::holder_terminal_id, assets::order_id))
+        .for_update()
+        .load(conn)?;
+    for (asset, holder, order_id) in &held {
+        let notice_id = Uuid::now_v7();
+        diesel::insert_into(modification_notices::table)
+            .values((
+                modification_notices::id.eq(notice_id),
+                modification_notices::change_id.eq(id),
+                modification_notices::asset_id.eq(asset),
+                modification_notices::holder_terminal_id.eq(holder),
+                modification_notices::reply_by.eq(change.reply_by),
+            ))
+            .execute(conn)?;
+        let Some(terminal) = load_terminal(conn, holder)? else { continue };
+        let text = format!(
+            "{} Answer by {}: accept (a new asset replaces this one) or refund; without an answer, {}. Notice {notice_id}.",
+            change.description,
+            change.reply_by,
+            change.default_answer.as_str()
+        );
+        let notice = Notice {
+            code: "modification_notice".into(),
+            text,
+            order_id: Some(*order_id),
+            asset_id: Some(*asset),
+            certificate_id: Some(notice_id),
+            request_id: None,
+        };
+        let d = NewDelivery::now(
+            DeliveryKind::Message,
+            format!("modification:{notice_id}"),
+            &terminal,
+            serde_json::to_value(notice).expect("serializes"),
+        );
+        delivery::enqueue_with(conn, deliveries, d, now, sending)?;
+    }
+    metrics::issuer_change("announced", held.len() as u64);
+    tracing::info!(change_id = %id, product = %change.product_id, notices = held.len(), "issuer change announced");
+    Ok((id, held.len()))
+}
+
+/// Notice is a modification notice as an answer reads it, locked.
+#[derive(Debug, Queryable)]
+struct Pending {
+    id: Uuid,
+    asset_id: Uuid,
+    holder_terminal_id: String,
+    reply_by: DateTime<Utc>,
+    answer: Option<String>,
+}
+
+fn pending(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Pending>> {
+    modification_notices::table
+        .find(id)
+        .select((
+            modification_notices::id,
+            modification_notices::asset_id,
+            modification_notices::holder_terminal_id,
+            modification_notices::reply_by,
+            modification_notices::answer,
+        ))
+        .for_update()
+        .first(conn)
+        .optional()
+}
+
+/// Modifications is what answering a modification notice needs.
+pub struct Modifications {
+    pub issuer: Arc<Issuer>,
+    pub settlements: Arc<Settlements>,
+}
+
+/// AnswerHandler takes `modification.answer`, one request at a time.
+pub struct AnswerHandler {
+    pub requests: Arc<Requests>,
+    pub modifications: Arc<Modifications>,
+}
+
+impl Handler for AnswerHandler {
+    type Message = ModificationAnswer;
+    const MESSAGE_TYPE: &'static str = kinds::MODIFICATION_ANSWER;
+
+    fn handle(&self, cx: &mut Cx<'_>, batch: &[Received<'_, ModificationAnswer>]) -> Result<(), Failure> {
+        for Received { message, incoming } in batch {
+            self.take(cx, incoming, message)?;
+        }
+        Ok(())
+    }
+
+    fn answer_invalid(&self, cx: &mut Cx<'_>, incoming: &Incoming, detail: &str) -> Result<(), Failure> {
+        self.requests.answer_invalid(cx, incoming, kinds::MODIFICATION_ANSWER, detail)
+    }
+}
+
+impl AnswerHandler {
+    fn take(&self, cx: &mut Cx<'_>, incoming: &Incoming, answer: &ModificationAnswer) -> Result<(), Failure> {
+        let header = Header {
+            message_type: kinds::MODIFICATION_ANSWER,
+            request_id: &answer.request_id,
+            terminal_id: &answer.terminal_id,
+            sent_at: answer.sent_at,
+        };
+        let Some(Authentic { terminal, content_sha256 }) = self.requests.admit(cx, incoming, &header)? else {
+            return Ok(());
+        };
+        let refused = |reason, detail: String| Some(Refused::new(reason, detail));
+        let notice = pending(cx.conn, answer.notice_id)?;
+        let why_not = match &notice {
+            None => refused(RefusalReason::ModificationNotOpen, format!("no modification notice {}", answer.notice_id)),
+            Some(n) if n.holder_terminal_id != terminal.id => {
+                refused(RefusalReason::AssetNotHeld, format!("notice {} is not for terminal {}", n.id, terminal.id))
+            }
+            Some(n) if n.answer.is_some() => {
+                refused(RefusalReason::ModificationNotOpen, format!("notice {} was already answered", n.id))
+            }
+            Some(n) if n.reply_by <= cx.now => refused(
+                RefusalReason::ModificationNotOpen,
+                format!("notice {} had to be answered by {}: the issuer's default applies", n.id, n.reply_by),
+            ),
+            Some(_) => None,
+        };
+        if let Some(refused) = why_not {
+            return self.requests.refuse(cx, incoming, &header, Some(&terminal), Some(&content_sha256), refused);
+        }
+        let notice = notice.expect("checked above");
+        self.requests.accept(cx, &header, &content_sha256, notice.id)?;
+        apply(cx, &self.modifications, &notice, answer.answer, "holder", Some(&answer.request_id))
+    }
+}
+
+/// DefaultsHandler takes `modifications.due`: the notices unanswered at their deadline get their
+/// change's default answer.
+pub struct DefaultsHandler {
+    pub modifications: Arc<Modifications>,
+}
+
+impl Handler for DefaultsHandler {
+    type Message = ModificationsDue;
+    const MESSAGE_TYPE: &'static str = kinds::MODIFICATIONS_DUE;
+
+    fn handle(&self, cx: &mut Cx<'_>, batch: &[Received<'_, ModificationsDue>]) -> Result<(), Failure> {
+        for Received { message, .. } in batch {
+            let mut ids = message.notice_ids.clone();
+            ids.sort_unstable();
+            for id in ids {
+                let Some(notice) = pending(cx.conn, id)? else { continue };
+                if notice.answer.is_some() || notice.reply_by > message.as_of {
+                    continue; // answered meanwhile, or not due
+                }
+                let default: String = modification_notices::table
+                    .inner_join(issuer_changes::table)
+                    .filter(modification_notices::id.eq(id))
+                    .select(issuer_changes::default_answer)
+                    .first(cx.conn)?;
+                let choice =
+                    ModificationChoice::parse(&default).expect("the CHECK constraint admits only known answers");
+                apply(cx, &self.modifications, &notice, choice, "default", None)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// apply carries out an answer to a notice and records it with what it did.
+fn apply(
+    cx: &mut Cx<'_>,
+    modifications: &Modifications,
+    notice: &Pending,
+    choice: ModificationChoice,
+    by: &'static str,
+    request_id: Option<&str>,
+) -> Result<(), Failure> {
+    let outcome = match choice {
+        ModificationChoice::Refund => {
+            match refund::refundable_asset(cx.conn, cx.now, notice.asset_id, &notice.holder_terminal_id)? {
+                Err(refused) => format!("not refunded: {}", refused.detail),
+                Ok((_, paid, amount_minor)) => {
+                    let back = NewRefund {
+                        paid: &paid,
+                        asset_id: Some(notice.asset_id),
+                        cause: RefundCause::IssuerChange,
+                        request_id: None,
+                        amount_minor,
+                    };
+                    let refund = refund::request(cx.conn, &modifications.settlements, back, cx.now, cx.outgoing)?;
+                    format!("refund {refund} requested")
+                }
+            }
+        }
+        ModificationChoice::Accept => match replace(cx, &modifications.issuer, notice)? {
+            Ok(new) => format!("replaced by asset {new}"),
+            Err(why) => format!("not replaced: {why}"),
+        },
+    };
+    diesel::update(modification_notices::table.find(notice.id))
+        .set((
+            modification_notices::answer.eq(choice.as_str()),
+            modification_notices::answered_by.eq(by),
+            modification_notices::request_id.eq(request_id),
+            modification_notices::answered_at.eq(cx.now),
+            modification_notices::outcome.eq(&outcome),
+        ))
+        .execute(cx.conn)?;
+    metrics::issuer_change(if by == "default" { "defaulted" } else { "answered" }, 1);
+    tracing::info!(notice_id = %notice.id, answer = choice.as_str(), by, %outcome, "modification notice answered");
+    Ok(())
+}
+
+/// Old is the asset an accepted change replaces, locked.
+#[derive(Debug, Queryable)]
+struct Old {
+    id: Uuid,
+    order_id: Uuid,
+    recipient_terminal_id: String,
+    ordinal: i32,
+    product_id: String,
+    status: String,
+    expires_at: DateTime<Utc>,
+    designated_at: Option<DateTime<Utc>>,
+    generation: i32,
+}
+
+/// replace issues a new asset for the old one's holder, signed with the product's information as
+/// it is now, and replaces the old one: its status becomes `replaced` and its certificate, if
+/// still open, is revoked (with a revocation request). An old asset that was delivered, expired,
+/// refunded or is being refunded meanwhile is left as it is; the reason is returned instead.
+fn replace(cx: &mut Cx<'_>, issuer: &Issuer, notice: &Pending) -> Result<Result<Uuid, String>, Failure> {
+    let old: Old = assets::table
+        .find(notice.asset_id)
+        .select((
+            assets::id,
+            assets::order_id,
+            assets::recipient_terminal_id,
+            assets::ordinal,
+            assets::product_id,
+            assets::status,
+            assets::expires_at,
+            assets::designated_at,
+            assets::generation,
+        ))
+        .for_update()
+        .first(cx.conn)?;
+    let current = Status::parse(&old.status).expect("the CHECK constraint admits only known statuses");
+    if !current.is_before_delivery() || old.expires_at <= cx.now {
+        return Ok(Err(format!("asset {} is {current}", old.id)));
+    }
+    let refunding: i64 = refunds::table
+        .filter(refunds::asset_id.eq(old.id))
+        .filter(refunds::status.eq("requested"))
+        .count()
+        .get_result(cx.conn)?;
+    if refunding > 0 {
+        return Ok(Err(format!("a refund of asset {} awaits its partner", old.id)));
+    }
+    let product = cx.product(&old.product_id)?.ok_or_else(|| {
+        Failure::permanent(DeadLetterReason::Unprocessable, format!("product {} vanished", old.product_id))
+    })?;
+    let holder: Terminal = cx.terminal(&notice.holder_terminal_id)?.ok_or_else(|| {
+        Failure::permanent(DeadLetterReason::Unprocessable, format!("holder {} vanished", notice.holder_terminal_id))
+    })?;
+    let issuer_key = issuer.keys.issuer(&product.issuer_id).ok_or_else(|| {
+        Failure::permanent(
+            DeadLetterReason::Unprocessable,
+            format!("assetflow holds no signing key for issuer {:?}", product.issuer_id),
+        )
+    })?;
+    let provider_key = issuer.keys.provider().ok_or_else(|| {
+        Failure::Transient("this process holds no signing keys: it does not run the issuance pool".into())
+    })?;
+    let now = cx.now;
+    // The event's new term, if the issuer moved it; else the old asset's.
+    let expires_at = product.asset_expires_at.unwrap_or(old.expires_at);
+    if expires_at <= now {
+        return Ok(Err(format!("the changed event ends at {expires_at}")));
+    }
+    let open_certificate: Option<(Uuid, DateTime<Utc>)> = exchange_certificates::table
+        .filter(exchange_certificates::asset_id.eq(old.id))
+        .filter(exchange_certificates::exchanged_at.is_null())
+        .filter(exchange_certificates::revoked_at.is_null())
+        .select((exchange_certificates::id, exchange_certificates::expires_at))
+        .for_update()
+        .first(cx.conn)
+        .optional()?;
+    let certificate_expires_at =
+        open_certificate.filter(|_| current == Status::AwaitingExchange).map(|(_, at)| at.min(expires_at));
+    let id = Uuid::now_v7();
+    let provider = &issuer.service_provider_id;
+    let unsigned = |e: crate::crypto::CryptoError| {
+        Failure::permanent(DeadLetterReason::Unprocessable, format!("signing a replacement: {e}"))
+    };
+    let document = asset_document(&product, id, &holder.id, now, expires_at, provider, issuer_key, provider_key)
+        .map_err(unsigned)?;
+    let order: Order = orders::table.find(old.order_id).select(Order::as_select()).first(cx.conn)?;
+    let order = Order {
+        designated_at: certificate_expires_at.is_none().then(|| old.designated_at.unwrap_or(now).max(now)),
+        ..order
+    };
+    let status =
+        if certificate_expires_at.is_some() { Status::AwaitingExchange } else { Status::AwaitingDesignatedDelivery };
+    let mut issue = Issue { issued: Issued::default(), deliveries: Vec::new() };
+    issue.issued.asset(NewAsset {
+        id,
+        order: &order,
+        recipient: &old.recipient_terminal_id,
+        ordinal: old.ordinal,
+        product: &product,
+        status,
+        expires_at,
+        certificate_expires_at,
+        document: &document,
+    });
+    *issue.issued.replaces.last_mut().expect("just pushed") = Some(old.id);
+    *issue.issued.generations.last_mut().expect("just pushed") = old.generation + 1;
+    let mut delivery = match certificate_expires_at {
+        Some(cert_expiry) => {
+            let certificate_id = Uuid::now_v7();
+            let certificate = certificate_document(
+                certificate_id,
+                id,
+                &holder.id,
+                &product.id,
+                now,
+                cert_expiry,
+                provider,
+                provider_key,
+            )
+            .map_err(unsigned)?;
+            let reminder_due_at = Some(cert_expiry - chrono::Duration::seconds(product.reminder_stage1_secs));
+            issue.issued.certificate(certificate_id, id, &holder.id, cert_expiry, reminder_due_at, &certificate);
+            NewDelivery::now(
+                DeliveryKind::Certificate,
+                format!("certificate:{certificate_id}"),
+                &holder,
+                json!({"order_id": old.order_id, "certificate": certificate}),
+            )
+        }
+        None => {
+            let mut d = NewDelivery::now(
+                DeliveryKind::Asset,
+                format!("asset:{id}"),
+                &holder,
+                json!({"order_id": old.order_id, "forced": false, "asset": document}),
+            );
+            d.due_at = order.designated_at.filter(|at| *at > now);
+            d
+        }
+    };
+    delivery.asset_id = Some(id);
+    delivery.order_id = Some(old.order_id);
+    issue.issued.write(cx.conn, now)?;
+    status::record_issued(cx.conn, &[id], &[status], now)?;
+    status::transition(
+        cx.conn,
+        old.id,
+        current,
+        Status::Replaced,
+        Cause::IssuerChangeAccepted,
+        Some(&format!("replaced by {id}")),
+        now,
+    )?;
+    if let Some((certificate, _)) = open_certificate {
+        revoke(cx, &issuer.deliveries, certificate, old.id, &holder)?;
+    }
+    delivery::enqueue_many(cx, &issuer.deliveries, &[delivery])?;
+    tracing::info!(old = %old.id, new = %id, "asset replaced after an issuer's change");
+    Ok(Ok(id))
+}
+
+/// revoke closes the replaced asset's certificate and asks its holder to delete it.
+fn revoke(
+    cx: &mut Cx<'_>,
+    deliveries: &Deliveries,
+    certificate: Uuid,
+    asset: Uuid,
+    holder: &Terminal,
+) -> Result<(), Failure> {
+    diesel::update(exchange_certificates::table.find(certificate))
+        .set(exchange_certificates::revoked_at.eq(cx.now))
+        .execute(cx.conn)?;
+    diesel::update(reminder_schedule::table.find(certificate))
+        .set((reminder_schedule::next_stage.eq(None::<i16>), reminder_schedule::due_at.eq(None::<DateTime<Utc>>)))
+        .execute(cx.conn)?;
+    let notice = Notice {
+        code: "certificate_revoked".into(),
+        text: format!("Exchange certificate {certificate} was replaced after the issuer's change: please delete it."),
+        order_id: None,
+        asset_id: Some(asset),
+        certificate_id: Some(certificate),
+        request_id: None,
+    };
+    let mut d = NewDelivery::now(
+        DeliveryKind::RevocationRequest,
+        format!("revoke:{certificate}"),
+        holder,
+        serde_json::to_value(notice).expect("serializes"),
+    );
+    d.asset_id = Some(asset);
+    delivery::enqueue(cx, deliveries, d)?;
+    Ok(())
+}
