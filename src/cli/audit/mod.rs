@@ -509,3 +509,31 @@ pub async fn run(
     }
     Ok(if report.problems().is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_check_has_a_name_of_its_own() {
+        let mut names: Vec<&str> = DUPLICATE_CHECKS.iter().chain(OPEN_CHECKS).map(|(name, _)| *name).collect();
+        let all = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), all, "a check's count would hide another's");
+    }
+
+    #[test]
+    fn a_refund_beyond_its_payment_or_a_receipt_certificate_left_submitted_fails_the_audit() {
+        let mut audit = Audit::default();
+        assert!(audit.problems().is_empty());
+        audit.duplicates.insert("refunds_beyond_payment".into(), 1);
+        audit.open.insert("submitted_receipt_certificates_of_final_orders".into(), 2);
+        audit.open.insert("refunds_answered_but_requested".into(), 0);
+        assert_eq!(
+            audit.problems(),
+            vec!["lost: submitted_receipt_certificates_of_final_orders = 2", "done twice: refunds_beyond_payment = 1"]
+        );
+        assert!(audit.summary().contains("PROBLEM done twice: refunds_beyond_payment = 1"));
+    }
+}
