@@ -343,3 +343,38 @@ async fn a_submission_racing_the_expiry_ends_in_exactly_one_outcome() {
     })
     .await;
 }
+
+/// The audit checks receipt certificates: a certificate issued with its asset passes, and one left
+/// `submitted` after its order was issued, or revoked with its asset issued, is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_reports_a_receipt_certificate_left_submitted_or_revoked_after_its_asset_was_issued() {
+    let mut env = Env::new().await;
+    sold_by_booking(&env, "seat", "hold", None, None).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    env.start().await;
+    env.partner(settle_all());
+    env.gateway(GatewayOptions::default());
+    let certificate = booked(&env, &alice, "seat").await;
+    env.send(&submit_request("alice", certificate.clone(), &alice.key)).await;
+    let id = id_of(&certificate);
+    let reserved = certificate["asset"]["asset_id"].as_str().unwrap().to_string();
+    env.wait_until("the reserved asset is delivered", move |c| {
+        (count(c, "SELECT count(*) FROM assets WHERE id = $1::uuid AND status = 'delivered'", &[&reserved]) == 1)
+            .then_some(())
+    })
+    .await;
+    let audit = || env.db(|c| assetflow::cli::audit::audit(c, None).expect("the audit runs"));
+    let stuck = "submitted_receipt_certificates_of_final_orders";
+    let issued_twice = "revoked_receipt_certificate_issued";
+    let a = audit().await;
+    assert_eq!((a.bookings, a.submitted, a.receipts_issued, a.orders), (1, 1, 1, 0), "{}", a.summary());
+    assert_eq!((a.open[stuck], a.duplicates[issued_twice], a.duplicated), (0, 0, 0), "{}", a.summary());
+
+    let i = id.clone();
+    env.db(move |c| execute(c, "UPDATE receipt_certificates SET status = 'submitted' WHERE id = $1::uuid", &[&i]))
+        .await;
+    assert_eq!(audit().await.open[stuck], 1, "issued, yet still submitted: lost work");
+    env.db(move |c| execute(c, "UPDATE receipt_certificates SET status = 'revoked' WHERE id = $1::uuid", &[&id])).await;
+    let a = audit().await;
+    assert_eq!((a.open[stuck], a.duplicates[issued_twice]), (0, 1), "revoked, yet its asset issued: {}", a.summary());
+}

@@ -2,7 +2,8 @@
 //! proxy between the app and RabbitMQ or PostgreSQL, so that the rest of the suite, running in
 //! parallel against the same services, sees nothing. After each, the same audit as `ops/chaos`
 //! (`assetflow audit --gateway-ledger`): nothing lost, nothing done twice, every status history
-//! legal, and nothing received twice by the gateway.
+//! legal, and nothing received twice by the gateway. The workload has holders ask for refunds (some
+//! refused by the partner), defer downloads, and book and submit receipt certificates too.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,11 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use assetflow::cli::audit::{Audit, audit, wire};
-use assetflow::cli::simulate::gateway::GatewayOptions;
+use assetflow::cli::simulate::gateway::{GatewayOptions, booking_request};
 use assetflow::cli::simulate::partner::PartnerOptions;
 use assetflow::cli::simulate::terminals::{SimTerminal, purchase};
 use assetflow::config::workers::PoolDefinitions;
 use assetflow::crypto::KeyRing;
+use assetflow::domain::bookings::{Terms, save_terms};
 use assetflow::service::app::{self, App, RunOptions};
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
@@ -122,6 +124,16 @@ impl Proxied {
     async fn start(overrides: serde_json::Value) -> Proxied {
         let env = Env::with(overrides).await;
         env.product("ticket", |_| {}).await;
+        // A seat sold by booking: held until its receipt certificate expires.
+        env.product("seat", |_| {}).await;
+        let terms = Terms {
+            product_id: "seat".into(),
+            condition: "hold".into(),
+            places: None,
+            decided_at: None,
+            window_secs: 3_600,
+        };
+        env.db(move |c| save_terms(c, &terms).unwrap()).await;
         let (postgres, rabbitmq) = (Proxy::start(POSTGRES).await, Proxy::start(RABBITMQ).await);
         let mut config = env.config.clone();
         config.database.url = postgres.redirect(&config.database.url, POSTGRES);
@@ -138,9 +150,12 @@ impl Proxied {
         }
         // A partner and a gateway that send some answers twice, as real ones do after a timeout;
         // the gateway also fails before acknowledging a tenth of what it receives, which the
-        // broker delivers again, and keeps a ledger of everything it received.
+        // broker delivers again, and keeps a ledger of everything it received. The partner refuses
+        // some refunds; the holders ask for refunds and defer downloads of some of the
+        // certificates they receive, and submit most receipt certificates.
         env.partner(PartnerOptions {
             decline_rate: 0.1,
+            refund_refusal_rate: 0.25,
             duplicate_rate: 0.2,
             latency: Duration::from_millis(2),
             ..PartnerOptions::default()
@@ -149,13 +164,17 @@ impl Proxied {
         env.gateway(GatewayOptions {
             duplicate_rate: 0.2,
             requeue_rate: 0.1,
+            refund_rate: 0.25,
+            defer_rate: 0.2,
+            submit_rate: 0.8,
             ledger: Some(ledger.clone()),
             ..GatewayOptions::default()
         });
         Proxied { env, postgres, rabbitmq, terminals, ledger, stop, run }
     }
 
-    /// Proxied::order places `n` orders, a fifth of them immediate and a fifth gifts.
+    /// Proxied::order places `n` orders, a fifth of them immediate and a fifth gifts, and books a
+    /// seat for every fifth.
     async fn order(&self, n: usize) {
         let terminals = &self.terminals;
         for i in 0..n {
@@ -166,6 +185,9 @@ impl Proxied {
                 _ => json!({}),
             };
             self.env.send(&purchase(t, "ticket", 1, extra)).await;
+            if i % 5 == 2 {
+                self.env.send(&booking_request(&t.id, "seat", &t.key)).await;
+            }
         }
     }
 
@@ -243,6 +265,8 @@ async fn restart_under_load(service: fn(&Proxied) -> &Proxy) {
     run.order(10).await;
     let audit = run.settled(50).await;
     assert_guarantees(&audit);
+    assert!(audit.bookings > 0 && audit.submitted > 0, "seats were booked and submitted: {}", audit.summary());
+    assert!(audit.refunds > 0, "holders asked for refunds: {}", audit.summary());
     assert_eq!(audit.dead_letters(), 0, "nothing dead-lettered: {}", audit.summary());
     run.stop().await;
 }
@@ -276,14 +300,17 @@ async fn chaos_a_database_outage_longer_than_the_retry_budget_holds_messages_ins
     run.wait_for_issued(5).await;
     run.env
         .wait_until("the first orders are all issued or declined", |c| {
-            (count(c, "SELECT count(*) FROM orders WHERE status IN ('issued', 'declined')", &[]) == 10).then_some(())
+            // Purchases: the seats' submissions place orders too.
+            let sql =
+                "SELECT count(*) FROM orders WHERE status IN ('issued', 'declined') AND reserved_asset_id IS NULL";
+            (count(c, sql, &[]) == 10).then_some(())
         })
         .await;
 
     run.postgres.cut();
     run.order(4).await;
     tokio::time::sleep(Duration::from_secs(20)).await; // the outage lasts
-    let during = run.env.db(|c| count(c, "SELECT count(*) FROM orders", &[])).await;
+    let during = run.env.db(|c| count(c, "SELECT count(*) FROM orders WHERE reserved_asset_id IS NULL", &[])).await;
     assert_eq!(during, 10, "nothing was processed while the database was unreachable");
     run.postgres.restore();
 

@@ -1,8 +1,9 @@
 //! `assetflow audit`: the guarantees of `docs/product.md#guarantees`, checked from the database and the queues after a
-//! run. Nothing lost (every accepted request reached a final state), nothing done twice (no
-//! settlement, issue, asset delivery, acknowledgement, exchange or reminder stage twice), every
-//! status history a legal path, and the dead letters exactly what could not be processed, each
-//! with its reason. `ops/chaos` and the fault tests (`tests/it/chaos.rs`, `tests/it/processes.rs`)
+//! run. Nothing lost (every accepted request reached a final state, every refund and receipt
+//! certificate too), nothing done twice (no settlement, issue, asset delivery, acknowledgement,
+//! exchange or reminder stage twice, no receipt certificate paid for or issued twice, no refund
+//! beyond its payment, no asset refunded twice), every status history a legal path, and the dead
+//! letters exactly what could not be processed, each with its reason. `ops/chaos` and the fault tests (`tests/it/chaos.rs`, `tests/it/processes.rs`)
 //! run these same checks. Given a gateway ledger, it also checks what reached the gateways twice
 //! ([`wire`]).
 
@@ -65,6 +66,32 @@ const DUPLICATE_CHECKS: &[(&str, &str)] = &[
         "certificate_notice",
         "SELECT count(*) FROM (SELECT content->>'certificate_id', content->>'code' FROM deliveries WHERE kind IN ('message', 'download_request', 'revocation_request') AND content->>'certificate_id' IS NOT NULL GROUP BY 1, 2 HAVING count(*) > 1) x",
     ),
+    (
+        // A receipt certificate is paid for once: at most one settled purchase among the orders
+        // that name it or its reserved asset.
+        "receipt_certificate_settlement",
+        "SELECT count(*) FROM receipt_certificates r WHERE (SELECT count(*) FROM settlements s JOIN orders o ON o.id = s.order_id WHERE (o.id = r.order_id OR o.reserved_asset_id = r.asset_id) AND s.kind = 'purchase' AND s.status = 'settled') > 1",
+    ),
+    (
+        // ... and buys one asset: its reserved one.
+        "receipt_certificate_issue",
+        "SELECT count(*) FROM receipt_certificates r WHERE (SELECT count(*) FROM assets a WHERE a.id = r.asset_id OR a.order_id = r.order_id) > 1",
+    ),
+    (
+        // A revoked receipt certificate buys nothing, even when its payment settled afterwards
+        // (that payment is refunded: see `revoked_receipt_certificates_paid_not_refunded`).
+        "revoked_receipt_certificate_issued",
+        "SELECT count(*) FROM receipt_certificates r WHERE r.status = 'revoked' AND EXISTS (SELECT 1 FROM assets a WHERE a.id = r.asset_id OR a.order_id = r.order_id)",
+    ),
+    (
+        // An order's refunds not failed, whatever their causes, add up to no more than it paid.
+        "refunds_beyond_payment",
+        "SELECT count(*) FROM (SELECT f.order_id FROM refunds f WHERE f.status <> 'failed' GROUP BY f.order_id HAVING sum(f.amount_minor) > coalesce((SELECT sum(s.amount_minor) FROM settlements s WHERE s.order_id = f.order_id AND s.kind = 'purchase' AND s.status = 'settled'), 0)) x",
+    ),
+    (
+        "asset_refund",
+        "SELECT count(*) FROM (SELECT asset_id FROM refunds WHERE status = 'refunded' AND asset_id IS NOT NULL GROUP BY asset_id HAVING count(*) > 1) x",
+    ),
 ];
 
 /// OPEN_CHECKS are the "lost" queries: accepted work that has not reached a final state.
@@ -88,6 +115,48 @@ const OPEN_CHECKS: &[(&str, &str)] = &[
         "accepted_exchanges_not_carried_out",
         "SELECT count(*) FROM terminal_requests r WHERE r.message_type = 'certificate.exchange' AND r.outcome = 'accepted' AND NOT EXISTS (SELECT 1 FROM exchange_certificates c WHERE c.exchange_request_id = r.request_id)",
     ),
+    (
+        "accepted_bookings_without_a_receipt_certificate",
+        "SELECT count(*) FROM terminal_requests r WHERE r.message_type = 'order.booking' AND r.outcome = 'accepted' AND NOT EXISTS (SELECT 1 FROM receipt_certificates c WHERE c.request_id = r.request_id)",
+    ),
+    (
+        "accepted_submissions_without_order",
+        "SELECT count(*) FROM terminal_requests r WHERE r.message_type = 'receipt.submit' AND r.outcome = 'accepted' AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.request_id = r.request_id)",
+    ),
+    (
+        "issued_receipt_certificates_without_their_asset",
+        "SELECT count(*) FROM receipt_certificates r WHERE r.status = 'issued' AND NOT EXISTS (SELECT 1 FROM assets a WHERE a.id = r.asset_id AND a.order_id = r.order_id)",
+    ),
+    (
+        // A submitted certificate becomes `issued` in the transaction that settles its order. One
+        // whose payment was declined or failed keeps its status until the `bookings` job revokes
+        // it at its expiry (its due work): past that, with a minute for the job, it is lost.
+        "submitted_receipt_certificates_of_final_orders",
+        "SELECT count(*) FROM receipt_certificates r JOIN orders o ON o.id = r.order_id WHERE r.status = 'submitted' AND (o.status IN ('issuing', 'issued') OR (o.status IN ('declined', 'failed', 'unconfirmed') AND r.expires_at < now() - interval '2 minutes'))",
+    ),
+    (
+        // A payment that settled after its receipt certificate was revoked bought nothing: it is
+        // refunded (cause late_settlement), and the refund is under way or done.
+        "revoked_receipt_certificates_paid_not_refunded",
+        "SELECT count(*) FROM receipt_certificates r WHERE r.status = 'revoked' AND EXISTS (SELECT 1 FROM settlements s WHERE s.order_id = r.order_id AND s.kind = 'purchase' AND s.status = 'settled') AND NOT EXISTS (SELECT 1 FROM refunds f WHERE f.order_id = r.order_id AND f.cause = 'late_settlement' AND f.status IN ('requested', 'refunded'))",
+    ),
+    (
+        // A refund waits for its partner while its settlement is instructed (or abandoned: a late
+        // answer still counts); one whose settlement was answered took no effect.
+        "refunds_answered_but_requested",
+        "SELECT count(*) FROM refunds f JOIN settlements s ON s.id = f.settlement_id WHERE f.status = 'requested' AND s.status NOT IN ('instructed', 'abandoned')",
+    ),
+    (
+        // An asset is `refunded` only with its money back ...
+        "refunded_assets_without_a_refund",
+        "SELECT count(*) FROM assets a WHERE a.status = 'refunded' AND NOT EXISTS (SELECT 1 FROM refunds f WHERE f.asset_id = a.id AND f.status = 'refunded')",
+    ),
+    (
+        // ... and money paid back for an asset makes it `refunded`, unless its term ended while
+        // the partner answered (`settlement::refund::refund_asset`).
+        "refunds_of_assets_not_refunded",
+        "SELECT count(*) FROM refunds f JOIN assets a ON a.id = f.asset_id WHERE f.status = 'refunded' AND a.status NOT IN ('refunded', 'expired')",
+    ),
     ("open_deliveries", "SELECT count(*) FROM deliveries WHERE status IN ('pending', 'sent', 'failed')"),
     ("unpublished_outbox_rows", "SELECT count(*) FROM outbox"),
 ];
@@ -100,7 +169,8 @@ pub struct Audit {
     pub requests: i64,
     /// `--sent`: the orders the caller published, when it says.
     pub sent: Option<i64>,
-    /// Accepted orders.
+    /// Accepted orders: those placed by `order.purchase` (a receipt certificate's submission
+    /// places an order too: those are counted in `submitted`).
     pub orders: i64,
     /// Orders issued: settled, with every asset issued.
     pub completed: i64,
@@ -110,6 +180,17 @@ pub struct Audit {
     /// Terminal requests refused, with a reason (orders and exchanges).
     pub refused: i64,
     pub exchanges: i64,
+    /// Receipt certificates booked, submitted (orders placed by `receipt.submit`), issued and
+    /// revoked; lottery and threshold decisions made.
+    pub bookings: i64,
+    pub submitted: i64,
+    pub receipts_issued: i64,
+    pub receipts_revoked: i64,
+    pub booking_decisions: i64,
+    /// Refunds asked (any cause), paid back, and refused by the partner.
+    pub refunds: i64,
+    pub refunded: i64,
+    pub refunds_failed: i64,
     pub deliveries: i64,
     pub delivered: i64,
     /// Dead letters, by reason.
@@ -181,6 +262,17 @@ impl Audit {
             self.duplicated,
             self.illegal_paths.len()
         ));
+        out.push_str(&format!(
+            "bookings {} (submitted {}, issued {}, revoked {}; decisions {}) · refunds {} (refunded {}, failed {})\n",
+            self.bookings,
+            self.submitted,
+            self.receipts_issued,
+            self.receipts_revoked,
+            self.booking_decisions,
+            self.refunds,
+            self.refunded,
+            self.refunds_failed
+        ));
         if let Some(wire) = &self.wire {
             out.push_str(&wire.summary());
         }
@@ -208,12 +300,20 @@ pub const INFRASTRUCTURE_REASONS: [DeadLetterReason; 2] =
 /// any it published that reached no table is lost.
 pub fn audit(conn: &mut PgConnection, sent: Option<i64>) -> QueryResult<Audit> {
     let mut audit = Audit { sent, ..Audit::default() };
-    audit.orders = count(conn, "SELECT count(*) FROM orders")?;
+    audit.orders = count(conn, "SELECT count(*) FROM orders WHERE reserved_asset_id IS NULL")?;
     audit.completed = count(conn, "SELECT count(*) FROM orders WHERE status = 'issued'")?;
     audit.declined = count(conn, "SELECT count(*) FROM orders WHERE status = 'declined'")?;
     audit.failed = count(conn, "SELECT count(*) FROM orders WHERE status = 'failed'")?;
     audit.refused = count(conn, "SELECT count(*) FROM refusals")?;
     audit.exchanges = count(conn, "SELECT count(*) FROM exchange_certificates WHERE exchanged_at IS NOT NULL")?;
+    audit.bookings = count(conn, "SELECT count(*) FROM receipt_certificates")?;
+    audit.submitted = count(conn, "SELECT count(*) FROM receipt_certificates WHERE order_id IS NOT NULL")?;
+    audit.receipts_issued = count(conn, "SELECT count(*) FROM receipt_certificates WHERE status = 'issued'")?;
+    audit.receipts_revoked = count(conn, "SELECT count(*) FROM receipt_certificates WHERE status = 'revoked'")?;
+    audit.booking_decisions = count(conn, "SELECT count(*) FROM booking_decisions")?;
+    audit.refunds = count(conn, "SELECT count(*) FROM refunds")?;
+    audit.refunded = count(conn, "SELECT count(*) FROM refunds WHERE status = 'refunded'")?;
+    audit.refunds_failed = count(conn, "SELECT count(*) FROM refunds WHERE status = 'failed'")?;
     audit.deliveries = count(conn, "SELECT count(*) FROM deliveries")?;
     audit.delivered = count(conn, "SELECT count(*) FROM deliveries WHERE status = 'delivered'")?;
     // An order that reached assetflow is an order row, a refusal, or a dead letter of its message.
@@ -299,7 +399,9 @@ fn dead_letter_mismatches(conn: &mut PgConnection) -> QueryResult<BTreeMap<Strin
         ),
         (
             "failed_orders_without_a_settlement_dead_letter",
-            "SELECT count(*) FROM orders o WHERE o.status = 'failed' AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.source = 'settlement' AND d.subject_id = o.id)".into(),
+            // An order whose receipt certificate was revoked before its payment settled fails
+            // with that payment refunded, not dead-lettered (`settlement::result`).
+            "SELECT count(*) FROM orders o WHERE o.status = 'failed' AND o.status_reason IS DISTINCT FROM 'receipt_certificate_revoked' AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.source = 'settlement' AND d.subject_id = o.id)".into(),
         ),
         (
             "settlement_dead_letters_without_an_abandoned_settlement",
@@ -406,4 +508,32 @@ pub async fn run(
         print!("{}", report.summary());
     }
     Ok(if report.problems().is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_check_has_a_name_of_its_own() {
+        let mut names: Vec<&str> = DUPLICATE_CHECKS.iter().chain(OPEN_CHECKS).map(|(name, _)| *name).collect();
+        let all = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), all, "a check's count would hide another's");
+    }
+
+    #[test]
+    fn a_refund_beyond_its_payment_or_a_receipt_certificate_left_submitted_fails_the_audit() {
+        let mut audit = Audit::default();
+        assert!(audit.problems().is_empty());
+        audit.duplicates.insert("refunds_beyond_payment".into(), 1);
+        audit.open.insert("submitted_receipt_certificates_of_final_orders".into(), 2);
+        audit.open.insert("refunds_answered_but_requested".into(), 0);
+        assert_eq!(
+            audit.problems(),
+            vec!["lost: submitted_receipt_certificates_of_final_orders = 2", "done twice: refunds_beyond_payment = 1"]
+        );
+        assert!(audit.summary().contains("PROBLEM done twice: refunds_beyond_payment = 1"));
+    }
 }

@@ -1,7 +1,9 @@
 //! The gateway simulator: receives deliveries for its terminals, returns receipts with the SHA-256
 //! of the bytes received, has some holders exchange their certificates and some of the others ask
-//! for a refund or defer the download instead, and has payers answer the orders they are asked to
-//! confirm: most confirm, some decline, some never answer.
+//! for a refund or defer the download instead, has payers answer the orders they are asked to
+//! confirm (most confirm, some decline, some never answer), and has holders submit most receipt
+//! certificates once they may: a hold's at once, a lottery's or a threshold sale's once drawn or
+//! produced.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -78,6 +80,11 @@ pub struct GatewayOptions {
     /// unconfirmed when the product's window has passed).
     #[arg(long, default_value_t = 0.0)]
     pub confirm_ignore_rate: f64,
+    /// Share of receipt certificates their holders submit once they may: a hold's at once, a
+    /// lottery's or a threshold sale's on its `lottery_won` or `threshold_met` notice. The others
+    /// are never submitted: they expire or lapse, and are revoked.
+    #[arg(long, default_value_t = 0.8)]
+    pub submit_rate: f64,
 }
 
 impl Default for GatewayOptions {
@@ -98,6 +105,8 @@ impl Default for GatewayOptions {
             requeue_rate: 0.0,
             confirm_decline_rate: 0.0,
             confirm_ignore_rate: 0.0,
+            // The simulators' command line has holders submit; the tests submit themselves.
+            submit_rate: 0.0,
         }
     }
 }
@@ -244,6 +253,8 @@ pub async fn run(
                         };
                         Some((order, answer))
                     });
+                // A holder submits a receipt certificate once it may.
+                let submission = submission(&options, &stats, &message);
                 let answer = async move {
                     let _waiting = certificate.as_ref().map(|_| Waiting::on(&stats));
                     for _ in 0..copies {
@@ -288,6 +299,26 @@ pub async fn run(
                             }
                             Err(e) => tracing::warn!(error = %e, "gateway simulator could not send a confirmation"),
                         }
+                    }
+                    if let Some(certificate) = submission
+                        && let Some(key) = keys.get(&message.terminal_id).await
+                    {
+                        let request = submit_request(&message.terminal_id, certificate, &key);
+                        let (publisher, stats, requests) = (publisher.clone(), stats.clone(), requests.clone());
+                        // A little later, as a person would.
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            let body = serde_json::to_vec(&request).expect("serializes");
+                            match publisher
+                                .publish(&requests, kinds::RECEIPT_SUBMIT, kinds::RECEIPT_SUBMIT, &body)
+                                .await
+                            {
+                                Ok(()) => {
+                                    stats.submissions.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(e) => tracing::warn!(error = %e, "gateway simulator could not submit"),
+                            }
+                        });
                     }
                     if let Some(certificate) = certificate
                         && let Some(key) = keys.get(&message.terminal_id).await
@@ -414,6 +445,42 @@ fn holder_answer(
         Some((HolderAnswer::Defer, asset))
     } else {
         None
+    }
+}
+
+/// submission is the receipt certificate a holder submits on receiving `message`, if any: the
+/// certificate itself when it is a hold's, or the one a `lottery_won` or `threshold_met` notice
+/// names, kept in `Stats::receipt_certificates` since it arrived. Whether a certificate is ever
+/// submitted is a pure function of its id (`submit_rate`); each is submitted once.
+fn submission(options: &GatewayOptions, stats: &Stats, message: &GatewayDelivery) -> Option<serde_json::Value> {
+    if options.submit_rate <= 0.0 {
+        return None;
+    }
+    let mut held = stats.receipt_certificates.lock().expect("not poisoned");
+    match message.kind {
+        DeliveryKind::ReceiptCertificate => {
+            let certificate = message.content.get("receipt_certificate")?;
+            let id: Uuid = certificate.get("receipt_certificate_id")?.as_str()?.parse().ok()?;
+            if fraction(&id.to_string(), "submit") >= options.submit_rate || held.contains_key(&id) {
+                return None;
+            }
+            if certificate.pointer("/condition/kind").and_then(serde_json::Value::as_str) == Some("hold") {
+                held.insert(id, None);
+                Some(certificate.clone())
+            } else {
+                held.insert(id, Some(certificate.clone()));
+                None
+            }
+        }
+        DeliveryKind::Message => {
+            let code = message.content.get("code")?.as_str()?;
+            if !matches!(code, "lottery_won" | "threshold_met") {
+                return None;
+            }
+            let id: Uuid = message.content.get("certificate_id")?.as_str()?.parse().ok()?;
+            held.get_mut(&id)?.take()
+        }
+        _ => None,
     }
 }
 

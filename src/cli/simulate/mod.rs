@@ -1,5 +1,6 @@
-//! The built-in simulators: terminals that sign and place orders, partners that settle them, and
-//! gateways that acknowledge deliveries and exchange some certificates. They talk to assetflow only
+//! The built-in simulators: terminals that sign and place orders and bookings, partners that settle
+//! them, and gateways that acknowledge deliveries, exchange some certificates and submit receipt
+//! certificates. They talk to assetflow only
 //! through RabbitMQ, exactly as the real parties do; the tests and the benchmark use them too.
 
 pub mod gateway;
@@ -57,6 +58,10 @@ pub enum SimulateCommand {
         /// Share of orders billed to another terminal that the payer never answers.
         #[arg(long, default_value_t = 0.05)]
         confirm_ignore_rate: f64,
+        /// Share of receipt certificates their holders submit once they may (the others expire or
+        /// lapse, and are revoked).
+        #[arg(long, default_value_t = 0.8)]
+        submit_rate: f64,
         /// With --orders: keep answering this long after the last order, then show the history
         /// of an exchanged asset and stop. Without it, run until interrupted.
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -99,14 +104,24 @@ pub struct Stats {
     /// The orders whose payer decided how to answer: a payer answers once, even when the request
     /// to confirm is sent again.
     pub confirm_decided: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
+    /// Bookings the terminals published, and receipt certificates their holders submitted.
+    pub bookings: AtomicU64,
+    pub submissions: AtomicU64,
+    /// The receipt certificates holders received and mean to submit, by id: a lottery's or a
+    /// threshold sale's kept until its `lottery_won` or `threshold_met` notice; `None` once
+    /// submitted, so that a holder submits once, even when the certificate or its notice is sent
+    /// again.
+    pub receipt_certificates: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, Option<serde_json::Value>>>,
 }
 
 impl Stats {
     pub fn line(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "orders {} · confirmations {} · settled {} · declined {} · certificates {} · exchanges {} · assets {} · notices {} · refusals {} · refunds asked {} (refunded {}, refused {}) · deferrals {}",
+            "orders {} · bookings {} · submissions {} · confirmations {} · settled {} · declined {} · certificates {} · exchanges {} · assets {} · notices {} · refusals {} · refunds asked {} (refunded {}, refused {}) · deferrals {}",
             g(&self.orders),
+            g(&self.bookings),
+            g(&self.submissions),
             g(&self.confirmations),
             g(&self.settled),
             g(&self.declined),
@@ -257,6 +272,7 @@ pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()>
             refund_refusal_rate,
             confirm_decline_rate,
             confirm_ignore_rate,
+            submit_rate,
             linger,
             gateway_ledger,
         } => {
@@ -269,6 +285,7 @@ pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()>
                 defer_rate,
                 confirm_decline_rate,
                 confirm_ignore_rate,
+                submit_rate,
                 keys: options.keys.clone(),
                 ledger: gateway_ledger,
                 ..gateway::GatewayOptions::default()

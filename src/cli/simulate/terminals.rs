@@ -1,5 +1,6 @@
 //! The terminal simulator: registers terminals with real key pairs, then signs and publishes
-//! orders at a steady rate: some gifts, some billed to another terminal, some for a designated time.
+//! orders at a steady rate: some gifts, some billed to another terminal, some for a designated time,
+//! and some bookings of the products sold by booking (`docs/product.md#receipt-certificates`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,8 +23,9 @@ use crate::config::Config;
 use crate::contracts::messages::kinds;
 use crate::contracts::topology::Names;
 use crate::crypto;
+use crate::domain::bookings::{Terms, save_terms};
 use crate::domain::catalogue::{Product, upsert_product};
-use crate::domain::schema::products;
+use crate::domain::schema::{booking_decisions, booking_terms, products};
 use crate::runtime::broker::Broker;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -52,6 +54,26 @@ pub struct TerminalOptions {
     /// Share of orders billed to another terminal, whose payer is asked to confirm them.
     #[arg(long, default_value_t = 0.1)]
     pub payer_rate: f64,
+    /// Share of orders that book a product sold by booking instead (a receipt certificate), when
+    /// one is open to bookings.
+    #[arg(long, default_value_t = 0.15)]
+    pub booking_rate: f64,
+}
+
+/// OnSale is a product on sale as the terminals see it: sold by booking when it has terms, open to
+/// bookings until its decision time (a hold, never closed).
+#[derive(Debug, Clone)]
+struct OnSale {
+    id: String,
+    booking: bool,
+    closes_at: Option<chrono::DateTime<Utc>>,
+}
+
+impl OnSale {
+    /// OnSale::bookable is whether a booking sent now would still arrive before the sale closes.
+    fn bookable(&self, now: chrono::DateTime<Utc>) -> bool {
+        self.booking && self.closes_at.is_none_or(|at| at > now + chrono::Duration::seconds(5))
+    }
 }
 
 /// SimTerminal is a registered terminal whose key the simulator holds.
@@ -131,27 +153,48 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let terminals = register(config, options.count, &options.keys).await?;
     let url = config.database.url.clone();
-    let catalogue: Vec<String> = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
+    let catalogue: Vec<OnSale> = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<OnSale>> {
         let mut conn = crate::runtime::db::establish(&url)?;
-        Ok(products::table
+        let rows: Vec<(String, Option<String>, Option<chrono::DateTime<Utc>>)> = products::table
+            .left_join(booking_terms::table.on(booking_terms::product_id.eq(products::id)))
             .filter(products::on_sale.eq(true))
             .order(products::id)
-            .select(products::id)
-            .load(&mut conn)?)
+            .select((products::id, booking_terms::condition.nullable(), booking_terms::decided_at.nullable()))
+            .load(&mut conn)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, condition, decided_at)| OnSale {
+                id,
+                booking: condition.is_some(),
+                closes_at: decided_at.filter(|_| condition.as_deref() != Some("hold")),
+            })
+            .collect())
     })
     .await??;
     anyhow::ensure!(!catalogue.is_empty(), "no product is on sale: add one with `assetflow products add`");
+    // Orders buy the products sold by purchase; those sold by booking are booked. A catalogue of
+    // products sold by booking alone is bought from all the same.
+    let purchased: Vec<&str> = {
+        let by_purchase: Vec<&str> = catalogue.iter().filter(|p| !p.booking).map(|p| p.id.as_str()).collect();
+        if by_purchase.is_empty() { catalogue.iter().map(|p| p.id.as_str()).collect() } else { by_purchase }
+    };
     let names = Names { prefix: config.amqp.prefix.clone() };
     let publisher = ConfirmedSender::new(broker);
     let period = Duration::from_secs_f64(1.0 / options.rate.max(0.001));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sent = 0u64;
+    let booked: Vec<&str> = catalogue.iter().filter(|p| p.booking).map(|p| p.id.as_str()).collect();
     println!(
-        "{} terminals registered; ordering {} a second from {}",
+        "{} terminals registered; ordering {} a second from {}{}",
         terminals.len(),
         options.rate,
-        catalogue.join(", ")
+        purchased.join(", "),
+        if booked.is_empty() || options.booking_rate <= 0.0 {
+            String::new()
+        } else {
+            format!("; booking {:.0} % of them from {}", options.booking_rate * 100.0, booked.join(", "))
+        }
     );
     while options.orders == 0 || sent < options.orders {
         tokio::select! {
@@ -161,47 +204,141 @@ pub async fn run(
         let request = {
             let mut rng = rand::rng();
             let terminal = terminals.choose(&mut rng).expect("at least one terminal");
-            let product = catalogue.choose(&mut rng).expect("at least one product");
-            let mut extra = json!({});
-            if rng.random::<f64>() < options.gift_rate && terminals.len() > 1 {
-                let other = terminals.iter().filter(|t| t.id != terminal.id).collect::<Vec<_>>();
-                extra["recipient_terminal_ids"] = json!([other.choose(&mut rng).expect("another").id]);
+            let bookable: Vec<&OnSale> = catalogue.iter().filter(|p| p.bookable(Utc::now())).collect();
+            if !bookable.is_empty() && rng.random::<f64>() < options.booking_rate {
+                let product = bookable.choose(&mut rng).expect("at least one product");
+                super::gateway::booking_request(&terminal.id, &product.id, &terminal.key)
+            } else {
+                let product = purchased.choose(&mut rng).expect("at least one product");
+                let mut extra = json!({});
+                if rng.random::<f64>() < options.gift_rate && terminals.len() > 1 {
+                    let other = terminals.iter().filter(|t| t.id != terminal.id).collect::<Vec<_>>();
+                    extra["recipient_terminal_ids"] = json!([other.choose(&mut rng).expect("another").id]);
+                }
+                if rng.random::<f64>() < options.payer_rate && terminals.len() > 1 {
+                    let other = terminals.iter().filter(|t| t.id != terminal.id).collect::<Vec<_>>();
+                    extra["payer_terminal_id"] = json!(other.choose(&mut rng).expect("another").id);
+                }
+                let roll = rng.random::<f64>();
+                if roll < options.immediate_rate {
+                    extra["delivery"] = json!({"mode": "immediate"});
+                } else if roll < options.immediate_rate + options.designated_rate {
+                    extra["delivery"] = json!({"mode": "designated", "at": Utc::now() + chrono::Duration::seconds(rng.random_range(3..15))});
+                }
+                purchase(terminal, product, 1, extra)
             }
-            if rng.random::<f64>() < options.payer_rate && terminals.len() > 1 {
-                let other = terminals.iter().filter(|t| t.id != terminal.id).collect::<Vec<_>>();
-                extra["payer_terminal_id"] = json!(other.choose(&mut rng).expect("another").id);
-            }
-            let roll = rng.random::<f64>();
-            if roll < options.immediate_rate {
-                extra["delivery"] = json!({"mode": "immediate"});
-            } else if roll < options.immediate_rate + options.designated_rate {
-                extra["delivery"] = json!({"mode": "designated", "at": Utc::now() + chrono::Duration::seconds(rng.random_range(3..15))});
-            }
-            purchase(terminal, product, 1, extra)
         };
+        let kind = request["type"].as_str().unwrap_or(kinds::ORDER_PURCHASE).to_string();
         let body = serde_json::to_vec(&request)?;
-        publisher.publish(&names.requests(), kinds::ORDER_PURCHASE, kinds::ORDER_PURCHASE, &body).await?;
-        stats.orders.fetch_add(1, Ordering::Relaxed);
+        publisher.publish(&names.requests(), &kind, &kind, &body).await?;
+        // `orders` counts purchases alone: it is what `assetflow audit --sent` sets against the
+        // orders that reached assetflow.
+        let counter = if kind == kinds::ORDER_BOOKING { &stats.bookings } else { &stats.orders };
+        counter.fetch_add(1, Ordering::Relaxed);
         sent += 1;
     }
     Ok(())
 }
 
-/// ensure_demo_catalogue adds the demo products if there are none on sale.
+/// ensure_demo_catalogue adds the demo products if there are none on sale, and, where the demo
+/// catalogue is in use, opens its sales by booking ([`ensure_demo_bookings`]).
 pub async fn ensure_demo_catalogue(config: &Config) -> anyhow::Result<()> {
     let url = config.database.url.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let mut conn = crate::runtime::db::establish(&url)?;
         let on_sale: i64 = products::table.filter(products::on_sale.eq(true)).count().get_result(&mut conn)?;
-        if on_sale > 0 {
-            return Ok(());
+        if on_sale == 0 {
+            for product in demo_catalogue() {
+                upsert_product(&mut conn, &product)?;
+            }
         }
-        for product in demo_catalogue() {
-            upsert_product(&mut conn, &product)?;
+        let demo: i64 =
+            products::table.filter(products::id.eq(&demo_catalogue()[0].id)).count().get_result(&mut conn)?;
+        if demo > 0 {
+            ensure_demo_bookings(&mut conn, Utc::now())?;
         }
         Ok(())
     })
     .await?
+}
+
+/// ensure_demo_bookings makes the demo's hold sale, and a lottery and a threshold sale decided a
+/// minute or so from `now`, so that a demo sees them drawn and closed. A lottery or threshold
+/// sale is decided once (`booking_decisions`): when the last of its series is decided or closes
+/// too soon to show, the next one is opened (`cup-final-lottery-2`, `-3`, …) and the earlier ones
+/// are taken off sale (their holders may still submit what they won).
+pub fn ensure_demo_bookings(conn: &mut PgConnection, now: chrono::DateTime<Utc>) -> anyhow::Result<()> {
+    for (product, terms) in demo_bookings(now) {
+        if terms.condition == "hold" {
+            upsert_product(conn, &product)?;
+            save_terms(conn, &terms)?;
+            continue;
+        }
+        let series = format!("{}-%", product.id);
+        let sales: Vec<(String, Option<chrono::DateTime<Utc>>)> = products::table
+            .left_join(booking_terms::table.on(booking_terms::product_id.eq(products::id)))
+            .filter(products::id.like(&series))
+            .filter(products::on_sale.eq(true))
+            .select((products::id, booking_terms::decided_at.nullable()))
+            .load(conn)?;
+        let decided: Vec<String> = booking_decisions::table
+            .filter(booking_decisions::product_id.like(&series))
+            .select(booking_decisions::product_id)
+            .load(conn)?;
+        let soon = now + chrono::Duration::seconds(30);
+        if sales.iter().any(|(id, at)| at.is_some_and(|at| at > soon) && !decided.contains(id)) {
+            continue;
+        }
+        let earlier: i64 = products::table.filter(products::id.like(&series)).count().get_result(conn)?;
+        diesel::update(products::table.filter(products::id.like(&series)))
+            .set(products::on_sale.eq(false))
+            .execute(conn)?;
+        let id = format!("{}-{}", product.id, earlier + 1);
+        upsert_product(conn, &Product { id: id.clone(), ..product })?;
+        save_terms(conn, &Terms { product_id: id, ..terms })?;
+    }
+    Ok(())
+}
+
+/// demo_bookings are the demo's products sold by booking, with their terms as of `now`: a concert
+/// pre-sale held until its receipt certificate expires (in three minutes, so that unsubmitted ones
+/// are revoked during a demo), a lottery of 5 seats drawn a minute from now (its winners have 45 s
+/// to submit, then their places pass on), and a tour played if 5 book within 75 s (a threshold
+/// that a demo at the default rates meets).
+pub fn demo_bookings(now: chrono::DateTime<Utc>) -> Vec<(Product, Terms)> {
+    let ticket = |id: &str, title: &str, price: i64| Product {
+        id: id.into(),
+        title: title.into(),
+        price_minor: price,
+        tags: json!({"title": title, "place": "Tokyo Hall"}),
+        ..demo_catalogue().remove(0)
+    };
+    let terms = |id: &str, condition: &str, places: Option<i32>, decided_in: Option<i64>, window_secs: i64| Terms {
+        product_id: id.into(),
+        condition: condition.into(),
+        places,
+        decided_at: decided_in.map(|secs| now + chrono::Duration::seconds(secs)),
+        window_secs,
+    };
+    vec![
+        (
+            Product {
+                certificate_validity_secs: Some(180),
+                reminder_stage1_secs: 60,
+                reminder_stage2_secs: 30,
+                ..ticket("concert-presale", "Spring concert pre-sale: booked now, paid when submitted", 9_000)
+            },
+            terms("concert-presale", "hold", None, None, 86_400),
+        ),
+        (
+            ticket("cup-final-lottery", "Cup final: 5 seats drawn by lottery", 12_000),
+            terms("cup-final-lottery", "lottery", Some(5), Some(60), 45),
+        ),
+        (
+            ticket("reunion-tour", "Reunion tour: played if 5 book", 7_000),
+            terms("reunion-tour", "threshold", Some(5), Some(75), 3_600),
+        ),
+    ]
 }
 
 /// DEMO_ISSUERS are the issuers of the demo catalogue; `ops/run` makes their keys.
