@@ -164,6 +164,10 @@ pub async fn execute(config: Config, command: DlqCommand) -> anyhow::Result<()> 
             println!("  recorded     {}", s.created_at.to_rfc3339());
             if let Some(subject) = s.subject_id {
                 match s.source.as_str() {
+                    // A purchase's dead letter names its order, a refund's its own settlement.
+                    "settlement" if letter.payload["kind"] == "refund" => {
+                        println!("  refund       settlement {subject}   (assetflow status {subject})")
+                    }
                     "settlement" => println!("  order        {subject}   (assetflow status {subject})"),
                     "delivery" => println!("  delivery     {subject}"),
                     _ => println!("  subject      {subject}"),

@@ -81,6 +81,26 @@ async fn a_held_booking_charges_nothing_until_it_is_submitted_then_issues_the_re
         assert_eq!(count(c, paid, &[]), 1, "settled once, at the product's price");
     })
     .await;
+    // `assetflow status` finds the receipt certificate by its id and by its booking, and shows it
+    // with the asset it bought.
+    let (id, asset) = (id_of(&certificate), reserved.clone());
+    let (by_id, by_booking, by_asset) = env
+        .db(move |c| {
+            let show = |c: &mut diesel::PgConnection, id: &str| {
+                assetflow::cli::status::render(&assetflow::cli::status::lookup(c, id).unwrap().expect("known"))
+            };
+            let booking =
+                text(c, "SELECT request_id AS value FROM receipt_certificates WHERE id = $1::uuid", &[&id]).unwrap();
+            (show(c, &id), show(c, &booking), show(c, &asset))
+        })
+        .await;
+    let id = id_of(&certificate);
+    assert_eq!(by_booking, by_id, "a booking's request id shows the receipt certificate it issued");
+    assert!(by_id.starts_with(&format!("receipt certificate {id}  hold seat held by alice")), "{by_id}");
+    assert!(by_id.contains("  status       issued\n") && by_id.contains("  submit by    "), "{by_id}");
+    assert!(by_id.contains(&format!("  asset        {reserved} (reserved)")), "{by_id}");
+    assert!(by_id.contains("  order        ") && by_id.contains("receipt_certificate to alice"), "{by_id}");
+    assert!(by_asset.contains(&format!("bought with  receipt certificate {id} (hold, issued)")), "{by_asset}");
     // Submitted before: no second purchase.
     let again = submit_request("alice", certificate, &alice.key);
     env.send(&again).await;
@@ -126,6 +146,16 @@ async fn a_payment_that_settles_after_its_certificate_was_revoked_is_refunded_ne
         let told = "SELECT count(*) FROM deliveries WHERE content->>'code' = 'payment_refunded'";
         assert_eq!(count(c, told, &[]), 1);
         let _ = reserved;
+        // `assetflow status` shows the order with the certificate that placed it and its refund.
+        let order = text(c, "SELECT order_id::text AS value FROM receipt_certificates WHERE id = $1::uuid", &[&id]);
+        let view = assetflow::cli::status::lookup(c, &order.unwrap()).unwrap().expect("the order is known");
+        let shown = assetflow::cli::status::render(&view);
+        assert!(
+            shown.contains(&format!("placed by   submitting receipt certificate {id} (hold, revoked: expired)")),
+            "{shown}"
+        );
+        assert!(shown.contains("refunded 1000 JPY (minor units, cause late_settlement) via card-co"), "{shown}");
+        assert!(shown.contains("of the whole payment"), "{shown}");
     })
     .await;
 }

@@ -75,6 +75,25 @@ async fn a_refund_the_partner_confirms_refunds_the_asset_and_revokes_its_certifi
     })
     .await;
 
+    // `assetflow status` shows the refund with the asset, with its order, and by its settlement
+    // (what a refund's dead letter names).
+    let a = asset.clone();
+    let (by_asset, by_order, by_settlement) = env
+        .db(move |c| {
+            let show = |c: &mut diesel::PgConnection, id: &str| {
+                assetflow::cli::status::render(&assetflow::cli::status::lookup(c, id).unwrap().expect("known"))
+            };
+            let order = text(c, "SELECT order_id::text AS value FROM assets WHERE id = $1::uuid", &[&a]).unwrap();
+            let settlement = text(c, "SELECT settlement_id::text AS value FROM refunds", &[]).unwrap();
+            (show(c, &a), show(c, &order), show(c, &settlement))
+        })
+        .await;
+    let shown = "refunded 1000 JPY (minor units, cause holder) via card-co, ref ";
+    assert!(by_asset.contains("  refunds\n") && by_asset.contains(shown), "{by_asset}");
+    assert!(by_asset.contains("awaiting_exchange → refunded"), "{by_asset}");
+    assert!(by_order.contains(&format!("  refund      {shown}")) && by_order.contains(&format!("of asset {asset}")));
+    assert!(by_settlement.starts_with(&format!("asset {asset}")), "{by_settlement}");
+
     // The refunded asset is neither refunded again nor exchanged.
     let again = refund_request("alice", asset.parse().unwrap(), &alice.key);
     env.send(&again).await;

@@ -1,10 +1,19 @@
-//! `assetflow status`: an asset, an order or a request, with its whole history.
+//! `assetflow status`: an asset, an order, a receipt certificate or a request, with its whole
+//! history.
 //!
-//! This file finds what an id names and reads its views; `render.rs` turns a view into text.
+//! This file finds what an id names and reads its views; `refunds.rs` and `receipts.rs` read the
+//! refunds and receipt certificates shown with them; `render.rs` turns a view into text.
 
+mod receipts;
+mod refunds;
 mod render;
 
+pub use receipts::ReceiptView;
+pub use refunds::RefundView;
 pub use render::render;
+
+use receipts::{By, receipt_view};
+use refunds::{Of, refund_settlement, refunds_of};
 
 use std::process::ExitCode;
 
@@ -56,6 +65,10 @@ pub struct AssetView {
     pub certificate_exchanged_at: Option<DateTime<Utc>>,
     pub history: Vec<HistoryEntry>,
     pub deliveries: Vec<DeliveryView>,
+    /// The refunds asked for the asset, oldest first.
+    pub refunds: Vec<RefundView>,
+    /// The receipt certificate it was bought through, if it was.
+    pub receipt_certificate: Option<ReceiptView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -74,6 +87,11 @@ pub struct OrderView {
     pub status_reason: Option<String>,
     pub created_at: DateTime<Utc>,
     pub settlement: Option<SettlementView>,
+    /// The refunds of the order's payment, oldest first: its assets' and, for a payment that
+    /// settled after its receipt certificate was revoked, the whole payment's.
+    pub refunds: Vec<RefundView>,
+    /// The receipt certificate whose submission placed the order, if one did.
+    pub receipt_certificate: Option<ReceiptView>,
     pub assets: Vec<AssetView>,
     pub notices: Vec<DeliveryView>,
 }
@@ -92,6 +110,7 @@ pub struct SettlementView {
 pub enum View {
     Asset(AssetView),
     Order(OrderView),
+    ReceiptCertificate(ReceiptView),
     Request {
         request_id: String,
         terminal_id: String,
@@ -117,7 +136,8 @@ pub struct RefusalView {
     pub refused_at: DateTime<Utc>,
 }
 
-/// lookup finds what `id` names: an asset, an order, or a request id.
+/// lookup finds what `id` names: an asset, an order, a receipt certificate, a refund's settlement
+/// (shown as its asset, or its order when it refunds a whole payment), or a request id.
 pub fn lookup(conn: &mut PgConnection, id: &str) -> QueryResult<Option<View>> {
     if let Ok(uuid) = Uuid::parse_str(id) {
         if let Some(asset) = asset_view(conn, uuid)? {
@@ -125,6 +145,14 @@ pub fn lookup(conn: &mut PgConnection, id: &str) -> QueryResult<Option<View>> {
         }
         if let Some(order) = order_view(conn, uuid)? {
             return Ok(Some(View::Order(order)));
+        }
+        if let Some(receipt) = receipt_view(conn, By::Id(uuid))? {
+            return Ok(Some(View::ReceiptCertificate(receipt)));
+        }
+        match refund_settlement(conn, uuid)? {
+            Some((Some(asset), _)) => return Ok(asset_view(conn, asset)?.map(View::Asset)),
+            Some((None, order)) => return Ok(order_view(conn, order)?.map(View::Order)),
+            None => {}
         }
     }
     if let Some(order_id) =
@@ -147,6 +175,10 @@ pub fn lookup(conn: &mut PgConnection, id: &str) -> QueryResult<Option<View>> {
     Ok(match request {
         Some((_, _, _, _, _, Some(subject))) if asset_view(conn, subject)?.is_some() => {
             asset_view(conn, subject)?.map(View::Asset)
+        }
+        // A booking names the receipt certificate it issued.
+        Some((_, _, _, _, _, Some(subject))) if receipt_view(conn, By::Id(subject))?.is_some() => {
+            receipt_view(conn, By::Id(subject))?.map(View::ReceiptCertificate)
         }
         Some((terminal_id, message_type, outcome, reason, received_at, _)) => {
             Some(View::Request { request_id: id.to_string(), terminal_id, message_type, outcome, reason, received_at })
@@ -247,6 +279,8 @@ fn asset_view(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<AssetView
         certificate_exchanged_at: exchanged,
         history,
         deliveries: deliveries_where(conn, Some(id), None)?,
+        refunds: refunds_of(conn, Of::Asset(id))?,
+        receipt_certificate: receipt_view(conn, By::Asset(id))?,
     }))
 }
 
@@ -321,6 +355,8 @@ fn order_view(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<OrderView
         status_reason: o.11,
         created_at: o.12,
         settlement,
+        refunds: refunds_of(conn, Of::Order(id))?,
+        receipt_certificate: receipt_view(conn, By::Order(id))?,
         assets,
         notices: deliveries_where(conn, None, Some(id))?,
     }))
