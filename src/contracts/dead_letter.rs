@@ -36,10 +36,13 @@ pub enum DeadLetterReason {
     /// The broker dead-lettered it itself (its delivery limit, a rejection) while assetflow could
     /// not record it; the dead-letter recorder found it in the dead-letter queue.
     BrokerDeadLettered,
+    /// A change of product could not be undone: the partner refused to refund its new payment
+    /// (`docs/product.md#changes`). An operator settles it with the partner.
+    CompensationRefused,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 14] = [
+    pub const ALL: [DeadLetterReason; 15] = [
         DeadLetterReason::Malformed,
         DeadLetterReason::UnknownMessageType,
         DeadLetterReason::SchemaViolation,
@@ -54,6 +57,7 @@ impl DeadLetterReason {
         DeadLetterReason::UnauthenticatedParty,
         DeadLetterReason::InvalidProof,
         DeadLetterReason::BrokerDeadLettered,
+        DeadLetterReason::CompensationRefused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -72,6 +76,7 @@ impl DeadLetterReason {
             DeadLetterReason::UnauthenticatedParty => "unauthenticated_party",
             DeadLetterReason::InvalidProof => "invalid_proof",
             DeadLetterReason::BrokerDeadLettered => "broker_dead_lettered",
+            DeadLetterReason::CompensationRefused => "compensation_refused",
         }
     }
 }

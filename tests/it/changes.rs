@@ -156,8 +156,21 @@ async fn a_change_whose_refund_is_refused_is_undone_and_one_whose_undoing_is_ref
     .await;
     answer(&env, &instructed(&env, "refund").await, SettlementOutcome::Declined).await;
     step_is(&env, "stuck").await;
+    env.wait_until("the outbox is empty", |c| (count(c, "SELECT count(*) FROM outbox", &[]) == 0).then_some(())).await;
     let s = second.clone();
-    env.db(move |c| assert_eq!(asset_status(c, &s), "awaiting_exchange")).await;
+    env.db(move |c| {
+        assert_eq!(asset_status(c, &s), "awaiting_exchange");
+        // Handed to an operator with its evidence.
+        let letter =
+            "SELECT count(*) FROM dead_letters d JOIN changes ch ON d.message_id = 'change:' || ch.id || ':stuck'
+                      WHERE d.reason = 'compensation_refused' AND ch.step = 'stuck'
+                        AND convert_from(d.payload, 'UTF8')::jsonb->>'amount_minor' = '1500'";
+        assert_eq!(count(c, letter, &[]), 1);
+        let audit = assetflow::cli::audit::audit(c, None).unwrap();
+        assert_eq!((audit.lost, audit.duplicated), (0, 0), "{}", audit.summary());
+        assert_eq!((audit.changes, audit.changes_undone), (2, 1), "{}", audit.summary());
+    })
+    .await;
 }
 
 /// A real `assetflow run` process is killed with SIGKILL at each step of a change, and started

@@ -126,6 +126,8 @@ impl Proxied {
         env.product("ticket", |_| {}).await;
         // A seat sold by booking: held until its receipt certificate expires.
         env.product("seat", |_| {}).await;
+        // What holders change their tickets for.
+        env.product("coupon", |p| p.kind = "coupon".into()).await;
         let terms = Terms {
             product_id: "seat".into(),
             condition: "hold".into(),
@@ -151,7 +153,7 @@ impl Proxied {
         // A partner and a gateway that send some answers twice, as real ones do after a timeout;
         // the gateway also fails before acknowledging a tenth of what it receives, which the
         // broker delivers again, and keeps a ledger of everything it received. The partner refuses
-        // some refunds; the holders ask for refunds and defer downloads of some of the
+        // some refunds; the holders ask for refunds, change and defer downloads of some of the
         // certificates they receive, and submit most receipt certificates.
         env.partner(PartnerOptions {
             decline_rate: 0.1,
@@ -165,6 +167,8 @@ impl Proxied {
             duplicate_rate: 0.2,
             requeue_rate: 0.1,
             refund_rate: 0.25,
+            change_rate: 0.15,
+            change_to: Some("coupon".into()),
             defer_rate: 0.2,
             submit_rate: 0.8,
             ledger: Some(ledger.clone()),
@@ -267,6 +271,7 @@ async fn restart_under_load(service: fn(&Proxied) -> &Proxy) {
     assert_guarantees(&audit);
     assert!(audit.bookings > 0 && audit.submitted > 0, "seats were booked and submitted: {}", audit.summary());
     assert!(audit.refunds > 0, "holders asked for refunds: {}", audit.summary());
+    assert!(audit.changes > 0, "holders changed tickets: {}", audit.summary());
     assert_eq!(audit.dead_letters(), 0, "nothing dead-lettered: {}", audit.summary());
     run.stop().await;
 }

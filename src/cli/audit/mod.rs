@@ -96,6 +96,29 @@ const DUPLICATE_CHECKS: &[(&str, &str)] = &[
 
 /// OPEN_CHECKS are the "lost" queries: accepted work that has not reached a final state.
 const OPEN_CHECKS: &[(&str, &str)] = &[
+    (
+        // A change is never left half done: a step whose money leg was answered has moved on.
+        "changes_half_done",
+        "SELECT count(*) FROM changes c WHERE
+           (c.step = 'purchasing' AND EXISTS (SELECT 1 FROM settlements s WHERE s.order_id = c.new_order_id AND s.kind = 'purchase' AND s.status IN ('settled', 'declined')))
+           OR (c.step = 'refunding' AND EXISTS (SELECT 1 FROM refunds f WHERE f.id = c.refund_id AND f.status <> 'requested'))
+           OR (c.step = 'compensating' AND EXISTS (SELECT 1 FROM refunds f WHERE f.id = c.compensation_id AND f.status <> 'requested'))",
+    ),
+    (
+        // A change done refunded its old asset and handed its new order on; one compensated got
+        // the new payment back.
+        "changes_done_without_their_effects",
+        "SELECT count(*) FROM changes c WHERE
+           (c.step = 'done' AND (NOT EXISTS (SELECT 1 FROM refunds f WHERE f.id = c.refund_id AND f.status = 'refunded')
+                                 OR NOT EXISTS (SELECT 1 FROM orders o WHERE o.id = c.new_order_id AND o.status IN ('issuing', 'issued'))))
+           OR (c.step = 'compensated' AND NOT EXISTS (SELECT 1 FROM refunds f WHERE f.id = c.compensation_id AND f.status = 'refunded'))",
+    ),
+    (
+        // A change stuck (the partner would not return the new payment) is handed to an operator
+        // as a dead letter with its evidence, like any work that could not be done.
+        "stuck_changes_without_a_dead_letter",
+        "SELECT count(*) FROM changes c WHERE c.step = 'stuck' AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.message_id = 'change:' || c.id || ':stuck')",
+    ),
     ("open_orders", "SELECT count(*) FROM orders WHERE status IN ('settling', 'issuing')"),
     (
         // An order waits for its payer until its window ends, then the confirmation_timeout job
@@ -190,6 +213,11 @@ pub struct Audit {
     /// Refunds asked (any cause), paid back, and refused by the partner.
     pub refunds: i64,
     pub refunded: i64,
+    /// Changes of product asked for, done, and undone (failed before anything was done, or
+    /// compensated).
+    pub changes: i64,
+    pub changes_done: i64,
+    pub changes_undone: i64,
     pub refunds_failed: i64,
     pub deliveries: i64,
     pub delivered: i64,
@@ -263,7 +291,7 @@ impl Audit {
             self.illegal_paths.len()
         ));
         out.push_str(&format!(
-            "bookings {} (submitted {}, issued {}, revoked {}; decisions {}) · refunds {} (refunded {}, failed {})\n",
+            "bookings {} (submitted {}, issued {}, revoked {}; decisions {}) · refunds {} (refunded {}, failed {}) · changes {} (done {}, undone {})\n",
             self.bookings,
             self.submitted,
             self.receipts_issued,
@@ -271,7 +299,10 @@ impl Audit {
             self.booking_decisions,
             self.refunds,
             self.refunded,
-            self.refunds_failed
+            self.refunds_failed,
+            self.changes,
+            self.changes_done,
+            self.changes_undone
         ));
         if let Some(wire) = &self.wire {
             out.push_str(&wire.summary());
@@ -300,7 +331,15 @@ pub const INFRASTRUCTURE_REASONS: [DeadLetterReason; 2] =
 /// any it published that reached no table is lost.
 pub fn audit(conn: &mut PgConnection, sent: Option<i64>) -> QueryResult<Audit> {
     let mut audit = Audit { sent, ..Audit::default() };
-    audit.orders = count(conn, "SELECT count(*) FROM orders WHERE reserved_asset_id IS NULL")?;
+    // The orders placed by `order.purchase`: not those of receipt submissions or changes.
+    audit.orders = count(
+        conn,
+        "SELECT count(*) FROM orders o WHERE o.reserved_asset_id IS NULL
+           AND NOT EXISTS (SELECT 1 FROM changes c WHERE c.new_order_id = o.id)",
+    )?;
+    audit.changes = count(conn, "SELECT count(*) FROM changes")?;
+    audit.changes_done = count(conn, "SELECT count(*) FROM changes WHERE step = 'done'")?;
+    audit.changes_undone = count(conn, "SELECT count(*) FROM changes WHERE step IN ('failed', 'compensated')")?;
     audit.completed = count(conn, "SELECT count(*) FROM orders WHERE status = 'issued'")?;
     audit.declined = count(conn, "SELECT count(*) FROM orders WHERE status = 'declined'")?;
     audit.failed = count(conn, "SELECT count(*) FROM orders WHERE status = 'failed'")?;
@@ -400,14 +439,18 @@ fn dead_letter_mismatches(conn: &mut PgConnection) -> QueryResult<BTreeMap<Strin
         (
             "failed_orders_without_a_settlement_dead_letter",
             // An order whose receipt certificate was revoked before its payment settled fails
-            // with that payment refunded, not dead-lettered (`settlement::result`).
-            "SELECT count(*) FROM orders o WHERE o.status = 'failed' AND o.status_reason IS DISTINCT FROM 'receipt_certificate_revoked' AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.source = 'settlement' AND d.subject_id = o.id)".into(),
+            // with that payment refunded, not dead-lettered (`settlement::result`); so does the
+            // new order of a change that was undone (`settlement::change`), or whose undoing is
+            // with an operator (its dead letter names the refund's settlement).
+            "SELECT count(*) FROM orders o WHERE o.status = 'failed' AND o.status_reason IS DISTINCT FROM 'receipt_certificate_revoked' AND o.status_reason IS DISTINCT FROM 'change_compensated' AND o.status_reason IS DISTINCT FROM 'change_stuck' AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.source = 'settlement' AND d.subject_id = o.id)".into(),
         ),
         (
             "settlement_dead_letters_without_an_abandoned_settlement",
             // A late answer after abandonment still counts (the payer may have paid), so an
             // abandoned settlement may since have settled; its dead letter stays as the record.
-            "SELECT count(*) FROM dead_letters d WHERE d.source = 'settlement' AND d.replayed_at IS NULL AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.order_id = d.subject_id AND s.kind = 'purchase' AND s.status <> 'instructed')".into(),
+            // A purchase's dead letter names its order; a refund's (abandoned, or refused while
+            // undoing a change) names the refund's own settlement.
+            "SELECT count(*) FROM dead_letters d WHERE d.source = 'settlement' AND d.replayed_at IS NULL AND NOT EXISTS (SELECT 1 FROM settlements s WHERE ((s.order_id = d.subject_id AND s.kind = 'purchase') OR s.id = d.subject_id) AND s.status <> 'instructed')".into(),
         ),
         (
             "dead_deliveries_without_a_dead_letter",

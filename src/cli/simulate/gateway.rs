@@ -51,10 +51,16 @@ pub struct GatewayOptions {
     /// Share of certificates their holders exchange, when their keys are in --keys.
     #[arg(long, default_value_t = 0.5)]
     pub exchange_rate: f64,
-    /// Share of the certificates not exchanged whose holders ask for a refund instead.
+    /// Share of certificates whose holders ask for a refund instead of exchanging them.
     #[arg(long, default_value_t = 0.1)]
     pub refund_rate: f64,
-    /// Share of the certificates not exchanged whose holders defer the download by a few seconds.
+    /// Share of certificates whose holders change them for --change-to instead.
+    #[arg(long, default_value_t = 0.0)]
+    pub change_rate: f64,
+    /// The product holders change their certificates for (with --change-rate).
+    #[arg(long)]
+    pub change_to: Option<String>,
+    /// Share of certificates whose holders defer the download by a few seconds instead.
     #[arg(long, default_value_t = 0.1)]
     pub defer_rate: f64,
     /// Where the simulated terminals' private keys are: a terminal whose key is here signs an
@@ -98,6 +104,8 @@ impl Default for GatewayOptions {
             exchange_rate: 0.5,
             // The simulators' command line has holders refund and defer; a test asks for it.
             refund_rate: 0.0,
+            change_rate: 0.0,
+            change_to: None,
             defer_rate: 0.0,
             keys: super::default_keys_dir(),
             party_keys: super::default_party_keys_dir(),
@@ -216,26 +224,20 @@ pub async fn run(
                 };
                 let body = super::partner::signed(&receipt, &own);
                 let copies = if rand::random::<f64>() < options.duplicate_rate { 2 } else { 1 };
-                // Whether the holder will exchange it is known before the receipt goes, so that
-                // whoever waits for the exchanges (the benchmark) never sees neither.
-                let certificate = message
+                // What the holder does with a certificate is decided once, before the receipt goes,
+                // so that whoever waits for it (the benchmark) never sees neither: a refund, a
+                // change or "later" instead of an exchange, or an exchange.
+                let offered = message
                     .content
                     .get("certificate")
                     .filter(|_| message.kind == DeliveryKind::Certificate)
+                    .filter(|_| stats.exchange_decided.lock().expect("not poisoned").insert(message.delivery_id));
+                let answer_otherwise =
+                    offered.and_then(|c| holder_answer(&options, &message.delivery_id.to_string(), c));
+                let certificate = offered
+                    .filter(|_| answer_otherwise.is_none())
                     .filter(|_| fraction(&message.delivery_id.to_string(), "exchange") < options.exchange_rate)
-                    .filter(|_| stats.exchange_decided.lock().expect("not poisoned").insert(message.delivery_id))
                     .cloned();
-                // A holder who does not exchange may answer otherwise: a refund, or "later".
-                let answer_otherwise = match message.content.get("certificate") {
-                    Some(c)
-                        if certificate.is_none()
-                            && message.kind == DeliveryKind::Certificate
-                            && message.attempt == 1 =>
-                    {
-                        holder_answer(&options, &message.delivery_id.to_string(), c)
-                    }
-                    _ => None,
-                };
                 // The payer answers an order it is asked to confirm once, even when the request
                 // is sent again.
                 let confirmation = (message.kind == DeliveryKind::ConfirmationRequest)
@@ -266,14 +268,17 @@ pub async fn run(
                         }
                     }
                     stats.receipts.fetch_add(1, Ordering::Relaxed);
-                    if let Some((kind, asset_id)) = answer_otherwise
+                    if let Some((kind, asset_id)) = &answer_otherwise
                         && let Some(key) = keys.get(&message.terminal_id).await
                     {
                         let request = match kind {
-                            HolderAnswer::Refund => refund_request(&message.terminal_id, asset_id, &key),
+                            HolderAnswer::Refund => refund_request(&message.terminal_id, *asset_id, &key),
+                            HolderAnswer::Change(product) => {
+                                change_request(&message.terminal_id, *asset_id, product, &key)
+                            }
                             HolderAnswer::Defer => defer_request(
                                 &message.terminal_id,
-                                asset_id,
+                                *asset_id,
                                 Utc::now() + chrono::Duration::seconds(5),
                                 &key,
                             ),
@@ -283,6 +288,7 @@ pub async fn run(
                         if publisher.publish(&requests, &routing_key, &routing_key, &body).await.is_ok() {
                             let counter = match kind {
                                 HolderAnswer::Refund => &stats.refunds_asked,
+                                HolderAnswer::Change(_) => &stats.changes_asked,
                                 HolderAnswer::Defer => &stats.deferrals,
                             };
                             counter.fetch_add(1, Ordering::Relaxed);
@@ -425,9 +431,11 @@ pub fn exchange_request(terminal_id: &str, certificate: serde_json::Value, key: 
 }
 
 /// HolderAnswer is how a holder who does not exchange its certificate answers instead.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum HolderAnswer {
     Refund,
+    /// A change for this product.
+    Change(String),
     Defer,
 }
 
@@ -439,8 +447,12 @@ fn holder_answer(
     certificate: &serde_json::Value,
 ) -> Option<(HolderAnswer, Uuid)> {
     let asset: Uuid = certificate.get("asset_id")?.as_str()?.parse().ok()?;
+    let product = certificate.get("product_id").and_then(serde_json::Value::as_str);
+    let change_to = options.change_to.as_deref().filter(|to| product != Some(*to));
     if fraction(delivery, "refund") < options.refund_rate {
         Some((HolderAnswer::Refund, asset))
+    } else if let Some(to) = change_to.filter(|_| fraction(delivery, "change") < options.change_rate) {
+        Some((HolderAnswer::Change(to.to_string()), asset))
     } else if fraction(delivery, "defer") < options.defer_rate {
         Some((HolderAnswer::Defer, asset))
     } else {
@@ -482,6 +494,20 @@ fn submission(options: &GatewayOptions, stats: &Stats, message: &GatewayDelivery
         }
         _ => None,
     }
+}
+
+/// change_request builds a signed `asset.change` of `asset_id` for `product_id`.
+pub fn change_request(terminal_id: &str, asset_id: Uuid, product_id: &str, key: &PKey<Private>) -> serde_json::Value {
+    let mut request = serde_json::json!({
+        "type": kinds::ASSET_CHANGE,
+        "request_id": format!("c-{}", Uuid::now_v7()),
+        "terminal_id": terminal_id,
+        "sent_at": Utc::now(),
+        "asset_id": asset_id,
+        "product_id": product_id,
+    });
+    crypto::sign_document(key, &mut request).expect("signing works");
+    request
 }
 
 /// refund_request builds a signed `asset.refund`.

@@ -43,10 +43,13 @@ pub enum SimulateCommand {
         /// Share of certificates their holders exchange.
         #[arg(long, default_value_t = 0.5)]
         exchange_rate: f64,
-        /// Share of the certificates not exchanged whose holders ask for a refund.
+        /// Share of certificates whose holders ask for a refund instead of exchanging them.
         #[arg(long, default_value_t = 0.1)]
         refund_rate: f64,
-        /// Share of the certificates not exchanged whose holders defer the download.
+        /// Share of certificates whose holders change them for a prepaid card instead.
+        #[arg(long, default_value_t = 0.05)]
+        change_rate: f64,
+        /// Share of certificates whose holders defer the download instead.
         #[arg(long, default_value_t = 0.1)]
         defer_rate: f64,
         /// Share of refunds the partner refuses.
@@ -89,6 +92,7 @@ pub struct Stats {
     pub receipts: AtomicU64,
     /// Refunds and deferrals the holders asked for, and the partners' answers to refunds.
     pub refunds_asked: AtomicU64,
+    pub changes_asked: AtomicU64,
     pub refunded: AtomicU64,
     pub refunds_refused: AtomicU64,
     pub deferrals: AtomicU64,
@@ -118,7 +122,7 @@ impl Stats {
     pub fn line(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "orders {} · bookings {} · submissions {} · confirmations {} · settled {} · declined {} · certificates {} · exchanges {} · assets {} · notices {} · refusals {} · refunds asked {} (refunded {}, refused {}) · deferrals {}",
+            "orders {} · bookings {} · submissions {} · confirmations {} · settled {} · declined {} · certificates {} · exchanges {} · assets {} · notices {} · refusals {} · refunds asked {} (refunded {}, refused {}) · changes asked {} · deferrals {}",
             g(&self.orders),
             g(&self.bookings),
             g(&self.submissions),
@@ -133,6 +137,7 @@ impl Stats {
             g(&self.refunds_asked),
             g(&self.refunded),
             g(&self.refunds_refused),
+            g(&self.changes_asked),
             g(&self.deferrals)
         )
     }
@@ -268,6 +273,7 @@ pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()>
             decline_rate,
             exchange_rate,
             refund_rate,
+            change_rate,
             defer_rate,
             refund_refusal_rate,
             confirm_decline_rate,
@@ -282,6 +288,8 @@ pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()>
             let gateway_options = gateway::GatewayOptions {
                 exchange_rate,
                 refund_rate,
+                change_rate,
+                change_to: Some("prepaid-card-5000".into()),
                 defer_rate,
                 confirm_decline_rate,
                 confirm_ignore_rate,

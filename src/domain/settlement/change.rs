@@ -22,15 +22,19 @@ use uuid::Uuid;
 
 use super::refund::{self, NewRefund, Refund, RefundCause};
 use super::{NewOrder, Settlement, Settlements, place};
+use crate::contracts::dead_letter::DeadLetterReason;
 use crate::contracts::messages::{ChangeRequest, DeliveryKind, DeliveryModeKind, IssuanceRequested, Notice, kinds};
 use crate::contracts::refusal::{RefusalReason, Refused};
+use crate::contracts::topology::Pool;
 use crate::domain::catalogue::{Catalogue, load_terminal};
 use crate::domain::delivery::{self, NewDelivery};
 use crate::domain::metrics;
 use crate::domain::requests::{Authentic, Header, Requests};
 use crate::domain::schema::{changes, orders, settlements};
 use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received};
+use crate::runtime::dead_letter::{self, NewDeadLetter};
 use crate::runtime::outbox::Outgoing;
+use serde_json::json;
 
 /// Change is a change as stored.
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -324,7 +328,49 @@ pub fn refund_answered(
         }
         ("compensating", false) => {
             tracing::error!(change_id = %change.id, refund_id = %refund.id, "the partner refused to return a change's new payment: the change is stuck");
-            step(conn, change.id, "stuck", Some("the partner refused to return the new payment"), now)?;
+            let why = "the partner refused to return the new payment";
+            step(conn, change.id, "stuck", Some(why), now)?;
+            diesel::update(orders::table.find(change.new_order_id))
+                .set((
+                    orders::status.eq("failed"),
+                    orders::status_reason.eq("change_stuck"),
+                    orders::updated_at.eq(now),
+                ))
+                .execute(conn)?;
+            let refunded: Settlement =
+                settlements::table.find(refund.settlement_id).select(Settlement::as_select()).first(conn)?;
+            let evidence = json!({
+                "change_id": change.id,
+                "asset_id": change.asset_id,
+                "new_order_id": change.new_order_id,
+                "refund_id": refund.id,
+                "settlement_id": refunded.id,
+                "partner_id": refunded.partner_id,
+                "amount_minor": refunded.amount_minor,
+                "currency": refunded.currency,
+            });
+            let detail = format!(
+                "change {}: the new payment of {} {} could not be refunded ({why}); settle it with partner {}",
+                change.id, refunded.amount_minor, refunded.currency, refunded.partner_id
+            );
+            dead_letter::record(
+                conn,
+                &settlements.names,
+                NewDeadLetter {
+                    pool: Pool::Settlement.as_str(),
+                    source: "settlement",
+                    message_type: kinds::SETTLEMENT_INSTRUCTION.into(),
+                    message_id: Some(format!("change:{}:stuck", change.id)),
+                    exchange: Some(settlements.names.partners()),
+                    routing_key: Some(refunded.partner_id.clone()),
+                    payload: serde_json::to_vec(&evidence).expect("serializes"),
+                    headers: json!({}),
+                    reason: DeadLetterReason::CompensationRefused,
+                    detail: detail.clone(),
+                    attempts: json!([{"at": now, "error": detail}]),
+                    subject_id: Some(refunded.id),
+                },
+            )?;
             Ok(())
         }
         (other, _) => {

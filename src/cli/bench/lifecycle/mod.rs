@@ -50,6 +50,17 @@ pub struct LifecycleOptions {
     /// Share of certificates their holders exchange.
     #[arg(long, default_value_t = 0.3)]
     pub exchange_rate: f64,
+    /// The mix: the share of certificates whose holders have them refunded instead of
+    /// exchanging them.
+    #[arg(long, default_value_t = 0.0)]
+    pub refunds: f64,
+    /// The mix: the share of certificates whose holders change them for another product instead.
+    #[arg(long, default_value_t = 0.0)]
+    pub changes: f64,
+    /// The mix: the share of the orders that are bookings of a held seat, each submitted as soon
+    /// as its receipt certificate arrives.
+    #[arg(long, default_value_t = 0.0)]
+    pub bookings: f64,
     /// Terminals placing the orders.
     #[arg(long, default_value_t = 50)]
     pub terminals: usize,
@@ -67,6 +78,19 @@ pub struct LifecycleOptions {
     pub timeout: Duration,
     #[arg(long)]
     pub json: bool,
+}
+
+impl LifecycleOptions {
+    /// LifecycleOptions::mixed says whether the runs have a mix besides purchases and exchanges.
+    pub fn mixed(&self) -> bool {
+        self.refunds > 0.0 || self.changes > 0.0 || self.bookings > 0.0
+    }
+
+    /// LifecycleOptions::is_booking says whether order `i` of a run is a booking: a stable
+    /// spread of `--bookings` over the orders.
+    pub fn is_booking(&self, i: usize) -> bool {
+        self.bookings > 0.0 && ((i * 7_919) % 1_000) as f64 / 1_000.0 < self.bookings
+    }
 }
 
 /// Shared is what the runs share: the configuration (each run changes the AMQP prefix and the
@@ -170,8 +194,25 @@ fn catalogue(url: &str) -> anyhow::Result<()> {
         &["bench-gw-1".into(), "bench-gw-2".into()],
     )?;
     upsert_product(&mut conn, &bench_product())?;
+    // The mix's: what holders change their tickets for, and a seat sold by booking.
+    let card = terminals::demo_catalogue().remove(1);
+    upsert_product(&mut conn, &Product { id: CHANGE_TO.into(), issuer_id: "bench-issuer".into(), ..card })?;
+    upsert_product(&mut conn, &Product { id: BOOKED.into(), ..bench_product() })?;
+    let terms = crate::domain::bookings::Terms {
+        product_id: BOOKED.into(),
+        condition: "hold".into(),
+        places: None,
+        decided_at: None,
+        window_secs: 86_400,
+    };
+    crate::domain::bookings::save_terms(&mut conn, &terms)?;
     Ok(())
 }
+
+/// CHANGE_TO is the product the mix's holders change their tickets for.
+pub(super) const CHANGE_TO: &str = "bench-card";
+/// BOOKED is the seat the mix's bookings are for.
+pub(super) const BOOKED: &str = "bench-seat";
 
 /// seed_template makes the seeded database the runs' databases are copied from: migrated, with
 /// the catalogue and the terminals, and `--seed-orders` completed orders.

@@ -75,6 +75,35 @@ pub(super) async fn progress(url: &str, since: Uuid) -> anyhow::Result<(i64, i64
     Ok((done, pending))
 }
 
+/// in_flight is what a mixed run started and has not finished: deliveries, settlements, changes
+/// and receipt certificates under way, and orders not yet issued.
+pub(super) async fn in_flight(url: &str, since: Uuid) -> anyhow::Result<i64> {
+    query_count(
+        url,
+        "SELECT (SELECT count(*) FROM deliveries WHERE status IN ('pending', 'sent', 'failed'))
+              + (SELECT count(*) FROM settlements WHERE status = 'instructed')
+              + (SELECT count(*) FROM changes WHERE step IN ('purchasing', 'refunding', 'compensating'))
+              + (SELECT count(*) FROM receipt_certificates WHERE id >= $1 AND status IN ('open', 'submitted'))
+              + (SELECT count(*) FROM orders WHERE id >= $1 AND status IN ('settling', 'issuing')) AS n",
+        Some(since),
+    )
+    .await
+}
+
+/// mixed_done is the orders a mixed run placed (purchases and submitted bookings, not the new
+/// purchases of changes) whose certificate or asset was delivered.
+pub(super) async fn mixed_done(url: &str, since: Uuid) -> anyhow::Result<i64> {
+    query_count(
+        url,
+        "SELECT count(*) AS n FROM orders o
+         WHERE o.id >= $1 AND NOT EXISTS (SELECT 1 FROM changes c WHERE c.new_order_id = o.id)
+           AND EXISTS (SELECT 1 FROM deliveries d WHERE d.order_id = o.id AND d.kind IN ('certificate', 'asset')
+                         AND d.status = 'delivered')",
+        Some(since),
+    )
+    .await
+}
+
 /// exchanged_done is the exchanges of the run that assetflow recorded: each made its asset's
 /// delivery in the transaction that recorded it.
 pub(super) async fn exchanged_done(url: &str, since: Uuid) -> anyhow::Result<i64> {

@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::figures::{Figures, Percentiles, broker_messages, is_internal};
 use super::process::{cpu_seconds, free_port, peak_rss_kb, scrape, wait_ready};
-use super::queries::{acknowledged, commits, exchanged_done, id_floor, last_receipt, progress, stages};
+use super::queries::{
+    acknowledged, commits, exchanged_done, id_floor, in_flight, last_receipt, mixed_done, progress, stages,
+};
 use super::{LifecycleOptions, Shared};
 use crate::cli::bench::machine::{Busy, Watch};
 use crate::cli::simulate::{Stats, gateway, partner, terminals};
@@ -87,6 +89,10 @@ async fn measure(
     tokio::spawn(partner::run_owned(config.clone(), broker.clone(), partner_options, stats.clone(), shutdown.clone()));
     let gateway_options = gateway::GatewayOptions {
         exchange_rate: options.exchange_rate,
+        refund_rate: options.refunds,
+        change_rate: options.changes,
+        change_to: Some(super::CHANGE_TO.into()),
+        submit_rate: if options.bookings > 0.0 { 1.0 } else { 0.0 },
         keys: PathBuf::from(terminal_keys),
         ..Default::default()
     };
@@ -104,9 +110,7 @@ async fn measure(
         Some(_) => Vec::new(),
         None => {
             eprintln!("signing {} orders…", options.orders);
-            (0..options.orders)
-                .map(|i| terminals::purchase(&sims[i % sims.len()], "bench-ticket", 1, serde_json::json!({})))
-                .collect()
+            (0..options.orders).map(|i| offer(options, sims, i)).collect()
         }
     };
     // What else the machine does is watched from here to the last order's completion.
@@ -119,19 +123,18 @@ async fn measure(
         None => {
             eprintln!("placing {} orders…", options.orders);
             let mut bodies = Vec::with_capacity(burst.len());
+            let mut bookings = Vec::new();
             for order in &burst {
+                if order["type"] == kinds::ORDER_BOOKING {
+                    bookings.push(serde_json::to_vec(order)?);
+                    continue;
+                }
                 sent.insert(order["request_id"].as_str().expect("an id").to_string(), started_at);
                 bodies.push(serde_json::to_vec(order)?);
             }
-            crate::cli::simulate::publisher::publish_burst(
-                &broker,
-                &requests,
-                kinds::ORDER_PURCHASE,
-                kinds::ORDER_PURCHASE,
-                bodies,
-                256,
-            )
-            .await?;
+            for (kind, bodies) in [(kinds::ORDER_PURCHASE, bodies), (kinds::ORDER_BOOKING, bookings)] {
+                crate::cli::simulate::publisher::publish_burst(&broker, &requests, kind, kind, bodies, 256).await?;
+            }
             options.orders
         }
         Some(rate) => {
@@ -141,11 +144,12 @@ async fn measure(
             let mut i = 0;
             while started.elapsed() < options.duration {
                 tick.tick().await;
-                let order = terminals::purchase(&sims[i % sims.len()], "bench-ticket", 1, serde_json::json!({}));
-                sent.insert(order["request_id"].as_str().expect("an id").to_string(), Utc::now());
-                publisher
-                    .publish(&requests, kinds::ORDER_PURCHASE, kinds::ORDER_PURCHASE, &serde_json::to_vec(&order)?)
-                    .await?;
+                let order = offer(options, sims, i);
+                let kind = order["type"].as_str().expect("a type").to_string();
+                if kind == kinds::ORDER_PURCHASE {
+                    sent.insert(order["request_id"].as_str().expect("an id").to_string(), Utc::now());
+                }
+                publisher.publish(&requests, &kind, &kind, &serde_json::to_vec(&order)?).await?;
                 i += 1;
             }
             i
@@ -154,7 +158,32 @@ async fn measure(
 
     eprintln!("waiting for every order to complete…");
     let deadline = Instant::now() + options.timeout;
+    let booked = (0..orders).filter(|i| options.is_booking(*i)).count();
     let completed = loop {
+        if options.mixed() {
+            // With a mix, an order is done when what it bought was delivered, and the run is done
+            // when nothing it started is still in flight: no delivery, settlement, change or
+            // submission under way.
+            let purchases = (orders - booked) as u64;
+            let certificates = stats.certificates.load(Ordering::SeqCst);
+            let submitted = stats.submissions.load(Ordering::SeqCst);
+            if certificates >= purchases
+                && submitted >= booked as u64
+                && stats.exchanges_waiting.load(Ordering::SeqCst) == 0
+            {
+                let exchanged = stats.exchanges.load(Ordering::SeqCst);
+                if in_flight(&url, since).await? == 0 && exchanged_done(&url, since).await? >= exchanged as i64 {
+                    break mixed_done(&url, since).await?;
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "only {certificates} of {purchases} certificates and {submitted} of {booked} submissions within {:?}",
+                options.timeout
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
         // The database is asked only once the gateway has had every certificate and asset:
         // counting over the tables while they fill cost PostgreSQL about a twentieth of its CPU in a
         // burst, on the same cores as what is measured.
@@ -251,4 +280,15 @@ async fn cleanup(config: &Config) {
     shutdown.cancel();
     let url = config.database.url.clone();
     let _ = tokio::task::spawn_blocking(move || crate::cli::bench::drop_database(&url)).await;
+}
+
+/// offer is order `i` of a run: a purchase of the benchmark's ticket, or, for the mix's share, a
+/// booking of its seat.
+fn offer(options: &LifecycleOptions, sims: &[terminals::SimTerminal], i: usize) -> serde_json::Value {
+    let sim = &sims[i % sims.len()];
+    if options.is_booking(i) {
+        gateway::booking_request(&sim.id, super::BOOKED, &sim.key)
+    } else {
+        terminals::purchase(sim, "bench-ticket", 1, serde_json::json!({}))
+    }
 }
