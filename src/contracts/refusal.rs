@@ -58,7 +58,8 @@ pub enum RefusalReason {
     ConditionNotMet,
     /// The order a confirmation names does not exist.
     UnknownOrder,
-    /// The terminal confirming an order is not its payer.
+    /// The terminal confirming an order is not its payer; or a holder asks to change an asset it
+    /// did not pay for (a gift): the new product would be charged to another terminal.
     NotThePayer,
     /// The order is not waiting for its payer's confirmation (it needs none, or was answered).
     OrderNotAwaitingConfirmation,

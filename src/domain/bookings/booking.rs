@@ -20,8 +20,8 @@ use crate::domain::schema::{booking_terms, receipt_certificates};
 use crate::domain::settlement::Settlements;
 use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received};
 
-/// BookingHandler takes `order.booking`, one request at a time. It runs in the issuance pool,
-/// whose processes hold the signing keys.
+/// BookingHandler takes `order.booking`: each request checked and carried out on its own, in
+/// turn. It runs in the issuance pool, whose processes hold the signing keys.
 pub struct BookingHandler {
     pub requests: Arc<Requests>,
     pub settlements: Arc<Settlements>,
@@ -32,6 +32,12 @@ pub struct BookingHandler {
 impl Handler for BookingHandler {
     type Message = BookingRequest;
     const MESSAGE_TYPE: &'static str = kinds::ORDER_BOOKING;
+
+    /// Requests handled together are carried out one after another in the batch's transaction,
+    /// each seeing what the ones before it did, as it would alone: one commit for all of them.
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
 
     fn handle(&self, cx: &mut Cx<'_>, batch: &[Received<'_, BookingRequest>]) -> Result<(), Failure> {
         for Received { message, incoming } in batch {

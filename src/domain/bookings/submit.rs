@@ -23,7 +23,7 @@ use crate::domain::schema::receipt_certificates;
 use crate::domain::settlement::{NewOrder, Settlements, place};
 use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received};
 
-/// SubmitHandler takes `receipt.submit`, one request at a time.
+/// SubmitHandler takes `receipt.submit`: each request checked and carried out on its own, in turn.
 pub struct SubmitHandler {
     pub requests: Arc<Requests>,
     pub settlements: Arc<Settlements>,
@@ -34,6 +34,12 @@ pub struct SubmitHandler {
 impl Handler for SubmitHandler {
     type Message = SubmitRequest;
     const MESSAGE_TYPE: &'static str = kinds::RECEIPT_SUBMIT;
+
+    /// Requests handled together are carried out one after another in the batch's transaction,
+    /// each seeing what the ones before it did, as it would alone: one commit for all of them.
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
 
     fn handle(&self, cx: &mut Cx<'_>, batch: &[Received<'_, SubmitRequest>]) -> Result<(), Failure> {
         for Received { message, incoming } in batch {

@@ -22,7 +22,7 @@ use crate::domain::schema::{
 use crate::domain::status::{self, Cause, Status};
 use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received};
 
-/// DeferHandler takes `asset.defer`, one request at a time.
+/// DeferHandler takes `asset.defer`: each request checked and carried out on its own, in turn.
 pub struct DeferHandler {
     pub requests: Arc<Requests>,
 }
@@ -30,6 +30,12 @@ pub struct DeferHandler {
 impl Handler for DeferHandler {
     type Message = DeferRequest;
     const MESSAGE_TYPE: &'static str = kinds::ASSET_DEFER;
+
+    /// Requests handled together are carried out one after another in the batch's transaction,
+    /// each seeing what the ones before it did, as it would alone: one commit for all of them.
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
 
     fn handle(&self, cx: &mut Cx<'_>, batch: &[Received<'_, DeferRequest>]) -> Result<(), Failure> {
         for Received { message, incoming } in batch {

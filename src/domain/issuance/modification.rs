@@ -26,7 +26,8 @@ use crate::domain::delivery::{self, Deliveries, NewDelivery};
 use crate::domain::metrics;
 use crate::domain::requests::{Authentic, Header, Requests};
 use crate::domain::schema::{
-    assets, exchange_certificates, issuer_changes, modification_notices, orders, products, refunds, reminder_schedule,
+    assets, deliveries, exchange_certificates, issuer_changes, modification_notices, orders, products, refunds,
+    reminder_schedule,
 };
 use crate::domain::settlement::Settlements;
 use crate::domain::settlement::refund::{self, NewRefund, RefundCause};
@@ -158,7 +159,7 @@ pub struct Modifications {
     pub settlements: Arc<Settlements>,
 }
 
-/// AnswerHandler takes `modification.answer`, one request at a time.
+/// AnswerHandler takes `modification.answer`: each request checked and carried out on its own, in turn.
 pub struct AnswerHandler {
     pub requests: Arc<Requests>,
     pub modifications: Arc<Modifications>,
@@ -167,6 +168,12 @@ pub struct AnswerHandler {
 impl Handler for AnswerHandler {
     type Message = ModificationAnswer;
     const MESSAGE_TYPE: &'static str = kinds::MODIFICATION_ANSWER;
+
+    /// Requests handled together are carried out one after another in the batch's transaction,
+    /// each seeing what the ones before it did, as it would alone: one commit for all of them.
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
 
     fn handle(&self, cx: &mut Cx<'_>, batch: &[Received<'_, ModificationAnswer>]) -> Result<(), Failure> {
         for Received { message, incoming } in batch {
@@ -211,8 +218,16 @@ impl AnswerHandler {
             return self.requests.refuse(cx, incoming, &header, Some(&terminal), Some(&content_sha256), refused);
         }
         let notice = notice.expect("checked above");
-        self.requests.accept(cx, &header, &content_sha256, notice.id)?;
-        apply(cx, &self.modifications, &notice, answer.answer, "holder", Some(&answer.request_id))
+        match apply(cx, &self.modifications, &notice, answer.answer)? {
+            Ok(outcome) => {
+                record(cx, &notice, answer.answer, "holder", Some(&answer.request_id), &outcome)?;
+                self.requests.accept(cx, &header, &content_sha256, notice.id)
+            }
+            // Nothing was done: the notice stays open for another answer until its deadline.
+            Err(refused) => {
+                self.requests.refuse(cx, incoming, &header, Some(&terminal), Some(&content_sha256), refused)
+            }
+        }
     }
 }
 
@@ -242,26 +257,44 @@ impl Handler for DefaultsHandler {
                     .first(cx.conn)?;
                 let choice =
                     ModificationChoice::parse(&default).expect("the CHECK constraint admits only known answers");
-                apply(cx, &self.modifications, &notice, choice, "default", None)?;
+                match apply(cx, &self.modifications, &notice, choice)? {
+                    Ok(outcome) => record(cx, &notice, choice, "default", None, &outcome)?,
+                    Err(refused) => {
+                        // An asset that went its own way (delivered, expired, refunded) ends the
+                        // notice with nothing done; otherwise (being delivered, a refund under
+                        // way) the job's next run tries the default again.
+                        let (status, expires_at): (String, DateTime<Utc>) = assets::table
+                            .find(notice.asset_id)
+                            .select((assets::status, assets::expires_at))
+                            .first(cx.conn)?;
+                        let settled = Status::parse(&status).is_some_and(Status::is_final) || expires_at <= cx.now;
+                        if settled {
+                            let outcome = format!("nothing done: {}", refused.detail);
+                            record(cx, &notice, choice, "default", None, &outcome)?;
+                        } else {
+                            tracing::info!(notice_id = %notice.id, detail = %refused.detail, "an issuer's default could not be applied yet");
+                        }
+                    }
+                }
             }
         }
         Ok(())
     }
 }
 
-/// apply carries out an answer to a notice and records it with what it did.
+/// apply carries out an answer to a notice and returns what it did, for [`record`]; or, when it
+/// can do nothing (the asset was delivered or is being delivered, a refund of it awaits its
+/// partner), why, having done nothing.
 fn apply(
     cx: &mut Cx<'_>,
     modifications: &Modifications,
     notice: &Pending,
     choice: ModificationChoice,
-    by: &'static str,
-    request_id: Option<&str>,
-) -> Result<(), Failure> {
+) -> Result<Result<String, Refused>, Failure> {
     let outcome = match choice {
         ModificationChoice::Refund => {
             match refund::refundable_asset(cx.conn, cx.now, notice.asset_id, &notice.holder_terminal_id)? {
-                Err(refused) => format!("not refunded: {}", refused.detail),
+                Err(refused) => return Ok(Err(refused)),
                 Ok((_, paid, amount_minor)) => {
                     let back = NewRefund {
                         paid: &paid,
@@ -277,20 +310,32 @@ fn apply(
         }
         ModificationChoice::Accept => match replace(cx, &modifications.issuer, notice)? {
             Ok(new) => format!("replaced by asset {new}"),
-            Err(why) => format!("not replaced: {why}"),
+            Err(why) => return Ok(Err(Refused::new(RefusalReason::AssetNotDeliverable, why))),
         },
     };
+    Ok(Ok(outcome))
+}
+
+/// record answers a notice, once: the answer, by whom, and what it did.
+fn record(
+    cx: &mut Cx<'_>,
+    notice: &Pending,
+    choice: ModificationChoice,
+    by: &'static str,
+    request_id: Option<&str>,
+    outcome: &str,
+) -> Result<(), Failure> {
     diesel::update(modification_notices::table.find(notice.id))
         .set((
             modification_notices::answer.eq(choice.as_str()),
             modification_notices::answered_by.eq(by),
             modification_notices::request_id.eq(request_id),
             modification_notices::answered_at.eq(cx.now),
-            modification_notices::outcome.eq(&outcome),
+            modification_notices::outcome.eq(outcome),
         ))
         .execute(cx.conn)?;
     metrics::issuer_change(if by == "default" { "defaulted" } else { "answered" }, 1);
-    tracing::info!(notice_id = %notice.id, answer = choice.as_str(), by, %outcome, "modification notice answered");
+    tracing::info!(notice_id = %notice.id, answer = choice.as_str(), by, outcome, "modification notice answered");
     Ok(())
 }
 
@@ -339,6 +384,15 @@ fn replace(cx: &mut Cx<'_>, issuer: &Issuer, notice: &Pending) -> Result<Result<
         .get_result(cx.conn)?;
     if refunding > 0 {
         return Ok(Err(format!("a refund of asset {} awaits its partner", old.id)));
+    }
+    let in_transit: i64 = deliveries::table
+        .filter(deliveries::asset_id.eq(old.id))
+        .filter(deliveries::kind.eq(DeliveryKind::Asset.as_str()))
+        .filter(deliveries::status.eq("sent"))
+        .count()
+        .get_result(cx.conn)?;
+    if in_transit > 0 {
+        return Ok(Err(format!("asset {} is being delivered; answer again if its delivery does not complete", old.id)));
     }
     let product = cx.product(&old.product_id)?.ok_or_else(|| {
         Failure::permanent(DeadLetterReason::Unprocessable, format!("product {} vanished", old.product_id))

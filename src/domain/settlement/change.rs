@@ -50,7 +50,7 @@ pub struct Change {
     pub step: String,
 }
 
-/// ChangeHandler takes `asset.change`, one request at a time.
+/// ChangeHandler takes `asset.change`: each request checked and carried out on its own, in turn.
 pub struct ChangeHandler {
     pub requests: Arc<Requests>,
     pub settlements: Arc<Settlements>,
@@ -59,6 +59,12 @@ pub struct ChangeHandler {
 impl Handler for ChangeHandler {
     type Message = ChangeRequest;
     const MESSAGE_TYPE: &'static str = kinds::ASSET_CHANGE;
+
+    /// Requests handled together are carried out one after another in the batch's transaction,
+    /// each seeing what the ones before it did, as it would alone: one commit for all of them.
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
 
     fn handle(&self, cx: &mut Cx<'_>, batch: &[Received<'_, ChangeRequest>]) -> Result<(), Failure> {
         for Received { message, incoming } in batch {
@@ -90,6 +96,15 @@ impl ChangeHandler {
             Err(refused) => return refuse(cx, refused),
             Ok(refundable) => refundable,
         };
+        // The new product is paid by whoever paid for the old one: a holder who did not pay for
+        // its asset (a gift) cannot charge its giver for another product.
+        if paid.payer_terminal_id != terminal.id {
+            let detail = format!(
+                "asset {} was paid for by terminal {}: only a holder who paid for its asset may change it",
+                asset.id, paid.payer_terminal_id
+            );
+            return refuse(cx, Refused::new(RefusalReason::NotThePayer, detail));
+        }
         let under_way: i64 = changes::table
             .filter(changes::asset_id.eq(asset.id))
             .filter(changes::step.eq_any(["purchasing", "refunding", "compensating"]))
@@ -120,7 +135,6 @@ impl ChangeHandler {
             let detail = format!("product {:?} can no longer be exchanged: its certificates have expired", product.id);
             return refuse(cx, Refused::new(RefusalReason::NotOnSale, detail));
         }
-        // The new product is paid by whoever paid for the old one, through its partner.
         let order = NewOrder {
             request_id: &asked.request_id,
             orderer: &terminal.id,

@@ -158,8 +158,8 @@ pub fn request(
     Ok(id)
 }
 
-/// RefundHandler takes `asset.refund`, one request at a time: refunds are few, and each locks its
-/// asset.
+/// RefundHandler takes `asset.refund`: each request checked and carried out on its own,
+/// in turn.
 pub struct RefundHandler {
     pub requests: Arc<Requests>,
     pub settlements: Arc<Settlements>,
@@ -168,6 +168,12 @@ pub struct RefundHandler {
 impl Handler for RefundHandler {
     type Message = RefundRequest;
     const MESSAGE_TYPE: &'static str = kinds::ASSET_REFUND;
+
+    /// Requests handled together are carried out one after another in the batch's transaction,
+    /// each seeing what the ones before it did, as it would alone: one commit for all of them.
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
 
     fn handle(&self, cx: &mut Cx<'_>, batch: &[Received<'_, RefundRequest>]) -> Result<(), Failure> {
         for Received { message, incoming } in batch {
