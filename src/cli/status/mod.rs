@@ -103,7 +103,7 @@ pub struct OrderView {
     /// The receipt certificate whose submission placed the order, if one did.
     pub receipt_certificate: Option<ReceiptView>,
     /// The change of product that placed the order, if one did: its new purchase.
-    pub change: Option<ChangeView>,
+    pub change: Option<Box<ChangeView>>,
     pub assets: Vec<AssetView>,
     pub notices: Vec<DeliveryView>,
 }
@@ -384,7 +384,7 @@ fn order_view(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<OrderView
         settlement,
         refunds: refunds_of(conn, Of::Order(id))?,
         receipt_certificate: receipt_view(conn, By::Order(id))?,
-        change: changes_of(conn, Changes::NewOrder(id))?.pop(),
+        change: changes_of(conn, Changes::NewOrder(id))?.pop().map(Box::new),
         assets,
         notices: deliveries_where(conn, None, Some(id))?,
     }))
