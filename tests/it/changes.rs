@@ -106,6 +106,15 @@ async fn a_change_pays_for_the_new_product_then_refunds_the_old_asset_then_issue
         assert_eq!(count(c, "SELECT count(*) FROM orders WHERE status = 'issued'", &[]), 2);
         let told = "SELECT count(*) FROM deliveries WHERE content->>'code' = 'change_completed'";
         assert_eq!(count(c, told, &[]), 1);
+        // assetflow status shows the change with the old asset, and the change with its new order.
+        let shown = assetflow::cli::status::render(&assetflow::cli::status::lookup(c, &o).unwrap().expect("known"));
+        assert!(shown.contains("  changes\n"), "{shown}");
+        assert!(shown.contains(" done, since "), "{shown}");
+        assert!(shown.contains("for concert-b: new order "), "{shown}");
+        let new_order = text(c, "SELECT new_order_id::text AS value FROM changes", &[]).unwrap();
+        let shown =
+            assetflow::cli::status::render(&assetflow::cli::status::lookup(c, &new_order).unwrap().expect("known"));
+        assert!(shown.contains("placed by   change ") && shown.contains(&format!("of asset {o} (done")), "{shown}");
     })
     .await;
 }

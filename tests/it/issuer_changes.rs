@@ -105,6 +105,12 @@ async fn holders_accept_or_take_a_refund_and_the_silent_get_the_issuers_default(
         let cause =
             "SELECT count(*) FROM asset_status_history WHERE asset_id = $1::uuid AND cause = 'issuer_change_accepted'";
         assert_eq!(count(c, cause, &[&first]), 1);
+        // assetflow status names the replacement, and the notice with its answer.
+        let shown = assetflow::cli::status::render(&assetflow::cli::status::lookup(c, &first).unwrap().expect("known"));
+        assert!(shown.contains("  replaced by  asset "), "{shown}");
+        assert!(shown.contains("The concert moves to December 27."), "{shown}");
+        assert!(shown.contains("answered accept by the holder (request m-"), "{shown}");
+        assert!(shown.contains("outcome  replaced by asset "), "{shown}");
     })
     .await;
 

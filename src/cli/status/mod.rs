@@ -1,17 +1,21 @@
 //! `assetflow status`: an asset, an order, a receipt certificate or a request, with its whole
 //! history.
 //!
-//! This file finds what an id names and reads its views; `refunds.rs` and `receipts.rs` read the
-//! refunds and receipt certificates shown with them; `render.rs` turns a view into text.
+//! This file finds what an id names and reads its views; `refunds.rs`, `receipts.rs` and
+//! `changes.rs` read the refunds, receipt certificates, changes of product and modification
+//! notices shown with them; `render.rs` turns a view into text.
 
+mod changes;
 mod receipts;
 mod refunds;
 mod render;
 
+pub use changes::{ChangeView, Lineage, ModificationView};
 pub use receipts::ReceiptView;
 pub use refunds::RefundView;
 pub use render::render;
 
+use changes::{Changes, asset_of_change, asset_of_notice, changes_of, lineage, notices_of};
 use receipts::{By, receipt_view};
 use refunds::{Of, refund_settlement, refunds_of};
 
@@ -69,6 +73,12 @@ pub struct AssetView {
     pub refunds: Vec<RefundView>,
     /// The receipt certificate it was bought through, if it was.
     pub receipt_certificate: Option<ReceiptView>,
+    /// Its generation, the asset it replaces and the one that replaced it, after issuers' changes.
+    pub lineage: Lineage,
+    /// The changes of product its holder asked for, oldest first.
+    pub changes: Vec<ChangeView>,
+    /// The modification notices of issuers' changes sent about it, oldest first.
+    pub modification_notices: Vec<ModificationView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -92,6 +102,8 @@ pub struct OrderView {
     pub refunds: Vec<RefundView>,
     /// The receipt certificate whose submission placed the order, if one did.
     pub receipt_certificate: Option<ReceiptView>,
+    /// The change of product that placed the order, if one did: its new purchase.
+    pub change: Option<Box<ChangeView>>,
     pub assets: Vec<AssetView>,
     pub notices: Vec<DeliveryView>,
 }
@@ -137,7 +149,8 @@ pub struct RefusalView {
 }
 
 /// lookup finds what `id` names: an asset, an order, a receipt certificate, a refund's settlement
-/// (shown as its asset, or its order when it refunds a whole payment), or a request id.
+/// (shown as its asset, or its order when it refunds a whole payment), a change of product or a
+/// modification notice (shown as its asset), or a request id.
 pub fn lookup(conn: &mut PgConnection, id: &str) -> QueryResult<Option<View>> {
     if let Ok(uuid) = Uuid::parse_str(id) {
         if let Some(asset) = asset_view(conn, uuid)? {
@@ -153,6 +166,12 @@ pub fn lookup(conn: &mut PgConnection, id: &str) -> QueryResult<Option<View>> {
             Some((Some(asset), _)) => return Ok(asset_view(conn, asset)?.map(View::Asset)),
             Some((None, order)) => return Ok(order_view(conn, order)?.map(View::Order)),
             None => {}
+        }
+        if let Some(asset) = asset_of_change(conn, uuid)? {
+            return Ok(asset_view(conn, asset)?.map(View::Asset));
+        }
+        if let Some(asset) = asset_of_notice(conn, uuid)? {
+            return Ok(asset_view(conn, asset)?.map(View::Asset));
         }
     }
     if let Some(order_id) =
@@ -175,6 +194,11 @@ pub fn lookup(conn: &mut PgConnection, id: &str) -> QueryResult<Option<View>> {
     Ok(match request {
         Some((_, _, _, _, _, Some(subject))) if asset_view(conn, subject)?.is_some() => {
             asset_view(conn, subject)?.map(View::Asset)
+        }
+        // An answer to a modification notice names the notice.
+        Some((_, _, _, _, _, Some(subject))) if asset_of_notice(conn, subject)?.is_some() => {
+            let asset = asset_of_notice(conn, subject)?.expect("just found");
+            asset_view(conn, asset)?.map(View::Asset)
         }
         // A booking names the receipt certificate it issued.
         Some((_, _, _, _, _, Some(subject))) if receipt_view(conn, By::Id(subject))?.is_some() => {
@@ -281,6 +305,9 @@ fn asset_view(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<AssetView
         deliveries: deliveries_where(conn, Some(id), None)?,
         refunds: refunds_of(conn, Of::Asset(id))?,
         receipt_certificate: receipt_view(conn, By::Asset(id))?,
+        lineage: lineage(conn, id)?,
+        changes: changes_of(conn, Changes::OfAsset(id))?,
+        modification_notices: notices_of(conn, id)?,
     }))
 }
 
@@ -357,6 +384,7 @@ fn order_view(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<OrderView
         settlement,
         refunds: refunds_of(conn, Of::Order(id))?,
         receipt_certificate: receipt_view(conn, By::Order(id))?,
+        change: changes_of(conn, Changes::NewOrder(id))?.pop().map(Box::new),
         assets,
         notices: deliveries_where(conn, None, Some(id))?,
     }))

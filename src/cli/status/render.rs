@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{AssetView, DeliveryView, ReceiptView, RefundView, View};
+use super::{AssetView, ChangeView, DeliveryView, ModificationView, ReceiptView, RefundView, View};
 
 fn time(t: &DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S%.3fZ").to_string()
@@ -45,6 +45,9 @@ pub fn render(view: &View) -> String {
             }
             if let Some(r) = &o.receipt_certificate {
                 out += &format!("  placed by   submitting receipt certificate {}\n", receipt_line(r));
+            }
+            if let Some(c) = &o.change {
+                out += &format!("  placed by   change {} of asset {} ({})\n", c.change_id, c.asset_id, step_line(c));
             }
             for n in &o.notices {
                 out += &format!("  notice      {} to {}: {}\n", n.kind, n.terminal_id, n.status);
@@ -99,6 +102,61 @@ fn refund_line(r: &RefundView) -> String {
         line += &format!(", answered {}", time(at));
     }
     line
+}
+
+/// step_line is where a change of product stands, and why, on one line.
+fn step_line(c: &ChangeView) -> String {
+    let mut line = c.step.clone();
+    if let Some(reason) = &c.reason {
+        line += &format!(": {reason}");
+    }
+    line += &format!(", since {}", time(&c.updated_at));
+    line
+}
+
+/// render_change writes a change of product: its step, its new product and order, and the
+/// refunds it asked for.
+fn render_change(out: &mut String, c: &ChangeView, indent: &str) {
+    *out += &format!("{indent}    {}  {} (request {})\n", c.change_id, step_line(c), c.request_id);
+    *out += &format!(
+        "{indent}      for {}: new order {} ({}{})\n",
+        c.new_product_id,
+        c.new_order_id,
+        c.new_order_status,
+        c.new_order_reason.as_ref().map(|why| format!(": {why}")).unwrap_or_default()
+    );
+    if let Some(refund) = &c.refund_id {
+        *out += &format!("{indent}      refund of this asset      {refund}\n");
+    }
+    if let Some(refund) = &c.compensation_id {
+        *out += &format!("{indent}      refund of the new payment {refund}\n");
+    }
+}
+
+/// render_notice writes a modification notice: the change, its deadline and default, and how it
+/// was answered.
+fn render_notice(out: &mut String, n: &ModificationView, indent: &str) {
+    *out += &format!("{indent}    {}  {}\n", n.notice_id, n.description);
+    *out += &format!(
+        "{indent}      announced {}, answer by {}, default {}\n",
+        time(&n.announced_at),
+        time(&n.reply_by),
+        n.default_answer
+    );
+    match (&n.answer, &n.answered_at) {
+        (Some(answer), Some(at)) => {
+            let by = match (n.answered_by.as_deref(), &n.request_id) {
+                (Some("default"), _) => "by default at the deadline".to_string(),
+                (_, Some(request)) => format!("by the holder (request {request})"),
+                (by, None) => format!("by {}", by.unwrap_or("the holder")),
+            };
+            *out += &format!("{indent}      answered {answer} {by} at {}\n", time(at));
+            if let Some(outcome) = &n.outcome {
+                *out += &format!("{indent}      outcome  {outcome}\n");
+            }
+        }
+        _ => *out += &format!("{indent}      unanswered\n"),
+    }
 }
 
 /// receipt_line names a receipt certificate and how it stands.
@@ -168,6 +226,12 @@ fn render_deliveries(out: &mut String, deliveries: &[DeliveryView], indent: &str
 fn render_asset(out: &mut String, a: &AssetView, indent: &str, alone: bool) {
     *out += &format!("{indent}asset {}  {} {} held by {}\n", a.asset_id, a.kind, a.product_id, a.holder_terminal_id);
     *out += &format!("{indent}  status       {}\n", a.status);
+    if let Some(old) = &a.lineage.replaces_asset_id {
+        *out += &format!("{indent}  replaces     asset {old} (generation {})\n", a.lineage.generation);
+    }
+    if let Some(new) = &a.lineage.replaced_by_asset_id {
+        *out += &format!("{indent}  replaced by  asset {new}\n");
+    }
     *out += &format!("{indent}  issued       {}   expires {}\n", time(&a.issued_at), time(&a.expires_at));
     if let Some(c) = &a.certificate_expires_at {
         *out += &format!(
@@ -200,6 +264,18 @@ fn render_asset(out: &mut String, a: &AssetView, indent: &str, alone: bool) {
             }
         }
     }
+    if !a.changes.is_empty() {
+        *out += &format!("{indent}  changes\n");
+        for c in &a.changes {
+            render_change(out, c, indent);
+        }
+    }
+    if !a.modification_notices.is_empty() {
+        *out += &format!("{indent}  modification notices\n");
+        for n in &a.modification_notices {
+            render_notice(out, n, indent);
+        }
+    }
     render_deliveries(out, &a.deliveries, indent);
 }
 
@@ -209,7 +285,7 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
-    use crate::cli::status::AssetView;
+    use crate::cli::status::{AssetView, Lineage};
 
     fn at(second: u32) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 12, 7, 9, 0, second).unwrap()
@@ -273,6 +349,9 @@ mod tests {
             deliveries: Vec::new(),
             refunds: vec![refund("refunded"), refund("requested")],
             receipt_certificate: Some(receipt()),
+            lineage: Lineage::default(),
+            changes: Vec::new(),
+            modification_notices: Vec::new(),
         };
         let shown = render(&View::Asset(asset));
         assert!(
@@ -305,5 +384,104 @@ mod tests {
         ] {
             assert!(shown.contains(line), "{line:?} in:\n{shown}");
         }
+    }
+
+    fn asset(status: &str) -> AssetView {
+        AssetView {
+            asset_id: Uuid::from_u128(2),
+            order_id: Uuid::from_u128(3),
+            kind: "ticket".into(),
+            product_id: "concert".into(),
+            holder_terminal_id: "alice".into(),
+            status: status.into(),
+            issued_at: at(0),
+            expires_at: at(59),
+            has_exchange_certificate: true,
+            certificate_expires_at: Some(at(50)),
+            certificate_exchanged_at: None,
+            history: Vec::new(),
+            deliveries: Vec::new(),
+            refunds: Vec::new(),
+            receipt_certificate: None,
+            lineage: Lineage::default(),
+            changes: Vec::new(),
+            modification_notices: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_asset_shows_its_change_with_its_step_new_product_and_new_order() {
+        let mut a = asset("refunded");
+        a.changes.push(ChangeView {
+            change_id: Uuid::from_u128(6),
+            request_id: "change-1".into(),
+            asset_id: Uuid::from_u128(2),
+            step: "stuck".into(),
+            reason: Some("the partner refused to return the new payment".into()),
+            new_product_id: "concert-b".into(),
+            new_order_id: Uuid::from_u128(7),
+            new_order_status: "failed".into(),
+            new_order_reason: Some("change_stuck".into()),
+            refund_id: Some(Uuid::from_u128(8)),
+            compensation_id: Some(Uuid::from_u128(9)),
+            created_at: at(3),
+            updated_at: at(4),
+        });
+        let shown = render(&View::Asset(a));
+        for line in [
+            "  changes\n",
+            "    00000000-0000-0000-0000-000000000006  stuck: the partner refused to return the new payment, since 2026-12-07 09:00:04.000Z (request change-1)",
+            "      for concert-b: new order 00000000-0000-0000-0000-000000000007 (failed: change_stuck)",
+            "      refund of this asset      00000000-0000-0000-0000-000000000008",
+            "      refund of the new payment 00000000-0000-0000-0000-000000000009",
+        ] {
+            assert!(shown.contains(line), "{line:?} in:\n{shown}");
+        }
+    }
+
+    #[test]
+    fn a_replaced_asset_names_its_replacement_and_its_notices_say_how_they_were_answered() {
+        let mut old = asset("replaced");
+        old.lineage.replaced_by_asset_id = Some(Uuid::from_u128(10));
+        let notice = |answer: Option<&str>, by: Option<&str>| ModificationView {
+            notice_id: Uuid::from_u128(11),
+            issuer_change_id: Uuid::from_u128(12),
+            description: "The concert moves to December 27.".into(),
+            announced_at: at(5),
+            reply_by: at(40),
+            default_answer: "refund".into(),
+            answer: answer.map(str::to_string),
+            answered_by: by.map(str::to_string),
+            request_id: (by == Some("holder")).then(|| "m-1".into()),
+            answered_at: answer.map(|_| at(6)),
+            outcome: answer.map(|_| "replaced by asset 00000000-0000-0000-0000-00000000000a".into()),
+        };
+        old.modification_notices.push(notice(Some("accept"), Some("holder")));
+        let shown = render(&View::Asset(old));
+        for line in [
+            "  replaced by  asset 00000000-0000-0000-0000-00000000000a",
+            "  modification notices\n",
+            "    00000000-0000-0000-0000-00000000000b  The concert moves to December 27.",
+            "      announced 2026-12-07 09:00:05.000Z, answer by 2026-12-07 09:00:40.000Z, default refund",
+            "      answered accept by the holder (request m-1) at 2026-12-07 09:00:06.000Z",
+            "      outcome  replaced by asset 00000000-0000-0000-0000-00000000000a",
+        ] {
+            assert!(shown.contains(line), "{line:?} in:\n{shown}");
+        }
+
+        let mut new = asset("awaiting_exchange");
+        new.asset_id = Uuid::from_u128(10);
+        new.lineage =
+            Lineage { generation: 1, replaces_asset_id: Some(Uuid::from_u128(2)), replaced_by_asset_id: None };
+        let shown = render(&View::Asset(new));
+        assert!(shown.contains("  replaces     asset 00000000-0000-0000-0000-000000000002 (generation 1)"), "{shown}");
+
+        let mut silent = asset("refunded");
+        silent.modification_notices.push(notice(Some("refund"), Some("default")));
+        let shown = render(&View::Asset(silent));
+        assert!(shown.contains("answered refund by default at the deadline at 2026-12-07 09:00:06.000Z"), "{shown}");
+        let mut open = asset("awaiting_exchange");
+        open.modification_notices.push(notice(None, None));
+        assert!(render(&View::Asset(open)).contains("      unanswered\n"));
     }
 }
