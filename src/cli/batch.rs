@@ -22,8 +22,7 @@ pub enum BatchCommand {
     },
     /// Run a job now. Its effects are computed for --as-of (default: now).
     Run {
-        /// A job from `assetflow batch list`: near_expiry, past_due, asset_expiry,
-        /// designated_delivery, retransmission, settlement_timeout or retention.
+        /// A job from `assetflow batch list` (near_expiry, past_due, bookings, issuer_changes, ...).
         job: String,
         /// The run's intended time: RFC 3339, 2026-12-23T10:00 or 2026-12-23 (midnight UTC).
         #[arg(long, value_parser = parse_time)]

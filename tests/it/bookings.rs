@@ -275,9 +275,10 @@ async fn a_threshold_sale_that_fails_tells_every_applicant_and_charges_nobody() 
     .await;
 }
 
-/// A submission and the expiry scan at the same instant, on their own connections and
-/// transactions (the issuance pool's and the scheduler's): each certificate ends in exactly one
-/// outcome, issued or revoked (and then refunded if its payment settled), never both.
+/// A submission and the expiry scan at the same instant, in two processes: the submissions are
+/// handled by the test's assetflow, the scan is `assetflow batch run bookings` in a process of its
+/// own. Each certificate ends in exactly one outcome, issued or revoked (and then refunded if its
+/// payment settled), never both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_submission_racing_the_expiry_ends_in_exactly_one_outcome() {
     let mut env = Env::new().await;
@@ -303,15 +304,24 @@ async fn a_submission_racing_the_expiry_ends_in_exactly_one_outcome() {
     .await;
     let submissions: Vec<Value> =
         holders.iter().zip(&certificates).map(|(h, c)| submit_request(&h.id, c.clone(), &h.key)).collect();
-    // Aim the submissions at the instant: the race is the point, though which side wins is not.
-    tokio::time::sleep_until(tokio::time::Instant::now() + std::time::Duration::from_millis(350)).await;
+    // The other process, started now so that it is connected by the instant; and the submissions,
+    // aimed at the instant: the race is the point, though which side wins is not.
+    let config = crate::processes::cluster(&env).join("assetflow.toml");
+    let scan = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_assetflow"))
+            .args(["--config", config.to_str().unwrap(), "batch", "run", "bookings"])
+            .args(["--as-of", &instant.to_rfc3339(), "--allow-future"])
+            .output()
+    });
     let send_all = async {
+        tokio::time::sleep_until(tokio::time::Instant::now() + std::time::Duration::from_millis(350)).await;
         for s in &submissions {
             env.send(s).await;
         }
     };
-    let (_, run) = tokio::join!(send_all, env.run_job("bookings", instant));
-    assert!(run.rows_scanned <= 6, "{run:?}");
+    let (scan, ()) = tokio::join!(scan, send_all);
+    let scan = scan.unwrap().expect("assetflow batch run starts");
+    assert!(scan.status.success(), "the scan's process: {}", String::from_utf8_lossy(&scan.stderr));
     // Every submission is answered (accepted, or refused as too late or revoked) before a later
     // run revokes whatever the first one did not reach and no submission took.
     let ids: Vec<String> = submissions.iter().map(request_id).collect();

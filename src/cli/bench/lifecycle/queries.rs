@@ -76,16 +76,18 @@ pub(super) async fn progress(url: &str, since: Uuid) -> anyhow::Result<(i64, i64
 }
 
 /// in_flight is what a mixed run started and has not finished: deliveries, settlements, changes
-/// and receipt certificates under way, and orders not yet issued.
-pub(super) async fn in_flight(url: &str, since: Uuid) -> anyhow::Result<i64> {
+/// and receipt certificates under way, and orders not yet issued. A seeded database has none of
+/// them, so each is counted over its partial index alone: the wait asks twenty times a second.
+pub(super) async fn in_flight(url: &str) -> anyhow::Result<i64> {
     query_count(
         url,
         "SELECT (SELECT count(*) FROM deliveries WHERE status IN ('pending', 'sent', 'failed'))
               + (SELECT count(*) FROM settlements WHERE status = 'instructed')
               + (SELECT count(*) FROM changes WHERE step IN ('purchasing', 'refunding', 'compensating'))
-              + (SELECT count(*) FROM receipt_certificates WHERE id >= $1 AND status IN ('open', 'submitted'))
-              + (SELECT count(*) FROM orders WHERE id >= $1 AND status IN ('settling', 'issuing')) AS n",
-        Some(since),
+              + (SELECT count(*) FROM receipt_certificates WHERE status IN ('applied', 'open', 'submitted')
+                   AND status IN ('open', 'submitted'))
+              + (SELECT count(*) FROM orders WHERE status IN ('settling', 'issuing')) AS n",
+        None,
     )
     .await
 }
