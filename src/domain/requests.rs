@@ -85,12 +85,6 @@ pub fn check_signature(public_key_pem: &str, request: &Value) -> Result<(), cryp
     crypto::verify_registered(public_key_pem, request)
 }
 
-/// accept records an authentic, fresh request as accepted, with what it acted on: its
-/// idempotency record, for a handler that takes its requests one at a time.
-pub fn accept(cx: &mut Cx<'_>, header: &Header<'_>, content_sha256: &str, subject: Uuid) -> Result<(), Failure> {
-    record(cx, header, content_sha256, "accepted", None, Some(subject))
-}
-
 fn record(
     cx: &mut Cx<'_>,
     header: &Header<'_>,
@@ -172,7 +166,7 @@ impl Requests {
         Ok(Ok(Authentic { terminal, content_sha256 }))
     }
 
-    /// Requests::admit runs, for a handler that takes its requests one at a time, the checks every
+    /// Requests::admit runs, for a handler that carries its requests out one by one, the checks every
     /// terminal request passes first, in their order: who sent it, its signature, its freshness,
     /// then its request id. A request that fails one is answered here (refused, or told its
     /// original outcome) and `None` is returned; a new request is returned to be carried out, and

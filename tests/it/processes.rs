@@ -289,6 +289,34 @@ async fn the_lifecycle_benchmark_completes_every_order_it_places() {
     assert!(summary["ratio_to_bound"].is_null(), "{summary}");
 }
 
+/// `bench lifecycle` with a mix (refunds, changes and bookings among the orders) completes every
+/// order it places, and the whole mix: the refunds refunded, the changes done, the bookings
+/// submitted and issued. Its figures are printed, never asserted against a speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lifecycle_benchmark_completes_a_mix_of_refunds_changes_and_bookings() {
+    let env = Env::new().await;
+    let dir = cluster(&env);
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_assetflow"))
+            .args(["--config", dir.join("assetflow.toml").to_str().unwrap()])
+            .args(["bench", "lifecycle", "--orders", "200", "--terminals", "10", "--no-limits", "--timeout", "3m"])
+            .args(["--refunds", "0.2", "--changes", "0.1", "--bookings", "0.2", "--json"])
+            .env("RUST_LOG", "warn,lapin=off")
+            .output()
+            .expect("the benchmark runs")
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "the benchmark failed: {}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("a JSON report");
+    let figures = &report["runs"][0]["figures"];
+    assert_eq!(figures["orders"], 200, "{figures}");
+    assert_eq!(figures["completed"], 200, "every order completed: {figures}");
+    // The purchases alone are followed from order to certificate; the bookings are the rest.
+    let purchases = figures["order_to_certificate"]["samples"].as_i64().expect("samples");
+    assert!(purchases > 100 && purchases < 200, "{figures}");
+}
+
 /// `ops/run` starts the simulators beside a starting `assetflow run`: on a fresh database they may
 /// register their terminals before the app has recorded the configured gateways and partners.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

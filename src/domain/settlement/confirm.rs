@@ -14,7 +14,7 @@ use crate::contracts::messages::{ConfirmAnswer, ConfirmRequest, kinds};
 use crate::contracts::refusal::{RefusalReason, Refused};
 use crate::domain::catalogue::Terminal;
 use crate::domain::metrics;
-use crate::domain::requests::{self, Authentic, Header, Requests};
+use crate::domain::requests::{Authentic, Header, Requests};
 use crate::domain::schema::{orders, settlements};
 use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received};
 
@@ -66,16 +66,9 @@ impl ConfirmHandler {
     fn take(&self, cx: &mut Cx<'_>, message: &Incoming, request: &ConfirmRequest) -> Result<(), Failure> {
         let req = &*self.requests;
         let header = header(request);
-        let Authentic { terminal, content_sha256: sha } =
-            match req.authenticate(cx, &header, &message.json, message.first_received_at)? {
-                Err((terminal, refused)) => return req.refuse(cx, message, &header, terminal.as_ref(), None, refused),
-                Ok(authentic) => authentic,
-            };
-        if let Some(original) =
-            requests::originals(cx.conn, &[request.request_id.as_str()])?.remove(&request.request_id)
-        {
-            return req.answer_duplicate(cx, message, &header, &terminal, &original, &sha);
-        }
+        let Some(Authentic { terminal, content_sha256: sha }) = req.admit(cx, message, &header)? else {
+            return Ok(());
+        };
         let order: Option<Awaiting> = orders::table
             .find(request.order_id)
             .select((
@@ -102,11 +95,11 @@ impl ConfirmHandler {
                     let refused = Refused::new(RefusalReason::NoPaymentMethod, detail);
                     return req.refuse(cx, message, &header, Some(&terminal), Some(&sha), refused);
                 };
-                requests::accept(cx, &header, &sha, order.id)?;
+                req.accept(cx, &header, &sha, order.id)?;
                 self.confirm(cx, &order, partner_id, &request.request_id)
             }
             ConfirmAnswer::Decline => {
-                requests::accept(cx, &header, &sha, order.id)?;
+                req.accept(cx, &header, &sha, order.id)?;
                 self.decline(cx, &order, &request.request_id)
             }
         }
