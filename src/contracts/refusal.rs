@@ -67,10 +67,13 @@ pub enum RefusalReason {
     ConfirmationExpired,
     /// The modification notice does not exist, was answered, or its deadline passed.
     ModificationNotOpen,
+    /// The payer is another terminal that confirms what it is billed for, and the request cannot
+    /// wait for its confirmation (a booking, whose submission is settled at once).
+    ConfirmationRequired,
 }
 
 impl RefusalReason {
-    pub const ALL: [RefusalReason; 31] = [
+    pub const ALL: [RefusalReason; 32] = [
         Self::UnknownTerminal,
         Self::BadSignature,
         Self::StaleRequest,
@@ -102,6 +105,7 @@ impl RefusalReason {
         Self::OrderNotAwaitingConfirmation,
         Self::ConfirmationExpired,
         Self::ModificationNotOpen,
+        Self::ConfirmationRequired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -137,6 +141,7 @@ impl RefusalReason {
             Self::OrderNotAwaitingConfirmation => "order_not_awaiting_confirmation",
             Self::ConfirmationExpired => "confirmation_expired",
             Self::ModificationNotOpen => "modification_not_open",
+            Self::ConfirmationRequired => "confirmation_required",
         }
     }
 }

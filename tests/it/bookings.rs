@@ -418,3 +418,41 @@ async fn the_audit_reports_a_receipt_certificate_left_submitted_or_revoked_after
     let a = audit().await;
     assert_eq!((a.open[stuck], a.duplicates[issued_twice]), (0, 1), "revoked, yet its asset issued: {}", a.summary());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_booking_billed_to_another_terminal_needs_a_payer_that_waives_confirmation() {
+    let mut env = Env::new().await;
+    sold_by_booking(&env, "seat", "hold", None, None).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    env.terminal("bob", "gw-1", Some("card-co")).await;
+    env.start().await;
+    env.partner(settle_all());
+    env.gateway(GatewayOptions::default());
+    let billed_to_bob = || {
+        let mut request = serde_json::json!({
+            "type": assetflow::contracts::messages::kinds::ORDER_BOOKING,
+            "request_id": format!("b-{}", uuid::Uuid::now_v7()),
+            "terminal_id": "alice",
+            "sent_at": Utc::now(),
+            "product_id": "seat",
+            "payer_terminal_id": "bob",
+        });
+        assetflow::crypto::sign_document(&alice.key, &mut request).unwrap();
+        request
+    };
+    // Bob confirms what others bill to him, and a submission cannot wait for that.
+    let asking = billed_to_bob();
+    env.send(&asking).await;
+    assert_eq!(refusal(&env, &asking).await, "confirmation_required");
+    env.db(|c| assert_eq!(count(c, "SELECT count(*) FROM receipt_certificates", &[]), 0)).await;
+    // Once he waives it, alice may book on his account.
+    env.db(|c| execute(c, "UPDATE terminals SET waives_confirmation = true WHERE id = 'bob'", &[])).await;
+    let waived = billed_to_bob();
+    env.send(&waived).await;
+    let id = request_id(&waived);
+    env.wait_until("the receipt certificate is issued", move |c| {
+        let sql = "SELECT count(*) FROM receipt_certificates WHERE request_id = $1 AND payer_terminal_id = 'bob'";
+        (count(c, sql, &[&id]) == 1).then_some(())
+    })
+    .await;
+}

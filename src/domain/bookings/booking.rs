@@ -155,6 +155,14 @@ impl BookingHandler {
             Some(partner) if self.settlements.partners.contains_key(partner) => {}
             _ => refuse!(RefusalReason::NoPaymentMethod, "payer terminal {payer_id:?} has no usable payment method"),
         }
+        // A submission is settled at once: it cannot wait for another payer's confirmation, so
+        // only a payer (or a product) that waives it may be billed for someone else's booking.
+        if product.needs_confirmation(holder, &payer) {
+            refuse!(
+                RefusalReason::ConfirmationRequired,
+                "payer terminal {payer_id:?} confirms what others bill to it, and a submission cannot wait for that"
+            )
+        }
         Ok(Ok((product, terms, payer)))
     }
 

@@ -222,7 +222,10 @@ fn not_revoked(
                 .execute(cx.conn)?;
             continue;
         }
-        let paid = settlements.iter().find(|s| s.order_id == *order_id).expect("the order was settled here");
+        let paid = settlements
+            .iter()
+            .find(|s| s.order_id == *order_id && s.kind == "purchase")
+            .expect("the order's purchase was settled here");
         diesel::update(orders::table.find(order_id))
             .set((
                 orders::status.eq("failed"),
