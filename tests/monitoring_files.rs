@@ -404,6 +404,11 @@ fn the_rabbitmq_definitions_hold_placeholders_and_least_privilege() {
             };
             assert_eq!(read, own, "{user} may read only its own queue");
         }
+        if user.starts_with("issuer-") {
+            assert_eq!(permission["configure"], "^$", "{user} may configure nothing");
+            assert_eq!(permission["write"], "^assetflow\\.requests$", "{user} may write only to assetflow.requests");
+            assert_eq!(permission["read"], "^$", "{user} may read nothing");
+        }
     }
     let policies = defs["policies"].as_array().expect("policies");
     for pool in ["settlement", "issuance", "delivery"] {

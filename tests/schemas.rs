@@ -12,8 +12,8 @@ use std::collections::BTreeSet;
 use assetflow::contracts::messages::{
     BookingRequest, BookingsDecide, CertificateNotices, ChangeRequest, ConfirmRequest, ConfirmationRequest,
     DeadLetterMessage, DeferRequest, DeliveryKind, DeliveryReceipt, DeliveryRequested, ExchangeRequest,
-    GatewayDelivery, IssuanceRequested, ModificationAnswer, ModificationsDue, Notice, PurchaseRequest, RefundRequest,
-    Refusal, SettlementInstruction, SettlementResult, SubmitRequest, kinds,
+    GatewayDelivery, IssuanceRequested, IssuerChangeMessage, ModificationAnswer, ModificationsDue, Notice,
+    PurchaseRequest, RefundRequest, Refusal, SettlementInstruction, SettlementResult, SubmitRequest, kinds,
 };
 use assetflow::contracts::refusal::RefusalReason;
 use assetflow::contracts::schema::{SCHEMAS, validate};
@@ -60,6 +60,7 @@ fn deserialize(kind: &str, message: &Value) -> Result<(), serde_json::Error> {
         kinds::RECEIPT_SUBMIT => serde_json::from_value::<SubmitRequest>(message).map(drop),
         kinds::BOOKINGS_DECIDE => serde_json::from_value::<BookingsDecide>(message).map(drop),
         kinds::MODIFICATION_ANSWER => serde_json::from_value::<ModificationAnswer>(message).map(drop),
+        kinds::ISSUER_CHANGE => serde_json::from_value::<IssuerChangeMessage>(message).map(drop),
         kinds::MODIFICATIONS_DUE => serde_json::from_value::<ModificationsDue>(message).map(drop),
         other => panic!("message type {other:?} has a schema but no Rust type in this test"),
     }

@@ -259,10 +259,11 @@ pub(crate) async fn with_db<T: Send + 'static>(
     let url = config.database.url.clone();
     let partners: Vec<String> = config.partners.keys().cloned().collect();
     let gateways: Vec<String> = config.gateways.keys().cloned().collect();
+    let issuers: Vec<String> = config.issuers.keys().cloned().collect();
     tokio::task::spawn_blocking(move || {
         crate::runtime::db::prepare(&url)?;
         let mut conn = crate::runtime::db::establish(&url)?;
-        crate::domain::catalogue::sync_parties(&mut conn, &partners, &gateways)?;
+        crate::domain::catalogue::sync_parties(&mut conn, &partners, &gateways, &issuers)?;
         f(&mut conn)
     })
     .await?
@@ -379,7 +380,8 @@ pub fn announce_change(
     let now = Utc::now();
     Ok(conn.transaction(|conn| {
         let mut sending = Vec::new();
-        let announced = crate::domain::issuance::modification::announce(conn, deliveries, change, now, &mut sending)?;
+        let announced = crate::domain::issuance::modification::announce(conn, deliveries, change, now, &mut sending)?
+            .expect("an operator's change has no reference to be taken already");
         crate::runtime::outbox::enqueue_all(conn, &sending)?;
         Ok::<_, diesel::result::Error>(announced)
     })?)
@@ -407,13 +409,13 @@ pub async fn products(config: &Config, command: ProductsCommand) -> anyhow::Resu
         }
         ProductsCommand::Change { product, description, title, tags, asset_expires_at, reply_by, default } => {
             use crate::contracts::messages::ModificationChoice;
-            use crate::domain::issuance::modification::IssuerChange;
+            use crate::domain::issuance::modification::{Announcer, IssuerChange};
             let default_answer = ModificationChoice::parse(&default)
                 .ok_or_else(|| anyhow::anyhow!("--default must be accept or refund, not {default:?}"))?;
             let tags =
                 tags.map(|t| serde_json::from_str(&t)).transpose().map_err(|e| anyhow::anyhow!("--tags: {e}"))?;
-            anyhow::ensure!(reply_by > Utc::now(), "--reply-by {reply_by} is in the past");
             let change = IssuerChange {
+                announcer: Announcer::Operator,
                 product_id: product,
                 description,
                 title,
@@ -422,6 +424,7 @@ pub async fn products(config: &Config, command: ProductsCommand) -> anyhow::Resu
                 reply_by,
                 default_answer,
             };
+            change.check(Utc::now()).map_err(|e| anyhow::anyhow!("--reply-by, --asset-expires-at: {e}"))?;
             let app = crate::service::app::App::for_operations(config.clone())?;
             let deliveries = app.domain.deliveries.clone();
             let (id, notices) = with_db(config, move |conn| announce_change(conn, &deliveries, &change)).await?;

@@ -42,6 +42,9 @@ pub struct Config {
     pub partners: BTreeMap<String, PartnerConfig>,
     #[serde(default)]
     pub gateways: BTreeMap<String, GatewayConfig>,
+    /// Issuers that send their changes of an event themselves (`issuer.change`).
+    #[serde(default)]
+    pub issuers: BTreeMap<String, IssuerConfig>,
     /// Cron schedules by job, overriding workers/scheduler.toml.
     #[serde(default)]
     pub schedules: BTreeMap<String, String>,
@@ -134,6 +137,18 @@ pub struct GatewayConfig {
     pub broker_user: Option<String>,
 }
 
+/// IssuerConfig is an issuer that sends its changes of an event itself, as `issuer.change`
+/// (`docs/product.md#issuer-changes`). An issuer that does not is not configured: an operator
+/// announces its changes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The RabbitMQ user the issuer publishes as: its changes must carry it as their AMQP
+    /// `user_id` (`docs/security.md#who-may-answer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_user: Option<String>,
+}
+
 impl Config {
     /// Config::load layers the defaults, the file (if any) and the environment.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
@@ -163,10 +178,10 @@ impl Config {
 
     /// Config::validate checks what the types cannot: ids that become queue names, and limits.
     pub fn validate(&self) -> anyhow::Result<()> {
-        for id in self.partners.keys().chain(self.gateways.keys()) {
+        for id in self.partners.keys().chain(self.gateways.keys()).chain(self.issuers.keys()) {
             anyhow::ensure!(
                 is_name(id),
-                "configuration: partner or gateway id {id:?} must be 1-64 characters of [A-Za-z0-9._-]"
+                "configuration: partner, gateway or issuer id {id:?} must be 1-64 characters of [A-Za-z0-9._-]"
             );
         }
         anyhow::ensure!(
@@ -231,6 +246,8 @@ impl Config {
         let parties = self.partners.iter().map(|(id, p)| (format!("partners.{id}"), p.broker_user.as_deref()));
         let parties =
             parties.chain(self.gateways.iter().map(|(id, g)| (format!("gateways.{id}"), g.broker_user.as_deref())));
+        let parties =
+            parties.chain(self.issuers.iter().map(|(id, i)| (format!("issuers.{id}"), i.broker_user.as_deref())));
         for (party, user) in parties {
             let Some(user) = user else { continue };
             anyhow::ensure!(!user.is_empty(), "configuration: {party}.broker_user is empty");

@@ -58,6 +58,7 @@ pub mod kinds {
     pub const ASSET_DEFER: &str = "asset.defer";
     pub const ASSET_CHANGE: &str = "asset.change";
     pub const ORDER_BOOKING: &str = "order.booking";
+    pub const ISSUER_CHANGE: &str = "issuer.change";
     pub const MODIFICATION_ANSWER: &str = "modification.answer";
     pub const MODIFICATIONS_DUE: &str = "modifications.due";
     pub const RECEIPT_SUBMIT: &str = "receipt.submit";
@@ -210,6 +211,34 @@ impl ModificationChoice {
     pub fn parse(s: &str) -> Option<ModificationChoice> {
         [Self::Accept, Self::Refund].into_iter().find(|c| c.as_str() == s)
     }
+}
+
+/// IssuerChangeMessage is `issuer.change`: an issuer changes the event of one of its products (a
+/// new date, a correction) itself, as an operator does with `assetflow products change`
+/// (`docs/product.md#issuer-changes`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerChangeMessage {
+    #[serde(rename = "type")]
+    pub message_type: String,
+    /// The issuer's own id for the change: the same reference again has no second effect.
+    pub reference: String,
+    pub issuer_id: String,
+    pub sent_at: DateTime<Utc>,
+    pub product_id: String,
+    /// What changed, in words for the holders.
+    pub description: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asset_expires_at: Option<DateTime<Utc>>,
+    pub reply_by: DateTime<Utc>,
+    pub default_answer: ModificationChoice,
+    /// The issuer's signature, when it signs what it sends (a key registered for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// ModificationAnswer is `modification.answer`: a holder answers the modification notice of an

@@ -27,6 +27,7 @@ pub const SCHEMAS: &[(&str, &str)] = &[
     (kinds::ORDER_BOOKING, include_str!("../../schemas/order.booking.schema.json")),
     (kinds::RECEIPT_SUBMIT, include_str!("../../schemas/receipt.submit.schema.json")),
     (kinds::BOOKINGS_DECIDE, include_str!("../../schemas/bookings.decide.schema.json")),
+    (kinds::ISSUER_CHANGE, include_str!("../../schemas/issuer.change.schema.json")),
     (kinds::MODIFICATION_ANSWER, include_str!("../../schemas/modification.answer.schema.json")),
     (kinds::MODIFICATIONS_DUE, include_str!("../../schemas/modifications.due.schema.json")),
 ];

@@ -172,7 +172,7 @@ impl Topology {
                 kind: ExchangeKind::Topic,
                 // Unroutable requests reach a queue (and a dead letter) instead of vanishing.
                 arguments: vec![("alternate-exchange", Arg::Str(n.unrouted()))],
-                why: "gateways and partners publish here; the routing key is the message type",
+                why: "gateways, partners and issuers publish here; the routing key is the message type",
             },
             Exchange {
                 name: n.unrouted(),
@@ -243,6 +243,8 @@ impl Topology {
         bind(n.requests(), kinds::RECEIPT_SUBMIT, n.pool_queue(Pool::Issuance.as_str()));
         bind(n.internal(), kinds::BOOKINGS_DECIDE, n.pool_queue(Pool::Issuance.as_str()));
         bind(n.requests(), kinds::MODIFICATION_ANSWER, n.pool_queue(Pool::Issuance.as_str()));
+        // An issuer's change sends notices and signs replacements: the issuance pool's.
+        bind(n.requests(), kinds::ISSUER_CHANGE, n.pool_queue(Pool::Issuance.as_str()));
         bind(n.internal(), kinds::MODIFICATIONS_DUE, n.pool_queue(Pool::Issuance.as_str()));
         bind(n.internal(), kinds::ISSUANCE_REQUESTED, n.pool_queue(Pool::Issuance.as_str()));
         bind(n.requests(), kinds::DELIVERY_RECEIPT, n.pool_queue(Pool::Delivery.as_str()));

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use std::collections::HashMap;
 
-use crate::domain::schema::{gateways, partners, products, terminals};
+use crate::domain::schema::{gateways, issuers, partners, products, terminals};
 use crate::runtime::consumer::Cx;
 
 /// Product is a thing for sale.
@@ -93,20 +93,28 @@ pub fn upsert_product(conn: &mut PgConnection, product: &Product) -> QueryResult
     Ok(())
 }
 
-/// sync_parties makes the partners and gateways tables hold at least the configured ones, so that
-/// terminals and settlements can reference them.
-pub fn sync_parties(conn: &mut PgConnection, partner_ids: &[String], gateway_ids: &[String]) -> QueryResult<()> {
+/// sync_parties makes the partners, gateways and issuers tables hold at least the configured
+/// ones, so that terminals, settlements and issuers' changes can reference them.
+pub fn sync_parties(
+    conn: &mut PgConnection,
+    partner_ids: &[String],
+    gateway_ids: &[String],
+    issuer_ids: &[String],
+) -> QueryResult<()> {
     for id in partner_ids {
         diesel::insert_into(partners::table).values(partners::id.eq(id)).on_conflict_do_nothing().execute(conn)?;
     }
     for id in gateway_ids {
         diesel::insert_into(gateways::table).values(gateways::id.eq(id)).on_conflict_do_nothing().execute(conn)?;
     }
+    for id in issuer_ids {
+        diesel::insert_into(issuers::table).values(issuers::id.eq(id)).on_conflict_do_nothing().execute(conn)?;
+    }
     Ok(())
 }
 
-/// register_party_key records the public key (PEM, one or more) a partner or a gateway signs
-/// with, replacing any earlier one; None removes it. The party must be configured.
+/// register_party_key records the public key (PEM, one or more) a partner, a gateway or an issuer
+/// signs with, replacing any earlier one; None removes it. The party must be configured.
 pub fn register_party_key(
     conn: &mut PgConnection,
     party: PartyKind,
@@ -120,14 +128,17 @@ pub fn register_party_key(
         PartyKind::Gateway => {
             diesel::update(gateways::table.find(id)).set(gateways::public_key_pem.eq(pem)).execute(conn)
         }
+        PartyKind::Issuer => diesel::update(issuers::table.find(id)).set(issuers::public_key_pem.eq(pem)).execute(conn),
     }
 }
 
-/// PartyKind is which kind of party answers assetflow: a payment partner or a gateway.
+/// PartyKind is which kind of party sends assetflow what it must prove it sent: a payment
+/// partner (its results), a gateway (its receipts) or an issuer (its changes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PartyKind {
     Partner,
     Gateway,
+    Issuer,
 }
 
 impl PartyKind {
@@ -135,6 +146,7 @@ impl PartyKind {
         match self {
             PartyKind::Partner => "partner",
             PartyKind::Gateway => "gateway",
+            PartyKind::Issuer => "issuer",
         }
     }
 }
@@ -168,7 +180,8 @@ pub fn load_terminals(conn: &mut PgConnection, ids: &[&str]) -> QueryResult<Vec<
 struct Lookups {
     products: HashMap<String, Option<Product>>,
     terminals: HashMap<String, Option<Terminal>>,
-    /// Registered public keys (PEM) of partners ("partner:<id>") and gateways ("gateway:<id>").
+    /// Registered public keys (PEM) of partners ("partner:<id>"), gateways ("gateway:<id>") and
+    /// issuers ("issuer:<id>").
     party_keys: HashMap<String, Option<String>>,
 }
 
@@ -192,10 +205,9 @@ pub trait Catalogue {
     fn product(&mut self, id: &str) -> QueryResult<Option<Product>>;
     /// Catalogue::terminal reads a terminal.
     fn terminal(&mut self, id: &str) -> QueryResult<Option<Terminal>>;
-    /// Catalogue::partner_key is the partner's registered public key (PEM), if it has one.
-    fn partner_key(&mut self, id: &str) -> QueryResult<Option<String>>;
-    /// Catalogue::gateway_key is the gateway's registered public key (PEM), if it has one.
-    fn gateway_key(&mut self, id: &str) -> QueryResult<Option<String>>;
+    /// Catalogue::party_key is the partner's, gateway's or issuer's registered public key (PEM),
+    /// if it has one.
+    fn party_key(&mut self, kind: PartyKind, id: &str) -> QueryResult<Option<String>>;
     /// Catalogue::read_terminals reads, in one statement, those of `ids` this transaction has not
     /// read yet, so that [`Catalogue::terminal`] finds each of them (or that it does not exist)
     /// without another.
@@ -213,17 +225,15 @@ impl Catalogue for Cx<'_> {
         remembered(&mut lookups.terminals, id, || load_terminal(self.conn, id))
     }
 
-    fn partner_key(&mut self, id: &str) -> QueryResult<Option<String>> {
+    fn party_key(&mut self, kind: PartyKind, id: &str) -> QueryResult<Option<String>> {
         let lookups = self.extensions.get_or_insert_default::<Lookups>();
-        remembered(&mut lookups.party_keys, &format!("partner:{id}"), || {
-            Ok(partners::table.find(id).select(partners::public_key_pem).first(self.conn).optional()?.flatten())
-        })
-    }
-
-    fn gateway_key(&mut self, id: &str) -> QueryResult<Option<String>> {
-        let lookups = self.extensions.get_or_insert_default::<Lookups>();
-        remembered(&mut lookups.party_keys, &format!("gateway:{id}"), || {
-            Ok(gateways::table.find(id).select(gateways::public_key_pem).first(self.conn).optional()?.flatten())
+        remembered(&mut lookups.party_keys, &format!("{}:{id}", kind.as_str()), || {
+            let key = match kind {
+                PartyKind::Partner => partners::table.find(id).select(partners::public_key_pem).first(self.conn),
+                PartyKind::Gateway => gateways::table.find(id).select(gateways::public_key_pem).first(self.conn),
+                PartyKind::Issuer => issuers::table.find(id).select(issuers::public_key_pem).first(self.conn),
+            };
+            Ok(key.optional()?.flatten())
         })
     }
 

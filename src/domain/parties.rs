@@ -1,7 +1,8 @@
-//! Who may answer for a partner or a gateway (`docs/security.md#who-may-answer`).
+//! Who may answer for a partner, a gateway or an issuer (`docs/security.md#who-may-answer`).
 //!
-//! A settlement result is taken only from the partner its settlement went to, and a delivery
-//! receipt only from the gateway its delivery went to. A party proves who it is in either of two
+//! A settlement result is taken only from the partner its settlement went to, a delivery receipt
+//! only from the gateway its delivery went to, and an issuer's change only from the issuer of the
+//! product it changes. A party proves who it is in either of two
 //! ways, and every way it is set up with must hold:
 //! - **its broker user**: the message's AMQP `user_id`, which RabbitMQ refuses unless it names the
 //!   publishing connection's user, must be the party's `broker_user` (its configuration). It costs
@@ -27,10 +28,7 @@ pub fn prove(
     broker_user: Option<&str>,
     incoming: &Incoming,
 ) -> Result<(), Failure> {
-    let key = match kind {
-        PartyKind::Partner => cx.partner_key(id)?,
-        PartyKind::Gateway => cx.gateway_key(id)?,
-    };
+    let key = cx.party_key(kind, id)?;
     check(kind, id, broker_user, key.as_deref(), incoming).map_err(|detail| {
         tracing::warn!(party = kind.as_str(), id, user_id = ?incoming.user_id, %detail, "refused: not proven to come from the party it answers for");
         Failure::permanent(DeadLetterReason::UnauthenticatedParty, detail)

@@ -10,6 +10,14 @@ diesel::table! {
 }
 
 diesel::table! {
+    issuers (id) {
+        id -> Text,
+        public_key_pem -> Nullable<Text>,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     gateways (id) {
         id -> Text,
         created_at -> Timestamptz,
@@ -330,6 +338,9 @@ diesel::table! {
         reply_by -> Timestamptz,
         default_answer -> Text,
         created_at -> Timestamptz,
+        announced_by -> Text,
+        issuer_id -> Nullable<Text>,
+        reference -> Nullable<Text>,
     }
 }
 
@@ -349,12 +360,14 @@ diesel::table! {
 }
 
 diesel::joinable!(modification_notices -> issuer_changes (change_id));
+diesel::joinable!(issuer_changes -> issuers (issuer_id));
 diesel::joinable!(asset_documents -> assets (asset_id));
 diesel::joinable!(certificate_documents -> exchange_certificates (certificate_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     partners,
     gateways,
+    issuers,
     terminals,
     products,
     terminal_requests,

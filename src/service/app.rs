@@ -16,7 +16,8 @@ use crate::domain::delivery::notices::NoticesHandler;
 use crate::domain::delivery::receipt::ReceiptHandler;
 use crate::domain::delivery::{Deliveries, DeliveryReplayer, RequestedHandler};
 use crate::domain::issuance::{
-    AnswerHandler, DefaultsHandler, DeferHandler, ExchangeHandler, IssueHandler, Issuer, Modifications,
+    AnswerHandler, DefaultsHandler, DeferHandler, ExchangeHandler, IssueHandler, Issuer, IssuerChangeHandler,
+    Modifications,
 };
 use crate::domain::requests::Requests;
 use crate::domain::scans::SettlementTimeouts;
@@ -184,6 +185,8 @@ impl App {
             AnswerHandler { requests: domain.requests.clone(), modifications: modifications.clone() },
         )?;
         registry.register(&issuance, DefaultsHandler { modifications })?;
+        let issuers = Arc::new(self.config.issuers.clone());
+        registry.register(&issuance, IssuerChangeHandler { deliveries: domain.deliveries.clone(), issuers })?;
         registry.register(
             &issuance,
             DecideHandler {
@@ -239,23 +242,24 @@ pub enum Patience {
     Operator,
 }
 
-/// prepare creates and migrates the database and records the configured partners and gateways,
-/// retrying with a backoff from 200 ms for as long as `patience` allows.
+/// prepare creates and migrates the database and records the configured partners, gateways and
+/// issuers, retrying with a backoff from 200 ms for as long as `patience` allows.
 pub async fn prepare(app: &App, patience: Patience) -> anyhow::Result<()> {
     let url = app.config.database.url.clone();
     let partners: Vec<String> = app.config.partners.keys().cloned().collect();
     let gateways: Vec<String> = app.config.gateways.keys().cloned().collect();
+    let issuers: Vec<String> = app.config.issuers.keys().cloned().collect();
     let mut delay = std::time::Duration::from_millis(200);
     let last_delay = match patience {
         Patience::Service => std::time::Duration::from_secs(30),
         Patience::Operator => std::time::Duration::from_secs(1),
     };
     loop {
-        let (url, partners, gateways) = (url.clone(), partners.clone(), gateways.clone());
+        let (url, partners, gateways, issuers) = (url.clone(), partners.clone(), gateways.clone(), issuers.clone());
         let result = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             db::prepare(&url)?;
             let mut conn = crate::runtime::db::establish(&url)?;
-            crate::domain::catalogue::sync_parties(&mut conn, &partners, &gateways)?;
+            crate::domain::catalogue::sync_parties(&mut conn, &partners, &gateways, &issuers)?;
             Ok(())
         })
         .await?;

@@ -1,17 +1,19 @@
 //! Issuer changes (`docs/product.md#issuer-changes`): modification notices with a deadline,
 //! answered accept (a new asset replaces the old one) or refund, and the issuer's default for
-//! whoever does not answer.
+//! whoever does not answer; announced by an operator or sent by the issuer itself, taken then only
+//! from the product's own issuer, once.
 
 use assetflow::cli::admin::announce_change;
 use assetflow::cli::simulate::gateway::GatewayOptions;
 use assetflow::cli::simulate::terminals::{SimTerminal, purchase};
-use assetflow::contracts::messages::{ModificationChoice, kinds};
-use assetflow::domain::issuance::modification::IssuerChange;
+use assetflow::contracts::messages::{IssuerChangeMessage, ModificationChoice, kinds};
+use assetflow::domain::catalogue::PartyKind;
+use assetflow::domain::issuance::modification::{Announcer, IssuerChange};
 use chrono::{TimeDelta, Utc};
 use serde_json::{Value, json};
 
-use crate::harness::{Env, count, text};
-use crate::support::{asset_status, request_id, settle_all};
+use crate::harness::{Env, ISSUER, count, text};
+use crate::support::{asset_status, dead_letter_reason, request_id, settle_all};
 
 fn answer(holder: &SimTerminal, notice: &str, choice: &str) -> Value {
     let mut request = json!({
@@ -64,6 +66,7 @@ async fn holders_accept_or_take_a_refund_and_the_silent_get_the_issuers_default(
 
     let reply_by = Utc::now() + TimeDelta::hours(1);
     let change = IssuerChange {
+        announcer: Announcer::Operator,
         product_id: "concert".into(),
         description: "The concert moves to December 27.".into(),
         title: None,
@@ -109,6 +112,7 @@ async fn holders_accept_or_take_a_refund_and_the_silent_get_the_issuers_default(
         let shown = assetflow::cli::status::render(&assetflow::cli::status::lookup(c, &first).unwrap().expect("known"));
         assert!(shown.contains("  replaced by  asset "), "{shown}");
         assert!(shown.contains("The concert moves to December 27."), "{shown}");
+        assert!(shown.contains(" by an operator, answer by "), "{shown}");
         assert!(shown.contains("answered accept by the holder (request m-"), "{shown}");
         assert!(shown.contains("outcome  replaced by asset "), "{shown}");
     })
@@ -136,6 +140,115 @@ async fn holders_accept_or_take_a_refund_and_the_silent_get_the_issuers_default(
     env.wait_until("both are refused", move |c| {
         let sql = "SELECT count(*) FROM refusals WHERE reason = 'modification_not_open' AND request_id IN ($1, $2)";
         (count(c, sql, &[&ids[0], &ids[1]]) == 2).then_some(())
+    })
+    .await;
+}
+
+/// issuer_change is an issuer's own change of `product`, as it sends it.
+fn issuer_change(issuer: &str, reference: &str, product: &str) -> IssuerChangeMessage {
+    IssuerChangeMessage {
+        message_type: kinds::ISSUER_CHANGE.into(),
+        reference: reference.into(),
+        issuer_id: issuer.into(),
+        sent_at: Utc::now(),
+        product_id: product.into(),
+        description: "The show moves to the big hall.".into(),
+        title: None,
+        tags: Some(json!({"place": "Big Hall"})),
+        asset_expires_at: None,
+        reply_by: Utc::now() + TimeDelta::hours(1),
+        default_answer: ModificationChoice::Accept,
+        signature: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issuer_sends_its_own_change_once_and_nobody_else_may() {
+    // Both issuers sign what they send (their keys are registered); issuer-9 is not configured.
+    let mut env = Env::with(json!({"issuers": {ISSUER: {}, "issuer-2": {}}})).await;
+    env.product("show", |_| {}).await;
+    env.product("other", |p| p.issuer_id = "issuer-2".into()).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    env.start().await;
+    env.partner(settle_all());
+    env.gateway(GatewayOptions::default());
+    let order = purchase(&alice, "show", 1, json!({}));
+    env.send(&order).await;
+    let rid = request_id(&order);
+    env.wait_until("the certificate is delivered", move |c| {
+        let sql = "SELECT count(*) FROM deliveries d JOIN orders o ON o.id = d.order_id
+                   WHERE o.request_id = $1 AND d.kind = 'certificate' AND d.status = 'delivered'";
+        (count(c, sql, &[&rid]) == 1).then_some(())
+    })
+    .await;
+
+    let genuine = env.signed_by(PartyKind::Issuer, ISSUER, &issuer_change(ISSUER, "chg-1", "show")).await;
+    let mut past = issuer_change(ISSUER, "chg-2", "show");
+    past.reply_by = Utc::now() - TimeDelta::minutes(1);
+    let mut expires_first = issuer_change(ISSUER, "chg-3", "show");
+    expires_first.asset_expires_at = Some(expires_first.reply_by - TimeDelta::minutes(1));
+    let refused = [
+        (
+            "a change signed by another issuer",
+            env.signed_by(PartyKind::Issuer, "issuer-2", &issuer_change(ISSUER, "chg-4", "show")).await,
+            "unauthenticated_party",
+        ),
+        (
+            "an unsigned change",
+            serde_json::to_vec(&issuer_change(ISSUER, "chg-5", "show")).unwrap(),
+            "unauthenticated_party",
+        ),
+        (
+            "a change from an issuer not configured",
+            serde_json::to_vec(&issuer_change("issuer-9", "chg-6", "show")).unwrap(),
+            "unauthenticated_party",
+        ),
+        (
+            "another issuer changing a product not its own, in its own name",
+            env.signed_by(PartyKind::Issuer, "issuer-2", &issuer_change("issuer-2", "chg-7", "show")).await,
+            "unprocessable",
+        ),
+        ("a deadline already past", env.signed_by(PartyKind::Issuer, ISSUER, &past).await, "unprocessable"),
+        (
+            "assets expiring before the deadline",
+            env.signed_by(PartyKind::Issuer, ISSUER, &expires_first).await,
+            "unprocessable",
+        ),
+    ];
+    for (what, body, reason) in &refused {
+        env.publish(kinds::ISSUER_CHANGE, body).await;
+        assert_eq!(dead_letter_reason(&env, what, body).await, *reason, "{what}");
+    }
+    env.db(|c| {
+        assert_eq!(count(c, "SELECT count(*) FROM issuer_changes", &[]), 0, "no refused change did anything");
+        assert_eq!(count(c, "SELECT count(*) FROM products WHERE tags->>'place' = 'Big Hall'", &[]), 0);
+    })
+    .await;
+
+    // The issuer's own change, twice (as after a timeout): the holder is told once.
+    env.publish(kinds::ISSUER_CHANGE, &genuine).await;
+    env.publish(kinds::ISSUER_CHANGE, &genuine).await;
+    let taken = refused.len() as i64 + 2;
+    env.wait_until("both copies are taken", move |c| {
+        let sql = "SELECT count(*) FROM inbox WHERE pool = 'issuance' AND message_type = 'issuer.change'";
+        (count(c, sql, &[]) == taken).then_some(())
+    })
+    .await;
+    let asset = env.db(|c| text(c, "SELECT id::text AS value FROM assets", &[]).expect("the asset")).await;
+    let notice = notice_of(&env, &asset).await;
+    env.db(move |c| {
+        let taken = "SELECT count(*) FROM issuer_changes
+                     WHERE announced_by = 'issuer' AND issuer_id = 'issuer-1' AND reference = 'chg-1'";
+        assert_eq!(count(c, taken, &[]), 1, "the change is recorded once, with the issuer's reference");
+        assert_eq!(count(c, "SELECT count(*) FROM modification_notices", &[]), 1, "one notice");
+        let sent = "SELECT count(*) FROM deliveries WHERE content->>'code' = 'modification_notice'";
+        assert_eq!(count(c, sent, &[]), 1, "sent once");
+        let product = "SELECT count(*) FROM products WHERE id = 'show' AND tags->>'place' = 'Big Hall'";
+        assert_eq!(count(c, product, &[]), 1, "the product carries the change");
+        let shown =
+            assetflow::cli::status::render(&assetflow::cli::status::lookup(c, &notice).unwrap().expect("known"));
+        assert!(shown.contains("The show moves to the big hall."), "{shown}");
+        assert!(shown.contains(" by issuer issuer-1 (its reference chg-1), answer by "), "{shown}");
     })
     .await;
 }

@@ -376,7 +376,7 @@ async fn bad_configuration_files_are_refused_naming_the_key() {
             (config("syntax.toml", "[database\nurl = \n"), "configuration"),
             (config("small.toml", "[amqp]\ndelivery_limit = 1\n"), "amqp.delivery_limit must be at least 2"),
             (config("prefix.toml", "[amqp]\nprefix = \"a b\"\n"), "amqp.prefix \"a b\" is not a valid name"),
-            (config("partner.toml", "[partners.\"bad id!\"]\n"), "partner or gateway id \"bad id!\""),
+            (config("partner.toml", "[partners.\"bad id!\"]\n"), "partner, gateway or issuer id \"bad id!\""),
             (config("schedule.toml", "[schedules]\nnightly = \"0 0 1 * * *\"\n"), "schedules.nightly names no job"),
             (
                 config("tls.toml", "[amqp]\ntls_ca_file = \"/etc/hostname\"\n"),

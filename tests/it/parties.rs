@@ -333,6 +333,7 @@ async fn the_shipped_broker_definitions_keep_each_party_to_its_own_messages_and_
     let mut env = Env::with(json!({
         "partners": {"card-co": party("partner-card-co"), "bank-a": party("partner-bank-a")},
         "gateways": {"gw-mobile": party("gateway-gw-mobile"), "gw-home": party("gateway-gw-home")},
+        "issuers": {"tokyo-hall": party("issuer-tokyo-hall")},
     }))
     .await;
     let vhost = env.config.amqp.url.rsplit('/').next().unwrap().to_string();
@@ -344,6 +345,7 @@ async fn the_shipped_broker_definitions_keep_each_party_to_its_own_messages_and_
     .await
     .unwrap();
     env.product("concert", |_| {}).await;
+    env.product("hall-show", |p| p.issuer_id = "tokyo-hall".into()).await;
     let alice = env.terminal("alice", "gw-mobile", Some("card-co")).await;
     env.start().await;
     let names = env.app.plumbing.names.clone();
@@ -351,6 +353,7 @@ async fn the_shipped_broker_definitions_keep_each_party_to_its_own_messages_and_
     let url = |role: &str| users.url(role, &vhost);
     let receipt_body = serde_json::to_vec(&json!({"type": "delivery.receipt"})).unwrap();
     let result_body = serde_json::to_vec(&json!({"type": "settlement.result"})).unwrap();
+    let change_body = serde_json::to_vec(&json!({"type": "issuer.change"})).unwrap();
 
     // What the broker itself refuses.
     let gateway = url("gateway-gw-mobile");
@@ -363,6 +366,16 @@ async fn the_shipped_broker_definitions_keep_each_party_to_its_own_messages_and_
         (
             "a gateway publishing to the internal exchange",
             publish_as(&gateway, &internal, "replay.settlement", &result_body, None).await,
+            "ACCESS_REFUSED",
+        ),
+        (
+            "an issuer publishing a settlement result",
+            publish_as(&url("issuer-tokyo-hall"), &requests, kinds::SETTLEMENT_RESULT, &result_body, None).await,
+            "ACCESS_REFUSED",
+        ),
+        (
+            "a gateway publishing an issuer's change",
+            publish_as(&gateway, &requests, kinds::ISSUER_CHANGE, &change_body, None).await,
             "ACCESS_REFUSED",
         ),
         (
@@ -444,6 +457,31 @@ async fn the_shipped_broker_definitions_keep_each_party_to_its_own_messages_and_
         let sql = "SELECT d.proof AS value FROM deliveries d JOIN orders o ON o.id = d.order_id
                    WHERE o.request_id = $1 AND d.kind = 'certificate' AND d.status = 'delivered'";
         text(c, sql, &[&r])
+    })
+    .await;
+
+    // An issuer known by its broker user alone: its change is taken under its own user_id only.
+    let change = json!({
+        "type": kinds::ISSUER_CHANGE, "reference": "th-1", "issuer_id": "tokyo-hall", "sent_at": Utc::now(),
+        "product_id": "hall-show", "description": "A new date.", "reply_by": Utc::now() + chrono::TimeDelta::hours(1),
+        "default_answer": "refund",
+    });
+    let change = serde_json::to_vec(&change).unwrap();
+    let issuer = url("issuer-tokyo-hall");
+    publish_as(&issuer, &requests, kinds::ISSUER_CHANGE, &change, None).await.unwrap();
+    let hash = crypto::sha256_hex(&change);
+    let reason = env
+        .wait_until("the change without a user_id is dead-lettered", move |c| text(c, DEAD_LETTER_REASON, &[&hash]))
+        .await;
+    assert_eq!(reason, "unauthenticated_party");
+    let change = altered(&change, "reference", json!("th-2"));
+    publish_as(&issuer, &requests, kinds::ISSUER_CHANGE, &change, Some(&users.user("issuer-tokyo-hall")))
+        .await
+        .unwrap();
+    env.wait_until("the issuer's change under its own user_id is taken", |c| {
+        let sql =
+            "SELECT reference AS value FROM issuer_changes WHERE issuer_id = 'tokyo-hall' AND announced_by = 'issuer'";
+        text(c, sql, &[])
     })
     .await;
     env.stop().await;

@@ -195,7 +195,7 @@ pub fn default_party_keys_dir() -> PathBuf {
     PathBuf::from(".assetflow/sim/parties")
 }
 
-/// party_key is the signing key of a simulated partner or gateway: read from `dir`, or made and
+/// party_key is the signing key of a simulated partner, gateway or issuer: read from `dir`, or made and
 /// written there by whoever comes first (a simulator and a test may both ask), then registered
 /// with assetflow, as the real party's operator does with `assetflow parties key`.
 pub async fn party_key(config: &Config, kind: PartyKind, id: &str, dir: &Path) -> anyhow::Result<PKey<Private>> {
@@ -218,11 +218,12 @@ pub async fn party_key(config: &Config, kind: PartyKind, id: &str, dir: &Path) -
         }
     };
     let (url, id, pem) = (config.database.url.clone(), id.to_string(), crypto::public_key_pem(&key)?);
-    let (partners, gateways): (Vec<String>, Vec<String>) =
-        (config.partners.keys().cloned().collect(), config.gateways.keys().cloned().collect());
+    let partners: Vec<String> = config.partners.keys().cloned().collect();
+    let gateways: Vec<String> = config.gateways.keys().cloned().collect();
+    let issuers: Vec<String> = config.issuers.keys().cloned().collect();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let mut conn = crate::runtime::db::establish(&url)?;
-        crate::domain::catalogue::sync_parties(&mut conn, &partners, &gateways)?;
+        crate::domain::catalogue::sync_parties(&mut conn, &partners, &gateways, &issuers)?;
         crate::domain::catalogue::register_party_key(&mut conn, kind, &id, Some(&pem))?;
         Ok(())
     })

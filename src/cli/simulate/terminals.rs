@@ -117,7 +117,7 @@ pub async fn register(config: &Config, count: usize, keys: &std::path::Path) -> 
         let mut conn = crate::runtime::db::establish(&url)?;
         // The terminals reference their gateway and partner: on a fresh database the simulators
         // may get here before `assetflow run` has recorded the configured ones.
-        crate::domain::catalogue::sync_parties(&mut conn, &partners, &gateways)?;
+        crate::domain::catalogue::sync_parties(&mut conn, &partners, &gateways, &[])?;
         for (id, kind, gateway, partner, pem) in rows {
             register_terminal(&mut conn, &id, kind, &gateway, Some(&partner), &pem)?;
         }

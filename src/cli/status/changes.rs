@@ -111,6 +111,8 @@ pub struct ModificationView {
     /// What changed, as the holder was told.
     pub description: String,
     pub announced_at: DateTime<Utc>,
+    /// `an operator`, or the issuer that sent the change itself, with its reference for it.
+    pub announced_by: String,
     pub reply_by: DateTime<Utc>,
     /// What the notice gets if unanswered at `reply_by`: `accept` or `refund`.
     pub default_answer: String,
@@ -136,6 +138,7 @@ type NoticeRow = (
     Option<String>,
     Option<DateTime<Utc>>,
     Option<String>,
+    (Option<String>, Option<String>),
 );
 
 /// notices_of reads the modification notices sent about an asset, oldest first.
@@ -156,6 +159,7 @@ pub fn notices_of(conn: &mut PgConnection, asset: Uuid) -> QueryResult<Vec<Modif
             modification_notices::request_id,
             modification_notices::answered_at,
             modification_notices::outcome,
+            (issuer_changes::issuer_id, issuer_changes::reference),
         ))
         .load(conn)?;
     Ok(rows
@@ -165,6 +169,10 @@ pub fn notices_of(conn: &mut PgConnection, asset: Uuid) -> QueryResult<Vec<Modif
             issuer_change_id: r.1,
             description: r.2,
             announced_at: r.3,
+            announced_by: match r.11 {
+                (Some(issuer), Some(reference)) => format!("issuer {issuer} (its reference {reference})"),
+                _ => "an operator".into(),
+            },
             reply_by: r.4,
             default_answer: r.5,
             answer: r.6,

@@ -138,8 +138,9 @@ fn render_change(out: &mut String, c: &ChangeView, indent: &str) {
 fn render_notice(out: &mut String, n: &ModificationView, indent: &str) {
     *out += &format!("{indent}    {}  {}\n", n.notice_id, n.description);
     *out += &format!(
-        "{indent}      announced {}, answer by {}, default {}\n",
+        "{indent}      announced {} by {}, answer by {}, default {}\n",
         time(&n.announced_at),
+        n.announced_by,
         time(&n.reply_by),
         n.default_answer
     );
@@ -448,6 +449,7 @@ mod tests {
             issuer_change_id: Uuid::from_u128(12),
             description: "The concert moves to December 27.".into(),
             announced_at: at(5),
+            announced_by: "issuer issuer-1 (its reference chg-1)".into(),
             reply_by: at(40),
             default_answer: "refund".into(),
             answer: answer.map(str::to_string),
@@ -462,7 +464,7 @@ mod tests {
             "  replaced by  asset 00000000-0000-0000-0000-00000000000a",
             "  modification notices\n",
             "    00000000-0000-0000-0000-00000000000b  The concert moves to December 27.",
-            "      announced 2026-12-07 09:00:05.000Z, answer by 2026-12-07 09:00:40.000Z, default refund",
+            "      announced 2026-12-07 09:00:05.000Z by issuer issuer-1 (its reference chg-1), answer by 2026-12-07 09:00:40.000Z, default refund",
             "      answered accept by the holder (request m-1) at 2026-12-07 09:00:06.000Z",
             "      outcome  replaced by asset 00000000-0000-0000-0000-00000000000a",
         ] {

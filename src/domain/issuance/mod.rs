@@ -10,7 +10,7 @@ pub mod modification;
 pub use defer::DeferHandler;
 pub use documents::{asset_document, certificate_document};
 pub use exchange::ExchangeHandler;
-pub use modification::{AnswerHandler, DefaultsHandler, Modifications};
+pub use modification::{AnswerHandler, DefaultsHandler, IssuerChangeHandler, Modifications};
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;

@@ -1,5 +1,7 @@
 //! Issuer changes (`docs/product.md#issuer-changes`): an issuer changes an event (a new date, a
-//! correction). [`announce`] records the change and sends every holder of an asset not yet
+//! correction), announced by an operator (`assetflow products change`) or by the issuer itself
+//! (`issuer.change`, taken by [`IssuerChangeHandler`] only from the product's issuer).
+//! [`announce`] records the change and sends every holder of an asset not yet
 //! delivered a modification notice with a reply deadline. The holder answers with a signed
 //! `modification.answer`: `accept` (a new asset, signed with the product's information as it is
 //! now, replaces the old one, whose certificate is revoked) or `refund` (a refund through the
@@ -8,6 +10,7 @@
 //! it due (`modifications.due`). Each notice is answered once: its row is locked and its answer
 //! recorded with what it did.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -16,14 +19,14 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::{Issue, Issued, Issuer, NewAsset, Order, asset_document, certificate_document};
+use crate::config::IssuerConfig;
 use crate::contracts::dead_letter::DeadLetterReason;
 use crate::contracts::messages::{
-    DeliveryKind, ModificationAnswer, ModificationChoice, ModificationsDue, Notice, kinds,
+    DeliveryKind, IssuerChangeMessage, ModificationAnswer, ModificationChoice, ModificationsDue, Notice, kinds,
 };
 use crate::contracts::refusal::{RefusalReason, Refused};
-use crate::domain::catalogue::{Catalogue, Terminal, load_terminal};
+use crate::domain::catalogue::{Catalogue, PartyKind, Terminal, load_terminal};
 use crate::domain::delivery::{self, Deliveries, NewDelivery};
-use crate::domain::metrics;
 use crate::domain::requests::{Authentic, Header, Requests};
 use crate::domain::schema::{
     assets, deliveries, exchange_certificates, issuer_changes, modification_notices, orders, products, refunds,
@@ -32,12 +35,14 @@ use crate::domain::schema::{
 use crate::domain::settlement::Settlements;
 use crate::domain::settlement::refund::{self, NewRefund, RefundCause};
 use crate::domain::status::{self, Cause, Status};
+use crate::domain::{metrics, parties};
 use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received};
 use crate::runtime::outbox::Outgoing;
 
-/// IssuerChange is an issuer's change of a product's event, as an operator announces it.
+/// IssuerChange is an issuer's change of a product's event, as it is announced.
 #[derive(Debug, Clone)]
 pub struct IssuerChange {
+    pub announcer: Announcer,
     pub product_id: String,
     /// What changed, in words for the holders.
     pub description: String,
@@ -49,17 +54,76 @@ pub struct IssuerChange {
     pub default_answer: ModificationChoice,
 }
 
+/// Announcer is who announced an issuer's change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Announcer {
+    /// An operator, on the issuer's word (`assetflow products change`).
+    Operator,
+    /// The issuer itself (`issuer.change`), with its own reference for the change, which makes
+    /// its message idempotent.
+    Issuer { issuer_id: String, reference: String },
+}
+
+impl IssuerChange {
+    /// IssuerChange::check says why the change cannot be announced at `now`, if it cannot: a
+    /// deadline already past, or a new expiry of the assets not after it.
+    pub fn check(&self, now: DateTime<Utc>) -> Result<(), String> {
+        if self.reply_by <= now {
+            return Err(format!("the reply deadline {} is past", self.reply_by));
+        }
+        match self.asset_expires_at {
+            Some(at) if at <= self.reply_by => {
+                Err(format!("the assets' new expiry {at} is not after the reply deadline {}", self.reply_by))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Announcer {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Announcer::Operator => "operator",
+            Announcer::Issuer { .. } => "issuer",
+        }
+    }
+}
+
 /// announce records an issuer's change, updates the product, and sends each holder of one of its
 /// assets not yet delivered (and not expired) a modification notice. It returns the change's id
-/// and the number of notices.
+/// and the number of notices; or None, having done nothing, when the issuer's reference for it
+/// was taken already.
 pub fn announce(
     conn: &mut PgConnection,
     deliveries: &Deliveries,
     change: &IssuerChange,
     now: DateTime<Utc>,
     sending: &mut Vec<Outgoing>,
-) -> QueryResult<(Uuid, usize)> {
+) -> QueryResult<Option<(Uuid, usize)>> {
     let id = Uuid::now_v7();
+    let (issuer_id, reference) = match &change.announcer {
+        Announcer::Operator => (None, None),
+        Announcer::Issuer { issuer_id, reference } => (Some(issuer_id), Some(reference)),
+    };
+    // First, so that the same reference twice, even at the same instant, is recorded once.
+    let recorded = diesel::insert_into(issuer_changes::table)
+        .values((
+            issuer_changes::id.eq(id),
+            issuer_changes::product_id.eq(&change.product_id),
+            issuer_changes::description.eq(&change.description),
+            issuer_changes::reply_by.eq(change.reply_by),
+            issuer_changes::default_answer.eq(change.default_answer.as_str()),
+            issuer_changes::created_at.eq(now),
+            issuer_changes::announced_by.eq(change.announcer.as_str()),
+            issuer_changes::issuer_id.eq(issuer_id),
+            issuer_changes::reference.eq(reference),
+        ))
+        .on_conflict((issuer_changes::issuer_id, issuer_changes::reference))
+        .do_nothing()
+        .execute(conn)?;
+    if recorded == 0 {
+        return Ok(None);
+    }
     if let Some(title) = &change.title {
         diesel::update(products::table.find(&change.product_id)).set(products::title.eq(title)).execute(conn)?;
     }
@@ -71,16 +135,6 @@ pub fn announce(
             .set(products::asset_expires_at.eq(Some(at)))
             .execute(conn)?;
     }
-    diesel::insert_into(issuer_changes::table)
-        .values((
-            issuer_changes::id.eq(id),
-            issuer_changes::product_id.eq(&change.product_id),
-            issuer_changes::description.eq(&change.description),
-            issuer_changes::reply_by.eq(change.reply_by),
-            issuer_changes::default_answer.eq(change.default_answer.as_str()),
-            issuer_changes::created_at.eq(now),
-        ))
-        .execute(conn)?;
     let held: Vec<(Uuid, String, Uuid)> = assets::table
         .filter(assets::product_id.eq(&change.product_id))
         .filter(assets::status.eq_any(Status::ALL.iter().filter(|s| s.is_before_delivery()).map(|s| s.as_str())))
@@ -124,8 +178,72 @@ pub fn announce(
         delivery::enqueue_with(conn, deliveries, d, now, sending)?;
     }
     metrics::issuer_change("announced", held.len() as u64);
-    tracing::info!(change_id = %id, product = %change.product_id, notices = held.len(), "issuer change announced");
-    Ok((id, held.len()))
+    tracing::info!(change_id = %id, product = %change.product_id, by = change.announcer.as_str(), notices = held.len(), "issuer change announced");
+    Ok(Some((id, held.len())))
+}
+
+/// IssuerChangeHandler takes `issuer.change`: an issuer's change of one of its products, sent by
+/// the issuer itself, taken only when it proves it comes from the product's issuer
+/// (`docs/security.md#who-may-answer`) and announced as an operator's is. The same reference from
+/// the same issuer again has no second effect.
+pub struct IssuerChangeHandler {
+    pub deliveries: Arc<Deliveries>,
+    /// The configured issuers: those that may send their changes.
+    pub issuers: Arc<BTreeMap<String, IssuerConfig>>,
+}
+
+impl Handler for IssuerChangeHandler {
+    type Message = IssuerChangeMessage;
+    const MESSAGE_TYPE: &'static str = kinds::ISSUER_CHANGE;
+
+    fn handle(&self, cx: &mut Cx<'_>, batch: &[Received<'_, IssuerChangeMessage>]) -> Result<(), Failure> {
+        for Received { message, incoming } in batch {
+            self.take(cx, incoming, message)?;
+        }
+        Ok(())
+    }
+}
+
+impl IssuerChangeHandler {
+    fn take(&self, cx: &mut Cx<'_>, incoming: &Incoming, m: &IssuerChangeMessage) -> Result<(), Failure> {
+        let Some(issuer) = self.issuers.get(&m.issuer_id) else {
+            return Err(Failure::permanent(
+                DeadLetterReason::UnauthenticatedParty,
+                format!("issuer {} is not configured in [issuers]: it can announce nothing", m.issuer_id),
+            ));
+        };
+        parties::prove(cx, PartyKind::Issuer, &m.issuer_id, issuer.broker_user.as_deref(), incoming)?;
+        let change = IssuerChange {
+            announcer: Announcer::Issuer { issuer_id: m.issuer_id.clone(), reference: m.reference.clone() },
+            product_id: m.product_id.clone(),
+            description: m.description.clone(),
+            title: m.title.clone(),
+            tags: m.tags.clone(),
+            asset_expires_at: m.asset_expires_at,
+            reply_by: m.reply_by,
+            default_answer: m.default_answer,
+        };
+        let unprocessable = |detail: String| Err(Failure::permanent(DeadLetterReason::Unprocessable, detail));
+        match cx.product(&m.product_id)? {
+            None => return unprocessable(format!("no product {}", m.product_id)),
+            Some(p) if p.issuer_id != m.issuer_id => {
+                return unprocessable(format!("product {} is issuer {}'s, not {}'s", p.id, p.issuer_id, m.issuer_id));
+            }
+            Some(_) => {}
+        }
+        if let Err(detail) = change.check(cx.now) {
+            return unprocessable(format!("issuer {}'s change {}: {detail}", m.issuer_id, m.reference));
+        }
+        match announce(cx.conn, &self.deliveries, &change, cx.now, cx.outgoing)? {
+            Some((id, notices)) => {
+                tracing::info!(change_id = %id, issuer = %m.issuer_id, reference = %m.reference, notices, "an issuer's own change taken");
+            }
+            None => {
+                tracing::info!(issuer = %m.issuer_id, reference = %m.reference, "an issuer's change taken before: no second effect");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Notice is a modification notice as an answer reads it, locked.

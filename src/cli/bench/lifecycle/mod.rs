@@ -192,6 +192,7 @@ fn catalogue(url: &str) -> anyhow::Result<()> {
         &mut conn,
         &["bench-card".into()],
         &["bench-gw-1".into(), "bench-gw-2".into()],
+        &[],
     )?;
     upsert_product(&mut conn, &bench_product())?;
     // The mix's: what holders change their tickets for, and a seat sold by booking.
