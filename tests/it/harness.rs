@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use assetflow::cli::simulate::publisher::ConfirmedSender;
 use assetflow::cli::simulate::terminals::SimTerminal;
-use assetflow::cli::simulate::{self, Stats, gateway, partner};
+use assetflow::cli::simulate::{self, Stats, gateway, issuer, partner};
 use assetflow::config::Config;
 use assetflow::config::workers::PoolDefinitions;
 use assetflow::crypto::{self, KeyRing};
@@ -132,6 +132,18 @@ impl Env {
     pub fn partner(&self, options: partner::PartnerOptions) {
         let options = partner::PartnerOptions { party_keys: self.keys.join("parties"), ..options };
         tokio::spawn(partner::run_owned(
+            self.config.clone(),
+            self.broker.clone(),
+            options,
+            self.stats.clone(),
+            self.sims.clone(),
+        ));
+    }
+
+    /// Env::issuer runs the issuer simulator.
+    pub fn issuer(&self, options: issuer::IssuerOptions) {
+        let options = issuer::IssuerOptions { party_keys: self.keys.join("parties"), ..options };
+        tokio::spawn(issuer::run_owned(
             self.config.clone(),
             self.broker.clone(),
             options,

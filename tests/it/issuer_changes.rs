@@ -252,3 +252,44 @@ async fn an_issuer_sends_its_own_change_once_and_nobody_else_may() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulated_issuer_changes_an_event_and_the_simulated_holders_answer() {
+    // What `ops/run` shows: the issuer sends its change itself, the holders' gateway answers the
+    // notices (here, every holder accepts) and each accepted asset is replaced.
+    let mut env = Env::with(json!({"issuers": {ISSUER: {}}})).await;
+    env.product("show", |p| p.tags = json!({"date": "12-25"})).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    env.start().await;
+    env.partner(settle_all());
+    env.gateway(GatewayOptions { modification_silence_rate: 0.0, ..GatewayOptions::default() });
+    let order = purchase(&alice, "show", 2, json!({}));
+    env.send(&order).await;
+    let rid = request_id(&order);
+    env.wait_until("the certificates are delivered", move |c| {
+        let sql = "SELECT count(*) FROM deliveries d JOIN orders o ON o.id = d.order_id
+                   WHERE o.request_id = $1 AND d.kind = 'certificate' AND d.status = 'delivered'";
+        (count(c, sql, &[&rid]) == 2).then_some(())
+    })
+    .await;
+    // The first change comes at once, the next long after the test.
+    env.issuer(assetflow::cli::simulate::issuer::IssuerOptions {
+        every: std::time::Duration::from_secs(600),
+        first_change_after: std::time::Duration::ZERO,
+        ..Default::default()
+    });
+    env.wait_until("both holders accepted and their assets are replaced", |c| {
+        let sql = "SELECT count(*) FROM modification_notices n JOIN issuer_changes i ON i.id = n.change_id
+                   JOIN assets a ON a.id = n.asset_id
+                   WHERE i.announced_by = 'issuer' AND n.answered_by = 'holder' AND n.answer = 'accept'
+                     AND a.status = 'replaced'";
+        (count(c, sql, &[]) == 2).then_some(())
+    })
+    .await;
+    env.db(|c| {
+        let moved = "SELECT count(*) FROM assets a JOIN asset_documents d ON d.asset_id = a.id
+                     WHERE a.generation = 1 AND d.document::jsonb->'information'->'tags'->>'date' = 'moved 1 day(s) later'";
+        assert_eq!(count(c, moved, &[]), 2, "the replacements carry the changed event");
+    })
+    .await;
+}

@@ -23,7 +23,7 @@ use super::partner::fraction;
 use super::publisher::{ConfirmedSender, consume};
 use crate::config::Config;
 use crate::contracts::messages::{
-    Acknowledgement, ConfirmAnswer, DeliveryKind, DeliveryReceipt, GatewayDelivery, kinds,
+    Acknowledgement, ConfirmAnswer, DeliveryKind, DeliveryReceipt, GatewayDelivery, ModificationChoice, kinds,
 };
 use crate::contracts::topology::Names;
 use crate::crypto;
@@ -91,6 +91,13 @@ pub struct GatewayOptions {
     /// are never submitted: they expire or lapse, and are revoked.
     #[arg(long, default_value_t = 0.8)]
     pub submit_rate: f64,
+    /// Share of an issuer's modification notices their holders answer with a refund (the others
+    /// accept the change, but for --modification-silence-rate).
+    #[arg(long, default_value_t = 0.3)]
+    pub modification_refund_rate: f64,
+    /// Share of modification notices never answered: the issuer's default applies at the deadline.
+    #[arg(long, default_value_t = 0.2)]
+    pub modification_silence_rate: f64,
 }
 
 impl Default for GatewayOptions {
@@ -115,6 +122,10 @@ impl Default for GatewayOptions {
             confirm_ignore_rate: 0.0,
             // The simulators' command line has holders submit; the tests submit themselves.
             submit_rate: 0.0,
+            // The simulators' command line has holders answer modification notices; the tests
+            // answer themselves.
+            modification_refund_rate: 0.0,
+            modification_silence_rate: 1.0,
         }
     }
 }
@@ -257,6 +268,7 @@ pub async fn run(
                     });
                 // A holder submits a receipt certificate once it may.
                 let submission = submission(&options, &stats, &message);
+                let modification = modification_answer(&options, &stats, &message);
                 let answer = async move {
                     let _waiting = certificate.as_ref().map(|_| Waiting::on(&stats));
                     for _ in 0..copies {
@@ -304,6 +316,19 @@ pub async fn run(
                                 stats.confirmations.fetch_add(1, Ordering::Relaxed);
                             }
                             Err(e) => tracing::warn!(error = %e, "gateway simulator could not send a confirmation"),
+                        }
+                    }
+                    if let Some((notice, choice)) = modification
+                        && let Some(key) = keys.get(&message.terminal_id).await
+                    {
+                        let request = modification_request(&message.terminal_id, notice, choice, &key);
+                        let body = serde_json::to_vec(&request).expect("serializes");
+                        let kind = kinds::MODIFICATION_ANSWER;
+                        match publisher.publish(&requests, kind, kind, &body).await {
+                            Ok(()) => {
+                                stats.modification_answers.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => tracing::warn!(error = %e, "gateway simulator could not answer a notice"),
                         }
                     }
                     if let Some(certificate) = submission
@@ -494,6 +519,52 @@ fn submission(options: &GatewayOptions, stats: &Stats, message: &GatewayDelivery
         }
         _ => None,
     }
+}
+
+/// modification_answer is how a holder answers the modification notice `message` carries, if it
+/// is one and the holder answers: a pure function of the notice's id, decided once, even when the
+/// notice is sent again.
+fn modification_answer(
+    options: &GatewayOptions,
+    stats: &Stats,
+    message: &GatewayDelivery,
+) -> Option<(Uuid, ModificationChoice)> {
+    if message.kind != DeliveryKind::Message
+        || message.content.get("code").and_then(serde_json::Value::as_str) != Some("modification_notice")
+    {
+        return None;
+    }
+    let notice: Uuid = message.content.get("certificate_id")?.as_str()?.parse().ok()?;
+    if !stats.modification_decided.lock().expect("not poisoned").insert(notice) {
+        return None;
+    }
+    let roll = fraction(&notice.to_string(), "modification");
+    if roll < options.modification_silence_rate {
+        None
+    } else if roll < options.modification_silence_rate + options.modification_refund_rate {
+        Some((notice, ModificationChoice::Refund))
+    } else {
+        Some((notice, ModificationChoice::Accept))
+    }
+}
+
+/// modification_request builds a holder's signed `modification.answer` to the notice `notice_id`.
+pub fn modification_request(
+    terminal_id: &str,
+    notice_id: Uuid,
+    answer: ModificationChoice,
+    key: &PKey<Private>,
+) -> serde_json::Value {
+    let mut request = serde_json::json!({
+        "type": kinds::MODIFICATION_ANSWER,
+        "request_id": format!("m-{}", Uuid::now_v7()),
+        "terminal_id": terminal_id,
+        "sent_at": Utc::now(),
+        "notice_id": notice_id,
+        "answer": answer,
+    });
+    crypto::sign_document(key, &mut request).expect("signing works");
+    request
 }
 
 /// change_request builds a signed `asset.change` of `asset_id` for `product_id`.

@@ -4,6 +4,7 @@
 //! through RabbitMQ, exactly as the real parties do; the tests and the benchmark use them too.
 
 pub mod gateway;
+pub mod issuer;
 pub mod ledger;
 pub mod partner;
 pub mod publisher;
@@ -33,6 +34,8 @@ pub enum SimulateCommand {
     Gateway(gateway::GatewayOptions),
     /// Terminals: register, then sign and publish orders at a rate.
     Terminals(terminals::TerminalOptions),
+    /// Issuers: change the events of their products now and then.
+    Issuer(issuer::IssuerOptions),
     /// Everything above in one process, with a demo catalogue: what `ops/run` starts.
     All {
         #[command(flatten)]
@@ -65,6 +68,10 @@ pub enum SimulateCommand {
         /// lapse, and are revoked).
         #[arg(long, default_value_t = 0.8)]
         submit_rate: f64,
+        /// How often each configured issuer changes one of its products' events (`issuer.change`);
+        /// the holders answer its notices, a share with a refund, a share not at all.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+        issuer_change_every: Duration,
         /// With --orders: keep answering this long after the last order, then show the history
         /// of an exchanged asset and stop. Without it, run until interrupted.
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -116,13 +123,19 @@ pub struct Stats {
     /// submitted, so that a holder submits once, even when the certificate or its notice is sent
     /// again.
     pub receipt_certificates: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, Option<serde_json::Value>>>,
+    /// Issuers' changes sent, and holders' answers to their modification notices.
+    pub issuer_changes: AtomicU64,
+    pub modification_answers: AtomicU64,
+    /// The modification notices whose holder decided how to answer: once, even when one is sent
+    /// again.
+    pub modification_decided: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
 }
 
 impl Stats {
     pub fn line(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "orders {} · bookings {} · submissions {} · confirmations {} · settled {} · declined {} · certificates {} · exchanges {} · assets {} · notices {} · refusals {} · refunds asked {} (refunded {}, refused {}) · changes asked {} · deferrals {}",
+            "orders {} · bookings {} · submissions {} · confirmations {} · settled {} · declined {} · certificates {} · exchanges {} · assets {} · notices {} · refusals {} · refunds asked {} (refunded {}, refused {}) · changes asked {} · deferrals {} · issuer changes {} (answered {})",
             g(&self.orders),
             g(&self.bookings),
             g(&self.submissions),
@@ -138,7 +151,9 @@ impl Stats {
             g(&self.refunded),
             g(&self.refunds_refused),
             g(&self.changes_asked),
-            g(&self.deferrals)
+            g(&self.deferrals),
+            g(&self.issuer_changes),
+            g(&self.modification_answers)
         )
     }
 }
@@ -269,6 +284,7 @@ pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()>
         SimulateCommand::Terminals(options) => {
             terminals::run(&config, broker, options, stats, shutdown.clone()).await?
         }
+        SimulateCommand::Issuer(options) => issuer::run(&config, broker, options, stats, shutdown.clone()).await?,
         SimulateCommand::All {
             terminals: options,
             decline_rate,
@@ -280,6 +296,7 @@ pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()>
             confirm_decline_rate,
             confirm_ignore_rate,
             submit_rate,
+            issuer_change_every,
             linger,
             gateway_ledger,
         } => {
@@ -297,6 +314,8 @@ pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()>
                 submit_rate,
                 keys: options.keys.clone(),
                 ledger: gateway_ledger,
+                modification_refund_rate: 0.3,
+                modification_silence_rate: 0.2,
                 ..gateway::GatewayOptions::default()
             };
             let p = tokio::spawn(partner::run_owned(
@@ -313,6 +332,17 @@ pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()>
                 stats.clone(),
                 shutdown.clone(),
             ));
+            // Issuers change their events, when any is configured to send its changes itself.
+            let i = (!config.issuers.is_empty()).then(|| {
+                let options = issuer::IssuerOptions { every: issuer_change_every, ..issuer::IssuerOptions::default() };
+                tokio::spawn(issuer::run_owned(
+                    config.clone(),
+                    broker.clone(),
+                    options,
+                    stats.clone(),
+                    shutdown.clone(),
+                ))
+            });
             let t = terminals::run(&config, broker.clone(), options, stats.clone(), shutdown.clone()).await;
             // The terminals stop after --orders; the partner and gateway keep answering.
             if t.is_ok() {
@@ -327,6 +357,9 @@ pub async fn run(config: Config, command: SimulateCommand) -> anyhow::Result<()>
             shutdown.cancel();
             p.await??;
             g.await??;
+            if let Some(i) = i {
+                i.await??;
+            }
             t?;
             if linger.is_some() {
                 show_an_exchanged_asset(&config).await?;
