@@ -129,6 +129,10 @@ async fn holders_accept_or_take_a_refund_and_the_silent_get_the_issuers_default(
         assert_eq!(count(c, by_default, &[]), 1);
         let refunds = "SELECT count(*) FROM refunds WHERE cause = 'issuer_change' AND status = 'refunded'";
         assert_eq!(count(c, refunds, &[]), 2);
+        // A replacement is the same order's asset, not a second issue of it.
+        let audit = assetflow::cli::audit::audit(c, None).expect("the audit runs");
+        assert!(audit.duplicates.values().all(|n| *n == 0), "nothing done twice: {}", audit.summary());
+        assert_eq!(audit.duplicates.get("issue"), Some(&0), "{}", audit.summary());
     })
     .await;
     // An answer after the deadline, or a second answer, is refused.

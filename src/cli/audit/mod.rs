@@ -29,8 +29,14 @@ const DUPLICATE_CHECKS: &[(&str, &str)] = &[
         "SELECT count(*) FROM (SELECT order_id FROM settlements WHERE kind = 'purchase' GROUP BY order_id HAVING count(*) > 1) x",
     ),
     (
+        // An issuer's change replaces an asset with a new one of the same order: only the
+        // originals count here, and each asset is replaced at most once (below).
         "issue",
-        "SELECT count(*) FROM orders o WHERE (SELECT count(*) FROM assets a WHERE a.order_id = o.id) > o.quantity * cardinality(o.recipient_terminal_ids)",
+        "SELECT count(*) FROM orders o WHERE (SELECT count(*) FROM assets a WHERE a.order_id = o.id AND a.replaces_asset_id IS NULL) > o.quantity * cardinality(o.recipient_terminal_ids)",
+    ),
+    (
+        "replacement",
+        "SELECT count(*) FROM (SELECT replaces_asset_id FROM assets WHERE replaces_asset_id IS NOT NULL GROUP BY replaces_asset_id HAVING count(*) > 1) x",
     ),
     (
         "issue_before_settlement",

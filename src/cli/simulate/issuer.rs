@@ -84,6 +84,33 @@ fn change(issuer: &str, n: u64, event: &Event, reply_within: Duration) -> Issuer
     }
 }
 
+/// send sends `issuer`'s `n`th change, of one of its products in turn; false when it has none.
+async fn send(
+    config: &Config,
+    publisher: &ConfirmedSender,
+    names: &Names,
+    issuer: &str,
+    key: &openssl::pkey::PKey<openssl::pkey::Private>,
+    n: u64,
+    reply_within: Duration,
+) -> anyhow::Result<bool> {
+    let (url, who) = (config.database.url.clone(), issuer.to_string());
+    let events: Vec<Event> = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Event>> {
+        let mut conn = crate::runtime::db::establish(&url)?;
+        Ok(products::table
+            .filter(products::issuer_id.eq(&who))
+            .filter(products::on_sale.eq(true))
+            .order(products::id)
+            .select((products::id, products::title, products::tags))
+            .load(&mut conn)?)
+    })
+    .await??;
+    let Some(event) = events.get((n as usize) % events.len().max(1)) else { return Ok(false) };
+    let body = super::partner::signed(&change(issuer, n, event, reply_within), key);
+    publisher.publish(&names.requests(), kinds::ISSUER_CHANGE, kinds::ISSUER_CHANGE, &body).await?;
+    Ok(true)
+}
+
 pub async fn run_owned(
     config: Config,
     broker: Broker,
@@ -120,24 +147,13 @@ pub async fn run(
         }
         wait = options.every;
         for (issuer, key) in issuers.iter().zip(&keys) {
-            let (url, who) = (config.database.url.clone(), issuer.clone());
-            let events: Vec<Event> = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Event>> {
-                let mut conn = crate::runtime::db::establish(&url)?;
-                Ok(products::table
-                    .filter(products::issuer_id.eq(&who))
-                    .filter(products::on_sale.eq(true))
-                    .order(products::id)
-                    .select((products::id, products::title, products::tags))
-                    .load(&mut conn)?)
-            })
-            .await??;
-            let Some(event) = events.get((n as usize) % events.len().max(1)) else { continue };
-            let message = change(issuer, n, event, options.reply_within);
-            let body = super::partner::signed(&message, key);
-            match publisher.publish(&names.requests(), kinds::ISSUER_CHANGE, kinds::ISSUER_CHANGE, &body).await {
-                Ok(()) => {
+            // A database or broker that is away (a restart) costs this round's change, not the
+            // simulator: the next round tries again.
+            match send(config, &publisher, &names, issuer, key, n, options.reply_within).await {
+                Ok(true) => {
                     stats.issuer_changes.fetch_add(1, Ordering::Relaxed);
                 }
+                Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, issuer, "issuer simulator could not send a change"),
             }
         }
