@@ -177,11 +177,16 @@ fn run_locked(
         };
         std::thread::scope(|scope| {
             for _ in 1..scheduler.workers.max(1) {
-                scope.spawn(|| match scheduler.db.get() {
-                    Ok(mut conn) => work(&mut conn),
-                    // Fewer helpers, not a failed run: the first connection does the work.
-                    Err(e) => tracing::debug!(error = %e, "no extra connection for a scan worker"),
-                });
+                // Only a connection idle now: a run that waited for one while holding its own
+                // could, with the other jobs due at the same second doing the same, hold the
+                // whole pool for the checkout timeout, and the handlers (a gateway's receipt
+                // among them) would wait that long. Fewer helpers, not a failed run: the first
+                // connection does the work.
+                let Some(mut extra) = scheduler.db.try_get() else {
+                    tracing::debug!("no idle connection for a scan worker");
+                    break;
+                };
+                scope.spawn(move || work(&mut extra));
             }
             work(conn);
         });

@@ -1106,3 +1106,23 @@ async fn handle_notices(env: &Env, as_of: DateTime<Utc>, notices: Vec<Certificat
     })
     .await;
 }
+
+/// A scan takes a second connection only if one is idle now. On a pool with none to spare it runs
+/// on the one it has, at once. Waiting for another while holding its own, every job due at the
+/// same second did the same, the whole pool was held for the checkout timeout, and the handlers,
+/// a gateway's receipts among them, waited as long: long enough for deliveries to be sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_never_waits_for_a_second_connection_while_it_holds_one() {
+    let env = Env::with(json!({"database": {"pool_size": 2, "connection_timeout": "60s"}})).await;
+    assert_eq!(env.app.scheduler.workers, 2, "scans work on two connections when they can");
+    // The test holds one of the two connections: the job gets the other, and none is idle.
+    let scheduler = env.app.scheduler.clone();
+    let held = tokio::task::spawn_blocking(move || scheduler.db.get().expect("a connection")).await.unwrap();
+    let started = std::time::Instant::now();
+    let report = env.run_job("retransmission", Utc::now()).await;
+    let took = started.elapsed();
+    assert!(report.ran && report.error.is_none(), "{report:?}");
+    // Without the fix it waits the whole checkout timeout (60 s) for a helper connection.
+    assert!(took < Duration::from_secs(30), "the scan waited {took:?} for a second connection");
+    drop(held);
+}

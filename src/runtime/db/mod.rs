@@ -128,6 +128,12 @@ impl Db {
         self.pool.get().map_err(|e| DbError::Unavailable(e.to_string()))
     }
 
+    /// Db::try_get takes a connection only if one is idle now: for work that may as well be done
+    /// without it, which must never wait for a connection while holding another.
+    pub fn try_get(&self) -> Option<Conn> {
+        self.pool.try_get()
+    }
+
     /// Db::run runs `f` with a connection on the blocking pool.
     pub async fn run<T, E, F>(&self, f: F) -> Result<T, E>
     where
