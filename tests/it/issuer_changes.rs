@@ -28,6 +28,20 @@ fn answer(holder: &SimTerminal, notice: &str, choice: &str) -> Value {
     request
 }
 
+/// bought has `holder` buy `quantity` of `product` and waits until their certificates are
+/// delivered: the assets are then held, not yet delivered, and an issuer's change reaches them.
+async fn bought(env: &Env, holder: &SimTerminal, product: &str, quantity: u32) {
+    let order = purchase(holder, product, quantity, json!({}));
+    env.send(&order).await;
+    let rid = request_id(&order);
+    env.wait_until("the certificates are delivered", move |c| {
+        let sql = "SELECT count(*) FROM deliveries d JOIN orders o ON o.id = d.order_id
+                   WHERE o.request_id = $1 AND d.kind = 'certificate' AND d.status = 'delivered'";
+        (count(c, sql, &[&rid]) == i64::from(quantity)).then_some(())
+    })
+    .await;
+}
+
 /// notice_of is the modification notice sent about `asset`, once it was delivered.
 async fn notice_of(env: &Env, asset: &str) -> String {
     let asset = asset.to_string();
@@ -48,15 +62,7 @@ async fn holders_accept_or_take_a_refund_and_the_silent_get_the_issuers_default(
     env.start().await;
     env.partner(settle_all());
     env.gateway(GatewayOptions::default());
-    let order = purchase(&alice, "concert", 3, json!({}));
-    env.send(&order).await;
-    let rid = request_id(&order);
-    env.wait_until("the three certificates are delivered", move |c| {
-        let sql = "SELECT count(*) FROM deliveries d JOIN orders o ON o.id = d.order_id
-                   WHERE o.request_id = $1 AND d.kind = 'certificate' AND d.status = 'delivered'";
-        (count(c, sql, &[&rid]) == 3).then_some(())
-    })
-    .await;
+    bought(&env, &alice, "concert", 3).await;
     let assets: Vec<String> = env
         .db(|c| {
             let all = text(c, "SELECT string_agg(id::text, ',' ORDER BY id) AS value FROM assets", &[]).unwrap();
@@ -176,15 +182,7 @@ async fn an_issuer_sends_its_own_change_once_and_nobody_else_may() {
     env.start().await;
     env.partner(settle_all());
     env.gateway(GatewayOptions::default());
-    let order = purchase(&alice, "show", 1, json!({}));
-    env.send(&order).await;
-    let rid = request_id(&order);
-    env.wait_until("the certificate is delivered", move |c| {
-        let sql = "SELECT count(*) FROM deliveries d JOIN orders o ON o.id = d.order_id
-                   WHERE o.request_id = $1 AND d.kind = 'certificate' AND d.status = 'delivered'";
-        (count(c, sql, &[&rid]) == 1).then_some(())
-    })
-    .await;
+    bought(&env, &alice, "show", 1).await;
 
     let genuine = env.signed_by(PartyKind::Issuer, ISSUER, &issuer_change(ISSUER, "chg-1", "show")).await;
     let mut past = issuer_change(ISSUER, "chg-2", "show");
@@ -229,11 +227,22 @@ async fn an_issuer_sends_its_own_change_once_and_nobody_else_may() {
     })
     .await;
 
-    // The issuer's own change, twice (as after a timeout): the holder is told once.
+    // The issuer's own change, twice (as after a timeout), then once more after its deadline,
+    // its reference unchanged: the holder is told once, and the late copy is the change already
+    // taken, not an unprocessable one.
     env.publish(kinds::ISSUER_CHANGE, &genuine).await;
     env.publish(kinds::ISSUER_CHANGE, &genuine).await;
-    let taken = refused.len() as i64 + 2;
-    env.wait_until("both copies are taken", move |c| {
+    let mut late = issuer_change(ISSUER, "chg-1", "show");
+    late.reply_by = Utc::now() - TimeDelta::minutes(1);
+    let late = env.signed_by(PartyKind::Issuer, ISSUER, &late).await;
+    env.wait_until("the first copies are taken", |c| {
+        let sql = "SELECT count(*) FROM issuer_changes WHERE reference = 'chg-1'";
+        (count(c, sql, &[]) == 1).then_some(())
+    })
+    .await;
+    env.publish(kinds::ISSUER_CHANGE, &late).await;
+    let taken = refused.len() as i64 + 3;
+    env.wait_until("every copy is taken", move |c| {
         let sql = "SELECT count(*) FROM inbox WHERE pool = 'issuance' AND message_type = 'issuer.change'";
         (count(c, sql, &[]) == taken).then_some(())
     })
@@ -244,6 +253,8 @@ async fn an_issuer_sends_its_own_change_once_and_nobody_else_may() {
         let taken = "SELECT count(*) FROM issuer_changes
                      WHERE announced_by = 'issuer' AND issuer_id = 'issuer-1' AND reference = 'chg-1'";
         assert_eq!(count(c, taken, &[]), 1, "the change is recorded once, with the issuer's reference");
+        let dead = "SELECT count(*) FROM dead_letters";
+        assert_eq!(count(c, dead, &[]), 6, "only the six refused changes are dead-lettered, not a copy");
         assert_eq!(count(c, "SELECT count(*) FROM modification_notices", &[]), 1, "one notice");
         let sent = "SELECT count(*) FROM deliveries WHERE content->>'code' = 'modification_notice'";
         assert_eq!(count(c, sent, &[]), 1, "sent once");
@@ -267,15 +278,7 @@ async fn the_simulated_issuer_changes_an_event_and_the_simulated_holders_answer(
     env.start().await;
     env.partner(settle_all());
     env.gateway(GatewayOptions { modification_silence_rate: 0.0, ..GatewayOptions::default() });
-    let order = purchase(&alice, "show", 2, json!({}));
-    env.send(&order).await;
-    let rid = request_id(&order);
-    env.wait_until("the certificates are delivered", move |c| {
-        let sql = "SELECT count(*) FROM deliveries d JOIN orders o ON o.id = d.order_id
-                   WHERE o.request_id = $1 AND d.kind = 'certificate' AND d.status = 'delivered'";
-        (count(c, sql, &[&rid]) == 2).then_some(())
-    })
-    .await;
+    bought(&env, &alice, "show", 2).await;
     // The first change comes at once, the next long after the test.
     env.issuer(assetflow::cli::simulate::issuer::IssuerOptions {
         every: std::time::Duration::from_secs(600),

@@ -213,6 +213,17 @@ impl IssuerChangeHandler {
             ));
         };
         parties::prove(cx, PartyKind::Issuer, &m.issuer_id, issuer.broker_user.as_deref(), incoming)?;
+        // A change taken before is not judged again: sent again after its deadline, it is still
+        // the change already announced, not an unprocessable one.
+        let taken: Option<Uuid> = issuer_changes::table
+            .filter(issuer_changes::issuer_id.eq(&m.issuer_id))
+            .filter(issuer_changes::reference.eq(&m.reference))
+            .select(issuer_changes::id)
+            .first(cx.conn)
+            .optional()?;
+        if taken.is_some() {
+            return Ok(taken_before(m));
+        }
         let change = IssuerChange {
             announcer: Announcer::Issuer { issuer_id: m.issuer_id.clone(), reference: m.reference.clone() },
             product_id: m.product_id.clone(),
@@ -238,12 +249,15 @@ impl IssuerChangeHandler {
             Some((id, notices)) => {
                 tracing::info!(change_id = %id, issuer = %m.issuer_id, reference = %m.reference, notices, "an issuer's own change taken");
             }
-            None => {
-                tracing::info!(issuer = %m.issuer_id, reference = %m.reference, "an issuer's change taken before: no second effect");
-            }
+            None => taken_before(m),
         }
         Ok(())
     }
+}
+
+/// taken_before notes an issuer's change whose reference was taken already: no second effect.
+fn taken_before(m: &IssuerChangeMessage) {
+    tracing::info!(issuer = %m.issuer_id, reference = %m.reference, "an issuer's change taken before: no second effect");
 }
 
 /// Notice is a modification notice as an answer reads it, locked.
