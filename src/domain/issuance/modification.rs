@@ -222,7 +222,8 @@ impl IssuerChangeHandler {
             .first(cx.conn)
             .optional()?;
         if taken.is_some() {
-            return Ok(taken_before(m));
+            taken_before(m);
+            return Ok(());
         }
         let change = IssuerChange {
             announcer: Announcer::Issuer { issuer_id: m.issuer_id.clone(), reference: m.reference.clone() },
