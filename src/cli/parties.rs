@@ -1,6 +1,7 @@
 //! `assetflow parties`: the partners, gateways and issuers that send assetflow what they must
-//! prove they sent, and how each proves who it is (`docs/security.md#who-may-answer`): by its broker user (`broker_user` in the
-//! configuration), by the key it signs with (registered here), or both.
+//! prove they sent, and how each proves who it is (`docs/security.md#who-may-answer`): by its
+//! broker user (`broker_user` in the configuration), by the key it signs with (registered here),
+//! or both.
 
 use std::path::PathBuf;
 

@@ -4,7 +4,7 @@
 //! from the product's own issuer, once.
 
 use assetflow::cli::admin::announce_change;
-use assetflow::cli::simulate::gateway::GatewayOptions;
+use assetflow::cli::simulate::gateway::{GatewayOptions, modification_request};
 use assetflow::cli::simulate::terminals::{SimTerminal, purchase};
 use assetflow::contracts::messages::{IssuerChangeMessage, ModificationChoice, kinds};
 use assetflow::domain::catalogue::PartyKind;
@@ -15,17 +15,9 @@ use serde_json::{Value, json};
 use crate::harness::{Env, ISSUER, count, text};
 use crate::support::{asset_status, dead_letter_reason, request_id, settle_all};
 
-fn answer(holder: &SimTerminal, notice: &str, choice: &str) -> Value {
-    let mut request = json!({
-        "type": kinds::MODIFICATION_ANSWER,
-        "request_id": format!("m-{}", uuid::Uuid::now_v7()),
-        "terminal_id": holder.id,
-        "sent_at": Utc::now(),
-        "notice_id": notice,
-        "answer": choice,
-    });
-    assetflow::crypto::sign_document(&holder.key, &mut request).unwrap();
-    request
+/// answer is `holder`'s signed answer to the notice `notice`, as its gateway relays it.
+fn answer(holder: &SimTerminal, notice: &str, choice: ModificationChoice) -> Value {
+    modification_request(&holder.id, notice.parse().expect("a notice id"), choice, &holder.key)
 }
 
 /// bought has `holder` buy `quantity` of `product` and waits until their certificates are
@@ -87,10 +79,10 @@ async fn holders_accept_or_take_a_refund_and_the_silent_get_the_issuers_default(
 
     // The first holder accepts: a new asset with the new date replaces the old one.
     let accepted = notice_of(&env, &assets[0]).await;
-    env.send(&answer(&alice, &accepted, "accept")).await;
+    env.send(&answer(&alice, &accepted, ModificationChoice::Accept)).await;
     // The second takes a refund.
     let refunded = notice_of(&env, &assets[1]).await;
-    env.send(&answer(&alice, &refunded, "refund")).await;
+    env.send(&answer(&alice, &refunded, ModificationChoice::Refund)).await;
     let (first, second) = (assets[0].clone(), assets[1].clone());
     env.wait_until("the answers are carried out", move |c| {
         (asset_status(c, &first) == "replaced" && asset_status(c, &second) == "refunded").then_some(())
@@ -142,9 +134,9 @@ async fn holders_accept_or_take_a_refund_and_the_silent_get_the_issuers_default(
     })
     .await;
     // An answer after the deadline, or a second answer, is refused.
-    let late = answer(&alice, &silent, "accept");
+    let late = answer(&alice, &silent, ModificationChoice::Accept);
     env.send(&late).await;
-    let again = answer(&alice, &accepted, "refund");
+    let again = answer(&alice, &accepted, ModificationChoice::Refund);
     env.send(&again).await;
     let ids = [request_id(&late), request_id(&again)];
     env.wait_until("both are refused", move |c| {

@@ -171,9 +171,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let names = Names { prefix: config.amqp.prefix.clone() };
-    let gateways =
-        if options.gateways.is_empty() { config.gateways.keys().cloned().collect() } else { options.gateways.clone() };
-    anyhow::ensure!(!gateways.is_empty(), "no gateways configured: add [gateways.<id>] to the configuration");
+    let gateways = super::acting_as(&options.gateways, &config.gateways, "gateways")?;
     let publisher = Arc::new(ConfirmedSender::new(broker.clone()));
     let keys = TerminalKeys::new(options.keys.clone());
     let ledger = options.ledger.as_deref().map(Ledger::open).transpose()?;

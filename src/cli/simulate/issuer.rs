@@ -1,6 +1,6 @@
 //! The issuer simulator: issuers that change the events of their products themselves, now and
 //! then, with a signed `issuer.change` (`docs/product.md#issuer-changes`). Each change moves the
-//! event a day later and gives the holders a short deadline; its default alternates between
+//! event a day further and gives the holders a short deadline; its default alternates between
 //! accept and refund.
 
 use std::sync::Arc;
@@ -130,9 +130,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let names = Names { prefix: config.amqp.prefix.clone() };
-    let issuers =
-        if options.issuers.is_empty() { config.issuers.keys().cloned().collect() } else { options.issuers.clone() };
-    anyhow::ensure!(!issuers.is_empty(), "no issuers configured: add [issuers.<id>] to the configuration");
+    let issuers = super::acting_as(&options.issuers, &config.issuers, "issuers")?;
     let mut keys = Vec::new();
     for issuer in &issuers {
         // Its changes are signed: assetflow takes a change only from the product's issuer.

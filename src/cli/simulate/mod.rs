@@ -210,6 +210,18 @@ pub fn default_party_keys_dir() -> PathBuf {
     PathBuf::from(".assetflow/sim/parties")
 }
 
+/// acting_as is the parties a simulator acts as: those given on its command line, or else every
+/// one configured in `[section]`; an error when that leaves none.
+fn acting_as<T>(
+    given: &[String],
+    configured: &std::collections::BTreeMap<String, T>,
+    section: &str,
+) -> anyhow::Result<Vec<String>> {
+    let ids: Vec<String> = if given.is_empty() { configured.keys().cloned().collect() } else { given.to_vec() };
+    anyhow::ensure!(!ids.is_empty(), "no {section} configured: add [{section}.<id>] to the configuration");
+    Ok(ids)
+}
+
 /// party_key is the signing key of a simulated partner, gateway or issuer: read from `dir`, or made and
 /// written there by whoever comes first (a simulator and a test may both ask), then registered
 /// with assetflow, as the real party's operator does with `assetflow parties key`.

@@ -83,9 +83,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let names = Names { prefix: config.amqp.prefix.clone() };
-    let partners =
-        if options.partners.is_empty() { config.partners.keys().cloned().collect() } else { options.partners.clone() };
-    anyhow::ensure!(!partners.is_empty(), "no partners configured: add [partners.<id>] to the configuration");
+    let partners = super::acting_as(&options.partners, &config.partners, "partners")?;
     let publisher = Arc::new(ConfirmedSender::new(broker.clone()));
     let mut tasks = Vec::new();
     for partner in partners {
