@@ -214,6 +214,36 @@ async fn the_database_refuses_refunds_beyond_what_was_paid() {
         assert!(error.to_string().contains("would exceed"), "{error}");
         insert(c, 1_000).expect("the rest of the payment may be refunded");
         assert!(insert(c, 1).is_err(), "and then nothing more");
+
+        // Nor by the back door: a refund that grows, or one that failed and is made to count again.
+        let grow = crate::harness::query(
+            "UPDATE refunds SET amount_minor = amount_minor + 1 WHERE order_id = $1::uuid AND status = 'refunded'",
+            &[&order],
+        )
+        .execute(c);
+        assert!(grow.expect_err("a refund may not grow past the payment").to_string().contains("would exceed"));
+        let failed = uuid::Uuid::now_v7().to_string();
+        crate::harness::query(
+            "WITH s AS (INSERT INTO settlements (id, order_id, kind, partner_id, payer_terminal_id, amount_minor, currency, status)
+                        VALUES ($1::uuid, $2::uuid, 'refund', 'card-co', 'alice', 5, 'JPY', 'declined'))
+             INSERT INTO refunds (id, settlement_id, order_id, cause, amount_minor, currency, status, requested_at, answered_at)
+             VALUES (gen_random_uuid(), $1::uuid, $2::uuid, 'holder', 5, 'JPY', 'failed', now(), now())",
+            &[&failed, &order],
+        )
+        .execute(c)
+        .expect("a failed refund counts for nothing");
+        let revived = crate::harness::query(
+            "UPDATE refunds SET status = 'requested', answered_at = NULL WHERE settlement_id = $1::uuid",
+            &[&failed],
+        )
+        .execute(c);
+        assert!(revived.expect_err("a failed refund may not count again past the payment").to_string().contains("would exceed"));
+        let answered = crate::harness::query(
+            "UPDATE refunds SET status = status, reason = NULL WHERE order_id = $1::uuid AND status <> 'failed'",
+            &[&order],
+        )
+        .execute(c);
+        assert_eq!(answered.expect("what leaves the sum as it was is not refused"), 2);
     })
     .await;
 }

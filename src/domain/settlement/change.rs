@@ -92,7 +92,7 @@ impl ChangeHandler {
         let refuse = |cx: &mut Cx<'_>, refused: Refused| {
             self.requests.refuse(cx, incoming, &header, Some(&terminal), Some(&content_sha256), refused)
         };
-        let (asset, paid, _) = match refund::refundable(cx, asked.asset_id, &asked.terminal_id)? {
+        let (asset, paid, _) = match refund::refundable_asset(cx.conn, cx.now, asked.asset_id, &asked.terminal_id)? {
             Err(refused) => return refuse(cx, refused),
             Ok(refundable) => refundable,
         };
@@ -105,12 +105,7 @@ impl ChangeHandler {
             );
             return refuse(cx, Refused::new(RefusalReason::NotThePayer, detail));
         }
-        let under_way: i64 = changes::table
-            .filter(changes::asset_id.eq(asset.id))
-            .filter(changes::step.eq_any(["purchasing", "refunding", "compensating"]))
-            .count()
-            .get_result(cx.conn)?;
-        if under_way > 0 {
+        if asset.changing {
             let detail = format!("a change of asset {} is already under way", asset.id);
             return refuse(cx, Refused::new(RefusalReason::RefundPending, detail));
         }

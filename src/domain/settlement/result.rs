@@ -80,7 +80,7 @@ fn take(cx: &mut Cx<'_>, settled: &Settlements, batch: &[Received<'_, Settlement
         }
         let outcome: &'static str = result.outcome.as_str();
         if s.kind == "refund" {
-            refunds.push((s, result));
+            refunds.push(refund::Answered { settlement: s, result });
             continue;
         }
         match result.outcome {
@@ -102,13 +102,14 @@ fn take(cx: &mut Cx<'_>, settled: &Settlements, batch: &[Received<'_, Settlement
     let declined_orders: Vec<Uuid> = declined.iter().map(|(order, _)| *order).collect();
     reopen_declined(cx, &declined_orders)?;
     let issuing = change::purchases_answered(cx.conn, settled, issuing, &declined_orders, now, cx.outgoing)?;
-    for (s, result) in refunds {
+    for refund::Answered { settlement: s, result } in &refunds {
         metrics::settlement_answered(
             &s.partner_id,
             result.outcome.as_str(),
             (now - s.instructed_at).to_std().unwrap_or_default(),
         );
-        let refund = refund::answered(cx.conn, settled, s, result, now, cx.outgoing)?;
+    }
+    for refund in refund::answered(cx, settled, &refunds)? {
         change::refund_answered(cx.conn, settled, &refund, now, cx.outgoing)?;
     }
     // The orders settled together are issued together: one message for all of them.
