@@ -631,3 +631,249 @@ async fn an_issuance_request_in_the_one_order_form_is_still_issued() {
     env.wait_until("the order is issued", move |c| (count(c, issued, &[]) == 1).then_some(())).await;
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refunds_asked_and_answered_together_each_have_the_effect_they_have_alone() {
+    use assetflow::cli::simulate::gateway::refund_request;
+    use assetflow::domain::settlement::{RefundHandler, ResultHandler};
+
+    use crate::harness::text;
+    use crate::support::{asset_status, request_id};
+
+    // Started until every certificate is delivered, then stopped: nothing but the test handles the
+    // refunds and the partner's answers, and the outbox keeps what they send.
+    let mut env = Env::new().await;
+    env.product("concert", |_| {}).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    let bob = env.terminal("bob", "gw-1", Some("card-co")).await;
+    env.start().await;
+    env.partner(settle_all());
+    env.gateway(GatewayOptions::default());
+    let orders = [
+        purchase(&alice, "concert", 2, json!({})),
+        purchase(&alice, "concert", 1, json!({})),
+        purchase(&alice, "concert", 1, json!({})),
+        purchase(&bob, "concert", 1, json!({})),
+    ];
+    for order in &orders {
+        env.send(order).await;
+    }
+    let delivered = "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'delivered'";
+    env.wait_until("the five certificates are delivered", move |c| (count(c, delivered, &[]) == 5).then_some(())).await;
+    env.stop().await;
+    let placed: Vec<String> = orders.iter().map(request_id).collect();
+    let held: Vec<Vec<Uuid>> = env
+        .db(move |c| {
+            let sql = "SELECT string_agg(a.id::text, ',' ORDER BY a.id) AS value
+                       FROM assets a JOIN orders o ON o.id = a.order_id
+                       WHERE o.request_id = $1 AND a.status = 'awaiting_exchange'";
+            placed
+                .iter()
+                .map(|order| {
+                    let ids = text(c, sql, &[order]).expect("the order's assets await their exchange");
+                    ids.split(',').map(|id| id.parse().unwrap()).collect()
+                })
+                .collect()
+        })
+        .await;
+    assert_eq!(held.iter().map(Vec::len).collect::<Vec<_>>(), [2, 1, 1, 1]);
+    // Alice holds both assets of one order (`pair`), one of another (`single`) and one she asks
+    // a refund of first (`earlier`); bob holds one.
+    let (pair, single, earlier, bobs) = ((held[0][0], held[0][1]), held[1][0], held[2][0], held[3][0]);
+
+    let domain = &env.app.domain;
+    let refunds: Arc<dyn Dispatch> =
+        Arc::new(RefundHandler { requests: domain.requests.clone(), settlements: domain.settlements.clone() });
+    let seen = refund_request("alice", earlier, &alice.key);
+    assert_eq!(handled(&env, Pool::Settlement, refunds.clone(), vec![request("seen", &seen)]).await, vec![true]);
+
+    // All distinct: handled as a set, the two refunds of one order written by one statement, which
+    // keeps the order's refunds within its payment seeing both.
+    let first = refund_request("alice", pair.0, &alice.key);
+    let second = refund_request("alice", pair.1, &alice.key);
+    let not_held = refund_request("alice", bobs, &alice.key);
+    let unknown = refund_request("alice", Uuid::now_v7(), &alice.key);
+    let mut forged = refund_request("bob", bobs, &bob.key);
+    forged["asset_id"] = json!(Uuid::now_v7());
+    let batch = vec![
+        request("first", &first),
+        request("seen-again", &seen),
+        request("not-held", &not_held),
+        request("second", &second),
+        request("unknown", &unknown),
+        request("forged", &forged),
+    ];
+    assert_eq!(handled(&env, Pool::Settlement, refunds.clone(), batch).await, vec![true; 6], "six new messages");
+
+    // One asset asked for twice: handled one at a time, the second finding the first under way.
+    let single_first = refund_request("alice", single, &alice.key);
+    let single_again = refund_request("alice", single, &alice.key);
+    let batch = vec![request("single", &single_first), request("single-again", &single_again)];
+    assert_eq!(handled(&env, Pool::Settlement, refunds, batch).await, vec![true; 2]);
+
+    let (first_id, single_id) = (request_id(&first), request_id(&single_first));
+    let (seen_id, together) = (request_id(&seen), [first_id.clone(), request_id(&second)]);
+    let pair_order = request_id(&orders[0]);
+    env.db(move |c| {
+        for accepted in [&seen, &first, &second, &single_first] {
+            assert_eq!(outcome_of(c, accepted).as_deref(), Some("accepted"), "{accepted}");
+        }
+        assert_eq!(outcome_of(c, &not_held).as_deref(), Some("refused:asset_not_held"));
+        assert_eq!(outcome_of(c, &unknown).as_deref(), Some("refused:asset_unknown"));
+        assert_eq!(outcome_of(c, &single_again).as_deref(), Some("refused:refund_pending"));
+        assert_eq!(outcome_of(c, &forged), None, "a forgery's request id is not recorded");
+        for reason in ["asset_not_held", "asset_unknown", "refund_pending", "bad_signature"] {
+            let refused = count(c, "SELECT count(*) FROM refusals WHERE reason = $1", &[&reason]);
+            assert_eq!(refused, 1, "refused once as {reason}");
+        }
+        assert_eq!(count(c, "SELECT count(*) FROM refusals", &[]), 4, "nothing else was refused");
+        assert_eq!(
+            count(c, "SELECT count(*) FROM deliveries WHERE kind = 'message' AND dedupe_key = 'duplicate:seen-again' AND terminal_id = 'alice'", &[]),
+            1,
+            "the repeated request is answered with the first one's outcome"
+        );
+        assert_eq!(count(c, "SELECT count(*) FROM refunds WHERE request_id = $1", &[&seen_id]), 1, "and has no second effect");
+
+        assert_eq!(
+            count(
+                c,
+                "SELECT count(*) FROM refunds r JOIN orders o ON o.id = r.order_id
+                 WHERE r.status = 'requested' AND r.cause = 'holder' AND r.answered_at IS NULL
+                   AND r.amount_minor = o.amount_minor / o.quantity",
+                &[]
+            ),
+            4,
+            "one refund per accepted request, each of its asset's share of the order"
+        );
+        assert_eq!(count(c, "SELECT count(*) FROM refunds", &[]), 4);
+        assert_eq!(
+            count(
+                c,
+                "SELECT sum(r.amount_minor)::int8 - min(o.amount_minor) AS count FROM refunds r
+                 JOIN orders o ON o.id = r.order_id WHERE o.request_id = $1",
+                &[&pair_order]
+            ),
+            0,
+            "both assets of the order: all it paid"
+        );
+        assert_eq!(
+            count(c, "SELECT count(DISTINCT requested_at) FROM refunds WHERE request_id IN ($1, $2)", &[&together[0], &together[1]]),
+            1,
+            "the two were recorded together"
+        );
+        assert_eq!(
+            count(
+                c,
+                "SELECT count(*) FROM refunds r JOIN settlements s ON s.id = r.settlement_id
+                 WHERE s.kind = 'refund' AND s.status = 'instructed' AND s.order_id = r.order_id
+                   AND s.amount_minor = r.amount_minor AND s.partner_id = 'card-co' AND s.payer_terminal_id = 'alice'
+                   AND s.answer_due_at > s.instructed_at",
+                &[]
+            ),
+            4,
+            "each refund has its settlement through the partner that was paid, due to be answered"
+        );
+        assert_eq!(count(c, "SELECT count(*) FROM settlements WHERE kind = 'refund'", &[]), 4);
+        let instructions = "SELECT count(*) FROM outbox o JOIN refunds r
+                            ON convert_from(o.payload, 'UTF8')::jsonb->>'settlement_id' = r.settlement_id::text
+                            WHERE o.message_type = 'settlement.instruction'
+                              AND convert_from(o.payload, 'UTF8')::jsonb->>'kind' = 'refund'";
+        assert_eq!(count(c, instructions, &[]), 4, "one instruction per refund");
+        let refunding = "SELECT count(*) FROM outbox WHERE message_type = 'settlement.instruction'
+                         AND convert_from(payload, 'UTF8')::jsonb->>'kind' = 'refund'";
+        assert_eq!(count(c, refunding, &[]), 4, "and no other");
+        let untouched = "SELECT count(*) FROM assets WHERE status = 'awaiting_exchange'";
+        assert_eq!(count(c, untouched, &[]), 5, "nothing changes for an asset until the partner confirms");
+    })
+    .await;
+
+    // answer is the partner's signed answer to the refund asked for by request `id`, as a pool
+    // takes it.
+    async fn answer(env: &Env, message_id: &str, id: &str, outcome: SettlementOutcome) -> Incoming {
+        let id = id.to_string();
+        let settlement = env
+            .db(move |c| {
+                crate::harness::text(
+                    c,
+                    "SELECT settlement_id::text AS value FROM refunds WHERE request_id = $1",
+                    &[&id],
+                )
+            })
+            .await
+            .expect("the request's refund");
+        let result = SettlementResult {
+            message_type: kinds::SETTLEMENT_RESULT.into(),
+            settlement_id: settlement.parse().unwrap(),
+            partner_id: "card-co".into(),
+            outcome,
+            partner_reference: format!("REF-{message_id}"),
+            reason: (outcome == SettlementOutcome::Declined).then(|| "card account closed".into()),
+            sent_at: Utc::now(),
+            signature: None,
+        };
+        let signed = env.signed_by(PartyKind::Partner, "card-co", &result).await;
+        request(message_id, &serde_json::from_slice(&signed).unwrap())
+    }
+    let settled = answer(&env, "settled", &first_id, SettlementOutcome::Settled).await;
+    let declined = answer(&env, "declined", &single_id, SettlementOutcome::Declined).await;
+    let results: Arc<dyn Dispatch> = Arc::new(ResultHandler { settlements: env.app.domain.settlements.clone() });
+    let batch = vec![settled.clone(), declined.clone()];
+    assert_eq!(handled(&env, Pool::Settlement, results.clone(), batch).await, vec![true; 2]);
+
+    let (refunded, kept, untouched) = (pair.0.to_string(), single.to_string(), pair.1.to_string());
+    // answered is what the partners' answers changed: the refunds and settlements answered, and
+    // what was sent for them.
+    let answered = "SELECT string_agg(r.id || r.status || coalesce(r.reason, '') || r.answered_at || s.status
+                                      || s.partner_reference || s.answered_at, ',' ORDER BY r.id) AS value
+                    FROM refunds r JOIN settlements s ON s.id = r.settlement_id WHERE r.answered_at IS NOT NULL";
+    let sent = "SELECT count(*) FROM deliveries";
+    let before = env
+        .db(move |c| {
+            assert_eq!(asset_status(c, &refunded), "refunded");
+            let cause = "SELECT count(*) FROM asset_status_history
+                         WHERE asset_id = $1::uuid AND to_status = 'refunded' AND cause = 'refund_settled'";
+            assert_eq!(count(c, cause, &[&refunded]), 1);
+            let revoked =
+                "SELECT count(*) FROM exchange_certificates WHERE asset_id = $1::uuid AND revoked_at IS NOT NULL";
+            assert_eq!(count(c, revoked, &[&refunded]), 1, "the certificate is revoked once the partner confirms");
+            let asked = "SELECT count(*) FROM deliveries
+                         WHERE asset_id = $1::uuid AND kind = 'revocation_request' AND terminal_id = 'alice'";
+            assert_eq!(count(c, asked, &[&refunded]), 1, "the holder is asked to delete the certificate");
+            let told = "SELECT count(*) FROM deliveries WHERE kind = 'message' AND terminal_id = 'alice'
+                        AND content->>'code' = $2 AND content->>'asset_id' = $1";
+            assert_eq!(count(c, told, &[&refunded, &"refund_completed"]), 1, "the holder is told");
+
+            assert_eq!(asset_status(c, &kept), "awaiting_exchange", "a refused refund leaves the asset as it was");
+            let open = "SELECT count(*) FROM exchange_certificates
+                        WHERE asset_id = $1::uuid AND revoked_at IS NULL AND exchanged_at IS NULL";
+            assert_eq!(count(c, open, &[&kept]), 1, "its certificate still stands");
+            assert_eq!(count(c, told, &[&kept, &"refund_refused"]), 1, "its holder is told");
+            let why = "SELECT content->>'text' AS value FROM deliveries WHERE content->>'code' = 'refund_refused'";
+            let why = text(c, why, &[]).unwrap();
+            assert!(why.contains("card account closed"), "the partner's reason is passed on: {why}");
+            let revocations = "SELECT count(*) FROM deliveries WHERE kind = 'revocation_request'";
+            assert_eq!(count(c, revocations, &[]), 1, "only the refunded asset's certificate is revoked");
+
+            let refund = "SELECT r.status || ':' || coalesce(r.reason, '') || ':' || s.status AS value
+                          FROM refunds r JOIN settlements s ON s.id = r.settlement_id WHERE r.request_id = $1";
+            assert_eq!(text(c, refund, &[&first_id]).as_deref(), Some("refunded::settled"));
+            assert_eq!(text(c, refund, &[&single_id]).as_deref(), Some("failed:card account closed:declined"));
+            let together = "SELECT count(DISTINCT answered_at) FROM refunds WHERE answered_at IS NOT NULL";
+            assert_eq!(count(c, together, &[]), 1, "the two answers were recorded together");
+            let waiting = "SELECT count(*) FROM refunds r JOIN settlements s ON s.id = r.settlement_id
+                           WHERE r.status = 'requested' AND s.status = 'instructed'";
+            assert_eq!(count(c, waiting, &[]), 2, "the unanswered refunds still wait");
+            assert_eq!(asset_status(c, &untouched), "awaiting_exchange", "the order's other asset is untouched");
+            assert_eq!(count(c, open, &[&untouched]), 1);
+            (text(c, answered, &[]).expect("answered"), count(c, sent, &[]))
+        })
+        .await;
+
+    // The partner sends its settled answer again, and the declined one is delivered again: neither
+    // changes anything.
+    let again = Incoming { message_id: "settled-again".into(), ..settled };
+    assert_eq!(handled(&env, Pool::Settlement, results, vec![again, declined]).await, vec![true, false]);
+    let after = env.db(move |c| (text(c, answered, &[]).expect("answered"), count(c, sent, &[]))).await;
+    assert_eq!(after, before, "a repeated answer changes nothing");
+    env.db(|c| assert_eq!(count(c, "SELECT count(*) FROM dead_letters", &[]), 0)).await;
+}
