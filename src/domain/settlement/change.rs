@@ -21,17 +21,17 @@ use diesel::prelude::*;
 use uuid::Uuid;
 
 use super::refund::{self, NewRefund, Refund, RefundCause};
-use super::{NewOrder, Settlement, Settlements, place};
+use super::{NewOrder, Placed, Settlement, Settlements};
 use crate::contracts::dead_letter::DeadLetterReason;
 use crate::contracts::messages::{ChangeRequest, DeliveryKind, DeliveryModeKind, IssuanceRequested, Notice, kinds};
 use crate::contracts::refusal::{RefusalReason, Refused};
 use crate::contracts::topology::Pool;
-use crate::domain::catalogue::{Catalogue, load_terminal};
+use crate::domain::catalogue::{Catalogue, Product, Terminal};
 use crate::domain::delivery::{self, NewDelivery};
 use crate::domain::metrics;
-use crate::domain::requests::{Authentic, Header, Requests};
+use crate::domain::requests::{self, Authentic, Header, Requests};
 use crate::domain::schema::{changes, orders, settlements};
-use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received};
+use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received, together_unless_repeated};
 use crate::runtime::dead_letter::{self, NewDeadLetter};
 use crate::runtime::outbox::Outgoing;
 use serde_json::json;
@@ -50,7 +50,9 @@ pub struct Change {
     pub step: String,
 }
 
-/// ChangeHandler takes `asset.change`: each request checked and carried out on its own, in turn.
+/// ChangeHandler takes `asset.change`. Changes asked together are authenticated one by one (a
+/// signature each), then read in three statements (their request ids, the assets to change with
+/// what a refund of them checks, and the payments for them) and started in two.
 pub struct ChangeHandler {
     pub requests: Arc<Requests>,
     pub settlements: Arc<Settlements>,
@@ -60,17 +62,19 @@ impl Handler for ChangeHandler {
     type Message = ChangeRequest;
     const MESSAGE_TYPE: &'static str = kinds::ASSET_CHANGE;
 
-    /// Requests handled together are carried out one after another in the batch's transaction,
-    /// each seeing what the ones before it did, as it would alone: one commit for all of them.
     fn max_batch(&self) -> usize {
         usize::MAX
     }
 
+    /// Two requests for one asset (or with one request id) are taken one after the other, the
+    /// second seeing what the first did, as it would alone.
     fn handle(&self, cx: &mut Cx<'_>, batch: &[Received<'_, ChangeRequest>]) -> Result<(), Failure> {
-        for Received { message, incoming } in batch {
-            self.take(cx, incoming, message)?;
-        }
-        Ok(())
+        together_unless_repeated(
+            cx,
+            batch,
+            |r| [r.request_id.clone(), r.asset_id.to_string()],
+            |cx, batch| self.take(cx, batch),
+        )
     }
 
     fn answer_invalid(&self, cx: &mut Cx<'_>, incoming: &Incoming, detail: &str) -> Result<(), Failure> {
@@ -78,102 +82,218 @@ impl Handler for ChangeHandler {
     }
 }
 
+fn header(asked: &ChangeRequest) -> Header<'_> {
+    Header {
+        message_type: kinds::ASSET_CHANGE,
+        request_id: &asked.request_id,
+        terminal_id: &asked.terminal_id,
+        sent_at: asked.sent_at,
+    }
+}
+
 impl ChangeHandler {
-    fn take(&self, cx: &mut Cx<'_>, incoming: &Incoming, asked: &ChangeRequest) -> Result<(), Failure> {
-        let header = Header {
-            message_type: kinds::ASSET_CHANGE,
-            request_id: &asked.request_id,
-            terminal_id: &asked.terminal_id,
-            sent_at: asked.sent_at,
-        };
-        let Some(Authentic { terminal, content_sha256 }) = self.requests.admit(cx, incoming, &header)? else {
+    /// take starts changes of distinct assets with distinct request ids, each checked as it
+    /// would be alone, in the order of the checks `requests` describes.
+    fn take(&self, cx: &mut Cx<'_>, batch: &[Received<'_, ChangeRequest>]) -> Result<(), Failure> {
+        let req = &*self.requests;
+        cx.read_terminals(batch.iter().map(|r| r.message.terminal_id.as_str()))?;
+        let mut authentic = Vec::with_capacity(batch.len());
+        for Received { message: asked, incoming } in batch {
+            match req.authenticate(cx, &header(asked), &incoming.json, incoming.first_received_at)? {
+                Err((terminal, refused)) => {
+                    req.refuse(cx, incoming, &header(asked), terminal.as_ref(), None, refused)?
+                }
+                Ok(a) => authentic.push((*incoming, asked, a)),
+            }
+        }
+        if authentic.is_empty() {
             return Ok(());
-        };
-        let refuse = |cx: &mut Cx<'_>, refused: Refused| {
-            self.requests.refuse(cx, incoming, &header, Some(&terminal), Some(&content_sha256), refused)
-        };
-        let (asset, paid, _) = match refund::refundable_asset(cx.conn, cx.now, asked.asset_id, &asked.terminal_id)? {
-            Err(refused) => return refuse(cx, refused),
-            Ok(refundable) => refundable,
-        };
-        // The new product is paid by whoever paid for the old one: a holder who did not pay for
-        // its asset (a gift) cannot charge its giver for another product.
-        if paid.payer_terminal_id != terminal.id {
-            let detail = format!(
-                "asset {} was paid for by terminal {}: only a holder who paid for its asset may change it",
-                asset.id, paid.payer_terminal_id
-            );
-            return refuse(cx, Refused::new(RefusalReason::NotThePayer, detail));
         }
-        if asset.changing {
-            let detail = format!("a change of asset {} is already under way", asset.id);
-            return refuse(cx, Refused::new(RefusalReason::RefundPending, detail));
+        let ids: Vec<&str> = authentic.iter().map(|(_, asked, _)| asked.request_id.as_str()).collect();
+        let mut originals = requests::originals(cx.conn, &ids)?;
+        let assets: Vec<Uuid> = authentic.iter().map(|(_, asked, _)| asked.asset_id).collect();
+        let found = refund::find(cx.conn, &assets)?;
+        let mut placed = Placed::default();
+        let mut started = Started::default();
+        for (incoming, asked, Authentic { terminal, content_sha256: sha }) in authentic {
+            let header = header(asked);
+            if let Some(original) = originals.remove(&asked.request_id) {
+                req.answer_duplicate(cx, incoming, &header, &terminal, &original, &sha)?;
+                continue;
+            }
+            let checked = check(cx, asked, &terminal, found.get(&asked.asset_id))?;
+            let (asset, paid, product) = match checked {
+                Err(refused) => {
+                    req.refuse(cx, incoming, &header, Some(&terminal), Some(&sha), refused)?;
+                    continue;
+                }
+                Ok(checked) => checked,
+            };
+            let order = NewOrder {
+                request_id: &asked.request_id,
+                orderer: &terminal.id,
+                payer: &paid.payer_terminal_id,
+                partner_id: &paid.partner_id,
+                product: &product,
+                mode: DeliveryModeKind::Certificate,
+                reserved_asset_id: None,
+            };
+            let new_order_id = placed.push(&self.settlements, order, cx.now, cx.outgoing);
+            started.push(&header, sha, asset.id, &product.id, new_order_id);
         }
-        let product = match cx.product(&asked.product_id)? {
-            Some(p) if p.on_sale && p.id != asset.product_id => p,
-            Some(p) if p.id == asset.product_id => {
-                let detail = format!("asset {} already is a {:?}", asset.id, p.id);
-                return refuse(cx, Refused::new(RefusalReason::NotOnSale, detail));
-            }
-            Some(p) => {
-                return refuse(
-                    cx,
-                    Refused::new(RefusalReason::NotOnSale, format!("product {:?} is not on sale", p.id)),
-                );
-            }
-            None => {
-                let detail = format!("product {:?} does not exist", asked.product_id);
-                return refuse(cx, Refused::new(RefusalReason::UnknownProduct, detail));
-            }
-        };
-        if product.certificate_expiry(cx.now) <= cx.now {
-            let detail = format!("product {:?} can no longer be exchanged: its certificates have expired", product.id);
-            return refuse(cx, Refused::new(RefusalReason::NotOnSale, detail));
+        placed.write(cx.conn, cx.now)?;
+        started.write(cx.conn, cx.now)?;
+        Ok(())
+    }
+}
+
+/// check judges a change of the asset `asked` names (as [`refund::find`] found it): it must be
+/// refundable, by the holder who paid for it, with no other change under way, for a product on
+/// sale that it is not already. It returns the asset, its payment and the new product.
+fn check(
+    cx: &mut Cx<'_>,
+    asked: &ChangeRequest,
+    terminal: &Terminal,
+    found: Option<&refund::Found>,
+) -> Result<Result<(refund::Refundable, Settlement, Product), Refused>, Failure> {
+    macro_rules! refuse {
+        ($reason:expr, $($detail:tt)*) => { return Ok(Err(Refused::new($reason, format!($($detail)*)))) };
+    }
+    let (asset, paid, _) = match refund::judge(found, asked.asset_id, &asked.terminal_id, cx.now) {
+        Err(refused) => return Ok(Err(refused)),
+        Ok(refundable) => refundable,
+    };
+    // The new product is paid by whoever paid for the old one: a holder who did not pay for
+    // its asset (a gift) cannot charge its giver for another product.
+    if paid.payer_terminal_id != terminal.id {
+        refuse!(
+            RefusalReason::NotThePayer,
+            "asset {} was paid for by terminal {}: only a holder who paid for its asset may change it",
+            asset.id,
+            paid.payer_terminal_id
+        )
+    }
+    if asset.changing {
+        refuse!(RefusalReason::RefundPending, "a change of asset {} is already under way", asset.id)
+    }
+    let product = match cx.product(&asked.product_id)? {
+        Some(p) if p.on_sale && p.id != asset.product_id => p,
+        Some(p) if p.id == asset.product_id => {
+            refuse!(RefusalReason::NotOnSale, "asset {} already is a {:?}", asset.id, p.id)
         }
-        let order = NewOrder {
-            request_id: &asked.request_id,
-            orderer: &terminal.id,
-            payer: &paid.payer_terminal_id,
-            partner_id: &paid.partner_id,
-            product: &product,
-            mode: DeliveryModeKind::Certificate,
-            reserved_asset_id: None,
-        };
-        let new_order_id = place(cx.conn, &self.settlements, order, cx.now, cx.outgoing)?;
+        Some(p) => refuse!(RefusalReason::NotOnSale, "product {:?} is not on sale", p.id),
+        None => refuse!(RefusalReason::UnknownProduct, "product {:?} does not exist", asked.product_id),
+    };
+    if product.certificate_expiry(cx.now) <= cx.now {
+        refuse!(
+            RefusalReason::NotOnSale,
+            "product {:?} can no longer be exchanged: its certificates have expired",
+            product.id
+        )
+    }
+    Ok(Ok((asset, paid, product)))
+}
+
+/// Started is changes to record together, with the requests that asked for them, for
+/// [`Started::write`].
+#[derive(Default)]
+struct Started {
+    ids: Vec<Uuid>,
+    request_ids: Vec<String>,
+    terminals: Vec<String>,
+    content_sha256s: Vec<String>,
+    sent_at: Vec<DateTime<Utc>>,
+    assets: Vec<Uuid>,
+    products: Vec<String>,
+    orders: Vec<Uuid>,
+}
+
+impl Started {
+    fn push(&mut self, header: &Header<'_>, content_sha256: String, asset: Uuid, product: &str, new_order: Uuid) {
         let id = Uuid::now_v7();
-        self.requests.accept(cx, &header, &content_sha256, id)?;
-        diesel::insert_into(changes::table)
-            .values((
-                changes::id.eq(id),
-                changes::request_id.eq(&asked.request_id),
-                changes::asset_id.eq(asset.id),
-                changes::holder_terminal_id.eq(&terminal.id),
-                changes::new_product_id.eq(&product.id),
-                changes::new_order_id.eq(new_order_id),
-                changes::step.eq("purchasing"),
-                changes::created_at.eq(cx.now),
-                changes::updated_at.eq(cx.now),
-            ))
-            .execute(cx.conn)?;
         metrics::change("purchasing");
-        tracing::info!(change_id = %id, asset_id = %asset.id, new_product = %product.id, "change started");
+        tracing::info!(change_id = %id, asset_id = %asset, new_product = %product, "change started");
+        self.ids.push(id);
+        self.request_ids.push(header.request_id.to_string());
+        self.terminals.push(header.terminal_id.to_string());
+        self.content_sha256s.push(content_sha256);
+        self.sent_at.push(header.sent_at);
+        self.assets.push(asset);
+        self.products.push(product.to_string());
+        self.orders.push(new_order);
+    }
+
+    /// Started::write records the requests as accepted, each naming its change, and the changes
+    /// at their first step, `purchasing`, in one round trip whatever their number.
+    fn write(&self, conn: &mut PgConnection, now: DateTime<Utc>) -> QueryResult<()> {
+        use diesel::sql_types::{Array, Text, Timestamptz, Uuid as SqlUuid};
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        crate::runtime::db::prepared(
+            "WITH recorded AS (
+               INSERT INTO terminal_requests (request_id, terminal_id, message_type, content_sha256, sent_at,
+                                              received_at, outcome, subject_id)
+               SELECT request_id, terminal_id, $message_type, sha, sent_at, $now, 'accepted', id
+               FROM unnest($ids::uuid[], $request_ids::text[], $terminals::text[], $content_sha256s::text[], $sent_at::timestamptz[])
+                    AS r(id, request_id, terminal_id, sha, sent_at)
+             )
+             INSERT INTO changes (id, request_id, asset_id, holder_terminal_id, new_product_id, new_order_id, step,
+                                  created_at, updated_at)
+             SELECT id, request_id, asset_id, terminal_id, product_id, order_id, 'purchasing', $now, $now
+             FROM unnest($ids::uuid[], $request_ids::text[], $assets::uuid[], $terminals::text[], $products::text[], $orders::uuid[])
+                  AS c(id, request_id, asset_id, terminal_id, product_id, order_id)",
+        )
+        .bind::<Timestamptz, _>("now", now)
+        .bind::<Text, _>("message_type", kinds::ASSET_CHANGE)
+        .bind::<Array<SqlUuid>, _>("ids", &self.ids)
+        .bind::<Array<Text>, _>("request_ids", &self.request_ids)
+        .bind::<Array<Text>, _>("terminals", &self.terminals)
+        .bind::<Array<Text>, _>("content_sha256s", &self.content_sha256s)
+        .bind::<Array<Timestamptz>, _>("sent_at", &self.sent_at)
+        .bind::<Array<SqlUuid>, _>("assets", &self.assets)
+        .bind::<Array<Text>, _>("products", &self.products)
+        .bind::<Array<SqlUuid>, _>("orders", &self.orders)
+        .execute(conn)?;
         Ok(())
     }
 }
 
 /// step moves a change to its next step.
-fn step(
-    conn: &mut PgConnection,
-    change: Uuid,
-    to: &'static str,
-    reason: Option<&str>,
-    now: DateTime<Utc>,
-) -> QueryResult<()> {
+fn step(cx: &mut Cx<'_>, change: Uuid, to: &'static str, reason: Option<&str>) -> QueryResult<()> {
     diesel::update(changes::table.find(change))
-        .set((changes::step.eq(to), changes::reason.eq(reason), changes::updated_at.eq(now)))
-        .execute(conn)?;
+        .set((changes::step.eq(to), changes::reason.eq(reason), changes::updated_at.eq(cx.now)))
+        .execute(cx.conn)?;
     metrics::change(to);
     tracing::info!(change_id = %change, step = to, reason, "change moved on");
+    Ok(())
+}
+
+/// stepped moves changes on together to their next step, `to`, each naming a refund under way
+/// (`refunds`, one for each, or none): one statement whatever their number.
+fn stepped(cx: &mut Cx<'_>, changes: &[Uuid], to: &'static str, refunds: Option<&[Uuid]>) -> QueryResult<()> {
+    use diesel::sql_types::{Array, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let refunds: Vec<Option<Uuid>> = match refunds {
+        Some(refunds) => refunds.iter().copied().map(Some).collect(),
+        None => vec![None; changes.len()],
+    };
+    crate::runtime::db::prepared(
+        "UPDATE changes c SET step = $to, reason = NULL, updated_at = $now, refund_id = coalesce(t.refund_id, c.refund_id)
+         FROM unnest($changes::uuid[], $refunds::uuid[]) AS t(id, refund_id)
+         WHERE c.id = t.id",
+    )
+    .bind::<Text, _>("to", to)
+    .bind::<Timestamptz, _>("now", cx.now)
+    .bind::<Array<SqlUuid>, _>("changes", changes)
+    .bind::<Array<Nullable<SqlUuid>>, _>("refunds", &refunds)
+    .execute(cx.conn)?;
+    for change in changes {
+        metrics::change(to);
+        tracing::info!(change_id = %change, step = to, "change moved on");
+    }
     Ok(())
 }
 
@@ -182,12 +302,10 @@ fn step(
 /// asset is refunded, which is asked for now. It returns the settled orders that are no change's
 /// and go on to issuance as usual.
 pub fn purchases_answered(
-    conn: &mut PgConnection,
+    cx: &mut Cx<'_>,
     settlements: &Settlements,
     settled: Vec<Uuid>,
     declined: &[Uuid],
-    now: DateTime<Utc>,
-    sending: &mut Vec<Outgoing>,
 ) -> Result<Vec<Uuid>, Failure> {
     let answered: Vec<Uuid> = settled.iter().chain(declined).copied().collect();
     if answered.is_empty() {
@@ -199,70 +317,59 @@ pub fn purchases_answered(
         .order(changes::id)
         .select(Change::as_select())
         .for_update()
-        .load(conn)?;
+        .load(cx.conn)?;
     if live.is_empty() {
         return Ok(settled);
     }
-    for change in &live {
-        if declined.contains(&change.new_order_id) {
-            step(conn, change.id, "failed", Some("the new product's payment was declined"), now)?;
-            tell(
-                conn,
-                settlements,
-                change,
-                "change_failed",
-                "your change was not made: the payment for the new product was declined; you keep your asset".into(),
-                now,
-                sending,
-            )?;
-            continue;
-        }
-        refund_old(conn, settlements, change, now, sending)?;
+    let (failed, paid): (Vec<&Change>, Vec<&Change>) = live.iter().partition(|c| declined.contains(&c.new_order_id));
+    for change in failed {
+        step(cx, change.id, "failed", Some("the new product's payment was declined"))?;
+        let text = "your change was not made: the payment for the new product was declined; you keep your asset";
+        tell(cx, settlements, change, "change_failed", text.into())?;
     }
+    refund_old(cx, settlements, &paid)?;
     Ok(settled.into_iter().filter(|o| !live.iter().any(|c| c.new_order_id == *o)).collect())
 }
 
-/// refund_old asks for the old asset's refund, now that the new product is paid; if the old asset
-/// can no longer be refunded, the change is undone at once.
-fn refund_old(
-    conn: &mut PgConnection,
-    settlements: &Settlements,
-    change: &Change,
-    now: DateTime<Utc>,
-    sending: &mut Vec<Outgoing>,
-) -> Result<(), Failure> {
-    match refund::refundable_asset(conn, now, change.asset_id, &change.holder_terminal_id)? {
-        Err(refused) => compensate(conn, settlements, change, &refused.detail, now, sending),
-        Ok((_, paid, amount_minor)) => {
-            let old = NewRefund {
-                paid: &paid,
-                asset_id: Some(change.asset_id),
-                cause: RefundCause::Change,
-                request_id: None,
-                amount_minor,
-            };
-            let refund_id = refund::request(conn, settlements, old, now, sending)?;
-            diesel::update(changes::table.find(change.id)).set(changes::refund_id.eq(refund_id)).execute(conn)?;
-            step(conn, change.id, "refunding", None, now)?;
-            Ok(())
+/// refund_old asks for the old assets' refunds, now that the new products are paid, in a fixed
+/// number of statements whatever their number; a change whose old asset can no longer be refunded
+/// is undone at once.
+fn refund_old(cx: &mut Cx<'_>, settlements: &Settlements, paid: &[&Change]) -> Result<(), Failure> {
+    if paid.is_empty() {
+        return Ok(());
+    }
+    let assets: Vec<Uuid> = paid.iter().map(|c| c.asset_id).collect();
+    let found = refund::find(cx.conn, &assets)?;
+    let mut refunding = refund::Refunding::default();
+    let (mut moving, mut refunds) = (Vec::with_capacity(paid.len()), Vec::with_capacity(paid.len()));
+    for change in paid {
+        match refund::judge(found.get(&change.asset_id), change.asset_id, &change.holder_terminal_id, cx.now) {
+            Err(refused) => compensate(cx, settlements, change, &refused.detail)?,
+            Ok((_, paid, amount_minor)) => {
+                let old = NewRefund {
+                    paid: &paid,
+                    asset_id: Some(change.asset_id),
+                    cause: RefundCause::Change,
+                    request_id: None,
+                    amount_minor,
+                };
+                refunds.push(refunding.push(settlements, old, None, cx.now, cx.outgoing));
+                moving.push(change.id);
+            }
         }
     }
+    refunding.write(cx.conn, cx.now)?;
+    stepped(cx, &moving, "refunding", Some(&refunds))?;
+    Ok(())
 }
 
 /// compensate undoes a change whose old asset cannot be refunded: the new payment is refunded.
-fn compensate(
-    conn: &mut PgConnection,
-    settlements: &Settlements,
-    change: &Change,
-    why: &str,
-    now: DateTime<Utc>,
-    sending: &mut Vec<Outgoing>,
-) -> Result<(), Failure> {
+fn compensate(cx: &mut Cx<'_>, settlements: &Settlements, change: &Change, why: &str) -> Result<(), Failure> {
     let paid: Settlement = settlements::table
         .filter(settlements::order_id.eq(change.new_order_id))
         .filter(settlements::kind.eq("purchase"))
         .select(Settlement::as_select())
-        .first(conn)?;
+        .first(cx.conn)?;
     let back = NewRefund {
         paid: &paid,
         asset_id: None,
@@ -270,84 +377,106 @@ fn compensate(
         request_id: None,
         amount_minor: paid.amount_minor,
     };
-    let compensation = refund::request(conn, settlements, back, now, sending)?;
-    diesel::update(changes::table.find(change.id)).set(changes::compensation_id.eq(compensation)).execute(conn)?;
-    step(conn, change.id, "compensating", Some(why), now)?;
+    let compensation = refund::request(cx.conn, settlements, back, cx.now, cx.outgoing)?;
+    diesel::update(changes::table.find(change.id)).set(changes::compensation_id.eq(compensation)).execute(cx.conn)?;
+    step(cx, change.id, "compensating", Some(why))?;
     let text = format!(
         "your change was not made ({why}); the payment for the new product is being refunded, and you keep your asset"
     );
-    tell(conn, settlements, change, "change_failed", text, now, sending)
+    tell(cx, settlements, change, "change_failed", text)
 }
 
-/// refund_answered carries a change on once one of its refunds was answered: the old asset's
+/// refunds_answered carries changes on once their refunds were answered: the old asset's
 /// (refunded: the new order goes to issuance; refused: the change is undone) or the new payment's
-/// (refunded: compensated; refused: stuck for an operator). A refund of no change is left alone.
-pub fn refund_answered(
-    conn: &mut PgConnection,
-    settlements: &Settlements,
-    refund: &Refund,
-    now: DateTime<Utc>,
-    sending: &mut Vec<Outgoing>,
-) -> Result<(), Failure> {
-    if refund.cause != RefundCause::Change.as_str() {
+/// (refunded: compensated; refused: stuck for an operator). Refunds of no change are left alone.
+/// The changes that are done, the usual way, are moved on together, their new orders handed to
+/// issuance in one message.
+pub fn refunds_answered(cx: &mut Cx<'_>, settlements: &Settlements, refunds: &[Refund]) -> Result<(), Failure> {
+    let ours: Vec<Uuid> = refunds.iter().filter(|r| r.cause == RefundCause::Change.as_str()).map(|r| r.id).collect();
+    if ours.is_empty() {
         return Ok(());
     }
-    let change: Change = changes::table
-        .filter(changes::refund_id.eq(refund.id).or(changes::compensation_id.eq(refund.id)))
+    let live: Vec<Change> = changes::table
+        .filter(changes::refund_id.eq_any(&ours).or(changes::compensation_id.eq_any(&ours)))
+        .order(changes::id)
         .select(Change::as_select())
         .for_update()
-        .first(conn)?;
+        .load(cx.conn)?;
+    let mut done = Vec::new();
+    for refund in refunds.iter().filter(|r| ours.contains(&r.id)) {
+        let Some(change) = live.iter().find(|c| c.refund_id == Some(refund.id) || c.compensation_id == Some(refund.id))
+        else {
+            tracing::warn!(refund_id = %refund.id, "a change's refund answered, but no change names it");
+            continue;
+        };
+        match (change.step.as_str(), refund.status == "refunded") {
+            ("refunding", true) => done.push(change),
+            _ => refund_answered(cx, settlements, change, refund)?,
+        }
+    }
+    if done.is_empty() {
+        return Ok(());
+    }
+    let orders: Vec<Uuid> = done.iter().map(|c| c.new_order_id).collect();
+    diesel::update(orders::table)
+        .filter(orders::id.eq_any(&orders))
+        .set((orders::status.eq("issuing"), orders::updated_at.eq(cx.now)))
+        .execute(cx.conn)?;
+    for next in IssuanceRequested::for_orders(&orders) {
+        let first = next.order_ids[0];
+        cx.publish(
+            Outgoing::json(settlements.names.internal(), kinds::ISSUANCE_REQUESTED, kinds::ISSUANCE_REQUESTED, &next)
+                .correlated(first.to_string()),
+        );
+    }
+    let ids: Vec<Uuid> = done.iter().map(|c| c.id).collect();
+    stepped(cx, &ids, "done", None)?;
+    cx.read_terminals(done.iter().map(|c| c.holder_terminal_id.as_str()))?;
+    let mut told = Vec::with_capacity(done.len());
+    for change in done {
+        let text =
+            format!("your asset {} was refunded and {} is being issued to you", change.asset_id, change.new_product_id);
+        told.extend(notice(cx, change, "change_completed", text)?);
+    }
+    delivery::enqueue_many(cx, &settlements.deliveries, &told)?;
+    Ok(())
+}
+
+/// refund_answered carries a change on, the unusual way, once one of its refunds was answered:
+/// the old asset's refund refused, or the new payment's answered.
+fn refund_answered(
+    cx: &mut Cx<'_>,
+    settlements: &Settlements,
+    change: &Change,
+    refund: &Refund,
+) -> Result<(), Failure> {
     let refunded = refund.status == "refunded";
     match (change.step.as_str(), refunded) {
-        ("refunding", true) => {
-            diesel::update(orders::table.find(change.new_order_id))
-                .set((orders::status.eq("issuing"), orders::updated_at.eq(now)))
-                .execute(conn)?;
-            for next in IssuanceRequested::for_orders(&[change.new_order_id]) {
-                sending.push(
-                    Outgoing::json(
-                        settlements.names.internal(),
-                        kinds::ISSUANCE_REQUESTED,
-                        kinds::ISSUANCE_REQUESTED,
-                        &next,
-                    )
-                    .correlated(change.new_order_id.to_string()),
-                );
-            }
-            step(conn, change.id, "done", None, now)?;
-            let text = format!(
-                "your asset {} was refunded and {} is being issued to you",
-                change.asset_id, change.new_product_id
-            );
-            tell(conn, settlements, &change, "change_completed", text, now, sending)
-        }
-        ("refunding", false) => {
-            compensate(conn, settlements, &change, "the refund of your asset was refused", now, sending)
-        }
+        ("refunding", false) => compensate(cx, settlements, change, "the refund of your asset was refused"),
         ("compensating", true) => {
             diesel::update(orders::table.find(change.new_order_id))
                 .set((
                     orders::status.eq("failed"),
                     orders::status_reason.eq("change_compensated"),
-                    orders::updated_at.eq(now),
+                    orders::updated_at.eq(cx.now),
                 ))
-                .execute(conn)?;
-            step(conn, change.id, "compensated", None, now)?;
+                .execute(cx.conn)?;
+            step(cx, change.id, "compensated", None)?;
             Ok(())
         }
         ("compensating", false) => {
             tracing::error!(change_id = %change.id, refund_id = %refund.id, "the partner refused to return a change's new payment: the change is stuck");
             let why = "the partner refused to return the new payment";
-            step(conn, change.id, "stuck", Some(why), now)?;
+            step(cx, change.id, "stuck", Some(why))?;
             diesel::update(orders::table.find(change.new_order_id))
                 .set((
                     orders::status.eq("failed"),
                     orders::status_reason.eq("change_stuck"),
-                    orders::updated_at.eq(now),
+                    orders::updated_at.eq(cx.now),
                 ))
-                .execute(conn)?;
+                .execute(cx.conn)?;
             let refunded: Settlement =
-                settlements::table.find(refund.settlement_id).select(Settlement::as_select()).first(conn)?;
+                settlements::table.find(refund.settlement_id).select(Settlement::as_select()).first(cx.conn)?;
             let evidence = json!({
                 "change_id": change.id,
                 "asset_id": change.asset_id,
@@ -362,8 +491,9 @@ pub fn refund_answered(
                 "change {}: the new payment of {} {} could not be refunded ({why}); settle it with partner {}",
                 change.id, refunded.amount_minor, refunded.currency, refunded.partner_id
             );
+            let now = cx.now;
             dead_letter::record(
-                conn,
+                cx.conn,
                 &settlements.names,
                 NewDeadLetter {
                     pool: Pool::Settlement.as_str(),
@@ -390,16 +520,17 @@ pub fn refund_answered(
 }
 
 /// tell sends the holder of a change a message about it, once per `code`.
-fn tell(
-    conn: &mut PgConnection,
-    settlements: &Settlements,
-    change: &Change,
-    code: &str,
-    text: String,
-    now: DateTime<Utc>,
-    sending: &mut Vec<Outgoing>,
-) -> Result<(), Failure> {
-    let Some(terminal) = load_terminal(conn, &change.holder_terminal_id)? else { return Ok(()) };
+fn tell(cx: &mut Cx<'_>, settlements: &Settlements, change: &Change, code: &str, text: String) -> Result<(), Failure> {
+    if let Some(d) = notice(cx, change, code, text)? {
+        delivery::enqueue(cx, &settlements.deliveries, d)?;
+    }
+    Ok(())
+}
+
+/// notice is a message to the holder of a change about it, keyed so that it goes once per `code`;
+/// None if the holder is no longer registered.
+fn notice(cx: &mut Cx<'_>, change: &Change, code: &str, text: String) -> Result<Option<NewDelivery>, Failure> {
+    let Some(terminal) = cx.terminal(&change.holder_terminal_id)? else { return Ok(None) };
     let notice = Notice {
         code: code.into(),
         text,
@@ -408,12 +539,10 @@ fn tell(
         certificate_id: None,
         request_id: None,
     };
-    let d = NewDelivery::now(
+    Ok(Some(NewDelivery::now(
         DeliveryKind::Message,
         format!("change:{}:{code}", change.id),
         &terminal,
         serde_json::to_value(notice).expect("serializes"),
-    );
-    delivery::enqueue_with(conn, &settlements.deliveries, d, now, sending)?;
-    Ok(())
+    )))
 }

@@ -143,60 +143,119 @@ pub fn place(
     now: DateTime<Utc>,
     sending: &mut Vec<Outgoing>,
 ) -> QueryResult<Uuid> {
-    use crate::contracts::messages::DeliveryModeKind;
-    let id = Uuid::now_v7();
-    let product = order.product;
-    diesel::insert_into(orders::table)
-        .values((
-            orders::id.eq(id),
-            orders::request_id.eq(order.request_id),
-            orders::orderer_terminal_id.eq(order.orderer),
-            orders::payer_terminal_id.eq(order.payer),
-            orders::recipient_terminal_ids.eq(vec![order.orderer.to_string()]),
-            orders::product_id.eq(&product.id),
-            orders::quantity.eq(1),
-            orders::amount_minor.eq(product.price_minor),
-            orders::currency.eq(&product.currency),
-            orders::delivery_mode.eq(order.mode.as_str()),
-            orders::designated_at.eq((order.mode == DeliveryModeKind::Immediate).then_some(now)),
-            orders::status.eq("settling"),
-            orders::created_at.eq(now),
-            orders::updated_at.eq(now),
-            orders::reserved_asset_id.eq(order.reserved_asset_id),
-        ))
-        .execute(conn)?;
-    let settlement = Settlement {
-        id: Uuid::now_v7(),
-        order_id: id,
-        kind: "purchase".into(),
-        partner_id: order.partner_id.to_string(),
-        payer_terminal_id: order.payer.to_string(),
-        amount_minor: product.price_minor,
-        currency: product.currency.clone(),
-        status: "instructed".into(),
-        attempts: 1,
-        instructed_at: now,
-        attempt_limit: None,
-    };
-    let answer_by = answer_by(settlements, &settlement.partner_id, now);
-    diesel::insert_into(settlements::table)
-        .values((
-            settlements::id.eq(settlement.id),
-            settlements::order_id.eq(id),
-            settlements::kind.eq("purchase"),
-            settlements::partner_id.eq(&settlement.partner_id),
-            settlements::payer_terminal_id.eq(&settlement.payer_terminal_id),
-            settlements::amount_minor.eq(settlement.amount_minor),
-            settlements::currency.eq(&settlement.currency),
-            settlements::status.eq("instructed"),
-            settlements::attempts.eq(1),
-            settlements::answer_due_at.eq(answer_by),
-            settlements::instructed_at.eq(now),
-        ))
-        .execute(conn)?;
-    sending.push(instruction(settlements, &settlement, 1, answer_by));
-    tracing::info!(order_id = %id, request_id = order.request_id, amount_minor = product.price_minor, "order placed");
+    let mut placed = Placed::default();
+    let id = placed.push(settlements, order, now, sending);
+    placed.write(conn, now)?;
     Ok(id)
+}
+
+/// Placed is orders of one asset each ([`NewOrder`]) to record together with their purchase
+/// settlements, column by column, for [`Placed::write`].
+#[derive(Default)]
+pub struct Placed {
+    ids: Vec<Uuid>,
+    request_ids: Vec<String>,
+    orderers: Vec<String>,
+    payers: Vec<String>,
+    products: Vec<String>,
+    amounts: Vec<i64>,
+    currencies: Vec<String>,
+    modes: Vec<&'static str>,
+    designated_at: Vec<Option<DateTime<Utc>>>,
+    reserved: Vec<Option<Uuid>>,
+    settlements: Vec<Uuid>,
+    partners: Vec<String>,
+    answer_by: Vec<DateTime<Utc>>,
+}
+
+impl Placed {
+    /// Placed::push adds an order, and its partner's first instruction to `sending`. It returns
+    /// the order's id.
+    pub fn push(
+        &mut self,
+        settlements: &Settlements,
+        order: NewOrder<'_>,
+        now: DateTime<Utc>,
+        sending: &mut Vec<Outgoing>,
+    ) -> Uuid {
+        use crate::contracts::messages::DeliveryModeKind;
+        let id = Uuid::now_v7();
+        let product = order.product;
+        let settlement = Settlement {
+            id: Uuid::now_v7(),
+            order_id: id,
+            kind: "purchase".into(),
+            partner_id: order.partner_id.to_string(),
+            payer_terminal_id: order.payer.to_string(),
+            amount_minor: product.price_minor,
+            currency: product.currency.clone(),
+            status: "instructed".into(),
+            attempts: 1,
+            instructed_at: now,
+            attempt_limit: None,
+        };
+        let answer_by = answer_by(settlements, &settlement.partner_id, now);
+        sending.push(instruction(settlements, &settlement, 1, answer_by));
+        tracing::info!(order_id = %id, request_id = order.request_id, amount_minor = product.price_minor, "order placed");
+        self.ids.push(id);
+        self.request_ids.push(order.request_id.to_string());
+        self.orderers.push(order.orderer.to_string());
+        self.payers.push(order.payer.to_string());
+        self.products.push(product.id.clone());
+        self.amounts.push(product.price_minor);
+        self.currencies.push(product.currency.clone());
+        self.modes.push(order.mode.as_str());
+        self.designated_at.push((order.mode == DeliveryModeKind::Immediate).then_some(now));
+        self.reserved.push(order.reserved_asset_id);
+        self.settlements.push(settlement.id);
+        self.partners.push(settlement.partner_id);
+        self.answer_by.push(answer_by);
+        id
+    }
+
+    /// Placed::write records the orders with their settlements, in one round trip whatever their
+    /// number.
+    pub fn write(&self, conn: &mut PgConnection, now: DateTime<Utc>) -> QueryResult<()> {
+        use diesel::sql_types::{Array, Int8, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        crate::runtime::db::prepared(
+            "WITH placed AS (
+               INSERT INTO orders (id, request_id, orderer_terminal_id, payer_terminal_id, recipient_terminal_ids,
+                                   product_id, quantity, amount_minor, currency, delivery_mode, designated_at, status,
+                                   created_at, updated_at, reserved_asset_id)
+               SELECT id, request_id, orderer, payer, ARRAY[orderer], product_id, 1, amount, currency, mode,
+                      designated_at, 'settling', $now, $now, reserved
+               FROM unnest($orders::uuid[], $request_ids::text[], $orderers::text[], $payers::text[], $products::text[],
+                           $amounts::int8[], $currencies::text[], $modes::text[], $designated_at::timestamptz[],
+                           $reserved::uuid[])
+                    AS o(id, request_id, orderer, payer, product_id, amount, currency, mode, designated_at, reserved)
+             )
+             INSERT INTO settlements (id, order_id, kind, partner_id, payer_terminal_id, amount_minor, currency,
+                                      status, instructed_at, attempts, answer_due_at)
+             SELECT id, order_id, 'purchase', partner_id, payer, amount, currency, 'instructed', $now, 1, answer_by
+             FROM unnest($settlements::uuid[], $orders::uuid[], $partners::text[], $payers::text[], $amounts::int8[],
+                         $currencies::text[], $answer_by::timestamptz[])
+                  AS s(id, order_id, partner_id, payer, amount, currency, answer_by)",
+        )
+        .bind::<Timestamptz, _>("now", now)
+        .bind::<Array<SqlUuid>, _>("orders", &self.ids)
+        .bind::<Array<Text>, _>("request_ids", &self.request_ids)
+        .bind::<Array<Text>, _>("orderers", &self.orderers)
+        .bind::<Array<Text>, _>("payers", &self.payers)
+        .bind::<Array<Text>, _>("products", &self.products)
+        .bind::<Array<Int8>, _>("amounts", &self.amounts)
+        .bind::<Array<Text>, _>("currencies", &self.currencies)
+        .bind::<Array<Text>, _>("modes", &self.modes)
+        .bind::<Array<Nullable<Timestamptz>>, _>("designated_at", &self.designated_at)
+        .bind::<Array<Nullable<SqlUuid>>, _>("reserved", &self.reserved)
+        .bind::<Array<SqlUuid>, _>("settlements", &self.settlements)
+        .bind::<Array<Text>, _>("partners", &self.partners)
+        .bind::<Array<Timestamptz>, _>("answer_by", &self.answer_by)
+        .execute(conn)?;
+        Ok(())
+    }
 }
 
 /// notify_orderer sends a notice about an order to its orderer, once per `code`.

@@ -192,7 +192,7 @@ impl RefundHandler {
 /// Refunding is refunds to record together, column by column, for [`Refunding::write`]: each a
 /// refund settlement and its `refunds` row, and for a holder's request its idempotency record.
 #[derive(Default)]
-struct Refunding {
+pub(super) struct Refunding {
     refunds: Vec<Uuid>,
     settlements: Vec<Uuid>,
     orders: Vec<Uuid>,
@@ -215,7 +215,7 @@ struct Refunding {
 impl Refunding {
     /// Refunding::push adds a refund, and the partner's first instruction to `sending`. It returns
     /// the refund's id.
-    fn push(
+    pub(super) fn push(
         &mut self,
         settlements: &Settlements,
         refund: NewRefund<'_>,
@@ -267,7 +267,7 @@ impl Refunding {
     /// settlements, in one round trip whatever their number. The foreign keys between them are
     /// checked once all the rows are in, and the database keeps each order's refunds within what
     /// it paid, refund by refund (migration 000010).
-    fn write(&self, conn: &mut PgConnection, now: DateTime<Utc>) -> QueryResult<()> {
+    pub(super) fn write(&self, conn: &mut PgConnection, now: DateTime<Utc>) -> QueryResult<()> {
         use diesel::sql_types::{Array, Int8, Nullable, Text, Timestamptz, Uuid as SqlUuid};
         if self.refunds.is_empty() {
             return Ok(());

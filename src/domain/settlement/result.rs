@@ -101,7 +101,7 @@ fn take(cx: &mut Cx<'_>, settled: &Settlements, batch: &[Received<'_, Settlement
     let issuing = not_revoked(cx, settled, &settlements, issuing)?;
     let declined_orders: Vec<Uuid> = declined.iter().map(|(order, _)| *order).collect();
     reopen_declined(cx, &declined_orders)?;
-    let issuing = change::purchases_answered(cx.conn, settled, issuing, &declined_orders, now, cx.outgoing)?;
+    let issuing = change::purchases_answered(cx, settled, issuing, &declined_orders)?;
     for refund::Answered { settlement: s, result } in &refunds {
         metrics::settlement_answered(
             &s.partner_id,
@@ -109,9 +109,8 @@ fn take(cx: &mut Cx<'_>, settled: &Settlements, batch: &[Received<'_, Settlement
             (now - s.instructed_at).to_std().unwrap_or_default(),
         );
     }
-    for refund in refund::answered(cx, settled, &refunds)? {
-        change::refund_answered(cx.conn, settled, &refund, now, cx.outgoing)?;
-    }
+    let refunds = refund::answered(cx, settled, &refunds)?;
+    change::refunds_answered(cx, settled, &refunds)?;
     // The orders settled together are issued together: one message for all of them.
     for next in IssuanceRequested::for_orders(&issuing) {
         let first = next.order_ids[0];
