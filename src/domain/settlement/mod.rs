@@ -133,22 +133,6 @@ pub struct NewOrder<'a> {
     pub reserved_asset_id: Option<Uuid>,
 }
 
-/// place records one order of one asset with its purchase settlement, and adds the partner's
-/// first instruction to `sending`, for the caller to write to the outbox in its transaction. The
-/// request that placed it must be recorded in the same transaction. It returns the order's id.
-pub fn place(
-    conn: &mut PgConnection,
-    settlements: &Settlements,
-    order: NewOrder<'_>,
-    now: DateTime<Utc>,
-    sending: &mut Vec<Outgoing>,
-) -> QueryResult<Uuid> {
-    let mut placed = Placed::default();
-    let id = placed.push(settlements, order, now, sending);
-    placed.write(conn, now)?;
-    Ok(id)
-}
-
 /// Placed is orders of one asset each ([`NewOrder`]) to record together with their purchase
 /// settlements, column by column, for [`Placed::write`].
 #[derive(Default)]

@@ -214,14 +214,16 @@ fn not_revoked(
     if receipts.is_empty() {
         return Ok(issuing);
     }
+    let issued: Vec<Uuid> =
+        receipts.iter().filter(|(_, _, status)| status != "revoked").map(|(id, _, _)| *id).collect();
+    if !issued.is_empty() {
+        diesel::update(receipt_certificates::table)
+            .filter(receipt_certificates::id.eq_any(&issued))
+            .set((receipt_certificates::status.eq("issued"), receipt_certificates::updated_at.eq(cx.now)))
+            .execute(cx.conn)?;
+    }
     let mut revoked = Vec::new();
-    for (id, order_id, status) in &receipts {
-        if status != "revoked" {
-            diesel::update(receipt_certificates::table.find(id))
-                .set((receipt_certificates::status.eq("issued"), receipt_certificates::updated_at.eq(cx.now)))
-                .execute(cx.conn)?;
-            continue;
-        }
+    for (id, order_id, _) in receipts.iter().filter(|(_, _, status)| status == "revoked") {
         let paid = settlements
             .iter()
             .find(|s| s.order_id == *order_id && s.kind == "purchase")
