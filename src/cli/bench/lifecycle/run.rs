@@ -172,7 +172,7 @@ async fn measure(
                 && stats.exchanges_waiting.load(Ordering::SeqCst) == 0
             {
                 let exchanged = stats.exchanges.load(Ordering::SeqCst);
-                if in_flight(&url).await? == 0 && exchanged_done(&url, since).await? >= exchanged as i64 {
+                if !in_flight(&url).await? && exchanged_done(&url, since).await? >= exchanged as i64 {
                     break mixed_done(&url, since).await?;
                 }
             }
