@@ -303,6 +303,74 @@ fn outcome_of(conn: &mut diesel::PgConnection, request: &Value) -> Option<String
     )
 }
 
+/// assets_delivered places `orders` on a started service whose partner settles everything, waits
+/// until every certificate they bought is delivered, then stops it: nothing but the test handles
+/// what comes next, and the outbox keeps what it sends. It returns each order's assets, awaiting
+/// their exchange, in id order.
+async fn assets_delivered(env: &mut Env, orders: &[Value]) -> Vec<Vec<Uuid>> {
+    env.start().await;
+    env.partner(settle_all());
+    env.gateway(GatewayOptions::default());
+    for order in orders {
+        env.send(order).await;
+    }
+    let certificates: i64 = orders.iter().map(|o| o["quantity"].as_i64().expect("a quantity")).sum();
+    let delivered = "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'delivered'";
+    env.wait_until("every certificate is delivered", move |c| (count(c, delivered, &[]) == certificates).then_some(()))
+        .await;
+    env.stop().await;
+    let placed: Vec<String> = orders.iter().map(crate::support::request_id).collect();
+    env.db(move |c| {
+        let sql = "SELECT string_agg(a.id::text, ',' ORDER BY a.id) AS value
+                   FROM assets a JOIN orders o ON o.id = a.order_id
+                   WHERE o.request_id = $1 AND a.status = 'awaiting_exchange'";
+        placed
+            .iter()
+            .map(|order| {
+                let ids = crate::harness::text(c, sql, &[order]).expect("the order's assets await their exchange");
+                ids.split(',').map(|id| id.parse().unwrap()).collect()
+            })
+            .collect()
+    })
+    .await
+}
+
+/// partner_answer is card-co's signed answer to `settlement`, as a pool takes it.
+async fn partner_answer(env: &Env, message_id: &str, settlement: &str, outcome: SettlementOutcome) -> Incoming {
+    let result = SettlementResult {
+        message_type: kinds::SETTLEMENT_RESULT.into(),
+        settlement_id: settlement.parse().unwrap(),
+        partner_id: "card-co".into(),
+        outcome,
+        partner_reference: format!("REF-{message_id}"),
+        reason: (outcome == SettlementOutcome::Declined).then(|| "card account closed".into()),
+        sent_at: Utc::now(),
+        signature: None,
+    };
+    let signed = env.signed_by(PartyKind::Partner, "card-co", &result).await;
+    request(message_id, &serde_json::from_slice(&signed).unwrap())
+}
+
+/// outbox_payloads is the payloads of the messages of `message_type` waiting in the outbox.
+async fn outbox_payloads(env: &Env, message_type: &'static str) -> Vec<Value> {
+    env.db(move |c| {
+        #[derive(diesel::QueryableByName)]
+        struct Payload {
+            #[diesel(sql_type = diesel::sql_types::Jsonb)]
+            payload: Value,
+        }
+        use diesel::RunQueryDsl;
+        diesel::sql_query("SELECT convert_from(payload, 'UTF8')::jsonb AS payload FROM outbox WHERE message_type = $1")
+            .bind::<diesel::sql_types::Text, _>(message_type)
+            .load::<Payload>(c)
+            .unwrap()
+            .into_iter()
+            .map(|p| p.payload)
+            .collect()
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purchases_handled_together_each_have_the_effect_they_have_alone() {
     use assetflow::domain::settlement::PurchaseHandler;
@@ -555,25 +623,7 @@ async fn orders_settled_together_are_handed_on_in_one_message_at_each_hop() {
 
     // next takes the one message of `message_type` waiting in the outbox, as its pool would.
     async fn next<T: serde::de::DeserializeOwned>(env: &Env, message_type: &'static str) -> (Incoming, T) {
-        let payloads: Vec<Value> = env
-            .db(move |c| {
-                #[derive(diesel::QueryableByName)]
-                struct Payload {
-                    #[diesel(sql_type = diesel::sql_types::Jsonb)]
-                    payload: Value,
-                }
-                use diesel::RunQueryDsl;
-                diesel::sql_query(
-                    "SELECT convert_from(payload, 'UTF8')::jsonb AS payload FROM outbox WHERE message_type = $1",
-                )
-                .bind::<diesel::sql_types::Text, _>(message_type)
-                .load::<Payload>(c)
-                .unwrap()
-                .into_iter()
-                .map(|p| p.payload)
-                .collect()
-            })
-            .await;
+        let payloads = outbox_payloads(env, message_type).await;
         let [payload] = payloads.as_slice() else { panic!("one {message_type} for the whole batch, not {payloads:?}") };
         (request(message_type, payload), serde_json::from_value(payload.clone()).unwrap())
     }
@@ -646,36 +696,13 @@ async fn refunds_asked_and_answered_together_each_have_the_effect_they_have_alon
     env.product("concert", |_| {}).await;
     let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
     let bob = env.terminal("bob", "gw-1", Some("card-co")).await;
-    env.start().await;
-    env.partner(settle_all());
-    env.gateway(GatewayOptions::default());
     let orders = [
         purchase(&alice, "concert", 2, json!({})),
         purchase(&alice, "concert", 1, json!({})),
         purchase(&alice, "concert", 1, json!({})),
         purchase(&bob, "concert", 1, json!({})),
     ];
-    for order in &orders {
-        env.send(order).await;
-    }
-    let delivered = "SELECT count(*) FROM deliveries WHERE kind = 'certificate' AND status = 'delivered'";
-    env.wait_until("the five certificates are delivered", move |c| (count(c, delivered, &[]) == 5).then_some(())).await;
-    env.stop().await;
-    let placed: Vec<String> = orders.iter().map(request_id).collect();
-    let held: Vec<Vec<Uuid>> = env
-        .db(move |c| {
-            let sql = "SELECT string_agg(a.id::text, ',' ORDER BY a.id) AS value
-                       FROM assets a JOIN orders o ON o.id = a.order_id
-                       WHERE o.request_id = $1 AND a.status = 'awaiting_exchange'";
-            placed
-                .iter()
-                .map(|order| {
-                    let ids = text(c, sql, &[order]).expect("the order's assets await their exchange");
-                    ids.split(',').map(|id| id.parse().unwrap()).collect()
-                })
-                .collect()
-        })
-        .await;
+    let held = assets_delivered(&mut env, &orders).await;
     assert_eq!(held.iter().map(Vec::len).collect::<Vec<_>>(), [2, 1, 1, 1]);
     // Alice holds both assets of one order (`pair`), one of another (`single`) and one she asks
     // a refund of first (`earlier`); bob holds one.
@@ -801,18 +828,7 @@ async fn refunds_asked_and_answered_together_each_have_the_effect_they_have_alon
             })
             .await
             .expect("the request's refund");
-        let result = SettlementResult {
-            message_type: kinds::SETTLEMENT_RESULT.into(),
-            settlement_id: settlement.parse().unwrap(),
-            partner_id: "card-co".into(),
-            outcome,
-            partner_reference: format!("REF-{message_id}"),
-            reason: (outcome == SettlementOutcome::Declined).then(|| "card account closed".into()),
-            sent_at: Utc::now(),
-            signature: None,
-        };
-        let signed = env.signed_by(PartyKind::Partner, "card-co", &result).await;
-        request(message_id, &serde_json::from_slice(&signed).unwrap())
+        partner_answer(env, message_id, &settlement, outcome).await
     }
     let settled = answer(&env, "settled", &first_id, SettlementOutcome::Settled).await;
     let declined = answer(&env, "declined", &single_id, SettlementOutcome::Declined).await;
@@ -876,4 +892,545 @@ async fn refunds_asked_and_answered_together_each_have_the_effect_they_have_alon
     let after = env.db(move |c| (text(c, answered, &[]).expect("answered"), count(c, sent, &[]))).await;
     assert_eq!(after, before, "a repeated answer changes nothing");
     env.db(|c| assert_eq!(count(c, "SELECT count(*) FROM dead_letters", &[]), 0)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_handled_together_each_have_the_effect_they_have_alone() {
+    use assetflow::cli::simulate::gateway::change_request;
+    use assetflow::domain::settlement::{ChangeHandler, ResultHandler};
+
+    use crate::harness::text;
+    use crate::support::{asset_status, request_id};
+
+    // Started until every certificate is delivered, then stopped: nothing but the test handles the
+    // changes and the partner's answers, and the outbox keeps what they send.
+    let mut env = Env::new().await;
+    env.product("concert", |_| {}).await;
+    env.product("concert-b", |p| p.price_minor = 1_500).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    let bob = env.terminal("bob", "gw-1", Some("card-co")).await;
+    let orders = [
+        purchase(&alice, "concert", 2, json!({})),
+        purchase(&alice, "concert", 1, json!({})),
+        purchase(&alice, "concert", 1, json!({})),
+        purchase(&alice, "concert", 1, json!({})),
+        purchase(&bob, "concert", 1, json!({})),
+    ];
+    let held = assets_delivered(&mut env, &orders).await;
+    assert_eq!(held.iter().map(Vec::len).collect::<Vec<_>>(), [2, 1, 1, 1, 1]);
+    // Alice holds both assets of one order (`pair`), one she changes first (`earlier`), one she
+    // asks twice to change (`twice`) and one more (`spare`); bob holds one.
+    let (pair, earlier, twice, spare, bobs) =
+        ((held[0][0], held[0][1]), held[1][0], held[2][0], held[3][0], held[4][0]);
+
+    let domain = &env.app.domain;
+    let changes: Arc<dyn Dispatch> =
+        Arc::new(ChangeHandler { requests: domain.requests.clone(), settlements: domain.settlements.clone() });
+    let seen = change_request("alice", earlier, "concert-b", &alice.key);
+    assert_eq!(handled(&env, Pool::Settlement, changes.clone(), vec![request("seen", &seen)]).await, vec![true]);
+
+    // All distinct: handled as a set, the two changes of one order's assets started by one
+    // statement.
+    let first = change_request("alice", pair.0, "concert-b", &alice.key);
+    let second = change_request("alice", pair.1, "concert-b", &alice.key);
+    let same = change_request("alice", twice, "concert", &alice.key);
+    let not_held = change_request("alice", bobs, "concert-b", &alice.key);
+    let nothing = change_request("alice", spare, "nothing", &alice.key);
+    let batch = vec![
+        request("first", &first),
+        request("seen-again", &seen),
+        request("same", &same),
+        request("not-held", &not_held),
+        request("second", &second),
+        request("nothing", &nothing),
+    ];
+    assert_eq!(handled(&env, Pool::Settlement, changes.clone(), batch).await, vec![true; 6], "six new messages");
+
+    // One asset asked for twice: handled one at a time, the second finding the first under way.
+    let twice_first = change_request("alice", twice, "concert-b", &alice.key);
+    let twice_again = change_request("alice", twice, "concert-b", &alice.key);
+    let batch = vec![request("twice", &twice_first), request("twice-again", &twice_again)];
+    assert_eq!(handled(&env, Pool::Settlement, changes, batch).await, vec![true; 2]);
+
+    let (first_id, second_id) = (request_id(&first), request_id(&second));
+    let started = [
+        (request_id(&seen), earlier),
+        (first_id.clone(), pair.0),
+        (second_id.clone(), pair.1),
+        (request_id(&twice_first), twice),
+    ];
+    let together = [first_id.clone(), second_id.clone()];
+    env.db(move |c| {
+        for accepted in [&seen, &first, &second, &twice_first] {
+            assert_eq!(outcome_of(c, accepted).as_deref(), Some("accepted"), "{accepted}");
+        }
+        assert_eq!(
+            count(
+                c,
+                "SELECT count(*) FROM terminal_requests r JOIN changes ch ON ch.request_id = r.request_id AND ch.id = r.subject_id
+                 WHERE r.outcome = 'accepted' AND r.message_type = 'asset.change' AND r.terminal_id = 'alice'",
+                &[]
+            ),
+            4,
+            "each accepted request names its change"
+        );
+        for (rid, asset) in &started {
+            let named = "SELECT count(*) FROM changes WHERE request_id = $1 AND asset_id = $2::uuid";
+            assert_eq!(count(c, named, &[rid, asset]), 1, "the change of {asset} names it");
+        }
+        assert_eq!(outcome_of(c, &same).as_deref(), Some("refused:not_on_sale"));
+        assert_eq!(outcome_of(c, &not_held).as_deref(), Some("refused:asset_not_held"));
+        assert_eq!(outcome_of(c, &nothing).as_deref(), Some("refused:unknown_product"));
+        assert_eq!(outcome_of(c, &twice_again).as_deref(), Some("refused:refund_pending"));
+        for reason in ["not_on_sale", "asset_not_held", "unknown_product", "refund_pending"] {
+            let refused = count(c, "SELECT count(*) FROM refusals WHERE reason = $1", &[&reason]);
+            assert_eq!(refused, 1, "refused once as {reason}");
+        }
+        assert_eq!(count(c, "SELECT count(*) FROM refusals", &[]), 4, "nothing else was refused");
+        assert_eq!(
+            count(c, "SELECT count(*) FROM deliveries WHERE kind = 'refusal' AND terminal_id = 'alice'", &[]),
+            4,
+            "each refusal is told"
+        );
+        assert_eq!(
+            count(c, "SELECT count(*) FROM deliveries WHERE kind = 'message' AND dedupe_key = 'duplicate:seen-again' AND terminal_id = 'alice'", &[]),
+            1,
+            "the repeated request is answered with the first one's outcome"
+        );
+        let seen_id = request_id(&seen);
+        assert_eq!(count(c, "SELECT count(*) FROM changes WHERE request_id = $1", &[&seen_id]), 1, "and has no second effect");
+
+        assert_eq!(
+            count(
+                c,
+                "SELECT count(*) FROM changes ch JOIN orders o ON o.id = ch.new_order_id JOIN settlements s ON s.order_id = o.id
+                 WHERE ch.step = 'purchasing' AND ch.holder_terminal_id = 'alice' AND ch.new_product_id = 'concert-b'
+                   AND ch.refund_id IS NULL
+                   AND o.status = 'settling' AND o.request_id = ch.request_id AND o.product_id = 'concert-b'
+                   AND o.quantity = 1 AND o.amount_minor = 1500 AND o.payer_terminal_id = 'alice'
+                   AND o.delivery_mode = 'certificate'
+                   AND s.kind = 'purchase' AND s.status = 'instructed' AND s.amount_minor = 1500
+                   AND s.partner_id = 'card-co' AND s.payer_terminal_id = 'alice' AND s.answer_due_at > s.instructed_at",
+                &[]
+            ),
+            4,
+            "each change is purchasing its new product, its order settling at the new price"
+        );
+        assert_eq!(count(c, "SELECT count(*) FROM changes", &[]), 4);
+        assert_eq!(count(c, "SELECT count(*) FROM settlements WHERE status = 'instructed'", &[]), 4, "and no other");
+        assert_eq!(
+            count(c, "SELECT count(DISTINCT created_at) FROM changes WHERE request_id IN ($1, $2)", &[&together[0], &together[1]]),
+            1,
+            "the two were started together"
+        );
+        let instructions = "SELECT count(*) FROM outbox ob JOIN settlements s
+                            ON convert_from(ob.payload, 'UTF8')::jsonb->>'settlement_id' = s.id::text
+                            JOIN changes ch ON ch.new_order_id = s.order_id
+                            WHERE ob.message_type = 'settlement.instruction'
+                              AND convert_from(ob.payload, 'UTF8')::jsonb->>'kind' = 'purchase'
+                              AND convert_from(ob.payload, 'UTF8')::jsonb->>'amount_minor' = '1500'";
+        assert_eq!(count(c, instructions, &[]), 4, "one instruction per new order");
+        let all = "SELECT count(*) FROM outbox WHERE message_type = 'settlement.instruction'";
+        assert_eq!(count(c, all, &[]), 4, "and no other");
+        assert_eq!(count(c, "SELECT count(*) FROM refunds", &[]), 0, "nothing is refunded before the new product is paid");
+        let untouched = "SELECT count(*) FROM assets WHERE status = 'awaiting_exchange'";
+        assert_eq!(count(c, untouched, &[]), 6);
+    })
+    .await;
+
+    // settlement_of is the settlement `sql` finds for the change asked for by request `id`.
+    async fn settlement_of(env: &Env, sql: &'static str, id: &str) -> String {
+        let id = id.to_string();
+        env.db(move |c| text(c, sql, &[&id])).await.expect("the change's settlement")
+    }
+    let purchase_of = "SELECT s.id::text AS value FROM settlements s JOIN changes ch ON ch.new_order_id = s.order_id
+                       WHERE ch.request_id = $1 AND s.kind = 'purchase'";
+    let refund_of = "SELECT r.settlement_id::text AS value FROM refunds r JOIN changes ch ON ch.refund_id = r.id
+                     WHERE ch.request_id = $1";
+    let new_orders = "SELECT string_agg(new_order_id::text, ',' ORDER BY new_order_id) AS value FROM changes
+                      WHERE request_id IN ($1, $2)";
+    let (f, s) = (first_id.clone(), second_id.clone());
+    let mut expected: Vec<Uuid> = env
+        .db(move |c| text(c, new_orders, &[&f, &s]).unwrap().split(',').map(|id| id.parse().unwrap()).collect())
+        .await;
+    expected.sort_unstable();
+
+    // The partner settles both new purchases, and its answers are handled together: the old
+    // assets, two of one order, are refunded by one statement, and the new orders wait for it.
+    let results: Arc<dyn Dispatch> = Arc::new(ResultHandler { settlements: env.app.domain.settlements.clone() });
+    let batch = vec![
+        partner_answer(
+            &env,
+            "paid-first",
+            &settlement_of(&env, purchase_of, &first_id).await,
+            SettlementOutcome::Settled,
+        )
+        .await,
+        partner_answer(
+            &env,
+            "paid-second",
+            &settlement_of(&env, purchase_of, &second_id).await,
+            SettlementOutcome::Settled,
+        )
+        .await,
+    ];
+    assert_eq!(handled(&env, Pool::Settlement, results.clone(), batch).await, vec![true; 2]);
+    let (f, s) = (first_id.clone(), second_id.clone());
+    let pair_order = request_id(&orders[0]);
+    env.db(move |c| {
+        let paid = "SELECT count(*) FROM settlements s JOIN changes ch ON ch.new_order_id = s.order_id
+                    WHERE ch.request_id IN ($1, $2) AND s.kind = 'purchase' AND s.status = 'settled'";
+        assert_eq!(count(c, paid, &[&f, &s]), 2, "both new purchases are settled");
+        assert_eq!(
+            count(
+                c,
+                "SELECT count(*) FROM changes ch JOIN refunds r ON r.id = ch.refund_id
+                 JOIN assets a ON a.id = ch.asset_id JOIN orders o ON o.id = a.order_id
+                 JOIN settlements s ON s.id = r.settlement_id
+                 WHERE ch.request_id IN ($1, $2) AND ch.step = 'refunding'
+                   AND r.status = 'requested' AND r.cause = 'change' AND r.asset_id = ch.asset_id AND r.order_id = o.id
+                   AND r.amount_minor = o.amount_minor / o.quantity AND r.answered_at IS NULL
+                   AND s.kind = 'refund' AND s.status = 'instructed' AND s.order_id = o.id
+                   AND s.amount_minor = r.amount_minor AND s.partner_id = 'card-co' AND s.payer_terminal_id = 'alice'",
+                &[&f, &s]
+            ),
+            2,
+            "each paid change is refunding its old asset's share of its order"
+        );
+        assert_eq!(count(c, "SELECT count(*) FROM refunds", &[]), 2, "no other refund");
+        assert_eq!(
+            count(
+                c,
+                "SELECT sum(r.amount_minor)::int8 - min(o.amount_minor) AS count FROM refunds r
+                 JOIN orders o ON o.id = r.order_id WHERE o.request_id = $1",
+                &[&pair_order]
+            ),
+            0,
+            "both assets of the order: all it paid"
+        );
+        assert_eq!(
+            count(c, "SELECT count(DISTINCT requested_at) FROM refunds", &[]),
+            1,
+            "the two refunds were recorded together"
+        );
+        let waiting = "SELECT count(*) FROM changes WHERE step = 'purchasing' AND refund_id IS NULL";
+        assert_eq!(count(c, waiting, &[]), 2, "the changes whose purchase is unanswered still wait");
+        let refunding = "SELECT count(*) FROM outbox ob JOIN refunds r
+                         ON convert_from(ob.payload, 'UTF8')::jsonb->>'settlement_id' = r.settlement_id::text
+                         WHERE ob.message_type = 'settlement.instruction'
+                           AND convert_from(ob.payload, 'UTF8')::jsonb->>'kind' = 'refund'";
+        assert_eq!(count(c, refunding, &[]), 2, "one refund instruction each");
+        let all = "SELECT count(*) FROM outbox WHERE message_type = 'settlement.instruction'
+                   AND convert_from(payload, 'UTF8')::jsonb->>'kind' = 'refund'";
+        assert_eq!(count(c, all, &[]), 2, "and no other");
+        let issuance = "SELECT count(*) FROM outbox WHERE message_type = 'issuance.requested'";
+        assert_eq!(count(c, issuance, &[]), 0, "the new orders are not issued before the old assets are refunded");
+        let untouched = "SELECT count(*) FROM assets WHERE status = 'awaiting_exchange'";
+        assert_eq!(count(c, untouched, &[]), 6, "nothing changes for an asset until the partner confirms");
+    })
+    .await;
+
+    // The partner refunds both old assets, and its answers are handled together: the changes are
+    // done, and their new orders handed to issuance in one message.
+    let batch = vec![
+        partner_answer(
+            &env,
+            "refunded-first",
+            &settlement_of(&env, refund_of, &first_id).await,
+            SettlementOutcome::Settled,
+        )
+        .await,
+        partner_answer(
+            &env,
+            "refunded-second",
+            &settlement_of(&env, refund_of, &second_id).await,
+            SettlementOutcome::Settled,
+        )
+        .await,
+    ];
+    assert_eq!(handled(&env, Pool::Settlement, results, batch).await, vec![true; 2]);
+    let (f, s) = (first_id.clone(), second_id.clone());
+    env.db(move |c| {
+        let done = "SELECT count(*) FROM changes ch JOIN refunds r ON r.id = ch.refund_id
+                    JOIN orders o ON o.id = ch.new_order_id
+                    WHERE ch.request_id IN ($1, $2) AND ch.step = 'done' AND r.status = 'refunded'
+                      AND o.status = 'issuing'";
+        assert_eq!(count(c, done, &[&f, &s]), 2, "both changes are done, their new orders issuing");
+        for old in [pair.0.to_string(), pair.1.to_string()] {
+            assert_eq!(asset_status(c, &old), "refunded");
+            let cause = "SELECT count(*) FROM asset_status_history
+                         WHERE asset_id = $1::uuid AND to_status = 'refunded' AND cause = 'refund_settled'";
+            assert_eq!(count(c, cause, &[&old]), 1);
+            let revoked =
+                "SELECT count(*) FROM exchange_certificates WHERE asset_id = $1::uuid AND revoked_at IS NOT NULL";
+            assert_eq!(count(c, revoked, &[&old]), 1, "its certificate is revoked");
+            let asked = "SELECT count(*) FROM deliveries
+                         WHERE asset_id = $1::uuid AND kind = 'revocation_request' AND terminal_id = 'alice'";
+            assert_eq!(count(c, asked, &[&old]), 1, "the holder is asked to delete the certificate");
+        }
+        assert_eq!(count(c, "SELECT count(*) FROM assets WHERE status = 'refunded'", &[]), 2, "and no other asset");
+        let told = "SELECT count(*) FROM changes ch JOIN deliveries d ON d.dedupe_key = 'change:' || ch.id || ':change_completed'
+                    WHERE ch.request_id IN ($1, $2) AND d.kind = 'message' AND d.terminal_id = 'alice'
+                      AND d.content->>'code' = 'change_completed' AND d.content->>'asset_id' = ch.asset_id::text
+                      AND d.content->>'order_id' = ch.new_order_id::text";
+        assert_eq!(count(c, told, &[&f, &s]), 2, "the holder is told of each change");
+        let completed = "SELECT count(*) FROM deliveries WHERE content->>'code' = 'change_completed'";
+        assert_eq!(count(c, completed, &[]), 2);
+        let waiting = "SELECT count(*) FROM changes WHERE step = 'purchasing' AND refund_id IS NULL";
+        assert_eq!(count(c, waiting, &[]), 2, "the changes whose purchase is unanswered still wait");
+        assert_eq!(count(c, "SELECT count(*) FROM dead_letters", &[]), 0);
+    })
+    .await;
+    let asked = outbox_payloads(&env, kinds::ISSUANCE_REQUESTED).await;
+    let [asked] = asked.as_slice() else { panic!("one issuance.requested for both new orders, not {asked:?}") };
+    let mut named: Vec<Uuid> = serde_json::from_value(asked["order_ids"].clone()).expect("order ids");
+    named.sort_unstable();
+    assert_eq!(named, expected, "the message names both new orders, and no other");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bookings_and_submissions_handled_together_each_have_the_effect_they_have_alone() {
+    use assetflow::cli::simulate::gateway::{booking_request, submit_request};
+    use assetflow::contracts::messages::DeliveryRequested;
+    use assetflow::domain::bookings::{BookingHandler, SubmitHandler, Terms, save_terms};
+
+    use crate::harness::text;
+    use crate::support::request_id;
+
+    // Not started: nothing but the test handles the requests, and the outbox keeps what they send.
+    let env = Env::new().await;
+    env.product("seat", |_| {}).await;
+    let terms = Terms {
+        product_id: "seat".into(),
+        condition: "hold".into(),
+        places: None,
+        decided_at: None,
+        window_secs: 3_600,
+    };
+    env.db(move |c| save_terms(c, &terms).unwrap()).await;
+    env.product("concert", |_| {}).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    let bob = env.terminal("bob", "gw-1", Some("card-co")).await;
+    let domain = &env.app.domain;
+    // As the app registers it: in the issuance pool, with the app's own keys.
+    let bookings: Arc<dyn Dispatch> = Arc::new(BookingHandler {
+        requests: domain.requests.clone(),
+        settlements: domain.settlements.clone(),
+        keys: env.app.keys.clone(),
+        service_provider_id: domain.issuer.service_provider_id.clone(),
+    });
+    let seen = booking_request("alice", "seat", &alice.key);
+    assert_eq!(handled(&env, Pool::Issuance, bookings.clone(), vec![request("seen", &seen)]).await, vec![true]);
+
+    // All distinct: handled as a set, the two certificates recorded by one statement and sent for
+    // by one message.
+    let alices = booking_request("alice", "seat", &alice.key);
+    let bobs = booking_request("bob", "seat", &bob.key);
+    let purchased = booking_request("alice", "concert", &alice.key);
+    let nothing = booking_request("alice", "nothing", &alice.key);
+    let batch = vec![
+        request("alice", &alices),
+        request("seen-again", &seen),
+        request("purchased", &purchased),
+        request("bob", &bobs),
+        request("nothing", &nothing),
+    ];
+    assert_eq!(handled(&env, Pool::Issuance, bookings, batch).await, vec![true; 5], "five new messages");
+
+    let (seen_id, alices_id, bobs_id) = (request_id(&seen), request_id(&alices), request_id(&bobs));
+    let (a, b, s0) = (alices_id.clone(), bobs_id.clone(), seen_id.clone());
+    let together: Vec<Uuid> = env
+        .db(move |c| {
+            for accepted in [&seen, &alices, &bobs] {
+                assert_eq!(outcome_of(c, accepted).as_deref(), Some("accepted"), "{accepted}");
+            }
+            assert_eq!(
+                count(
+                    c,
+                    "SELECT count(*) FROM receipt_certificates rc
+                     JOIN terminal_requests r ON r.request_id = rc.request_id
+                     JOIN deliveries d ON d.request_id = rc.request_id AND d.kind = 'receipt_certificate'
+                     WHERE rc.status = 'open' AND rc.condition = 'hold' AND rc.product_id = 'seat'
+                       AND rc.payer_terminal_id = rc.holder_terminal_id AND rc.submit_by = rc.expires_at
+                       AND rc.expires_at > rc.issued_at AND rc.order_id IS NULL
+                       AND r.outcome = 'accepted' AND r.subject_id = rc.id AND r.terminal_id = rc.holder_terminal_id
+                       AND r.message_type = 'order.booking'
+                       AND d.terminal_id = rc.holder_terminal_id AND d.dedupe_key = 'receipt:' || rc.id
+                       AND d.status = 'pending' AND rc.document::jsonb = d.content->'receipt_certificate'
+                       AND rc.document::jsonb->>'receipt_certificate_id' = rc.id::text
+                       AND rc.document::jsonb->'asset'->>'asset_id' = rc.asset_id::text",
+                    &[]
+                ),
+                3,
+                "each accepted booking names its open certificate, stored as it is sent to its holder"
+            );
+            assert_eq!(count(c, "SELECT count(*) FROM receipt_certificates", &[]), 3);
+            assert_eq!(
+                count(c, "SELECT count(DISTINCT asset_id) FROM receipt_certificates", &[]),
+                3,
+                "each reserves an asset of its own"
+            );
+            assert_eq!(
+                count(c, "SELECT count(*) FROM receipt_certificates rc JOIN assets a ON a.id = rc.asset_id", &[]),
+                0,
+                "reserved, not issued"
+            );
+            let held = "SELECT count(*) FROM receipt_certificates WHERE request_id = $1 AND holder_terminal_id = $2";
+            assert_eq!(count(c, held, &[&a, &"alice"]), 1);
+            assert_eq!(count(c, held, &[&b, &"bob"]), 1);
+            assert_eq!(
+                count(c, "SELECT count(DISTINCT issued_at) FROM receipt_certificates WHERE request_id IN ($1, $2)", &[&a, &b]),
+                1,
+                "the two were recorded together"
+            );
+            assert_eq!(count(c, "SELECT count(*) FROM settlements", &[]), 0, "booking charges nothing");
+            assert_eq!(count(c, "SELECT count(*) FROM orders", &[]), 0);
+
+            assert_eq!(outcome_of(c, &purchased).as_deref(), Some("refused:not_sold_by_booking"));
+            assert_eq!(outcome_of(c, &nothing).as_deref(), Some("refused:unknown_product"));
+            for reason in ["not_sold_by_booking", "unknown_product"] {
+                let refused = count(c, "SELECT count(*) FROM refusals WHERE reason = $1", &[&reason]);
+                assert_eq!(refused, 1, "refused once as {reason}");
+            }
+            assert_eq!(count(c, "SELECT count(*) FROM refusals", &[]), 2, "nothing else was refused");
+            assert_eq!(
+                count(c, "SELECT count(*) FROM deliveries WHERE kind = 'refusal' AND terminal_id = 'alice'", &[]),
+                2,
+                "each refusal is told"
+            );
+            assert_eq!(
+                count(c, "SELECT count(*) FROM deliveries WHERE kind = 'message' AND dedupe_key = 'duplicate:seen-again' AND terminal_id = 'alice'", &[]),
+                1,
+                "the repeated request is answered with the first one's outcome"
+            );
+            assert_eq!(
+                count(c, "SELECT count(*) FROM receipt_certificates WHERE request_id = $1", &[&s0]),
+                1,
+                "and has no second effect"
+            );
+            let sent = "SELECT string_agg(id::text, ',' ORDER BY id) AS value FROM deliveries
+                        WHERE kind = 'receipt_certificate' AND request_id IN ($1, $2)";
+            text(c, sent, &[&a, &b]).unwrap().split(',').map(|id| id.parse().unwrap()).collect()
+        })
+        .await;
+    assert_eq!(together.len(), 2);
+    // The batch's certificates are sent for by one message, which names nothing else.
+    let sending: Vec<DeliveryRequested> = outbox_payloads(&env, kinds::DELIVERY_REQUESTED)
+        .await
+        .into_iter()
+        .map(|p| serde_json::from_value(p).unwrap())
+        .filter(|m: &DeliveryRequested| m.delivery_ids.iter().any(|id| together.contains(id)))
+        .collect();
+    let [sending] = sending.as_slice() else {
+        panic!("one delivery.requested for the batch's certificates, not {sending:?}")
+    };
+    let mut named = sending.delivery_ids.clone();
+    named.sort_unstable();
+    assert_eq!(named, together);
+
+    // certificate is the receipt certificate its holder was sent for the booking `id`.
+    async fn certificate(env: &Env, id: &str) -> Value {
+        let id = id.to_string();
+        let sql = "SELECT content->>'receipt_certificate' AS value FROM deliveries
+                   WHERE request_id = $1 AND kind = 'receipt_certificate'";
+        let text = env.db(move |c| text(c, sql, &[&id])).await.expect("the booking's certificate");
+        let certificate: Value = serde_json::from_str(&text).expect("a JSON receipt certificate");
+        env.app.keys.verify_provider(&certificate).expect("signed by the service provider");
+        certificate
+    }
+    let (seens, alices, bobs) =
+        (certificate(&env, &seen_id).await, certificate(&env, &alices_id).await, certificate(&env, &bobs_id).await);
+    let submits: Arc<dyn Dispatch> = Arc::new(SubmitHandler {
+        requests: env.app.domain.requests.clone(),
+        settlements: env.app.domain.settlements.clone(),
+        keys: env.app.keys.clone(),
+    });
+
+    // All distinct: handled as a set, the two orders placed with their settlements by one
+    // statement. The forgery is alice's certificate copied under another id, as if to buy twice.
+    let by_alice = submit_request("alice", alices.clone(), &alice.key);
+    let by_bob = submit_request("bob", bobs.clone(), &bob.key);
+    let mut copied = seens.clone();
+    copied["receipt_certificate_id"] = json!(Uuid::now_v7());
+    let forged = submit_request("alice", copied, &alice.key);
+    let not_held = submit_request("bob", seens.clone(), &bob.key);
+    let batch = vec![
+        request("by-alice", &by_alice),
+        request("forged", &forged),
+        request("by-bob", &by_bob),
+        request("not-held", &not_held),
+    ];
+    assert_eq!(handled(&env, Pool::Issuance, submits.clone(), batch).await, vec![true; 4], "four new messages");
+
+    // submitted counts the certificates submitted by their holder, each naming its order and its
+    // submission, the order for its reserved asset, settling, with its settlement instructed.
+    let submitted = "SELECT count(*) FROM receipt_certificates rc
+                     JOIN orders o ON o.id = rc.order_id JOIN settlements s ON s.order_id = o.id
+                     JOIN terminal_requests r ON r.request_id = rc.submit_request_id
+                     WHERE rc.status = 'submitted' AND rc.reminder_due_at IS NULL
+                       AND o.status = 'settling' AND o.reserved_asset_id = rc.asset_id
+                       AND o.request_id = rc.submit_request_id AND o.product_id = rc.product_id
+                       AND o.orderer_terminal_id = rc.holder_terminal_id AND o.payer_terminal_id = rc.payer_terminal_id
+                       AND o.quantity = 1 AND o.amount_minor = 1000 AND o.delivery_mode = 'immediate'
+                       AND s.kind = 'purchase' AND s.status = 'instructed' AND s.amount_minor = o.amount_minor
+                       AND s.partner_id = 'card-co' AND s.payer_terminal_id = o.payer_terminal_id
+                       AND s.answer_due_at > s.instructed_at
+                       AND r.outcome = 'accepted' AND r.subject_id = o.id AND r.message_type = 'receipt.submit'
+                       AND r.terminal_id = rc.holder_terminal_id";
+    let one = "SELECT count(*) FROM receipt_certificates WHERE id = $1::uuid AND submit_request_id = $2";
+    let instructions = "SELECT count(*) FROM outbox ob JOIN settlements s
+                        ON convert_from(ob.payload, 'UTF8')::jsonb->>'settlement_id' = s.id::text
+                        JOIN receipt_certificates rc ON rc.order_id = s.order_id
+                        WHERE ob.message_type = 'settlement.instruction'
+                          AND convert_from(ob.payload, 'UTF8')::jsonb->>'kind' = 'purchase'";
+    let all = "SELECT count(*) FROM outbox WHERE message_type = 'settlement.instruction'";
+    let id_of = |certificate: &Value| certificate["receipt_certificate_id"].as_str().unwrap().to_string();
+    let (alices_rc, bobs_rc, seens_rc) = (id_of(&alices), id_of(&bobs), id_of(&seens));
+    let (alices_submit, bobs_submit) = (request_id(&by_alice), request_id(&by_bob));
+    let s = seens_rc.clone();
+    env.db(move |c| {
+        for accepted in [&by_alice, &by_bob] {
+            assert_eq!(outcome_of(c, accepted).as_deref(), Some("accepted"), "{accepted}");
+        }
+        assert_eq!(count(c, submitted, &[]), 2, "each submission placed an order for its certificate's asset");
+        assert_eq!(count(c, one, &[&alices_rc, &alices_submit]), 1, "alice's certificate names her submission");
+        assert_eq!(count(c, one, &[&bobs_rc, &bobs_submit]), 1, "bob's certificate names his");
+        assert_eq!(count(c, "SELECT count(*) FROM orders", &[]), 2);
+        assert_eq!(count(c, "SELECT count(*) FROM settlements", &[]), 2);
+        assert_eq!(count(c, "SELECT count(DISTINCT created_at) FROM orders", &[]), 1, "the two were placed together");
+        assert_eq!(count(c, instructions, &[]), 2, "one instruction per order");
+        assert_eq!(count(c, all, &[]), 2, "and no other");
+
+        assert_eq!(outcome_of(c, &forged).as_deref(), Some("refused:certificate_forged"));
+        assert_eq!(outcome_of(c, &not_held).as_deref(), Some("refused:certificate_not_held"));
+        for reason in ["certificate_forged", "certificate_not_held"] {
+            let refused = count(c, "SELECT count(*) FROM refusals WHERE reason = $1", &[&reason]);
+            assert_eq!(refused, 1, "refused once as {reason}");
+        }
+        assert_eq!(count(c, "SELECT count(*) FROM refusals WHERE message_type = 'receipt.submit'", &[]), 2);
+        let open = "SELECT count(*) FROM receipt_certificates
+                    WHERE id = $1::uuid AND status = 'open' AND order_id IS NULL AND submit_request_id IS NULL";
+        assert_eq!(count(c, open, &[&s]), 1, "the certificate presented by another stays open");
+    })
+    .await;
+
+    // One certificate submitted twice: handled one at a time, the second finding it submitted.
+    let by_holder = submit_request("alice", seens.clone(), &alice.key);
+    let again = submit_request("alice", seens, &alice.key);
+    let batch = vec![request("seen-by-alice", &by_holder), request("seen-again-by-alice", &again)];
+    assert_eq!(handled(&env, Pool::Issuance, submits, batch).await, vec![true; 2]);
+    let holders_submit = request_id(&by_holder);
+    env.db(move |c| {
+        assert_eq!(outcome_of(c, &by_holder).as_deref(), Some("accepted"));
+        assert_eq!(outcome_of(c, &again).as_deref(), Some("refused:certificate_already_exchanged"));
+        assert_eq!(count(c, submitted, &[]), 3);
+        assert_eq!(count(c, one, &[&seens_rc, &holders_submit]), 1, "the certificate names the first submission");
+        assert_eq!(count(c, "SELECT count(*) FROM orders", &[]), 3, "one order for it");
+        assert_eq!(count(c, instructions, &[]), 3);
+        assert_eq!(count(c, all, &[]), 3);
+        let refused = "SELECT count(*) FROM refusals WHERE reason = 'certificate_already_exchanged'";
+        assert_eq!(count(c, refused, &[]), 1);
+        assert_eq!(count(c, "SELECT count(*) FROM dead_letters", &[]), 0);
+    })
+    .await;
 }
