@@ -21,7 +21,7 @@ use crate::domain::catalogue::{Catalogue, Terminal};
 use crate::domain::delivery::Deliveries;
 use crate::domain::delivery::{self, NewDelivery};
 use crate::domain::schema::{refusals, terminal_requests};
-use crate::runtime::consumer::{Cx, Failure, Incoming};
+use crate::runtime::consumer::{Cx, Failure, Incoming, Received};
 
 /// Requests is what answering terminal requests needs: the freshness rules, and the deliveries
 /// that carry refusals and duplicate notices back to the terminal.
@@ -56,6 +56,16 @@ pub struct Header<'a> {
 /// its request id was seen before (see [`originals`]).
 #[derive(Debug)]
 pub struct Authentic {
+    pub terminal: Terminal,
+    pub content_sha256: String,
+}
+
+/// Admitted is a request of a batch that passed the checks every request passes first and was not
+/// seen before: carry it out, then record it, accepted or refused.
+#[derive(Debug)]
+pub struct Admitted<'b, M> {
+    pub incoming: &'b Incoming,
+    pub message: &'b M,
     pub terminal: Terminal,
     pub content_sha256: String,
 }
@@ -189,6 +199,46 @@ impl Requests {
             return Ok(None);
         }
         Ok(Some(authentic))
+    }
+
+    /// Requests::admit_batch is [`Requests::admit`] for a handler that carries a batch out set-based:
+    /// each request is authenticated on its own, in the order of the checks, then the batch's
+    /// request ids are looked up in one statement. A request that fails a check, or repeats an
+    /// earlier one, is answered here; the new ones are returned, in the batch's order. The batch's
+    /// request ids must be distinct (`together_unless_repeated`).
+    pub fn admit_batch<'b, M>(
+        &self,
+        cx: &mut Cx<'_>,
+        batch: &'b [Received<'b, M>],
+        header: for<'m> fn(&'m M) -> Header<'m>,
+    ) -> Result<Vec<Admitted<'b, M>>, Failure> {
+        cx.read_terminals(batch.iter().map(|r| header(&r.message).terminal_id))?;
+        let mut authentic = Vec::with_capacity(batch.len());
+        for Received { message, incoming } in batch {
+            let header = header(message);
+            match self.authenticate(cx, &header, &incoming.json, incoming.first_received_at)? {
+                Err((terminal, refused)) => self.refuse(cx, incoming, &header, terminal.as_ref(), None, refused)?,
+                Ok(Authentic { terminal, content_sha256 }) => {
+                    authentic.push(Admitted { incoming, message, terminal, content_sha256 })
+                }
+            }
+        }
+        if authentic.is_empty() {
+            return Ok(authentic);
+        }
+        let ids: Vec<&str> = authentic.iter().map(|a| header(a.message).request_id).collect();
+        let mut originals = originals(cx.conn, &ids)?;
+        let mut admitted = Vec::with_capacity(authentic.len());
+        for a in authentic {
+            let header = header(a.message);
+            match originals.remove(header.request_id) {
+                Some(original) => {
+                    self.answer_duplicate(cx, a.incoming, &header, &a.terminal, &original, &a.content_sha256)?
+                }
+                None => admitted.push(a),
+            }
+        }
+        Ok(admitted)
     }
 
     /// Requests::accept records an admitted request as carried out, naming what it acted on: its

@@ -16,7 +16,7 @@ use crate::crypto::{self, KeyRing};
 use crate::domain::catalogue::{Catalogue, Product, Terminal};
 use crate::domain::delivery::{self, NewDelivery};
 use crate::domain::metrics;
-use crate::domain::requests::{self, Authentic, Header, Requests};
+use crate::domain::requests::{Admitted, Header, Requests};
 use crate::domain::schema::booking_terms;
 use crate::domain::settlement::Settlements;
 use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received, together_unless_repeated};
@@ -66,21 +66,11 @@ impl BookingHandler {
         cx.read_terminals(batch.iter().flat_map(|r| {
             std::iter::once(r.message.terminal_id.as_str()).chain(r.message.payer_terminal_id.as_deref())
         }))?;
-        let mut authentic = Vec::with_capacity(batch.len());
-        for Received { message: booking, incoming } in batch {
-            match req.authenticate(cx, &header(booking), &incoming.json, incoming.first_received_at)? {
-                Err((terminal, refused)) => {
-                    req.refuse(cx, incoming, &header(booking), terminal.as_ref(), None, refused)?
-                }
-                Ok(a) => authentic.push((*incoming, booking, a)),
-            }
-        }
-        if authentic.is_empty() {
+        let admitted = req.admit_batch(cx, batch, header)?;
+        if admitted.is_empty() {
             return Ok(());
         }
-        let ids: Vec<&str> = authentic.iter().map(|(_, booking, _)| booking.request_id.as_str()).collect();
-        let mut originals = requests::originals(cx.conn, &ids)?;
-        let products: Vec<&str> = authentic.iter().map(|(_, booking, _)| booking.product_id.as_str()).collect();
+        let products: Vec<&str> = admitted.iter().map(|a| a.message.product_id.as_str()).collect();
         let terms: HashMap<String, Terms> = booking_terms::table
             .filter(booking_terms::product_id.eq_any(&products))
             .select(Terms::as_select())
@@ -89,12 +79,8 @@ impl BookingHandler {
             .map(|t| (t.product_id.clone(), t))
             .collect();
         let mut booked = Booked::default();
-        for (incoming, booking, Authentic { terminal, content_sha256: sha }) in authentic {
+        for Admitted { incoming, message: booking, terminal, content_sha256: sha } in admitted {
             let header = header(booking);
-            if let Some(original) = originals.remove(&booking.request_id) {
-                req.answer_duplicate(cx, incoming, &header, &terminal, &original, &sha)?;
-                continue;
-            }
             match self.plan(cx, booking, &terminal, &terms)? {
                 Err(refused) => req.refuse(cx, incoming, &header, Some(&terminal), Some(&sha), refused)?,
                 Ok((product, terms, payer)) => {

@@ -21,7 +21,7 @@ use crate::contracts::refusal::{RefusalReason, Refused};
 use crate::crypto::{self, KeyRing};
 use crate::domain::catalogue::{Catalogue, Terminal};
 use crate::domain::metrics;
-use crate::domain::requests::{self, Authentic, Header, Requests};
+use crate::domain::requests::{Admitted, Header, Requests};
 use crate::domain::schema::receipt_certificates;
 use crate::domain::settlement::{NewOrder, Placed, Settlements};
 use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received, together_unless_repeated};
@@ -84,22 +84,11 @@ impl SubmitHandler {
     /// checked as it would be alone, in the order of the checks `requests` describes.
     fn take(&self, cx: &mut Cx<'_>, batch: &[Received<'_, SubmitRequest>]) -> Result<(), Failure> {
         let req = &*self.requests;
-        cx.read_terminals(batch.iter().map(|r| r.message.terminal_id.as_str()))?;
-        let mut authentic = Vec::with_capacity(batch.len());
-        for Received { message: submit, incoming } in batch {
-            match req.authenticate(cx, &header(submit), &incoming.json, incoming.first_received_at)? {
-                Err((terminal, refused)) => {
-                    req.refuse(cx, incoming, &header(submit), terminal.as_ref(), None, refused)?
-                }
-                Ok(a) => authentic.push((*incoming, submit, a)),
-            }
-        }
-        if authentic.is_empty() {
+        let admitted = req.admit_batch(cx, batch, header)?;
+        if admitted.is_empty() {
             return Ok(());
         }
-        let ids: Vec<&str> = authentic.iter().map(|(_, submit, _)| submit.request_id.as_str()).collect();
-        let mut originals = requests::originals(cx.conn, &ids)?;
-        let mut presented: Vec<Uuid> = authentic.iter().filter_map(|(_, submit, _)| certificate_id(submit)).collect();
+        let mut presented: Vec<Uuid> = admitted.iter().filter_map(|a| certificate_id(a.message)).collect();
         // Locked in id order, so that two transactions naming the same certificates cannot deadlock.
         presented.sort_unstable();
         let receipts: HashMap<Uuid, Receipt> = receipt_certificates::table
@@ -114,12 +103,8 @@ impl SubmitHandler {
         cx.read_terminals(receipts.values().map(|r| r.payer_terminal_id.as_str()))?;
         let mut placed = Placed::default();
         let mut submitted = Submitted::default();
-        for (incoming, submit, Authentic { terminal, content_sha256: sha }) in authentic {
+        for Admitted { incoming, message: submit, terminal, content_sha256: sha } in admitted {
             let header = header(submit);
-            if let Some(original) = originals.remove(&submit.request_id) {
-                req.answer_duplicate(cx, incoming, &header, &terminal, &original, &sha)?;
-                continue;
-            }
             let receipt = match self.submittable(cx, submit, &terminal, &receipts) {
                 Err(refused) => {
                     metrics::booking(kinds::RECEIPT_SUBMIT, "refused");

@@ -17,10 +17,9 @@ use crate::contracts::messages::{DeliveryKind, ExchangeRequest, kinds};
 use crate::contracts::refusal::{RefusalReason, Refused};
 use crate::crypto;
 use crate::crypto::KeyRing;
-use crate::domain::catalogue::{Catalogue, Terminal};
 use crate::domain::delivery::{self, Deliveries, NewDelivery};
 use crate::domain::metrics;
-use crate::domain::requests::{self, Authentic, Header, Requests};
+use crate::domain::requests::{Admitted, Header, Requests};
 use crate::domain::schema::{asset_documents, assets, certificate_documents, exchange_certificates, refunds};
 use crate::domain::status::Status;
 use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received, together_unless_repeated};
@@ -87,34 +86,14 @@ fn header(request: &ExchangeRequest) -> Header<'_> {
 }
 
 /// Presented is an authentic, fresh exchange request on its way through the checks.
-struct Presented<'m> {
-    message: &'m Incoming,
-    request: &'m ExchangeRequest,
-    terminal: Terminal,
-    content_sha256: String,
-}
+type Presented<'m> = Admitted<'m, ExchangeRequest>;
 
 /// take carries out exchanges with distinct request ids and certificates.
 fn take(h: &ExchangeHandler, cx: &mut Cx<'_>, batch: &[Received<'_, ExchangeRequest>]) -> Result<(), Failure> {
     let req = &*h.requests;
-    cx.read_terminals(batch.iter().map(|r| r.message.terminal_id.as_str()))?;
-    let mut authentic = Vec::with_capacity(batch.len());
-    for Received { message: request, incoming: message } in batch {
-        match req.authenticate(cx, &header(request), &message.json, message.first_received_at)? {
-            Err((terminal, refused)) => req.refuse(cx, message, &header(request), terminal.as_ref(), None, refused)?,
-            Ok(a) => authentic.push((*message, request, a)),
-        }
-    }
-    let ids: Vec<&str> = authentic.iter().map(|(_, r, _)| r.request_id.as_str()).collect();
-    let mut originals = if ids.is_empty() { HashMap::new() } else { requests::originals(cx.conn, &ids)? };
-    let mut presented = Vec::with_capacity(authentic.len());
-    for (message, request, Authentic { terminal, content_sha256 }) in authentic {
-        if let Some(original) = originals.remove(&request.request_id) {
-            req.answer_duplicate(cx, message, &header(request), &terminal, &original, &content_sha256)?;
-            continue;
-        }
-        let p = Presented { message, request, terminal, content_sha256 };
-        match genuine(h, &request.certificate) {
+    let mut presented = Vec::with_capacity(batch.len());
+    for p in req.admit_batch(cx, batch, header)? {
+        match genuine(h, &p.message.certificate) {
             Ok(certificate_id) => presented.push((p, certificate_id)),
             Err(refused) => refuse(h, cx, &p, refused)?,
         }
@@ -158,7 +137,7 @@ fn take(h: &ExchangeHandler, cx: &mut Cx<'_>, batch: &[Received<'_, ExchangeRequ
 
 /// refuse answers an authentic, fresh request with a refusal, and records its request id.
 fn refuse(h: &ExchangeHandler, cx: &mut Cx<'_>, p: &Presented<'_>, refused: Refused) -> Result<(), Failure> {
-    h.requests.refuse(cx, p.message, &header(p.request), Some(&p.terminal), Some(&p.content_sha256), refused)
+    h.requests.refuse(cx, p.incoming, &header(p.message), Some(&p.terminal), Some(&p.content_sha256), refused)
 }
 
 /// genuine checks that a presented certificate is signed by the service provider, and returns its
@@ -181,7 +160,7 @@ fn genuine(h: &ExchangeHandler, presented: &Value) -> Result<Uuid, Refused> {
 /// exchangeable checks a certificate as issued against the request that presents it.
 fn exchangeable(cx: &Cx<'_>, p: &Presented<'_>, certificate: &Certificate) -> Result<(), Refused> {
     let id = certificate.id;
-    if crypto::canonical_json(&p.request.certificate) != certificate.document {
+    if crypto::canonical_json(&p.message.certificate) != certificate.document {
         metrics::signature_failure("certificate");
         return Err(Refused::new(RefusalReason::CertificateForged, "the certificate differs from the one issued"));
     }
@@ -280,17 +259,17 @@ impl Exchanged {
             &p.terminal,
             json!({"order_id": asset.order_id, "forced": false, "asset": document}),
         )
-        .answering(p.request.request_id.clone());
+        .answering(p.message.request_id.clone());
         d.asset_id = Some(asset.id);
         d.order_id = Some(asset.order_id);
         self.deliveries.push(d);
         self.certificates.push(certificate.id);
-        self.request_ids.push(p.request.request_id.clone());
+        self.request_ids.push(p.message.request_id.clone());
         self.terminals.push(p.terminal.id.clone());
         self.content_sha256s.push(p.content_sha256.clone());
-        self.sent_at.push(p.request.sent_at);
+        self.sent_at.push(p.message.sent_at);
         self.assets.push(asset.id);
-        tracing::info!(certificate_id = %certificate.id, asset_id = %asset.id, request_id = %p.request.request_id, "certificate exchanged");
+        tracing::info!(certificate_id = %certificate.id, asset_id = %asset.id, request_id = %p.message.request_id, "certificate exchanged");
         Ok(())
     }
 

@@ -29,7 +29,7 @@ use crate::contracts::topology::Pool;
 use crate::domain::catalogue::{Catalogue, Product, Terminal};
 use crate::domain::delivery::{self, NewDelivery};
 use crate::domain::metrics;
-use crate::domain::requests::{self, Authentic, Header, Requests};
+use crate::domain::requests::{Admitted, Header, Requests};
 use crate::domain::schema::{changes, orders, settlements};
 use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received, together_unless_repeated};
 use crate::runtime::dead_letter::{self, NewDeadLetter};
@@ -96,31 +96,16 @@ impl ChangeHandler {
     /// would be alone, in the order of the checks `requests` describes.
     fn take(&self, cx: &mut Cx<'_>, batch: &[Received<'_, ChangeRequest>]) -> Result<(), Failure> {
         let req = &*self.requests;
-        cx.read_terminals(batch.iter().map(|r| r.message.terminal_id.as_str()))?;
-        let mut authentic = Vec::with_capacity(batch.len());
-        for Received { message: asked, incoming } in batch {
-            match req.authenticate(cx, &header(asked), &incoming.json, incoming.first_received_at)? {
-                Err((terminal, refused)) => {
-                    req.refuse(cx, incoming, &header(asked), terminal.as_ref(), None, refused)?
-                }
-                Ok(a) => authentic.push((*incoming, asked, a)),
-            }
-        }
-        if authentic.is_empty() {
+        let admitted = req.admit_batch(cx, batch, header)?;
+        if admitted.is_empty() {
             return Ok(());
         }
-        let ids: Vec<&str> = authentic.iter().map(|(_, asked, _)| asked.request_id.as_str()).collect();
-        let mut originals = requests::originals(cx.conn, &ids)?;
-        let assets: Vec<Uuid> = authentic.iter().map(|(_, asked, _)| asked.asset_id).collect();
+        let assets: Vec<Uuid> = admitted.iter().map(|a| a.message.asset_id).collect();
         let found = refund::find(cx.conn, &assets)?;
         let mut placed = Placed::default();
         let mut started = Started::default();
-        for (incoming, asked, Authentic { terminal, content_sha256: sha }) in authentic {
+        for Admitted { incoming, message: asked, terminal, content_sha256: sha } in admitted {
             let header = header(asked);
-            if let Some(original) = originals.remove(&asked.request_id) {
-                req.answer_duplicate(cx, incoming, &header, &terminal, &original, &sha)?;
-                continue;
-            }
             let checked = check(cx, asked, &terminal, found.get(&asked.asset_id))?;
             let (asset, paid, product) = match checked {
                 Err(refused) => {

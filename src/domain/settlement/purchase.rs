@@ -5,8 +5,6 @@
 //! instead, with no settlement: its payer is asked to confirm it (`confirm.rs`), in two more
 //! statements taken only by batches that hold such orders.
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use serde_json::Value;
@@ -19,7 +17,7 @@ use crate::contracts::messages::{ConfirmationRequest, DeliveryKind, DeliveryMode
 use crate::contracts::refusal::{RefusalReason, Refused};
 use crate::domain::catalogue::{Catalogue, Product, Terminal};
 use crate::domain::delivery::{self, Deliveries, NewDelivery};
-use crate::domain::requests::{self, Authentic, Header, Requests};
+use crate::domain::requests::{Admitted, Header, Requests};
 use crate::runtime::consumer::{Cx, Failure, Handler, Incoming, Received, together_unless_repeated};
 
 /// PurchaseHandler takes `order.purchase`.
@@ -78,25 +76,11 @@ impl PurchaseHandler {
             let recipients = p.recipient_terminal_ids.iter().flatten();
             std::iter::once(&p.terminal_id).chain(payer).chain(recipients).map(String::as_str)
         }))?;
-        let mut authentic = Vec::with_capacity(batch.len());
-        for Received { message: purchase, incoming: message } in batch {
-            match req.authenticate(cx, &header(purchase), &message.json, message.first_received_at)? {
-                Err((terminal, refused)) => {
-                    req.refuse(cx, message, &header(purchase), terminal.as_ref(), None, refused)?
-                }
-                Ok(a) => authentic.push((*message, purchase, a)),
-            }
-        }
-        let ids: Vec<&str> = authentic.iter().map(|(_, p, _)| p.request_id.as_str()).collect();
-        let mut originals = if ids.is_empty() { HashMap::new() } else { requests::originals(cx.conn, &ids)? };
+        let admitted = req.admit_batch(cx, batch, header)?;
         let mut placing = Placing::default();
         let mut confirming = Confirming::default();
-        for (message, purchase, Authentic { terminal, content_sha256: sha }) in authentic {
+        for Admitted { incoming: message, message: purchase, terminal, content_sha256: sha } in admitted {
             let header = header(purchase);
-            if let Some(original) = originals.remove(&purchase.request_id) {
-                req.answer_duplicate(cx, message, &header, &terminal, &original, &sha)?;
-                continue;
-            }
             match self.plan(cx, purchase, &terminal)? {
                 Err(refused) => req.refuse(cx, message, &header, Some(&terminal), Some(&sha), refused)?,
                 Ok(plan) if plan.confirm_by.is_some() => confirming.push(purchase, plan, sha),
