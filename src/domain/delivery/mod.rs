@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 
 use crate::config::GatewayConfig;
 use crate::config::workers::TransmissionPolicy;
-use crate::contracts::messages::{DeliveryKind, DeliveryRequested, kinds};
+use crate::contracts::messages::{DeliveryKind, DeliveryRequested, Notice, kinds};
 use crate::contracts::topology::Names;
 use crate::domain::catalogue::Terminal;
 use crate::domain::schema::deliveries;
@@ -81,11 +81,34 @@ impl NewDelivery {
         }
     }
 
+    /// NewDelivery::revocation_request asks the holder of a closed exchange certificate to delete
+    /// it, saying why (`text`). Keyed per certificate ([`revocation_key`]), it is sent once, whatever
+    /// closed the certificate: its expiry, a refund, a replacement.
+    pub fn revocation_request(terminal: &Terminal, certificate: Uuid, asset: Uuid, text: String) -> NewDelivery {
+        let notice = Notice {
+            code: "certificate_revoked".into(),
+            text,
+            order_id: None,
+            asset_id: Some(asset),
+            certificate_id: Some(certificate),
+            request_id: None,
+        };
+        let content = serde_json::to_value(notice).expect("serializes");
+        let mut d = NewDelivery::now(DeliveryKind::RevocationRequest, revocation_key(certificate), terminal, content);
+        d.asset_id = Some(asset);
+        d
+    }
+
     /// NewDelivery::answering marks the delivery as the answer to a terminal request.
     pub fn answering(mut self, request_id: impl Into<String>) -> NewDelivery {
         self.request_id = Some(request_id.into());
         self
     }
+}
+
+/// revocation_key is the key of the request to delete a certificate: one per certificate.
+pub fn revocation_key(certificate: Uuid) -> String {
+    format!("revoke:{certificate}")
 }
 
 /// enqueue records a delivery and, if it is due now, asks the delivery pool to send it. It

@@ -200,7 +200,7 @@ fn revocation_request(open: &Open) -> NewDelivery {
     message(
         open,
         DeliveryKind::RevocationRequest,
-        format!("revoke:{certificate}"),
+        super::revocation_key(certificate),
         "certificate_revoked",
         format!("Exchange certificate {certificate} has expired: please delete it."),
     )

@@ -655,21 +655,7 @@ fn revoke(
     diesel::update(reminder_schedule::table.find(certificate))
         .set((reminder_schedule::next_stage.eq(None::<i16>), reminder_schedule::due_at.eq(None::<DateTime<Utc>>)))
         .execute(cx.conn)?;
-    let notice = Notice {
-        code: "certificate_revoked".into(),
-        text: format!("Exchange certificate {certificate} was replaced after the issuer's change: please delete it."),
-        order_id: None,
-        asset_id: Some(asset),
-        certificate_id: Some(certificate),
-        request_id: None,
-    };
-    let mut d = NewDelivery::now(
-        DeliveryKind::RevocationRequest,
-        format!("revoke:{certificate}"),
-        holder,
-        serde_json::to_value(notice).expect("serializes"),
-    );
-    d.asset_id = Some(asset);
-    delivery::enqueue(cx, deliveries, d)?;
+    let text = format!("Exchange certificate {certificate} was replaced after the issuer's change: please delete it.");
+    delivery::enqueue(cx, deliveries, NewDelivery::revocation_request(holder, certificate, asset, text))?;
     Ok(())
 }

@@ -109,19 +109,15 @@ impl ConfirmHandler {
     /// needed no confirmation does at once.
     fn confirm(&self, cx: &mut Cx<'_>, order: &Awaiting, partner_id: String, request_id: &str) -> Result<(), Failure> {
         let now = cx.now;
-        let settlement = Settlement {
-            id: Uuid::now_v7(),
-            order_id: order.id,
-            kind: "purchase".into(),
+        let settlement = Settlement::instructed(
+            order.id,
+            "purchase",
             partner_id,
-            payer_terminal_id: order.payer_terminal_id.clone(),
-            amount_minor: order.amount_minor,
-            currency: order.currency.clone(),
-            status: "instructed".into(),
-            attempts: 1,
-            instructed_at: now,
-            attempt_limit: None,
-        };
+            order.payer_terminal_id.clone(),
+            order.amount_minor,
+            order.currency.clone(),
+            now,
+        );
         let answer_by = answer_by(&self.settlements, &settlement.partner_id, now);
         diesel::insert_into(settlements::table)
             .values((

@@ -57,6 +57,33 @@ pub struct Settlement {
     pub attempt_limit: Option<i32>,
 }
 
+impl Settlement {
+    /// Settlement::instructed is a new settlement at its first instruction, sent at `now`.
+    pub fn instructed(
+        order_id: Uuid,
+        kind: &str,
+        partner_id: String,
+        payer_terminal_id: String,
+        amount_minor: i64,
+        currency: String,
+        now: DateTime<Utc>,
+    ) -> Settlement {
+        Settlement {
+            id: Uuid::now_v7(),
+            order_id,
+            kind: kind.into(),
+            partner_id,
+            payer_terminal_id,
+            amount_minor,
+            currency,
+            status: "instructed".into(),
+            attempts: 1,
+            instructed_at: now,
+            attempt_limit: None,
+        }
+    }
+}
+
 /// Settlements is what settling needs: the names on the broker, each partner's configuration,
 /// the instruction policy of `workers/settlement.toml`, and the deliveries that tell orderers.
 #[derive(Debug, Clone)]
@@ -165,19 +192,15 @@ impl Placed {
         use crate::contracts::messages::DeliveryModeKind;
         let id = Uuid::now_v7();
         let product = order.product;
-        let settlement = Settlement {
-            id: Uuid::now_v7(),
-            order_id: id,
-            kind: "purchase".into(),
-            partner_id: order.partner_id.to_string(),
-            payer_terminal_id: order.payer.to_string(),
-            amount_minor: product.price_minor,
-            currency: product.currency.clone(),
-            status: "instructed".into(),
-            attempts: 1,
-            instructed_at: now,
-            attempt_limit: None,
-        };
+        let settlement = Settlement::instructed(
+            id,
+            "purchase",
+            order.partner_id.to_string(),
+            order.payer.to_string(),
+            product.price_minor,
+            product.currency.clone(),
+            now,
+        );
         let answer_by = answer_by(settlements, &settlement.partner_id, now);
         sending.push(instruction(settlements, &settlement, 1, answer_by));
         tracing::info!(order_id = %id, request_id = order.request_id, amount_minor = product.price_minor, "order placed");

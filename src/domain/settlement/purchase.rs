@@ -233,19 +233,15 @@ impl Placing {
     ) {
         let order_id = Uuid::now_v7();
         let answer_by = answer_by(settlements, &plan.partner_id, cx.now);
-        let settlement = Settlement {
-            id: Uuid::now_v7(),
+        let settlement = Settlement::instructed(
             order_id,
-            kind: "purchase".into(),
-            partner_id: plan.partner_id.clone(),
-            payer_terminal_id: plan.payer.id.clone(),
-            amount_minor: plan.amount_minor,
-            currency: plan.product.currency.clone(),
-            status: "instructed".into(),
-            attempts: 1,
-            instructed_at: cx.now,
-            attempt_limit: None,
-        };
+            "purchase",
+            plan.partner_id.clone(),
+            plan.payer.id.clone(),
+            plan.amount_minor,
+            plan.product.currency.clone(),
+            cx.now,
+        );
         cx.publish(instruction(settlements, &settlement, 1, answer_by));
         self.settlements.push(settlement.id);
         self.partners.push(settlement.partner_id);

@@ -209,19 +209,15 @@ impl Refunding {
         sending: &mut Vec<Outgoing>,
     ) -> Uuid {
         let paid = refund.paid;
-        let settlement = Settlement {
-            id: Uuid::now_v7(),
-            order_id: paid.order_id,
-            kind: "refund".into(),
-            partner_id: paid.partner_id.clone(),
-            payer_terminal_id: paid.payer_terminal_id.clone(),
-            amount_minor: refund.amount_minor,
-            currency: paid.currency.clone(),
-            status: "instructed".into(),
-            attempts: 1,
-            instructed_at: now,
-            attempt_limit: None,
-        };
+        let settlement = Settlement::instructed(
+            paid.order_id,
+            "refund",
+            paid.partner_id.clone(),
+            paid.payer_terminal_id.clone(),
+            refund.amount_minor,
+            paid.currency.clone(),
+            now,
+        );
         let answer_by = answer_by(settlements, &settlement.partner_id, now);
         sending.push(instruction(settlements, &settlement, 1, answer_by));
         let id = Uuid::now_v7();
@@ -620,24 +616,8 @@ fn refund_assets(cx: &mut Cx<'_>, assets: &[Uuid]) -> Result<Vec<NewDelivery>, F
     let mut requests = Vec::with_capacity(revoked.len());
     for Revoked { id: certificate, holder_terminal_id, asset_id: asset } in revoked {
         let Some(terminal) = cx.terminal(&holder_terminal_id)? else { continue };
-        let notice = Notice {
-            code: "certificate_revoked".into(),
-            text: format!("Exchange certificate {certificate} was revoked: its asset was refunded. Please delete it."),
-            order_id: None,
-            asset_id: Some(asset),
-            certificate_id: Some(certificate),
-            request_id: None,
-        };
-        // The same key as past-due processing's revocation request: a certificate is asked to be
-        // deleted once, whatever closed it.
-        let mut d = NewDelivery::now(
-            DeliveryKind::RevocationRequest,
-            format!("revoke:{certificate}"),
-            &terminal,
-            serde_json::to_value(notice).expect("serializes"),
-        );
-        d.asset_id = Some(asset);
-        requests.push(d);
+        let text = format!("Exchange certificate {certificate} was revoked: its asset was refunded. Please delete it.");
+        requests.push(NewDelivery::revocation_request(&terminal, certificate, asset, text));
     }
     Ok(requests)
 }
