@@ -175,6 +175,7 @@ async fn immediate_and_designated_orders_deliver_the_asset_at_their_time() {
     let asset = env.wait_until("the designated asset is issued", move |c| text(c, sql, &[&rid])).await;
 
     // Before its time nothing is sent; at its time the scan sends it.
+    env.sent_what_is_due().await;
     let early = env.run_job("designated_delivery", at - chrono::Duration::minutes(1)).await;
     assert_eq!(early.enqueued, 0);
     let due = env.run_job("designated_delivery", at).await;

@@ -286,6 +286,17 @@ impl Env {
         }
     }
 
+    /// Env::sent_what_is_due waits until the delivery pool has taken every delivery due now (a
+    /// refusal, a notice), so that a scan run next for a later time finds only what it is for:
+    /// the delivery scans also send what is pending and due, as a net for what the pool missed.
+    pub async fn sent_what_is_due(&self) {
+        self.wait_until("the deliveries due now are sent", |c| {
+            let pending = "SELECT count(*) FROM deliveries WHERE status = 'pending' AND due_at <= now()";
+            (count(c, pending, &[]) == 0).then_some(())
+        })
+        .await
+    }
+
     /// Env::run_job runs a scheduled job at `as_of`, as the scheduler or `assetflow batch run` would.
     pub async fn run_job(&self, name: &str, as_of: DateTime<Utc>) -> RunReport {
         let job: &'static Job = Job::find(name).unwrap_or_else(|| panic!("no job {name}"));

@@ -301,6 +301,7 @@ async fn a_deferred_certificate_becomes_one_designated_delivery_and_a_second_def
     env.send(&exchange).await;
     assert_eq!(refusal(&env, &exchange).await, "certificate_already_exchanged");
     // Not at the first time, but at the second, the asset is delivered.
+    env.sent_what_is_due().await;
     let early = env.run_job("designated_delivery", first + TimeDelta::seconds(1)).await;
     assert_eq!(early.enqueued, 0, "{early:?}");
     let due = env.run_job("designated_delivery", second + TimeDelta::seconds(1)).await;

@@ -378,6 +378,7 @@ async fn a_designated_asset_that_expires_undelivered_goes_through_past_due_proce
         .await;
 
     // Nothing ran at the designated time; the first run comes after the asset's term.
+    env.sent_what_is_due().await;
     let late = env.run_job("designated_delivery", expires_at + TimeDelta::minutes(1)).await;
     assert_eq!((late.rows_scanned, late.enqueued), (1, 0), "found, and not sent: {late:?}");
     env.db(move |c| {
