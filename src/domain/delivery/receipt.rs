@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use uuid::Uuid;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{Deliveries, Inserted, Row, fail_attempt};
@@ -43,11 +44,20 @@ impl Handler for ReceiptHandler {
 fn take(cx: &mut Cx<'_>, deliveries: &Deliveries, batch: &[Received<'_, DeliveryReceipt>]) -> Result<(), Failure> {
     let receipts: Vec<&DeliveryReceipt> = batch.iter().map(|r| &r.message).collect();
     let rows = receipted(cx.conn, &receipts)?;
+    let by_id: HashMap<Uuid, &Receipted> = rows.iter().map(|r| (r.delivery.id, r)).collect();
+    // The terminals whose signed acknowledgements are checked below, read in one statement.
+    cx.read_terminals(
+        receipts
+            .iter()
+            .filter(|m| m.acknowledgement.is_some())
+            .filter_map(|m| by_id.get(&m.delivery_id))
+            .map(|r| r.delivery.terminal_id.as_str()),
+    )?;
     let mut matching = Vec::with_capacity(receipts.len());
     for Received { message: receipt, incoming } in batch {
         let attempt = i32::try_from(receipt.attempt).unwrap_or(i32::MAX);
         let Some(Receipted { delivery: row, payload_sha256, attempt_outcome, message_id, proof_required }) =
-            rows.iter().find(|r| r.delivery.id == receipt.delivery_id)
+            by_id.get(&receipt.delivery_id).copied()
         else {
             return Err(Failure::permanent(
                 DeadLetterReason::UnknownDelivery,
