@@ -195,10 +195,14 @@ pub(super) async fn acknowledged(
 /// the broker, and the wait in the next pool's queue. Only the run's orders are counted.
 pub(super) async fn stages(url: &str, since: Uuid) -> anyhow::Result<Vec<Stage>> {
     const SQL: &str = "
-        WITH o AS (
-          SELECT r.sent_at AS t0, r.received_at AS t1, s.answered_at AS t2,
-                 (SELECT min(h.at) FROM asset_status_history h JOIN assets a ON a.id = h.asset_id
-                  WHERE a.order_id = o.id) AS t3,
+        WITH issued AS (
+          -- Each order's first asset entry in the history, in one pass over the run's assets.
+          SELECT a.order_id, min(h.at) AS at
+          FROM asset_status_history h JOIN assets a ON a.id = h.asset_id
+          WHERE h.asset_id >= $1 AND a.id >= $1
+          GROUP BY a.order_id
+        ), o AS (
+          SELECT r.sent_at AS t0, r.received_at AS t1, s.answered_at AS t2, i.at AS t3,
                  first.sent_at AS t4, done.finished_at AS t5
           FROM orders o
           JOIN terminal_requests r ON r.request_id = o.request_id
@@ -206,6 +210,7 @@ pub(super) async fn stages(url: &str, since: Uuid) -> anyhow::Result<Vec<Stage>>
           JOIN deliveries d ON d.order_id = o.id AND d.kind = 'certificate'
           JOIN delivery_attempts first ON first.delivery_id = d.id AND first.attempt = 1
           JOIN delivery_attempts done ON done.delivery_id = d.id AND done.outcome = 'acknowledged'
+          LEFT JOIN issued i ON i.order_id = o.id
           WHERE o.id >= $1
         ), stage AS (
           SELECT n, stage, 1000 * extract(epoch FROM until - since)::float8 AS ms
