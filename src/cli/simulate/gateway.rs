@@ -63,6 +63,11 @@ pub struct GatewayOptions {
     /// Share of certificates whose holders defer the download by a few seconds instead.
     #[arg(long, default_value_t = 0.1)]
     pub defer_rate: f64,
+    /// The first certificates offered are answered one of each kind the shares above ask for (a
+    /// refund, a change, a deferral, in that order) before the shares apply: a short run then sees
+    /// every kind, whatever the delivery ids draw.
+    #[arg(long)]
+    pub each_answer_first: bool,
     /// Where the simulated terminals' private keys are: a terminal whose key is here signs an
     /// acknowledgement of what it received, which the gateway relays in its receipt.
     #[arg(long, default_value_os_t = super::default_keys_dir())]
@@ -114,6 +119,7 @@ impl Default for GatewayOptions {
             change_rate: 0.0,
             change_to: None,
             defer_rate: 0.0,
+            each_answer_first: false,
             keys: super::default_keys_dir(),
             party_keys: super::default_party_keys_dir(),
             ledger: None,
@@ -241,8 +247,11 @@ pub async fn run(
                     .get("certificate")
                     .filter(|_| message.kind == DeliveryKind::Certificate)
                     .filter(|_| stats.exchange_decided.lock().expect("not poisoned").insert(message.delivery_id));
-                let answer_otherwise =
-                    offered.and_then(|c| holder_answer(&options, &message.delivery_id.to_string(), c));
+                let answer_otherwise = offered.and_then(|c| {
+                    let ordinal =
+                        options.each_answer_first.then(|| stats.certificates_offered.fetch_add(1, Ordering::Relaxed));
+                    holder_answer(&options, &message.delivery_id.to_string(), c, ordinal)
+                });
                 let certificate = offered
                     .filter(|_| answer_otherwise.is_none())
                     .filter(|_| fraction(&message.delivery_id.to_string(), "exchange") < options.exchange_rate)
@@ -463,15 +472,28 @@ enum HolderAnswer {
 }
 
 /// holder_answer decides, as a pure function of the delivery, whether the holder of a certificate
-/// it does not exchange asks for a refund or defers the download, and of which asset.
+/// it does not exchange asks for a refund, changes it or defers the download, and of which asset.
+/// With [`GatewayOptions::each_answer_first`], the certificate offered `ordinal`-th takes the
+/// `ordinal`-th kind the shares ask for, until each was taken once.
 fn holder_answer(
     options: &GatewayOptions,
     delivery: &str,
     certificate: &serde_json::Value,
+    ordinal: Option<u64>,
 ) -> Option<(HolderAnswer, Uuid)> {
     let asset: Uuid = certificate.get("asset_id")?.as_str()?.parse().ok()?;
     let product = certificate.get("product_id").and_then(serde_json::Value::as_str);
     let change_to = options.change_to.as_deref().filter(|to| product != Some(*to));
+    let kinds = [
+        (options.refund_rate > 0.0).then_some(HolderAnswer::Refund),
+        options.change_to.clone().filter(|_| options.change_rate > 0.0).map(HolderAnswer::Change),
+        (options.defer_rate > 0.0).then_some(HolderAnswer::Defer),
+    ];
+    let first = ordinal.and_then(|n| kinds.into_iter().flatten().nth(usize::try_from(n).ok()?));
+    // A certificate of the product changed to cannot be changed for it: the shares decide instead.
+    if let Some(first) = first.filter(|k| !matches!(k, HolderAnswer::Change(_)) || change_to.is_some()) {
+        return Some((first, asset));
+    }
     if fraction(delivery, "refund") < options.refund_rate {
         Some((HolderAnswer::Refund, asset))
     } else if let Some(to) = change_to.filter(|_| fraction(delivery, "change") < options.change_rate) {
@@ -635,4 +657,47 @@ pub fn submit_request(terminal_id: &str, certificate: serde_json::Value, key: &P
     });
     crypto::sign_document(key, &mut request).expect("signing works");
     request
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certificate(product: &str) -> serde_json::Value {
+        serde_json::json!({"asset_id": Uuid::now_v7().to_string(), "product_id": product})
+    }
+
+    fn kind(answer: Option<(HolderAnswer, Uuid)>) -> &'static str {
+        match answer.map(|(a, _)| a) {
+            Some(HolderAnswer::Refund) => "refund",
+            Some(HolderAnswer::Change(_)) => "change",
+            Some(HolderAnswer::Defer) => "defer",
+            None => "none",
+        }
+    }
+
+    #[test]
+    fn each_answer_first_gives_the_first_certificates_one_answer_of_each_kind_asked_for() {
+        let options = GatewayOptions {
+            refund_rate: 0.01,
+            change_rate: 0.01,
+            change_to: Some("coupon".into()),
+            defer_rate: 0.0,
+            each_answer_first: true,
+            ..GatewayOptions::default()
+        };
+        let ticket = certificate("ticket");
+        assert_eq!(kind(holder_answer(&options, "d0", &ticket, Some(0))), "refund");
+        assert_eq!(kind(holder_answer(&options, "d1", &ticket, Some(1))), "change");
+        // No deferral was asked for: from here on the shares decide, as without the option.
+        for (n, delivery) in ["d2", "d3", "d4"].into_iter().enumerate() {
+            assert_eq!(
+                kind(holder_answer(&options, delivery, &ticket, Some(2 + n as u64))),
+                kind(holder_answer(&options, delivery, &ticket, None)),
+            );
+        }
+        // A certificate of the product changed to is never changed for it.
+        let coupon = certificate("coupon");
+        assert_ne!(kind(holder_answer(&options, "d5", &coupon, Some(1))), "change");
+    }
 }

@@ -110,6 +110,9 @@ pub struct Stats {
     /// The deliveries whose certificate a holder decided to exchange: a holder exchanges a
     /// certificate once, even when it is sent again (a receipt that came too late for its timeout).
     pub exchange_decided: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
+    /// Certificates offered to their holders so far, counted only with the gateway simulator's
+    /// `each_answer_first`.
+    pub certificates_offered: AtomicU64,
     /// Payers' answers to orders they were asked to confirm, published.
     pub confirmations: AtomicU64,
     /// The orders whose payer decided how to answer: a payer answers once, even when the request
