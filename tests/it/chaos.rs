@@ -170,7 +170,8 @@ impl Proxied {
             change_rate: 0.15,
             change_to: Some("coupon".into()),
             defer_rate: 0.2,
-            // A run this short can draw no change at all, and the assertion below would fail by chance.
+            // A run this short can draw no change at all, and restart_under_load's "holders changed
+            // tickets" would fail by chance.
             each_answer_first: true,
             submit_rate: 0.8,
             ledger: Some(ledger.clone()),

@@ -484,12 +484,14 @@ fn holder_answer(
     let asset: Uuid = certificate.get("asset_id")?.as_str()?.parse().ok()?;
     let product = certificate.get("product_id").and_then(serde_json::Value::as_str);
     let change_to = options.change_to.as_deref().filter(|to| product != Some(*to));
-    let kinds = [
-        (options.refund_rate > 0.0).then_some(HolderAnswer::Refund),
-        options.change_to.clone().filter(|_| options.change_rate > 0.0).map(HolderAnswer::Change),
-        (options.defer_rate > 0.0).then_some(HolderAnswer::Defer),
-    ];
-    let first = ordinal.and_then(|n| kinds.into_iter().flatten().nth(usize::try_from(n).ok()?));
+    let first = ordinal.and_then(|n| {
+        let kinds = [
+            (options.refund_rate > 0.0).then_some(HolderAnswer::Refund),
+            options.change_to.clone().filter(|_| options.change_rate > 0.0).map(HolderAnswer::Change),
+            (options.defer_rate > 0.0).then_some(HolderAnswer::Defer),
+        ];
+        kinds.into_iter().flatten().nth(usize::try_from(n).ok()?)
+    });
     // A certificate of the product changed to cannot be changed for it: the shares decide instead.
     if let Some(first) = first.filter(|k| !matches!(k, HolderAnswer::Change(_)) || change_to.is_some()) {
         return Some((first, asset));
