@@ -196,6 +196,12 @@ impl PoolDefinitions {
             anyhow::ensure!(!pool.queues.is_empty(), "workers/{name}.toml: queues must name at least one queue");
         }
         let t = &self.delivery.transmission;
+        // A zero timeout would time every attempt out at the instant it is sent, within the very
+        // run of the retransmission job that sent it.
+        anyhow::ensure!(
+            !t.ack_timeout.is_zero(),
+            "workers/delivery.toml: transmission.ack_timeout must be longer than zero"
+        );
         anyhow::ensure!(!t.schedule.is_empty(), "workers/delivery.toml: transmission.schedule must not be empty");
         anyhow::ensure!((0.0..1.0).contains(&t.jitter), "workers/delivery.toml: transmission.jitter must be in [0, 1)");
         anyhow::ensure!(t.max_attempts >= 1, "workers/delivery.toml: transmission.max_attempts must be at least 1");
@@ -255,6 +261,20 @@ mod tests {
             .unwrap();
         let err = PoolDefinitions::load(&dir).unwrap_err().to_string();
         assert!(err.contains("workers/settlement.toml: linger must be at most 100ms"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_zero_acknowledgement_timeout_is_refused() {
+        let dir = std::env::temp_dir().join(format!("assetflow-ack-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let built_in = BUILT_IN.iter().find(|(n, _)| *n == "delivery.toml").unwrap().1;
+        let line = built_in.lines().find(|l| l.starts_with("ack_timeout")).expect("the built-in sets ack_timeout");
+        std::fs::write(dir.join("delivery.toml"), built_in.replace(line, "ack_timeout = \"0s\"")).unwrap();
+        let err = PoolDefinitions::load(&dir).unwrap_err().to_string();
+        assert!(err.contains("workers/delivery.toml: transmission.ack_timeout must be longer than zero"), "{err}");
+        std::fs::write(dir.join("delivery.toml"), built_in.replace(line, "ack_timeout = \"1ms\"")).unwrap();
+        assert_eq!(PoolDefinitions::load(&dir).unwrap().delivery.transmission.ack_timeout, Duration::from_millis(1));
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -20,7 +20,7 @@ use assetflow::config::workers::PoolDefinitions;
 use assetflow::contracts::messages::{DeliveryKind, DeliveryReceipt, GatewayDelivery, kinds};
 use assetflow::domain::catalogue::PartyKind;
 use assetflow::runtime::outbox::{self, Outgoing};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use diesel::prelude::*;
 use serde_json::json;
 use uuid::Uuid;
@@ -229,10 +229,12 @@ async fn wire_a_clean_run_with_broker_redeliveries_has_no_duplicate_on_the_wire(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wire_a_retransmission_made_before_a_late_receipt_is_counted_and_is_no_duplicate() {
-    // Receipts are due at once and retried at once, so that the test's own run of the
-    // retransmission job, at the real time, times attempt 1 out and sends attempt 2.
+    // Receipts are due within a millisecond and retried at once, so that the test's own run of
+    // the retransmission job, at the real time, times attempt 1 out and sends attempt 2. Not
+    // zero: attempt 2, sent at the run's time, must not be due within the same run (the run's
+    // second connection would time it out and send attempt 3).
     let mut pools = PoolDefinitions::built_in();
-    pools.delivery.transmission.ack_timeout = Duration::ZERO;
+    pools.delivery.transmission.ack_timeout = Duration::from_millis(1);
     pools.delivery.transmission.schedule = vec![Duration::ZERO];
     pools.delivery.transmission.jitter = 0.0;
     let ledger = ledger_path();
@@ -254,7 +256,9 @@ async fn wire_a_retransmission_made_before_a_late_receipt_is_counted_and_is_no_d
     let delivery: Uuid = first.delivery.parse().unwrap();
     wait_for_ledger(&ledger, "attempt 1 reaches the gateway", |r| (copies(r, delivery, 1) == 1).then_some(())).await;
 
-    let retry = env.run_job("retransmission", Utc::now()).await;
+    // At the real time, and never before attempt 1's deadline.
+    let as_of = Utc::now().max(first.sent_at + TimeDelta::milliseconds(1));
+    let retry = env.run_job("retransmission", as_of).await;
     assert_eq!((retry.rows_scanned, retry.enqueued), (2, 1), "attempt 1 timed out and attempt 2 sent: {retry:?}");
     wait_for_ledger(&ledger, "attempt 2 reaches the gateway", |r| (copies(r, delivery, 2) == 1).then_some(())).await;
 
