@@ -356,6 +356,7 @@ diesel::table! {
         request_id -> Nullable<Text>,
         answered_at -> Nullable<Timestamptz>,
         outcome -> Nullable<Text>,
+        issued_after_change -> Bool,
     }
 }
 

@@ -4,15 +4,16 @@
 //! from the product's own issuer, once.
 
 use assetflow::cli::admin::announce_change;
-use assetflow::cli::simulate::gateway::{GatewayOptions, modification_request};
+use assetflow::cli::simulate::gateway::{GatewayOptions, booking_request, modification_request};
 use assetflow::cli::simulate::terminals::{SimTerminal, purchase};
 use assetflow::contracts::messages::{IssuerChangeMessage, ModificationChoice, kinds};
+use assetflow::domain::bookings::{Terms, save_terms};
 use assetflow::domain::catalogue::PartyKind;
 use assetflow::domain::issuance::modification::{Announcer, IssuerChange};
 use chrono::{TimeDelta, Utc};
 use serde_json::{Value, json};
 
-use crate::harness::{Env, ISSUER, count, text};
+use crate::harness::{Env, ISSUER, count, execute, text};
 use crate::support::{asset_status, dead_letter_reason, request_id, settle_all};
 
 /// answer is `holder`'s signed answer to the notice `notice`, as its gateway relays it.
@@ -291,4 +292,156 @@ async fn the_simulated_issuer_changes_an_event_and_the_simulated_holders_answer(
         assert_eq!(count(c, moved, &[]), 2, "the replacements carry the changed event");
     })
     .await;
+}
+
+/// change_of_concert is an operator's change of the product `concert`: a new date, a refund for
+/// whoever does not answer within the hour.
+fn change_of_concert() -> IssuerChange {
+    IssuerChange {
+        announcer: Announcer::Operator,
+        product_id: "concert".into(),
+        description: "The concert moves to December 27.".into(),
+        title: None,
+        tags: Some(json!({"date": "2026-12-27"})),
+        asset_expires_at: None,
+        reply_by: Utc::now() + TimeDelta::hours(1),
+        default_answer: ModificationChoice::Refund,
+    }
+}
+
+/// asset_of is the asset issued for the order `request_id`, once it is issued.
+async fn asset_of(env: &Env, request_id: String) -> String {
+    env.wait_until("the order's asset is issued", move |c| {
+        let sql = "SELECT a.id::text AS value FROM assets a JOIN orders o ON o.id = a.order_id WHERE o.request_id = $1";
+        text(c, sql, &[&request_id])
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_placed_before_a_change_and_issued_after_it_is_told_and_may_be_kept_or_refunded() {
+    let mut env = Env::new().await;
+    env.product("concert", |p| p.tags = json!({"date": "2026-12-20"})).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    env.start().await;
+    env.gateway(GatewayOptions::default());
+    // No partner yet: the two orders wait for their payment while the event changes.
+    let orders = [purchase(&alice, "concert", 1, json!({})), purchase(&alice, "concert", 1, json!({}))];
+    for order in &orders {
+        env.send(order).await;
+    }
+    let placed = [request_id(&orders[0]), request_id(&orders[1])];
+    env.wait_until("both orders are placed", move |c| {
+        let sql = "SELECT count(*) FROM orders WHERE request_id IN ($1, $2) AND status = 'settling'";
+        (count(c, sql, &[&placed[0], &placed[1]]) == 2).then_some(())
+    })
+    .await;
+    let deliveries = env.app.domain.deliveries.clone();
+    let (_, notices) = env.db(move |c| announce_change(c, &deliveries, &change_of_concert()).unwrap()).await;
+    assert_eq!(notices, 0, "no asset yet");
+
+    // The payments settle: the assets are issued with the new date, and their holder is told.
+    env.partner(settle_all());
+    let kept = asset_of(&env, request_id(&orders[0])).await;
+    let refunded = asset_of(&env, request_id(&orders[1])).await;
+    let (to_keep, to_refund) = (notice_of(&env, &kept).await, notice_of(&env, &refunded).await);
+    let (k, n) = (kept.clone(), to_keep.clone());
+    env.db(move |c| {
+        let dated = "SELECT count(*) FROM asset_documents
+                     WHERE asset_id = $1::uuid AND document::jsonb->'information'->'tags'->>'date' = '2026-12-27'";
+        assert_eq!(count(c, dated, &[&k]), 1, "issued after the change, with it");
+        let after = "SELECT count(*) FROM modification_notices WHERE id = $1::uuid AND issued_after_change";
+        assert_eq!(count(c, after, &[&n]), 1);
+        let said = "SELECT content->>'text' AS value FROM deliveries WHERE content->>'certificate_id' = $1";
+        let said = text(c, said, &[&n]).expect("the notice was sent");
+        assert!(said.contains("placed before this change") && said.contains("accept (keep this asset)"), "{said}");
+    })
+    .await;
+
+    // Accepting keeps the asset as it is; a refund refunds it.
+    env.send(&answer(&alice, &to_keep, ModificationChoice::Accept)).await;
+    env.send(&answer(&alice, &to_refund, ModificationChoice::Refund)).await;
+    let (k, r) = (kept.clone(), refunded.clone());
+    env.wait_until("the refund is made", move |c| (asset_status(c, &r) == "refunded").then_some(())).await;
+    let n = to_keep.clone();
+    env.wait_until("the acceptance is recorded", move |c| {
+        let sql = "SELECT outcome AS value FROM modification_notices WHERE id = $1::uuid AND answer = 'accept'";
+        text(c, sql, &[&n])
+    })
+    .await;
+    let n = to_keep.clone();
+    env.db(move |c| {
+        let outcome = text(c, "SELECT outcome AS value FROM modification_notices WHERE id = $1::uuid", &[&n]);
+        assert_eq!(outcome.as_deref(), Some("kept: the asset was issued after the change and carries it"));
+        assert_ne!(asset_status(c, &k), "replaced", "nothing replaces it");
+        assert_eq!(count(c, "SELECT count(*) FROM assets WHERE generation > 0", &[]), 0, "no replacement issued");
+    })
+    .await;
+
+    // An order placed after the change is issued with it, and no notice.
+    let later = purchase(&alice, "concert", 1, json!({}));
+    env.send(&later).await;
+    let asset = asset_of(&env, request_id(&later)).await;
+    env.db(move |c| {
+        let notices = "SELECT count(*) FROM modification_notices WHERE asset_id = $1::uuid";
+        assert_eq!(count(c, notices, &[&asset]), 0, "the notice would have been written with the asset");
+        assert_eq!(count(c, "SELECT count(*) FROM modification_notices", &[]), 2);
+        let audit = assetflow::cli::audit::audit(c, None).expect("the audit runs");
+        assert_eq!(audit.open.get(UNTOLD), Some(&0), "{}", audit.summary());
+        assert_eq!(audit.duplicated, 0, "{}", audit.summary());
+        // The audit finds an asset issued after the change without its notice.
+        execute(c, "DELETE FROM modification_notices WHERE id = $1::uuid", &[&to_keep]);
+        let audit = assetflow::cli::audit::audit(c, None).expect("the audit runs");
+        assert_eq!(audit.open.get(UNTOLD), Some(&1), "{}", audit.summary());
+    })
+    .await;
+}
+
+/// UNTOLD is the audit's check that every asset issued after a change, for an order placed before
+/// it, has its notice.
+const UNTOLD: &str = "assets_issued_after_a_change_untold";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_booking_not_yet_submitted_is_told_of_a_change_and_nothing_is_charged() {
+    let mut env = Env::new().await;
+    env.product("concert", |_| {}).await;
+    let terms = Terms {
+        product_id: "concert".into(),
+        condition: "hold".into(),
+        places: None,
+        decided_at: None,
+        window_secs: 3_600,
+    };
+    env.db(move |c| save_terms(c, &terms).unwrap()).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    env.start().await;
+    env.partner(settle_all());
+    env.gateway(GatewayOptions::default());
+    let booking = booking_request(&alice.id, "concert", &alice.key);
+    env.send(&booking).await;
+    let rid = request_id(&booking);
+    let certificate = env
+        .wait_until("the receipt certificate is delivered", move |c| {
+            let sql = "SELECT content->'receipt_certificate'->>'receipt_certificate_id' AS value FROM deliveries
+                       WHERE request_id = $1 AND kind = 'receipt_certificate' AND status = 'delivered'";
+            text(c, sql, &[&rid])
+        })
+        .await;
+
+    let deliveries = env.app.domain.deliveries.clone();
+    let (_, notices) = env.db(move |c| announce_change(c, &deliveries, &change_of_concert()).unwrap()).await;
+    assert_eq!(notices, 0, "a booking has no asset to answer for");
+    let told = env
+        .wait_until("the holder is told", move |c| {
+            let sql = "SELECT content->>'text' AS value FROM deliveries
+                       WHERE content->>'code' = 'booking_modified' AND content->>'certificate_id' = $1
+                         AND terminal_id = 'alice' AND status = 'delivered'";
+            text(c, sql, &[&certificate])
+        })
+        .await;
+    assert!(
+        told.starts_with("The concert moves to December 27.") && told.contains("nothing has been charged"),
+        "{told}"
+    );
+    env.db(|c| assert_eq!(count(c, "SELECT count(*) FROM settlements", &[]), 0, "nothing charged")).await;
 }

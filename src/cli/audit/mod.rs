@@ -68,9 +68,11 @@ const DUPLICATE_CHECKS: &[(&str, &str)] = &[
     ),
     (
         // Reminders (stage 1 and 2), past-due messages and revocation requests: one per
-        // certificate and notice, however often and on however many processes the scans run.
+        // certificate and notice, however often and on however many processes the scans run. A
+        // booking is told of each change of its product (`booking_modified`), once: the delivery's
+        // key names the change.
         "certificate_notice",
-        "SELECT count(*) FROM (SELECT content->>'certificate_id', content->>'code' FROM deliveries WHERE kind IN ('message', 'download_request', 'revocation_request') AND content->>'certificate_id' IS NOT NULL GROUP BY 1, 2 HAVING count(*) > 1) x",
+        "SELECT count(*) FROM (SELECT content->>'certificate_id', content->>'code' FROM deliveries WHERE kind IN ('message', 'download_request', 'revocation_request') AND content->>'certificate_id' IS NOT NULL AND content->>'code' <> 'booking_modified' GROUP BY 1, 2 HAVING count(*) > 1) x",
     ),
     (
         // A receipt certificate is paid for once: at most one settled purchase among the orders
@@ -124,6 +126,14 @@ const OPEN_CHECKS: &[(&str, &str)] = &[
         // as a dead letter with its evidence, like any work that could not be done.
         "stuck_changes_without_a_dead_letter",
         "SELECT count(*) FROM changes c WHERE c.step = 'stuck' AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.message_id = 'change:' || c.id || ':stuck')",
+    ),
+    (
+        // An order placed before an issuer's change and issued after it, while the change was
+        // open, has its notice: it was written with the asset.
+        "assets_issued_after_a_change_untold",
+        "SELECT count(*) FROM assets a JOIN orders o ON o.id = a.order_id JOIN issuer_changes c ON c.product_id = a.product_id
+         WHERE a.generation = 0 AND c.created_at > o.created_at AND c.created_at < a.issued_at AND c.reply_by > a.issued_at
+           AND NOT EXISTS (SELECT 1 FROM modification_notices n WHERE n.change_id = c.id AND n.asset_id = a.id)",
     ),
     ("open_orders", "SELECT count(*) FROM orders WHERE status IN ('settling', 'issuing')"),
     (

@@ -222,7 +222,8 @@ fn judge(receptions: &[Reception], recorded: &HashMap<(Uuid, i32), Recorded>) ->
 
 /// subject is what a reception hands over that must reach its terminal once: an asset, a
 /// certificate, or a notice about a certificate (one per certificate and code, as the database's
-/// `certificate_notice` check has it). Refusals and other notices have none.
+/// `certificate_notice` check has it). Refusals and other notices have none, nor a booking's notice
+/// of a change of its product (`booking_modified`), which it gets once for each change.
 fn subject(r: &Reception) -> Option<String> {
     match r.kind {
         DeliveryKind::Asset => r.asset_id.map(|id| format!("asset {id}")),
@@ -230,6 +231,9 @@ fn subject(r: &Reception) -> Option<String> {
         DeliveryKind::ReceiptCertificate => r.certificate_id.map(|id| format!("receipt certificate {id}")),
         DeliveryKind::Message | DeliveryKind::DownloadRequest | DeliveryKind::RevocationRequest => {
             let (code, certificate) = (r.code.as_deref()?, r.certificate_id?);
+            if code == "booking_modified" {
+                return None;
+            }
             Some(format!("{} {code} about certificate {certificate}", r.kind.as_str()))
         }
         DeliveryKind::Refusal | DeliveryKind::ConfirmationRequest => None,
@@ -429,5 +433,7 @@ mod tests {
         assert_eq!(subject(&reception(DeliveryKind::Refusal, None)), None);
         assert_eq!(subject(&reception(DeliveryKind::Certificate, None)), Some(format!("certificate {id}")));
         assert_eq!(subject(&reception(DeliveryKind::Message, None)), None, "a notice without a code names nothing");
+        let changed = subject(&reception(DeliveryKind::Message, Some("booking_modified")));
+        assert_eq!(changed, None, "a booking is told of each change of its product");
     }
 }

@@ -94,6 +94,18 @@ impl Handler for IssueHandler {
         issue.issued.write(cx.conn, cx.now)?;
         status::record_issued(cx.conn, &issue.issued.assets, &issue.issued.statuses, cx.now)?;
         delivery::enqueue_many(cx, &issuer.deliveries, &issue.deliveries)?;
+        // An order placed before its product changed is issued with the change: its holder is
+        // told, and may still take a refund.
+        let issued = &issue.issued;
+        modification::notify_issued_after_changes(
+            cx.conn,
+            &issuer.deliveries,
+            &issued.assets,
+            &issued.asset_orders,
+            &issued.recipients,
+            cx.now,
+            cx.outgoing,
+        )?;
         Ok(())
     }
 }

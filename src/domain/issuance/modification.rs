@@ -2,7 +2,10 @@
 //! correction), announced by an operator (`assetflow products change`) or by the issuer itself
 //! (`issuer.change`, taken by [`IssuerChangeHandler`] only from the product's issuer).
 //! [`announce`] records the change and sends every holder of an asset not yet
-//! delivered a modification notice with a reply deadline. The holder answers with a signed
+//! delivered a modification notice with a reply deadline, and every holder of a booking not yet
+//! submitted a notice with nothing to answer; an order placed before the change and issued after
+//! it gets its notice at issue ([`notify_issued_after_changes`]), and accepting that one keeps the
+//! asset, which carries the change already. The holder answers with a signed
 //! `modification.answer`: `accept` (a new asset, signed with the product's information as it is
 //! now, replaces the old one, whose certificate is revoked) or `refund` (a refund through the
 //! partner that was paid). A notice still unanswered at its deadline gets the issuer's default,
@@ -29,8 +32,8 @@ use crate::domain::catalogue::{Catalogue, PartyKind, Terminal, load_terminal};
 use crate::domain::delivery::{self, Deliveries, NewDelivery};
 use crate::domain::requests::{Authentic, Header, Requests};
 use crate::domain::schema::{
-    assets, deliveries, exchange_certificates, issuer_changes, modification_notices, orders, products, refunds,
-    reminder_schedule,
+    assets, deliveries, exchange_certificates, issuer_changes, modification_notices, orders, products,
+    receipt_certificates, refunds, reminder_schedule,
 };
 use crate::domain::settlement::Settlements;
 use crate::domain::settlement::refund::{self, NewRefund, RefundCause};
@@ -90,7 +93,8 @@ impl Announcer {
 }
 
 /// announce records an issuer's change, updates the product, and sends each holder of one of its
-/// assets not yet delivered (and not expired) a modification notice. It returns the change's id
+/// assets not yet delivered (and not expired) a modification notice, and each holder of a booking
+/// of it not yet submitted a `booking_modified` notice. It returns the change's id
 /// and the number of notices; or None, having done nothing, when the issuer's reference for it
 /// was taken already.
 pub fn announce(
@@ -143,43 +147,172 @@ pub fn announce(
         .select((assets::id, assets::holder_terminal_id, assets::order_id))
         .for_update()
         .load(conn)?;
+    let open = OpenChange {
+        id,
+        description: &change.description,
+        reply_by: change.reply_by,
+        default_answer: change.default_answer.as_str(),
+    };
     for (asset, holder, order_id) in &held {
-        let notice_id = Uuid::now_v7();
-        diesel::insert_into(modification_notices::table)
-            .values((
-                modification_notices::id.eq(notice_id),
-                modification_notices::change_id.eq(id),
-                modification_notices::asset_id.eq(asset),
-                modification_notices::holder_terminal_id.eq(holder),
-                modification_notices::reply_by.eq(change.reply_by),
-            ))
-            .execute(conn)?;
+        give_notice(conn, deliveries, &open, *asset, holder, *order_id, false, now, sending)?;
+    }
+    // Bookings not yet submitted have nothing paid and no asset to answer for: their holders are
+    // told, before a submission buys the event as changed.
+    let booked: Vec<(Uuid, String)> = receipt_certificates::table
+        .filter(receipt_certificates::product_id.eq(&change.product_id))
+        .filter(receipt_certificates::status.eq_any(["applied", "open"]))
+        .order(receipt_certificates::id)
+        .select((receipt_certificates::id, receipt_certificates::holder_terminal_id))
+        .load(conn)?;
+    for (certificate, holder) in &booked {
         let Some(terminal) = load_terminal(conn, holder)? else { continue };
-        let text = format!(
-            "{} Answer by {}: accept (a new asset replaces this one) or refund; without an answer, {}. Notice {notice_id}.",
-            change.description,
-            change.reply_by,
-            change.default_answer.as_str()
-        );
         let notice = Notice {
-            code: "modification_notice".into(),
-            text,
-            order_id: Some(*order_id),
-            asset_id: Some(*asset),
-            certificate_id: Some(notice_id),
+            code: "booking_modified".into(),
+            text: format!(
+                "{} Your booking (receipt certificate {certificate}) stands; nothing has been charged, and a \
+                 submission buys the event as changed.",
+                change.description
+            ),
+            order_id: None,
+            asset_id: None,
+            certificate_id: Some(*certificate),
             request_id: None,
         };
         let d = NewDelivery::now(
             DeliveryKind::Message,
-            format!("modification:{notice_id}"),
+            format!("modification:{id}:booking:{certificate}"),
             &terminal,
             serde_json::to_value(notice).expect("serializes"),
         );
         delivery::enqueue_with(conn, deliveries, d, now, sending)?;
     }
     metrics::issuer_change("announced", held.len() as u64);
-    tracing::info!(change_id = %id, product = %change.product_id, by = change.announcer.as_str(), notices = held.len(), "issuer change announced");
+    tracing::info!(change_id = %id, product = %change.product_id, by = change.announcer.as_str(), notices = held.len(), bookings = booked.len(), "issuer change announced");
     Ok(Some((id, held.len())))
+}
+
+/// OpenChange is an issuer's change as its notices tell it.
+struct OpenChange<'a> {
+    id: Uuid,
+    description: &'a str,
+    reply_by: DateTime<Utc>,
+    default_answer: &'a str,
+}
+
+/// give_notice records the modification notice of `change` to the holder of `asset`, and sends it.
+/// An asset `issued_after_change` was issued after the change, for an order placed before it: it
+/// carries the change already, so accepting keeps it as it is.
+#[allow(clippy::too_many_arguments)]
+fn give_notice(
+    conn: &mut PgConnection,
+    deliveries: &Deliveries,
+    change: &OpenChange<'_>,
+    asset: Uuid,
+    holder: &str,
+    order_id: Uuid,
+    issued_after_change: bool,
+    now: DateTime<Utc>,
+    sending: &mut Vec<Outgoing>,
+) -> QueryResult<()> {
+    let notice_id = Uuid::now_v7();
+    diesel::insert_into(modification_notices::table)
+        .values((
+            modification_notices::id.eq(notice_id),
+            modification_notices::change_id.eq(change.id),
+            modification_notices::asset_id.eq(asset),
+            modification_notices::holder_terminal_id.eq(holder),
+            modification_notices::reply_by.eq(change.reply_by),
+            modification_notices::issued_after_change.eq(issued_after_change),
+        ))
+        .execute(conn)?;
+    let Some(terminal) = load_terminal(conn, holder)? else { return Ok(()) };
+    let (description, reply_by, default) = (change.description, change.reply_by, change.default_answer);
+    let text = if issued_after_change {
+        format!(
+            "{description} Your order was placed before this change and its asset was issued after it, with the change. \
+             Answer by {reply_by}: accept (keep this asset) or refund; without an answer, {default}. Notice {notice_id}."
+        )
+    } else {
+        format!(
+            "{description} Answer by {reply_by}: accept (a new asset replaces this one) or refund; without an answer, \
+             {default}. Notice {notice_id}."
+        )
+    };
+    let notice = Notice {
+        code: "modification_notice".into(),
+        text,
+        order_id: Some(order_id),
+        asset_id: Some(asset),
+        certificate_id: Some(notice_id),
+        request_id: None,
+    };
+    let d = NewDelivery::now(
+        DeliveryKind::Message,
+        format!("modification:{notice_id}"),
+        &terminal,
+        serde_json::to_value(notice).expect("serializes"),
+    );
+    delivery::enqueue_with(conn, deliveries, d, now, sending)?;
+    Ok(())
+}
+
+/// notify_issued_after_changes gives the holders of `assets`, just issued, the notices of the
+/// changes of their products announced after their orders were placed and still open: each asset
+/// carries the change, but its holder bought before it and may take a refund instead. `assets`,
+/// `orders` and `holders` run in step. It returns the number of notices.
+pub fn notify_issued_after_changes(
+    conn: &mut PgConnection,
+    deliveries: &Deliveries,
+    assets: &[Uuid],
+    orders: &[Uuid],
+    holders: &[String],
+    now: DateTime<Utc>,
+    sending: &mut Vec<Outgoing>,
+) -> QueryResult<usize> {
+    use diesel::sql_types::{Array, Text, Timestamptz, Uuid as SqlUuid};
+    #[derive(QueryableByName)]
+    struct Due {
+        #[diesel(sql_type = SqlUuid)]
+        change_id: Uuid,
+        #[diesel(sql_type = Text)]
+        description: String,
+        #[diesel(sql_type = Timestamptz)]
+        reply_by: DateTime<Utc>,
+        #[diesel(sql_type = Text)]
+        default_answer: String,
+        #[diesel(sql_type = SqlUuid)]
+        asset_id: Uuid,
+        #[diesel(sql_type = SqlUuid)]
+        order_id: Uuid,
+        #[diesel(sql_type = Text)]
+        holder: String,
+    }
+    let due: Vec<Due> = crate::runtime::db::prepared(
+        "SELECT c.id AS change_id, c.description, c.reply_by, c.default_answer, a.asset_id, a.order_id, a.holder
+         FROM unnest($assets::uuid[], $orders::uuid[], $holders::text[]) AS a(asset_id, order_id, holder)
+         JOIN orders o ON o.id = a.order_id
+         JOIN issuer_changes c ON c.product_id = o.product_id AND c.reply_by > $now AND c.created_at > o.created_at
+         ORDER BY a.asset_id, c.created_at",
+    )
+    .bind::<Array<SqlUuid>, _>("assets", assets)
+    .bind::<Array<SqlUuid>, _>("orders", orders)
+    .bind::<Array<Text>, _>("holders", holders)
+    .bind::<Timestamptz, _>("now", now)
+    .load(conn)?;
+    for d in &due {
+        let change = OpenChange {
+            id: d.change_id,
+            description: &d.description,
+            reply_by: d.reply_by,
+            default_answer: &d.default_answer,
+        };
+        give_notice(conn, deliveries, &change, d.asset_id, &d.holder, d.order_id, true, now, sending)?;
+    }
+    if !due.is_empty() {
+        metrics::issuer_change("announced", due.len() as u64);
+        tracing::info!(notices = due.len(), "modification notices for assets issued after their product's change");
+    }
+    Ok(due.len())
 }
 
 /// IssuerChangeHandler takes `issuer.change`: an issuer's change of one of its products, sent by
@@ -269,6 +402,8 @@ struct Pending {
     holder_terminal_id: String,
     reply_by: DateTime<Utc>,
     answer: Option<String>,
+    /// Its asset was issued after the change, and carries it: accepting keeps it.
+    issued_after_change: bool,
 }
 
 fn pending(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Pending>> {
@@ -280,6 +415,7 @@ fn pending(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Pending>> {
             modification_notices::holder_terminal_id,
             modification_notices::reply_by,
             modification_notices::answer,
+            modification_notices::issued_after_change,
         ))
         .for_update()
         .first(conn)
@@ -440,6 +576,9 @@ fn apply(
                     format!("refund {refund} requested")
                 }
             }
+        }
+        ModificationChoice::Accept if notice.issued_after_change => {
+            "kept: the asset was issued after the change and carries it".to_string()
         }
         ModificationChoice::Accept => match replace(cx, &modifications.issuer, notice)? {
             Ok(new) => format!("replaced by asset {new}"),
