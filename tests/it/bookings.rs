@@ -3,12 +3,13 @@
 
 use assetflow::cli::simulate::gateway::{GatewayOptions, booking_request, submit_request};
 use assetflow::cli::simulate::terminals::SimTerminal;
+use assetflow::contracts::messages::SettlementOutcome;
 use assetflow::domain::bookings::{Terms, save_terms};
 use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::Value;
 
 use crate::harness::{Env, count, execute, text};
-use crate::support::{request_id, settle_all, timestamp};
+use crate::support::{answer_settlement, request_id, settle_all, timestamp};
 
 /// sold_by_booking makes product `id` (a ticket) sold by booking under `condition`.
 async fn sold_by_booking(env: &Env, id: &str, condition: &str, places: Option<i32>, decided_at: Option<DateTime<Utc>>) {
@@ -105,6 +106,62 @@ async fn a_held_booking_charges_nothing_until_it_is_submitted_then_issues_the_re
     let again = submit_request("alice", certificate, &alice.key);
     env.send(&again).await;
     assert_eq!(refusal(&env, &again).await, "certificate_already_exchanged");
+}
+
+/// instructed_for waits for the purchase settlement of the order placed by `request_id`, instructed
+/// and not yet answered.
+async fn instructed_for(env: &Env, request_id: String) -> String {
+    env.wait_until("the submission's payment is instructed", move |c| {
+        let sql = "SELECT s.id::text AS value FROM settlements s JOIN orders o ON o.id = s.order_id
+                   WHERE o.request_id = $1 AND s.kind = 'purchase' AND s.status = 'instructed'";
+        text(c, sql, &[&request_id])
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_booking_whose_payment_was_declined_is_submitted_again_and_bought_then() {
+    let mut env = Env::new().await;
+    sold_by_booking(&env, "seat", "hold", None, None).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    env.start().await;
+    // No partner simulator: the test answers each payment itself.
+    env.gateway(GatewayOptions::default());
+    let certificate = booked(&env, &alice, "seat").await;
+    let id = id_of(&certificate);
+
+    let first = submit_request("alice", certificate.clone(), &alice.key);
+    env.send(&first).await;
+    let declined = instructed_for(&env, request_id(&first)).await;
+    answer_settlement(&env, &declined, SettlementOutcome::Declined).await;
+    let reopened = id.clone();
+    env.wait_until("the certificate is open again", move |c| {
+        let sql = "SELECT count(*) FROM receipt_certificates
+                   WHERE id = $1::uuid AND status = 'open' AND status_reason = 'payment_declined'";
+        (count(c, sql, &[&reopened]) == 1).then_some(())
+    })
+    .await;
+
+    // The right to buy still stands: submitted again, it is bought with the reserved asset.
+    let second = submit_request("alice", certificate.clone(), &alice.key);
+    env.send(&second).await;
+    let settled = instructed_for(&env, request_id(&second)).await;
+    answer_settlement(&env, &settled, SettlementOutcome::Settled).await;
+    let reserved = certificate["asset"]["asset_id"].as_str().unwrap().to_string();
+    let r = reserved.clone();
+    env.wait_until("the reserved asset is delivered", move |c| {
+        (count(c, "SELECT count(*) FROM assets WHERE id = $1::uuid AND status = 'delivered'", &[&r]) == 1).then_some(())
+    })
+    .await;
+    env.db(move |c| {
+        assert_eq!(status_of(c, &id), "issued");
+        let orders = "SELECT string_agg(status, ',' ORDER BY created_at) AS value FROM orders WHERE reserved_asset_id = $1::uuid";
+        assert_eq!(text(c, orders, &[&reserved]).as_deref(), Some("declined,issued"), "two orders, one paid");
+        assert_eq!(count(c, "SELECT count(*) FROM dead_letters", &[]), 0, "nothing dead-lettered");
+        let audit = assetflow::cli::audit::audit(c, None).expect("the audit runs");
+        assert!(audit.problems().is_empty(), "{}", audit.summary());
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,14 +3,13 @@
 
 use assetflow::cli::simulate::gateway::GatewayOptions;
 use assetflow::cli::simulate::terminals::{SimTerminal, purchase};
-use assetflow::contracts::messages::{SettlementOutcome, SettlementResult, kinds};
-use assetflow::domain::catalogue::PartyKind;
+use assetflow::contracts::messages::{SettlementOutcome, kinds};
 use chrono::Utc;
 use serde_json::{Value, json};
 
 use crate::harness::{Env, count, text};
 use crate::processes::{cluster, spawn_node};
-use crate::support::{asset_status, delivered_certificate, request_id, settle_all};
+use crate::support::{answer_settlement, asset_status, delivered_certificate, request_id, settle_all};
 
 /// change_request builds a signed `asset.change` of `asset` for `product`.
 fn change_request(holder: &SimTerminal, asset: &str, product: &str) -> Value {
@@ -44,22 +43,6 @@ async fn instructed(env: &Env, kind: &'static str) -> String {
     .await
 }
 
-/// answer answers a settlement as its partner would, signed.
-async fn answer(env: &Env, settlement: &str, outcome: SettlementOutcome) {
-    let result = SettlementResult {
-        message_type: kinds::SETTLEMENT_RESULT.into(),
-        settlement_id: settlement.parse().unwrap(),
-        partner_id: "card-co".into(),
-        outcome,
-        partner_reference: format!("T-{}", &settlement[..8]),
-        reason: (outcome == SettlementOutcome::Declined).then(|| "refused by the test's partner".into()),
-        sent_at: Utc::now(),
-        signature: None,
-    };
-    let body = env.signed_by(PartyKind::Partner, "card-co", &result).await;
-    env.publish(kinds::SETTLEMENT_RESULT, &body).await;
-}
-
 async fn step_is(env: &Env, step: &'static str) {
     env.wait_until(&format!("the change is {step}"), move |c| {
         (count(c, "SELECT count(*) FROM changes WHERE step = $1", &[&step]) == 1).then_some(())
@@ -71,7 +54,7 @@ async fn step_is(env: &Env, step: &'static str) {
 async fn bought(env: &Env, holder: &SimTerminal) -> String {
     let order = purchase(holder, "concert", 1, json!({}));
     env.send(&order).await;
-    answer(env, &instructed(env, "purchase").await, SettlementOutcome::Settled).await;
+    answer_settlement(env, &instructed(env, "purchase").await, SettlementOutcome::Settled).await;
     let certificate = delivered_certificate(env, &request_id(&order)).await;
     certificate["asset_id"].as_str().unwrap().to_string()
 }
@@ -130,11 +113,11 @@ async fn a_change_whose_refund_is_refused_is_undone_and_one_whose_undoing_is_ref
 
     // The first: paid, the refund of the old asset refused, the new payment given back.
     env.send(&change_request(&alice, &first, "concert-b")).await;
-    answer(&env, &instructed(&env, "purchase").await, SettlementOutcome::Settled).await;
+    answer_settlement(&env, &instructed(&env, "purchase").await, SettlementOutcome::Settled).await;
     step_is(&env, "refunding").await;
-    answer(&env, &instructed(&env, "refund").await, SettlementOutcome::Declined).await;
+    answer_settlement(&env, &instructed(&env, "refund").await, SettlementOutcome::Declined).await;
     step_is(&env, "compensating").await;
-    answer(&env, &instructed(&env, "refund").await, SettlementOutcome::Settled).await;
+    answer_settlement(&env, &instructed(&env, "refund").await, SettlementOutcome::Settled).await;
     step_is(&env, "compensated").await;
     let f = first.clone();
     env.db(move |c| {
@@ -153,17 +136,17 @@ async fn a_change_whose_refund_is_refused_is_undone_and_one_whose_undoing_is_ref
 
     // The second: the partner will not give the new payment back either: stuck, for an operator.
     env.send(&change_request(&alice, &second, "concert-b")).await;
-    answer(&env, &instructed(&env, "purchase").await, SettlementOutcome::Settled).await;
+    answer_settlement(&env, &instructed(&env, "purchase").await, SettlementOutcome::Settled).await;
     env.wait_until("the second change is refunding", |c| {
         (count(c, "SELECT count(*) FROM changes WHERE step = 'refunding'", &[]) == 1).then_some(())
     })
     .await;
-    answer(&env, &instructed(&env, "refund").await, SettlementOutcome::Declined).await;
+    answer_settlement(&env, &instructed(&env, "refund").await, SettlementOutcome::Declined).await;
     env.wait_until("the second change is compensating", |c| {
         (count(c, "SELECT count(*) FROM changes WHERE step = 'compensating'", &[]) == 1).then_some(())
     })
     .await;
-    answer(&env, &instructed(&env, "refund").await, SettlementOutcome::Declined).await;
+    answer_settlement(&env, &instructed(&env, "refund").await, SettlementOutcome::Declined).await;
     step_is(&env, "stuck").await;
     env.wait_until("the outbox is empty", |c| (count(c, "SELECT count(*) FROM outbox", &[]) == 0).then_some(())).await;
     let s = second.clone();
@@ -204,12 +187,12 @@ async fn a_change_resumes_after_a_crash_at_each_step_and_does_nothing_twice() {
     let purchase = instructed(&env, "purchase").await;
     step_is(&env, "purchasing").await;
     // Crash 2: with the new purchase instructed and its answer on its way.
-    answer(&env, &purchase, SettlementOutcome::Settled).await;
+    answer_settlement(&env, &purchase, SettlementOutcome::Settled).await;
     node = crash(&mut node, "c");
     step_is(&env, "refunding").await;
     let refund = instructed(&env, "refund").await;
     // Crash 3: with the old asset's refund instructed and its answer on its way.
-    answer(&env, &refund, SettlementOutcome::Settled).await;
+    answer_settlement(&env, &refund, SettlementOutcome::Settled).await;
     node = crash(&mut node, "d");
     step_is(&env, "done").await;
     // Crash 4: while the new order is issued and its certificate delivered.

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use assetflow::cli::simulate::partner::PartnerOptions;
-use assetflow::contracts::messages::GatewayDelivery;
+use assetflow::contracts::messages::{GatewayDelivery, SettlementOutcome, SettlementResult, kinds};
+use assetflow::domain::catalogue::PartyKind;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
@@ -19,6 +20,22 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 /// settle_all is a partner that settles every instruction at once.
 pub fn settle_all() -> PartnerOptions {
     PartnerOptions { decline_rate: 0.0, latency: Duration::ZERO, ..PartnerOptions::default() }
+}
+
+/// answer_settlement answers a settlement as its partner, card-co, would: signed.
+pub async fn answer_settlement(env: &Env, settlement: &str, outcome: SettlementOutcome) {
+    let result = SettlementResult {
+        message_type: kinds::SETTLEMENT_RESULT.into(),
+        settlement_id: settlement.parse().unwrap(),
+        partner_id: "card-co".into(),
+        outcome,
+        partner_reference: format!("T-{}", &settlement[..8]),
+        reason: (outcome == SettlementOutcome::Declined).then(|| "refused by the test's partner".into()),
+        sent_at: Utc::now(),
+        signature: None,
+    };
+    let body = env.signed_by(PartyKind::Partner, "card-co", &result).await;
+    env.publish(kinds::SETTLEMENT_RESULT, &body).await;
 }
 
 /// request_id is the `request_id` of a signed request.
