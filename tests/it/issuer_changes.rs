@@ -445,3 +445,48 @@ async fn a_booking_not_yet_submitted_is_told_of_a_change_and_nothing_is_charged(
     );
     env.db(|c| assert_eq!(count(c, "SELECT count(*) FROM settlements", &[]), 0, "nothing charged")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_waits_for_the_issues_of_its_product_under_way_and_takes_effect_after_them() {
+    use assetflow::domain::issuance::modification::hold_products;
+    use diesel::Connection;
+    let env = Env::new().await;
+    env.product("concert", |_| {}).await;
+    let db = env.app.scheduler.db.clone();
+    // An issue of the product under way holds it, as the issuance pool does before it reads it.
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let issue = std::thread::spawn(move || {
+        let mut conn = db.get().expect("a connection");
+        conn.transaction(|c| {
+            hold_products(c, &["concert".to_string()])?;
+            held_tx.send(()).unwrap();
+            release_rx.recv().unwrap();
+            // Before the commit that lets the change go on.
+            Ok::<_, diesel::result::Error>(Utc::now())
+        })
+        .unwrap()
+    });
+    held_rx.recv().unwrap();
+    let (deliveries, change) = (env.app.domain.deliveries.clone(), change_of_concert());
+    let db = env.app.scheduler.db.clone();
+    let announcing = std::thread::spawn(move || {
+        let mut conn = db.get().expect("a connection");
+        announce_change(&mut conn, &deliveries, &change).unwrap()
+    });
+    env.wait_until("the change waits for the issue", |c| {
+        let sql = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+        (count(c, sql, &[]) == 1).then_some(())
+    })
+    .await;
+    release_tx.send(()).unwrap();
+    let issued_by = issue.join().unwrap();
+    let (id, _) = announcing.join().unwrap();
+    env.db(move |c| {
+        let id = id.to_string();
+        let sql = "SELECT count(*) FROM issuer_changes WHERE id = $1::uuid AND created_at >= $2::timestamptz";
+        assert_eq!(count(c, sql, &[&id, &issued_by.to_rfc3339()]), 1, "it takes effect once the issue is in");
+    })
+    .await;
+}

@@ -82,6 +82,13 @@ impl Handler for IssueHandler {
         if let Some(missing) = ids.iter().find(|id| !orders.iter().any(|o| o.id == **id)) {
             return Err(Failure::permanent(DeadLetterReason::Unprocessable, format!("no order {missing}")));
         }
+        // Issues and an issuer's change of their product take turns: each asset is either issued
+        // with the change and told of it here, or issued before it and found by its announcement.
+        let mut products: Vec<String> =
+            orders.iter().filter(|o| o.status == "issuing").map(|o| o.product_id.clone()).collect();
+        products.sort_unstable();
+        products.dedup();
+        modification::hold_products(cx.conn, &products)?;
         let mut issue = Issue::default();
         cx.read_terminals(orders.iter().flat_map(|o| o.recipient_terminal_ids.iter().map(String::as_str)))?;
         // Issued already, or never settled: nothing to do for those.

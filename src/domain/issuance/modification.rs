@@ -105,6 +105,9 @@ pub fn announce(
     sending: &mut Vec<Outgoing>,
 ) -> QueryResult<Option<(Uuid, usize)>> {
     let id = Uuid::now_v7();
+    // The change takes effect once no issue of the product is under way: from then on, what is
+    // issued carries it.
+    let at = change_product(conn, &change.product_id)?;
     let (issuer_id, reference) = match &change.announcer {
         Announcer::Operator => (None, None),
         Announcer::Issuer { issuer_id, reference } => (Some(issuer_id), Some(reference)),
@@ -117,7 +120,7 @@ pub fn announce(
             issuer_changes::description.eq(&change.description),
             issuer_changes::reply_by.eq(change.reply_by),
             issuer_changes::default_answer.eq(change.default_answer.as_str()),
-            issuer_changes::created_at.eq(now),
+            issuer_changes::created_at.eq(at),
             issuer_changes::announced_by.eq(change.announcer.as_str()),
             issuer_changes::issuer_id.eq(issuer_id),
             issuer_changes::reference.eq(reference),
@@ -189,6 +192,39 @@ pub fn announce(
     metrics::issuer_change("announced", held.len() as u64);
     tracing::info!(change_id = %id, product = %change.product_id, by = change.announcer.as_str(), notices = held.len(), bookings = booked.len(), "issuer change announced");
     Ok(Some((id, held.len())))
+}
+
+/// hold_products keeps, until this transaction ends, an issuer's change from being announced for
+/// any of `products` (sorted, each once): an issue takes it before it reads them, so that what it
+/// signs and the changes it finds are of the same moment. Issues share it.
+pub fn hold_products(conn: &mut PgConnection, products: &[String]) -> QueryResult<()> {
+    if products.is_empty() {
+        return Ok(());
+    }
+    crate::runtime::db::prepared(
+        "SELECT pg_advisory_xact_lock_shared(hashtextextended('issuer change ' || p, 0))
+         FROM unnest($products::text[]) WITH ORDINALITY AS x(p, i) ORDER BY i",
+    )
+    .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>("products", products)
+    .execute(conn)?;
+    Ok(())
+}
+
+/// change_product waits until no issue holds `product` ([`hold_products`]), and keeps any from
+/// taking it until this transaction ends: the assets issued before the change are all in, and
+/// those issued after it will read the changed product and find the change. It returns the time
+/// it got the product: any issue that began after it waited for the change.
+fn change_product(conn: &mut PgConnection, product: &str) -> QueryResult<DateTime<Utc>> {
+    #[derive(QueryableByName)]
+    struct Held {
+        #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+        at: DateTime<Utc>,
+    }
+    crate::runtime::db::prepared("SELECT pg_advisory_xact_lock(hashtextextended('issuer change ' || $product, 0))")
+        .bind::<diesel::sql_types::Text, _>("product", product)
+        .execute(conn)?;
+    let held: Held = diesel::sql_query("SELECT clock_timestamp() AS at").get_result(conn)?;
+    Ok(held.at)
 }
 
 /// OpenChange is an issuer's change as its notices tell it.
