@@ -402,47 +402,54 @@ async fn an_order_placed_before_a_change_and_issued_after_it_is_told_and_may_be_
 const UNTOLD: &str = "assets_issued_after_a_change_untold";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_booking_not_yet_submitted_is_told_of_a_change_and_nothing_is_charged() {
+async fn bookings_not_yet_submitted_are_told_of_a_change_and_nothing_is_charged() {
     let mut env = Env::new().await;
+    // A lottery of one place: its winner may submit, and the other applicant waits on its list.
+    let draw_at = Utc::now() + TimeDelta::hours(1);
     env.product("concert", |_| {}).await;
     let terms = Terms {
         product_id: "concert".into(),
-        condition: "hold".into(),
-        places: None,
-        decided_at: None,
+        condition: "lottery".into(),
+        places: Some(1),
+        decided_at: Some(draw_at),
         window_secs: 3_600,
     };
     env.db(move |c| save_terms(c, &terms).unwrap()).await;
-    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    let holders =
+        [env.terminal("alice", "gw-1", Some("card-co")).await, env.terminal("bob", "gw-1", Some("card-co")).await];
     env.start().await;
     env.partner(settle_all());
     env.gateway(GatewayOptions::default());
-    let booking = booking_request(&alice.id, "concert", &alice.key);
-    env.send(&booking).await;
-    let rid = request_id(&booking);
-    let certificate = env
-        .wait_until("the receipt certificate is delivered", move |c| {
-            let sql = "SELECT content->'receipt_certificate'->>'receipt_certificate_id' AS value FROM deliveries
+    for holder in &holders {
+        let booking = booking_request(&holder.id, "concert", &holder.key);
+        env.send(&booking).await;
+        let rid = request_id(&booking);
+        env.wait_until("the receipt certificate is delivered", move |c| {
+            let sql = "SELECT count(*) FROM deliveries
                        WHERE request_id = $1 AND kind = 'receipt_certificate' AND status = 'delivered'";
-            text(c, sql, &[&rid])
+            (count(c, sql, &[&rid]) == 1).then_some(())
         })
         .await;
+    }
+    env.run_job("bookings", draw_at + TimeDelta::seconds(1)).await;
+    env.wait_until("the lottery is drawn", |c| {
+        let sql = "SELECT string_agg(status, ',' ORDER BY status) AS value FROM receipt_certificates";
+        (text(c, sql, &[]).as_deref() == Some("lost,open")).then_some(())
+    })
+    .await;
 
     let deliveries = env.app.domain.deliveries.clone();
     let (_, notices) = env.db(move |c| announce_change(c, &deliveries, &change_of_concert()).unwrap()).await;
     assert_eq!(notices, 0, "a booking has no asset to answer for");
-    let told = env
-        .wait_until("the holder is told", move |c| {
-            let sql = "SELECT content->>'text' AS value FROM deliveries
-                       WHERE content->>'code' = 'booking_modified' AND content->>'certificate_id' = $1
-                         AND terminal_id = 'alice' AND status = 'delivered'";
-            text(c, sql, &[&certificate])
-        })
-        .await;
-    assert!(
-        told.starts_with("The concert moves to December 27.") && told.contains("nothing has been charged"),
-        "{told}"
-    );
+    env.wait_until("the winner and the waiting list are told", |c| {
+        let sql =
+            "SELECT count(*) FROM deliveries d JOIN receipt_certificates r ON r.id::text = d.content->>'certificate_id'
+                   WHERE d.content->>'code' = 'booking_modified' AND d.terminal_id = r.holder_terminal_id
+                     AND d.status = 'delivered'
+                     AND d.content->>'text' LIKE 'The concert moves to December 27.%nothing has been charged%'";
+        (count(c, sql, &[]) == 2).then_some(())
+    })
+    .await;
     env.db(|c| assert_eq!(count(c, "SELECT count(*) FROM settlements", &[]), 0, "nothing charged")).await;
 }
 

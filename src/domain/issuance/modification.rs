@@ -160,10 +160,15 @@ pub fn announce(
         give_notice(conn, deliveries, &open, *asset, holder, *order_id, false, now, sending)?;
     }
     // Bookings not yet submitted have nothing paid and no asset to answer for: their holders are
-    // told, before a submission buys the event as changed.
+    // told, before a submission buys the event as changed. A lottery's waiting list is told too:
+    // a lapsed winner's place may still pass to it.
     let booked: Vec<(Uuid, String)> = receipt_certificates::table
         .filter(receipt_certificates::product_id.eq(&change.product_id))
-        .filter(receipt_certificates::status.eq_any(["applied", "open"]))
+        .filter(
+            receipt_certificates::status
+                .eq_any(["applied", "open"])
+                .or(receipt_certificates::status.eq("lost").and(receipt_certificates::condition.eq("lottery"))),
+        )
         .order(receipt_certificates::id)
         .select((receipt_certificates::id, receipt_certificates::holder_terminal_id))
         .load(conn)?;
