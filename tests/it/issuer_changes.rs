@@ -374,6 +374,9 @@ async fn an_order_placed_before_a_change_and_issued_after_it_is_told_and_may_be_
         let outcome = text(c, "SELECT outcome AS value FROM modification_notices WHERE id = $1::uuid", &[&n]);
         assert_eq!(outcome.as_deref(), Some("kept: the asset was issued after the change and carries it"));
         assert_ne!(asset_status(c, &k), "replaced", "nothing replaces it");
+        let shown = assetflow::cli::status::render(&assetflow::cli::status::lookup(c, &k).unwrap().expect("known"));
+        assert!(shown.contains("given at issue: the order was placed before the change"), "{shown}");
+        assert!(shown.contains("outcome  kept: the asset was issued after the change and carries it"), "{shown}");
         assert_eq!(count(c, "SELECT count(*) FROM assets WHERE generation > 0", &[]), 0, "no replacement issued");
     })
     .await;

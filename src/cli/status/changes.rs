@@ -124,6 +124,9 @@ pub struct ModificationView {
     pub answered_at: Option<DateTime<Utc>>,
     /// What the answer did: the replacement issued, the refund asked for, or why neither could be.
     pub outcome: Option<String>,
+    /// Given when the asset was issued, after the change, for an order placed before it: the
+    /// asset carries the change, and accepting keeps it.
+    pub issued_after_change: bool,
 }
 
 type NoticeRow = (
@@ -139,6 +142,7 @@ type NoticeRow = (
     Option<DateTime<Utc>>,
     Option<String>,
     (Option<String>, Option<String>),
+    bool,
 );
 
 /// notices_of reads the modification notices sent about an asset, oldest first.
@@ -160,6 +164,7 @@ pub fn notices_of(conn: &mut PgConnection, asset: Uuid) -> QueryResult<Vec<Modif
             modification_notices::answered_at,
             modification_notices::outcome,
             (issuer_changes::issuer_id, issuer_changes::reference),
+            modification_notices::issued_after_change,
         ))
         .load(conn)?;
     Ok(rows
@@ -180,6 +185,7 @@ pub fn notices_of(conn: &mut PgConnection, asset: Uuid) -> QueryResult<Vec<Modif
             request_id: r.8,
             answered_at: r.9,
             outcome: r.10,
+            issued_after_change: r.12,
         })
         .collect())
 }

@@ -144,6 +144,10 @@ fn render_notice(out: &mut String, n: &ModificationView, indent: &str) {
         time(&n.reply_by),
         n.default_answer
     );
+    if n.issued_after_change {
+        *out +=
+            &format!("{indent}      given at issue: the order was placed before the change, the asset carries it\n");
+    }
     match (&n.answer, &n.answered_at) {
         (Some(answer), Some(at)) => {
             let by = match (n.answered_by.as_deref(), &n.request_id) {
@@ -457,9 +461,11 @@ mod tests {
             request_id: (by == Some("holder")).then(|| "m-1".into()),
             answered_at: answer.map(|_| at(6)),
             outcome: answer.map(|_| "replaced by asset 00000000-0000-0000-0000-00000000000a".into()),
+            issued_after_change: false,
         };
         old.modification_notices.push(notice(Some("accept"), Some("holder")));
         let shown = render(&View::Asset(old));
+        assert!(!shown.contains("given at issue"), "{shown}");
         for line in [
             "  replaced by  asset 00000000-0000-0000-0000-00000000000a",
             "  modification notices\n",
@@ -485,5 +491,12 @@ mod tests {
         let mut open = asset("awaiting_exchange");
         open.modification_notices.push(notice(None, None));
         assert!(render(&View::Asset(open)).contains("      unanswered\n"));
+        let mut at_issue = asset("awaiting_exchange");
+        at_issue.modification_notices.push(ModificationView { issued_after_change: true, ..notice(None, None) });
+        let shown = render(&View::Asset(at_issue));
+        assert!(
+            shown.contains("      given at issue: the order was placed before the change, the asset carries it\n"),
+            "{shown}"
+        );
     }
 }
