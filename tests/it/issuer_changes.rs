@@ -4,7 +4,7 @@
 //! from the product's own issuer, once.
 
 use assetflow::cli::admin::announce_change;
-use assetflow::cli::simulate::gateway::{GatewayOptions, booking_request, modification_request};
+use assetflow::cli::simulate::gateway::{GatewayOptions, booking_request, modification_request, submit_request};
 use assetflow::cli::simulate::terminals::{SimTerminal, purchase};
 use assetflow::contracts::messages::{IssuerChangeMessage, ModificationChoice, kinds};
 use assetflow::domain::bookings::{Terms, save_terms};
@@ -14,7 +14,7 @@ use chrono::{TimeDelta, Utc};
 use serde_json::{Value, json};
 
 use crate::harness::{Env, ISSUER, count, execute, text};
-use crate::support::{asset_status, dead_letter_reason, request_id, settle_all};
+use crate::support::{asset_status, dead_letter_reason, first_attempt, request_id, settle_all};
 
 /// answer is `holder`'s signed answer to the notice `notice`, as its gateway relays it.
 fn answer(holder: &SimTerminal, notice: &str, choice: ModificationChoice) -> Value {
@@ -454,6 +454,59 @@ async fn bookings_not_yet_submitted_are_told_of_a_change_and_nothing_is_charged(
     })
     .await;
     env.db(|c| assert_eq!(count(c, "SELECT count(*) FROM settlements", &[]), 0, "nothing charged")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_asset_bought_with_a_receipt_certificate_and_replaced_on_a_change_is_no_second_purchase() {
+    let mut env = Env::new().await;
+    env.product("concert", |_| {}).await;
+    let terms = Terms {
+        product_id: "concert".into(),
+        condition: "hold".into(),
+        places: None,
+        decided_at: None,
+        window_secs: 3_600,
+    };
+    env.db(move |c| save_terms(c, &terms).unwrap()).await;
+    let alice = env.terminal("alice", "gw-1", Some("card-co")).await;
+    env.start().await;
+    env.partner(settle_all());
+    // No gateway: the test takes the receipt certificate from its delivery, and nothing is
+    // acknowledged, so that the asset it buys is still held when the event changes.
+    let booking = booking_request(&alice.id, "concert", &alice.key);
+    env.send(&booking).await;
+    let rid = request_id(&booking);
+    let certificate = env
+        .wait_until("the receipt certificate is sent", move |c| {
+            let sql = "SELECT content->>'receipt_certificate' AS value FROM deliveries
+                       WHERE request_id = $1 AND kind = 'receipt_certificate'";
+            text(c, sql, &[&rid])
+        })
+        .await;
+    let certificate: Value = serde_json::from_str(&certificate).unwrap();
+    let submit = submit_request("alice", certificate.clone(), &alice.key);
+    env.send(&submit).await;
+    let first = first_attempt(&env, &request_id(&submit)).await;
+    // Its transmission times out: the asset is no longer in transit, and may be replaced.
+    env.run_job("retransmission", first.sent_at + TimeDelta::seconds(61)).await;
+
+    let deliveries = env.app.domain.deliveries.clone();
+    let (_, notices) = env.db(move |c| announce_change(c, &deliveries, &change_of_concert()).unwrap()).await;
+    assert_eq!(notices, 1);
+    let asset = first.asset.clone();
+    let notice = env
+        .db(move |c| text(c, "SELECT id::text AS value FROM modification_notices WHERE asset_id = $1::uuid", &[&asset]))
+        .await
+        .expect("the bought asset is told");
+    env.send(&answer(&alice, &notice, ModificationChoice::Accept)).await;
+    let asset = first.asset.clone();
+    env.wait_until("the asset is replaced", move |c| (asset_status(c, &asset) == "replaced").then_some(())).await;
+    env.db(|c| {
+        let audit = assetflow::cli::audit::audit(c, None).expect("the audit runs");
+        assert_eq!(audit.duplicates.get("receipt_certificate_issue"), Some(&0), "{}", audit.summary());
+        assert_eq!(audit.duplicated, 0, "a replacement is the same purchase: {}", audit.summary());
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -81,9 +81,10 @@ const DUPLICATE_CHECKS: &[(&str, &str)] = &[
         "SELECT count(*) FROM receipt_certificates r WHERE (SELECT count(*) FROM settlements s JOIN orders o ON o.id = s.order_id WHERE (o.id = r.order_id OR o.reserved_asset_id = r.asset_id) AND s.kind = 'purchase' AND s.status = 'settled') > 1",
     ),
     (
-        // ... and buys one asset: its reserved one.
+        // ... and buys one asset: its reserved one. A replacement of it (an issuer's change
+        // accepted) is not a second one, as in `issue`.
         "receipt_certificate_issue",
-        "SELECT count(*) FROM receipt_certificates r WHERE (SELECT count(*) FROM assets a WHERE a.id = r.asset_id OR a.order_id = r.order_id) > 1",
+        "SELECT count(*) FROM receipt_certificates r WHERE (SELECT count(*) FROM assets a WHERE (a.id = r.asset_id OR a.order_id = r.order_id) AND a.replaces_asset_id IS NULL) > 1",
     ),
     (
         // A revoked receipt certificate buys nothing, even when its payment settled afterwards
