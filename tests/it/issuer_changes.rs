@@ -522,7 +522,7 @@ async fn a_change_waits_for_the_issues_of_its_product_under_way_and_takes_effect
     let issue = std::thread::spawn(move || {
         let mut conn = db.get().expect("a connection");
         conn.transaction(|c| {
-            hold_products(c, &["concert".to_string()])?;
+            hold_products(c, &["concert"])?;
             held_tx.send(()).unwrap();
             release_rx.recv().unwrap();
             // Before the commit that lets the change go on.

@@ -24,7 +24,7 @@ use diesel::prelude::*;
 use uuid::Uuid;
 
 use crate::contracts::messages::{DeliveryKind, Notice};
-use crate::domain::catalogue::load_terminal;
+use crate::domain::catalogue::{Terminal, load_terminal};
 use crate::domain::delivery::{self, Deliveries, NewDelivery};
 use crate::domain::schema::{booking_terms, receipt_certificates};
 use crate::runtime::outbox::Outgoing;
@@ -119,6 +119,25 @@ pub fn tell(
     sending: &mut Vec<Outgoing>,
 ) -> QueryResult<()> {
     let Some(terminal) = load_terminal(conn, &receipt.holder_terminal_id)? else { return Ok(()) };
+    let key = match kind {
+        // One revocation request per certificate, whatever closed it.
+        DeliveryKind::RevocationRequest => format!("revoke:{}", receipt.id),
+        _ => format!("receipt:{}:{code}", receipt.id),
+    };
+    delivery::enqueue_with(conn, deliveries, receipt_notice(receipt, &terminal, kind, key, code, text), now, sending)?;
+    Ok(())
+}
+
+/// receipt_notice is a delivery to `terminal`, the holder of a receipt certificate, about it: a
+/// message of `code` (or a revocation request), keyed by `key`.
+pub fn receipt_notice(
+    receipt: &Receipt,
+    terminal: &Terminal,
+    kind: DeliveryKind,
+    key: String,
+    code: &str,
+    text: String,
+) -> NewDelivery {
     let notice = Notice {
         code: code.into(),
         text,
@@ -127,12 +146,5 @@ pub fn tell(
         certificate_id: Some(receipt.id),
         request_id: None,
     };
-    let key = match kind {
-        // One revocation request per certificate, whatever closed it.
-        DeliveryKind::RevocationRequest => format!("revoke:{}", receipt.id),
-        _ => format!("receipt:{}:{code}", receipt.id),
-    };
-    let d = NewDelivery::now(kind, key, &terminal, serde_json::to_value(notice).expect("serializes"));
-    delivery::enqueue_with(conn, deliveries, d, now, sending)?;
-    Ok(())
+    NewDelivery::now(kind, key, terminal, serde_json::to_value(notice).expect("serializes"))
 }

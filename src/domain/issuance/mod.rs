@@ -84,10 +84,9 @@ impl Handler for IssueHandler {
         }
         // Issues and an issuer's change of their product take turns: each asset is either issued
         // with the change and told of it here, or issued before it and found by its announcement.
-        let mut products: Vec<String> =
-            orders.iter().filter(|o| o.status == "issuing").map(|o| o.product_id.clone()).collect();
-        products.sort_unstable();
-        products.dedup();
+        let products: std::collections::BTreeSet<&str> =
+            orders.iter().filter(|o| o.status == "issuing").map(|o| o.product_id.as_str()).collect();
+        let products: Vec<&str> = products.into_iter().collect();
         modification::hold_products(cx.conn, &products)?;
         let mut issue = Issue::default();
         cx.read_terminals(orders.iter().flat_map(|o| o.recipient_terminal_ids.iter().map(String::as_str)))?;

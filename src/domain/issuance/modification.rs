@@ -28,6 +28,7 @@ use crate::contracts::messages::{
     DeliveryKind, IssuerChangeMessage, ModificationAnswer, ModificationChoice, ModificationsDue, Notice, kinds,
 };
 use crate::contracts::refusal::{RefusalReason, Refused};
+use crate::domain::bookings::{Receipt, receipt_notice};
 use crate::domain::catalogue::{Catalogue, PartyKind, Terminal, load_terminal};
 use crate::domain::delivery::{self, Deliveries, NewDelivery};
 use crate::domain::requests::{Authentic, Header, Requests};
@@ -157,12 +158,13 @@ pub fn announce(
         default_answer: change.default_answer.as_str(),
     };
     for (asset, holder, order_id) in &held {
-        give_notice(conn, deliveries, &open, *asset, holder, *order_id, false, now, sending)?;
+        let told = Told { asset: *asset, holder, order_id: *order_id, issued_after_change: false };
+        give_notice(conn, deliveries, &open, told, now, sending)?;
     }
     // Bookings not yet submitted have nothing paid and no asset to answer for: their holders are
     // told, before a submission buys the event as changed. A lottery's waiting list is told too:
     // a lapsed winner's place may still pass to it.
-    let booked: Vec<(Uuid, String)> = receipt_certificates::table
+    let booked: Vec<Receipt> = receipt_certificates::table
         .filter(receipt_certificates::product_id.eq(&change.product_id))
         .filter(
             receipt_certificates::status
@@ -170,28 +172,18 @@ pub fn announce(
                 .or(receipt_certificates::status.eq("lost").and(receipt_certificates::condition.eq("lottery"))),
         )
         .order(receipt_certificates::id)
-        .select((receipt_certificates::id, receipt_certificates::holder_terminal_id))
+        .select(Receipt::as_select())
         .load(conn)?;
-    for (certificate, holder) in &booked {
-        let Some(terminal) = load_terminal(conn, holder)? else { continue };
-        let notice = Notice {
-            code: "booking_modified".into(),
-            text: format!(
-                "{} Your booking (receipt certificate {certificate}) stands; nothing has been charged, and a \
-                 submission buys the event as changed.",
-                change.description
-            ),
-            order_id: None,
-            asset_id: None,
-            certificate_id: Some(*certificate),
-            request_id: None,
-        };
-        let d = NewDelivery::now(
-            DeliveryKind::Message,
-            format!("modification:{id}:booking:{certificate}"),
-            &terminal,
-            serde_json::to_value(notice).expect("serializes"),
+    for receipt in &booked {
+        let Some(terminal) = load_terminal(conn, &receipt.holder_terminal_id)? else { continue };
+        let text = format!(
+            "{} Your booking (receipt certificate {}) stands; nothing has been charged, and a submission buys \
+             the event as changed.",
+            change.description, receipt.id
         );
+        // Once per change: the key names it.
+        let key = format!("modification:{id}:booking:{}", receipt.id);
+        let d = receipt_notice(receipt, &terminal, DeliveryKind::Message, key, "booking_modified", text);
         delivery::enqueue_with(conn, deliveries, d, now, sending)?;
     }
     metrics::issuer_change("announced", held.len() as u64);
@@ -200,15 +192,15 @@ pub fn announce(
 }
 
 /// hold_products keeps, until this transaction ends, an issuer's change from being announced for
-/// any of `products` (sorted, each once): an issue takes it before it reads them, so that what it
-/// signs and the changes it finds are of the same moment. Issues share it.
-pub fn hold_products(conn: &mut PgConnection, products: &[String]) -> QueryResult<()> {
+/// any of `products`: an issue takes it before it reads them, so that what it signs and the changes
+/// it finds are of the same moment. Issues share it, so their order does not matter.
+pub fn hold_products(conn: &mut PgConnection, products: &[&str]) -> QueryResult<()> {
     if products.is_empty() {
         return Ok(());
     }
     crate::runtime::db::prepared(
         "SELECT pg_advisory_xact_lock_shared(hashtextextended('issuer change ' || p, 0))
-         FROM unnest($products::text[]) WITH ORDINALITY AS x(p, i) ORDER BY i",
+         FROM unnest($products::text[]) AS p",
     )
     .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>("products", products)
     .execute(conn)?;
@@ -240,21 +232,26 @@ struct OpenChange<'a> {
     default_answer: &'a str,
 }
 
-/// give_notice records the modification notice of `change` to the holder of `asset`, and sends it.
-/// An asset `issued_after_change` was issued after the change, for an order placed before it: it
-/// carries the change already, so accepting keeps it as it is.
-#[allow(clippy::too_many_arguments)]
+/// Told is the asset a modification notice is about, and its holder.
+struct Told<'a> {
+    asset: Uuid,
+    holder: &'a str,
+    order_id: Uuid,
+    /// Issued after the change, for an order placed before it: the asset carries the change
+    /// already, so accepting keeps it as it is.
+    issued_after_change: bool,
+}
+
+/// give_notice records the modification notice of `change` to the holder of an asset, and sends it.
 fn give_notice(
     conn: &mut PgConnection,
     deliveries: &Deliveries,
     change: &OpenChange<'_>,
-    asset: Uuid,
-    holder: &str,
-    order_id: Uuid,
-    issued_after_change: bool,
+    told: Told<'_>,
     now: DateTime<Utc>,
     sending: &mut Vec<Outgoing>,
 ) -> QueryResult<()> {
+    let Told { asset, holder, order_id, issued_after_change } = told;
     let notice_id = Uuid::now_v7();
     diesel::insert_into(modification_notices::table)
         .values((
@@ -347,7 +344,8 @@ pub fn notify_issued_after_changes(
             reply_by: d.reply_by,
             default_answer: &d.default_answer,
         };
-        give_notice(conn, deliveries, &change, d.asset_id, &d.holder, d.order_id, true, now, sending)?;
+        let told = Told { asset: d.asset_id, holder: &d.holder, order_id: d.order_id, issued_after_change: true };
+        give_notice(conn, deliveries, &change, told, now, sending)?;
     }
     if !due.is_empty() {
         metrics::issuer_change("announced", due.len() as u64);
